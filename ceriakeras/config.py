@@ -1,0 +1,373 @@
+"""Settings for every stage, as dataclasses with units, and the physical constants they share.
+
+One dataclass per stage; each run saves the one it used beside its results (``to_dict``) and
+can be rebuilt from that file (``load_config``). Units are in the field names: ``_A`` ångström,
+``_nm`` nanometre, ``_um`` micrometre, ``_mm`` millimetre, ``_keV`` kilo-electronvolt,
+``_mrad`` milliradian, ``_deg`` degree, ``_e_per_A2`` electrons per Å², ``_px`` pixels.
+
+Sign convention for defocus: abTEM's ``defocus`` (positive = underfocus, weakened lens), which
+is the negative of the aberration coefficient C10. All defocus values here use abTEM's sign.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+# --- physics -----------------------------------------------------------------------------------
+CEO2_LATTICE_A = 5.411
+"""Cubic lattice constant of fluorite CeO2, Å."""
+CE_COLUMN_SPACING_A = CEO2_LATTICE_A / math.sqrt(2.0)
+"""Distance between neighbouring Ce atoms inside one [110] column, Å (≈ 3.83)."""
+MIN_COLUMN_SEPARATION_A = 3.3
+"""Smallest projected distance between two Ce columns along [110], Å."""
+SCHEMA_VERSION = 1
+"""Version of the TFRecord schema written by :mod:`ceriakeras.records`."""
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or outside what the physics or the code allows."""
+
+
+def _check_range(name: str, value: tuple[float, float], lo: float, hi: float) -> None:
+    a, b = value
+    if not (lo <= a <= b <= hi):
+        raise ConfigError(
+            f"{name}={list(value)} must be an increasing pair inside [{lo}, {hi}]"
+        )
+
+
+@dataclass(frozen=True)
+class StructureConfig:
+    """How nanoparticles are built (:mod:`ceriakeras.structures`)."""
+
+    diameter_range_A: tuple[float, float] = (15.0, 50.0)
+    """Particle size across, Å (1.5–5 nm)."""
+    max_height: int = 14
+    """Largest column height drawn, Ce atoms; particles with taller columns are redrawn."""
+    facet_families: tuple[str, ...] = ("111", "100", "110")
+    """Facet families that cut the particle."""
+    facet_jitter: float = 0.15
+    """Relative spread of the distance of each facet plane from the centre."""
+    origin_offset_A: float = 1.5
+    """Largest shift of the cut origin from a Ce site, Å (makes shapes off-centre)."""
+    surface_ce_removal_rate: float = 0.05
+    """Fraction of surface Ce atoms removed (steps, missing atoms)."""
+    surface_ce_addition_rate: float = 0.03
+    """Extra Ce adatoms per surface Ce site, placed on empty lattice sites next to the surface."""
+    ce_vacancy_rate: float = 0.005
+    """Fraction of bulk Ce atoms removed."""
+    o_vacancy_rate: float = 0.03
+    """Fraction of O atoms removed (after dangling O are dropped)."""
+    max_tilt_deg: float = 0.5
+    """Largest tilt of [110] away from the beam, degrees."""
+    vacuum_A: float = 8.0
+    """Smallest vacuum between the particle and the cell edge, Å."""
+
+    def validate(self) -> None:
+        _check_range("diameter_range_A", self.diameter_range_A, 5.0, 120.0)
+        if not 1 <= self.max_height <= 255:
+            raise ConfigError(f"max_height={self.max_height} must be between 1 and 255 atoms")
+        for fam in self.facet_families:
+            if fam not in ("111", "100", "110"):
+                raise ConfigError(f"facet family {fam!r} must be one of 111, 100, 110")
+        for name in ("surface_ce_removal_rate", "surface_ce_addition_rate", "ce_vacancy_rate",
+                     "o_vacancy_rate", "facet_jitter"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{name}={v} must be a fraction in [0, 1]")
+        if not 0.0 <= self.max_tilt_deg <= 5.0:
+            raise ConfigError(f"max_tilt_deg={self.max_tilt_deg} must be in [0, 5] degrees")
+
+
+@dataclass(frozen=True)
+class OpticsConfig:
+    """Ranges from which the microscope's optics are drawn for each image (uniformly)."""
+
+    energy_keV: float = 300.0
+    """Beam energy, keV."""
+    defocus_range_nm: tuple[float, float] = (-12.0, 12.0)
+    """Defocus, nm, abTEM sign (= −C10)."""
+    cs_range_um: tuple[float, float] = (-25.0, 25.0)
+    """Spherical aberration C30, µm."""
+    c5_range_mm: tuple[float, float] = (0.0, 5.0)
+    """Fifth-order spherical aberration C50, mm."""
+    focal_spread_range_nm: tuple[float, float] = (2.0, 6.0)
+    """Focal spread (1/e half width of the defocus distribution), nm."""
+    max_astigmatism_nm: float = 2.0
+    """Largest two-fold astigmatism C12, nm (its angle is uniform)."""
+    aperture_mrad: float = 40.0
+    """Objective aperture semi-angle, mrad."""
+
+    def validate(self) -> None:
+        if not 20.0 <= self.energy_keV <= 1000.0:
+            raise ConfigError(f"energy_keV={self.energy_keV} must be between 20 and 1000 keV")
+        _check_range("defocus_range_nm", self.defocus_range_nm, -1000.0, 1000.0)
+        _check_range("cs_range_um", self.cs_range_um, -5000.0, 5000.0)
+        _check_range("c5_range_mm", self.c5_range_mm, -100.0, 100.0)
+        _check_range("focal_spread_range_nm", self.focal_spread_range_nm, 0.0, 50.0)
+        if not 0.0 <= self.max_astigmatism_nm <= 100.0:
+            raise ConfigError(f"max_astigmatism_nm={self.max_astigmatism_nm} must be in [0, 100] nm")
+        if not 1.0 <= self.aperture_mrad <= 200.0:
+            raise ConfigError(f"aperture_mrad={self.aperture_mrad} must be in [1, 200] mrad")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """How images and labels are simulated and stored (:mod:`ceriakeras.simulate`)."""
+
+    structure: StructureConfig = field(default_factory=StructureConfig)
+    optics: OpticsConfig = field(default_factory=OpticsConfig)
+    cell_size_A: float = 64.0
+    """Side of the square simulation cell, Å."""
+    sampling_A: float = 0.1
+    """Multislice grid spacing, Å."""
+    slice_thickness_A: float = 2.0
+    """Multislice slice thickness, Å."""
+    pixel_size_A: float = 0.2
+    """Pixel size of the stored image and label, Å (an integer multiple of ``sampling_A``)."""
+    optics_per_exit_wave: int = 8
+    """Images drawn with different optics from one exit wave (multislice run)."""
+    label_radius_A: float = 0.5
+    """Radius of the labelled disk around each Ce column, Å."""
+    max_height: int = 16
+    """Largest label class, Ce atoms; taller columns are an error."""
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    """Fractions of particles in train, validation and test."""
+
+    def validate(self) -> None:
+        self.structure.validate()
+        self.optics.validate()
+        if not 16.0 <= self.cell_size_A <= 400.0:
+            raise ConfigError(f"cell_size_A={self.cell_size_A} must be in [16, 400] Å")
+        if not 0.01 <= self.sampling_A <= 0.25:
+            raise ConfigError(f"sampling_A={self.sampling_A} must be in [0.01, 0.25] Å")
+        if not 0.2 <= self.slice_thickness_A <= 10.0:
+            raise ConfigError(f"slice_thickness_A={self.slice_thickness_A} must be in [0.2, 10] Å")
+        ratio = self.pixel_size_A / self.sampling_A
+        if ratio < 1 - 1e-6 or abs(ratio - round(ratio)) > 1e-6:
+            raise ConfigError(
+                f"pixel_size_A={self.pixel_size_A} must be an integer multiple of "
+                f"sampling_A={self.sampling_A}"
+            )
+        n = self.cell_size_A / self.pixel_size_A
+        if abs(n - round(n)) > 1e-6:
+            raise ConfigError(
+                f"cell_size_A={self.cell_size_A} must be a whole number of pixels of "
+                f"{self.pixel_size_A} Å"
+            )
+        if self.optics_per_exit_wave < 1:
+            raise ConfigError("optics_per_exit_wave must be at least 1")
+        if not 0.1 <= self.label_radius_A <= MIN_COLUMN_SEPARATION_A / 2:
+            raise ConfigError(
+                f"label_radius_A={self.label_radius_A} must be in [0.1, {MIN_COLUMN_SEPARATION_A / 2}] Å"
+            )
+        if not 1 <= self.max_height <= 255:
+            raise ConfigError(f"max_height={self.max_height} must be in [1, 255] atoms")
+        if self.structure.max_height > self.max_height:
+            raise ConfigError(
+                f"structure.max_height={self.structure.max_height} exceeds the label classes "
+                f"max_height={self.max_height}"
+            )
+        if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
+            raise ConfigError(f"split_fractions={self.split_fractions} must be ≥ 0 and sum to 1")
+
+    @property
+    def image_size_px(self) -> int:
+        """Side of the stored image, pixels."""
+        return int(round(self.cell_size_A / self.pixel_size_A))
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How records become training batches (:mod:`ceriakeras.pipeline`)."""
+
+    crop_px: int = 128
+    """Side of the square training crop, pixels."""
+    batch_size: int = 8
+    """Global batch size (split across replicas)."""
+    dose_range_e_per_A2: tuple[float, float] = (20.0, 20000.0)
+    """Dose drawn log-uniformly per training image, e⁻/Å²."""
+    validation_doses_e_per_A2: tuple[float, ...] = (50.0, 200.0, 1000.0)
+    """Fixed doses for validation, e⁻/Å² (fixed seeds too, so epochs compare)."""
+    shuffle_buffer: int = 512
+    """Examples held for shuffling."""
+    seed: int = 0
+    """Seed of the shuffle, crops and noise."""
+    deterministic: bool = False
+    """Same batches in the same order on every run (slower; for tests)."""
+
+    def validate(self) -> None:
+        if self.crop_px < 16 or self.crop_px % 16:
+            raise ConfigError(f"crop_px={self.crop_px} must be a multiple of 16, at least 16 px")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be at least 1")
+        _check_range("dose_range_e_per_A2", self.dose_range_e_per_A2, 1e-3, 1e8)
+        for d in self.validation_doses_e_per_A2:
+            if d <= 0:
+                raise ConfigError(f"validation dose {d} e-/Å² must be positive")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The U-Net (:mod:`ceriakeras.model`)."""
+
+    depth: int = 3
+    """Number of down-sampling steps (input is padded to a multiple of 2**depth)."""
+    base_filters: int = 16
+    """Filters of the first level; doubled at each level down."""
+    normalization: str = "batch"
+    """'batch', 'group' or 'none'."""
+    dropout: float = 0.1
+    """Dropout rate at the bottleneck."""
+    max_height: int = 16
+    """Largest height class; the model has max_height + 1 outputs (0 = no Ce column)."""
+    pixel_size_A: float = 0.2
+    """Pixel size the model works at, Å."""
+
+    def validate(self) -> None:
+        if not 1 <= self.depth <= 6:
+            raise ConfigError(f"depth={self.depth} must be in [1, 6]")
+        if self.base_filters < 2:
+            raise ConfigError(f"base_filters={self.base_filters} must be at least 2")
+        if self.normalization not in ("batch", "group", "none"):
+            raise ConfigError(f"normalization={self.normalization!r} must be batch, group or none")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training (:mod:`ceriakeras.train`), with the pipeline and model it uses."""
+
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    epochs: int = 20
+    steps_per_epoch: int = 200
+    learning_rate: float = 2e-3
+    """Peak learning rate of the cosine schedule."""
+    warmup_steps: int = 100
+    weight_scheme: str = "median_frequency"
+    """Class weights: 'median_frequency' or 'none'."""
+    max_class_weight: float = 10.0
+    """Cap on any class weight (relative to the median column class)."""
+    background_weight: float = 0.1
+    """Weight of the background class 0 relative to the median column class."""
+    early_stopping_patience: int = 5
+    """Epochs without validation improvement before stopping."""
+    validation_steps: int | None = None
+    """Validation batches per epoch (None = whole validation split)."""
+    mixed_precision: str = "auto"
+    """'auto' (mixed_float16 when a GPU is visible), 'on' or 'off'."""
+
+    def validate(self) -> None:
+        self.pipeline.validate()
+        self.model.validate()
+        if self.epochs < 1 or self.steps_per_epoch < 1:
+            raise ConfigError("epochs and steps_per_epoch must be at least 1")
+        if self.weight_scheme not in ("median_frequency", "none"):
+            raise ConfigError(f"weight_scheme={self.weight_scheme!r} must be median_frequency or none")
+        if self.mixed_precision not in ("auto", "on", "off"):
+            raise ConfigError(f"mixed_precision={self.mixed_precision!r} must be auto, on or off")
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    """Column extraction and analysis (:mod:`ceriakeras.columns`, :mod:`ceriakeras.analyze`)."""
+
+    min_distance_A: float = 2.0
+    """Smallest distance between two detected columns, Å."""
+    threshold: float = 0.3
+    """Smallest column probability (1 − p(background)) at a column centre."""
+    batch_size: int = 4
+    """Frames per inference batch."""
+    overlay_every: int = 1
+    """Write an overlay for every K-th frame."""
+
+    def validate(self) -> None:
+        if self.min_distance_A <= 0:
+            raise ConfigError(f"min_distance_A={self.min_distance_A} must be positive")
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"threshold={self.threshold} must be in (0, 1)")
+        if self.batch_size < 1 or self.overlay_every < 1:
+            raise ConfigError("batch_size and overlay_every must be at least 1")
+
+
+# --- (de)serialization -------------------------------------------------------------------------
+C = TypeVar("C")
+
+
+def to_dict(config: Any) -> dict:
+    """The config as plain JSON-able data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def from_dict(cls: type[C], data: dict, *, where: str = "") -> C:
+    """Build ``cls`` from nested plain data, refusing keys that do not exist.
+
+    Raises
+    ------
+    ConfigError
+        If a key is unknown (the message names it and lists the valid ones).
+    """
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(
+                f"unknown config key {where + key!r}; valid keys: {', '.join(sorted(names))}"
+            )
+        ftype = names[key].type
+        sub = _dataclass_by_name(ftype)
+        if sub is not None and isinstance(value, dict):
+            value = from_dict(sub, value, where=f"{where}{key}.")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _dataclass_by_name(ftype: Any) -> type | None:
+    name = ftype if isinstance(ftype, str) else getattr(ftype, "__name__", "")
+    return globals().get(name) if name in _CONFIG_CLASSES else None
+
+
+_CONFIG_CLASSES = {
+    "StructureConfig", "OpticsConfig", "SimulationConfig", "PipelineConfig", "ModelConfig",
+    "TrainConfig", "AnalyzeConfig",
+}
+
+
+def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) -> C:
+    """Read a JSON or TOML config file (or none) into ``cls``, apply overrides and validate.
+
+    Parameters
+    ----------
+    cls : dataclass type
+        The stage's config class, e.g. :class:`SimulationConfig`.
+    path : str or Path, optional
+        ``.json`` or ``.toml`` file holding a subset of the fields (nested tables for nested
+        configs). Missing fields keep their defaults.
+    **overrides
+        Top-level fields to replace (e.g. from CLI options); ``None`` values are ignored.
+    """
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_bytes()
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+        try:
+            data = tomllib.loads(text.decode()) if path.suffix == ".toml" else json.loads(text)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path} is not valid {path.suffix[1:] or 'JSON'}: {err}") from None
+    config = from_dict(cls, data)
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    config.validate()
+    return config
