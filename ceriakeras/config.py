@@ -30,8 +30,27 @@ SCHEMA_VERSION = 1
 """Version of the TFRecord schema written by :mod:`ceriakeras.records`."""
 
 
-class ConfigError(ValueError):
+class CeriakerasError(Exception):
+    """An error the user can fix; its message says what was wrong and what to do.
+
+    The CLI prints it as one line and exits with status 2.
+    """
+
+
+class ConfigError(CeriakerasError, ValueError):
     """A setting is unknown or outside what the physics or the code allows."""
+
+
+class DataError(CeriakerasError):
+    """A dataset (TFRecord shards, manifest) is missing, corrupt or inconsistent."""
+
+
+class InputError(CeriakerasError):
+    """An input image or series cannot be analysed (unreadable, wrong shape, bad values)."""
+
+
+class ModelError(CeriakerasError):
+    """A model or training run is missing, incomplete or incompatible."""
 
 
 def _check_range(name: str, value: tuple[float, float], lo: float, hi: float) -> None:
