@@ -1,0 +1,259 @@
+"""Tests of ceriakeras.evaluate: matching, metrics, calibration, the baseline and evaluate() end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from ceriakeras.config import ConfigError
+from ceriakeras.evaluate import (
+    Tally,
+    baseline_columns,
+    calibration,
+    check_doses,
+    detection_scores,
+    disk_sums,
+    height_scores,
+    match_columns,
+    noise_seed,
+)
+
+
+# --- matching ----------------------------------------------------------------------------------
+def test_match_pairs_each_prediction_with_its_nearby_true_column():
+    true = np.array([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]])
+    pred = true[[2, 0, 1]] + np.array([[0.3, 0.0], [0.0, -0.2], [0.1, 0.1]])
+    pi, ti = match_columns(pred, true, 1.0)
+    assert pi.tolist() == [0, 1, 2]
+    assert ti.tolist() == [2, 0, 1]
+
+
+def test_distant_points_stay_unmatched():
+    true = np.array([[0.0, 0.0], [10.0, 10.0]])
+    pred = np.array([[0.5, 0.0], [12.0, 10.0], [30.0, 30.0]])
+    pi, ti = match_columns(pred, true, 1.0)
+    assert list(zip(pi, ti)) == [(0, 0)]
+
+
+def test_distance_limit_is_inclusive():
+    pi, ti = match_columns([[1.0, 0.0]], [[0.0, 0.0]], 1.0)
+    assert len(pi) == 1
+    pi, ti = match_columns([[1.0 + 1e-9, 0.0]], [[0.0, 0.0]], 1.0)
+    assert len(pi) == 0
+
+
+def test_matching_is_one_to_one_and_maximizes_the_number_of_pairs():
+    # Greedy "nearest true column for each prediction in turn" would give pred 0 to true 0 and
+    # leave pred 1 unmatched (true 1 is 2.2 away from it); the optimal matching pairs both.
+    true = np.array([[0.0, 0.0], [1.6, 0.0]])
+    pred = np.array([[0.7, 0.0], [-0.6, 0.0]])
+    pi, ti = match_columns(pred, true, 1.0)
+    assert sorted(zip(pi.tolist(), ti.tolist())) == [(0, 1), (1, 0)]
+
+
+def test_tie_between_two_true_columns_gives_exactly_one_pair():
+    true = np.array([[-0.5, 0.0], [0.5, 0.0]])
+    pred = np.array([[0.0, 0.0]])
+    pi, ti = match_columns(pred, true, 1.0)
+    assert pi.tolist() == [0] and len(ti) == 1 and ti[0] in (0, 1)
+    # Two predictions on the same spot: one true column takes one of them, never both.
+    pi, ti = match_columns([[0.0, 0.0], [0.0, 0.0]], [[0.2, 0.0]], 1.0)
+    assert len(pi) == 1 and ti.tolist() == [0]
+
+
+def test_matching_minimizes_total_distance_among_full_matchings():
+    true = np.array([[0.0, 0.0], [1.0, 0.0]])
+    pred = np.array([[0.1, 0.0], [0.9, 0.0]])
+    pi, ti = match_columns(pred, true, 1.0)
+    assert dict(zip(pi.tolist(), ti.tolist())) == {0: 0, 1: 1}
+
+
+def test_matching_agrees_with_brute_force_on_random_sets():
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        pred = rng.uniform(0, 4, size=(rng.integers(0, 6), 2))
+        true = rng.uniform(0, 4, size=(rng.integers(0, 6), 2))
+        pi, ti = match_columns(pred, true, 1.0)
+        assert len(set(pi.tolist())) == len(pi) and len(set(ti.tolist())) == len(ti)
+        assert np.all(np.hypot(*(pred[pi] - true[ti]).T) <= 1.0)
+        best = 0
+        n = min(len(pred), len(true))
+        for perm in itertools.permutations(range(len(true)), n) if len(pred) <= len(true) else ():
+            d = np.hypot(*(pred[:n] - true[list(perm)]).T)
+            best = max(best, int(np.sum(d <= 1.0)))
+        for perm in itertools.permutations(range(len(pred)), n) if len(pred) > len(true) else ():
+            d = np.hypot(*(pred[list(perm)] - true[:n]).T)
+            best = max(best, int(np.sum(d <= 1.0)))
+        assert len(pi) == best
+
+
+def test_matching_with_no_points_or_bad_distance():
+    pi, ti = match_columns(np.zeros((0, 2)), [[1.0, 1.0]], 1.0)
+    assert len(pi) == len(ti) == 0
+    with pytest.raises(ConfigError, match="max_distance"):
+        match_columns([[0, 0]], [[0, 0]], 0.0)
+
+
+# --- metrics -----------------------------------------------------------------------------------
+def test_detection_scores_follow_their_definitions():
+    matched, n_pred, n_true = 7, 10, 8
+    s = detection_scores(matched, n_pred, n_true)
+    precision, recall = matched / n_pred, matched / n_true
+    assert s["precision"] == pytest.approx(precision)
+    assert s["recall"] == pytest.approx(recall)
+    assert s["f1"] == pytest.approx(2 * precision * recall / (precision + recall))
+    assert detection_scores(0, 0, 5)["precision"] == 0.0
+
+
+def test_height_scores_on_constructed_predictions():
+    rng = np.random.default_rng(0)
+    true = rng.integers(1, 11, size=200)
+    offset = rng.choice([-2, -1, 0, 0, 0, 1], size=200)
+    pred = np.clip(true + offset, 1, 12)
+    s = height_scores(true, pred, max_height=12)
+    assert s["exact_accuracy"] == pytest.approx(np.mean(pred == true))
+    assert s["within_1_accuracy"] == pytest.approx(np.mean(np.abs(pred - true) <= 1))
+    assert s["mae"] == pytest.approx(np.mean(np.abs(pred - true)))
+    for h, v in s["per_height"].items():
+        assert v["count"] == np.sum(true == h)
+        assert v["accuracy"] == pytest.approx(np.mean(pred[true == h] == h))
+    cm = np.array(s["confusion"])
+    assert cm.shape == (13, 13)
+    assert cm.sum() == len(true)
+    assert np.trace(cm) == np.sum(pred == true)
+    assert cm[true[0], pred[0]] >= 1
+
+
+def test_confusion_matrix_counts_misses_and_spurious_columns():
+    s = height_scores([3, 4], [3, 5], max_height=6, missed_height=[2, 2, 6], spurious_height=[1])
+    cm = np.array(s["confusion"])
+    assert cm[2, 0] == 2 and cm[6, 0] == 1      # missed true columns in column 0
+    assert cm[0, 1] == 1                         # a spurious column of height 1 in row 0
+    assert cm[3, 3] == 1 and cm[4, 5] == 1
+    assert cm.sum() == 2 + 3 + 1
+    # Height scores stay over the matched pairs only.
+    assert s["exact_accuracy"] == 0.5 and s["mae"] == 0.5
+
+
+def test_tally_combines_matching_and_scores():
+    pixel = 0.2
+    true_cols = np.array([[10.0, 10.0, 3], [30.0, 10.0, 5], [10.0, 40.0, 7]])
+    # One column found with the right height (0.6 Å away), one with height off by one, one missed,
+    # and one spurious detection far from any column.
+    pred = {"x_px": np.array([13.0, 30.0, 50.0]), "y_px": np.array([10.0, 11.0, 50.0]),
+            "height": np.array([3, 6, 2]), "confidence": np.array([0.9, 0.8, 0.5])}
+    t = Tally()
+    t.add(pred, true_cols, pixel, 1.0)
+    m = t.metrics(max_height=8)
+    assert (m["n_matched"], m["n_pred"], m["n_true"]) == (2, 3, 3)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["exact_accuracy"] == 0.5 and m["within_1_accuracy"] == 1.0
+    # Calibration over all three reported columns: only the first is right.
+    cal = m["calibration"]
+    assert sum(cal["count"]) == 3
+    assert m["ece"] == pytest.approx(abs(1 - 0.9) / 3 + abs(0 - 0.8) / 3 + abs(0 - 0.5) / 3)
+    # The same column 1.2 Å away no longer matches.
+    far = dict(pred, x_px=np.array([16.0, 30.0, 50.0]))
+    t2 = Tally()
+    t2.add(far, true_cols, pixel, 1.0)
+    assert t2.metrics(8)["n_matched"] == 1
+
+
+# --- calibration -------------------------------------------------------------------------------
+def test_ece_of_a_perfectly_calibrated_set_is_near_zero():
+    rng = np.random.default_rng(1)
+    conf = rng.uniform(0, 1, 200_000)
+    correct = rng.uniform(0, 1, conf.size) < conf
+    cal = calibration(conf, correct)
+    # Within each bin, accuracy is a binomial mean around the bin's mean confidence.
+    assert cal["ece"] < 0.01
+    for c, a in zip(cal["mean_confidence"], cal["accuracy"]):
+        assert a == pytest.approx(c, abs=0.02)
+
+
+def test_ece_of_an_overconfident_set_is_its_gap():
+    rng = np.random.default_rng(2)
+    conf = rng.uniform(0.5, 1, 200_000)
+    shrink = 0.6  # right only 60 % as often as claimed
+    correct = rng.uniform(0, 1, conf.size) < shrink * conf
+    cal = calibration(conf, correct)
+    expected = (1 - shrink) * conf.mean()  # |acc − conf| = (1 − shrink) · conf in every bin
+    assert cal["ece"] == pytest.approx(expected, abs=0.01)
+    assert cal["ece"] > 0.2
+
+
+def test_calibration_bins_cover_zero_and_one():
+    cal = calibration([0.0, 1.0, 0.05, 0.95], [False, True, False, True], bins=10)
+    assert cal["count"][0] == 2 and cal["count"][-1] == 2
+    assert cal["ece"] == pytest.approx((0.0 + 0.0 + 0.05 + 0.05) / 4)
+
+
+# --- baseline and helpers ----------------------------------------------------------------------
+def test_disk_sums_count_the_pixels_inside_the_radius():
+    img = np.ones((21, 21))
+    r = 2.5
+    yy, xx = np.mgrid[:21, :21]
+    expected = np.sum((xx - 10) ** 2 + (yy - 10) ** 2 <= r ** 2)
+    assert disk_sums(img, [10.0], [10.0], r)[0] == expected
+    # A disk crossing the border counts only the pixels inside the image.
+    assert disk_sums(img, [0.0], [0.0], r)[0] == np.sum(xx ** 2 + yy ** 2 <= r ** 2)
+
+
+def _gaussian_columns(shape, columns, pixel, sign=-1.0):
+    """A noise-free image (vacuum 1) whose columns darken with height (sign −1) or brighten."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(float)
+    img = np.ones(shape)
+    for x, y, h in columns:
+        img += sign * 0.04 * h * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) * pixel ** 2 / (2 * 0.35 ** 2))
+    return img
+
+
+@pytest.mark.parametrize("sign", [-1.0, 1.0])
+def test_baseline_recovers_heights_of_clean_columns_at_high_dose(sign):
+    pixel = 0.2
+    cols = np.array([[20.0, 20, 2], [40, 20, 5], [20, 45, 8], [45, 45, 11]], dtype=float)
+    clean = _gaussian_columns((64, 64), cols, pixel, sign)
+    dose = 1e6
+    counts = np.random.default_rng(0).poisson(clean * dose * pixel ** 2).astype(np.float32)
+    out = baseline_columns(counts, clean, cols, dose, pixel, label_radius_A=0.5, min_distance_A=2.0)
+    t = Tally()
+    t.add(out, cols, pixel, 1.0)
+    m = t.metrics(16)
+    assert m["f1"] == 1.0 and m["exact_accuracy"] == 1.0
+    assert "calibration" not in m  # the baseline states no confidence
+
+
+def test_baseline_degrades_at_low_dose():
+    pixel = 0.2
+    cols = np.array([[x, y, h] for (x, y), h in zip(
+        itertools.product(range(12, 60, 17), range(12, 60, 17)), itertools.cycle(range(1, 13)))],
+        dtype=float)
+    clean = _gaussian_columns((64, 64), cols, pixel)
+    scores = []
+    for dose in (1e6, 20.0):
+        t = Tally()
+        for seed in range(3):
+            counts = np.random.default_rng(seed).poisson(clean * dose * pixel ** 2)
+            t.add(baseline_columns(counts, clean, cols, dose, pixel, label_radius_A=0.5,
+                                   min_distance_A=2.0), cols, pixel, 1.0)
+        m = t.metrics(16)
+        scores.append(m["f1"] * m["exact_accuracy"])
+    assert scores[1] < scores[0]
+
+
+def test_noise_seed_depends_only_on_seed_record_and_dose():
+    a = noise_seed(0, 3, 50.0)
+    assert np.array_equal(a, noise_seed(0, 3, 50.0))
+    others = [noise_seed(1, 3, 50.0), noise_seed(0, 4, 50.0), noise_seed(0, 3, 200.0)]
+    assert all(not np.array_equal(a, o) for o in others)
+    assert a.shape == (2,) and np.all((a >= 0) & (a < 2**31))
+
+
+def test_check_doses_refuses_non_positive_doses():
+    assert check_doses([20, 50.5]) == (20.0, 50.5)
+    for bad in ([], [0], [-5, 20], [float("nan")]):
+        with pytest.raises(ConfigError, match="dose"):
+            check_doses(bad)
