@@ -59,7 +59,60 @@ def main():
 
 
 # --- evaluate ----------------------------------------------------------------------------------
-# (section owned by the evaluate work)
+def _parse_doses(ctx, param, value: str) -> tuple[float, ...]:
+    from .evaluate import check_doses
+
+    try:
+        numbers = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers (e-/Å²)") from None
+    try:
+        return check_doses(numbers)
+    except CeriakerasError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Exported model: saved_models/NAME (newest version) or saved_models/NAME/VERSION.")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Dataset folder made by `ceriakeras simulate` (its pixel size must be the model's).")
+@click.option("--doses", default="20,50,200,1000,5000", show_default=True, callback=_parse_doses,
+              help="Comma-separated doses per image, in e-/Å² (each positive).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder for metrics.json, report.md and plots [default: results/evaluate-NAME].")
+@click.option("--split", default="test", show_default=True,
+              type=click.Choice(["test", "validation", "train"]), help="Dataset split to evaluate.")
+@click.option("--max-images", type=click.IntRange(min=1), default=None,
+              help="Evaluate only the first N images of the split (count of images).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the Poisson noise.")
+@click.option("--no-baseline", is_flag=True, help="Skip the classical baseline.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier evaluation in --out.")
+@_one_line_errors
+def evaluate(model_path, data_dir, doses, out_dir, split, max_images, seed, no_baseline, overwrite):
+    """Measure column detection and height accuracy of a model at fixed doses.
+
+    Poisson noise at each dose (e⁻/Å² per image, fixed seeds) on the split's noise-free images,
+    columns extracted as `analyze` does, matched to the true columns within 1 Å. Writes
+    metrics.json, report.md (network against a classical baseline) and PNG plots; prints a table.
+    """
+    from pathlib import Path
+
+    from .evaluate import evaluate as run_evaluation
+    from .evaluate import format_table
+    from .export import load_served_model
+
+    if out_dir is None:
+        name = Path(model_path).resolve()
+        name = name.parent.name if name.name.isdigit() else name.name
+        out_dir = Path("results") / f"evaluate-{name}"
+    model = load_served_model(model_path)
+    result = run_evaluation(
+        model, data_dir, out_dir, doses=doses, split=split, seed=seed, max_images=max_images,
+        baseline=not no_baseline, overwrite=overwrite, command=" ".join(["ceriakeras"] + sys.argv[1:]),
+    )
+    click.echo(format_table(result))
+    click.echo(f"wrote {out_dir}/metrics.json, report.md and plots")
 
 
 if __name__ == "__main__":  # pragma: no cover
