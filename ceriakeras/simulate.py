@@ -1,0 +1,486 @@
+"""abTEM HRTEM images of one particle: multislice exit wave → images at drawn optics; label masks.
+
+One multislice run (abTEM 1.0, plane wave, Lobato potential with infinite projection) gives the
+exit wave of a particle; ``optics_per_exit_wave`` images are then made from it, each with its own
+draw of the objective lens (defocus, Cs, C5, two-fold astigmatism, focal spread, aperture).
+
+Conventions
+-----------
+- Defocus uses abTEM's sign: ``defocus = -C10`` (positive = underfocus). Cs is C30 in µm, C5 is
+  C50 in mm, astigmatism is C12 in nm at angle phi12. The phase is abTEM's
+  ``chi = 2π/λ (α²/2 (C10 + C12 cos 2(φ - φ12)) + α⁴/4 C30 + α⁶/6 C50)`` and the wave in the
+  image plane is ``ifft(fft(ψ) · A(α) · exp(-i chi))`` with a hard aperture ``A``.
+- Focal spread (partial temporal coherence) is the 1/e half width Δ of a Gaussian defocus
+  distribution ``p(f) ∝ exp(-(f - f0)² / Δ²)`` (the convention of abTEM's ``TemporalEnvelope``
+  and Kirkland). It is done properly for a non-linear image: the image is the incoherent,
+  weighted sum of coherent images at defocus values on a uniform grid spanning ±3Δ, spaced
+  finely enough that the sum does not alias any frequency the aperture passes (see
+  :func:`defocus_samples`). No envelope approximation.
+- Intensity: the incident plane wave has |ψ|² = 1, so vacuum = 1 in every image.
+- Coordinates (docs/architecture.md): pixel ``i`` of the stored image covers
+  ``[i·p, (i+1)·p)`` in the cell, so ``x_px = x_A / p - 0.5``. abTEM samples its grid at
+  ``x = j·s``; the atoms are handed to abTEM shifted by ``-s/2`` in x and y, so fine sample ``j``
+  sits at the true position ``(j + 1/2)·s`` (the midpoint of ``[j·s, (j+1)·s)``) and the mean of
+  the ``p/s`` fine samples of one pixel integrates the intensity over that pixel.
+- Arrays: abTEM arrays are indexed ``[x, y]``; stored images and labels are ``(H, W)`` =
+  ``(rows = y, columns = x)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+
+from ceriakeras.config import ConfigError, OpticsConfig, SimulationConfig
+from ceriakeras.structures import build_particle, column_table
+
+__all__ = [
+    "Example",
+    "ExitWave",
+    "simulate_particle",
+    "exit_wave",
+    "draw_optics",
+    "image_from_exit_wave",
+    "defocus_samples",
+    "label_mask",
+    "place_in_cell",
+    "check_simulation_config",
+    "software_versions",
+    "wavelength_A",
+]
+
+Z_MARGIN_A = 1.0
+"""Vacuum above and below the particle along the beam inside the multislice cell, Å."""
+_FOCAL_SPREAD_RANGE = 3.0  # defocus grid spans ±3 Δ (weight exp(-9) at the ends)
+_ALIAS_TOLERANCE = 1e-3  # temporal envelope value below which aliased frequencies may land
+
+
+@dataclass
+class Example:
+    """One simulated training image with its ground truth.
+
+    Attributes
+    ----------
+    image : (H, W) float32
+        Noise-free intensity, vacuum = 1.
+    label : (H, W) uint8
+        Column height inside a disk of ``label_radius_A`` around each Ce column, 0 elsewhere.
+    columns : (N, 3) float32
+        ``x_px, y_px, height`` of every Ce column in the image's pixel grid.
+    pixel_size_A : float
+        Å per pixel.
+    metadata : dict
+        JSON-able: particle shape and defects, zone axis, optics, cell, seed, particle_id,
+        software versions.
+    atoms : ase.Atoms
+        The particle in cell coordinates (Å; the cell is the simulation cell).
+    """
+
+    image: np.ndarray
+    label: np.ndarray
+    columns: np.ndarray
+    pixel_size_A: float
+    metadata: dict
+    atoms: Atoms = field(repr=False)
+
+
+@dataclass
+class ExitWave:
+    """An exit wave in reciprocal space, ready for many optics draws.
+
+    Attributes
+    ----------
+    fourier : (Nx, Ny) complex64
+        ``fft2`` of the exit wave, abTEM axis order (x first).
+    sampling_A : float
+        Real-space grid spacing, Å; real-space sample ``j`` sits at ``(j + 1/2)·sampling_A``.
+    energy_keV : float
+        Beam energy, keV.
+    """
+
+    fourier: np.ndarray
+    sampling_A: float
+    energy_keV: float
+
+    @classmethod
+    def from_array(cls, wave: np.ndarray, sampling_A: float, energy_keV: float) -> "ExitWave":
+        """Build from a real-space exit wave ``(Nx, Ny)`` complex (abTEM axis order)."""
+        from abtem.core.fft import fft2
+
+        wave = np.ascontiguousarray(wave, dtype=np.complex64)
+        return cls(fft2(wave), float(sampling_A), float(energy_keV))
+
+
+def wavelength_A(energy_keV: float) -> float:
+    """Relativistic electron wavelength, Å."""
+    from abtem.core.energy import energy2wavelength
+
+    return float(energy2wavelength(energy_keV * 1e3))
+
+
+def software_versions() -> dict:
+    """Versions of the software that made an image (JSON-able)."""
+    import abtem
+    import ase
+
+    import ceriakeras
+
+    return {"abtem": abtem.__version__, "ase": ase.__version__, "numpy": np.__version__,
+            "ceriakeras": ceriakeras.__version__}
+
+
+def check_simulation_config(config: SimulationConfig) -> None:
+    """Validate ``config`` and check that the largest particle fits the cell with its vacuum.
+
+    Raises
+    ------
+    ConfigError
+        With what to change.
+    """
+    config.validate()
+    s = config.structure
+    need = s.diameter_range_A[1] + 2.0 * s.vacuum_A
+    if need > config.cell_size_A + 1e-9:
+        raise ConfigError(
+            f"particles up to {s.diameter_range_A[1]} Å with {s.vacuum_A} Å vacuum need "
+            f"cell_size_A >= {need}; raise cell_size_A or lower diameter_range_A/vacuum_A"
+        )
+
+
+def draw_optics(rng: np.random.Generator, config: OpticsConfig) -> dict:
+    """Draw the objective-lens settings of one image, uniformly inside ``config``'s ranges.
+
+    Returns
+    -------
+    dict
+        ``energy_keV``, ``defocus_nm`` (abTEM sign, = -C10), ``cs_um`` (C30),
+        ``c5_mm`` (C50), ``focal_spread_nm`` (1/e half width), ``astigmatism_nm`` (C12),
+        ``astigmatism_angle_deg`` (phi12), ``aperture_mrad`` (semi-angle); plain floats.
+    """
+    return {
+        "energy_keV": float(config.energy_keV),
+        "defocus_nm": float(rng.uniform(*config.defocus_range_nm)),
+        "cs_um": float(rng.uniform(*config.cs_range_um)),
+        "c5_mm": float(rng.uniform(*config.c5_range_mm)),
+        "focal_spread_nm": float(rng.uniform(*config.focal_spread_range_nm)),
+        "astigmatism_nm": float(rng.uniform(0.0, config.max_astigmatism_nm)),
+        "astigmatism_angle_deg": float(rng.uniform(0.0, 180.0)),
+        "aperture_mrad": float(config.aperture_mrad),
+    }
+
+
+def defocus_samples(focal_spread_A: float, max_frequency_inv_A: float, energy_keV: float
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Defocus offsets and weights for the incoherent focal-spread sum.
+
+    The intensity at defocus ``f`` holds terms ``exp(-i π λ f (k1² - k2²))`` with
+    ``|k1² - k2²| ≤ k_max²``, i.e. frequencies in ``f`` up to ``ω_max = π λ k_max²``.
+    A uniform grid of step ``h`` with Gaussian weights reproduces each term's exact average
+    (the temporal envelope ``exp(-(ωΔ/2)²)``) up to aliases at ``ω ± 2π/h``; ``h`` is chosen so
+    that ``2π/h ≥ ω_max + ω_ε`` where the envelope has fallen to 1e-3 at ``ω_ε``.
+
+    Parameters
+    ----------
+    focal_spread_A : float
+        1/e half width Δ of the defocus distribution, Å.
+    max_frequency_inv_A : float
+        Largest spatial frequency in the wave (aperture), 1/Å.
+    energy_keV : float
+        Beam energy, keV.
+
+    Returns
+    -------
+    offsets_A : (n,) float64
+        Defocus offsets from the mean, Å (n odd, 1 if Δ = 0).
+    weights : (n,) float64
+        Normalized weights (sum 1).
+    """
+    if focal_spread_A <= 0:
+        return np.zeros(1), np.ones(1)
+    lam = wavelength_A(energy_keV)
+    omega_max = math.pi * lam * max_frequency_inv_A**2
+    omega_eps = 2.0 / focal_spread_A * math.sqrt(math.log(1.0 / _ALIAS_TOLERANCE))
+    step = 2.0 * math.pi / (omega_max + omega_eps)
+    half = max(1, int(math.ceil(_FOCAL_SPREAD_RANGE * focal_spread_A / step)))
+    offsets = np.linspace(-_FOCAL_SPREAD_RANGE, _FOCAL_SPREAD_RANGE, 2 * half + 1) * focal_spread_A
+    weights = np.exp(-((offsets / focal_spread_A) ** 2))
+    return offsets, weights / weights.sum()
+
+
+def _phase_grid(shape: tuple[int, int], sampling_A: float) -> tuple[np.ndarray, np.ndarray]:
+    kx = np.fft.fftfreq(shape[0], sampling_A)
+    ky = np.fft.fftfreq(shape[1], sampling_A)
+    k2 = kx[:, None] ** 2 + ky[None, :] ** 2
+    phi = np.arctan2(ky[None, :], kx[:, None])
+    return k2, phi
+
+
+def image_from_exit_wave(exit_wave: ExitWave, optics: dict, pixel_size_A: float | None = None
+                         ) -> np.ndarray:
+    """The HRTEM image of an exit wave through a lens with the given optics.
+
+    Parameters
+    ----------
+    exit_wave : ExitWave
+        The exit wave (reciprocal space, abTEM axis order, vacuum amplitude 1).
+    optics : dict
+        As returned by :func:`draw_optics` (units in the keys). ``energy_keV`` must match the
+        exit wave's.
+    pixel_size_A : float, optional
+        Pixel size of the returned image, Å, an integer multiple of the exit wave's sampling
+        (default: the sampling itself). Each pixel is the mean of the fine samples it covers.
+
+    Returns
+    -------
+    (H, W) float32
+        Intensity, vacuum = 1, rows = y, columns = x; pixel ``i`` covers ``[i·p, (i+1)·p)``.
+    """
+    from abtem.core.fft import ifft2
+
+    if abs(optics["energy_keV"] - exit_wave.energy_keV) > 1e-6:
+        raise ConfigError(f"optics energy_keV={optics['energy_keV']} differs from the exit "
+                          f"wave's {exit_wave.energy_keV}; simulate a new exit wave")
+    s = exit_wave.sampling_A
+    p = s if pixel_size_A is None else float(pixel_size_A)
+    factor = int(round(p / s))
+    nx, ny = exit_wave.fourier.shape
+    if factor < 1 or abs(factor * s - p) > 1e-6 * p or nx % factor or ny % factor:
+        raise ConfigError(f"pixel_size_A={p} must be an integer multiple of sampling_A={s} "
+                          f"that divides the grid {nx}×{ny}")
+    lam = wavelength_A(exit_wave.energy_keV)
+    k2, phi = _phase_grid((nx, ny), s)
+    k_ap = optics["aperture_mrad"] * 1e-3 / lam
+    inside = k2 <= k_ap**2
+    k2_in, phi_in = k2[inside], phi[inside]
+    c10 = -optics["defocus_nm"] * 10.0
+    c12 = optics["astigmatism_nm"] * 10.0
+    phi12 = math.radians(optics["astigmatism_angle_deg"])
+    c30 = optics["cs_um"] * 1e4
+    c50 = optics["c5_mm"] * 1e7
+    chi0 = (math.pi * lam * k2_in * (c10 + c12 * np.cos(2.0 * (phi_in - phi12)))
+            + 0.5 * math.pi * lam**3 * k2_in**2 * c30
+            + math.pi / 3.0 * lam**5 * k2_in**3 * c50)
+    psi_in = exit_wave.fourier[inside]
+    k_max = math.sqrt(float(k2_in.max())) if k2_in.size else 0.0
+    offsets, weights = defocus_samples(optics["focal_spread_nm"] * 10.0, k_max,
+                                       exit_wave.energy_keV)
+    intensity = np.zeros((nx, ny), np.float64)
+    buffer = np.zeros((nx, ny), np.complex64)
+    for offset, weight in zip(offsets, weights):
+        # defocus f0 + offset ↔ C10 - offset: chi changes by -π λ k² offset.
+        chi = chi0 - math.pi * lam * offset * k2_in
+        buffer[inside] = psi_in * np.exp(-1j * chi).astype(np.complex64)
+        wave = ifft2(buffer)
+        intensity += weight * (wave.real**2 + wave.imag**2)
+        buffer[inside] = 0
+    binned = intensity.reshape(nx // factor, factor, ny // factor, factor).mean(axis=(1, 3))
+    return np.ascontiguousarray(binned.T, dtype=np.float32)
+
+
+def label_mask(columns_px: np.ndarray, shape: tuple[int, int], pixel_size_A: float,
+               label_radius_A: float, max_height: int) -> np.ndarray:
+    """Label mask: each Ce column's height inside a disk around it, 0 elsewhere.
+
+    Parameters
+    ----------
+    columns_px : (N, 3) array
+        ``x_px, y_px, height`` per column (pixel grid: centre of pixel [0, 0] is (0, 0)).
+    shape : (H, W)
+        Shape of the mask.
+    pixel_size_A : float
+        Å per pixel.
+    label_radius_A : float
+        Disk radius, Å; a pixel is labelled if its centre is within the radius.
+    max_height : int
+        Largest allowed height, Ce atoms.
+
+    Returns
+    -------
+    (H, W) uint8
+
+    Raises
+    ------
+    ConfigError
+        If a height exceeds ``max_height`` (or 255) or is not a positive integer.
+    """
+    columns_px = np.asarray(columns_px, float).reshape(-1, 3)
+    heights = columns_px[:, 2]
+    if len(heights):
+        if np.any(heights > max_height) or max_height > 255:
+            raise ConfigError(f"a column has {int(heights.max())} Ce atoms, above max_height="
+                              f"{max_height}; raise max_height or lower diameter_range_A")
+        if np.any(heights < 1) or np.any(heights != np.round(heights)):
+            raise ConfigError("column heights must be positive whole numbers of Ce atoms")
+    h, w = shape
+    mask = np.zeros((h, w), np.uint8)
+    r = label_radius_A / pixel_size_A
+    reach = int(math.ceil(r)) + 1
+    for x, y, height in columns_px:
+        x0, x1 = max(int(math.floor(x)) - reach, 0), min(int(math.ceil(x)) + reach + 1, w)
+        y0, y1 = max(int(math.floor(y)) - reach, 0), min(int(math.ceil(y)) + reach + 1, h)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        disk = (xx - x) ** 2 + (yy - y) ** 2 <= r * r
+        mask[y0:y1, x0:x1][disk] = int(height)
+    return mask
+
+
+def place_in_cell(atoms: Atoms, cell_size_A: float, z_margin_A: float = Z_MARGIN_A) -> Atoms:
+    """A copy of ``atoms`` centred in a square ``cell_size_A`` cell (x, y), z from the margin.
+
+    The bounding box's centre goes to (L/2, L/2); z runs from ``z_margin_A`` to
+    ``thickness + z_margin_A`` in a cell ``thickness + 2 z_margin_A`` tall. Periodic cell.
+    """
+    atoms = atoms.copy()
+    pos = atoms.positions
+    lo, hi = pos.min(0), pos.max(0)
+    shift = np.array([cell_size_A / 2.0, cell_size_A / 2.0, z_margin_A])
+    shift[:2] -= (lo[:2] + hi[:2]) / 2.0
+    shift[2] -= lo[2]
+    atoms.positions = pos + shift
+    atoms.cell = [cell_size_A, cell_size_A, float(hi[2] - lo[2]) + 2.0 * z_margin_A]
+    atoms.pbc = True
+    return atoms
+
+
+def _abtem_settings() -> dict:
+    return {"dask.lazy": False, "fft": "fftw", "fftw.threads": 1,
+            "diagnostics.progress_bar": False, "device": "cpu", "precision": "float32"}
+
+
+def exit_wave(atoms: Atoms, sampling_A: float, slice_thickness_A: float, energy_keV: float
+              ) -> ExitWave:
+    """Multislice exit wave of a plane wave through ``atoms`` (abTEM, single-threaded).
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        Atoms in their periodic cell (Å), true positions; the half-sample shift that makes
+        fine sample ``j`` sit at ``(j + 1/2)·sampling_A`` is applied here.
+    sampling_A, slice_thickness_A : float
+        Lateral grid spacing and slice thickness, Å.
+    energy_keV : float
+        Beam energy, keV.
+    """
+    import abtem
+    import dask
+
+    shifted = atoms.copy()
+    shifted.positions[:, :2] -= sampling_A / 2.0
+    with abtem.config.set(_abtem_settings()), dask.config.set(scheduler="synchronous"):
+        potential = abtem.Potential(shifted, sampling=sampling_A,
+                                    slice_thickness=slice_thickness_A,
+                                    parametrization="lobato", projection="infinite")
+        waves = abtem.PlaneWave(energy=energy_keV * 1e3).multislice(potential)
+        if hasattr(waves, "compute"):
+            waves = waves.compute(scheduler="synchronous")
+        array = np.asarray(waves.array)
+    return ExitWave.from_array(array, sampling_A, energy_keV)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
+def simulate_particle(particle_id: int, seed: int, config: SimulationConfig | None = None
+                      ) -> list[Example]:
+    """Simulate one particle: one multislice, ``config.optics_per_exit_wave`` images.
+
+    Deterministic in ``(seed, particle_id)``: the particle and the optics are drawn from
+    ``np.random.SeedSequence([seed, particle_id])`` whatever process runs this. Runs
+    single-threaded (eager abTEM, synchronous dask, one FFTW thread), so it can be a dask task.
+
+    Parameters
+    ----------
+    particle_id : int
+        Index of the particle in the dataset (≥ 0).
+    seed : int
+        Dataset seed (≥ 0).
+    config : SimulationConfig, optional
+        Defaults if None.
+
+    Returns
+    -------
+    list of Example
+        ``config.optics_per_exit_wave`` examples of the same particle.
+
+    Raises
+    ------
+    ConfigError
+        If the config is invalid, the particle does not fit the cell, or a column is taller
+        than ``config.max_height``.
+    """
+    config = config or SimulationConfig()
+    check_simulation_config(config)
+    if particle_id < 0 or seed < 0:
+        raise ConfigError(f"seed={seed} and particle_id={particle_id} must be ≥ 0")
+    root = np.random.SeedSequence([int(seed), int(particle_id)])
+    structure_seq, optics_seq = root.spawn(2)
+    structure_seed = int(structure_seq.generate_state(1, dtype=np.uint64)[0])
+    particle = build_particle(structure_seed, config.structure)
+    atoms = place_in_cell(particle, config.cell_size_A)
+    p = config.pixel_size_A
+    table = column_table(atoms)
+    columns = np.column_stack([table[:, 0] / p - 0.5, table[:, 1] / p - 0.5, table[:, 2]])
+    n = config.image_size_px
+    label = label_mask(columns, (n, n), p, config.label_radius_A, config.max_height)
+
+    wave = exit_wave(atoms, config.sampling_A, config.slice_thickness_A, config.optics.energy_keV)
+    rng = np.random.default_rng(optics_seq)
+    info = _jsonable(dict(particle.info))
+    common = {
+        "seed": int(seed),
+        "particle_id": int(particle_id),
+        "material": "CeO2",
+        "zone_axis": "[110]",
+        "particle": info,
+        "diameter_A": info["diameter_A"],
+        "tilt_deg": info["tilt_deg"],
+        "tilt_azimuth_deg": info["tilt_azimuth_deg"],
+        "rotation_deg": info["rotation_deg"],
+        "n_columns": int(len(table)),
+        "max_column_height": int(table[:, 2].max()) if len(table) else 0,
+        "cell_size_A": float(config.cell_size_A),
+        "cell_z_A": float(atoms.cell[2, 2]),
+        "sampling_A": float(config.sampling_A),
+        "slice_thickness_A": float(config.slice_thickness_A),
+        "pixel_size_A": float(p),
+        "potential": "abtem lobato, infinite projection",
+        "optics_per_exit_wave": int(config.optics_per_exit_wave),
+        "conventions": {
+            "defocus": "abTEM sign, defocus = -C10 (positive = underfocus)",
+            "focal_spread": "1/e half width; incoherent sum over defocus, no envelope",
+            "coordinates": "x_px = x_A / pixel_size_A - 0.5",
+        },
+        "versions": software_versions(),
+    }
+    examples = []
+    for k in range(config.optics_per_exit_wave):
+        optics = draw_optics(rng, config.optics)
+        image = image_from_exit_wave(wave, optics, p)
+        metadata = {**common, **optics, "optics_index": k}
+        examples.append(Example(
+            image=image,
+            label=label.copy(),
+            columns=columns.astype(np.float32),
+            pixel_size_A=float(p),
+            metadata=metadata,
+            atoms=atoms.copy(),
+        ))
+    return examples
