@@ -85,8 +85,9 @@ class StructureConfig:
     """Fraction of O atoms removed (after dangling O are dropped)."""
     max_tilt_deg: float = 0.5
     """Largest tilt of [110] away from the beam, degrees."""
-    vacuum_A: float = 8.0
-    """Smallest vacuum between the particle and the cell edge, Å."""
+    vacuum_A: float = 7.0
+    """Smallest vacuum between the particle and the cell edge, Å (the simulation needs
+    ``diameter_range_A[1] + 2 * vacuum_A <= cell_size_A``)."""
 
     def validate(self) -> None:
         _check_range("diameter_range_A", self.diameter_range_A, 5.0, 120.0)
