@@ -100,7 +100,8 @@ def _neighbour_counts(points: np.ndarray, others: np.ndarray, distance_A: float)
 
 def _draw_shape(rng: np.random.Generator, config: StructureConfig, scale: float) -> dict:
     """Draw size, origin and every facet plane's distance."""
-    diameter = rng.uniform(*config.diameter_range_A) * scale
+    lo, hi = config.diameter_range_A
+    diameter = max(rng.uniform(lo, hi) * scale, lo)
     d111 = diameter / 2.0
     origin = rng.normal(size=3)
     origin *= rng.uniform(0.0, config.origin_offset_A) / max(np.linalg.norm(origin), 1e-12)
@@ -273,7 +274,8 @@ def build_particle(seed: int, config: StructureConfig | None = None) -> Atoms:
     clean cut; the facet distances are scaled to reach it before surface defects are made. A
     particle whose tallest column exceeds ``config.max_height``, or which ends up wider than
     ``diameter_range_A[1]`` (adatoms), is redrawn from the same random stream with its size
-    scaled by 0.95 per attempt, so the result stays a deterministic function of ``seed``.
+    scaled by 0.95 per attempt (never below ``diameter_range_A[0]``), so the result stays a
+    deterministic function of ``seed``.
     """
     config = config or StructureConfig()
     config.validate()
