@@ -1,0 +1,480 @@
+"""Training: class weights, loss and metrics, the distribution strategy, callbacks, fit and resume.
+
+A run folder holds everything needed to continue or reproduce it::
+
+    runs/NAME/
+      config.json          the TrainConfig used (loads with ``load_config(TrainConfig, path)``)
+      dataset.json         the training data folder and the sha256 of its manifest.json
+      checkpoints/last.keras, checkpoints/best.keras   (best = lowest validation loss)
+      state.json           epochs completed, best epoch and validation loss
+      metrics.json         validation metrics of the best epoch (read by ``export``)
+      log.csv              one row per epoch
+      tensorboard/         scalars (train/, validation/) and image | label | prediction panels
+
+The pieces (:func:`choose_strategy`, :func:`compile_model`, :func:`make_callbacks`, the datasets)
+are separate functions so that a custom distributed training step can reuse them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import scipy.ndimage
+import tensorflow as tf
+
+from .config import ModelError, TrainConfig, to_dict
+from .io import write_text_atomic
+from .model import build_unet
+
+_PACKAGE = "ceriakeras"
+
+
+# --- class weights -----------------------------------------------------------------------------
+def class_weights_from_histogram(
+    histogram,
+    scheme: str = "median_frequency",
+    max_weight: float = 10.0,
+    background_weight: float = 0.1,
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """Per-class loss weights from the label histogram of the training set.
+
+    Median-frequency balancing over the column classes (heights 1 … max_height): a class seen
+    in a fraction ``f_k`` of the column pixels gets ``w_k = median(f) / f_k``, the median taken
+    over the column classes present, so the median column class weighs 1, rare heights more and
+    common ones less. Weights are capped at ``max_weight``. Heights absent from the histogram get
+    ``max_weight`` (they never occur in training; should one occur in validation it counts as
+    much as the rarest class). The background class 0 (no Ce column) gets ``background_weight``.
+
+    Parameters
+    ----------
+    histogram : sequence of int, or mapping {class: pixel count}
+        Pixel count of each label class, index = height in Ce atoms (0 = background).
+    scheme : {'median_frequency', 'none'}
+        'none' gives every class weight 1.
+    max_weight : float
+        Cap on any column class weight, relative to the median column class.
+    background_weight : float
+        Weight of class 0, relative to the median column class.
+    num_classes : int, optional
+        Length of the result (max_height + 1); default: the histogram's length.
+
+    Returns
+    -------
+    (num_classes,) float32 array of weights.
+    """
+    if isinstance(histogram, dict):
+        counts = {int(k): float(v) for k, v in histogram.items()}
+        size = max(counts) + 1 if counts else 1
+        hist = np.zeros(size)
+        for k, v in counts.items():
+            hist[k] = v
+    else:
+        hist = np.asarray(histogram, dtype=np.float64)
+    n = int(num_classes or len(hist))
+    hist = np.pad(hist, (0, max(0, n - len(hist))))[:n]
+    if scheme == "none":
+        return np.ones(n, np.float32)
+    if scheme != "median_frequency":
+        raise ValueError(f"unknown class weight scheme {scheme!r}")
+    columns = hist[1:]
+    present = columns > 0
+    weights = np.full(n, max_weight, np.float64)
+    if present.any():
+        freq = columns[present] / columns[present].sum()
+        weights[1:][present] = np.minimum(np.median(freq) / freq, max_weight)
+    weights[0] = background_weight
+    return weights.astype(np.float32)
+
+
+# --- metrics -----------------------------------------------------------------------------------
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ColumnPixelAccuracy(keras.metrics.Metric):
+    """Fraction of column pixels (label > 0) whose most probable class is the true height."""
+
+    def __init__(self, name="column_accuracy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.correct = self.add_variable(shape=(), initializer="zeros", name="correct")
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):  # weights ignored on purpose
+        y_true = tf.cast(y_true, tf.int64)
+        is_column = tf.cast(y_true > 0, "float32")
+        hit = tf.cast(tf.equal(tf.argmax(y_pred, axis=-1), y_true), "float32")
+        self.correct.assign_add(tf.reduce_sum(hit * is_column))
+        self.total.assign_add(tf.reduce_sum(is_column))
+
+    def result(self):
+        return tf.math.divide_no_nan(self.correct, self.total)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class UnweightedMeanIoU(keras.metrics.MeanIoU):
+    """Mean IoU over the height classes from probabilities, ignoring the loss's sample weights."""
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        return super().update_state(y_true, y_pred)
+
+
+def column_height_accuracy(labels: np.ndarray, probabilities: np.ndarray) -> tuple[int, int]:
+    """Count the true columns whose height is recovered exactly.
+
+    Each column is one connected disk of ``label > 0``; the predicted height is the class with
+    the largest probability mass summed over the disk's pixels.
+
+    Parameters
+    ----------
+    labels : (B, H, W) int
+        True label masks (height in Ce atoms, 0 = none).
+    probabilities : (B, H, W, C) float
+        Model output.
+
+    Returns
+    -------
+    (correct, total) : number of columns recovered exactly, number of columns.
+    """
+    correct = total = 0
+    for label, prob in zip(labels, probabilities):
+        disks, n = scipy.ndimage.label(label > 0)
+        if n == 0:
+            continue
+        mass = np.zeros((n + 1, prob.shape[-1]))
+        np.add.at(mass, disks.ravel(), prob.reshape(-1, prob.shape[-1]))
+        truth = np.zeros(n + 1, np.int64)
+        np.maximum.at(truth, disks.ravel(), label.ravel().astype(np.int64))
+        correct += int(np.sum(mass[1:].argmax(axis=1) == truth[1:]))
+        total += n
+    return correct, total
+
+
+# --- model, optimizer, strategy ----------------------------------------------------------------
+def learning_rate_schedule(config: TrainConfig) -> keras.optimizers.schedules.LearningRateSchedule:
+    """Linear warm-up to ``config.learning_rate``, then cosine decay to 0 at the last step."""
+    total = config.epochs * config.steps_per_epoch
+    warmup = min(config.warmup_steps, max(total - 1, 0))
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0,
+        decay_steps=max(total - warmup, 1),
+        warmup_target=config.learning_rate,
+        warmup_steps=warmup,
+    )
+
+
+def compile_model(model: keras.Model, config: TrainConfig, optimizer=None) -> keras.Model:
+    """Compile with Adam on the cosine schedule, weighted cross-entropy and the pixel metrics.
+
+    The per-pixel class weights come from the data as sample weights (Keras' ``class_weight``
+    argument does not handle per-pixel labels). ``optimizer`` keeps an existing (restored)
+    optimizer and only replaces its learning-rate schedule.
+    """
+    if optimizer is None:
+        optimizer = keras.optimizers.Adam(learning_rate_schedule(config))
+    else:
+        optimizer.learning_rate = learning_rate_schedule(config)
+    num_classes = config.model.max_height + 1
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[
+            ColumnPixelAccuracy(),
+            UnweightedMeanIoU(num_classes=num_classes, sparse_y_pred=False, name="mean_iou"),
+        ],
+    )
+    return model
+
+
+def choose_strategy() -> tf.distribute.Strategy:
+    """MultiWorkerMirroredStrategy if ``TF_CONFIG`` is set, MirroredStrategy with several GPUs,
+    else the default (one device) strategy. The global batch is split across the replicas."""
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if len(tf.config.list_logical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+@contextlib.contextmanager
+def precision_policy(setting: str):
+    """Use ``mixed_float16`` inside the block when asked ('on') or when a GPU is visible ('auto')."""
+    mixed = setting == "on" or (setting == "auto" and bool(tf.config.list_logical_devices("GPU")))
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    try:
+        yield mixed
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+# --- callbacks ---------------------------------------------------------------------------------
+def _save_keras_atomic(model: keras.Model, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.partial.keras")
+    model.save(tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class RunCheckpoints(keras.callbacks.Callback):
+    """After each epoch: best.keras (if validation loss improved), last.keras, then state.json."""
+
+    def __init__(self, run_dir: Path, best_val_loss: float = np.inf, best_epoch: int = 0):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.best_val_loss = best_val_loss
+        self.best_epoch = best_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        checkpoints = self.run_dir / "checkpoints"
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        val_loss = float(logs.get("val_loss", logs.get("loss", np.inf)))
+        if val_loss < self.best_val_loss:
+            self.best_val_loss, self.best_epoch = val_loss, epoch + 1
+            _save_keras_atomic(self.model, checkpoints / "best.keras")
+            best = {k: float(v) for k, v in logs.items() if k.startswith("val_")}
+            write_text_atomic(self.run_dir / "metrics.json",
+                              json.dumps({"epoch": epoch + 1, "validation": best}, indent=2))
+        _save_keras_atomic(self.model, checkpoints / "last.keras")
+        state = {"epoch": epoch + 1, "best_epoch": self.best_epoch,
+                 "best_val_loss": self.best_val_loss}
+        write_text_atomic(self.run_dir / "state.json", json.dumps(state, indent=2))
+
+
+class ValidationReport(keras.callbacks.Callback):
+    """After each epoch: column-level exact-height accuracy on validation, and TensorBoard panels.
+
+    Adds ``val_column_height_accuracy`` to the epoch logs (so the CSV log, TensorBoard and
+    early stopping see it) and writes image | label | prediction panels of the first validation
+    batch (fixed dose and seed) under ``tensorboard/panels``.
+    """
+
+    def __init__(self, dataset, steps, log_dir: Path | None, max_height: int, panels: int = 3):
+        super().__init__()
+        self.dataset, self.steps, self.max_height, self.panels = dataset, steps, max_height, panels
+        self.writer = tf.summary.create_file_writer(str(log_dir)) if log_dir else None
+
+    def on_epoch_end(self, epoch, logs=None):
+        correct = total = 0
+        batches = self.dataset if self.steps is None else self.dataset.take(self.steps)
+        for i, (image, label, *_) in enumerate(batches):
+            prob = self.model(image, training=False).numpy()
+            c, t = column_height_accuracy(label.numpy(), prob)
+            correct, total = correct + c, total + t
+            if i == 0 and self.writer is not None:
+                self._write_panels(image.numpy(), label.numpy(), prob, epoch + 1)
+        if logs is not None:
+            logs["val_column_height_accuracy"] = correct / total if total else 0.0
+
+    def _write_panels(self, image, label, prob, step):
+        img = image[: self.panels, ..., 0]
+        lo = img.min(axis=(1, 2), keepdims=True)
+        img = (img - lo) / np.maximum(img.max(axis=(1, 2), keepdims=True) - lo, 1e-12)
+        lab = label[: self.panels] / self.max_height
+        pred = prob[: self.panels].argmax(-1) / self.max_height
+        panel = np.concatenate([img, lab, pred], axis=2)
+        with self.writer.as_default():
+            write_image_summary("image | label | prediction", panel, step)
+        self.writer.flush()
+
+
+# TensorBoard event files are written with TensorFlow's own summary op and the metadata of
+# TensorBoard's scalar and image plugins, so the `tensorboard` package is needed only to view them.
+def _plugin(name: str):
+    from tensorflow.core.framework import summary_pb2
+
+    return summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=name))
+
+
+def write_scalar_summary(tag: str, value: float, step: int) -> None:
+    """One scalar for TensorBoard's Scalars tab (inside ``writer.as_default()``)."""
+    tf.summary.write(tag, tf.constant(float(value), tf.float32), step=step,
+                     metadata=_plugin("scalars"))
+
+
+def write_image_summary(tag: str, images: np.ndarray, step: int) -> None:
+    """Grey images (N, H, W) in [0, 1] for TensorBoard's Images tab, as PNGs."""
+    pngs = [tf.io.encode_png(tf.cast(np.clip(im, 0, 1)[..., None] * 255 + 0.5, tf.uint8))
+            for im in images]
+    h, w = images.shape[1:3]
+    tensor = tf.stack([tf.constant(str(w)), tf.constant(str(h)), *pngs])
+    tf.summary.write(tag, tensor, step=step, metadata=_plugin("images"))
+
+
+class TensorBoardScalars(keras.callbacks.Callback):
+    """Epoch scalars in ``log_dir/train`` and ``log_dir/validation`` (``val_`` keys), and the
+    learning rate."""
+
+    def __init__(self, log_dir: Path):
+        super().__init__()
+        self.train_writer = tf.summary.create_file_writer(str(Path(log_dir) / "train"))
+        self.val_writer = tf.summary.create_file_writer(str(Path(log_dir) / "validation"))
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        with self.train_writer.as_default():
+            for key, value in logs.items():
+                if not key.startswith("val_"):
+                    write_scalar_summary(f"epoch_{key}", value, epoch + 1)
+            lr = self.model.optimizer.learning_rate
+            write_scalar_summary("epoch_learning_rate", float(np.asarray(lr)), epoch + 1)
+        with self.val_writer.as_default():
+            for key, value in logs.items():
+                if key.startswith("val_"):
+                    write_scalar_summary(f"epoch_{key[4:]}", value, epoch + 1)
+        self.train_writer.flush()
+        self.val_writer.flush()
+
+
+def make_callbacks(run_dir: Path, config: TrainConfig, validation, *, resume: bool,
+                   best_val_loss: float = np.inf, best_epoch: int = 0) -> list:
+    """The callbacks of a run, in the order they must run (the validation report first)."""
+    return [
+        ValidationReport(validation, config.validation_steps, run_dir / "tensorboard" / "panels",
+                         config.model.max_height),
+        RunCheckpoints(run_dir, best_val_loss, best_epoch),
+        keras.callbacks.CSVLogger(str(run_dir / "log.csv"), append=resume),
+        TensorBoardScalars(run_dir / "tensorboard"),
+        keras.callbacks.EarlyStopping(monitor="val_loss",
+                                      patience=config.early_stopping_patience),
+    ]
+
+
+# --- the run -----------------------------------------------------------------------------------
+def manifest_sha256(data_dir) -> str:
+    """sha256 (hex) of ``data_dir/manifest.json``, the identity of a dataset."""
+    return hashlib.sha256((Path(data_dir) / "manifest.json").read_bytes()).hexdigest()
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise ModelError("pass either --resume or --overwrite, not both")
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if resume:
+        if not (run_dir / "checkpoints" / "last.keras").is_file():
+            raise ModelError(f"nothing to resume in {run_dir} (no checkpoints/last.keras); "
+                             "drop --resume to start a new run")
+        return
+    if exists and not overwrite:
+        raise ModelError(f"run folder {run_dir} already exists; pass --resume to continue it "
+                         "or --overwrite to start again")
+    if exists:
+        if not ((run_dir / "config.json").is_file() or (run_dir / "checkpoints").is_dir()):
+            raise ModelError(f"{run_dir} is not empty and does not look like a training run; "
+                             "refusing to overwrite it, choose another --out")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot read {path} ({err}); start again with --overwrite") from None
+
+
+def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: bool = False,
+          overwrite: bool = False, progress: bool = True) -> dict:
+    """Train the U-Net on a simulated dataset and keep everything in ``run_dir``.
+
+    Parameters
+    ----------
+    data_dir : path
+        Dataset folder written by ``ceriakeras simulate`` (shards and ``manifest.json``).
+    run_dir : path
+        Run folder (layout in the module docstring). Must not exist or be empty, unless
+        ``resume`` (continue from ``checkpoints/last.keras`` with optimizer state and epoch
+        count) or ``overwrite`` (delete the earlier run and start again).
+    config : TrainConfig
+        Settings; saved as ``config.json``. On resume the epoch count and schedule may grow.
+    progress : bool
+        Show Keras' progress bar.
+
+    Returns
+    -------
+    dict
+        ``epochs_completed``, ``initial_epoch``, ``resumed``, ``best_epoch``, ``best_val_loss``,
+        ``history`` (per-epoch logs of this call), ``run_dir``.
+
+    Raises
+    ------
+    ModelError
+        The run folder exists (without resume/overwrite), there is nothing to resume, or the
+        dataset or model differ from those of the run being resumed.
+    DataError
+        From the pipeline: a missing, empty or corrupt dataset, or crops larger than the images.
+    """
+    from .pipeline import make_dataset
+    from .records import read_manifest
+
+    config.validate()
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    manifest = read_manifest(data_dir)  # DataError if the dataset is missing
+    digest = manifest_sha256(data_dir)
+    _prepare_run_dir(run_dir, resume, overwrite)
+
+    initial_epoch, best_val_loss, best_epoch = 0, np.inf, 0
+    if resume:
+        saved = _read_json(run_dir / "dataset.json")
+        if saved.get("manifest_sha256") != digest:
+            raise ModelError(f"{data_dir} is not the dataset run {run_dir} was trained on "
+                             f"(manifest differs); use the same --data or start a new run")
+        if _read_json(run_dir / "config.json").get("model") != to_dict(config.model):
+            raise ModelError(f"the model settings differ from those of {run_dir}/config.json; "
+                             "resume with the same model config or start a new run")
+        state = _read_json(run_dir / "state.json")
+        initial_epoch = int(state["epoch"])
+        best_val_loss = float(state.get("best_val_loss", np.inf))
+        best_epoch = int(state.get("best_epoch", 0))
+    write_text_atomic(run_dir / "config.json", json.dumps(to_dict(config), indent=2))
+    write_text_atomic(run_dir / "dataset.json", json.dumps(
+        {"data_dir": str(data_dir.resolve()), "manifest_sha256": digest}, indent=2))
+
+    weights = class_weights_from_histogram(
+        manifest["label_histogram"], config.weight_scheme, config.max_class_weight,
+        config.background_weight, num_classes=config.model.max_height + 1)
+    training = make_dataset(data_dir, "train", config.pipeline, class_weights=weights,
+                            training=True)
+    validation = make_dataset(data_dir, "validation", config.pipeline, class_weights=weights,
+                              training=False)
+
+    strategy = choose_strategy()
+    with precision_policy(config.mixed_precision), strategy.scope():
+        if resume:
+            model = keras.saving.load_model(run_dir / "checkpoints" / "last.keras",
+                                            safe_mode=True)
+            compile_model(model, config, optimizer=model.optimizer)
+            print(f"resumed {run_dir} from checkpoints/last.keras after epoch {initial_epoch} "
+                  f"(optimizer step {int(model.optimizer.iterations.numpy())})", flush=True)
+        else:
+            model = compile_model(build_unet(config.model, noise_seed=config.pipeline.seed), config)
+        if initial_epoch >= config.epochs:
+            print(f"{run_dir} already has {initial_epoch} epochs; pass a larger --epochs to "
+                  "train further", flush=True)
+            history = {}
+        else:
+            callbacks = make_callbacks(run_dir, config, validation, resume=resume,
+                                       best_val_loss=best_val_loss, best_epoch=best_epoch)
+            history = model.fit(
+                training, validation_data=validation, epochs=config.epochs,
+                initial_epoch=initial_epoch, steps_per_epoch=config.steps_per_epoch,
+                validation_steps=config.validation_steps, callbacks=callbacks,
+                verbose=1 if progress else 0,
+            ).history
+    state = _read_json(run_dir / "state.json") if (run_dir / "state.json").exists() else {}
+    return {
+        "run_dir": str(run_dir),
+        "resumed": resume,
+        "initial_epoch": initial_epoch,
+        "epochs_completed": int(state.get("epoch", initial_epoch)),
+        "best_epoch": int(state.get("best_epoch", best_epoch)),
+        "best_val_loss": float(state.get("best_val_loss", best_val_loss)),
+        "history": {k: [float(v) for v in vals] for k, vals in history.items()},
+    }
