@@ -18,12 +18,12 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from scipy import ndimage, optimize, spatial
 
-from .config import AnalyzeConfig, ConfigError, DataError, ModelError, to_dict
+from .config import AnalyzeConfig, ConfigError, DataError, to_dict
 from .io import atomic_path, write_text_atomic
 
 DEFAULT_DOSES_E_PER_A2 = (20.0, 50.0, 200.0, 1000.0, 5000.0)
@@ -386,29 +386,17 @@ def check_doses(doses: Iterable[float]) -> tuple[float, ...]:
     return out
 
 
-def _records(data_dir: str | Path, split: str, max_images: int | None):
-    """Yield the split's records as dicts of NumPy arrays (image, label, columns, pixel_size)."""
-    import tensorflow as tf
+def _records(data_dir: str | Path, split: str, max_images: int | None) -> Iterator[dict]:
+    """The split's records in file order as dicts of NumPy values (at most ``max_images``)."""
+    from .records import iter_shard, shard_paths
 
-    from .records import parse_example, shard_paths
-
-    paths = shard_paths(data_dir, split)
-    if not paths:
-        raise DataError(f"{data_dir} has no {split!r} shards: simulate a dataset with a {split} split")
-    ds = tf.data.TFRecordDataset([str(p) for p in paths], compression_type="GZIP")
-    if max_images is not None:
-        ds = ds.take(max_images)
-    try:
-        for serialized in ds:
-            ex = parse_example(serialized)
-            yield {
-                "image": ex["image"].numpy().astype(np.float32),
-                "label": ex["label"].numpy(),
-                "columns": np.asarray(ex["columns"].numpy(), np.float64).reshape(-1, 3),
-                "pixel_size": float(ex["pixel_size"].numpy()),
-            }
-    except tf.errors.OpError as err:
-        raise DataError(f"cannot read the {split} shards of {data_dir}: {err.message.splitlines()[0]}") from None
+    n = 0
+    for path in shard_paths(data_dir, split):
+        for rec in iter_shard(path):
+            if max_images is not None and n >= max_images:
+                return
+            n += 1
+            yield rec
 
 
 def evaluate(
@@ -465,8 +453,10 @@ def evaluate(
     dict
         What ``metrics.json`` holds.
     """
+    from .analyze import _model_settings
     from .columns import find_columns
     from .pipeline import poisson_sample
+    from .records import read_manifest
 
     doses = check_doses(doses)
     config = config or AnalyzeConfig()
@@ -476,13 +466,15 @@ def evaluate(
     out_dir = Path(out_dir)
     if (out_dir / "metrics.json").exists() and not overwrite:
         raise ConfigError(f"{out_dir} already holds an evaluation: pass --overwrite or choose another --out")
-    info = model.info
-    try:
-        pixel_size_A = float(info["pixel_size_A"])
-        max_height = int(info["max_height"])
-        label_radius_A = float(info["label_radius_A"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ModelError(f"the model's ceriakeras.json lacks a valid {err}: re-export the model") from None
+    pixel_size_A, max_height, label_radius_A = _model_settings(model.info)
+    manifest = read_manifest(data_dir)
+    data_px = float(manifest.get("pixel_size_A", pixel_size_A))
+    if not math.isclose(data_px, pixel_size_A, rel_tol=1e-4):
+        raise DataError(
+            f"{data_dir} has {data_px:g} Å pixels but the model works at {pixel_size_A:g} Å: "
+            "simulate the test data at the model's pixel size (--pixel-size of `ceriakeras simulate`)"
+        )
+    available = int(manifest["counts"].get(split, 0))
 
     network = {d: Tally() for d in doses}
     classical = {d: Tally() for d in doses}
@@ -491,14 +483,11 @@ def evaluate(
     if progress:
         from tqdm import tqdm
 
-        records = tqdm(records, total=max_images, desc="evaluate", unit="image", file=sys.stderr)
+        records = tqdm(records, total=min(available, max_images or available), desc="evaluate",
+                       unit="image", file=sys.stderr, dynamic_ncols=True)
     for index, rec in enumerate(records):
-        if not math.isclose(rec["pixel_size"], pixel_size_A, rel_tol=1e-4):
-            raise DataError(
-                f"{data_dir} has {rec['pixel_size']:g} Å pixels but the model works at "
-                f"{pixel_size_A:g} Å: simulate the test data at the model's pixel size"
-            )
-        image, true_columns = rec["image"], rec["columns"]
+        image = np.asarray(rec["image"], np.float32)
+        true_columns = np.asarray(rec["columns"], np.float64).reshape(-1, 3)
         noisy = np.stack([
             np.asarray(poisson_sample(image * (d * pixel_size_A ** 2), noise_seed(seed, index, d)))
             for d in doses
@@ -526,7 +515,7 @@ def evaluate(
         "doses_e_per_A2": list(doses),
         "match_distance_A": max_distance_A,
         "analyze_config": to_dict(config),
-        "model_info": {k: info.get(k) for k in ("pixel_size_A", "max_height", "label_radius_A",
+        "model_info": {k: model.info.get(k) for k in ("pixel_size_A", "max_height", "label_radius_A",
                                                  "manifest_sha256")},
         "command": command,
         "results": [

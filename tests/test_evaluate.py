@@ -257,3 +257,137 @@ def test_check_doses_refuses_non_positive_doses():
     for bad in ([], [0], [-5, 20], [float("nan")]):
         with pytest.raises(ConfigError, match="dose"):
             check_doses(bad)
+
+
+# --- evaluate() end to end ---------------------------------------------------------------------
+class LabelOracle:
+    """A stand-in model that knows the dataset: it recognises each noisy frame's record (the
+    noise-free image it correlates with best) and answers the one-hot of that record's label mask,
+    optionally changed by ``degrade(label) -> label``."""
+
+    def __init__(self, records, info, degrade=None):
+        self.info = info
+        self.images = [r["image"] / r["image"].mean() for r in records]
+        self.labels = [r["label"].astype(np.int64) for r in records]
+        self.degrade = degrade
+        self.calls = 0
+
+    def predict(self, images):
+        self.calls += 1
+        n_classes = self.info["max_height"] + 1
+        probs, heights = [], []
+        for frame in np.asarray(images, np.float64):
+            frame = frame / frame.mean()
+            k = int(np.argmin([np.mean((frame - im) ** 2) for im in self.images]))
+            label = self.labels[k] if self.degrade is None else self.degrade(self.labels[k])
+            probs.append(np.eye(n_classes, dtype=np.float32)[label])
+            heights.append(label.astype(np.int32))
+        return np.stack(probs), np.stack(heights)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    """Four test images (two particles × two optics) simulated by the project's own code."""
+    from ceriakeras.config import SimulationConfig, StructureConfig
+    from ceriakeras.records import iter_shard, shard_paths, write_dataset
+
+    config = SimulationConfig(structure=StructureConfig(diameter_range_A=(12.0, 18.0), vacuum_A=6.0),
+                              cell_size_A=32.0, optics_per_exit_wave=2, split_fractions=(0.0, 0.0, 1.0))
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    write_dataset(out, 4, 1, 0, config, progress=False)
+    records = [r for p in shard_paths(out, "test") for r in iter_shard(p)]
+    info = {"pixel_size_A": config.pixel_size_A, "max_height": config.max_height,
+            "label_radius_A": config.label_radius_A}
+    return out, records, info
+
+
+DOSES = (20.0, 200.0, 5000.0)
+
+
+@pytest.mark.slow
+def test_a_perfect_model_scores_one_at_every_dose(tiny_dataset, tmp_path):
+    from ceriakeras.evaluate import evaluate
+
+    data, records, info = tiny_dataset
+    model = LabelOracle(records, info)
+    result = evaluate(model, data, tmp_path / "ev", doses=DOSES, progress=False)
+    n_true = sum(len(r["columns"]) for r in records)
+    assert result["n_images"] == len(records)
+    for r in result["results"]:
+        net = r["network"]
+        assert net["n_true"] == n_true
+        assert net["f1"] == 1.0 and net["exact_accuracy"] == 1.0 and net["mae"] == 0.0
+        assert net["ece"] == pytest.approx(0.0, abs=1e-6)   # one-hot: confidence 1, always right
+        base = r["baseline"]
+        assert 0.0 <= base["f1"] <= 1.0 and base["n_true"] == n_true
+    # Every file of the evaluation is there, and metrics.json holds what was returned.
+    files = {p.name for p in (tmp_path / "ev").iterdir()}
+    assert {"metrics.json", "report.md", "accuracy_vs_dose.png", "reliability.png"} <= files
+    assert {f"confusion_{d:g}.png" for d in DOSES} <= files
+    saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert saved["results"][0]["network"]["f1"] == 1.0
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "| detection F1 | 1.000 |" in report
+    assert "No real user has that calibration" in report   # the baseline's advantage is stated
+    for d in DOSES:
+        assert f"## Dose {d:g} e⁻/Å²" in report
+
+
+@pytest.mark.slow
+def test_degraded_models_score_lower_by_what_they_got_wrong(tiny_dataset, tmp_path):
+    from ceriakeras.evaluate import evaluate
+
+    data, records, info = tiny_dataset
+    heights = np.concatenate([np.rint(r["columns"][:, 2]) for r in records]).astype(int)
+    assert heights.max() < info["max_height"]
+
+    # Every height one too many: all columns found, no height exact, all within ±1.
+    plus_one = LabelOracle(records, info, degrade=lambda lab: np.where(lab > 0, lab + 1, 0))
+    result = evaluate(plus_one, data, tmp_path / "plus", doses=(200.0,), baseline=False, progress=False)
+    net = result["results"][0]["network"]
+    assert net["f1"] == 1.0
+    assert net["exact_accuracy"] == 0.0 and net["within_1_accuracy"] == 1.0 and net["mae"] == 1.0
+    assert net["ece"] == pytest.approx(1.0)   # confident and always wrong
+    assert result["results"][0]["baseline"] is None
+    cm = np.array(net["confusion"])
+    for h in np.unique(heights):
+        assert cm[h, h + 1] == np.sum(heights == h)
+
+    # Columns of one atom invisible: recall = share of taller columns, precision 1.
+    blind = LabelOracle(records, info, degrade=lambda lab: np.where(lab == 1, 0, lab))
+    result = evaluate(blind, data, tmp_path / "blind", doses=(200.0,), baseline=False, progress=False)
+    net = result["results"][0]["network"]
+    assert net["precision"] == 1.0
+    assert net["recall"] == pytest.approx(np.mean(heights > 1))
+    assert net["recall"] < 1.0 and net["exact_accuracy"] == 1.0
+    assert np.array(net["confusion"])[1, 0] == np.sum(heights == 1)
+
+
+@pytest.mark.slow
+def test_evaluation_is_repeatable_and_refuses_to_overwrite(tiny_dataset, tmp_path):
+    from ceriakeras.evaluate import evaluate
+
+    data, records, info = tiny_dataset
+    first = evaluate(LabelOracle(records, info), data, tmp_path / "a", doses=(20.0,), max_images=2,
+                     progress=False)
+    second = evaluate(LabelOracle(records, info), data, tmp_path / "b", doses=(20.0,), max_images=2,
+                      progress=False)
+    assert first["n_images"] == 2
+    assert first["results"] == second["results"]   # same seeds → same noise → same baseline scores
+    with pytest.raises(ConfigError, match="overwrite"):
+        evaluate(LabelOracle(records, info), data, tmp_path / "a", doses=(20.0,), progress=False)
+    evaluate(LabelOracle(records, info), data, tmp_path / "a", doses=(20.0,), max_images=1,
+             progress=False, overwrite=True)
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["n_images"] == 1
+
+
+@pytest.mark.slow
+def test_evaluation_refuses_a_dataset_at_another_pixel_size(tiny_dataset, tmp_path):
+    from ceriakeras.config import DataError
+    from ceriakeras.evaluate import evaluate
+
+    data, records, info = tiny_dataset
+    model = LabelOracle(records, dict(info, pixel_size_A=info["pixel_size_A"] / 2))
+    with pytest.raises(DataError, match="pixel"):
+        evaluate(model, data, tmp_path / "ev", doses=(20.0,), progress=False)
+    assert model.calls == 0
