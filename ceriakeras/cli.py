@@ -56,6 +56,45 @@ def main():
 
 # --- analyze -----------------------------------------------------------------------------------
 # (section owned by the analyze work)
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--model", default=None, metavar="saved_models/NAME",
+              help="SavedModel folder (newest version) or a version folder; default: the shipped model.")
+@click.option("--pixel-size", "pixel_size_A", type=float, default=None, metavar="Å",
+              help="Input pixel size in Å (0.05–0.2 Å); overrides the files' calibration.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=str),
+              help="Output folder for columns.csv, overlays and plots.")
+@click.option("--overwrite", is_flag=True, help="Replace earlier results in --out.")
+@click.option("--xyz", is_flag=True, help="Also write a 3D model (extxyz) per frame.")
+@click.option("--overlay-every", type=int, default=None, metavar="K",
+              help="Overlay PNG for every K-th frame (frames; default 1).")
+@click.option("--batch-size", type=int, default=None, metavar="N",
+              help="Frames per inference batch (frames; default 4).")
+@click.option("--details", is_flag=True,
+              help="Add expected_height and height_std (Ce atoms) columns to columns.csv.")
+@click.option("--config", "config_path", type=click.Path(path_type=str), default=None,
+              help="JSON/TOML file with AnalyzeConfig fields (min_distance_A in Å, threshold, …).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_one_line_errors
+def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every, batch_size,
+            details, config_path, quiet):
+    """Find Ce columns and their heights (Ce atoms) in images or series: INPUT... are TIFF
+    (single, multi-page, ImageJ, OME), .npy, DM3/DM4, EMD or SER files, or folders of them.
+
+    Writes OUT/columns.csv (source,frame,x_px,y_px,x_A,y_A,height,confidence), an overlay per
+    frame and, for a series, heights and total Ce over time. An interrupted run resumes when
+    rerun with the same arguments.
+    """
+    from .analyze import analyze as run_analyze, format_summary
+    from .config import AnalyzeConfig, load_config
+
+    config = load_config(AnalyzeConfig, config_path, overlay_every=overlay_every,
+                         batch_size=batch_size)
+    summary = run_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A,
+                          config=config, overwrite=overwrite, xyz=xyz, details=details,
+                          progress=not quiet)
+    click.echo(format_summary(summary))
+
 
 
 # --- evaluate ----------------------------------------------------------------------------------

@@ -308,8 +308,17 @@ class AnalyzeConfig:
     """Frames per inference batch."""
     overlay_every: int = 1
     """Write an overlay for every K-th frame."""
+    min_pixel_size_A: float = 0.05
+    """Finest input pixel size accepted, Å."""
+    max_pixel_size_A: float = 0.2
+    """Coarsest input pixel size accepted, Å (also never coarser than the model's own)."""
 
     def validate(self) -> None:
+        if not 0 < self.min_pixel_size_A <= self.max_pixel_size_A:
+            raise ConfigError(
+                f"min_pixel_size_A={self.min_pixel_size_A} Å and max_pixel_size_A="
+                f"{self.max_pixel_size_A} Å must be positive and increasing"
+            )
         if self.min_distance_A <= 0:
             raise ConfigError(f"min_distance_A={self.min_distance_A} must be positive")
         if not 0.0 < self.threshold < 1.0:

@@ -1,0 +1,588 @@
+"""Frames → resample → model → columns → tables and pictures: the ``ceriakeras analyze`` command's library.
+
+One call of :func:`analyze` streams every frame of every input (one batch in memory at a time),
+sums counts into the model's pixel size, runs the model in batches, finds the columns
+(:func:`ceriakeras.columns.find_columns`), maps them back to the input pixel grid and appends
+them to ``OUT/columns.csv``, flushed per batch. ``OUT/progress.json`` records, after each batch,
+how many frames (in input order) are done and how long the CSV is at that point, so an
+interrupted run resumes where it stopped: each frame ends up in the CSV exactly once.
+
+Outputs in ``OUT``: ``columns.csv`` (the column table of the design), ``frames.csv`` (per frame:
+columns found, total Ce, mean height), ``overlays/<input>_<frame>.png``, for a series
+``<input>_series.png`` (tracked column heights and total Ce over time), with ``xyz=True``
+``xyz/<input>_<frame>.xyz`` (ASE extxyz 3D models), ``progress.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io as _stdio
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .columns import columns_to_atoms, find_columns
+from .config import CE_COLUMN_SPACING_A, AnalyzeConfig, InputError, ModelError, to_dict
+from .io import (atomic_path, expand_inputs, model_to_input_px, open_series, resample_counts,
+                 resample_factor, write_text_atomic)
+
+DEFAULT_MODEL = "saved_models/ceria110"
+"""The shipped model, relative to the repository (or the current folder); newest version used."""
+CSV_HEADER = ("source", "frame", "x_px", "y_px", "x_A", "y_A", "height", "confidence")
+"""Columns of ``columns.csv``, in this order (the design's column table)."""
+DETAIL_COLUMNS = ("expected_height", "height_std")
+"""Extra columns appended with ``details=True``."""
+PROGRESS_VERSION = 1
+TRACK_RADIUS_A = 1.0
+"""A column in a later frame belongs to a first-frame column within this distance, Å."""
+_OUTPUT_NAMES = ("columns.csv", "frames.csv", "progress.json", "summary.json")
+_OUTPUT_DIRS = ("overlays", "xyz")
+
+
+# --- the model ---------------------------------------------------------------------------------
+def newest_version(path: Path) -> Path:
+    """``path`` itself, or its highest integer-named subfolder (TF Serving layout)."""
+    versions = [p for p in path.iterdir() if p.is_dir() and p.name.isdigit()] if path.is_dir() else []
+    return max(versions, key=lambda p: int(p.name)) if versions else path
+
+
+def default_model_path() -> Path:
+    """The shipped model's newest version folder.
+
+    Raises
+    ------
+    ModelError
+        If ``saved_models/ceria110`` is neither in the repository nor the current folder.
+    """
+    for base in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        candidate = base / DEFAULT_MODEL
+        if candidate.is_dir():
+            return newest_version(candidate)
+    raise ModelError(f"no --model given and the shipped model {DEFAULT_MODEL} is missing: pass "
+                     "--model saved_models/NAME or run `make demo`'s setup")
+
+
+def load_model(model) -> tuple[object, dict]:
+    """The model to use and a JSON-able identity of it (for resuming).
+
+    ``model`` may be None (the shipped model), a path (``saved_models/NAME`` or a version
+    folder, loaded with :func:`ceriakeras.export.load_served_model`), or any object with
+    ``.info`` (dict with ``pixel_size_A``, ``max_height``, ``label_radius_A``) and
+    ``.predict(images (B, H, W) float32) -> (probabilities (B, H, W, C), height (B, H, W))``.
+    """
+    if model is None or isinstance(model, (str, os.PathLike)):
+        path = default_model_path() if model is None else Path(model)
+        if not path.exists():
+            raise ModelError(f"model {path} does not exist: pass --model saved_models/NAME")
+        path = newest_version(path)
+        from .export import load_served_model
+
+        served = load_served_model(path)
+        identity = {"path": str(path.resolve()), "info_sha256": _sha(served.info)}
+        return served, identity
+    if not (hasattr(model, "info") and callable(getattr(model, "predict", None))):
+        raise ModelError("model must be a path or an object with .info and .predict")
+    return model, {"path": None, "object": type(model).__name__, "info_sha256": _sha(model.info)}
+
+
+def _sha(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _model_settings(info: dict) -> tuple[float, int, float]:
+    try:
+        pixel = float(info["pixel_size_A"])
+        max_height = int(info.get("max_height", 16))
+        radius = float(info.get("label_radius_A", 0.5))
+    except (KeyError, TypeError, ValueError):
+        raise ModelError("the model's ceriakeras.json lacks pixel_size_A (Å); re-export it") from None
+    if not (pixel > 0 and max_height >= 1 and radius > 0):
+        raise ModelError(f"the model's ceriakeras.json has an invalid pixel_size_A={pixel} Å, "
+                         f"max_height={max_height} or label_radius_A={radius} Å; re-export it")
+    return pixel, max_height, radius
+
+
+# --- the run -----------------------------------------------------------------------------------
+def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
+            config: AnalyzeConfig | None = None, overwrite: bool = False, xyz: bool = False,
+            details: bool = False, progress: bool = True) -> dict:
+    """Find the Ce columns and their heights in every frame of ``inputs``; write tables and pictures.
+
+    Parameters
+    ----------
+    inputs : path or list of paths
+        Images, series (multi-page TIFF, ImageJ hyperstack, ``.npy`` (N, H, W), DM/EMD/SER) or
+        folders of them.
+    out_dir : path
+        Output folder (created). Holds ``columns.csv`` and the pictures; see the module doc.
+    model : None, path or model object
+        See :func:`load_model`; None = the shipped model.
+    pixel_size_A : float, optional
+        Input pixel size, Å, for every input (overrides the files' calibration).
+    config : AnalyzeConfig
+        Peak distance and threshold, batch size, overlay interval.
+    overwrite : bool
+        Replace earlier results in ``out_dir``. Without it a finished run is refused and an
+        unfinished one with the same inputs, model and settings is resumed.
+    xyz, details, progress : bool
+        Write a 3D model per frame; add ``expected_height, height_std`` to the CSV; show a
+        progress bar.
+
+    Returns
+    -------
+    dict
+        Summary: frames (total, analysed now, skipped with reasons), columns, mean height,
+        frames per second, seconds per stage, output paths.
+
+    Raises
+    ------
+    InputError, ModelError
+        Bad input (before anything is written where possible), a missing model, or results
+        already in ``out_dir``.
+    """
+    config = config or AnalyzeConfig()
+    config.validate()
+    out_dir = Path(out_dir)
+    paths = expand_inputs(inputs)
+    served, model_id = load_model(model)
+    model_px, max_height, label_radius_A = _model_settings(served.info)
+
+    # every header first: a bad file or pixel size stops the run before any work
+    plan = []
+    for path in paths:
+        with open_series(path, pixel_size_A) as series:
+            factor = resample_factor(series.pixel_size_A, model_px,
+                                     min_pixel_A=config.min_pixel_size_A,
+                                     max_pixel_A=config.max_pixel_size_A)
+            plan.append({"path": path, "source": series.source, "n_frames": series.n_frames,
+                         "shape": list(series.shape), "pixel_size_A": series.pixel_size_A,
+                         "pixel_size_from": series.pixel_size_from, "factor": factor})
+    frames_total = sum(item["n_frames"] for item in plan)
+    labels = _unique_labels([item["path"] for item in plan])
+    identity = {
+        "inputs": [{"source": it["source"], "bytes": it["path"].stat().st_size,
+                    "n_frames": it["n_frames"], "shape": it["shape"],
+                    "pixel_size_A": it["pixel_size_A"]} for it in plan],
+        "model": model_id,
+        "settings": {"min_distance_A": config.min_distance_A, "threshold": config.threshold,
+                     "details": bool(details)},
+    }
+
+    header = ",".join(CSV_HEADER + (DETAIL_COLUMNS if details else ())) + "\n"
+    csv_path, progress_path = out_dir / "columns.csv", out_dir / "progress.json"
+    start, skipped = _prepare_out_dir(out_dir, header.encode(), identity, overwrite, plan)
+
+    state = {"version": PROGRESS_VERSION, "identity": identity, "frames_total": frames_total,
+             "frames_done": start, "csv_bytes": csv_path.stat().st_size, "skipped": skipped,
+             "complete": False}
+    write_text_atomic(progress_path, json.dumps(state, indent=1))
+
+    timings = dict.fromkeys(("read", "resample", "model", "columns", "write", "pictures"), 0.0)
+    analysed_now, columns_now = 0, 0
+    single = frames_total == 1
+    bar = _progress_bar(frames_total, start, progress)
+    t_start = time.perf_counter()
+    offset = 0
+    with open(csv_path, "a", newline="", encoding="utf-8") as csv_file:
+        for item, label in zip(plan, labels):
+            n = item["n_frames"]
+            if offset + n <= start:
+                offset += n
+                continue
+            first = max(0, start - offset)
+            batch: list = []
+            with open_series(item["path"], pixel_size_A) as series:
+                frames = series.frames(first)
+                while True:
+                    t0 = time.perf_counter()
+                    frame = next(frames, None)
+                    timings["read"] += time.perf_counter() - t0
+                    if frame is not None:
+                        if frame.error is not None and single:
+                            raise InputError(frame.error)
+                        t0 = time.perf_counter()
+                        small = None if frame.image is None else resample_counts(frame.image, item["factor"])
+                        timings["resample"] += time.perf_counter() - t0
+                        batch.append((frame, small))
+                    ready = [b for b in batch if b[1] is not None]
+                    if batch and (frame is None or len(ready) >= config.batch_size):
+                        done, cols = _run_batch(batch, item, label, offset, served, csv_file, state,
+                                                progress_path, out_dir, timings, config, xyz,
+                                                details, model_px, max_height, label_radius_A)
+                        analysed_now += done
+                        columns_now += cols
+                        bar.update(len(batch))
+                        batch = []
+                    if frame is None:
+                        break
+            offset += n
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+
+    t0 = time.perf_counter()
+    per_frame = _frame_table_and_series_plots(csv_path, out_dir, plan, labels, max_height)
+    timings["pictures"] += time.perf_counter() - t0
+    state["complete"] = True
+    write_text_atomic(progress_path, json.dumps(state, indent=1))
+
+    analysed_total = len(per_frame["columns"])
+    if analysed_total == 0 and state["skipped"]:
+        raise InputError(f"no frame could be analysed; first problem: {state['skipped'][0]['reason']}")
+    summary = {
+        "frames_total": frames_total,
+        "frames_analysed": analysed_total,
+        "frames_analysed_now": analysed_now,
+        "resumed_at_frame": start,
+        "frames_skipped": len(state["skipped"]),
+        "skipped": state["skipped"],
+        "columns_total": int(np.sum(per_frame["columns"])) if analysed_total else 0,
+        "columns_per_frame": float(np.mean(per_frame["columns"])) if analysed_total else 0.0,
+        "mean_height": (float(np.sum(per_frame["total_ce"]) / max(1, np.sum(per_frame["columns"])))
+                        if analysed_total else float("nan")),
+        "frames_per_second": analysed_now / elapsed if elapsed > 0 else float("nan"),
+        "seconds_by_stage": {k: round(v, 4) for k, v in timings.items()},
+        "model_pixel_size_A": model_px,
+        "inputs": [{"source": it["source"], "frames": it["n_frames"],
+                    "pixel_size_A": it["pixel_size_A"], "pixel_size_from": it["pixel_size_from"]}
+                   for it in plan],
+        "out_dir": str(out_dir),
+        "columns_csv": str(csv_path),
+    }
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=1, default=float))
+    return summary
+
+
+def _run_batch(batch, item, label, offset, served, csv_file, state, progress_path, out_dir,
+               timings, config, xyz, details, model_px, max_height, label_radius_A):
+    """Model, columns, CSV rows, pictures for one batch; then commit it in progress.json."""
+    good = [(frame, small) for frame, small in batch if small is not None]
+    results = {}
+    if good:
+        t0 = time.perf_counter()
+        probabilities, _ = served.predict(np.stack([s for _, s in good]).astype(np.float32))
+        probabilities = np.asarray(probabilities)
+        timings["model"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for (frame, _), prob in zip(good, probabilities):
+            results[frame.index] = find_columns(prob, model_px, min_distance_A=config.min_distance_A,
+                                                threshold=config.threshold,
+                                                label_radius_A=label_radius_A)
+        timings["columns"] += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    px, factor = item["pixel_size_A"], item["factor"]
+    buffer = _stdio.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    mapped = {}
+    n_columns = 0
+    for frame, small in batch:
+        if small is None:
+            state["skipped"].append({"source": frame.source, "frame": frame.index,
+                                     "reason": frame.error})
+            continue
+        table = results[frame.index]
+        x = model_to_input_px(table["x_px"], factor)
+        y = model_to_input_px(table["y_px"], factor)
+        mapped[frame.index] = (x, y, table["height"])
+        n_columns += len(x)
+        for j in range(len(x)):
+            row = [frame.source, frame.index, f"{x[j]:.3f}", f"{y[j]:.3f}", f"{x[j] * px:.4f}",
+                   f"{y[j] * px:.4f}", int(table["height"][j]), f"{table['confidence'][j]:.4f}"]
+            if details:
+                row += [f"{table['expected_height'][j]:.3f}", f"{table['height_std'][j]:.3f}"]
+            writer.writerow(row)
+    csv_file.write(buffer.getvalue())
+    csv_file.flush()
+    os.fsync(csv_file.fileno())
+    timings["write"] += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for frame, small in batch:
+        if small is None:
+            continue
+        x, y, height = mapped[frame.index]
+        if frame.index % config.overlay_every == 0:
+            write_overlay(out_dir / "overlays" / f"{label}_{frame.index:05d}.png", frame.image,
+                          x, y, height, max_height, title=f"{frame.source}  frame {frame.index}")
+        if xyz:
+            h, w = frame.image.shape
+            atoms = columns_to_atoms(x * px, y * px, height,
+                                     cell=[w * px, h * px, (max_height + 2) * CE_COLUMN_SPACING_A])
+            atoms.info.update(source=frame.source, frame=frame.index, pixel_size_A=px)
+            _write_xyz(out_dir / "xyz" / f"{label}_{frame.index:05d}.xyz", atoms)
+    timings["pictures"] += time.perf_counter() - t0
+
+    state["frames_done"] = offset + batch[-1][0].index + 1
+    state["csv_bytes"] = csv_file.tell()
+    write_text_atomic(progress_path, json.dumps(state, indent=1))
+    return len(good), n_columns
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="frame", disable=not enabled,
+                desc="analyze", dynamic_ncols=True)
+
+
+def _unique_labels(paths: list[Path]) -> list[str]:
+    """File-name stems for output names, numbered where two inputs share a stem."""
+    stems = [p.stem for p in paths]
+    return [s if stems.count(s) == 1 else f"{i:03d}_{s}" for i, s in enumerate(stems)]
+
+
+# --- resuming ----------------------------------------------------------------------------------
+def _prepare_out_dir(out_dir: Path, header: bytes, identity: dict, overwrite: bool,
+                     plan: list) -> tuple[int, list]:
+    """Clear, check or recover ``out_dir``; return (first global frame to do, skipped so far)."""
+    csv_path, progress_path = out_dir / "columns.csv", out_dir / "progress.json"
+    if overwrite:
+        _remove_outputs(out_dir)
+    elif progress_path.exists() or csv_path.exists():
+        if not progress_path.exists():
+            raise InputError(f"{out_dir} already holds columns.csv from another run: use "
+                             "--overwrite or another --out")
+        try:
+            progress = json.loads(progress_path.read_text(encoding="utf-8"))
+            done, committed = int(progress["frames_done"]), int(progress["csv_bytes"])
+            complete, skipped = bool(progress["complete"]), list(progress["skipped"])
+            same = progress.get("identity") == json.loads(json.dumps(identity))
+        except (OSError, ValueError, KeyError, TypeError):
+            raise InputError(f"{progress_path} is unreadable: use --overwrite or another "
+                             "--out") from None
+        if complete:
+            raise InputError(f"{out_dir} already holds a finished analysis: use --overwrite "
+                             "or another --out")
+        if not same:
+            raise InputError(f"{out_dir} holds an unfinished run with other inputs, model or "
+                             "settings: rerun it the same way, or use --overwrite or another --out")
+        if csv_path.exists():
+            start = _recover_csv(csv_path, header, done, committed, plan)
+            return start, [s for s in skipped if _global_index(plan, s) < start]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(csv_path) as tmp:
+        tmp.write_bytes(header)
+    return 0, []
+
+
+def _global_index(plan: list, entry: dict) -> int:
+    offset = 0
+    for item in plan:
+        if item["source"] == entry["source"]:
+            return offset + int(entry["frame"])
+        offset += item["n_frames"]
+    return -1
+
+
+def _recover_csv(csv_path: Path, header: bytes, done: int, committed: int, plan: list) -> int:
+    """Cut ``columns.csv`` back to whole, committed frames; return the first frame to redo.
+
+    Normally the CSV is at least as long as the last committed length: rows written after it
+    (an unfinished batch, a half-written last line) are dropped. If the CSV is shorter (rows
+    lost), the last frame it holds may be incomplete: its rows are dropped and the run restarts
+    at that frame (earlier frames are whole, as rows are written in frame order).
+    """
+    size = csv_path.stat().st_size
+    with open(csv_path, "rb") as fh:
+        head = fh.read(len(header))
+    if head != header:
+        with atomic_path(csv_path) as tmp:
+            tmp.write_bytes(header)
+        return 0
+    if size >= committed >= len(header):
+        os.truncate(csv_path, committed)
+        return done
+    offsets, g = {}, 0
+    for item in plan:
+        offsets[item["source"]] = g
+        g += item["n_frames"]
+    data = csv_path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    pos, last_g, last_start = len(header), None, len(header)
+    for line in data[len(header):end].splitlines(keepends=True):
+        try:
+            source, frame = next(csv.reader([line.decode("utf-8")]))[:2]
+            gi = offsets[source] + int(frame)
+        except (ValueError, KeyError, StopIteration, UnicodeDecodeError):
+            break
+        if gi != last_g:
+            last_g, last_start = gi, pos
+        pos += len(line)
+    os.truncate(csv_path, last_start)
+    return 0 if last_g is None else min(last_g, done)
+
+
+def _remove_outputs(out_dir: Path) -> None:
+    """Delete what an earlier analyze wrote in ``out_dir`` (only its own files)."""
+    import shutil
+
+    for name in _OUTPUT_NAMES:
+        (out_dir / name).unlink(missing_ok=True)
+    for name in _OUTPUT_DIRS:
+        if (out_dir / name).is_dir():
+            shutil.rmtree(out_dir / name)
+    for png in out_dir.glob("*_series.png"):
+        png.unlink()
+
+
+# --- pictures and per-frame table --------------------------------------------------------------
+def write_overlay(path: Path, image: np.ndarray, x_px, y_px, height, max_height: int,
+                  title: str = "") -> None:
+    """PNG of ``image`` with the columns marked, coloured by height, and a colour bar."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import BoundaryNorm
+    from matplotlib.figure import Figure
+
+    h, w = image.shape
+    fig = Figure(figsize=(6.4, 6.4 * h / w + 0.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.imshow(image, cmap="gray", interpolation="nearest")
+    norm = BoundaryNorm(np.arange(0.5, max_height + 1.5), 256)
+    sc = ax.scatter(x_px, y_px, c=np.asarray(height), cmap="viridis", norm=norm,
+                    s=max(2.0, 4000.0 / max(h, w)), edgecolors="none")
+    fig.colorbar(sc, ax=ax, label="column height (Ce atoms)", shrink=0.8,
+                 ticks=np.arange(1, max_height + 1, max(1, max_height // 8)))
+    ax.set_title(title, fontsize=8)
+    ax.set_axis_off()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def _write_xyz(path: Path, atoms) -> None:
+    import ase.io
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        ase.io.write(tmp, atoms, format="extxyz")
+
+
+def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, labels: list[str],
+                                  max_height: int) -> dict:
+    """Stream ``columns.csv`` once: per-frame counts to ``frames.csv``, tracks to series plots.
+
+    Columns are tracked by position: each column of a later frame is given to the nearest
+    column of the series' first analysed frame within :data:`TRACK_RADIUS_A`.
+    """
+    from scipy.spatial import cKDTree
+
+    by_source = {it["source"]: (it, lab) for it, lab in zip(plan, labels)}
+    per_frame = {"columns": [], "total_ce": []}
+    rows_out = [("source", "frame", "columns", "total_ce", "mean_height")]
+    tracks: dict[str, dict] = {}
+
+    def close_frame(source, frame, xs, ys, hs):
+        n, total = len(hs), int(np.sum(hs)) if hs else 0
+        per_frame["columns"].append(n)
+        per_frame["total_ce"].append(total)
+        rows_out.append((source, frame, n, total, f"{total / n:.3f}" if n else ""))
+        item, _ = by_source[source]
+        if item["n_frames"] < 2:
+            return
+        t = tracks.setdefault(source, {"ref": None, "frames": [], "heights": [], "total": []})
+        pts = np.column_stack([xs, ys]) if n else np.zeros((0, 2))
+        if t["ref"] is None:
+            t["ref"] = cKDTree(pts) if n else None
+            t["n_ref"] = n
+        row = np.full(t["n_ref"], np.nan, np.float32)
+        if t["ref"] is not None and n:
+            dist, idx = t["ref"].query(pts, distance_upper_bound=TRACK_RADIUS_A)
+            ok = np.isfinite(dist)
+            row[idx[ok]] = np.asarray(hs, np.float32)[ok]
+        t["frames"].append(frame)
+        t["heights"].append(row)
+        t["total"].append(total)
+
+    seen = set()
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        next(reader, None)
+        current, xs, ys, hs = None, [], [], []
+        for rec in reader:
+            key = (rec[0], int(rec[1]))
+            if key != current:
+                if current is not None:
+                    close_frame(*current, xs, ys, hs)
+                    seen.add(current)
+                current, xs, ys, hs = key, [], [], []
+            xs.append(float(rec[4]))
+            ys.append(float(rec[5]))
+            hs.append(int(rec[6]))
+        if current is not None:
+            close_frame(*current, xs, ys, hs)
+            seen.add(current)
+    # frames analysed but without any column have no rows: account for them from progress
+    progress = json.loads((out_dir / "progress.json").read_text(encoding="utf-8"))
+    bad = {(s["source"], int(s["frame"])) for s in progress["skipped"]}
+    empties = [(it["source"], i) for it in plan for i in range(it["n_frames"])
+               if (it["source"], i) not in seen and (it["source"], i) not in bad]
+    for source, frame in empties:
+        close_frame(source, frame, [], [], [])
+    rows_out[1:] = sorted(rows_out[1:], key=lambda r: (_order(plan, r[0]), r[1]))
+
+    text = _stdio.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows_out)
+    write_text_atomic(out_dir / "frames.csv", text.getvalue())
+    for source, t in tracks.items():
+        _, label = by_source[source]
+        order = np.argsort(t["frames"], kind="stable")
+        write_series_plot(out_dir / f"{label}_series.png", np.asarray(t["frames"])[order],
+                          np.asarray(t["heights"])[order], np.asarray(t["total"])[order],
+                          max_height, title=source)
+    return per_frame
+
+
+def _order(plan: list, source: str) -> int:
+    return next(i for i, it in enumerate(plan) if it["source"] == source)
+
+
+def write_series_plot(path: Path, frames: np.ndarray, heights: np.ndarray, total_ce: np.ndarray,
+                      max_height: int, title: str = "") -> None:
+    """Column heights over time (tracked columns × frames) and the total Ce count per frame.
+
+    Parameters
+    ----------
+    frames : (T,) int
+    heights : (T, M) float, NaN where a tracked column was not found
+    total_ce : (T,) int, Ce atoms in all columns of each frame
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    if heights.size:
+        extent = (frames[0] - 0.5, frames[-1] + 0.5, heights.shape[1] - 0.5, -0.5)
+        im = ax1.imshow(np.ma.masked_invalid(heights.T), aspect="auto", interpolation="nearest",
+                        cmap="viridis", vmin=0.5, vmax=max_height + 0.5, extent=extent)
+        fig.colorbar(im, ax=[ax1], label="height (Ce atoms)")
+    ax1.set_ylabel("column (tracked from first frame)")
+    ax1.set_title(title, fontsize=8)
+    ax2.plot(frames, total_ce, "-", lw=1)
+    ax2.set_xlabel("frame")
+    ax2.set_ylabel("total Ce atoms")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def format_summary(summary: dict) -> str:
+    """A short table for the terminal."""
+    lines = [
+        f"frames          {summary['frames_analysed']} analysed of {summary['frames_total']}"
+        + (f", {summary['frames_skipped']} skipped" if summary["frames_skipped"] else "")
+        + (f" (resumed at frame {summary['resumed_at_frame']})" if summary["resumed_at_frame"] else ""),
+        f"columns/frame   {summary['columns_per_frame']:.1f}",
+        f"mean height     {summary['mean_height']:.2f} Ce atoms",
+        f"speed           {summary['frames_per_second']:.2f} frames/s",
+        f"results         {summary['out_dir']}",
+    ]
+    for s in summary["skipped"][:10]:
+        lines.append(f"skipped         {s['reason']}")
+    return "\n".join(lines)

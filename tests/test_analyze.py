@@ -1,0 +1,340 @@
+"""The analysis chain (ceriakeras.analyze and `ceriakeras analyze`): read → resample → model → columns → CSV.
+
+The model here is a stand-in that turns the image itself into class probabilities (blob shape
+→ column probability, blob mass → height), so positions and heights in ``columns.csv`` test the
+whole chain, resampling and the coordinate mapping back to the input grid included.
+"""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+from scipy import ndimage
+
+from ceriakeras import analyze as analyze_module
+from ceriakeras.analyze import CSV_HEADER, analyze
+from ceriakeras.cli import main
+from ceriakeras.config import AnalyzeConfig, InputError, ModelError
+
+MODEL_PIXEL_A = 0.2
+BLOB_SIGMA_A = 0.25
+CONTRAST = 0.5  # peak intensity of a height-1 column above vacuum, relative
+
+
+class StandInModel:
+    """Finds Gaussian blobs in the (resampled) image and reports them as Ce columns.
+
+    Column probability = the blob's shape normalized to 1 at its peak; height = the blob's
+    integrated relative intensity / that of a height-1 column. Knows only its own pixel size.
+    """
+
+    def __init__(self, max_height=16):
+        self.info = {"pixel_size_A": MODEL_PIXEL_A, "max_height": max_height,
+                     "label_radius_A": 0.5}
+        self.calls = []
+
+    def predict(self, images):
+        images = np.asarray(images, np.float32)
+        self.calls.append(images.shape)
+        b, h, w = images.shape
+        c_max = self.info["max_height"] + 1
+        probs = np.zeros((b, h, w, c_max), np.float32)
+        unit = CONTRAST * 2 * np.pi * (BLOB_SIGMA_A / MODEL_PIXEL_A) ** 2
+        for k in range(b):
+            ratio = images[k] / np.median(images[k]) - 1.0
+            peak = ndimage.maximum_filter(ratio, size=9)
+            column = np.where(peak > 0.02, np.clip(ratio / np.where(peak > 0, peak, 1), 0, 1), 0)
+            mass = ndimage.maximum_filter(ndimage.uniform_filter(ratio, size=9) * 81, size=9)
+            height = np.clip(np.rint(mass / unit), 1, c_max - 1).astype(int)
+            probs[k, ..., 0] = 1 - column
+            np.put_along_axis(probs[k], height[..., None], column[..., None], axis=-1)
+        return probs, probs.argmax(-1).astype(np.int32)
+
+
+def synthetic_frame(columns_A, pixel_A, size_A=16.0, vacuum_counts=40.0):
+    """Expected counts: vacuum × (1 + Σ CONTRAST·h·Gaussian) sampled at pixel centres (i·p)."""
+    n = int(round(size_A / pixel_A))
+    yy, xx = np.mgrid[0:n, 0:n] * pixel_A
+    img = np.ones((n, n))
+    for x, y, h in columns_A:
+        img += CONTRAST * h * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * BLOB_SIGMA_A**2))
+    return (vacuum_counts * img * (pixel_A / 0.05) ** 2).astype(np.float32)
+
+
+def random_columns(seed, n=5, size_A=16.0):
+    rng = np.random.default_rng(seed)
+    cols = []
+    for gy in range(2):
+        for gx in range(3):
+            if len(cols) < n:
+                cols.append((2.5 + 5.0 * gx + rng.uniform(-0.6, 0.6),
+                             3.0 + 8.0 * gy + rng.uniform(-0.6, 0.6), int(rng.integers(1, 6))))
+    return cols
+
+
+def read_rows(path):
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        return header, list(reader)
+
+
+def match(rows, truth_A, pixel_A):
+    """For each true column (Å), the CSV row nearest to it; checks positions and heights."""
+    xs = np.array([float(r[2]) for r in rows])
+    ys = np.array([float(r[3]) for r in rows])
+    assert len(rows) == len(truth_A)
+    for x, y, h in truth_A:
+        k = np.argmin(np.hypot(xs - x / pixel_A, ys - y / pixel_A))
+        assert abs(xs[k] - x / pixel_A) < 0.05, (xs[k], x / pixel_A)
+        assert abs(ys[k] - y / pixel_A) < 0.05, (ys[k], y / pixel_A)
+        assert int(rows[k][6]) == h
+        assert float(rows[k][4]) == pytest.approx(xs[k] * pixel_A, abs=2e-4)
+        assert float(rows[k][5]) == pytest.approx(ys[k] * pixel_A, abs=2e-4)
+        assert 0.0 <= float(rows[k][7]) <= 1.0
+
+
+@pytest.mark.parametrize("pixel_A", [0.05, 0.08, 0.2])
+def test_positions_exact_under_resampling(tmp_path, pixel_A):
+    truth = random_columns(int(pixel_A * 100))
+    np.save(tmp_path / "frame.npy", synthetic_frame(truth, pixel_A))
+    model = StandInModel()
+    summary = analyze([tmp_path / "frame.npy"], tmp_path / "out", model=model,
+                      pixel_size_A=pixel_A, progress=False)
+    header, rows = read_rows(tmp_path / "out" / "columns.csv")
+    assert header == list(CSV_HEADER)
+    match(rows, truth, pixel_A)
+    # the model saw the frame at its own pixel size
+    n_in = int(round(16.0 / pixel_A))
+    assert model.calls[0][1] == int(np.floor(n_in * pixel_A / MODEL_PIXEL_A + 1e-9))
+    assert summary["frames_analysed"] == 1 and summary["columns_total"] == len(truth)
+    assert (tmp_path / "out" / "overlays" / "frame_00000.png").stat().st_size > 1000
+
+
+def write_series(path, frames, pixel_A):
+    tifffile.imwrite(path, np.stack(frames).astype(np.float32), imagej=True,
+                     resolution=(1 / (pixel_A / 10), 1 / (pixel_A / 10)),
+                     metadata={"unit": "nm", "axes": "TYX"})
+
+
+@pytest.fixture
+def series(tmp_path):
+    pixel_A = 0.1
+    truths = [random_columns(s) for s in range(7)]
+    frames = [synthetic_frame(t, pixel_A) for t in truths]
+    frames[3][5, 5] = np.nan  # one bad frame inside the series
+    write_series(tmp_path / "series.tif", frames, pixel_A)
+    return tmp_path / "series.tif", truths, pixel_A
+
+
+def test_series_with_calibration_bad_frame_and_pictures(tmp_path, series):
+    path, truths, pixel_A = series
+    cfg = AnalyzeConfig(batch_size=3, overlay_every=2)
+    summary = analyze([path], tmp_path / "out", model=StandInModel(), config=cfg, xyz=True,
+                      details=True, progress=False)
+    header, rows = read_rows(tmp_path / "out" / "columns.csv")
+    assert header == list(CSV_HEADER) + ["expected_height", "height_std"]
+    for i, truth in enumerate(truths):
+        frame_rows = [r for r in rows if r[1] == str(i)]
+        if i == 3:
+            assert frame_rows == []
+        else:
+            match(frame_rows, truth, pixel_A)
+    assert summary["frames_skipped"] == 1 and "frame 3" in summary["skipped"][0]["reason"]
+    assert summary["inputs"][0]["pixel_size_from"] == "ImageJ calibration"
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == [
+        "series_00000.png", "series_00002.png", "series_00004.png", "series_00006.png"]
+    assert (out / "series_series.png").stat().st_size > 1000
+    import ase.io
+
+    atoms = ase.io.read(out / "xyz" / "series_00000.xyz")
+    assert len(atoms) == sum(h for _, _, h in truths[0])
+    _, frames = read_rows(out / "frames.csv")
+    assert [int(r[1]) for r in frames] == [0, 1, 2, 4, 5, 6]
+    assert [int(r[3]) for r in frames] == [sum(h for *_, h in truths[i]) for i in (0, 1, 2, 4, 5, 6)]
+    assert json.loads((out / "progress.json").read_text())["complete"] is True
+
+
+def frames_in(rows):
+    return sorted({(r[0], int(r[1])) for r in rows})
+
+
+@pytest.mark.parametrize("cut", ["csv_mid_line", "csv_lost_rows", "uncommitted_rows"])
+def test_resume_after_interruption(tmp_path, series, cut):
+    path, truths, pixel_A = series
+    out = tmp_path / "out"
+    cfg = AnalyzeConfig(batch_size=2, overlay_every=100)
+    analyze([path], out, model=StandInModel(), config=cfg, progress=False)
+    _, full_rows = read_rows(out / "columns.csv")
+    data = (out / "columns.csv").read_bytes()
+    progress = json.loads((out / "progress.json").read_text())
+
+    # fake an interruption after the first two batches (frames 0–3; frame 3 is the bad one)
+    lines = data.splitlines(keepends=True)
+    keep = [ln for ln in lines[1:] if int(ln.split(b",")[1]) < 4]
+    committed = lines[0] + b"".join(keep)
+    progress.update(complete=False, frames_done=4, csv_bytes=len(committed))
+    if cut == "csv_mid_line":        # killed while writing the next batch's rows
+        nxt = [ln for ln in lines[1:] if int(ln.split(b",")[1]) == 4]
+        text = committed + nxt[0] + nxt[1][:7]
+    elif cut == "csv_lost_rows":     # the CSV lost committed rows, ending inside frame 2
+        rows2 = [ln for ln in keep if int(ln.split(b",")[1]) == 2]
+        text = committed[: committed.index(rows2[1])] + rows2[1][:5]
+    else:                            # rows written, progress not yet updated
+        text = committed + b"".join(ln for ln in lines[1:] if int(ln.split(b",")[1]) == 4)
+    (out / "columns.csv").write_bytes(text)
+    (out / "progress.json").write_text(json.dumps(progress))
+
+    model = StandInModel()
+    summary = analyze([path], out, model=model, config=cfg, progress=False)
+    _, rows = read_rows(out / "columns.csv")
+    assert sorted(rows) == sorted(full_rows)  # every frame exactly once, nothing lost
+    redo_from = 2 if cut == "csv_lost_rows" else 4
+    assert summary["resumed_at_frame"] == redo_from
+    assert sum(b for b, *_ in model.calls) == len([i for i in range(redo_from, 7) if i != 3])
+    assert summary["frames_skipped"] == 1
+
+
+def test_refuses_to_overwrite_and_overwrites_when_asked(tmp_path, series):
+    path, truths, _ = series
+    out = tmp_path / "out"
+    analyze([path], out, model=StandInModel(), progress=False)
+    with pytest.raises(InputError, match="--overwrite"):
+        analyze([path], out, model=StandInModel(), progress=False)
+    before = read_rows(out / "columns.csv")
+    summary = analyze([path], out, model=StandInModel(), overwrite=True, progress=False)
+    assert read_rows(out / "columns.csv") == before
+    assert summary["resumed_at_frame"] == 0
+
+
+def test_unfinished_run_with_other_settings_is_refused(tmp_path, series):
+    path, _, _ = series
+    out = tmp_path / "out"
+    analyze([path], out, model=StandInModel(), progress=False)
+    progress = json.loads((out / "progress.json").read_text())
+    progress["complete"] = False
+    (out / "progress.json").write_text(json.dumps(progress))
+    with pytest.raises(InputError, match="other inputs, model or settings"):
+        analyze([path], out, model=StandInModel(), config=AnalyzeConfig(threshold=0.5),
+                progress=False)
+    (out / "progress.json").write_text("{trunc")
+    with pytest.raises(InputError, match="unreadable"):
+        analyze([path], out, model=StandInModel(), progress=False)
+
+
+def test_foreign_columns_csv_is_not_overwritten(tmp_path, series):
+    path, _, _ = series
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "columns.csv").write_text("mine\n")
+    with pytest.raises(InputError, match="--overwrite"):
+        analyze([path], tmp_path / "out", model=StandInModel(), progress=False)
+    assert (tmp_path / "out" / "columns.csv").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("pixel_A, message", [(0.3, "outside 0.05–0.2"), (0.04, "outside"),
+                                              (0.2, None)])
+def test_pixel_size_range(tmp_path, pixel_A, message):
+    np.save(tmp_path / "f.npy", synthetic_frame(random_columns(0, 2), 0.1))
+    run = lambda: analyze([tmp_path / "f.npy"], tmp_path / "out", model=StandInModel(),  # noqa
+                          pixel_size_A=pixel_A, progress=False)
+    if message is None:
+        run()
+    else:
+        with pytest.raises(InputError, match=message):
+            run()
+
+
+def test_pixel_size_coarser_than_model_is_refused(tmp_path):
+    model = StandInModel()
+    model.info["pixel_size_A"] = 0.1
+    np.save(tmp_path / "f.npy", synthetic_frame(random_columns(0, 2), 0.1))
+    with pytest.raises(InputError, match="coarser than the model"):
+        analyze([tmp_path / "f.npy"], tmp_path / "out", model=model, pixel_size_A=0.15,
+                progress=False)
+
+
+def test_single_bad_image_is_an_error(tmp_path):
+    img = synthetic_frame(random_columns(0, 2), 0.1)
+    img[0, 0] = np.inf
+    np.save(tmp_path / "f.npy", img)
+    with pytest.raises(InputError, match="infinite"):
+        analyze([tmp_path / "f.npy"], tmp_path / "out", model=StandInModel(), pixel_size_A=0.1,
+                progress=False)
+
+
+def test_missing_calibration_asks_for_pixel_size(tmp_path):
+    np.save(tmp_path / "f.npy", synthetic_frame(random_columns(0, 2), 0.1))
+    with pytest.raises(InputError, match="--pixel-size"):
+        analyze([tmp_path / "f.npy"], tmp_path / "out", model=StandInModel(), progress=False)
+
+
+def test_missing_default_model_is_a_one_line_model_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(analyze_module, "DEFAULT_MODEL", "saved_models/does-not-exist")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match="--model") as err:
+        analyze_module.load_model(None)
+    assert "\n" not in str(err.value)
+
+
+def test_real_vendor_pixel_sizes_are_within_range_but_checked(tmp_path):
+    from pathlib import Path
+
+    dm3 = Path(__file__).resolve().parents[1] / ".." / "shared" / "realdata" / "example_Se_implanted_MoS2.dm3"
+    if not dm3.exists():
+        pytest.skip("../shared/realdata is not here")
+    model = StandInModel()
+    model.info["pixel_size_A"] = 0.1
+    with pytest.raises(InputError, match="coarser than the model"):  # 0.127 Å > 0.1 Å
+        analyze([dm3], tmp_path / "out", model=model, progress=False)
+
+
+# --- the command line ------------------------------------------------------------------------
+def invoke(args):
+    return CliRunner().invoke(main, ["analyze", *args])
+
+
+def test_cli_runs_and_prints_a_summary(tmp_path, series, monkeypatch):
+    path, truths, _ = series
+    monkeypatch.setattr(analyze_module, "load_model",
+                        lambda m: (StandInModel(), {"path": str(m)}))
+    res = invoke([str(path), "--out", str(tmp_path / "out"), "--quiet", "--overlay-every", "3"])
+    assert res.exit_code == 0, res.output
+    assert "frames" in res.output and "6 analysed of 7" in res.output
+    assert "columns/frame" in res.output and "frames/s" in res.output
+    res = invoke([str(path), "--out", str(tmp_path / "out"), "--quiet"])
+    assert res.exit_code == 2
+    assert res.output.count("\n") == 1 and res.output.startswith("error:")
+    assert "--overwrite" in res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.tif"], "does not exist"),
+    (["{npy}", "--pixel-size", "-1"], "positive"),
+    (["{npy}", "--pixel-size", "0.5"], "outside"),
+    (["{npy}"], "--pixel-size"),
+    (["{npy}", "--pixel-size", "0.1", "--overlay-every", "0"], "overlay_every"),
+    (["{bad_tif}", "--pixel-size", "0.1"], "unreadable"),
+])
+def test_cli_one_line_errors(tmp_path, monkeypatch, args, message):
+    np.save(tmp_path / "f.npy", synthetic_frame(random_columns(0, 2), 0.1))
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage")
+    monkeypatch.setattr(analyze_module, "load_model",
+                        lambda m: (StandInModel(), {"path": str(m)}))
+    args = [a.format(npy=tmp_path / "f.npy", bad_tif=tmp_path / "bad.tif") for a in args]
+    res = invoke([*args, "--out", str(tmp_path / "out"), "--quiet"])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error:") and res.output.count("\n") == 1, res.output
+    assert message in res.output
+
+
+def test_cli_without_shipped_model(tmp_path, monkeypatch):
+    np.save(tmp_path / "f.npy", synthetic_frame(random_columns(0, 2), 0.1))
+    monkeypatch.setattr(analyze_module, "DEFAULT_MODEL", "saved_models/does-not-exist")
+    monkeypatch.chdir(tmp_path)
+    res = invoke([str(tmp_path / "f.npy"), "--pixel-size", "0.1", "--out", "out", "--quiet"])
+    assert res.exit_code == 2
+    assert "make demo" in res.output and res.output.count("\n") == 1
