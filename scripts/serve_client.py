@@ -45,21 +45,8 @@ class ServingError(ModelError):
     """The model server cannot be reached or answered with an error."""
 
 
-def model_version_dir(model_dir: str | Path) -> Path:
-    """The version folder of ``saved_models/NAME`` (its highest integer version) or ``…/NAME/V``."""
-    path = Path(model_dir)
-    if (path / "saved_model.pb").is_file():
-        return path
-    versions = sorted((int(p.name), p) for p in path.glob("*") if p.name.isdigit()
-                      and (p / "saved_model.pb").is_file()) if path.is_dir() else []
-    if not versions:
-        raise ModelError(f"{path} holds no SavedModel version (saved_models/NAME/<integer>/saved_model.pb): "
-                         "export one with `ceriakeras export`")
-    return versions[-1][1]
-
-
 def read_model_info(version_dir: Path) -> dict:
-    """The model's ``assets/ceriakeras.json`` (pixel size, max_height, label radius, …)."""
+    """The ``assets/ceriakeras.json`` of a SavedModel version folder (pixel size, max_height, …)."""
     path = version_dir / "assets" / "ceriakeras.json"
     try:
         return json.loads(path.read_text())
@@ -97,6 +84,21 @@ class RemoteModel:
         version = "" if self.version is None else f"/versions/{self.version}"
         return f"{self.url}/v1/models/{self.model_name}{version}:predict"
 
+    def check(self) -> None:
+        """Ask the server for the model's status (``GET /v1/models/NAME[/versions/N]``).
+
+        Raises
+        ------
+        ServingError
+            If the server is down, does not know the model or version, or it is not AVAILABLE.
+        """
+        status_url = self.endpoint.removesuffix(":predict")
+        answer = self._call(urllib.request.Request(status_url, method="GET"), status_url)
+        states = [s.get("state") for s in answer.get("model_version_status", [])]
+        if "AVAILABLE" not in states:
+            raise ServingError(f"{status_url} is not available (state {', '.join(map(str, states)) or 'unknown'}): "
+                               "wait for the server to load it, or check --model-name and --version")
+
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run the served ``serving_default`` on a batch of frames.
 
@@ -130,21 +132,25 @@ class RemoteModel:
     def _post(self, data: bytes) -> dict:
         request = urllib.request.Request(self.endpoint, data=data, method="POST",
                                          headers={"Content-Type": "application/json"})
+        return self._call(request, self.endpoint)
+
+    def _call(self, request: urllib.request.Request, where: str) -> dict:
+        """Send ``request``; its JSON answer, or a one-line ServingError."""
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 text = response.read()
         except urllib.error.HTTPError as err:
-            raise ServingError(f"{self.endpoint} answered HTTP {err.code}: {_error_message(err)}") from None
+            raise ServingError(f"{where} answered HTTP {err.code}: {_error_message(err)}") from None
         except urllib.error.URLError as err:
             raise ServingError(f"cannot reach TF Serving at {self.url} ({err.reason}): is the server "
                                "running and the --url right?") from None
         except (socket.timeout, TimeoutError):
-            raise ServingError(f"{self.endpoint} did not answer within {self.timeout_s:g} s: "
+            raise ServingError(f"{where} did not answer within {self.timeout_s:g} s: "
                                "raise --timeout or send smaller frames") from None
         try:
             return json.loads(text)
         except ValueError:
-            raise ServingError(f"{self.endpoint} answered with something that is not JSON") from None
+            raise ServingError(f"{where} answered with something that is not JSON") from None
 
 
 def _error_message(err: urllib.error.HTTPError) -> str:
@@ -177,6 +183,9 @@ class GrpcModel(RemoteModel):
     @property
     def endpoint(self) -> str:
         return f"{self.url} ({self.model_name})"
+
+    def check(self) -> None:
+        """Nothing to check up front: the first Predict call reports a down server or a bad name."""
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import tensorflow as tf
@@ -224,16 +233,18 @@ def main(inputs, url, grpc_target, model_name, model_dir, version, pixel_size_A,
     try:
         if (url is None) == (grpc_target is None):
             raise click.UsageError("give exactly one of --url (REST) and --grpc (gRPC)")
-        from ceriakeras.analyze import analyze
+        from ceriakeras.analyze import analyze, newest_version
 
-        version_dir = model_version_dir(model_dir)
+        version_dir = newest_version(Path(model_dir))
         info = read_model_info(version_dir)
         if version is None:
             version = int(version_dir.name) if version_dir.name.isdigit() else None
         cls, where = (RemoteModel, url) if url is not None else (GrpcModel, grpc_target)
         model = cls(where, model_name, info, version=version, timeout_s=timeout_s)
+        model.check()
         analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A,
-                config=AnalyzeConfig(batch_size=batch_size), overwrite=overwrite)
+                config=AnalyzeConfig(batch_size=batch_size), overwrite=overwrite,
+                progress=sys.stderr.isatty())
     except CeriakerasError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
