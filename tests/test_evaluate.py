@@ -391,3 +391,15 @@ def test_evaluation_refuses_a_dataset_at_another_pixel_size(tiny_dataset, tmp_pa
     with pytest.raises(DataError, match="pixel"):
         evaluate(model, data, tmp_path / "ev", doses=(20.0,), progress=False)
     assert model.calls == 0
+
+
+@pytest.mark.parametrize("doses, message", [("20,0", "positive"), ("20,abc", "numbers"), (",", "at least one")])
+def test_cli_refuses_bad_doses(tmp_path, doses, message):
+    from click.testing import CliRunner
+
+    from ceriakeras.cli import main
+
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path), "--data", str(tmp_path),
+                                       "--doses", doses])
+    assert result.exit_code == 2
+    assert message in result.output
