@@ -74,7 +74,7 @@ _LENGTH_UNITS_A = {
     "m": 1e10, "meter": 1e10, "metre": 1e10, "cm": 1e8, "mm": 1e7,
     "µm": 1e4, "μm": 1e4, "um": 1e4, "micron": 1e4, "microns": 1e4, "micrometer": 1e4,
     "\\u00b5m": 1e4, "nm": 10.0, "nanometer": 10.0, "nanometre": 10.0,
-    "å": 1.0, "a": 1.0, "ang": 1.0, "angstrom": 1.0, "ångström": 1.0, "angstroem": 1.0,
+    "å": 1.0, "\\u00c5": 1.0, "a": 1.0, "ang": 1.0, "angstrom": 1.0, "ångström": 1.0, "angstroem": 1.0,
     "pm": 0.01, "picometer": 0.01, "picometre": 0.01,
 }
 _TIFF_RESUNIT_A = {2: 2.54e8, 3: 1e8, 4: 1e7, 5: 1e4}  # inch, cm, mm, µm in Å
@@ -289,6 +289,8 @@ def _open_tiff(path: Path):
             if len(shapes) > 1:
                 raise InputError(f"{path} holds pages of different shapes {sorted(shapes)[:3]}, "
                                  "not one series; split it into files of one shape")
+            if len(shapes.pop()) == 2:  # one 2D series per page (tifffile, page by page)
+                return _open_tiff_pages(path, tif)
         series = tif.series[0]
         page = series.pages[0] if len(series.pages) else tif.pages[0]
         if getattr(page, "photometric", None) is not None and int(page.photometric) in (2, 3, 6):
@@ -299,12 +301,41 @@ def _open_tiff(path: Path):
             raise InputError(f"{path}: data of shape {shape} is not an image")
         n_frames = _frame_axes(path, axes, shape)
         frame_shape = shape[-2:]
+        declared = (tif.imagej_metadata or {}).get("images", 1) if tif.is_imagej else 1
+        if isinstance(declared, int) and declared > n_frames:
+            raise InputError(f"{path} is truncated: ImageJ declares {declared} images, the file "
+                             f"holds {n_frames}")
         _check_shape(path, n_frames, frame_shape)
         dtype = np.dtype(series.dtype)
         if dtype.kind not in "uifb":
             raise InputError(f"{path}: pixel type {dtype} is not a real number; give counts")
         calib, calib_from = _tiff_calibration(tif, page)
         read = _tiff_reader(path, tif, series, n_frames, frame_shape)
+    except BaseException:
+        tif.close()
+        raise
+    return n_frames, frame_shape, calib, calib_from, read, tif.close
+
+
+def _open_tiff_pages(path: Path, tif):
+    """A TIFF whose every page is its own 2D series of one shape: the pages are the frames."""
+    try:
+        first = tif.series[0]
+        page = first.pages[0]
+        if page is None or int(page.photometric) in (2, 3, 6) or "S" in first.axes:
+            raise InputError(f"{path} is an RGB/colour image; give grey-scale counts (one channel)")
+        dtype = np.dtype(first.dtype)
+        if dtype.kind not in "uifb":
+            raise InputError(f"{path}: pixel type {dtype} is not a real number; give counts")
+        frame_shape = tuple(int(n) for n in first.shape)
+        n_frames = len(tif.series)
+        _check_shape(path, n_frames, frame_shape)
+        calib, calib_from = _tiff_calibration(tif, page)
+
+        def read(i):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return np.asarray(tif.asarray(series=i)).reshape(frame_shape)
     except BaseException:
         tif.close()
         raise
