@@ -175,7 +175,7 @@ def _dihedral(x: tf.Tensor, code: tf.Tensor) -> tf.Tensor:
 
 
 def make_dataset(data_dir: str | Path, split: str, config: PipelineConfig, *,
-                 class_weights: Any = None, training: bool = True, repeat: bool | None = None,
+                 class_weights: Any = None, training: bool | None = None, repeat: bool | None = None,
                  verify: bool = True) -> tf.data.Dataset:
     """Batches of ``(image, label, sample_weight)`` from a dataset folder's split.
 
@@ -188,8 +188,8 @@ def make_dataset(data_dir: str | Path, split: str, config: PipelineConfig, *,
         Crop size, batch size, dose range, validation doses, shuffle buffer, seed, determinism.
     class_weights : (max_height + 1,) array-like, optional
         Weight of each label class; ``sample_weight`` is ``class_weights[label]`` (1 if None).
-    training : bool
-        True: shards shuffled and interleaved, random crops, random flips/90° rotations
+    training : bool, optional
+        Default: ``split == "train"``. True: shards shuffled and interleaved, random crops, random flips/90° rotations
         (identical on image and label), shuffled; images are *expected counts* at a dose drawn
         per image, log-uniform over ``config.dose_range_e_per_A2``. False: records in order,
         centre crops, no augmentation, each example repeated at every
@@ -214,6 +214,7 @@ def make_dataset(data_dir: str | Path, split: str, config: PipelineConfig, *,
         version, or a crop larger than the images; the message names the file and what to do.
     """
     config.validate()
+    training = (split == "train") if training is None else bool(training)
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
     shard_paths(data_dir, split)  # checks the split name
