@@ -1,0 +1,158 @@
+"""End-to-end speed and memory of `ceriakeras analyze`: read → resample → model → columns → CSV.
+
+Writes a synthetic low-dose series (a projected CeO2 [110] Ce lattice with Poisson noise) as a
+multi-page TIFF at 0.1 Å per pixel for each frame size, analyzes it with the shipped model
+(or ``--model``) and prints frames per second, the time per frame of each stage and the
+resident memory (peak, and at 10 % and 100 % of the run: flat for a long series).
+
+    python scripts/bench_analyze.py                        # 512² and 1024², 20 frames each
+    python scripts/bench_analyze.py --frames 2000 --sizes 512   # memory over a long series
+    python scripts/bench_analyze.py --stand-in             # no trained model: a NumPy stand-in
+
+Overlays are off (``--overlay-every`` to include them): they measure matplotlib, not analysis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ceriakeras.analyze import analyze  # noqa: E402
+from ceriakeras.config import CEO2_LATTICE_A, AnalyzeConfig  # noqa: E402
+
+
+class StandInModel:
+    """Not the network: a smoothed, normalized image as the column probability, height 5.
+
+    Only for timing the rest of the chain when no trained model is at hand.
+    """
+
+    def __init__(self, pixel_size_A=0.2, max_height=16):
+        self.info = {"pixel_size_A": pixel_size_A, "max_height": max_height, "label_radius_A": 0.5}
+
+    def predict(self, images):
+        from scipy import ndimage
+
+        images = np.asarray(images, np.float32)
+        c = self.info["max_height"] + 1
+        out = np.zeros(images.shape + (c,), np.float32)
+        for k, img in enumerate(images):
+            s = ndimage.gaussian_filter(img, 1.5)
+            s = (s - np.median(s)) / max(float(np.ptp(s)), 1e-6)
+            col = np.clip(2 * s, 0, 1)
+            out[k, ..., 0] = 1 - col
+            out[k, ..., 5] = col
+        return out, out.argmax(-1).astype(np.int32)
+
+
+def lattice_frame(n_px: int, pixel_A: float, dose_e_per_A2: float, rng) -> np.ndarray:
+    """Poisson counts of Gaussian Ce columns on the [110] projected lattice (a × a/√2)."""
+    ax, ay = CEO2_LATTICE_A, CEO2_LATTICE_A / math.sqrt(2)
+    coords = np.arange(n_px) * pixel_A
+    x = (coords % ax) - ax / 2
+    y = (coords % ay) - ay / 2
+    gx = np.exp(-x**2 / (2 * 0.3**2))
+    gy = np.exp(-y**2 / (2 * 0.3**2))
+    mean = 1.0 - 0.5 * gy[:, None] * gx[None, :]  # dark columns on bright vacuum
+    counts = dose_e_per_A2 * pixel_A**2 * mean
+    return rng.poisson(counts).astype(np.uint16)
+
+
+def write_series(path: Path, n_frames: int, n_px: int, pixel_A: float) -> None:
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    distinct = [lattice_frame(n_px, pixel_A, 2000.0, rng) for _ in range(min(n_frames, 4))]
+    mm = tifffile.memmap(path, shape=(n_frames, n_px, n_px), dtype=np.uint16, imagej=True,
+                         resolution=(1 / (pixel_A / 10), 1 / (pixel_A / 10)),
+                         metadata={"unit": "nm", "axes": "TYX"})
+    for i in range(n_frames):  # one frame in memory at a time
+        mm[i] = distinct[i % len(distinct)]
+    mm.flush()
+    del mm
+
+
+class RssSampler(threading.Thread):
+    """Samples this process's resident memory every ``interval`` seconds."""
+
+    def __init__(self, interval=0.2):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.proc, self.interval, self.samples = psutil.Process(), interval, []
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            self.samples.append((time.perf_counter(), self.proc.memory_info().rss))
+            self.stop.wait(self.interval)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=20, help="frames per series (frames)")
+    ap.add_argument("--sizes", default="512,1024", help="frame sides, px, comma-separated")
+    ap.add_argument("--pixel-size", type=float, default=0.1, help="input pixel size, Å")
+    ap.add_argument("--model", default=None, help="saved_models/NAME (default: the shipped model)")
+    ap.add_argument("--stand-in", action="store_true",
+                    help="use a NumPy stand-in instead of a trained model (says so in the output)")
+    ap.add_argument("--batch-size", type=int, default=4, help="frames per inference batch")
+    ap.add_argument("--overlay-every", type=int, default=10**9,
+                    help="overlay every K-th frame (frames; default: none)")
+    ap.add_argument("--workdir", default=None, help="folder for the series and results")
+    args = ap.parse_args(argv)
+
+    if args.stand_in:
+        model = StandInModel()
+        print("model: NumPy STAND-IN (not the network; times the rest of the chain only)")
+    else:
+        from ceriakeras.analyze import load_model
+
+        model, ident = load_model(args.model)
+        print(f"model: {ident.get('path')}")
+    config = AnalyzeConfig(batch_size=args.batch_size, overlay_every=args.overlay_every)
+    print(f"cpus: {os.cpu_count()}  pixel size: {args.pixel_size} Å  frames: {args.frames}")
+    header = f"{'size':>6} {'frames/s':>9} " + " ".join(
+        f"{k + ' ms':>12}" for k in ("read", "resample", "model", "columns", "write")
+    ) + f" {'RSS@10% MB':>11} {'RSS@end MB':>11} {'peak MB':>8}"
+    print(header)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        for size in (int(s) for s in args.sizes.split(",")):
+            series = Path(tmp) / f"series_{size}.tif"
+            write_series(series, args.frames, size, args.pixel_size)
+            sampler = RssSampler()
+            sampler.start()
+            t0 = time.perf_counter()
+            summary = analyze([series], Path(tmp) / f"out_{size}", model=model, config=config,
+                              progress=False)
+            t1 = time.perf_counter()
+            sampler.stop.set()
+            sampler.join()
+            series.unlink()
+            rss = [(t - t0, r) for t, r in sampler.samples if t >= t0]
+            at10 = next((r for t, r in rss if t >= 0.1 * (t1 - t0)), rss[0][1] if rss else 0)
+            at_end = rss[-1][1] if rss else 0
+            peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            n = max(1, summary["frames_analysed_now"])
+            stages = summary["seconds_by_stage"]
+            print(f"{size:>5}² {summary['frames_per_second']:>9.2f} " + " ".join(
+                f"{1000 * stages[k] / n:>12.1f}" for k in ("read", "resample", "model", "columns",
+                                                            "write")
+            ) + f" {at10 / 2**20:>11.0f} {at_end / 2**20:>11.0f} {peak_kb / 1024:>8.0f}")
+            print(f"       columns/frame {summary['columns_per_frame']:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
