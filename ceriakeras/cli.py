@@ -44,6 +44,86 @@ def main():
 
 # --- simulate ----------------------------------------------------------------------------------
 # (section owned by the records/simulate work)
+@main.command()
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), metavar="tfrecords/NAME",
+              help="Dataset folder (created). Rerunning the same command resumes an interrupted run.")
+@click.option("--count", type=int, default=None, metavar="N",
+              help="Number of images (ceil(N / optics-per-exit-wave) particles). Required unless --repair.")
+@click.option("--shards", type=int, default=None, metavar="S",
+              help="Number of train shards (default 16; validation and test get proportionally fewer).")
+@click.option("--seed", type=int, default=None, metavar="INT", help="Seed of the whole dataset (default 0).")
+@click.option("--workers", type=int, default=None, metavar="K",
+              help="Local worker processes (dask LocalCluster, one thread each); default 1 = in this process.")
+@click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
+              help="Run on an existing dask.distributed cluster instead of local workers.")
+@click.option("--config", "config_path", type=click.Path(path_type=str), default=None, metavar="FILE",
+              help="SimulationConfig as JSON or TOML (nested [structure] and [optics] tables).")
+@click.option("--cell-size", "cell_size_A", type=float, default=None, metavar="Å",
+              help="Side of the square simulation cell, Å (default 64; the image is cell / pixel size px).")
+@click.option("--pixel-size", "pixel_size_A", type=float, default=None, metavar="Å",
+              help="Pixel size of the stored images and labels, Å (default 0.2; a multiple of the 0.1 Å sampling).")
+@click.option("--optics-per-exit-wave", type=int, default=None, metavar="N",
+              help="Images with different optics from one multislice run (default 8).")
+@click.option("--preview", type=int, default=0, show_default=True, metavar="K",
+              help="Write K PNGs (image | noisy image at 200 e⁻/Å² | label) to OUT/preview/.")
+@click.option("--save-structures", is_flag=True, help="Write each particle as OUT/structures/particle-NNNNNN.xyz.")
+@click.option("--repair", is_flag=True,
+              help="Re-simulate the missing or corrupt shards of a dataset (other options default to its manifest).")
+@click.option("--overwrite", is_flag=True, help="Replace a dataset made with other parameters in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_one_line_errors
+def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell_size_A, pixel_size_A,
+             optics_per_exit_wave, preview, save_structures, repair, overwrite, quiet):
+    """Simulate CeO2 nanoparticle HRTEM images and labels into sharded TFRecords.
+
+    Example: ceriakeras simulate --out tfrecords/demo --count 64 --shards 4 --workers 2
+    """
+    import shlex
+
+    from .config import ConfigError, SimulationConfig, load_config
+    from .records import dataset_parameters, write_dataset
+
+    if workers is not None and scheduler is not None:
+        raise ConfigError("give either --workers or --scheduler, not both")
+    if repair and overwrite:
+        raise ConfigError("--repair keeps a dataset and --overwrite replaces it: give one of them")
+    for name, value, lo in (("--count", count, 1), ("--shards", shards, 1), ("--workers", workers, 1),
+                            ("--seed", seed, 0), ("--preview", preview, 0),
+                            ("--optics-per-exit-wave", optics_per_exit_wave, 1)):
+        if value is not None and value < lo:
+            raise ConfigError(f"{name} {value} must be at least {lo}")
+    for name, value in (("--cell-size", cell_size_A), ("--pixel-size", pixel_size_A)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"{name} {value} Å must be a positive length in ångström")
+    if scheduler is not None and not scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
+        raise ConfigError(f"--scheduler {scheduler!r} must be an address like tcp://HOST:8786")
+    overrides = {"cell_size_A": cell_size_A, "pixel_size_A": pixel_size_A,
+                 "optics_per_exit_wave": optics_per_exit_wave}
+    command = "ceriakeras " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "ceriakeras simulate"
+    if repair and count is None:
+        count, old_shards, old_seed, config, old_command = dataset_parameters(out_dir)
+        if config_path is not None or any(v is not None for v in overrides.values()):
+            raise ConfigError("--repair without --count takes the settings from the dataset: "
+                              "drop --config and the physics options, or give them all with --count")
+        shards = old_shards if shards is None else shards
+        seed = old_seed if seed is None else seed
+        command = old_command or command
+    elif count is None:
+        raise ConfigError("--count N (number of images) is required, e.g. --count 1000")
+    else:
+        config = load_config(SimulationConfig, config_path, **overrides)
+    manifest = write_dataset(
+        out_dir, count, 16 if shards is None else shards, 0 if seed is None else seed, config,
+        workers=workers or 1, scheduler=scheduler, save_structures=save_structures, preview=preview,
+        command=command, progress=not quiet, overwrite=overwrite, repair=repair)
+    counts = manifest["counts"]
+    n_shards = sum(len(s["shards"]) for s in manifest["splits"].values())
+    def n(k, word):
+        return f"{k} {word}{'' if k == 1 else 's'}"
+
+    click.echo(f"{out_dir}: {n(sum(counts.values()), 'image')} of {n(manifest['particles'], 'particle')} "
+               f"(train {counts['train']}, validation {counts['validation']}, test {counts['test']}) "
+               f"in {n(n_shards, 'shard')}; manifest.json written")
 
 
 # --- train -------------------------------------------------------------------------------------
