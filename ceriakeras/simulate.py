@@ -46,6 +46,7 @@ __all__ = [
     "exit_wave",
     "draw_optics",
     "image_from_exit_wave",
+    "image_sampling_A",
     "defocus_samples",
     "label_mask",
     "place_in_cell",
@@ -354,25 +355,51 @@ def _abtem_settings() -> dict:
             "diagnostics.progress_bar": False, "device": "cpu", "precision": "float32"}
 
 
-def exit_wave(atoms: Atoms, sampling_A: float, slice_thickness_A: float, energy_keV: float
-              ) -> ExitWave:
+def image_sampling_A(pixel_size_A: float, sampling_A: float, energy_keV: float,
+                     aperture_mrad: float) -> float:
+    """Grid spacing on which images are formed before pixel integration, Å.
+
+    The largest ``pixel_size_A / f`` (``f`` a whole number) that samples the intensity
+    without aliasing (``≤ 1 / (4 k_ap)``, the intensity holding frequencies up to twice the
+    aperture's ``k_ap``), but never finer than the multislice grid ``sampling_A``.
+    """
+    k_ap = aperture_mrad * 1e-3 / wavelength_A(energy_keV)
+    f_max = int(round(pixel_size_A / sampling_A))
+    f = max(1, int(math.ceil(4.0 * pixel_size_A * k_ap - 1e-9)))
+    return pixel_size_A / min(f, f_max)
+
+
+def exit_wave(atoms: Atoms, sampling_A: float, slice_thickness_A: float, energy_keV: float,
+              image_sampling: float | None = None) -> ExitWave:
     """Multislice exit wave of a plane wave through ``atoms`` (abTEM, single-threaded).
 
     Parameters
     ----------
     atoms : ase.Atoms
-        Atoms in their periodic cell (Å), true positions; the half-sample shift that makes
-        fine sample ``j`` sit at ``(j + 1/2)·sampling_A`` is applied here.
+        Atoms in their periodic cell (Å), true positions.
     sampling_A, slice_thickness_A : float
-        Lateral grid spacing and slice thickness, Å.
+        Multislice lateral grid spacing and slice thickness, Å.
     energy_keV : float
         Beam energy, keV.
+    image_sampling : float, optional
+        Spacing of the grid the returned exit wave lives on, Å (default ``sampling_A``); a
+        whole multiple of ``sampling_A``. The multislice runs at ``sampling_A`` and the wave is
+        cut down in reciprocal space (exact for every frequency below that grid's Nyquist
+        limit, i.e. all the objective aperture passes). The atoms are shifted by
+        ``-image_sampling/2`` in x and y so that sample ``j`` of the returned grid sits at the
+        true position ``(j + 1/2)·image_sampling``.
+
+    Returns
+    -------
+    ExitWave
     """
     import abtem
     import dask
+    from abtem.core.fft import fft2
 
+    image_sampling = sampling_A if image_sampling is None else float(image_sampling)
     shifted = atoms.copy()
-    shifted.positions[:, :2] -= sampling_A / 2.0
+    shifted.positions[:, :2] -= image_sampling / 2.0
     with abtem.config.set(_abtem_settings()), dask.config.set(scheduler="synchronous"):
         potential = abtem.Potential(shifted, sampling=sampling_A,
                                     slice_thickness=slice_thickness_A,
@@ -380,8 +407,20 @@ def exit_wave(atoms: Atoms, sampling_A: float, slice_thickness_A: float, energy_
         waves = abtem.PlaneWave(energy=energy_keV * 1e3).multislice(potential)
         if hasattr(waves, "compute"):
             waves = waves.compute(scheduler="synchronous")
-        array = np.asarray(waves.array)
-    return ExitWave.from_array(array, sampling_A, energy_keV)
+        array = np.ascontiguousarray(waves.array, dtype=np.complex64)
+        fourier = fft2(array)
+    n_ms = np.array(fourier.shape)
+    n_img = np.round(n_ms * sampling_A / image_sampling).astype(int)
+    if np.any(np.abs(n_img * image_sampling - n_ms * sampling_A) > 1e-6 * n_ms * sampling_A):
+        raise ConfigError(f"image grid {image_sampling} Å does not divide the cell "
+                          f"{n_ms * sampling_A} Å; choose a pixel size that does")
+    if np.any(n_img != n_ms):
+        shifted_f = np.fft.fftshift(fourier)
+        start = n_ms // 2 - n_img // 2
+        cut = shifted_f[start[0]:start[0] + n_img[0], start[1]:start[1] + n_img[1]]
+        fourier = np.ascontiguousarray(np.fft.ifftshift(cut)) * np.float32(
+            n_img.prod() / n_ms.prod())
+    return ExitWave(fourier.astype(np.complex64, copy=False), image_sampling, float(energy_keV))
 
 
 def _jsonable(value: Any) -> Any:
@@ -441,7 +480,10 @@ def simulate_particle(particle_id: int, seed: int, config: SimulationConfig | No
     n = config.image_size_px
     label = label_mask(columns, (n, n), p, config.label_radius_A, config.max_height)
 
-    wave = exit_wave(atoms, config.sampling_A, config.slice_thickness_A, config.optics.energy_keV)
+    optics = config.optics
+    grid = image_sampling_A(p, config.sampling_A, optics.energy_keV, optics.aperture_mrad)
+    wave = exit_wave(atoms, config.sampling_A, config.slice_thickness_A, optics.energy_keV,
+                     image_sampling=grid)
     rng = np.random.default_rng(optics_seq)
     info = _jsonable(dict(particle.info))
     common = {
@@ -459,6 +501,7 @@ def simulate_particle(particle_id: int, seed: int, config: SimulationConfig | No
         "cell_size_A": float(config.cell_size_A),
         "cell_z_A": float(atoms.cell[2, 2]),
         "sampling_A": float(config.sampling_A),
+        "image_sampling_A": float(grid),
         "slice_thickness_A": float(config.slice_thickness_A),
         "pixel_size_A": float(p),
         "potential": "abtem lobato, infinite projection",
