@@ -1,0 +1,206 @@
+"""HRTEM images from abTEM: vacuum, contrast at the columns, labels, determinism, convergence, coordinates."""
+
+import dataclasses
+import json
+import math
+
+import abtem
+import numpy as np
+import pytest
+from ase import Atoms
+
+from ceriakeras.config import ConfigError, OpticsConfig, SimulationConfig, StructureConfig
+from ceriakeras.simulate import (
+    Example,
+    defocus_samples,
+    exit_wave,
+    image_from_exit_wave,
+    label_mask,
+    place_in_cell,
+    simulate_particle,
+    wavelength_A,
+)
+from ceriakeras.structures import build_particle, column_table
+
+SMALL = SimulationConfig(
+    structure=StructureConfig(diameter_range_A=(12.0, 16.0)),
+    optics=OpticsConfig(defocus_range_nm=(-6.0, 6.0), cs_range_um=(-10.0, 10.0)),
+    cell_size_A=32.0,
+    optics_per_exit_wave=3,
+)
+PLAIN = dict(energy_keV=300.0, cs_um=0.0, c5_mm=0.0, focal_spread_nm=0.0, astigmatism_nm=0.0,
+             astigmatism_angle_deg=0.0, aperture_mrad=40.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quick_fftw_plans():
+    # FFTW_MEASURE planning of each new grid costs seconds; tests use many grids once each.
+    with abtem.config.set({"fftw.planning_effort": "FFTW_ESTIMATE"}):
+        yield
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return simulate_particle(3, 11, SMALL)
+
+
+@pytest.fixture(scope="module")
+def particle_wave():
+    atoms = place_in_cell(build_particle(5, SMALL.structure), SMALL.cell_size_A)
+    return atoms, exit_wave(atoms, 0.1, 2.0, 300.0, image_sampling=0.1)
+
+
+def test_examples_have_the_documented_fields(examples):
+    assert len(examples) == SMALL.optics_per_exit_wave
+    n = SMALL.image_size_px
+    for ex in examples:
+        assert isinstance(ex, Example)
+        assert ex.image.shape == (n, n) and ex.image.dtype == np.float32
+        assert ex.label.shape == (n, n) and ex.label.dtype == np.uint8
+        assert ex.columns.dtype == np.float32 and ex.columns.shape[1] == 3
+        assert ex.pixel_size_A == SMALL.pixel_size_A
+        meta = json.loads(json.dumps(ex.metadata))
+        for key in ("defocus_nm", "cs_um", "c5_mm", "focal_spread_nm", "astigmatism_nm",
+                    "astigmatism_angle_deg", "aperture_mrad", "energy_keV", "tilt_deg", "seed",
+                    "particle_id", "diameter_A"):
+            assert key in meta, key
+        assert meta["zone_axis"] == "[110]"
+        assert set(meta["versions"]) == {"abtem", "ase", "numpy", "ceriakeras"}
+        assert (meta["seed"], meta["particle_id"]) == (11, 3)
+        np.testing.assert_allclose(ex.atoms.cell.lengths()[:2], SMALL.cell_size_A)
+    # Every optics draw differs; the particle does not.
+    assert len({ex.metadata["defocus_nm"] for ex in examples}) == len(examples)
+    assert not np.array_equal(examples[0].image, examples[1].image)
+    np.testing.assert_array_equal(examples[0].label, examples[1].label)
+
+
+def test_vacuum_is_one_far_from_the_particle(examples):
+    for ex in examples:
+        edge = np.concatenate([ex.image[:4].ravel(), ex.image[-4:].ravel(),
+                               ex.image[:, :4].ravel(), ex.image[:, -4:].ravel()])
+        assert abs(float(np.median(edge)) - 1.0) < 0.02
+        assert abs(float(ex.image.mean()) - 1.0) < 0.05
+
+
+def test_label_equals_height_at_every_column(examples):
+    ex = examples[0]
+    table = ex.columns
+    for x, y, h in table:
+        assert ex.label[int(round(y)), int(round(x))] == h
+    # Labelled area ≈ one disk per column.
+    disk_px = math.pi * (SMALL.label_radius_A / SMALL.pixel_size_A) ** 2
+    assert abs((ex.label > 0).sum() / len(table) - disk_px) < 0.5 * disk_px
+    # Column table in pixels matches the atoms' column table in Å.
+    reference = column_table(ex.atoms)
+    np.testing.assert_allclose(table[:, 0], reference[:, 0] / SMALL.pixel_size_A - 0.5, atol=1e-4)
+    np.testing.assert_allclose(table[:, 2], reference[:, 2])
+    ce = np.asarray(ex.atoms.get_chemical_symbols()) == "Ce"
+    assert table[:, 2].sum() == ce.sum()
+
+
+def test_label_mask_refuses_too_tall_columns():
+    with pytest.raises(ConfigError, match="max_height"):
+        label_mask(np.array([[5.0, 5.0, 17.0]]), (16, 16), 0.2, 0.5, 16)
+    mask = label_mask(np.array([[5.0, 7.0, 3.0]]), (16, 16), 0.2, 0.5, 16)
+    assert mask[7, 5] == 3 and mask[5, 7] == 0
+    assert mask[7, 7] == 3 and mask[7, 8] == 0  # radius 2.5 px
+
+
+def test_same_seed_gives_identical_arrays(examples):
+    again = simulate_particle(3, 11, SMALL)
+    for a, b in zip(examples, again):
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.label, b.label)
+        np.testing.assert_array_equal(a.columns, b.columns)
+        assert a.metadata == b.metadata
+
+
+def test_columns_sit_on_contrast_extrema(particle_wave):
+    """Noise-free (infinite dose), Cs = 0: Ce columns are bright at −4 nm and dark at +4 nm."""
+    atoms, wave = particle_wave
+    p = SMALL.pixel_size_A
+    table = column_table(atoms)
+    for defocus, find in ((-4.0, np.argmax), (4.0, np.argmin)):
+        image = image_from_exit_wave(wave, dict(PLAIN, defocus_nm=defocus), p)
+        for x_A, y_A, _ in table:
+            x, y = x_A / p - 0.5, y_A / p - 0.5
+            i, j = int(round(y)), int(round(x))
+            yy, xx = np.mgrid[i - 7:i + 8, j - 7:j + 8]
+            dist = np.hypot(xx - x, yy - y)
+            values = np.where(dist <= 7.5, image[i - 7:i + 8, j - 7:j + 8], np.nan)
+            values = -values if find is np.argmin else values
+            k = np.unravel_index(np.nanargmax(values), values.shape)
+            assert dist[k] <= 1.0, (defocus, x, y)
+
+
+def test_halving_sampling_and_slice_changes_image_little(particle_wave):
+    """0.1 Å / 2 Å against 0.05 Å / 1 Å: contrast RMS difference ≤ 20 %, correlation ≥ 0.98."""
+    atoms, coarse = particle_wave
+    fine = exit_wave(atoms, 0.05, 1.0, 300.0, image_sampling=0.1)
+    for defocus in (-4.0, 4.0):
+        optics = dict(PLAIN, defocus_nm=defocus, focal_spread_nm=3.0)
+        a = image_from_exit_wave(coarse, optics, 0.2) - 1.0
+        b = image_from_exit_wave(fine, optics, 0.2) - 1.0
+        relative = np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2))
+        assert relative < 0.2, relative
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.98
+
+
+def test_pixel_coordinates_are_exact():
+    """A lone Ce atom at a pixel centre (x_A = (i + ½)p) images mirror-symmetric about pixel i;
+    at a pixel edge (x_A = i·p) symmetric about the edge. Rows are y, columns x."""
+    p, L = 0.2, 12.8
+    optics = dict(PLAIN, defocus_nm=3.0)
+
+    def image_of(x_A, y_A):
+        atoms = Atoms("Ce", positions=[(x_A, y_A, 1.0)], cell=[L, L, 2.0], pbc=True)
+        wave = exit_wave(atoms, 0.1, 2.0, 300.0, image_sampling=0.1)
+        return image_from_exit_wave(wave, optics, p)
+
+    im = image_of(32.5 * p, 25.5 * p)  # centre of column 32, row 25
+    row, col = im[25], im[:, 32]
+    k = np.arange(1, 6)
+    np.testing.assert_allclose(row[32 - k], row[32 + k], rtol=1e-4)
+    np.testing.assert_allclose(col[25 - k], col[25 + k], rtol=1e-4)
+    assert abs(im[25, 32] - 1.0) == np.abs(im - 1.0).max()
+
+    im = image_of(32.0 * p, 25.0 * p)  # corner between pixels 31|32 and 24|25
+    np.testing.assert_allclose(im[25, 31 - k + 1], im[25, 32 + k - 1], rtol=1e-4)
+    np.testing.assert_allclose(im[24 - k + 1, 32], im[25 + k - 1, 32], rtol=1e-4)
+
+    # The check is sensitive: half a fine sample (0.05 Å) off breaks the symmetry.
+    im = image_of(32.5 * p + 0.05, 25.5 * p)
+    assert np.abs(im[25, 32 - k] - im[25, 32 + k]).max() > 1e-3
+
+
+def test_ctf_matches_abtem_conventions(particle_wave):
+    """Our NumPy CTF (no focal spread) gives abTEM's own CTF image."""
+    _, wave = particle_wave
+    optics = dict(PLAIN, defocus_nm=5.0, cs_um=-15.0, c5_mm=2.0, astigmatism_nm=1.5,
+                  astigmatism_angle_deg=30.0, aperture_mrad=200.0)
+    ours = image_from_exit_wave(wave, optics, 0.1)
+    real_space = np.fft.ifft2(wave.fourier)
+    waves = abtem.Waves(real_space, energy=300e3, sampling=0.1)
+    ctf = abtem.CTF(defocus=50.0, Cs=-15.0e4, C50=2.0e7, C12=15.0, phi12=math.radians(30.0),
+                    semiangle_cutoff=200.0, energy=300e3)
+    theirs = np.asarray(waves.apply_ctf(ctf).intensity().compute().array).T
+    np.testing.assert_allclose(ours, theirs, atol=2e-3)
+
+
+def test_focal_spread_sum_reproduces_temporal_envelope():
+    """The defocus quadrature averages every passed frequency to the exact Gaussian envelope."""
+    lam = wavelength_A(300.0)
+    k_max = 0.040 / lam
+    for spread_A in (20.0, 40.0, 60.0):
+        offsets, weights = defocus_samples(spread_A, k_max, 300.0)
+        assert weights.sum() == pytest.approx(1.0)
+        omega = np.linspace(0.0, math.pi * lam * k_max**2, 400)
+        quadrature = (weights[None] * np.exp(1j * omega[:, None] * offsets[None])).sum(1)
+        envelope = np.exp(-((omega * spread_A / 2.0) ** 2))
+        assert np.abs(quadrature - envelope).max() < 2e-3
+
+
+def test_particle_too_big_for_cell_is_refused():
+    config = dataclasses.replace(SMALL, structure=StructureConfig(diameter_range_A=(20.0, 30.0)))
+    with pytest.raises(ConfigError, match="cell_size_A"):
+        simulate_particle(0, 0, config)
