@@ -96,9 +96,11 @@ def test_unwritable_folder_and_other_parameters(tmp_path, fake):
 def test_done_when_command_with_real_simulator(tmp_path):
     """The issue's check, with the real simulator on a 32 Å cell: shards, manifest, resume."""
     out = tmp_path / "X"
+    small = tmp_path / "small.toml"
+    small.write_text("[structure]\ndiameter_range_A = [12.0, 18.0]\n")
     cmd = [sys.executable, "-m", "ceriakeras.cli", "simulate", "--out", str(out), "--count", "6",
            "--shards", "2", "--seed", "3", "--cell-size", "32", "--optics-per-exit-wave", "4",
-           "--preview", "1", "--quiet"]
+           "--config", str(small), "--preview", "1", "--quiet"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
