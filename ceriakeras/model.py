@@ -19,12 +19,7 @@ import keras
 import tensorflow as tf
 
 from .config import ModelConfig
-
-try:
-    from .pipeline import poisson_sample
-except ImportError:  # pragma: no cover - TEMPORARY until ceriakeras/pipeline.py lands
-    def poisson_sample(mean, seed):
-        return tf.random.stateless_poisson(tf.shape(mean), seed, mean, dtype=mean.dtype)
+from .pipeline import poisson_sample
 
 _PACKAGE = "ceriakeras"
 

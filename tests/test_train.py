@@ -1,0 +1,217 @@
+"""Training: class weights, column metrics, overfitting a tiny set, resume, refusals, MirroredStrategy."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+tf = pytest.importorskip("tensorflow")
+
+from ceriakeras.config import (  # noqa: E402
+    DataError, ModelConfig, ModelError, PipelineConfig, SimulationConfig, TrainConfig,
+)
+from ceriakeras.model import build_unet  # noqa: E402
+from ceriakeras.train import (  # noqa: E402
+    class_weights_from_histogram, column_height_accuracy, compile_model, manifest_sha256, train,
+)
+
+MAX_HEIGHT = 4
+
+
+# --- a tiny synthetic dataset, written by the project's own record writer -------------------------
+def synthetic_particle(particle_id, seed, config):
+    """Stand-in for ``simulate_particle``: dark Gaussian columns on a 4 Å grid, depth ∝ height."""
+    from ceriakeras.simulate import Example, label_mask
+
+    rng = np.random.default_rng([seed, particle_id])
+    n, px = config.image_size_px, config.pixel_size_A
+    examples = []
+    for _ in range(config.optics_per_exit_wave):
+        grid = np.arange(2.5 / px, n - 2.5 / px, 4.0 / px)
+        xs, ys = np.meshgrid(grid, grid)
+        heights = rng.integers(1, MAX_HEIGHT + 1, xs.size)
+        columns = np.stack([xs.ravel(), ys.ravel(), heights], axis=1).astype(np.float32)
+        yy, xx = np.mgrid[:n, :n]
+        image = np.ones((n, n), np.float32)
+        for x, y, h in columns:
+            image -= 0.12 * h * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * (0.3 / px) ** 2))
+        label = label_mask(columns, (n, n), px, config.label_radius_A, config.max_height)
+        examples.append(Example(image=image.astype(np.float32), label=label, columns=columns,
+                                pixel_size_A=px, metadata={"particle_id": particle_id},
+                                atoms=None))
+    return examples
+
+
+def make_synthetic_dataset(out_dir, count=12):
+    """A dataset folder of ``count`` 80×80 px images (0.2 Å pixels, heights 1–4)."""
+    from ceriakeras.records import write_dataset
+
+    config = SimulationConfig(cell_size_A=16.0, optics_per_exit_wave=1, max_height=MAX_HEIGHT,
+                              split_fractions=(0.5, 0.5, 0.0))
+    config = dataclasses.replace(config, structure=dataclasses.replace(config.structure,
+                                                                       max_height=MAX_HEIGHT))
+    write_dataset(out_dir, count, 1, 0, config, progress=False, simulator=synthetic_particle)
+    return Path(out_dir)
+
+
+TINY = TrainConfig(
+    pipeline=PipelineConfig(crop_px=32, batch_size=4, validation_doses_e_per_A2=(1000.0,)),
+    model=ModelConfig(depth=2, base_filters=4, max_height=MAX_HEIGHT),
+    epochs=1, steps_per_epoch=2, warmup_steps=1, validation_steps=1, mixed_precision="off",
+)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+# --- class weights --------------------------------------------------------------------------------
+def test_median_frequency_weights_from_a_known_histogram():
+    # column classes 1..4 with 100, 200, 400, 50 pixels: median frequency is that of 150 px
+    w = class_weights_from_histogram([10_000, 100, 200, 400, 50, 0], max_weight=10,
+                                     background_weight=0.1)
+    median = np.median([100, 200, 400, 50])
+    np.testing.assert_allclose(w[1:5], median / np.array([100, 200, 400, 50]), rtol=1e-6)
+    assert w[0] == pytest.approx(0.1)
+    assert w[5] == 10, "a height absent from the data gets the cap"
+
+
+def test_weights_are_capped_and_accept_a_mapping():
+    w = class_weights_from_histogram({"0": 1e6, "1": 1, "2": 1000, "3": 1000}, max_weight=5,
+                                     background_weight=0.2, num_classes=5)
+    assert w.shape == (5,)
+    assert w[1] == 5 and w[2] == pytest.approx(1.0) and w[4] == 5 and w[0] == pytest.approx(0.2)
+    assert np.all(class_weights_from_histogram([5, 1, 2], scheme="none") == 1)
+
+
+# --- metrics --------------------------------------------------------------------------------------
+def test_column_height_accuracy_uses_probability_mass_in_each_disk():
+    label = np.zeros((1, 10, 10), int)
+    label[0, 1:3, 1:3] = 2          # column of height 2
+    label[0, 6:9, 6:9] = 3          # column of height 3
+    prob = np.zeros((1, 10, 10, 4))
+    prob[..., 0] = 1
+    prob[0, 1:3, 1:3] = [0, 0.1, 0.9, 0]       # right
+    prob[0, 6:9, 6:9] = [0, 0, 0.6, 0.4]       # mostly 2: wrong
+    prob[0, 8, 8] = [0, 0, 0, 1]
+    assert column_height_accuracy(label, prob) == (1, 2)
+
+
+# --- learning -------------------------------------------------------------------------------------
+def test_a_tiny_set_is_overfitted():
+    rng = np.random.default_rng(0)
+    config = SimulationConfig(cell_size_A=16.0, optics_per_exit_wave=4, max_height=MAX_HEIGHT)
+    examples = synthetic_particle(0, 0, config)
+    image = np.stack([e.image[:32, :32] for e in examples])[..., None] * 500.0  # expected counts
+    label = np.stack([e.label[:32, :32] for e in examples]).astype(np.int32)
+    weights = class_weights_from_histogram(np.bincount(label.ravel(), minlength=MAX_HEIGHT + 1))
+    config = dataclasses.replace(
+        TINY, learning_rate=1e-2, warmup_steps=0, epochs=1, steps_per_epoch=60,
+        model=dataclasses.replace(TINY.model, base_filters=16, dropout=0.0))
+    model = compile_model(build_unet(config.model, noise_seed=int(rng.integers(100))), config)
+    loss = []
+    for _ in range(config.steps_per_epoch):
+        model.reset_metrics()  # so that each step reports its own loss
+        loss.append(model.train_on_batch(image, label, weights[label], return_dict=True)["loss"])
+    assert loss[-1] < loss[0] / 5, f"loss fell only from {loss[0]:.3f} to {loss[-1]:.3f}"
+
+
+# --- the run folder -------------------------------------------------------------------------------
+def test_train_writes_a_run_then_resumes_and_refuses_to_overwrite(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    first = train(dataset, run, TINY, progress=False)
+    assert first["epochs_completed"] == 1 and not first["resumed"]
+    for name in ("config.json", "dataset.json", "state.json", "metrics.json", "log.csv",
+                 "checkpoints/last.keras", "checkpoints/best.keras"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard" / "train").glob("events.out.tfevents.*"))
+    assert list((run / "tensorboard" / "panels").glob("events.out.tfevents.*"))
+    assert json.loads((run / "config.json").read_text())["model"]["max_height"] == MAX_HEIGHT
+    assert json.loads((run / "dataset.json").read_text())["manifest_sha256"] == \
+        manifest_sha256(dataset)
+    metrics = json.loads((run / "metrics.json").read_text())["validation"]
+    assert {"val_loss", "val_column_accuracy", "val_mean_iou",
+            "val_column_height_accuracy"} <= set(metrics)
+
+    steps_before = keras.saving.load_model(run / "checkpoints/last.keras").optimizer.iterations
+    assert int(steps_before.numpy()) == TINY.steps_per_epoch
+
+    second = train(dataset, run, dataclasses.replace(TINY, epochs=2), resume=True,
+                   progress=False)
+    assert "resumed" in capsys.readouterr().out
+    assert second["resumed"] and second["initial_epoch"] == 1
+    assert second["epochs_completed"] == 2
+    assert json.loads((run / "state.json").read_text())["epoch"] == 2
+    rows = (run / "log.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1"], "the CSV log continues"
+    resumed = keras.saving.load_model(run / "checkpoints/last.keras")
+    assert int(resumed.optimizer.iterations.numpy()) == 2 * TINY.steps_per_epoch
+
+    with pytest.raises(ModelError, match="already exists.*--resume.*--overwrite"):
+        train(dataset, run, TINY, progress=False)
+
+
+def test_resume_without_a_run_and_missing_data_are_one_line_errors(dataset, tmp_path):
+    with pytest.raises(ModelError, match="nothing to resume"):
+        train(dataset, tmp_path / "new", TINY, resume=True, progress=False)
+    with pytest.raises(DataError) as err:
+        train(tmp_path / "no-such-data", tmp_path / "run", TINY, progress=False)
+    assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match="crop"):
+        train(dataset, tmp_path / "run2",
+              dataclasses.replace(TINY, pipeline=dataclasses.replace(TINY.pipeline, crop_px=96)),
+              progress=False)
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(dataset, tmp_path):
+    other = tmp_path / "thesis"
+    other.mkdir()
+    (other / "chapter1.tex").write_text("precious")
+    with pytest.raises(ModelError, match="does not look like a training run"):
+        train(dataset, other, TINY, overwrite=True, progress=False)
+    assert (other / "chapter1.tex").exists()
+
+
+# --- distribution ---------------------------------------------------------------------------------
+MIRRORED = textwrap.dedent("""
+    import numpy as np, tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+    from ceriakeras.config import ModelConfig, TrainConfig
+    from ceriakeras.model import build_unet
+    from ceriakeras.train import compile_model
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    config = TrainConfig(model=ModelConfig(depth=2, base_filters=4, max_height=3),
+                         epochs=1, steps_per_epoch=1, warmup_steps=0)
+    with strategy.scope():
+        model = compile_model(build_unet(config.model, noise_seed=0), config)
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    rng = np.random.default_rng(0)
+    image = rng.uniform(50, 100, (4, 32, 32, 1)).astype("float32")   # global batch 4
+    label = rng.integers(0, 4, (4, 32, 32)).astype("int32")
+    data = tf.data.Dataset.from_tensors((image, label, np.ones((4, 32, 32), "float32")))
+    loss = model.fit(data, epochs=1, verbose=0).history["loss"][0]
+    changed = any(not np.allclose(a, w.numpy()) for a, w in zip(before, model.trainable_weights))
+    print("REPLICAS", strategy.num_replicas_in_sync, "LOSS", loss, "CHANGED", changed)
+""")
+
+
+def test_one_training_step_under_mirrored_strategy_on_two_cpus():
+    # logical devices must be configured before TensorFlow starts: a fresh interpreter
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", MIRRORED], capture_output=True, text=True,
+                         env=env, timeout=300, cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [x for x in out.stdout.splitlines() if x.startswith("REPLICAS")][-1].split()
+    assert line[1] == "2"
+    assert np.isfinite(float(line[3]))
+    assert line[5] == "True"
