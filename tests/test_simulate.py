@@ -1,8 +1,11 @@
 """HRTEM images from abTEM: vacuum, contrast at the columns, labels, determinism, convergence, coordinates."""
 
 import dataclasses
+import hashlib
 import json
 import math
+import subprocess
+import sys
 
 import abtem
 import numpy as np
@@ -30,13 +33,6 @@ SMALL = SimulationConfig(
 )
 PLAIN = dict(energy_keV=300.0, cs_um=0.0, c5_mm=0.0, focal_spread_nm=0.0, astigmatism_nm=0.0,
              astigmatism_angle_deg=0.0, aperture_mrad=40.0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def quick_fftw_plans():
-    # FFTW_MEASURE planning of each new grid costs seconds; tests use many grids once each.
-    with abtem.config.set({"fftw.planning_effort": "FFTW_ESTIMATE"}):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +109,20 @@ def test_same_seed_gives_identical_arrays(examples):
         np.testing.assert_array_equal(a.label, b.label)
         np.testing.assert_array_equal(a.columns, b.columns)
         assert a.metadata == b.metadata
+
+
+def test_same_arrays_in_another_process(examples):
+    code = (
+        "import hashlib, dataclasses\n"
+        "from ceriakeras.simulate import simulate_particle\n"
+        "from ceriakeras.config import SimulationConfig, StructureConfig, OpticsConfig\n"
+        f"config = {SMALL!r}\n"
+        "exs = simulate_particle(3, 11, config)\n"
+        "print(hashlib.sha256(b''.join(e.image.tobytes() + e.label.tobytes() for e in exs)).hexdigest())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    here = hashlib.sha256(b"".join(e.image.tobytes() + e.label.tobytes() for e in examples))
+    assert out.stdout.strip() == here.hexdigest()
 
 
 def test_columns_sit_on_contrast_extrema(particle_wave):
