@@ -18,6 +18,7 @@ are separate functions so that a custom distributed training step can reuse them
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ import numpy as np
 import scipy.ndimage
 import tensorflow as tf
 
-from .config import ModelError, TrainConfig, to_dict
+from .config import ConfigError, ModelError, TrainConfig, to_dict
 from .io import write_text_atomic
 from .model import build_unet
 
@@ -373,6 +374,16 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def _match_dataset(config: TrainConfig, manifest: dict, data_dir: Path) -> TrainConfig:
+    """The model works at the dataset's pixel size and must have a class for every height."""
+    data_max = int(manifest.get("max_height", config.model.max_height))
+    if data_max > config.model.max_height:
+        raise ConfigError(f"{data_dir} has heights up to {data_max} but model.max_height is "
+                          f"{config.model.max_height}; set model.max_height ≥ {data_max} in --config")
+    pixel = float(manifest.get("pixel_size_A", config.model.pixel_size_A))
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, pixel_size_A=pixel))
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -418,6 +429,7 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     manifest = read_manifest(data_dir)  # DataError if the dataset is missing
     digest = manifest_sha256(data_dir)
+    config = _match_dataset(config, manifest, data_dir)
     _prepare_run_dir(run_dir, resume, overwrite)
 
     initial_epoch, best_val_loss, best_epoch = 0, np.inf, 0
@@ -434,8 +446,11 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
         best_val_loss = float(state.get("best_val_loss", np.inf))
         best_epoch = int(state.get("best_epoch", 0))
     write_text_atomic(run_dir / "config.json", json.dumps(to_dict(config), indent=2))
-    write_text_atomic(run_dir / "dataset.json", json.dumps(
-        {"data_dir": str(data_dir.resolve()), "manifest_sha256": digest}, indent=2))
+    write_text_atomic(run_dir / "dataset.json", json.dumps({
+        "data_dir": str(data_dir.resolve()), "manifest_sha256": digest,
+        "pixel_size_A": manifest.get("pixel_size_A"), "max_height": manifest.get("max_height"),
+        "label_radius_A": manifest.get("config", {}).get("label_radius_A"),
+        "counts": manifest.get("counts")}, indent=2))
 
     weights = class_weights_from_histogram(
         manifest["label_histogram"], config.weight_scheme, config.max_class_weight,

@@ -1,0 +1,225 @@
+"""SavedModel export for TF Serving (``saved_models/NAME/VERSION/``) and loading it back.
+
+The SavedModel has one signature, ``serving_default``::
+
+    inputs:  image          float32 [batch, H, W, 1]   raw counts or any linear intensity
+    outputs: probabilities  float32 [batch, H, W, max_height + 1]
+             height         int32   [batch, H, W]      most probable height, Ce atoms
+
+Normalization and padding live inside the graph, so clients send raw frames of any size.
+``assets/ceriakeras.json`` tells every consumer what the model needs (pixel size, classes,
+label radius) and where it came from (training manifest hash, validation metrics, versions).
+The JSON file is placed in the SavedModel's ``assets/`` folder directly (it is read as a file,
+not by the graph), so TF Serving and ``saved_model_cli`` ignore it and copy it along.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelError
+
+ASSET_NAME = "ceriakeras.json"
+
+
+def _checkpoint(run_dir: Path) -> Path:
+    for name in ("best.keras", "last.keras"):
+        path = run_dir / "checkpoints" / name
+        if path.is_file():
+            return path
+    raise ModelError(f"{run_dir} has no checkpoints/best.keras or last.keras; train it first "
+                     f"(ceriakeras train --out {run_dir})")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot read {path}: {err}") from None
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("ceriakeras", "tensorflow", "keras", "numpy", "abtem", "ase"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _next_version(out_dir: Path) -> int:
+    versions = [int(p.name) for p in out_dir.iterdir() if p.name.isdigit()] if out_dir.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def model_info(run_dir: Path, checkpoint: Path) -> dict:
+    """The contents of ``assets/ceriakeras.json`` for a run (see the module docstring)."""
+    config = _read_json(run_dir / "config.json")
+    dataset = _read_json(run_dir / "dataset.json")
+    model = config.get("model", {})
+    metrics = _read_json(run_dir / "metrics.json")
+    return {
+        "pixel_size_A": model.get("pixel_size_A", dataset.get("pixel_size_A")),
+        "max_height": model.get("max_height"),
+        "label_radius_A": dataset.get("label_radius_A") or 0.5,
+        "manifest_sha256": dataset.get("manifest_sha256"),
+        "data_dir": dataset.get("data_dir"),
+        "checkpoint": checkpoint.name,
+        "metrics": metrics,
+        "versions": _versions(),
+        "training_config": config,
+        "signature": {
+            "name": "serving_default",
+            "inputs": {"image": "float32 [batch, H, W, 1], raw counts or linear intensity"},
+            "outputs": {"probabilities": "float32 [batch, H, W, max_height + 1]",
+                        "height": "int32 [batch, H, W], Ce atoms"},
+        },
+    }
+
+
+def export_run(run_dir, out_dir, version: int | None = None) -> Path:
+    """Export a training run's best checkpoint as a TF Serving SavedModel version.
+
+    Parameters
+    ----------
+    run_dir : path
+        Run folder of ``ceriakeras train``; uses ``checkpoints/best.keras`` (else ``last.keras``).
+    out_dir : path
+        Model base folder, ``saved_models/NAME``; the version goes in ``out_dir/<version>/``.
+    version : int, optional
+        Version number (a positive integer); default: one more than the highest present.
+
+    Returns
+    -------
+    Path
+        The version folder.
+
+    Raises
+    ------
+    ModelError
+        No checkpoint in the run, or the version exists already (never overwritten).
+    """
+    import keras
+    import tensorflow as tf
+
+    from . import model as _registers_custom_layers  # noqa: F401
+    from . import train as _registers_custom_metrics  # noqa: F401
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    checkpoint = _checkpoint(run_dir)
+    version = _next_version(out_dir) if version is None else int(version)
+    if version < 1:
+        raise ModelError(f"--version {version} must be a positive integer")
+    target = out_dir / str(version)
+    if target.exists():
+        raise ModelError(f"{target} already exists; versions are never overwritten, choose "
+                         f"another --version or leave it out for the next free one")
+    info = model_info(run_dir, checkpoint)
+
+    model = keras.saving.load_model(checkpoint, compile=False, safe_mode=True)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32, name="image")])
+    def serve(image):
+        probabilities = tf.cast(model(image, training=False), tf.float32)
+        height = tf.cast(tf.argmax(probabilities, axis=-1), tf.int32)
+        return {"probabilities": probabilities, "height": height}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", serve)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=out_dir))
+    try:
+        archive.write_out(str(tmp), verbose=False)
+        (tmp / "assets").mkdir(exist_ok=True)
+        (tmp / "assets" / ASSET_NAME).write_text(json.dumps(info, indent=2))
+        if target.exists():  # appeared meanwhile
+            raise ModelError(f"{target} already exists; choose another --version")
+        os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+def find_version(path) -> Path:
+    """The SavedModel folder for ``path``: a version folder, or the newest integer version in a
+    model base folder ``saved_models/NAME``."""
+    path = Path(path)
+    if (path / "saved_model.pb").is_file():
+        return path
+    versions = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit()
+                       and (p / "saved_model.pb").is_file()) if path.is_dir() else [])
+    if not versions:
+        raise ModelError(f"no SavedModel at {path}; export one with "
+                         f"`ceriakeras export --run runs/NAME --out {path}`")
+    return path / str(versions[-1])
+
+
+@dataclass
+class ServedModel:
+    """A loaded SavedModel version: ``info`` (its ``assets/ceriakeras.json``) and ``predict``."""
+
+    path: Path
+    info: dict
+    signature: object
+
+    def predict(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """Height probabilities for raw frames.
+
+        Parameters
+        ----------
+        images : (B, H, W) or (B, H, W, 1) or (H, W) array
+            Raw counts or any linear intensity, at the model's ``info['pixel_size_A']``.
+
+        Returns
+        -------
+        probabilities : (B, H, W, max_height + 1) float32
+        height : (B, H, W) int32
+        """
+        import tensorflow as tf
+
+        x = np.asarray(images, np.float32)
+        if x.ndim == 2:
+            x = x[None]
+        if x.ndim == 3:
+            x = x[..., None]
+        out = self.signature(image=tf.constant(x))
+        return out["probabilities"].numpy(), out["height"].numpy()
+
+
+def load_served_model(path) -> ServedModel:
+    """Load ``saved_models/NAME`` (newest version) or a version folder for inference.
+
+    Raises
+    ------
+    ModelError
+        If there is no SavedModel there or its ``assets/ceriakeras.json`` is missing.
+    """
+    import tensorflow as tf
+
+    version = find_version(path)
+    info_path = version / "assets" / ASSET_NAME
+    if not info_path.is_file():
+        raise ModelError(f"{version} has no assets/{ASSET_NAME}; re-export it with "
+                         "`ceriakeras export`")
+    info = _read_json(info_path)
+    loaded = tf.saved_model.load(str(version))
+    if "serving_default" not in loaded.signatures:
+        raise ModelError(f"{version} has no serving_default signature; re-export it")
+    served = ServedModel(path=version, info=info, signature=loaded.signatures["serving_default"])
+    served._loaded = loaded  # keep the variables alive
+    return served

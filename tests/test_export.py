@@ -1,0 +1,103 @@
+"""SavedModel export: signature names, equality with the Keras model, any size, assets, refusals."""
+
+import json
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+tf = pytest.importorskip("tensorflow")
+
+from ceriakeras.config import ModelConfig, ModelError, TrainConfig, to_dict  # noqa: E402
+from ceriakeras.export import export_run, load_served_model  # noqa: E402
+from ceriakeras.model import build_unet  # noqa: E402
+from ceriakeras.train import compile_model  # noqa: E402
+
+CONFIG = TrainConfig(model=ModelConfig(depth=2, base_filters=4, max_height=5, pixel_size_A=0.1))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder as ``train`` leaves it, with a model trained one step (so BN stats move)."""
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    (run / "checkpoints").mkdir(parents=True)
+    model = compile_model(build_unet(CONFIG.model, noise_seed=0), CONFIG)
+    rng = np.random.default_rng(0)
+    image = rng.uniform(10, 30, (2, 32, 32, 1)).astype(np.float32)
+    label = rng.integers(0, 6, (2, 32, 32)).astype(np.int32)
+    model.train_on_batch(image, label)
+    model.save(run / "checkpoints" / "best.keras")
+    (run / "config.json").write_text(json.dumps(to_dict(CONFIG)))
+    (run / "dataset.json").write_text(json.dumps(
+        {"data_dir": "tfrecords/tiny", "manifest_sha256": "ab" * 32, "label_radius_A": 0.4}))
+    (run / "metrics.json").write_text(json.dumps(
+        {"epoch": 1, "validation": {"val_loss": 1.5, "val_column_height_accuracy": 0.25}}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    base = tmp_path_factory.mktemp("saved_models") / "tiny"
+    return base, export_run(run, base)
+
+
+def test_signature_has_the_contract_names_types_and_dynamic_shapes(exported):
+    base, version = exported
+    assert version == base / "1"
+    sig = tf.saved_model.load(str(version)).signatures["serving_default"]
+    args, kwargs = sig.structured_input_signature
+    assert args == () and list(kwargs) == ["image"]
+    assert kwargs["image"].dtype == tf.float32
+    assert kwargs["image"].shape.as_list() == [None, None, None, 1]
+    out = sig.structured_outputs
+    assert set(out) == {"probabilities", "height"}
+    assert out["probabilities"].dtype == tf.float32 and out["height"].dtype == tf.int32
+    assert out["probabilities"].shape.as_list() == [None, None, None, 6]
+    assert out["height"].shape.as_list() == [None, None, None]
+
+
+@pytest.mark.parametrize("shape", [(97, 131), (32, 48), (5, 3)])
+def test_saved_model_gives_the_keras_model_outputs_at_any_size(run, exported, shape):
+    served = load_served_model(exported[0])
+    keras_model = keras.saving.load_model(run / "checkpoints" / "best.keras")
+    image = np.random.default_rng(1).poisson(15.0, (2, *shape)).astype(np.float32)
+    prob, height = served.predict(image)
+    expected = np.asarray(keras_model(image[..., None], training=False))
+    assert prob.shape == (2, *shape, 6) and height.shape == (2, *shape)
+    assert height.dtype == np.int32
+    np.testing.assert_allclose(prob, expected, atol=1e-6)
+    np.testing.assert_allclose(prob.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(height, expected.argmax(-1))
+
+
+def test_assets_name_what_consumers_need(exported):
+    served = load_served_model(exported[1])
+    info = served.info
+    assert info == json.loads((exported[1] / "assets" / "ceriakeras.json").read_text())
+    assert info["pixel_size_A"] == 0.1 and info["max_height"] == 5
+    assert info["label_radius_A"] == 0.4
+    assert info["manifest_sha256"] == "ab" * 32
+    assert info["metrics"]["validation"]["val_column_height_accuracy"] == 0.25
+    assert {"tensorflow", "keras", "ceriakeras"} <= set(info["versions"])
+    assert info["training_config"]["model"]["depth"] == 2
+
+
+def test_versions_count_up_and_are_never_overwritten(run, exported):
+    base, _ = exported
+    second = export_run(run, base)
+    assert second == base / "2"
+    assert load_served_model(base).path == second, "the base folder serves the newest version"
+    before = (second / "saved_model.pb").read_bytes()
+    with pytest.raises(ModelError, match="already exists"):
+        export_run(run, base, version=2)
+    assert (second / "saved_model.pb").read_bytes() == before
+    assert not [p for p in base.iterdir() if p.name.startswith(".")], "no temporary folder left"
+
+
+def test_a_run_without_checkpoint_and_a_missing_model_are_refused(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ModelError, match="no checkpoints.*train it first"):
+        export_run(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    with pytest.raises(ModelError, match="ceriakeras export"):
+        load_served_model(tmp_path / "nothing-here")
