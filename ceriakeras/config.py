@@ -221,8 +221,13 @@ class PipelineConfig:
     """Seed of the shuffle, crops and noise."""
     deterministic: bool = False
     """Same batches in the same order on every run (slower; for tests)."""
+    crops_per_image: int = 4
+    """Random training crops taken from each decoded record (at most as many as fit without
+    overlap, e.g. 4 crops of 128 px from a 320 px image), so decompression is amortized."""
 
     def validate(self) -> None:
+        if not 1 <= self.crops_per_image <= 64:
+            raise ConfigError(f"crops_per_image={self.crops_per_image} must be in [1, 64]")
         if self.crop_px < 16 or self.crop_px % 16:
             raise ConfigError(f"crop_px={self.crop_px} must be a multiple of 16, at least 16 px")
         if self.batch_size < 1:

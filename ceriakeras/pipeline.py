@@ -189,9 +189,11 @@ def make_dataset(data_dir: str | Path, split: str, config: PipelineConfig, *,
     class_weights : (max_height + 1,) array-like, optional
         Weight of each label class; ``sample_weight`` is ``class_weights[label]`` (1 if None).
     training : bool, optional
-        Default: ``split == "train"``. True: shards shuffled and interleaved, random crops, random flips/90° rotations
-        (identical on image and label), shuffled; images are *expected counts* at a dose drawn
-        per image, log-uniform over ``config.dose_range_e_per_A2``. False: records in order,
+        Default: ``split == "train"``. True: shards shuffled and interleaved, random crops
+        (``config.crops_per_image`` of each record, at most as many as fit side by side),
+        random flips/90° rotations (identical on image and label), shuffled; images are
+        *expected counts* at a dose drawn per crop, log-uniform over
+        ``config.dose_range_e_per_A2``. False: records in order,
         centre crops, no augmentation, each example repeated at every
         ``config.validation_doses_e_per_A2`` with Poisson noise from a fixed seed (the same
         noisy images every epoch).
@@ -240,6 +242,7 @@ def make_dataset(data_dir: str | Path, split: str, config: PipelineConfig, *,
     deterministic = bool(config.deterministic or not training)
     spec = feature_spec(False)
     chunk = max(1, min(config.batch_size, 32))
+    crops = max(1, min(config.crops_per_image, (height // crop) * (width // crop)))
     seed = int(config.seed)
 
     files = tf.data.Dataset.from_tensor_slices([str(p) for p in paths])
@@ -259,24 +262,29 @@ def make_dataset(data_dir: str | Path, split: str, config: PipelineConfig, *,
         image = tf.reshape(tf.io.decode_raw(f["image"], tf.float32), [b, height, width])
         label = tf.reshape(tf.io.decode_raw(f["label"], tf.uint8), [b, height, width])
         px = tf.reshape(f["pixel_size"], [b, 1, 1])
-        if training:
+        if training:  # `crops` random crops of each record, each with its own flip/rotation
             s = _seed_pair(seed, index[0], 1)
-            offsets = tf.random.stateless_uniform([b, 2], seed=s, dtype=tf.float32)
-            top = tf.cast(offsets[:, 0] * (height - crop + 1), tf.int32)
-            left = tf.cast(offsets[:, 1] * (width - crop + 1), tf.int32)
-            top, left = tf.minimum(top, height - crop), tf.minimum(left, width - crop)
-            code = tf.random.stateless_uniform([b], seed=s + [0, 7], minval=0, maxval=8, dtype=tf.int32)
-        else:
+            images, labels = [], []
+            for k in range(crops):
+                offsets = tf.random.stateless_uniform([b, 2], seed=s + [0, 3 * k], dtype=tf.float32)
+                top = tf.minimum(tf.cast(offsets[:, 0] * (height - crop + 1), tf.int32), height - crop)
+                left = tf.minimum(tf.cast(offsets[:, 1] * (width - crop + 1), tf.int32), width - crop)
+                code = tf.random.stateless_uniform([b], seed=s + [0, 3 * k + 1], minval=0, maxval=8,
+                                                   dtype=tf.int32)
+                images.append(_dihedral(_crop_batch(image, top, left, crop), code))
+                labels.append(_dihedral(_crop_batch(label, top, left, crop), code))
+            image, label = tf.concat(images, 0), tf.concat(labels, 0)
+            px = tf.tile(px, [crops, 1, 1])
+            dose = draw_dose(_seed_pair(seed, index[0], 2), [crops * b], config.dose_range_e_per_A2)
+            image = expected_counts(image, tf.reshape(dose, [-1, 1, 1]), px)
+            index = tf.tile(index, [crops])
+        else:  # centre crops
             top = tf.fill([b], (height - crop) // 2)
             left = tf.fill([b], (width - crop) // 2)
-            code = tf.zeros([b], tf.int32)
-        image = _dihedral(_crop_batch(image, top, left, crop), code)
-        label = tf.cast(_dihedral(_crop_batch(label, top, left, crop), code), tf.int32)
-        if training:
-            dose = tf.reshape(draw_dose(_seed_pair(seed, index[0], 2), [b], config.dose_range_e_per_A2),
-                              [b, 1, 1])
-            image = expected_counts(image, dose, px)
-        return {"index": index, "image": image, "label": label, "pixel_size": px[:, 0, 0]}
+            image = _crop_batch(image, top, left, crop)
+            label = _crop_batch(label, top, left, crop)
+        return {"index": index, "image": image, "label": tf.cast(label, tf.int32),
+                "pixel_size": px[:, 0, 0]}
 
     ds = ds.map(parse_chunk, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     ds = ds.unbatch()
