@@ -128,10 +128,73 @@ def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell
 
 # --- train -------------------------------------------------------------------------------------
 # (section owned by the train work)
+@main.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=str),
+              metavar="tfrecords/NAME", help="Dataset folder written by `ceriakeras simulate`.")
+@click.option("--out", "run_dir", required=True, type=click.Path(path_type=str), metavar="runs/NAME",
+              help="Run folder: checkpoints, logs, TensorBoard, the config used.")
+@click.option("--config", "config_path", type=click.Path(path_type=str), default=None, metavar="FILE",
+              help="TrainConfig as JSON or TOML (nested [pipeline] and [model] tables); with --resume "
+                   "the default is the run's own config.json.")
+@click.option("--epochs", type=int, default=None, metavar="E",
+              help="Total number of epochs (with --resume: including those done).")
+@click.option("--steps-per-epoch", type=int, default=None, metavar="N", help="Training batches per epoch.")
+@click.option("--batch-size", type=int, default=None, metavar="B",
+              help="Global batch size, crops per step (split across replicas).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Delete the run in --out and start again.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_one_line_errors
+def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, resume, overwrite, quiet):
+    """Train the U-Net on a simulated dataset.
+
+    Example: ceriakeras train --data tfrecords/demo --out runs/demo --epochs 20
+    """
+    import dataclasses
+    from pathlib import Path
+
+    from .config import ConfigError, TrainConfig, load_config
+    from .train import train as train_run
+
+    for name, value in (("--epochs", epochs), ("--steps-per-epoch", steps_per_epoch),
+                        ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} {value} must be at least 1")
+    if config_path is None and resume and (Path(run_dir) / "config.json").is_file():
+        config_path = str(Path(run_dir) / "config.json")
+    config = load_config(TrainConfig, config_path, epochs=epochs, steps_per_epoch=steps_per_epoch)
+    if batch_size is not None:
+        config = dataclasses.replace(
+            config, pipeline=dataclasses.replace(config.pipeline, batch_size=batch_size))
+        config.validate()
+    result = train_run(data_dir, run_dir, config, resume=resume, overwrite=overwrite,
+                       progress=not quiet)
+    resumed = f" (resumed after epoch {result['initial_epoch']})" if result["resumed"] else ""
+    click.echo(f"{run_dir}: {result['epochs_completed']} epoch(s){resumed}; best validation loss "
+               f"{result['best_val_loss']:.4f} at epoch {result['best_epoch']}; "
+               f"checkpoints in {run_dir}/checkpoints")
 
 
 # --- export ------------------------------------------------------------------------------------
 # (section owned by the export work)
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=str), metavar="runs/NAME",
+              help="Training run folder (its best checkpoint is exported).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), metavar="saved_models/NAME",
+              help="Model base folder for TF Serving; the version goes in OUT/<version>/.")
+@click.option("--version", type=int, default=None, metavar="N",
+              help="Version number (default: the next free integer); an existing one is never overwritten.")
+@_one_line_errors
+def export(run_dir, out_dir, version):
+    """Export a trained run as a versioned SavedModel for TF Serving.
+
+    Example: ceriakeras export --run runs/demo --out saved_models/demo
+    """
+    from .export import export_run
+
+    path = export_run(run_dir, out_dir, version)
+    click.echo(f"{path}: SavedModel, signature serving_default "
+               "(image -> probabilities, height); assets/ceriakeras.json written")
 
 
 # --- analyze -----------------------------------------------------------------------------------
