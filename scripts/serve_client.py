@@ -47,7 +47,9 @@ class ServingError(ModelError):
 
 def read_model_info(version_dir: Path) -> dict:
     """The ``assets/ceriakeras.json`` of a SavedModel version folder (pixel size, max_height, …)."""
-    path = version_dir / "assets" / "ceriakeras.json"
+    from ceriakeras.export import ASSET_NAME
+
+    path = version_dir / "assets" / ASSET_NAME
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -233,9 +235,10 @@ def main(inputs, url, grpc_target, model_name, model_dir, version, pixel_size_A,
     try:
         if (url is None) == (grpc_target is None):
             raise click.UsageError("give exactly one of --url (REST) and --grpc (gRPC)")
-        from ceriakeras.analyze import analyze, newest_version
+        from ceriakeras.analyze import analyze
+        from ceriakeras.export import find_version
 
-        version_dir = newest_version(Path(model_dir))
+        version_dir = find_version(model_dir)
         info = read_model_info(version_dir)
         if version is None:
             version = int(version_dir.name) if version_dir.name.isdigit() else None
