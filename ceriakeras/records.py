@@ -275,13 +275,6 @@ def _merge_stats(infos: Iterable[dict], n_classes: int) -> dict:
     return {"label_histogram": hist.tolist(), "parameter_ranges": {k: ranges[k] for k in sorted(ranges)}}
 
 
-def _readable_by_all(tmp: Path) -> None:
-    """Give a finished temporary file the usual permissions (mkstemp makes it owner-only)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -597,7 +590,6 @@ class _ShardWriter:
 
         with atomic_path(self.out / "structures" / f"particle-{particle_id:06d}.xyz") as tmp:
             ase.io.write(str(tmp), atoms, format="extxyz")
-            _readable_by_all(tmp)
 
     def _write(self, shard: ShardPlan) -> None:
         tf = _tf()
@@ -611,7 +603,6 @@ class _ShardWriter:
                         writer.write(serialize_example(ex))
                         stats.add(ex.label, ex.columns, dict(ex.metadata))
                         n += 1
-            _readable_by_all(tmp)
             info = {"file": shard.name, "split": shard.split, "examples": n,
                     "particles": len(shard.particles), "bytes": tmp.stat().st_size,
                     "sha256": _sha256(tmp), **stats.to_dict()}
@@ -713,7 +704,6 @@ def _write_previews(out: Path, plan: list[ShardPlan], k: int, seed: int) -> None
             fig.tight_layout()
             with atomic_path(path) as tmp:
                 fig.savefig(tmp, format="png", dpi=80)
-                _readable_by_all(tmp)
             plt.close(fig)
 
 
@@ -885,7 +875,6 @@ def write_dataset(out_dir: str | Path, count: int, shards: int, seed: int,
     result = _build_manifest(params, plan, state, config, command, versions or _versions())
     with atomic_path(out / MANIFEST_NAME) as tmp:
         tmp.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        _readable_by_all(tmp)
     (out / PROGRESS_NAME).unlink(missing_ok=True)
     _write_previews(out, plan, preview, seed)
     return result
