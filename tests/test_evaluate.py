@@ -403,3 +403,39 @@ def test_cli_refuses_bad_doses(tmp_path, doses, message):
                                        "--doses", doses])
     assert result.exit_code == 2
     assert message in result.output
+
+
+@pytest.mark.slow
+def test_cli_evaluates_an_exported_model_and_prints_the_table(tiny_dataset, tmp_path):
+    import keras
+    from click.testing import CliRunner
+
+    from ceriakeras.cli import main
+    from ceriakeras.config import ModelConfig, TrainConfig, to_dict
+    from ceriakeras.export import export_run
+    from ceriakeras.model import build_unet
+
+    data, records, info = tiny_dataset
+    config = TrainConfig(model=ModelConfig(depth=1, base_filters=2, pixel_size_A=info["pixel_size_A"]))
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(to_dict(config)))
+    build_unet(config.model).save(run / "checkpoints" / "best.keras")
+    export_run(run, tmp_path / "saved_models" / "tiny")
+    keras.backend.clear_session()
+
+    out = tmp_path / "ev"
+    args = ["evaluate", "--model", str(tmp_path / "saved_models" / "tiny"), "--data", str(data),
+            "--doses", "50,1000", "--max-images", "1", "--no-baseline", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()   # the progress bar goes to stderr
+    assert lines[0].split()[:3] == ["dose", "e-/Å²", "F1"]
+    assert [line.split()[0] for line in lines[2:4]] == ["50", "1000"]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["doses_e_per_A2"] == [50.0, 1000.0] and saved["n_images"] == 1
+    assert saved["results"][0]["baseline"] is None
+    assert saved["command"].startswith("ceriakeras")
+    # Results are never replaced unless asked.
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "--overwrite" in again.output
