@@ -481,7 +481,7 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
                 training, validation_data=validation, epochs=config.epochs,
                 initial_epoch=initial_epoch, steps_per_epoch=config.steps_per_epoch,
                 validation_steps=config.validation_steps, callbacks=callbacks,
-                verbose=1 if progress else 0,
+                verbose=1 if progress else 0, shuffle=False,
             ).history
     state = _read_json(run_dir / "state.json") if (run_dir / "state.json").exists() else {}
     return {
