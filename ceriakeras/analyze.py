@@ -45,14 +45,8 @@ _OUTPUT_DIRS = ("overlays", "xyz")
 
 
 # --- the model ---------------------------------------------------------------------------------
-def newest_version(path: Path) -> Path:
-    """``path`` itself, or its highest integer-named subfolder (TF Serving layout)."""
-    versions = [p for p in path.iterdir() if p.is_dir() and p.name.isdigit()] if path.is_dir() else []
-    return max(versions, key=lambda p: int(p.name)) if versions else path
-
-
 def default_model_path() -> Path:
-    """The shipped model's newest version folder.
+    """The shipped model's base folder (its newest version is the one loaded).
 
     Raises
     ------
@@ -62,7 +56,7 @@ def default_model_path() -> Path:
     for base in (Path(__file__).resolve().parent.parent, Path.cwd()):
         candidate = base / DEFAULT_MODEL
         if candidate.is_dir():
-            return newest_version(candidate)
+            return candidate
     raise ModelError(f"no --model given and the shipped model {DEFAULT_MODEL} is missing: pass "
                      "--model saved_models/NAME or run `make demo`'s setup")
 
@@ -79,9 +73,9 @@ def load_model(model) -> tuple[object, dict]:
         path = default_model_path() if model is None else Path(model)
         if not path.exists():
             raise ModelError(f"model {path} does not exist: pass --model saved_models/NAME")
-        path = newest_version(path)
-        from .export import load_served_model
+        from .export import find_version, load_served_model
 
+        path = find_version(path)
         served = load_served_model(path)
         identity = {"path": str(path.resolve()), "info_sha256": _sha(served.info)}
         return served, identity
@@ -94,7 +88,14 @@ def _sha(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _model_settings(info: dict) -> tuple[float, int, float]:
+def model_settings(info: dict) -> tuple[float, int, float]:
+    """``(pixel_size_A, max_height, label_radius_A)`` from a model's ``ceriakeras.json``.
+
+    Raises
+    ------
+    ModelError
+        If a value is missing or invalid (the model must be re-exported).
+    """
     try:
         pixel = float(info["pixel_size_A"])
         max_height = int(info.get("max_height", 16))
@@ -150,7 +151,7 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
     out_dir = Path(out_dir)
     paths = expand_inputs(inputs)
     served, model_id = load_model(model)
-    model_px, max_height, label_radius_A = _model_settings(served.info)
+    model_px, max_height, label_radius_A = model_settings(served.info)
 
     # every header first: a bad file or pixel size stops the run before any work
     plan = []

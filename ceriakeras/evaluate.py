@@ -453,7 +453,7 @@ def evaluate(
     dict
         What ``metrics.json`` holds.
     """
-    from .analyze import _model_settings
+    from .analyze import model_settings
     from .columns import find_columns
     from .pipeline import poisson_sample
     from .records import read_manifest
@@ -466,7 +466,7 @@ def evaluate(
     out_dir = Path(out_dir)
     if (out_dir / "metrics.json").exists() and not overwrite:
         raise ConfigError(f"{out_dir} already holds an evaluation: pass --overwrite or choose another --out")
-    pixel_size_A, max_height, label_radius_A = _model_settings(model.info)
+    pixel_size_A, max_height, label_radius_A = model_settings(model.info)
     manifest = read_manifest(data_dir)
     data_px = float(manifest.get("pixel_size_A", pixel_size_A))
     if not math.isclose(data_px, pixel_size_A, rel_tol=1e-4):

@@ -201,6 +201,21 @@ class ServedModel:
         return out["probabilities"].numpy(), out["height"].numpy()
 
 
+def read_info(version_dir) -> dict:
+    """The ``assets/ceriakeras.json`` of a SavedModel version folder (pixel size, max_height, …).
+
+    Raises
+    ------
+    ModelError
+        If it is missing or unreadable.
+    """
+    info_path = Path(version_dir) / "assets" / ASSET_NAME
+    if not info_path.is_file():
+        raise ModelError(f"{version_dir} has no assets/{ASSET_NAME}; re-export it with "
+                         "`ceriakeras export`")
+    return _read_json(info_path)
+
+
 def load_served_model(path) -> ServedModel:
     """Load ``saved_models/NAME`` (newest version) or a version folder for inference.
 
@@ -212,11 +227,7 @@ def load_served_model(path) -> ServedModel:
     import tensorflow as tf
 
     version = find_version(path)
-    info_path = version / "assets" / ASSET_NAME
-    if not info_path.is_file():
-        raise ModelError(f"{version} has no assets/{ASSET_NAME}; re-export it with "
-                         "`ceriakeras export`")
-    info = _read_json(info_path)
+    info = read_info(version)
     loaded = tf.saved_model.load(str(version))
     if "serving_default" not in loaded.signatures:
         raise ModelError(f"{version} has no serving_default signature; re-export it")

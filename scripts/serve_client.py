@@ -45,17 +45,6 @@ class ServingError(ModelError):
     """The model server cannot be reached or answered with an error."""
 
 
-def read_model_info(version_dir: Path) -> dict:
-    """The ``assets/ceriakeras.json`` of a SavedModel version folder (pixel size, max_height, …)."""
-    from ceriakeras.export import ASSET_NAME
-
-    path = version_dir / "assets" / ASSET_NAME
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ModelError(f"cannot read {path} ({err}): re-export the model with `ceriakeras export`") from None
-
-
 class RemoteModel:
     """A model served by TF Serving's REST API, with the interface ``analyze`` expects.
 
@@ -236,10 +225,10 @@ def main(inputs, url, grpc_target, model_name, model_dir, version, pixel_size_A,
         if (url is None) == (grpc_target is None):
             raise click.UsageError("give exactly one of --url (REST) and --grpc (gRPC)")
         from ceriakeras.analyze import analyze
-        from ceriakeras.export import find_version
+        from ceriakeras.export import find_version, read_info
 
         version_dir = find_version(model_dir)
-        info = read_model_info(version_dir)
+        info = read_info(version_dir)
         if version is None:
             version = int(version_dir.name) if version_dir.name.isdigit() else None
         cls, where = (RemoteModel, url) if url is not None else (GrpcModel, grpc_target)
