@@ -1,0 +1,93 @@
+"""The shipped model (saved_models/ceria110) on frames it has never seen.
+
+Frames come from the project's own simulator with a seed outside the training set's, at a high
+dose and at 0.1 Å input pixels (so the resampling to the model's 0.2 Å is in the chain), and are
+analyzed with exactly what users run (`analyze`). The ground truth is the simulation's column
+table, mapped to the input pixel grid.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ceriakeras.analyze import analyze, default_model_path
+from ceriakeras.config import AnalyzeConfig, SimulationConfig, StructureConfig
+from ceriakeras.evaluate import match_columns
+from ceriakeras.simulate import simulate_particle
+
+ROOT = Path(__file__).resolve().parent.parent
+INPUT_PIXEL_A = 0.1
+HIGH_DOSE = 5000.0  # e-/Å²
+
+
+@pytest.fixture(scope="module")
+def frames():
+    """Two unseen particles, four optics each, Poisson counts at 5000 e-/Å² on a 0.1 Å grid."""
+    config = SimulationConfig(
+        structure=StructureConfig(diameter_range_A=(20.0, 30.0)),
+        cell_size_A=48.0, sampling_A=INPUT_PIXEL_A, pixel_size_A=INPUT_PIXEL_A,
+        optics_per_exit_wave=4,
+    )
+    rng = np.random.default_rng(0)
+    out = []
+    for particle in range(2):
+        for ex in simulate_particle(particle, 987_654, config):
+            counts = rng.poisson(ex.image * HIGH_DOSE * INPUT_PIXEL_A**2).astype(np.float32)
+            out.append((counts, ex.columns))
+    return out
+
+
+def _read(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_shipped_model_finds_columns_and_heights_at_high_dose(frames, tmp_path):
+    stack = np.stack([f for f, _ in frames])
+    np.save(tmp_path / "series.npy", stack)
+    analyze([tmp_path / "series.npy"], tmp_path / "out", pixel_size_A=INPUT_PIXEL_A,
+            config=AnalyzeConfig(), progress=False)
+    rows = _read(tmp_path / "out" / "columns.csv")
+    n_true = n_found = n_matched = n_right = 0
+    position_errors_A = []
+    for k, (_, truth) in enumerate(frames):
+        sel = [r for r in rows if int(r["frame"]) == k]
+        xy = np.array([[float(r["x_px"]), float(r["y_px"])] for r in sel]).reshape(-1, 2)
+        h = np.array([int(r["height"]) for r in sel])
+        pi, ti = match_columns(xy, truth[:, :2], 1.0 / INPUT_PIXEL_A)
+        n_true += len(truth)
+        n_found += len(sel)
+        n_matched += len(pi)
+        n_right += int((h[pi] == truth[ti, 2].astype(int)).sum())
+        position_errors_A.extend(np.hypot(*(xy[pi] - truth[ti, :2]).T) * INPUT_PIXEL_A)
+    recall, precision = n_matched / n_true, n_matched / max(n_found, 1)
+    # Positions: the issue asks for 0.5 Å; heights right at high dose.
+    assert np.median(position_errors_A) < 0.25
+    assert np.mean(np.asarray(position_errors_A) < 0.5) > 0.95
+    assert recall > 0.9 and precision > 0.9, (recall, precision)
+    assert n_right / n_matched > 0.8, n_right / n_matched
+
+
+def test_shipped_model_assets_describe_it():
+    from ceriakeras.export import find_version, read_info
+
+    info = read_info(find_version(default_model_path()))
+    assert info["pixel_size_A"] == pytest.approx(0.2)
+    assert info["max_height"] >= 14
+    assert set(info) >= {"label_radius_A", "manifest_sha256", "metrics", "versions"}
+
+
+@pytest.mark.slow
+def test_make_demo_script_scores_the_example(tmp_path):
+    """scripts/demo.py (what `make demo` runs) analyzes the shipped example and reports a score."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "true columns found with the right height" in out.stdout
+    assert (ROOT / "results" / "demo" / "columns.csv").is_file()
