@@ -23,6 +23,8 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import keras
@@ -222,8 +224,20 @@ def _save_keras_atomic(model: keras.Model, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _link_atomic(source: Path, path: Path) -> None:
+    """Make ``path`` hold the bytes of ``source`` (a hard link, or a copy), replaced atomically."""
+    tmp = path.with_name(f".{path.stem}.link{path.suffix}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
+
+
 class RunCheckpoints(keras.callbacks.Callback):
-    """After each epoch: best.keras (if validation loss improved), last.keras, then state.json."""
+    """After each epoch: best.keras (if validation loss improved), the epoch's checkpoint
+    ``epoch-NNNN.keras``, state.json naming it, then last.keras (the same file)."""
 
     def __init__(self, run_dir: Path, best_val_loss: float = np.inf, best_epoch: int = 0):
         super().__init__()
@@ -242,10 +256,17 @@ class RunCheckpoints(keras.callbacks.Callback):
             best = {k: float(v) for k, v in logs.items() if k.startswith("val_")}
             write_text_atomic(self.run_dir / "metrics.json",
                               json.dumps({"epoch": epoch + 1, "validation": best}, indent=2))
-        _save_keras_atomic(self.model, checkpoints / "last.keras")
-        state = {"epoch": epoch + 1, "best_epoch": self.best_epoch,
+        # The epoch's checkpoint gets its own name and state.json points to it, so a kill at any
+        # moment leaves state.json naming a complete checkpoint of the epoch it records.
+        name = f"epoch-{epoch + 1:04d}.keras"
+        _save_keras_atomic(self.model, checkpoints / name)
+        state = {"epoch": epoch + 1, "checkpoint": name, "best_epoch": self.best_epoch,
                  "best_val_loss": self.best_val_loss}
         write_text_atomic(self.run_dir / "state.json", json.dumps(state, indent=2))
+        _link_atomic(checkpoints / name, checkpoints / "last.keras")
+        for old in checkpoints.glob("epoch-*.keras"):
+            if old.name != name:
+                old.unlink()
 
 
 class ValidationReport(keras.callbacks.Callback):
@@ -340,12 +361,142 @@ def make_callbacks(run_dir: Path, config: TrainConfig, validation, *, resume: bo
     return [
         ValidationReport(validation, config.validation_steps, run_dir / "tensorboard" / "panels",
                          config.model.max_height),
-        RunCheckpoints(run_dir, best_val_loss, best_epoch),
         keras.callbacks.CSVLogger(str(run_dir / "log.csv"), append=resume),
+        RunCheckpoints(run_dir, best_val_loss, best_epoch),
         TensorBoardScalars(run_dir / "tensorboard"),
         keras.callbacks.EarlyStopping(monitor="val_loss",
                                       patience=config.early_stopping_patience),
     ]
+
+
+# --- several machines --------------------------------------------------------------------------
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run: always, except under MultiWorkerMirroredStrategy,
+    where only the task ``chief`` (or ``worker`` 0 in a cluster without a chief) does."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def fit_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy, training, validation,
+                     config: TrainConfig, callbacks: list, *, initial_epoch: int = 0,
+                     progress: bool = True) -> dict:
+    """``model.fit`` for MultiWorkerMirroredStrategy, as a custom distributed training step.
+
+    Keras 3's ``fit`` fails under this strategy (keras-team/keras#20585), so each step runs
+    ``strategy.run`` inside a ``tf.function``: every replica computes the class-weighted
+    cross-entropy of its share of the global batch divided by the *global* number of pixels,
+    the optimizer all-reduces (sums) the gradients, and ``strategy.reduce`` sums the losses
+    into the global mean. Training data are sharded across workers by element
+    (``AutoShardPolicy.DATA``); batch-normalization statistics are averaged over the replicas
+    after each epoch. Validation runs on every worker alone (identical weights, so
+    identical results, and the same early-stopping decision everywhere). The callbacks are
+    those of :func:`make_callbacks`, called as ``fit`` would.
+
+    Returns
+    -------
+    dict
+        Per-epoch logs, like ``fit(...).history`` (``loss`` and the ``val_`` metrics).
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    batches = iter(strategy.experimental_distribute_dataset(training.with_options(options)))
+    global_batch = config.pipeline.batch_size
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy(reduction=None)
+    optimizer = model.optimizer
+
+    def replica_step(image, label, weight):
+        with tf.GradientTape() as tape:
+            probabilities = model(image, training=True)
+            pixels = tf.cast(tf.reduce_prod(tf.shape(label)[1:]), "float32")
+            per_pixel = cross_entropy(label, probabilities) * weight
+            loss = tf.reduce_sum(tf.cast(per_pixel, "float32")) / (global_batch * pixels)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            scaled = optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    @tf.function
+    def train_step(iterator):
+        per_replica = strategy.run(replica_step, args=next(iterator))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    # Batch-normalization moving statistics are updated by each replica from its own share of
+    # the data; an exponential moving average is linear, so averaging them over the replicas at
+    # the end of an epoch equals averaging every step's batch statistics.
+    statistics = [v for v in model.non_trainable_variables if "float" in str(v.dtype)]
+
+    @tf.function
+    def average_statistics():
+        def replica_fn():
+            context = tf.distribute.get_replica_context()
+            means = context.all_reduce(tf.distribute.ReduceOp.MEAN,
+                                       [tf.identity(v.value) for v in statistics])
+            for v, mean in zip(statistics, means):
+                v.assign(mean)
+        strategy.run(replica_fn)
+
+    def validate() -> dict:
+        metrics = [ColumnPixelAccuracy(), UnweightedMeanIoU(
+            num_classes=config.model.max_height + 1, sparse_y_pred=False, name="mean_iou")]
+        total = count = 0.0
+        data = validation if config.validation_steps is None else validation.take(
+            config.validation_steps)
+        for image, label, weight in data:
+            probabilities = model(image, training=False)
+            per_pixel = cross_entropy(label, probabilities) * weight
+            total += float(tf.reduce_sum(per_pixel))
+            count += float(tf.size(per_pixel))
+            for metric in metrics:
+                metric.update_state(label, probabilities)
+        return {"val_loss": total / max(count, 1.0),
+                **{f"val_{m.name}": float(m.result()) for m in metrics}}
+
+    history: dict[str, list] = {}
+    model.stop_training = False
+    for callback in callbacks:
+        callback.set_model(model)
+        callback.on_train_begin()
+    for epoch in range(initial_epoch, config.epochs):
+        start, losses = time.monotonic(), []
+        for callback in callbacks:
+            callback.on_epoch_begin(epoch)
+        for _ in range(config.steps_per_epoch):
+            losses.append(float(train_step(batches)))
+        if statistics:
+            average_statistics()
+        logs = {"loss": float(np.mean(losses)), **validate()}
+        for callback in callbacks:
+            callback.on_epoch_end(epoch, logs)
+        for key, value in logs.items():
+            history.setdefault(key, []).append(value)
+        if progress:
+            print(f"epoch {epoch + 1}/{config.epochs}: loss {logs['loss']:.4f}, val_loss "
+                  f"{logs['val_loss']:.4f} ({time.monotonic() - start:.1f} s)", flush=True)
+        if model.stop_training:
+            break
+    for callback in callbacks:
+        callback.on_train_end()
+    return history
+
+
+def _drop_log_rows(path: Path, first_epoch: int) -> None:
+    """Keep the header and the rows of epochs before ``first_epoch`` in the CSV log (a run
+    killed between its log row and its checkpoint redoes that epoch: its row must not stay)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = lines[:1] + [row for row in lines[1:]
+                        if row.split(",", 1)[0].strip().isdigit()
+                        and int(row.split(",", 1)[0]) < first_epoch]
+    if keep != lines:
+        write_text_atomic(path, "".join(keep))
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -360,8 +511,9 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     exists = run_dir.exists() and any(run_dir.iterdir())
     if resume:
         if not (run_dir / "checkpoints" / "last.keras").is_file():
-            raise ModelError(f"nothing to resume in {run_dir} (no checkpoints/last.keras); "
-                             "drop --resume to start a new run")
+            fix = ("start it again with --overwrite instead of --resume" if exists
+                   else "drop --resume to start a new run")
+            raise ModelError(f"nothing to resume in {run_dir} (no checkpoints/last.keras); {fix}")
         return
     if exists and not overwrite:
         raise ModelError(f"run folder {run_dir} already exists; pass --resume to continue it "
@@ -430,7 +582,17 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
     manifest = read_manifest(data_dir)  # DataError if the dataset is missing
     digest = manifest_sha256(data_dir)
     config = _match_dataset(config, manifest, data_dir)
-    _prepare_run_dir(run_dir, resume, overwrite)
+    strategy = choose_strategy()  # before any other TensorFlow op (multi-worker needs that)
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    if is_chief(strategy):
+        _prepare_run_dir(run_dir, resume, overwrite)
+        out_dir = run_dir
+    else:  # reads the chief's run (shared file system) but writes only to a private folder
+        if resume:
+            _prepare_run_dir(run_dir, resume, False)
+        out_dir = Path(tempfile.mkdtemp(prefix="ceriakeras-worker-"))
+        print(f"worker {strategy.cluster_resolver.task_type} {strategy.cluster_resolver.task_id}: "
+              f"the chief writes {run_dir}; this worker's copies go to {out_dir}", flush=True)
 
     initial_epoch, best_val_loss, best_epoch = 0, np.inf, 0
     if resume:
@@ -445,8 +607,14 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
         initial_epoch = int(state["epoch"])
         best_val_loss = float(state.get("best_val_loss", np.inf))
         best_epoch = int(state.get("best_epoch", 0))
-    write_text_atomic(run_dir / "config.json", json.dumps(to_dict(config), indent=2))
-    write_text_atomic(run_dir / "dataset.json", json.dumps({
+        checkpoint = run_dir / "checkpoints" / state.get("checkpoint", "last.keras")
+        if not checkpoint.is_file():
+            raise ModelError(f"{checkpoint} named by {run_dir}/state.json is missing; "
+                             "start again with --overwrite")
+        if out_dir == run_dir:
+            _drop_log_rows(run_dir / "log.csv", initial_epoch)
+    write_text_atomic(out_dir / "config.json", json.dumps(to_dict(config), indent=2))
+    write_text_atomic(out_dir / "dataset.json", json.dumps({
         "data_dir": str(data_dir.resolve()), "manifest_sha256": digest,
         "pixel_size_A": manifest.get("pixel_size_A"), "max_height": manifest.get("max_height"),
         "label_radius_A": manifest.get("config", {}).get("label_radius_A"),
@@ -460,14 +628,20 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
     validation = make_dataset(data_dir, "validation", config.pipeline, class_weights=weights,
                               training=False)
 
-    strategy = choose_strategy()
     with precision_policy(config.mixed_precision), strategy.scope():
         if resume:
-            model = keras.saving.load_model(run_dir / "checkpoints" / "last.keras",
-                                            safe_mode=True)
+            try:  # safe mode: a checkpoint that carries Python code is refused
+                model = keras.saving.load_model(checkpoint, safe_mode=True)
+            except ValueError as err:
+                if "safe_mode" not in str(err):
+                    raise
+                raise ModelError(f"{checkpoint} holds Python code (e.g. a Lambda layer) that "
+                                 "Keras' safe mode refuses to load; start again with "
+                                 "--overwrite") from None
             compile_model(model, config, optimizer=model.optimizer)
-            print(f"resumed {run_dir} from checkpoints/last.keras after epoch {initial_epoch} "
-                  f"(optimizer step {int(model.optimizer.iterations.numpy())})", flush=True)
+            print(f"resumed {run_dir} from checkpoints/{checkpoint.name} after epoch "
+                  f"{initial_epoch} (optimizer step {int(model.optimizer.iterations.numpy())})",
+                  flush=True)
         else:
             model = compile_model(build_unet(config.model, noise_seed=config.pipeline.seed), config)
         if initial_epoch >= config.epochs:
@@ -475,15 +649,20 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
                   "train further", flush=True)
             history = {}
         else:
-            callbacks = make_callbacks(run_dir, config, validation, resume=resume,
+            callbacks = make_callbacks(out_dir, config, validation, resume=resume,
                                        best_val_loss=best_val_loss, best_epoch=best_epoch)
-            history = model.fit(
-                training, validation_data=validation, epochs=config.epochs,
-                initial_epoch=initial_epoch, steps_per_epoch=config.steps_per_epoch,
-                validation_steps=config.validation_steps, callbacks=callbacks,
-                verbose=1 if progress else 0, shuffle=False,
-            ).history
-    state = _read_json(run_dir / "state.json") if (run_dir / "state.json").exists() else {}
+            if multi_worker:  # Keras 3's fit fails under this strategy (keras-team/keras#20585)
+                history = fit_multi_worker(model, strategy, training, validation, config,
+                                           callbacks, initial_epoch=initial_epoch,
+                                           progress=progress)
+            else:
+                history = model.fit(
+                    training, validation_data=validation, epochs=config.epochs,
+                    initial_epoch=initial_epoch, steps_per_epoch=config.steps_per_epoch,
+                    validation_steps=config.validation_steps, callbacks=callbacks,
+                    verbose=1 if progress else 0, shuffle=False,
+                ).history
+    state = _read_json(out_dir / "state.json") if (out_dir / "state.json").exists() else {}
     return {
         "run_dir": str(run_dir),
         "resumed": resume,
