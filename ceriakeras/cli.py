@@ -7,12 +7,16 @@ commands so that ``--help`` is instant.
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 
 import click
 
 from .config import CeriakerasError
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def _one_line_errors(func):
@@ -28,6 +32,14 @@ def _one_line_errors(func):
         except KeyboardInterrupt:
             click.echo("interrupted: rerun the same command to resume", err=True)
             sys.exit(130)
+        except OSError as err:  # a full disk or a folder we may not write: one line, not a trace
+            if err.errno not in _WRITE_ERRNOS:
+                raise
+            where = f" ({err.filename})" if err.filename else ""
+            click.echo(f"error: {err.strerror or errno.errorcode[err.errno]}{where}; free space or "
+                       "choose a folder you may write to, then rerun the same command (finished "
+                       "parts are kept)", err=True)
+            sys.exit(2)
 
     return wrapper
 
@@ -229,8 +241,11 @@ def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every,
     rerun with the same arguments.
     """
     from .analyze import analyze as run_analyze, format_summary
-    from .config import AnalyzeConfig, load_config
+    from .config import AnalyzeConfig, InputError, load_config
 
+    if pixel_size_A is not None and not 0 < pixel_size_A < float("inf"):
+        raise InputError(f"--pixel-size {pixel_size_A} must be a positive pixel size in Å "
+                         "(0.05–0.2 Å)")
     config = load_config(AnalyzeConfig, config_path, overlay_every=overlay_every,
                          batch_size=batch_size)
     summary = run_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A,

@@ -61,6 +61,18 @@ def _check_range(name: str, value: tuple[float, float], lo: float, hi: float) ->
         )
 
 
+def _check_unit(name: str, values, unit: str, smallest: float, example: str) -> None:
+    """Refuse values whose largest magnitude is non-zero but below ``smallest`` ``unit``: a
+    length given in metres (or another unit) by mistake, e.g. a defocus of 1e-8."""
+    values = [values] if isinstance(values, (int, float)) else list(values)
+    largest = max((abs(v) for v in values), default=0.0)
+    if 0.0 < largest < smallest:
+        raise ConfigError(
+            f"{name}={values} is implausibly small: the unit is {unit}, not metres "
+            f"(write e.g. {example})"
+        )
+
+
 @dataclass(frozen=True)
 class StructureConfig:
     """How nanoparticles are built (:mod:`ceriakeras.structures`)."""
@@ -135,6 +147,13 @@ class OpticsConfig:
             raise ConfigError(f"max_astigmatism_nm={self.max_astigmatism_nm} must be in [0, 100] nm")
         if not 1.0 <= self.aperture_mrad <= 200.0:
             raise ConfigError(f"aperture_mrad={self.aperture_mrad} must be in [1, 200] mrad")
+        # in range but far below anything physical: given in metres by mistake
+        _check_unit("defocus_range_nm", self.defocus_range_nm, "nm", 0.01, "[-12, 12] for ±12 nm")
+        _check_unit("focal_spread_range_nm", self.focal_spread_range_nm, "nm", 0.01,
+                    "[2, 6] for 2–6 nm")
+        _check_unit("max_astigmatism_nm", self.max_astigmatism_nm, "nm", 0.001, "2 for 2 nm")
+        _check_unit("cs_range_um", self.cs_range_um, "µm", 0.01, "[-25, 25] for ±25 µm")
+        _check_unit("c5_range_mm", self.c5_range_mm, "mm", 0.001, "[0, 5] for 0–5 mm")
 
 
 @dataclass(frozen=True)
@@ -234,8 +253,8 @@ class PipelineConfig:
             raise ConfigError(f"batch_size={self.batch_size} must be at least 1")
         _check_range("dose_range_e_per_A2", self.dose_range_e_per_A2, 1e-3, 1e8)
         for d in self.validation_doses_e_per_A2:
-            if d <= 0:
-                raise ConfigError(f"validation dose {d} e-/Å² must be positive")
+            if not 0 < d < math.inf:
+                raise ConfigError(f"validation dose {d} e-/Å² must be positive and finite")
 
 
 @dataclass(frozen=True)
@@ -264,6 +283,11 @@ class ModelConfig:
             raise ConfigError(f"normalization={self.normalization!r} must be batch, group or none")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        if not 1 <= self.max_height <= 255:
+            raise ConfigError(f"max_height={self.max_height} must be in [1, 255] atoms")
+        if not 0.01 <= self.pixel_size_A <= 1.0:
+            raise ConfigError(f"pixel_size_A={self.pixel_size_A} must be in [0.01, 1] Å (the "
+                              "unit is ångström)")
 
 
 @dataclass(frozen=True)
