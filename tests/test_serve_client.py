@@ -125,24 +125,10 @@ def stand_in_server(served_model):
 @pytest.fixture(scope="module")
 def served_model(tmp_path_factory):
     """A tiny untrained U-Net, exported by the project's own export code as saved_models/tiny/1."""
-    import keras
-
-    from ceriakeras.config import ModelConfig, TrainConfig, to_dict
-    from ceriakeras.export import export_run
-    from ceriakeras.model import build_unet
+    from conftest import export_tiny_model
 
     root = tmp_path_factory.mktemp("serve")
-    config = TrainConfig(model=ModelConfig(depth=2, base_filters=4, pixel_size_A=PIXEL_A))
-    keras.utils.set_random_seed(0)
-    model = build_unet(config.model)
-    run = root / "runs" / "tiny"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps(to_dict(config)))
-    (run / "metrics.json").write_text(json.dumps({}))
-    model.save(run / "checkpoints" / "best.keras")
-    model.save(run / "checkpoints" / "last.keras")
-    version_dir = Path(export_run(run, root / "saved_models" / MODEL_NAME))
-    return version_dir, root
+    return export_tiny_model(root, pixel_size_A=PIXEL_A, name=MODEL_NAME), root
 
 
 @pytest.fixture(scope="module")
