@@ -19,7 +19,6 @@ import csv
 import hashlib
 import io as _stdio
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .columns import columns_to_atoms, find_columns
-from .config import CE_COLUMN_SPACING_A, AnalyzeConfig, InputError, ModelError, to_dict
+from .config import CE_COLUMN_SPACING_A, AnalyzeConfig, InputError, ModelError
 from .io import (atomic_path, expand_inputs, model_to_input_px, open_series, resample_counts,
                  resample_factor, write_text_atomic)
 

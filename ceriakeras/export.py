@@ -114,8 +114,8 @@ def export_run(run_dir, out_dir, version: int | None = None) -> Path:
     import keras
     import tensorflow as tf
 
-    from . import model as _registers_custom_layers  # noqa: F401
     from . import train as _registers_custom_metrics  # noqa: F401
+    from .model import load_checkpoint  # also registers the custom layers
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     checkpoint = _checkpoint(run_dir)
@@ -128,14 +128,8 @@ def export_run(run_dir, out_dir, version: int | None = None) -> Path:
                          f"another --version or leave it out for the next free one")
     info = model_info(run_dir, checkpoint)
 
-    try:  # safe mode: a checkpoint that carries Python code (a Lambda layer) is refused
-        model = keras.saving.load_model(checkpoint, compile=False, safe_mode=True)
-    except ValueError as err:
-        if "safe_mode" not in str(err):
-            raise
-        raise ModelError(f"{checkpoint} holds Python code (e.g. a Lambda layer) that Keras' safe "
-                         "mode refuses to load; export only checkpoints made by ceriakeras "
-                         "train") from None
+    model = load_checkpoint(checkpoint, compile=False,
+                            instead="export only checkpoints made by ceriakeras train")
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32, name="image")])
     def serve(image):

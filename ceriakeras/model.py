@@ -18,7 +18,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from .config import ModelConfig
+from .config import ModelConfig, ModelError
 from .pipeline import poisson_sample
 
 _PACKAGE = "ceriakeras"
@@ -170,3 +170,29 @@ def build_unet(config: ModelConfig = ModelConfig(), *, noise_seed: int | None = 
     logits = keras.layers.Conv2D(config.max_height + 1, 1, name="logits")(x)
     probabilities = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
     return keras.Model(image, probabilities, name="ceriakeras_unet")
+
+
+def load_checkpoint(path, *, compile: bool = True, instead: str) -> keras.Model:
+    """Load a ``.keras`` checkpoint in Keras' safe mode (no Python code from the file runs).
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.keras`` file.
+    compile : bool
+        Restore the optimizer and loss too (for resuming training).
+    instead : str
+        What the user should do if the file is refused (ends the error message).
+
+    Raises
+    ------
+    ModelError
+        If the file holds Python code (e.g. a ``Lambda`` layer) that safe mode refuses.
+    """
+    try:
+        return keras.saving.load_model(path, compile=compile, safe_mode=True)
+    except ValueError as err:
+        if "safe_mode" not in str(err):
+            raise
+        raise ModelError(f"{path} holds Python code (e.g. a Lambda layer) that Keras' safe mode "
+                         f"refuses to load; {instead}") from None

@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from .config import ConfigError, ModelError, TrainConfig, to_dict
 from .io import write_text_atomic
-from .model import build_unet
+from .model import build_unet, load_checkpoint
 
 _PACKAGE = "ceriakeras"
 
@@ -630,14 +630,7 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
 
     with precision_policy(config.mixed_precision), strategy.scope():
         if resume:
-            try:  # safe mode: a checkpoint that carries Python code is refused
-                model = keras.saving.load_model(checkpoint, safe_mode=True)
-            except ValueError as err:
-                if "safe_mode" not in str(err):
-                    raise
-                raise ModelError(f"{checkpoint} holds Python code (e.g. a Lambda layer) that "
-                                 "Keras' safe mode refuses to load; start again with "
-                                 "--overwrite") from None
+            model = load_checkpoint(checkpoint, instead="start again with --overwrite")
             compile_model(model, config, optimizer=model.optimizer)
             print(f"resumed {run_dir} from checkpoints/{checkpoint.name} after epoch "
                   f"{initial_epoch} (optimizer step {int(model.optimizer.iterations.numpy())})",

@@ -1,6 +1,5 @@
 """Structure invariants of CeO2 nanoparticles and their Ce column table."""
 
-import dataclasses
 import math
 
 import numpy as np
