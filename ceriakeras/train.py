@@ -614,15 +614,15 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
         if out_dir == run_dir:
             _drop_log_rows(run_dir / "log.csv", initial_epoch)
     write_text_atomic(out_dir / "config.json", json.dumps(to_dict(config), indent=2))
+    weights = class_weights_from_histogram(
+        manifest["label_histogram"], config.weight_scheme, config.max_class_weight,
+        config.background_weight, num_classes=config.model.max_height + 1)
     write_text_atomic(out_dir / "dataset.json", json.dumps({
         "data_dir": str(data_dir.resolve()), "manifest_sha256": digest,
         "pixel_size_A": manifest.get("pixel_size_A"), "max_height": manifest.get("max_height"),
         "label_radius_A": manifest.get("config", {}).get("label_radius_A"),
-        "counts": manifest.get("counts")}, indent=2))
-
-    weights = class_weights_from_histogram(
-        manifest["label_histogram"], config.weight_scheme, config.max_class_weight,
-        config.background_weight, num_classes=config.model.max_height + 1)
+        "counts": manifest.get("counts"), "class_weights": [float(w) for w in weights]},
+        indent=2))
     training = make_dataset(data_dir, "train", config.pipeline, class_weights=weights,
                             training=True)
     validation = make_dataset(data_dir, "validation", config.pipeline, class_weights=weights,

@@ -101,3 +101,26 @@ def test_a_run_without_checkpoint_and_a_missing_model_are_refused(tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     with pytest.raises(ModelError, match="ceriakeras export"):
         load_served_model(tmp_path / "nothing-here")
+
+
+def test_class_weight_prior_is_undone_in_the_serving_graph(run, tmp_path):
+    """A run trained with class weights w serves softmax / w, renormalized (calibrated)."""
+    weighted_run = tmp_path / "weighted"
+    import shutil
+
+    shutil.copytree(run, weighted_run)
+    weights = np.array([0.1, 1.0, 2.0, 4.0, 0.5, 10.0])
+    dataset = json.loads((weighted_run / "dataset.json").read_text())
+    dataset["class_weights"] = weights.tolist()
+    (weighted_run / "dataset.json").write_text(json.dumps(dataset))
+    served = load_served_model(export_run(weighted_run, tmp_path / "models"))
+    assert served.info["class_weights"] == weights.tolist()
+    keras_model = keras.saving.load_model(run / "checkpoints" / "best.keras")
+    image = np.random.default_rng(2).poisson(15.0, (1, 24, 40)).astype(np.float32)
+    prob, height = served.predict(image)
+    raw = np.asarray(keras_model(image[..., None], training=False))
+    expected = raw / weights
+    expected /= expected.sum(-1, keepdims=True)
+    np.testing.assert_allclose(prob, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(height, expected.argmax(-1))
+    assert not np.allclose(prob, raw, atol=1e-3), "the correction must change the probabilities"
