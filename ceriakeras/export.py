@@ -160,6 +160,9 @@ def export_run(run_dir, out_dir, version: int | None = None) -> Path:
         (tmp / "assets" / ASSET_NAME).write_text(json.dumps(info, indent=2))
         if target.exists():  # appeared meanwhile
             raise ModelError(f"{target} already exists; choose another --version")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; TF Serving may run as another user
         os.rename(tmp, target)
     finally:
         if tmp.exists():

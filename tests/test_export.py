@@ -124,3 +124,14 @@ def test_class_weight_prior_is_undone_in_the_serving_graph(run, tmp_path):
     np.testing.assert_allclose(prob, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(height, expected.argmax(-1))
     assert not np.allclose(prob, raw, atol=1e-3), "the correction must change the probabilities"
+
+
+def test_exported_version_folder_is_readable_by_other_users(exported):
+    """TF Serving often runs as another user: the version folder must not stay mkdtemp's 0700."""
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = stat.S_IMODE(exported[0].stat().st_mode)
+    assert mode == 0o777 & ~umask
