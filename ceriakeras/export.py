@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelError
+from .io import give_ordinary_permissions
 
 ASSET_NAME = "ceriakeras.json"
 
@@ -160,9 +161,7 @@ def export_run(run_dir, out_dir, version: int | None = None) -> Path:
         (tmp / "assets" / ASSET_NAME).write_text(json.dumps(info, indent=2))
         if target.exists():  # appeared meanwhile
             raise ModelError(f"{target} already exists; choose another --version")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; TF Serving may run as another user
+        give_ordinary_permissions(tmp)  # mkdtemp makes 0700; TF Serving may run as another user
         os.rename(tmp, target)
     finally:
         if tmp.exists():

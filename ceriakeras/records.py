@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -39,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .config import SCHEMA_VERSION, ConfigError, DataError, SimulationConfig, from_dict, to_dict
-from .io import atomic_path, write_text_atomic
+from .io import atomic_path, file_sha256, write_text_atomic
 
 SPLITS = ("train", "validation", "test")
 """The three splits, in the order their particles are assigned."""
@@ -275,14 +274,6 @@ def _merge_stats(infos: Iterable[dict], n_classes: int) -> dict:
     return {"label_histogram": hist.tolist(), "parameter_ranges": {k: ranges[k] for k in sorted(ranges)}}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def iter_shard(path: str | Path, *, with_extras: bool = True) -> Iterator[dict]:
     """Parsed records of one shard as dicts of NumPy values; a damaged shard raises DataError."""
     tf = _tf()
@@ -397,7 +388,7 @@ def _check_shard(path: Path, info: dict, *, deep: bool) -> str | None:
     size = path.stat().st_size
     if size != info["bytes"]:
         return f"has {size} bytes, the manifest says {info['bytes']} (truncated or replaced)"
-    if _sha256(path) != info["sha256"]:
+    if file_sha256(path) != info["sha256"]:
         return "has changed since it was written (sha256 differs from the manifest)"
     if deep:
         tf = _tf()
@@ -605,7 +596,7 @@ class _ShardWriter:
                         n += 1
             info = {"file": shard.name, "split": shard.split, "examples": n,
                     "particles": len(shard.particles), "bytes": tmp.stat().st_size,
-                    "sha256": _sha256(tmp), **stats.to_dict()}
+                    "sha256": file_sha256(tmp), **stats.to_dict()}
         for pid in shard.particles:
             del self.results[pid]
         self.state[shard.name] = info
@@ -836,7 +827,7 @@ def write_dataset(out_dir: str | Path, count: int, shards: int, seed: int,
         path = out / shard.name
         info = state.get(shard.name)
         if path.exists() and info is not None:
-            if path.stat().st_size == info.get("bytes") and _sha256(path) == info.get("sha256"):
+            if path.stat().st_size == info.get("bytes") and file_sha256(path) == info.get("sha256"):
                 continue
         elif path.exists():   # renamed, but the progress file was not updated (crash in between)
             try:
@@ -846,7 +837,7 @@ def write_dataset(out_dir: str | Path, count: int, shards: int, seed: int,
             if stats is not None and stats["examples"] == shard.images and particles == list(shard.particles):
                 state[shard.name] = {"file": shard.name, "split": shard.split, "examples": shard.images,
                                      "particles": len(shard.particles), "bytes": path.stat().st_size,
-                                     "sha256": _sha256(path), **{k: stats[k] for k in ("label_histogram", "parameter_ranges")}}
+                                     "sha256": file_sha256(path), **{k: stats[k] for k in ("label_histogram", "parameter_ranges")}}
                 continue
         if path.exists():
             logging.getLogger(__name__).warning("shard %s is corrupt; simulating it again", path)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -33,7 +32,7 @@ import scipy.ndimage
 import tensorflow as tf
 
 from .config import ConfigError, ModelError, TrainConfig, to_dict
-from .io import write_text_atomic
+from .io import file_sha256, write_text_atomic
 from .model import build_unet, load_checkpoint
 
 _PACKAGE = "ceriakeras"
@@ -502,7 +501,7 @@ def _drop_log_rows(path: Path, first_epoch: int) -> None:
 # --- the run -----------------------------------------------------------------------------------
 def manifest_sha256(data_dir) -> str:
     """sha256 (hex) of ``data_dir/manifest.json``, the identity of a dataset."""
-    return hashlib.sha256((Path(data_dir) / "manifest.json").read_bytes()).hexdigest()
+    return file_sha256(Path(data_dir) / "manifest.json")
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
