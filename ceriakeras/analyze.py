@@ -34,7 +34,7 @@ DEFAULT_MODEL = "saved_models/ceria110"
 """The shipped model, relative to the repository (or the current folder); newest version used."""
 CSV_HEADER = ("source", "frame", "x_px", "y_px", "x_A", "y_A", "height", "confidence")
 """Columns of ``columns.csv``, in this order (the design's column table)."""
-DETAIL_COLUMNS = ("expected_height", "height_std")
+DETAIL_COLUMNS = ("expected_height_atoms", "height_std_atoms")
 """Extra columns appended with ``details=True``."""
 PROGRESS_VERSION = 1
 TRACK_RADIUS_A = 1.0
@@ -130,7 +130,7 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
         Replace earlier results in ``out_dir``. Without it a finished run is refused and an
         unfinished one with the same inputs, model and settings is resumed.
     xyz, details, progress : bool
-        Write a 3D model per frame; add ``expected_height, height_std`` to the CSV; show a
+        Write a 3D model per frame; add ``expected_height_atoms, height_std_atoms`` to the CSV; show a
         progress bar.
 
     Returns
@@ -474,7 +474,7 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
 
     by_source = {it["source"]: (it, lab) for it, lab in zip(plan, labels)}
     per_frame = {"columns": [], "total_ce": []}
-    rows_out = [("source", "frame", "columns", "total_ce", "mean_height")]
+    rows_out = [("source", "frame", "columns", "total_ce_atoms", "mean_height_atoms")]
     tracks: dict[str, dict] = {}
 
     def close_frame(source, frame, xs, ys, hs):

@@ -226,7 +226,7 @@ def export(run_dir, out_dir, version):
 @click.option("--batch-size", type=int, default=None, metavar="N",
               help="Frames per inference batch (frames; default 4).")
 @click.option("--details", is_flag=True,
-              help="Add expected_height and height_std (Ce atoms) columns to columns.csv.")
+              help="Add expected_height_atoms and height_std_atoms (Ce atoms) columns to columns.csv.")
 @click.option("--config", "config_path", type=click.Path(path_type=str), default=None,
               help="JSON/TOML file with AnalyzeConfig fields (min_distance_A in Å, threshold, …).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -136,7 +136,7 @@ def test_series_with_calibration_bad_frame_and_pictures(tmp_path, series):
     summary = analyze([path], tmp_path / "out", model=StandInModel(), config=cfg, xyz=True,
                       details=True, progress=False)
     header, rows = read_rows(tmp_path / "out" / "columns.csv")
-    assert header == list(CSV_HEADER) + ["expected_height", "height_std"]
+    assert header == list(CSV_HEADER) + ["expected_height_atoms", "height_std_atoms"]
     for i, truth in enumerate(truths):
         frame_rows = [r for r in rows if r[1] == str(i)]
         if i == 3:
