@@ -150,6 +150,10 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
     out_dir = Path(out_dir)
     paths = expand_inputs(inputs)
     served, model_id = load_model(model)
+    if config.test_time_augmentation:
+        from .export import DihedralAveraged
+
+        served = DihedralAveraged(served)
     model_px, max_height, label_radius_A = model_settings(served.info)
 
     # every header first: a bad file or pixel size stops the run before any work
@@ -170,7 +174,8 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
                     "pixel_size_A": it["pixel_size_A"]} for it in plan],
         "model": model_id,
         "settings": {"min_distance_A": config.min_distance_A, "threshold": config.threshold,
-                     "details": bool(details)},
+                     "details": bool(details),
+                     "test_time_augmentation": bool(config.test_time_augmentation)},
     }
 
     header = ",".join(CSV_HEADER + (DETAIL_COLUMNS if details else ())) + "\n"

@@ -341,6 +341,9 @@ class AnalyzeConfig:
     """Finest input pixel size accepted, Å."""
     max_pixel_size_A: float = 0.2
     """Coarsest input pixel size accepted, Å (also never coarser than the model's own)."""
+    test_time_augmentation: bool = False
+    """Average the model's probabilities over the 8 flips and 90° rotations of each frame
+    (:func:`ceriakeras.export.dihedral_average`): 8× the model time."""
 
     def validate(self) -> None:
         if not 0 < self.min_pixel_size_A <= self.max_pixel_size_A:

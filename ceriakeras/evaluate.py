@@ -466,6 +466,10 @@ def evaluate(
     out_dir = Path(out_dir)
     if (out_dir / "metrics.json").exists() and not overwrite:
         raise ConfigError(f"{out_dir} already holds an evaluation: pass --overwrite or choose another --out")
+    if config.test_time_augmentation:
+        from .export import DihedralAveraged
+
+        model = DihedralAveraged(model)
     pixel_size_A, max_height, label_radius_A = model_settings(model.info)
     manifest = read_manifest(data_dir)
     data_px = float(manifest.get("pixel_size_A", pixel_size_A))
@@ -578,7 +582,9 @@ def format_report(result: dict, plots: dict[str, str]) -> str:
         f"- Poisson noise at each dose on the noise-free images (seed {result['seed']}); columns "
         f"extracted as `ceriakeras analyze` does (min distance {cfg['min_distance_A']:g} Å, "
         f"threshold {cfg['threshold']:g}); predicted and true columns matched one to one within "
-        f"{result['match_distance_A']:g} Å (Hungarian matching).",
+        f"{result['match_distance_A']:g} Å (Hungarian matching)"
+        + ("; the network's probabilities averaged over the 8 flips and 90° rotations of each "
+           "image (test-time augmentation)." if cfg.get("test_time_augmentation") else "."),
         "- Height scores are over matched columns; calibration (ECE) is over every reported column "
         "(a spurious one counts as a wrong height).",
     ]

@@ -338,3 +338,23 @@ def test_cli_without_shipped_model(tmp_path, monkeypatch):
     res = invoke([str(tmp_path / "f.npy"), "--pixel-size", "0.1", "--out", "out", "--quiet"])
     assert res.exit_code == 2
     assert "make demo" in res.output and res.output.count("\n") == 1
+
+
+def test_test_time_augmentation_averages_eight_copies(tmp_path, series):
+    path, truths, pixel_A = series
+    plain, averaged = StandInModel(), StandInModel()
+    analyze([path], tmp_path / "plain", model=plain, config=AnalyzeConfig(batch_size=4),
+            progress=False)
+    cfg = AnalyzeConfig(batch_size=4, test_time_augmentation=True)
+    analyze([path], tmp_path / "tta", model=averaged, config=cfg, progress=False)
+    assert len(averaged.calls) == 8 * len(plain.calls)
+    _, rows = read_rows(tmp_path / "tta" / "columns.csv")
+    for i, truth in enumerate(truths):  # the stand-in is equivariant: the same columns come out
+        if i != 3:
+            match([r for r in rows if r[1] == str(i)], truth, pixel_A)
+    progress = json.loads((tmp_path / "tta" / "progress.json").read_text())
+    assert progress["identity"]["settings"]["test_time_augmentation"] is True
+    # a run with other settings is not resumed into the same folder
+    with pytest.raises(Exception, match="settings|overwrite"):
+        analyze([path], tmp_path / "tta", model=StandInModel(), config=AnalyzeConfig(),
+                progress=False)

@@ -135,3 +135,65 @@ def test_exported_version_folder_is_readable_by_other_users(exported):
     os.umask(umask)
     mode = stat.S_IMODE(exported[0].stat().st_mode)
     assert mode == 0o777 & ~umask
+
+
+# --- test-time augmentation --------------------------------------------------------------------
+def _pointwise(images):
+    """An equivariant stand-in: class probabilities that depend on each pixel's value only."""
+    x = np.asarray(images, np.float32)
+    p1 = 1.0 / (1.0 + np.exp(-(x - x.mean())))
+    probs = np.stack([1 - p1, 0.7 * p1, 0.3 * p1], axis=-1)
+    return probs, probs.argmax(-1)
+
+
+def _biased(images):
+    """A stand-in that is not equivariant: it favours class 1 towards the right and bottom."""
+    x = np.asarray(images, np.float32)
+    b, h, w = x.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    bias = np.broadcast_to((2 * xx + yy) / (2 * w + h), (b, h, w))
+    p = np.stack([1 - bias, bias * 1.0, np.zeros_like(bias)], -1) * 0.5 + 0.5 * _pointwise(x)[0]
+    return p.astype(np.float32), p.argmax(-1)
+
+
+def test_dihedral_average_of_an_equivariant_model_is_the_model():
+    from ceriakeras.export import dihedral_average
+
+    images = np.random.default_rng(1).uniform(0, 50, (2, 24, 40)).astype(np.float32)  # H ≠ W
+    probs, height = dihedral_average(_pointwise, images)
+    expected, _ = _pointwise(images)
+    assert probs.shape == (2, 24, 40, 3) and height.shape == (2, 24, 40)
+    np.testing.assert_allclose(probs, expected, atol=1e-6)  # each copy was mapped back in place
+    np.testing.assert_array_equal(height, expected.argmax(-1))
+
+
+def test_dihedral_average_makes_any_model_equivariant():
+    from ceriakeras.export import dihedral_average
+
+    image = np.random.default_rng(2).uniform(0, 50, (32, 32)).astype(np.float32)
+    assert not np.allclose(_biased(np.rot90(image)[None])[0][0], np.rot90(_biased(image[None])[0][0]))
+    probs, _ = dihedral_average(_biased, image)
+    for transform in (np.rot90, np.fliplr, np.transpose, lambda a: np.rot90(a, 3)):
+        turned, _ = dihedral_average(_biased, np.ascontiguousarray(transform(image)))
+        expected = np.stack([transform(probs[0][..., c]) for c in range(3)], -1)
+        np.testing.assert_allclose(turned[0], expected, atol=1e-6)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+
+
+def test_dihedral_average_of_the_served_model(exported):
+    from ceriakeras.export import DihedralAveraged
+
+    served = load_served_model(exported[1])
+    wrapped = DihedralAveraged(served)
+    assert wrapped.info["pixel_size_A"] == served.info["pixel_size_A"]
+    assert "test_time_augmentation" in wrapped.info
+    image = np.random.default_rng(3).uniform(10, 30, (1, 24, 36)).astype(np.float32)
+    probs, height = wrapped.predict(image)
+    assert probs.shape == (1, 24, 36, 6) and height.shape == (1, 24, 36)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    # the average of the 8 copies equals averaging by hand the first and the rotated ones
+    copies = [served.predict(image)[0]]
+    rotated, _ = served.predict(np.ascontiguousarray(np.rot90(image, 1, axes=(1, 2))))
+    copies.append(np.rot90(rotated, -1, axes=(1, 2)))
+    assert not np.allclose(copies[0], copies[1], atol=1e-4)  # the network is not equivariant…
+    assert np.abs(probs - copies[0]).max() > 1e-4             # …so the average differs from it
