@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .columns import columns_to_atoms, find_columns
+from .columns import columns_to_atoms, estimate_dose, find_columns
 from .config import CE_COLUMN_SPACING_A, AnalyzeConfig, InputError, ModelError
 from .io import (atomic_path, expand_inputs, model_to_input_px, open_series, resample_counts,
                  resample_factor, write_text_atomic)
@@ -273,10 +273,12 @@ def _run_batch(batch, item, label, offset, served, csv_file, state, progress_pat
         probabilities = np.asarray(probabilities)
         timings["model"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        for (frame, _), prob in zip(good, probabilities):
-            results[frame.index] = find_columns(prob, model_px, min_distance_A=config.min_distance_A,
-                                                threshold=config.threshold,
-                                                label_radius_A=label_radius_A)
+        calibration = served.info.get("confidence_calibration")
+        for (frame, small), prob in zip(good, probabilities):
+            results[frame.index] = find_columns(
+                prob, model_px, min_distance_A=config.min_distance_A, threshold=config.threshold,
+                label_radius_A=label_radius_A, calibration=calibration,
+                dose_e_per_A2=estimate_dose(small, model_px))
         timings["columns"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()

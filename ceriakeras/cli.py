@@ -196,17 +196,34 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
               help="Model base folder for TF Serving; the version goes in OUT/<version>/.")
 @click.option("--version", type=int, default=None, metavar="N",
               help="Version number (default: the next free integer); an existing one is never overwritten.")
+@click.option("--calibrate", "calibrate_on", type=click.Path(exists=True, file_okay=False),
+              default=None, metavar="tfrecords/NAME",
+              help="Calibrate the column `confidence` on this dataset's validation split (Platt "
+                   "scaling per dose, 20–20000 e-/Å²; recorded in assets/ceriakeras.json).")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=48, show_default=True,
+              metavar="N", help="Validation images used by --calibrate (count of images).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @_one_line_errors
-def export(run_dir, out_dir, version):
+def export(run_dir, out_dir, version, calibrate_on, calibration_images, quiet):
     """Export a trained run as a versioned SavedModel for TF Serving.
 
-    Example: ceriakeras export --run runs/demo --out saved_models/demo
+    Example: ceriakeras export --run runs/demo --out saved_models/demo --calibrate tfrecords/demo
     """
-    from .export import export_run
+    from .export import export_run, read_info
 
-    path = export_run(run_dir, out_dir, version)
+    path = export_run(run_dir, out_dir, version, calibrate_on=calibrate_on,
+                      calibration_images=calibration_images, progress=not quiet)
     click.echo(f"{path}: SavedModel, signature serving_default "
                "(image -> probabilities, height); assets/ceriakeras.json written")
+    info = read_info(path)
+    for key, what in (("confidence_calibration", ""), ("confidence_calibration_tta", ", --tta")):
+        fit = info.get(key)
+        if fit:
+            click.echo(f"confidence calibration ({fit['split']} split, {fit['n_images']} images{what}):")
+            click.echo("  dose e-/Å²   slope  intercept  ECE before  ECE after")
+            for row in zip(fit["dose_e_per_A2"], fit["slope"], fit["intercept"], fit["ece_before"],
+                           fit["ece_after"]):
+                click.echo("  {:>10g}  {:>6.3f}  {:>9.3f}  {:>10.3f}  {:>9.3f}".format(*row))
 
 
 # --- analyze -----------------------------------------------------------------------------------

@@ -25,8 +25,48 @@ def _disk_offsets(radius_px: float) -> np.ndarray:
     return np.stack([dy[inside], dx[inside]], axis=1)
 
 
+def estimate_dose(counts: np.ndarray, pixel_size_A: float) -> float:
+    """Dose of a frame in counts, e⁻/Å²: the mean count per pixel over the pixel area.
+
+    A particle scatters electrons but, in phase contrast, keeps nearly all of them in the image,
+    so the mean is the incident dose to within a few per cent.
+    """
+    return float(np.mean(counts, dtype=np.float64)) / float(pixel_size_A) ** 2
+
+
+def calibrate_confidence(confidence: np.ndarray, dose_e_per_A2: float, table: dict) -> np.ndarray:
+    """Map raw column confidences to calibrated ones: ``σ(a · logit(c) + b)``.
+
+    Parameters
+    ----------
+    confidence : array in [0, 1]
+        Raw confidence (the reported height's share of the disk's probability mass).
+    dose_e_per_A2 : float
+        Dose of the frame (:func:`estimate_dose`), e⁻/Å².
+    table : dict
+        ``dose_e_per_A2``, ``slope``, ``intercept`` fitted by
+        :func:`ceriakeras.evaluate.fit_confidence_calibration` (the model's
+        ``confidence_calibration``); slope and intercept are interpolated linearly in log dose
+        and held constant beyond the fitted doses.
+
+    Returns
+    -------
+    float64 array in [0, 1], same shape
+    """
+    from scipy.special import expit
+
+    doses = np.log(np.asarray(table["dose_e_per_A2"], np.float64))
+    x = np.log(max(float(dose_e_per_A2), 1e-6))
+    a = np.interp(x, doses, np.asarray(table["slope"], np.float64))
+    b = np.interp(x, doses, np.asarray(table["intercept"], np.float64))
+    c = np.clip(np.asarray(confidence, np.float64), 1e-4, 1 - 1e-4)
+    return expit(a * np.log(c / (1 - c)) + b)
+
+
 def find_columns(probabilities: np.ndarray, pixel_size_A: float, *, min_distance_A: float = 2.0,
-                 threshold: float = 0.3, label_radius_A: float = 0.5) -> dict[str, np.ndarray]:
+                 threshold: float = 0.3, label_radius_A: float = 0.5,
+                 calibration: dict | None = None,
+                 dose_e_per_A2: float | None = None) -> dict[str, np.ndarray]:
     """Find Ce columns and their heights in a per-pixel class probability map.
 
     Parameters
@@ -43,13 +83,19 @@ def find_columns(probabilities: np.ndarray, pixel_size_A: float, *, min_distance
     label_radius_A : float
         Radius of the labelled disk around each column the model was trained on, Å; the
         height is taken from the probability mass inside it.
+    calibration : dict, optional
+        The model's ``confidence_calibration`` (:func:`calibrate_confidence`); then
+        ``dose_e_per_A2`` (of the frame, :func:`estimate_dose`) is needed too.
+    dose_e_per_A2 : float, optional
+        Dose of the frame, e⁻/Å².
 
     Returns
     -------
     dict of (N,) arrays, sorted by row then column
         ``x_px``, ``y_px`` (float64, sub-pixel, in this map's grid; pixel centres at integers),
         ``height`` (int32, Ce atoms, ≥ 1), ``confidence`` (float64 in [0, 1]: the reported
-        height's share of the column probability mass in the disk), ``expected_height``
+        height's share of the column probability mass in the disk; with ``calibration``, that
+        share mapped to the probability that the height is right), ``expected_height``
         (float64, mass-weighted mean height) and ``height_std`` (float64, its standard deviation).
 
     Notes
@@ -63,6 +109,8 @@ def find_columns(probabilities: np.ndarray, pixel_size_A: float, *, min_distance
     p = np.asarray(probabilities)
     if p.ndim != 3 or p.shape[-1] < 2:
         raise ValueError(f"probabilities must be (H, W, C) with C ≥ 2 classes, got {p.shape}")
+    if calibration is not None and dose_e_per_A2 is None:
+        raise ValueError("a confidence calibration needs the frame's dose_e_per_A2")
     if not pixel_size_A > 0:
         raise ValueError(f"pixel_size_A={pixel_size_A} must be positive")
     if not min_distance_A > 0 or not 0 < threshold < 1 or not label_radius_A > 0:
@@ -110,6 +158,8 @@ def find_columns(probabilities: np.ndarray, pixel_size_A: float, *, min_distance
     heights = np.arange(1, n_classes, dtype=np.float64)
     best = mass.argmax(axis=1)
     confidence = np.where(total > 0, mass[np.arange(len(best)), best] / safe, 0.0)
+    if calibration is not None:
+        confidence = calibrate_confidence(confidence, dose_e_per_A2, calibration)
     expected = (mass * heights).sum(axis=1) / safe
     std = np.sqrt(np.clip((mass * (heights - expected[:, None]) ** 2).sum(axis=1) / safe, 0, None))
 

@@ -454,7 +454,7 @@ def evaluate(
         What ``metrics.json`` holds.
     """
     from .analyze import model_settings
-    from .columns import find_columns
+    from .columns import estimate_dose, find_columns
     from .pipeline import poisson_sample
     from .records import read_manifest
 
@@ -471,6 +471,7 @@ def evaluate(
 
         model = DihedralAveraged(model)
     pixel_size_A, max_height, label_radius_A = model_settings(model.info)
+    calibration = model.info.get("confidence_calibration")
     manifest = read_manifest(data_dir)
     data_px = float(manifest.get("pixel_size_A", pixel_size_A))
     if not math.isclose(data_px, pixel_size_A, rel_tol=1e-4):
@@ -500,7 +501,9 @@ def evaluate(
         probabilities = np.asarray(probabilities)
         for k, d in enumerate(doses):
             found = find_columns(probabilities[k], pixel_size_A, min_distance_A=config.min_distance_A,
-                                 threshold=config.threshold, label_radius_A=label_radius_A)
+                                 threshold=config.threshold, label_radius_A=label_radius_A,
+                                 calibration=calibration,
+                                 dose_e_per_A2=estimate_dose(noisy[k], pixel_size_A))
             network[d].add(found, true_columns, pixel_size_A, max_distance_A)
             if baseline:
                 base = baseline_columns(noisy[k], image, true_columns, d, pixel_size_A,
@@ -521,6 +524,7 @@ def evaluate(
         "analyze_config": to_dict(config),
         "model_info": {k: model.info.get(k) for k in ("pixel_size_A", "max_height", "label_radius_A",
                                                  "manifest_sha256")},
+        "confidence_calibrated": calibration is not None,
         "command": command,
         "results": [
             {"dose_e_per_A2": d,
@@ -534,6 +538,125 @@ def evaluate(
     # Last, so that a folder holding metrics.json holds a complete evaluation.
     write_text_atomic(out_dir / "metrics.json", json.dumps(result, indent=1) + "\n")
     return result
+
+
+# --- calibration of the confidence ------------------------------------------------------------
+CALIBRATION_DOSES_E_PER_A2 = (20.0, 50.0, 200.0, 1000.0, 5000.0, 20000.0)
+"""Doses at which the confidence calibration is fitted (the training envelope's ends), e⁻/Å²."""
+
+
+def fit_platt(confidence: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
+    """Platt scaling: ``(slope, intercept)`` of ``P(right) = σ(slope · logit(c) + intercept)``.
+
+    Fitted by maximum likelihood, with a weak pull towards the identity ``(1, 0)`` so that a
+    handful of columns, or all of them right, still give finite numbers.
+    """
+    from scipy.special import expit
+
+    c = np.clip(np.asarray(confidence, np.float64), 1e-4, 1 - 1e-4)
+    y = np.asarray(correct, np.float64)
+    z = np.log(c / (1 - c))
+
+    def loss(params):
+        a, b = params
+        q = np.clip(expit(a * z + b), 1e-12, 1 - 1e-12)
+        nll = -np.sum(y * np.log(q) + (1 - y) * np.log(1 - q))
+        return nll + 1e-2 * ((a - 1) ** 2 + b**2)
+
+    best = optimize.minimize(loss, x0=[1.0, 0.0], method="Nelder-Mead",
+                             options={"xatol": 1e-4, "fatol": 1e-6, "maxiter": 2000})
+    return float(best.x[0]), float(best.x[1])
+
+
+def fit_confidence_calibration(
+    predict,
+    data_dir: str | Path,
+    info: dict,
+    *,
+    doses: Sequence[float] = CALIBRATION_DOSES_E_PER_A2,
+    split: str = "validation",
+    max_images: int = 48,
+    seed: int = 1,
+    config: AnalyzeConfig | None = None,
+    progress: bool = True,
+    desc: str = "calibrate",
+) -> dict:
+    """Fit, at each dose, the Platt scaling that makes the column ``confidence`` calibrated.
+
+    The raw confidence (the reported height's share of the probability mass in the column's
+    disk) is not a probability of being right: at high dose the disk's pixels split their mass
+    between neighbouring heights although the column is nearly always right (under-confident),
+    at 20 e⁻/Å² the reverse. The same procedure as :func:`evaluate` (noise at fixed seeds,
+    columns as ``analyze`` finds them, Hungarian matching; a spurious column counts as wrong),
+    on another split (validation, not test) and noise seed, gives ``(slope, intercept)`` per dose
+    for :func:`ceriakeras.columns.calibrate_confidence`.
+
+    Parameters
+    ----------
+    predict : callable
+        ``predict(images (B, H, W) float32 counts) -> (probabilities (B, H, W, C), height)``.
+    data_dir : path
+        Dataset folder at the model's pixel size.
+    info : dict
+        ``pixel_size_A``, ``max_height``, ``label_radius_A`` of the model.
+    doses : sequence of float
+        Doses, e⁻/Å², at which to fit (interpolated in log dose in between).
+    split, max_images, seed : str, int, int
+        Which records and noise.
+
+    Returns
+    -------
+    dict
+        ``dose_e_per_A2``, ``slope``, ``intercept`` (one per dose), ``ece_before`` and
+        ``ece_after`` (on the fitted columns themselves), ``split``, ``n_images``,
+        ``n_columns`` (true Ce columns), ``seed``, ``data_dir``.
+    """
+    from .analyze import model_settings
+    from .columns import find_columns
+    from .pipeline import poisson_sample
+
+    doses = check_doses(doses)
+    config = config or AnalyzeConfig()
+    pixel_size_A, max_height, label_radius_A = model_settings(info)
+    tallies = {d: Tally() for d in doses}
+    records = _records(data_dir, split, max_images)
+    if progress:
+        from tqdm import tqdm
+
+        records = tqdm(records, total=max_images, desc=desc, unit="image", file=sys.stderr,
+                       dynamic_ncols=True)
+    n_images = n_columns = 0
+    for index, rec in enumerate(records):
+        image = np.asarray(rec["image"], np.float32)
+        true_columns = np.asarray(rec["columns"], np.float64).reshape(-1, 3)
+        noisy = np.stack([
+            np.asarray(poisson_sample(image * (d * pixel_size_A ** 2), noise_seed(seed, index, d)))
+            for d in doses
+        ]).astype(np.float32)
+        probabilities = np.asarray(predict(noisy)[0])
+        for k, d in enumerate(doses):
+            found = find_columns(probabilities[k], pixel_size_A, min_distance_A=config.min_distance_A,
+                                 threshold=config.threshold, label_radius_A=label_radius_A)
+            tallies[d].add(found, true_columns, pixel_size_A, MATCH_DISTANCE_A)
+        n_images += 1
+        n_columns += len(true_columns)
+    if n_images == 0:
+        raise DataError(f"the {split} split of {data_dir} is empty: calibrate on another dataset")
+    from .columns import calibrate_confidence
+
+    slopes, intercepts, before, after = [], [], [], []
+    for d in doses:
+        conf = np.concatenate(tallies[d].confidence)
+        right = np.concatenate(tallies[d].correct)
+        a, b = fit_platt(conf, right)
+        slopes.append(a)
+        intercepts.append(b)
+        before.append(calibration(conf, right)["ece"])
+        table = {"dose_e_per_A2": [d], "slope": [a], "intercept": [b]}
+        after.append(calibration(calibrate_confidence(conf, d, table), right)["ece"])
+    return {"dose_e_per_A2": list(doses), "slope": slopes, "intercept": intercepts,
+            "ece_before": before, "ece_after": after, "split": split, "n_images": n_images,
+            "n_columns": n_columns, "seed": seed, "data_dir": str(data_dir)}
 
 
 # --- reporting ---------------------------------------------------------------------------------
@@ -586,7 +709,9 @@ def format_report(result: dict, plots: dict[str, str]) -> str:
         + ("; the network's probabilities averaged over the 8 flips and 90° rotations of each "
            "image (test-time augmentation)." if cfg.get("test_time_augmentation") else "."),
         "- Height scores are over matched columns; calibration (ECE) is over every reported column "
-        "(a spurious one counts as a wrong height).",
+        "(a spurious one counts as a wrong height); `confidence` is "
+        + ("calibrated by the model's `confidence_calibration` (fitted on the validation split)."
+           if result.get("confidence_calibrated") else "raw (the model has no calibration)."),
     ]
     if result["command"]:
         lines.append(f"- command: `{result['command']}`")

@@ -95,7 +95,9 @@ def model_info(run_dir: Path, checkpoint: Path) -> dict:
     }
 
 
-def export_run(run_dir, out_dir, version: int | None = None) -> Path:
+def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=None,
+               calibration_images: int = 48, calibration_split: str = "validation",
+               progress: bool = False) -> Path:
     """Export a training run's best checkpoint as a TF Serving SavedModel version.
 
     Parameters
@@ -106,6 +108,17 @@ def export_run(run_dir, out_dir, version: int | None = None) -> Path:
         Model base folder, ``saved_models/NAME``; the version goes in ``out_dir/<version>/``.
     version : int, optional
         Version number (a positive integer); default: one more than the highest present.
+    calibrate_on : path, optional
+        Dataset whose validation split calibrates the column ``confidence``: a Platt scaling at
+        each of :data:`ceriakeras.evaluate.CALIBRATION_DOSES_E_PER_A2`
+        (:func:`ceriakeras.evaluate.fit_confidence_calibration`), for plain inference and for
+        test-time augmentation, recorded in ``assets/ceriakeras.json`` as
+        ``confidence_calibration`` and ``confidence_calibration_tta`` and applied by
+        :func:`ceriakeras.columns.find_columns`. The serving graph is the same either way.
+    calibration_images, calibration_split : int, str
+        How many images of which split calibrate (the validation split unless you know why not).
+    progress : bool
+        Progress bar while calibrating.
 
     Returns
     -------
@@ -148,6 +161,22 @@ def export_run(run_dir, out_dir, version: int | None = None) -> Path:
         probabilities = weighted / tf.reduce_sum(weighted, axis=-1, keepdims=True)
         height = tf.cast(tf.argmax(probabilities, axis=-1), tf.int32)
         return {"probabilities": probabilities, "height": height}
+
+    if calibrate_on is not None:
+        from .evaluate import fit_confidence_calibration
+
+        def predict(images):
+            return serve(tf.constant(np.asarray(images, np.float32)[..., None]))["probabilities"].numpy(), None
+
+        method = ("Platt scaling of the raw confidence per dose, interpolated in log dose; the "
+                  "dose is the frame's mean count per pixel area, so frames must be in counts")
+        for key, fn, desc in (("confidence_calibration", predict, "calibrate"),
+                              ("confidence_calibration_tta",
+                               lambda images: dihedral_average(predict, images), "calibrate (TTA)")):
+            fit = fit_confidence_calibration(fn, calibrate_on, info, split=calibration_split,
+                                             max_images=calibration_images, progress=progress,
+                                             desc=desc)
+            info[key] = {"method": method, **fit}
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -274,7 +303,11 @@ class DihedralAveraged:
 
     @property
     def info(self) -> dict:
-        return {**self.model.info, "test_time_augmentation": "dihedral (8 flips and rotations)"}
+        """The wrapped model's info; its ``confidence_calibration`` is the one fitted with
+        test-time augmentation (none if there is none: averaging changes the confidences)."""
+        info = {**self.model.info, "test_time_augmentation": "dihedral (8 flips and rotations)"}
+        info["confidence_calibration"] = info.pop("confidence_calibration_tta", None)
+        return info
 
     def predict(self, images) -> tuple[np.ndarray, np.ndarray]:
         return dihedral_average(self.model.predict, images)

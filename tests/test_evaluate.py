@@ -439,3 +439,115 @@ def test_cli_evaluates_an_exported_model_and_prints_the_table(tiny_dataset, tmp_
     # Results are never replaced unless asked.
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+# --- calibration of the confidence -------------------------------------------------------------
+def test_platt_fit_recovers_the_scaling_that_made_the_outcomes():
+    from scipy.special import expit, logit
+
+    from ceriakeras.evaluate import fit_platt
+
+    rng = np.random.default_rng(5)
+    c = rng.uniform(0.05, 0.95, 20000)
+    right = rng.random(c.size) < expit(2.0 * logit(c) + 0.5)
+    a, b = fit_platt(c, right)
+    assert a == pytest.approx(2.0, abs=0.1) and b == pytest.approx(0.5, abs=0.06)
+    assert calibration(expit(a * logit(c) + b), right)["ece"] < 0.02 < calibration(c, right)["ece"]
+    a, b = fit_platt(np.full(5, 0.9), np.ones(5, bool))  # all right: finite, towards 1
+    assert np.isfinite([a, b]).all() and expit(a * logit(0.9) + b) > 0.9
+
+
+def test_calibrate_confidence_interpolates_in_log_dose():
+    from scipy.special import expit, logit
+
+    from ceriakeras.columns import calibrate_confidence
+
+    table = {"dose_e_per_A2": [10.0, 1000.0], "slope": [1.0, 3.0], "intercept": [0.0, 1.0]}
+    c = np.array([0.2, 0.5, 0.9])
+    np.testing.assert_allclose(calibrate_confidence(c, 10.0, table), c, atol=1e-9)
+    np.testing.assert_allclose(calibrate_confidence(c, 1.0, table), c, atol=1e-9)   # held below
+    np.testing.assert_allclose(calibrate_confidence(c, 1e5, table), expit(3 * logit(c) + 1))
+    np.testing.assert_allclose(calibrate_confidence(c, 100.0, table), expit(2 * logit(c) + 0.5))
+
+
+def test_find_columns_needs_the_dose_to_calibrate():
+    from ceriakeras.columns import find_columns
+
+    p = np.zeros((16, 16, 3), np.float32)
+    p[..., 0] = 1.0
+    p[8, 8] = [0.1, 0.6, 0.3]
+    table = {"dose_e_per_A2": [100.0], "slope": [2.0], "intercept": [0.0]}
+    with pytest.raises(ValueError, match="dose"):
+        find_columns(p, 0.2, calibration=table)
+    raw = find_columns(p, 0.2)
+    cal = find_columns(p, 0.2, calibration=table, dose_e_per_A2=100.0)
+    assert raw["confidence"][0] == pytest.approx(0.6 / 0.9)
+    assert cal["confidence"][0] == pytest.approx(1 / (1 + (0.3 / 0.6) ** 2))  # odds squared
+    np.testing.assert_array_equal(raw["height"], cal["height"])
+
+
+class SoftOracle(LabelOracle):
+    """The oracle, but it gives only ``share`` of each column pixel's height mass to the right
+    height and spreads the rest evenly: always right, and under-confident."""
+
+    def __init__(self, records, info, share=0.4):
+        super().__init__(records, info)
+        self.share = share
+
+    def predict(self, images):
+        probs, heights = super().predict(images)
+        column = probs[..., 0] < 0.5
+        n_h = probs.shape[-1] - 1
+        soft = np.where(probs[..., 1:] > 0.5, self.share, (1 - self.share) / (n_h - 1))
+        probs[..., 1:] = np.where(column[..., None], soft, 0.0)
+        return probs, heights
+
+
+@pytest.mark.slow
+def test_fitted_calibration_fixes_an_under_confident_model(tiny_dataset, tmp_path):
+    from ceriakeras.evaluate import evaluate, fit_confidence_calibration
+
+    data, records, info = tiny_dataset
+    model = SoftOracle(records, info)
+    fit = fit_confidence_calibration(model.predict, data, info, doses=(50.0, 5000.0), split="test",
+                                     max_images=2, progress=False)
+    assert fit["dose_e_per_A2"] == [50.0, 5000.0] and fit["n_images"] == 2
+    from ceriakeras.columns import calibrate_confidence
+
+    for before, after, dose in zip(fit["ece_before"], fit["ece_after"], fit["dose_e_per_A2"]):
+        assert before > 0.4            # right every time, confidence ≈ 0.4
+        assert after < 0.05 and calibrate_confidence(np.array([0.4]), dose, fit)[0] > 0.95
+    # evaluate() applies the model's calibration (other images and noise: still calibrated)
+    model.info = dict(info, confidence_calibration=fit)
+    result = evaluate(model, data, tmp_path / "ev", doses=(50.0, 5000.0), progress=False,
+                      baseline=False)
+    assert result["confidence_calibrated"] is True
+    for r in result["results"]:
+        assert r["network"]["ece"] < 0.05
+    assert "calibrated by the model" in (tmp_path / "ev" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_export_records_calibrations_for_plain_and_augmented_inference(tiny_dataset, tmp_path):
+    import keras
+
+    from ceriakeras.config import ModelConfig, TrainConfig, to_dict
+    from ceriakeras.export import DihedralAveraged, export_run, load_served_model
+    from ceriakeras.model import build_unet
+
+    data, records, info = tiny_dataset
+    config = TrainConfig(model=ModelConfig(depth=1, base_filters=2, pixel_size_A=info["pixel_size_A"]))
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(to_dict(config)))
+    build_unet(config.model).save(run / "checkpoints" / "best.keras")
+    served = load_served_model(export_run(run, tmp_path / "m", calibrate_on=data,
+                                          calibration_split="test", calibration_images=1))
+    keras.backend.clear_session()
+    plain, tta = served.info["confidence_calibration"], served.info["confidence_calibration_tta"]
+    for fit in (plain, tta):
+        assert len(fit["slope"]) == len(fit["intercept"]) == len(fit["dose_e_per_A2"]) == 6
+        assert fit["n_images"] == 1 and fit["split"] == "test" and "counts" in fit["method"]
+        assert np.isfinite(fit["slope"]).all() and np.isfinite(fit["intercept"]).all()
+    assert DihedralAveraged(served).info["confidence_calibration"] == tta
+    assert "confidence_calibration_tta" not in DihedralAveraged(served).info
