@@ -48,12 +48,17 @@ def _read(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def test_shipped_model_finds_columns_and_heights_at_high_dose(frames, tmp_path):
-    stack = np.stack([f for f, _ in frames])
-    np.save(tmp_path / "series.npy", stack)
-    analyze([tmp_path / "series.npy"], tmp_path / "out", pixel_size_A=INPUT_PIXEL_A,
-            config=AnalyzeConfig(), progress=False)
-    rows = _read(tmp_path / "out" / "columns.csv")
+@pytest.fixture(scope="module")
+def rows(frames, tmp_path_factory):
+    """columns.csv of `analyze` with the shipped model on the frames."""
+    tmp = tmp_path_factory.mktemp("shipped")
+    np.save(tmp / "series.npy", np.stack([f for f, _ in frames]))
+    analyze([tmp / "series.npy"], tmp / "out", pixel_size_A=INPUT_PIXEL_A, config=AnalyzeConfig(),
+            progress=False)
+    return _read(tmp / "out" / "columns.csv")
+
+
+def test_shipped_model_finds_columns_and_heights_at_high_dose(frames, rows):
     n_true = n_found = n_matched = n_right = n_within_1 = 0
     position_errors_A = []
     for k, (_, truth) in enumerate(frames):
@@ -72,11 +77,31 @@ def test_shipped_model_finds_columns_and_heights_at_high_dose(frames, tmp_path):
     assert np.median(position_errors_A) < 0.25
     assert np.mean(np.asarray(position_errors_A) < 0.5) > 0.95
     assert recall > 0.9 and precision > 0.9, (recall, precision)
-    # Heights: floors under what the shipped model measures (docs/model.md: 0.57 exact and 0.94
+    # Heights: floors under what the shipped model measures (docs/model.md: 0.62 exact and 0.95
     # within ±1 on the test split at 5000 e-/Å²), well above chance (1 in 13 heights). The issue's
     # targets (0.95 / 0.995) are not reached by this CPU-trained model; see docs/model.md.
     assert n_right / n_matched > 0.5, n_right / n_matched
     assert n_within_1 / n_matched > 0.85, n_within_1 / n_matched
+
+
+def test_shipped_models_confidence_is_calibrated(frames, rows):
+    """`confidence` is the probability that the height is right (docs/design.md): over these
+    unseen frames the mean confidence is the fraction right, and so in confidence bins."""
+    from ceriakeras.evaluate import calibration
+
+    confidence, right = [], []
+    for k, (_, truth) in enumerate(frames):
+        sel = [r for r in rows if int(r["frame"]) == k]
+        xy = np.array([[float(r["x_px"]), float(r["y_px"])] for r in sel]).reshape(-1, 2)
+        h = np.array([int(r["height"]) for r in sel])
+        pi, ti = match_columns(xy, truth[:, :2], 1.0 / INPUT_PIXEL_A)
+        ok = np.zeros(len(sel), bool)   # a spurious column is a wrong height
+        ok[pi] = h[pi] == truth[ti, 2].astype(int)
+        confidence.extend(float(r["confidence"]) for r in sel)
+        right.extend(ok)
+    confidence, right = np.array(confidence), np.array(right)
+    assert abs(confidence.mean() - right.mean()) < 0.08, (confidence.mean(), right.mean())
+    assert calibration(confidence, right)["ece"] < 0.1
 
 
 def test_shipped_model_assets_describe_it():
@@ -86,6 +111,13 @@ def test_shipped_model_assets_describe_it():
     assert info["pixel_size_A"] == pytest.approx(0.2)
     assert info["max_height"] >= 14
     assert set(info) >= {"label_radius_A", "manifest_sha256", "metrics", "versions"}
+    for key in ("confidence_calibration", "confidence_calibration_tta"):
+        fit = info[key]
+        assert fit["split"] == "validation" and fit["n_images"] >= 48
+        assert min(fit["dose_e_per_A2"]) <= 20 and max(fit["dose_e_per_A2"]) >= 20000
+        # on the validation columns it was fitted to: within the issue's 0.05 at every dose
+        assert max(fit["ece_after"]) <= 0.05 < max(fit["ece_before"])
+        assert np.mean(fit["ece_after"]) < np.mean(fit["ece_before"])
 
 
 @pytest.mark.slow
