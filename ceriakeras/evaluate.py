@@ -399,6 +399,68 @@ def _records(data_dir: str | Path, split: str, max_images: int | None) -> Iterat
             yield rec
 
 
+def noisy_predictions(predict, data_dir: str | Path, split: str, doses: Sequence[float],
+                      pixel_size_A: float, *, seed: int = 0, max_images: int | None = None,
+                      progress: bool = True, desc: str = "evaluate") -> Iterator[tuple]:
+    """The split's records with Poisson noise at each dose and the model's answer to them.
+
+    Parameters
+    ----------
+    predict : callable
+        ``predict(images (B, H, W) float32 counts) -> (probabilities (B, H, W, C), height)``.
+    data_dir : path
+        Dataset folder; its pixel size must be ``pixel_size_A``.
+    split, doses, pixel_size_A, seed, max_images
+        Which records, doses (e⁻/Å²), the model's pixel size (Å), the noise seed (see
+        :func:`noise_seed`) and at most how many records.
+
+    Yields
+    ------
+    image : (H, W) float32
+        The noise-free image (relative intensity, vacuum 1).
+    true_columns : (M, 3) float64
+        ``x_px, y_px, height``.
+    noisy : (D, H, W) float32
+        Counts at each dose.
+    probabilities : (D, H, W, C) array
+
+    Raises
+    ------
+    DataError
+        The dataset's pixel size differs from the model's, or the split is empty.
+    """
+    from .pipeline import poisson_sample
+    from .records import read_manifest
+
+    manifest = read_manifest(data_dir)
+    data_px = float(manifest.get("pixel_size_A", pixel_size_A))
+    if not math.isclose(data_px, pixel_size_A, rel_tol=1e-4):
+        raise DataError(
+            f"{data_dir} has {data_px:g} Å pixels but the model works at {pixel_size_A:g} Å: "
+            "simulate the test data at the model's pixel size (--pixel-size of `ceriakeras simulate`)"
+        )
+    available = int(manifest["counts"].get(split, 0))
+    records = _records(data_dir, split, max_images)
+    if progress:
+        from tqdm import tqdm
+
+        records = tqdm(records, total=min(available, max_images or available), desc=desc,
+                       unit="image", file=sys.stderr, dynamic_ncols=True)
+    n_images = 0
+    for index, rec in enumerate(records):
+        image = np.asarray(rec["image"], np.float32)
+        true_columns = np.asarray(rec["columns"], np.float64).reshape(-1, 3)
+        noisy = np.stack([
+            np.asarray(poisson_sample(image * (d * pixel_size_A ** 2), noise_seed(seed, index, d)))
+            for d in doses
+        ]).astype(np.float32)
+        probabilities, _ = predict(noisy)
+        n_images += 1
+        yield image, true_columns, noisy, np.asarray(probabilities)
+    if n_images == 0:
+        raise DataError(f"the {split} split of {data_dir} is empty: simulate more particles")
+
+
 def evaluate(
     model: Any,
     data_dir: str | Path,
@@ -455,8 +517,6 @@ def evaluate(
     """
     from .analyze import model_settings
     from .columns import estimate_dose, find_columns
-    from .pipeline import poisson_sample
-    from .records import read_manifest
 
     doses = check_doses(doses)
     config = config or AnalyzeConfig()
@@ -472,33 +532,13 @@ def evaluate(
         model = DihedralAveraged(model)
     pixel_size_A, max_height, label_radius_A = model_settings(model.info)
     calibration = model.info.get("confidence_calibration")
-    manifest = read_manifest(data_dir)
-    data_px = float(manifest.get("pixel_size_A", pixel_size_A))
-    if not math.isclose(data_px, pixel_size_A, rel_tol=1e-4):
-        raise DataError(
-            f"{data_dir} has {data_px:g} Å pixels but the model works at {pixel_size_A:g} Å: "
-            "simulate the test data at the model's pixel size (--pixel-size of `ceriakeras simulate`)"
-        )
-    available = int(manifest["counts"].get(split, 0))
 
     network = {d: Tally() for d in doses}
     classical = {d: Tally() for d in doses}
     n_images = 0
-    records = _records(data_dir, split, max_images)
-    if progress:
-        from tqdm import tqdm
-
-        records = tqdm(records, total=min(available, max_images or available), desc="evaluate",
-                       unit="image", file=sys.stderr, dynamic_ncols=True)
-    for index, rec in enumerate(records):
-        image = np.asarray(rec["image"], np.float32)
-        true_columns = np.asarray(rec["columns"], np.float64).reshape(-1, 3)
-        noisy = np.stack([
-            np.asarray(poisson_sample(image * (d * pixel_size_A ** 2), noise_seed(seed, index, d)))
-            for d in doses
-        ]).astype(np.float32)
-        probabilities, _ = model.predict(noisy)
-        probabilities = np.asarray(probabilities)
+    for image, true_columns, noisy, probabilities in noisy_predictions(
+            model.predict, data_dir, split, doses, pixel_size_A, seed=seed, max_images=max_images,
+            progress=progress):
         for k, d in enumerate(doses):
             found = find_columns(probabilities[k], pixel_size_A, min_distance_A=config.min_distance_A,
                                  threshold=config.threshold, label_radius_A=label_radius_A,
@@ -511,8 +551,6 @@ def evaluate(
                                         min_distance_A=config.min_distance_A)
                 classical[d].add(base, true_columns, pixel_size_A, max_distance_A)
         n_images += 1
-    if n_images == 0:
-        raise DataError(f"the {split} split of {data_dir} is empty: simulate more particles")
 
     result = {
         "data_dir": str(data_dir),
@@ -612,38 +650,22 @@ def fit_confidence_calibration(
         ``n_columns`` (true Ce columns), ``seed``, ``data_dir``.
     """
     from .analyze import model_settings
-    from .columns import find_columns
-    from .pipeline import poisson_sample
+    from .columns import calibrate_confidence, find_columns
 
     doses = check_doses(doses)
     config = config or AnalyzeConfig()
     pixel_size_A, max_height, label_radius_A = model_settings(info)
     tallies = {d: Tally() for d in doses}
-    records = _records(data_dir, split, max_images)
-    if progress:
-        from tqdm import tqdm
-
-        records = tqdm(records, total=max_images, desc=desc, unit="image", file=sys.stderr,
-                       dynamic_ncols=True)
     n_images = n_columns = 0
-    for index, rec in enumerate(records):
-        image = np.asarray(rec["image"], np.float32)
-        true_columns = np.asarray(rec["columns"], np.float64).reshape(-1, 3)
-        noisy = np.stack([
-            np.asarray(poisson_sample(image * (d * pixel_size_A ** 2), noise_seed(seed, index, d)))
-            for d in doses
-        ]).astype(np.float32)
-        probabilities = np.asarray(predict(noisy)[0])
+    for _, true_columns, _, probabilities in noisy_predictions(
+            predict, data_dir, split, doses, pixel_size_A, seed=seed, max_images=max_images,
+            progress=progress, desc=desc):
         for k, d in enumerate(doses):
             found = find_columns(probabilities[k], pixel_size_A, min_distance_A=config.min_distance_A,
                                  threshold=config.threshold, label_radius_A=label_radius_A)
             tallies[d].add(found, true_columns, pixel_size_A, MATCH_DISTANCE_A)
         n_images += 1
         n_columns += len(true_columns)
-    if n_images == 0:
-        raise DataError(f"the {split} split of {data_dir} is empty: calibrate on another dataset")
-    from .columns import calibrate_confidence
-
     slopes, intercepts, before, after = [], [], [], []
     for d in doses:
         conf = np.concatenate(tallies[d].confidence)

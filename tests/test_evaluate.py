@@ -390,6 +390,12 @@ def test_evaluation_refuses_a_dataset_at_another_pixel_size(tiny_dataset, tmp_pa
     model = LabelOracle(records, dict(info, pixel_size_A=info["pixel_size_A"] / 2))
     with pytest.raises(DataError, match="pixel"):
         evaluate(model, data, tmp_path / "ev", doses=(20.0,), progress=False)
+    from ceriakeras.evaluate import fit_confidence_calibration
+
+    with pytest.raises(DataError, match="pixel"):   # calibrating reads the data the same way
+        fit_confidence_calibration(model.predict, data, model.info, split="test", progress=False)
+    with pytest.raises(DataError, match="empty"):
+        fit_confidence_calibration(LabelOracle(records, info).predict, data, info, progress=False)
     assert model.calls == 0
 
 
