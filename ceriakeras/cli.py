@@ -244,7 +244,7 @@ def export(run_dir, out_dir, version, calibrate_on, calibration_images, quiet):
               help="Frames per inference batch (frames; default 4).")
 @click.option("--tta", "tta", is_flag=True, default=None,
               help="Test-time augmentation: average the model over the 8 flips and 90° rotations "
-                   "of each frame (more accurate heights, 8× the model time).")
+                   "of each frame (slightly better heights, 8× the model time).")
 @click.option("--details", is_flag=True,
               help="Add expected_height_atoms and height_std_atoms (Ce atoms) columns to columns.csv.")
 @click.option("--config", "config_path", type=click.Path(path_type=str), default=None,

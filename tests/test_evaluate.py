@@ -411,22 +411,28 @@ def test_cli_refuses_bad_doses(tmp_path, doses, message):
     assert message in result.output
 
 
+def _untrained_run(run, info):
+    """A run folder as ``train`` leaves it, with an untrained depth-1 U-Net at the data's pixels."""
+    from ceriakeras.config import ModelConfig, TrainConfig, to_dict
+    from ceriakeras.model import build_unet
+
+    config = TrainConfig(model=ModelConfig(depth=1, base_filters=2, pixel_size_A=info["pixel_size_A"]))
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(to_dict(config)))
+    build_unet(config.model).save(run / "checkpoints" / "best.keras")
+    return run
+
+
 @pytest.mark.slow
 def test_cli_evaluates_an_exported_model_and_prints_the_table(tiny_dataset, tmp_path):
     import keras
     from click.testing import CliRunner
 
     from ceriakeras.cli import main
-    from ceriakeras.config import ModelConfig, TrainConfig, to_dict
     from ceriakeras.export import export_run
-    from ceriakeras.model import build_unet
 
     data, records, info = tiny_dataset
-    config = TrainConfig(model=ModelConfig(depth=1, base_filters=2, pixel_size_A=info["pixel_size_A"]))
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps(to_dict(config)))
-    build_unet(config.model).save(run / "checkpoints" / "best.keras")
+    run = _untrained_run(tmp_path / "run", info)
     export_run(run, tmp_path / "saved_models" / "tiny")
     keras.backend.clear_session()
 
@@ -445,6 +451,12 @@ def test_cli_evaluates_an_exported_model_and_prints_the_table(tiny_dataset, tmp_
     # Results are never replaced unless asked.
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2 and "--overwrite" in again.output
+    # --tta: the 8 flips and rotations averaged, and said so
+    tta = CliRunner().invoke(main, args[:-1] + [str(tmp_path / "ev-tta"), "--tta"])
+    assert tta.exit_code == 0, tta.output
+    saved = json.loads((tmp_path / "ev-tta" / "metrics.json").read_text())
+    assert saved["analyze_config"]["test_time_augmentation"] is True
+    assert "test-time augmentation" in (tmp_path / "ev-tta" / "report.md").read_text()
 
 
 # --- calibration of the confidence -------------------------------------------------------------
@@ -537,16 +549,10 @@ def test_fitted_calibration_fixes_an_under_confident_model(tiny_dataset, tmp_pat
 def test_export_records_calibrations_for_plain_and_augmented_inference(tiny_dataset, tmp_path):
     import keras
 
-    from ceriakeras.config import ModelConfig, TrainConfig, to_dict
     from ceriakeras.export import DihedralAveraged, export_run, load_served_model
-    from ceriakeras.model import build_unet
 
     data, records, info = tiny_dataset
-    config = TrainConfig(model=ModelConfig(depth=1, base_filters=2, pixel_size_A=info["pixel_size_A"]))
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps(to_dict(config)))
-    build_unet(config.model).save(run / "checkpoints" / "best.keras")
+    run = _untrained_run(tmp_path / "run", info)
     served = load_served_model(export_run(run, tmp_path / "m", calibrate_on=data,
                                           calibration_split="test", calibration_images=1))
     keras.backend.clear_session()
