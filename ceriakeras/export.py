@@ -165,14 +165,12 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
     if calibrate_on is not None:
         from .evaluate import fit_confidence_calibration
 
-        def predict(images):
-            return serve(tf.constant(np.asarray(images, np.float32)[..., None]))["probabilities"].numpy(), None
-
+        served = ServedModel(path=target, info=info, signature=serve)  # what consumers will run
         method = ("Platt scaling of the raw confidence per dose, interpolated in log dose; the "
                   "dose is the frame's mean count per pixel area, so frames must be in counts")
-        for key, fn, desc in (("confidence_calibration", predict, "calibrate"),
-                              ("confidence_calibration_tta",
-                               lambda images: dihedral_average(predict, images), "calibrate (TTA)")):
+        for key, fn, desc in (("confidence_calibration", served.predict, "calibrate"),
+                              ("confidence_calibration_tta", DihedralAveraged(served).predict,
+                               "calibrate (TTA)")):
             fit = fit_confidence_calibration(fn, calibrate_on, info, split=calibration_split,
                                              max_images=calibration_images, progress=progress,
                                              desc=desc)
