@@ -2,13 +2,18 @@
 
 Every command turns a :class:`ceriakeras.config.CeriakerasError` into one line on stderr
 (``error: …``) and exit status 2. Heavy libraries (TensorFlow, abTEM) are imported inside the
-commands so that ``--help`` is instant.
+commands so that ``--help`` is instant, and only after :mod:`ceriakeras.preflight` has checked
+the arguments, paths, file headers and the model's JSON, so bad input is refused before
+TensorFlow loads. TensorFlow's, absl's and CUDA's own log lines are hidden unless ``--verbose``
+is given (:func:`load_tensorflow`).
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import logging
+import os
 import sys
 
 import click
@@ -24,6 +29,7 @@ def _one_line_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        _quiet_libraries()
         try:
             return func(*args, **kwargs)
         except CeriakerasError as err:
@@ -44,13 +50,86 @@ def _one_line_errors(func):
     return wrapper
 
 
+def _verbose() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("verbose"))
+
+
+def load_tensorflow(verbose: bool | None = None) -> None:
+    """Import TensorFlow and find its devices now, without its start-up lines on the terminal.
+
+    TensorFlow prints lines before its logging is set up (``All log messages before
+    absl::InitializeLog()``, oneDNN, ``cudart_stub``, ``cpu_feature_guard``) and, on a machine
+    without a GPU, ``E0000 … failed call to cuInit`` when the devices are first listed;
+    ``TF_CPP_MIN_LOG_LEVEL`` silences only some of them. So, unless ``verbose`` (default: the
+    ``--verbose`` flag), the import and the device discovery run with file descriptor 2 sent to
+    ``/dev/null``; afterwards ``TF_CPP_MIN_LOG_LEVEL=2`` (unless already set) keeps TensorFlow's
+    C++ info and warning lines away, and the ``tensorflow`` and ``absl`` Python loggers show
+    errors only. Errors are still raised as exceptions and reported by the command. With
+    ``--verbose`` nothing is changed.
+    """
+    if verbose is None:
+        verbose = _verbose()
+    if verbose:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable stderr: nothing to keep quiet
+        saved = None
+    try:
+        if saved is not None:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 2)
+            os.close(null)
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # cuInit happens here, still in the quiet window
+    finally:
+        if saved is not None:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+    import absl.logging
+
+    tf.get_logger().setLevel(logging.ERROR)
+    absl.logging.set_verbosity(absl.logging.ERROR)
+
+
+def _quiet_libraries() -> None:
+    """Library log lines that are not errors stay off the terminal unless ``--verbose``."""
+    if not _verbose():
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        logging.getLogger("tifffile").setLevel(logging.ERROR)  # header damage is our one line
+
+
+def _set_verbose(ctx, param, value):
+    if value:
+        ctx.find_root().params["verbose"] = True
+
+
+def _verbose_option(func):
+    """``--verbose`` after the command name too (``ceriakeras analyze --verbose …``)."""
+    return click.option("--verbose", is_flag=True, expose_value=False, callback=_set_verbose,
+                        help="Show TensorFlow's, absl's and CUDA's own log lines.")(func)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="ceriakeras")
-def main():
+@click.option("--verbose", is_flag=True,
+              help="Show TensorFlow's, absl's and CUDA's own log lines (hidden by default).")
+def main(verbose):
     """Atomic column heights of CeO2 nanoparticles from single low-dose HRTEM images.
 
     Units everywhere: Å (lengths, pixel sizes), nm (defocus, focal spread), µm (Cs), mm (C5),
     keV (beam energy), e⁻/Å² (dose per image), atoms (column heights).
+
+    Arguments, paths, file headers and the model are checked before TensorFlow loads; give
+    --verbose (before or after the command name) to see TensorFlow's log.
     """
 
 
@@ -83,6 +162,7 @@ def main():
               help="Re-simulate the missing or corrupt shards of a dataset (other options default to its manifest).")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset made with other parameters in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_verbose_option
 @_one_line_errors
 def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell_size_A, pixel_size_A,
              optics_per_exit_wave, preview, save_structures, repair, overwrite, quiet):
@@ -124,6 +204,7 @@ def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell
         raise ConfigError("--count N (number of images) is required, e.g. --count 1000")
     else:
         config = load_config(SimulationConfig, config_path, **overrides)
+    load_tensorflow()  # the shards are written with TensorFlow
     manifest = write_dataset(
         out_dir, count, 16 if shards is None else shards, 0 if seed is None else seed, config,
         workers=workers or 1, scheduler=scheduler, save_structures=save_structures, preview=preview,
@@ -156,6 +237,7 @@ def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Delete the run in --out and start again.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_verbose_option
 @_one_line_errors
 def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, resume, overwrite, quiet):
     """Train the U-Net on a simulated dataset.
@@ -166,12 +248,13 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
     from pathlib import Path
 
     from .config import ConfigError, TrainConfig, load_config
-    from .train import train as train_run
+    from .preflight import check_train
 
     for name, value in (("--epochs", epochs), ("--steps-per-epoch", steps_per_epoch),
                         ("--batch-size", batch_size)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} {value} must be at least 1")
+    check_train(data_dir, run_dir, resume=resume, overwrite=overwrite)
     if config_path is None and resume and (Path(run_dir) / "config.json").is_file():
         config_path = str(Path(run_dir) / "config.json")
     config = load_config(TrainConfig, config_path, epochs=epochs, steps_per_epoch=steps_per_epoch)
@@ -179,6 +262,9 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
         config = dataclasses.replace(
             config, pipeline=dataclasses.replace(config.pipeline, batch_size=batch_size))
         config.validate()
+    load_tensorflow()
+    from .train import train as train_run
+
     result = train_run(data_dir, run_dir, config, resume=resume, overwrite=overwrite,
                        progress=not quiet)
     resumed = f" (resumed after epoch {result['initial_epoch']})" if result["resumed"] else ""
@@ -203,12 +289,17 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
 @click.option("--calibration-images", type=click.IntRange(min=1), default=48, show_default=True,
               metavar="N", help="Validation images used by --calibrate (count of images).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_verbose_option
 @_one_line_errors
 def export(run_dir, out_dir, version, calibrate_on, calibration_images, quiet):
     """Export a trained run as a versioned SavedModel for TF Serving.
 
     Example: ceriakeras export --run runs/demo --out saved_models/demo --calibrate tfrecords/demo
     """
+    from .preflight import check_export
+
+    check_export(run_dir, out_dir, version, calibrate_on=calibrate_on)
+    load_tensorflow()
     from .export import export_run, read_info
 
     path = export_run(run_dir, out_dir, version, calibrate_on=calibrate_on,
@@ -250,6 +341,7 @@ def export(run_dir, out_dir, version, calibrate_on, calibration_images, quiet):
 @click.option("--config", "config_path", type=click.Path(path_type=str), default=None,
               help="JSON/TOML file with AnalyzeConfig fields (min_distance_A in Å, threshold, …).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_verbose_option
 @_one_line_errors
 def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every, batch_size,
             tta, details, config_path, quiet):
@@ -260,14 +352,16 @@ def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every,
     frame and, for a series, heights and total Ce over time. An interrupted run resumes when
     rerun with the same arguments.
     """
-    from .analyze import analyze as run_analyze, format_summary
-    from .config import AnalyzeConfig, InputError, load_config
+    from .config import AnalyzeConfig, load_config
+    from .preflight import check_analyze
 
-    if pixel_size_A is not None and not 0 < pixel_size_A < float("inf"):
-        raise InputError(f"--pixel-size {pixel_size_A} must be a positive pixel size in Å "
-                         "(0.05–0.2 Å)")
     config = load_config(AnalyzeConfig, config_path, overlay_every=overlay_every,
                          batch_size=batch_size, test_time_augmentation=tta or None)
+    check_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A, config=config,
+                  overwrite=overwrite)
+    load_tensorflow()
+    from .analyze import analyze as run_analyze, format_summary
+
     summary = run_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A,
                           config=config, overwrite=overwrite, xyz=xyz, details=details,
                           progress=not quiet)
@@ -277,7 +371,7 @@ def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every,
 
 # --- evaluate ----------------------------------------------------------------------------------
 def _parse_doses(ctx, param, value: str) -> tuple[float, ...]:
-    from .evaluate import check_doses
+    from .scoring import check_doses
 
     try:
         numbers = [float(v) for v in value.split(",") if v.strip()]
@@ -307,6 +401,7 @@ def _parse_doses(ctx, param, value: str) -> tuple[float, ...]:
               help="Test-time augmentation, as `analyze --tta` (8 flips and rotations averaged).")
 @click.option("--no-baseline", is_flag=True, help="Skip the classical baseline.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier evaluation in --out.")
+@_verbose_option
 @_one_line_errors
 def evaluate(model_path, data_dir, doses, out_dir, split, max_images, seed, tta, no_baseline,
              overwrite):
@@ -319,14 +414,18 @@ def evaluate(model_path, data_dir, doses, out_dir, split, max_images, seed, tta,
     from pathlib import Path
 
     from .config import AnalyzeConfig
-    from .evaluate import evaluate as run_evaluation
-    from .evaluate import format_table
-    from .export import load_served_model
+    from .preflight import check_evaluate
 
     if out_dir is None:
         name = Path(model_path).resolve()
         name = name.parent.name if name.name.isdigit() else name.name
         out_dir = Path("results") / f"evaluate-{name}"
+    check_evaluate(model_path, data_dir, out_dir, split=split, overwrite=overwrite)
+    load_tensorflow()
+    from .evaluate import evaluate as run_evaluation
+    from .evaluate import format_table
+    from .export import load_served_model
+
     model = load_served_model(model_path)
     result = run_evaluation(
         model, data_dir, out_dir, doses=doses, split=split, seed=seed, max_images=max_images,
