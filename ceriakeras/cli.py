@@ -5,13 +5,15 @@ Every command turns a :class:`ceriakeras.config.CeriakerasError` into one line o
 commands so that ``--help`` is instant, and only after :mod:`ceriakeras.preflight` has checked
 the arguments, paths, file headers and the model's JSON, so bad input is refused before
 TensorFlow loads. TensorFlow's, absl's and CUDA's own log lines are hidden unless ``--verbose``
-is given (:func:`load_tensorflow`).
+is given (:func:`_quiet_libraries`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
+import importlib.abc
 import logging
 import os
 import sys
@@ -25,11 +27,12 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 
 
 def _one_line_errors(func):
-    """Report user errors as one line and a non-zero exit instead of a traceback."""
+    """Report user errors as one line and a non-zero exit instead of a traceback; library log
+    lines stay off the terminal meanwhile (:func:`_quiet_libraries`)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        _quiet_libraries()
+        finder = _quiet_libraries()
         try:
             return func(*args, **kwargs)
         except CeriakerasError as err:
@@ -46,6 +49,9 @@ def _one_line_errors(func):
                        "choose a folder you may write to, then rerun the same command (finished "
                        "parts are kept)", err=True)
             sys.exit(2)
+        finally:
+            if finder in sys.meta_path:  # TensorFlow was not needed: leave the importer as it was
+                sys.meta_path.remove(finder)
 
     return wrapper
 
@@ -55,56 +61,94 @@ def _verbose() -> bool:
     return bool(ctx and ctx.find_root().params.get("verbose"))
 
 
-def load_tensorflow(verbose: bool | None = None) -> None:
-    """Import TensorFlow and find its devices now, without its start-up lines on the terminal.
-
-    TensorFlow prints lines before its logging is set up (``All log messages before
-    absl::InitializeLog()``, oneDNN, ``cudart_stub``, ``cpu_feature_guard``) and, on a machine
-    without a GPU, ``E0000 … failed call to cuInit`` when the devices are first listed;
-    ``TF_CPP_MIN_LOG_LEVEL`` silences only some of them. So, unless ``verbose`` (default: the
-    ``--verbose`` flag), the import and the device discovery run with file descriptor 2 sent to
-    ``/dev/null``; afterwards ``TF_CPP_MIN_LOG_LEVEL=2`` (unless already set) keeps TensorFlow's
-    C++ info and warning lines away, and the ``tensorflow`` and ``absl`` Python loggers show
-    errors only. Errors are still raised as exceptions and reported by the command. With
-    ``--verbose`` nothing is changed.
-    """
-    if verbose is None:
-        verbose = _verbose()
-    if verbose:
-        return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+@contextlib.contextmanager
+def _stderr_to_devnull():
+    """File descriptor 2 goes to ``/dev/null`` inside the block (C++ libraries write there
+    directly, not through ``sys.stderr``)."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)
     except (OSError, ValueError):  # no usable stderr: nothing to keep quiet
-        saved = None
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
     try:
-        if saved is not None:
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, 2)
-            os.close(null)
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()  # cuInit happens here, still in the quiet window
+        os.dup2(null, 2)
+        yield
     finally:
-        if saved is not None:
-            try:
-                sys.stderr.flush()
-            except (OSError, ValueError):
-                pass
-            os.dup2(saved, 2)
-            os.close(saved)
-    import absl.logging
-
-    tf.get_logger().setLevel(logging.ERROR)
-    absl.logging.set_verbosity(absl.logging.ERROR)
+        os.close(null)
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
-def _quiet_libraries() -> None:
-    """Library log lines that are not errors stay off the terminal unless ``--verbose``."""
-    if not _verbose():
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        logging.getLogger("tifffile").setLevel(logging.ERROR)  # header damage is our one line
+class _QuietLoader(importlib.abc.Loader):
+    """Runs TensorFlow's own loader, then lists its devices, with stderr sent to /dev/null;
+    afterwards the ``tensorflow`` and ``absl`` Python loggers show errors only."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        with _stderr_to_devnull():
+            self._loader.exec_module(module)
+            # cuInit happens here, still in the window; should listing fail, the stage that
+            # uses the devices reports it
+            with contextlib.suppress(Exception):
+                module.config.list_physical_devices()
+        import absl.logging
+
+        module.get_logger().setLevel(logging.ERROR)
+        absl.logging.set_verbosity(absl.logging.ERROR)
+
+    def __getattr__(self, name):  # resource readers etc. of the wrapped loader
+        return getattr(self._loader, name)
+
+
+class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
+    """Finds ``tensorflow`` as the other finders do and gives it a :class:`_QuietLoader`; once."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "tensorflow":
+            return None
+        sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
+        for finder in sys.meta_path:
+            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _QuietLoader(spec.loader)
+                return spec
+        return None
+
+
+def _quiet_libraries() -> importlib.abc.MetaPathFinder | None:
+    """Library log lines that are not errors stay off the terminal unless ``--verbose``.
+
+    TensorFlow prints lines before its logging is set up (``All log messages before
+    absl::InitializeLog()``, oneDNN, ``cudart_stub``, ``cpu_feature_guard``) and, on a machine
+    without a GPU, ``E0000 … failed call to cuInit`` when its devices are first listed;
+    ``TF_CPP_MIN_LOG_LEVEL`` silences only some of them. So, unless ``--verbose``, whenever
+    TensorFlow is first imported (by whichever stage needs it, after the checks) the import and
+    the device discovery run with file descriptor 2 sent to ``/dev/null``
+    (:class:`_QuietTensorFlowFinder`); ``TF_CPP_MIN_LOG_LEVEL=2`` (unless already set) keeps
+    TensorFlow's later C++ info and warning lines away, the ``tensorflow`` and ``absl`` Python
+    loggers show errors only. Errors still reach the user as exceptions, reported by the
+    command. With ``--verbose`` nothing is changed.
+    """
+    if _verbose():
+        return None
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # header damage is our one line
+    if "tensorflow" in sys.modules or any(isinstance(f, _QuietTensorFlowFinder)
+                                          for f in sys.meta_path):
+        return None
+    finder = _QuietTensorFlowFinder()
+    sys.meta_path.insert(0, finder)
+    return finder
 
 
 def _set_verbose(ctx, param, value):
@@ -204,7 +248,6 @@ def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell
         raise ConfigError("--count N (number of images) is required, e.g. --count 1000")
     else:
         config = load_config(SimulationConfig, config_path, **overrides)
-    load_tensorflow()  # the shards are written with TensorFlow
     manifest = write_dataset(
         out_dir, count, 16 if shards is None else shards, 0 if seed is None else seed, config,
         workers=workers or 1, scheduler=scheduler, save_structures=save_structures, preview=preview,
@@ -262,7 +305,6 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
         config = dataclasses.replace(
             config, pipeline=dataclasses.replace(config.pipeline, batch_size=batch_size))
         config.validate()
-    load_tensorflow()
     from .train import train as train_run
 
     result = train_run(data_dir, run_dir, config, resume=resume, overwrite=overwrite,
@@ -299,7 +341,6 @@ def export(run_dir, out_dir, version, calibrate_on, calibration_images, quiet):
     from .preflight import check_export
 
     check_export(run_dir, out_dir, version, calibrate_on=calibrate_on)
-    load_tensorflow()
     from .export import export_run, read_info
 
     path = export_run(run_dir, out_dir, version, calibrate_on=calibrate_on,
@@ -359,7 +400,6 @@ def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every,
                          batch_size=batch_size, test_time_augmentation=tta or None)
     check_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A, config=config,
                   overwrite=overwrite)
-    load_tensorflow()
     from .analyze import analyze as run_analyze, format_summary
 
     summary = run_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A,
@@ -421,7 +461,6 @@ def evaluate(model_path, data_dir, doses, out_dir, split, max_images, seed, tta,
         name = name.parent.name if name.name.isdigit() else name.name
         out_dir = Path("results") / f"evaluate-{name}"
     check_evaluate(model_path, data_dir, out_dir, split=split, overwrite=overwrite)
-    load_tensorflow()
     from .evaluate import evaluate as run_evaluation
     from .evaluate import format_table
     from .export import load_served_model

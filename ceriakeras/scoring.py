@@ -7,7 +7,7 @@ distance), :func:`detection_scores`, :func:`height_scores` and :func:`calibratio
 and ECE) score them, :class:`Tally` accumulates them over images, and
 :func:`noisy_predictions` gives a split's noise-free images with Poisson noise at fixed seeds
 (:func:`noise_seed`) and the model's probabilities for them. Functions on arrays; the records
-are read lazily (TensorFlow is imported only when a split is read).
+are read lazily (TensorFlow is imported only when a split is read, SciPy when columns are matched).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-from scipy import optimize, spatial
 
 from .config import ConfigError, DataError
 
@@ -53,6 +52,8 @@ def match_columns(
         Indices of the matched pairs, sorted by ``pred_idx``. Columns not listed are unmatched
         (false detections among the predictions, misses among the true columns).
     """
+    from scipy import optimize, spatial
+
     pred_xy = np.asarray(pred_xy, dtype=np.float64).reshape(-1, 2)
     true_xy = np.asarray(true_xy, dtype=np.float64).reshape(-1, 2)
     if not max_distance > 0:
