@@ -299,7 +299,7 @@ def _parse_doses(ctx, param, value: str) -> tuple[float, ...]:
 @click.option("--doses", default="20,50,200,1000,5000", show_default=True, callback=_parse_doses,
               help="Comma-separated doses per image, in e-/Å² (each positive).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Output folder for metrics.json, report.md and plots [default: results/evaluate-NAME].")
+              help="Output folder for metrics.json, report.md and plots [default: results/evaluate-NAME, with --images results/evaluate-NAME-images].")
 @click.option("--split", default="test", show_default=True,
               type=click.Choice(["test", "validation", "train"]), help="Dataset split to evaluate.")
 @click.option("--max-images", type=click.IntRange(min=1), default=None,

@@ -977,16 +977,21 @@ def read_image_table(path: str | Path) -> dict[str, dict]:
     return table
 
 
-def _truth_name(path: Path, names: Iterable[str], base: Path) -> str | None:
-    """The entry of a truth or image table that names ``path``: one whose path relative to the
-    table's folder is this file, else the only one with the same file name."""
-    names = list(names)
-    target = path.resolve()
+def _name_index(names: Iterable[str], base: Path):
+    """A lookup ``path -> entry`` of a truth or image table: the entry whose path relative to the
+    table's folder ``base`` is this file, else the only entry with the same file name."""
+    by_path, by_name = {}, {}
     for name in names:
-        if (base / name).resolve() == target:
-            return name
-    same = [n for n in names if Path(n).name == path.name]
-    return same[0] if len(same) == 1 else None
+        by_path[(base / name).resolve()] = name
+        by_name.setdefault(Path(name).name, []).append(name)
+
+    def lookup(path: Path) -> str | None:
+        found = by_path.get(path.resolve())
+        if found is None and len(by_name.get(path.name, ())) == 1:
+            found = by_name[path.name][0]
+        return found
+
+    return lookup
 
 
 def round_dose(dose_e_per_A2: float, digits: int = ESTIMATED_DOSE_DIGITS) -> float:
@@ -1023,9 +1028,9 @@ def labelled_image_plan(paths: Sequence[Path], truth: dict[str, np.ndarray], tru
     from .io import open_series, resample_factor
 
     plan, used = [], set()
+    truth_entry, table_entry = _name_index(truth, truth_dir), _name_index(table, truth_dir)
     for path in paths:
-        name = _truth_name(path, truth, truth_dir)
-        row_name = _truth_name(path, table, truth_dir)
+        name, row_name = truth_entry(path), table_entry(path)
         if name is None and row_name is None:
             raise InputError(f"{path} has no rows in the truth table (and is not listed in "
                              f"{IMAGE_TABLE_NAME} as an image without columns): label it or leave "

@@ -283,3 +283,16 @@ def test_cli_scores_images_with_an_exported_model(tmp_path):
         assert (tmp_path / out / "columns.csv").read_text().startswith("source,frame,x_px")
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def test_a_calibrated_file_needs_no_pixel_size(tmp_path):
+    folder = tmp_path / "set"
+    _write_set(folder, image_table=False)
+    image = folder / "b_d1000.tif"   # 0.125 Å pixels: 8e8 pixels per cm
+    tifffile.imwrite(image, tifffile.imread(image), resolution=(8e8, 8e8), resolutionunit="CENTIMETER")
+    result = evaluate_images(DiskReader(), [image], folder / "truth.csv", tmp_path / "ev",
+                             progress=False)
+    (only,) = result["images"]
+    assert only["pixel_size_from"] == "TIFF resolution tags"
+    assert only["pixel_size_A"] == pytest.approx(0.125)
+    assert result["results"][0]["network"]["exact_accuracy"] == 1.0
