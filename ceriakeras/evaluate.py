@@ -1027,17 +1027,21 @@ def labelled_image_plan(paths: Sequence[Path], truth: dict[str, np.ndarray], tru
     """
     from .io import open_series, resample_factor
 
-    plan, used = [], set()
+    plan, used = [], {}
     truth_entry, table_entry = _name_index(truth, truth_dir), _name_index(table, truth_dir)
     for path in paths:
         name, row_name = truth_entry(path), table_entry(path)
+        if (name or row_name) in used:
+            raise InputError(f"{used[name or row_name]} and {path} both take the truth of "
+                             f"{name or row_name}: give files with distinct names, or name them in "
+                             "the truth table by their path relative to its folder")
         if name is None and row_name is None:
             raise InputError(f"{path} has no rows in the truth table (and is not listed in "
                              f"{IMAGE_TABLE_NAME} as an image without columns): label it or leave "
                              "it out of --images")
         row = table.get(row_name, {}) if row_name is not None else {}
         true_columns = truth[name] if name is not None else np.zeros((0, 3))
-        used.add(name)
+        used[name or row_name] = path
         csv_px = row.get("pixel_size_A")
         with open_series(path, csv_px if csv_px is not None else pixel_size_A) as series:
             if series.n_frames != 1:
@@ -1057,7 +1061,7 @@ def labelled_image_plan(paths: Sequence[Path], truth: dict[str, np.ndarray], tru
                          "truth": true_columns, "shape": (h, w),
                          "pixel_size_A": series.pixel_size_A, "pixel_size_from": origin,
                          "factor": factor, "dose_e_per_A2": row.get("dose_e_per_A2")})
-    unused = sorted(set(truth) - used)
+    unused = sorted(set(truth) - set(used))
     return plan, unused
 
 

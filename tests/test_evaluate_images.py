@@ -217,6 +217,11 @@ def test_an_image_without_truth_is_refused(labelled, tmp_path):
     with pytest.raises(InputError, match="no rows in the truth table"):
         evaluate_images(DiskReader(), [folder / "a_d1000.tif", other / "d_d50.tif"],
                         folder / "truth.csv", tmp_path / "ev", progress=False)
+    # a file of the same name elsewhere must not silently take the labelled file's truth
+    (other / "a_d1000.tif").write_bytes((folder / "a_d1000.tif").read_bytes())
+    with pytest.raises(InputError, match="both take the truth of a_d1000.tif"):
+        evaluate_images(DiskReader(), [folder / "a_d1000.tif", other / "a_d1000.tif"],
+                        folder / "truth.csv", tmp_path / "ev", progress=False)
 
 
 @pytest.mark.parametrize("header, row, message", [
