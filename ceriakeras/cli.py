@@ -426,12 +426,14 @@ def _parse_doses(ctx, param, value: str) -> tuple[float, ...]:
 @main.command()
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, file_okay=False),
               help="Exported model: saved_models/NAME (newest version) or saved_models/NAME/VERSION.")
-@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Dataset folder made by `ceriakeras simulate` (its pixel size must be the model's).")
+@click.option("--data", "data_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              metavar="tfrecords/NAME",
+              help="Dataset folder made by `ceriakeras simulate` (its pixel size must be the model's). "
+                   "Or give --images and --truth.")
 @click.option("--doses", default="20,50,200,1000,5000", show_default=True, callback=_parse_doses,
               help="Comma-separated doses per image, in e-/Å² (each positive).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Output folder for metrics.json, report.md and plots [default: results/evaluate-NAME].")
+              help="Output folder for metrics.json, report.md and plots [default: results/evaluate-NAME, with --images results/evaluate-NAME-images].")
 @click.option("--split", default="test", show_default=True,
               type=click.Choice(["test", "validation", "train"]), help="Dataset split to evaluate.")
 @click.option("--max-images", type=click.IntRange(min=1), default=None,
@@ -441,25 +443,48 @@ def _parse_doses(ctx, param, value: str) -> tuple[float, ...]:
               help="Test-time augmentation, as `analyze --tta` (8 flips and rotations averaged).")
 @click.option("--no-baseline", is_flag=True, help="Skip the classical baseline.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier evaluation in --out.")
+@click.option("--images", "images", multiple=True, type=click.Path(exists=True), metavar="FILE_OR_DIR",
+              help="Labelled image files or folders of them, scored against --truth instead of "
+                   "--data (repeat for several); e.g. a cross-check set from another simulator.")
+@click.option("--truth", "truth_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              metavar="truth.csv",
+              help="With --images: CSV file,x_px,y_px,height (one row per Ce column; pixels of the "
+                   "image, height in Ce atoms). An images.csv beside it (file,dose,pixel_size_A; "
+                   "e-/Å², Å) gives each image's dose and pixel size.")
+@click.option("--pixel-size", "pixel_size_A", type=float, default=None, metavar="Å",
+              help="With --images: pixel size in Å of images that images.csv gives none for "
+                   "(overrides their calibration).")
+@click.pass_context
 @_verbose_option
 @_one_line_errors
-def evaluate(model_path, data_dir, doses, out_dir, split, max_images, seed, tta, no_baseline,
-             overwrite):
+def evaluate(ctx, model_path, data_dir, doses, out_dir, split, max_images, seed, tta, no_baseline,
+             overwrite, images, truth_path, pixel_size_A):
     """Measure column detection and height accuracy of a model at fixed doses.
 
     Poisson noise at each dose (e⁻/Å² per image, fixed seeds) on the split's noise-free images,
     columns extracted as `analyze` does, matched to the true columns within 1 Å. Writes
     metrics.json, report.md (network against a classical baseline) and PNG plots; prints a table.
+
+    With --images FILES_OR_DIRS --truth truth.csv instead of --data: labelled image files (e.g.
+    from another simulator, or hand-labelled frames) analysed as `analyze` does and scored per
+    dose as the cross-check set's score.py scores them; also writes columns.csv.
     """
     from pathlib import Path
 
-    from .config import AnalyzeConfig
+    from .config import AnalyzeConfig, ConfigError
     from .preflight import check_evaluate
 
     if out_dir is None:
         name = Path(model_path).resolve()
         name = name.parent.name if name.name.isdigit() else name.name
-        out_dir = Path("results") / f"evaluate-{name}"
+        out_dir = Path("results") / f"evaluate-{name}{'-images' if images else ''}"
+    if images or truth_path is not None:
+        return _evaluate_images(ctx, model_path, data_dir, images, truth_path, pixel_size_A, out_dir,
+                                tta, overwrite)
+    if data_dir is None:
+        raise ConfigError("give --data tfrecords/NAME, or --images FILES_OR_DIRS with --truth truth.csv")
+    if pixel_size_A is not None:
+        raise ConfigError("--pixel-size goes with --images; a dataset has its own pixel size")
     check_evaluate(model_path, data_dir, out_dir, split=split, overwrite=overwrite)
     from .evaluate import evaluate as run_evaluation
     from .evaluate import format_table
@@ -473,6 +498,32 @@ def evaluate(model_path, data_dir, doses, out_dir, split, max_images, seed, tta,
     )
     click.echo(format_table(result))
     click.echo(f"wrote {out_dir}/metrics.json, report.md and plots")
+
+
+def _evaluate_images(ctx, model_path, data_dir, images, truth_path, pixel_size_A, out_dir, tta,
+                     overwrite):
+    """``evaluate --images … --truth …``: labelled image files instead of a dataset."""
+    from click.core import ParameterSource
+
+    from .config import AnalyzeConfig, ConfigError
+    from .evaluate import evaluate_images, format_images_table
+
+    if data_dir is not None:
+        raise ConfigError("give either --data or --images, not both")
+    if not images or truth_path is None:
+        raise ConfigError("--images FILES_OR_DIRS and --truth truth.csv go together: give both")
+    for option in ("doses", "split", "max_images", "seed"):
+        if ctx.get_parameter_source(option) is ParameterSource.COMMANDLINE:
+            raise ConfigError(f"--{option.replace('_', '-')} goes with --data: with --images the "
+                              "doses come from images.csv or the counts, and every image is scored")
+    result = evaluate_images(model_path, list(images), truth_path, out_dir, pixel_size_A=pixel_size_A,
+                             config=AnalyzeConfig(test_time_augmentation=tta), overwrite=overwrite,
+                             command=" ".join(["ceriakeras"] + sys.argv[1:]))
+    click.echo(format_images_table(result))
+    if result["truth_entries_ignored"]:
+        click.echo(f"note: the truth table lists {len(result['truth_entries_ignored'])} file(s) not "
+                   "among --images; they were not scored")
+    click.echo(f"wrote {out_dir}/metrics.json, report.md, columns.csv and plots")
 
 
 if __name__ == "__main__":  # pragma: no cover

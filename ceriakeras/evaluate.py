@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from scipy import ndimage, optimize, spatial
 
-from .config import AnalyzeConfig, ConfigError, DataError, to_dict
+from .config import AnalyzeConfig, ConfigError, DataError, InputError, to_dict
 from .io import atomic_path, write_text_atomic
 from .scoring import (CALIBRATION_BINS, MATCH_DISTANCE_A, Tally, calibration,  # noqa: F401
                       check_doses, detection_scores, height_scores, match_columns, noise_seed,
@@ -273,6 +274,7 @@ _SCORES = (  # (key, label, format) of the scores shown in tables
     ("exact_accuracy", "exact height accuracy", "{:.3f}"),
     ("within_1_accuracy", "height within ±1", "{:.3f}"),
     ("mae", "height MAE (atoms)", "{:.3f}"),
+    ("bias_atoms", "height bias, predicted − true (atoms)", "{:+.3f}"),
     ("ece", "confidence ECE", "{:.3f}"),
 )
 
@@ -284,13 +286,14 @@ def _fmt(metrics: dict | None, key: str, pattern: str) -> str:
 
 def format_table(result: dict) -> str:
     """The scores per dose as a plain-text table for the terminal (network, then baseline)."""
-    keys = ("f1", "exact_accuracy", "within_1_accuracy", "mae", "ece")
-    head = ["dose e-/Å²", "F1", "exact", "±1", "MAE", "ECE", "base F1", "base exact", "base ±1"]
+    keys = ("f1", "exact_accuracy", "within_1_accuracy", "mae", "bias_atoms", "ece")
+    head = ["dose e-/Å²", "F1", "exact", "±1", "MAE (atoms)", "bias (atoms)", "ECE", "base F1",
+            "base exact", "base ±1"]
     rows = []
     for r in result["results"]:
         net, base = r["network"], r["baseline"]
         rows.append([f"{r['dose_e_per_A2']:g}"]
-                    + [_fmt(net, k, "{:.3f}") for k in keys]
+                    + [_fmt(net, k, "{:+.3f}" if k == "bias_atoms" else "{:.3f}") for k in keys]
                     + [_fmt(base, k, "{:.3f}") for k in ("f1", "exact_accuracy", "within_1_accuracy")])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
@@ -382,7 +385,8 @@ def write_plots(result: dict, out_dir: str | Path) -> dict[str, str]:
             ax.plot(doses, [r["baseline"][key] for r in results], "s--", color=color, alpha=0.6,
                     label=f"baseline: {label}")
     ax.set(xscale="log", xlabel="dose (e⁻/Å²)", ylabel="score", ylim=(0, 1.02),
-           title=f"{result['n_images']} test images, matching within {result['match_distance_A']:g} Å")
+           title=f"{result['n_images']} {result.get('images_are', 'test images')}, matching within "
+                 f"{result['match_distance_A']:g} Å")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small", loc="lower right")
     _save(fig, out_dir / "accuracy_vs_dose.png")
@@ -419,3 +423,515 @@ def write_plots(result: dict, out_dir: str | Path) -> dict[str, str]:
     _save(fig, out_dir / "reliability.png")
     files["reliability"] = "reliability.png"
     return files
+
+
+# --- labelled image files (``evaluate --images … --truth truth.csv``) ---------------------------
+TRUTH_COLUMNS = ("file", "x_px", "y_px", "height")
+"""Columns a truth table must have: the image file, a Ce column's centre in the image's own pixels
+(pixel ``i``'s centre at ``i``) and its height (Ce atoms); one row per true column."""
+IMAGE_TABLE_NAME = "images.csv"
+"""The per-image table read from the truth table's folder: ``file``, ``dose`` (e⁻/Å² per image;
+``dose_e_per_A2`` also accepted) and ``pixel_size_A`` (Å); other columns are ignored."""
+ESTIMATED_DOSE_DIGITS = 2
+"""A dose estimated from counts is rounded to this many significant digits to group images."""
+
+
+def _read_csv_rows(path: Path, required: Sequence[str], what: str) -> list[dict]:
+    """The rows of a CSV file as dicts, after checking that it has the ``required`` columns."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise InputError(f"{what} {path} lacks the column(s) {', '.join(missing)}: it needs "
+                                 f"{', '.join(required)} (header line first)")
+            reader.fieldnames = header
+            return list(reader)
+    except OSError as err:
+        raise InputError(f"{what} {path} is unreadable ({err.strerror or err})") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise InputError(f"{what} {path} is not a text CSV file ({_short(err)})") from None
+
+
+def _short(err: BaseException) -> str:
+    return " ".join(str(err).split())[:120] or type(err).__name__
+
+
+def _number(text, path: Path, line: int, column: str, *, positive: bool = False,
+            integer: bool = False, optional: bool = False) -> float | None:
+    """One CSV cell as a finite number (checked), or None for an empty optional cell."""
+    text = (text or "").strip()
+    if optional and text == "":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    bad = not math.isfinite(value) or (positive and value <= 0) or (integer and value != round(value))
+    if bad:
+        want = ("a whole number of Ce atoms ≥ 1" if integer else
+                "a positive number" if positive else "a finite number")
+        raise InputError(f"{path} line {line}: {column}={text!r} is not {want}; fix that row")
+    return value
+
+
+def read_truth(path: str | Path) -> dict[str, np.ndarray]:
+    """The true Ce columns of each labelled image, from a truth table.
+
+    Parameters
+    ----------
+    path : path
+        CSV with the header ``file,x_px,y_px,height`` (:data:`TRUTH_COLUMNS`; other columns are
+        ignored): one row per Ce column, its centre in the image's own pixels (x = column index,
+        y = row index, pixel ``i``'s centre at ``i``), its height in Ce atoms (≥ 1).
+
+    Returns
+    -------
+    dict
+        ``file`` as written → ``(M, 3)`` float64 array ``x_px, y_px, height``.
+
+    Raises
+    ------
+    InputError
+        Unreadable file, a missing column, an empty file name, or a NaN, non-numeric, negative
+        coordinate or non-integer height (the message names the line).
+    """
+    path = Path(path)
+    rows = _read_csv_rows(path, TRUTH_COLUMNS, "truth table")
+    truth: dict[str, list] = {}
+    for line, row in enumerate(rows, start=2):
+        name = (row.get("file") or "").strip()
+        if not name:
+            raise InputError(f"{path} line {line}: the file name is empty; fix that row")
+        x = _number(row.get("x_px"), path, line, "x_px")
+        y = _number(row.get("y_px"), path, line, "y_px")
+        h = _number(row.get("height"), path, line, "height", positive=True, integer=True)
+        truth.setdefault(name, []).append((x, y, h))
+    if not truth:
+        raise InputError(f"truth table {path} has no rows: one row per Ce column is needed")
+    return {name: np.asarray(cols, np.float64).reshape(-1, 3) for name, cols in truth.items()}
+
+
+def read_image_table(path: str | Path) -> dict[str, dict]:
+    """Dose and pixel size of each labelled image, from an ``images.csv``.
+
+    Parameters
+    ----------
+    path : path
+        CSV with a ``file`` column and, optionally per row, ``dose`` (or ``dose_e_per_A2``;
+        e⁻/Å² per image) and ``pixel_size_A`` (Å); an empty cell means unknown.
+
+    Returns
+    -------
+    dict
+        ``file`` → ``{"dose_e_per_A2": float | None, "pixel_size_A": float | None}``.
+
+    Raises
+    ------
+    InputError
+        Unreadable file, no ``file`` column, a file listed twice, or a value that is not a
+        positive number.
+    """
+    path = Path(path)
+    rows = _read_csv_rows(path, ("file",), "image table")
+    dose_key = "dose_e_per_A2" if rows and "dose_e_per_A2" in rows[0] else "dose"
+    table: dict[str, dict] = {}
+    for line, row in enumerate(rows, start=2):
+        name = (row.get("file") or "").strip()
+        if not name:
+            raise InputError(f"{path} line {line}: the file name is empty; fix that row")
+        if name in table:
+            raise InputError(f"{path} line {line}: {name} is listed twice; keep one row per image")
+        table[name] = {
+            "dose_e_per_A2": _number(row.get(dose_key), path, line, dose_key, positive=True,
+                                     optional=True),
+            "pixel_size_A": _number(row.get("pixel_size_A"), path, line, "pixel_size_A",
+                                    positive=True, optional=True),
+        }
+    return table
+
+
+def _name_index(names: Iterable[str], base: Path):
+    """A lookup ``path -> entry`` of a truth or image table: the entry whose path relative to the
+    table's folder ``base`` is this file, else the only entry with the same file name."""
+    by_path, by_name = {}, {}
+    for name in names:
+        by_path[(base / name).resolve()] = name
+        by_name.setdefault(Path(name).name, []).append(name)
+
+    def lookup(path: Path) -> str | None:
+        found = by_path.get(path.resolve())
+        if found is None and len(by_name.get(path.name, ())) == 1:
+            found = by_name[path.name][0]
+        return found
+
+    return lookup
+
+
+def round_dose(dose_e_per_A2: float, digits: int = ESTIMATED_DOSE_DIGITS) -> float:
+    """``dose_e_per_A2`` rounded to ``digits`` significant digits (to group estimated doses)."""
+    if not dose_e_per_A2 > 0:
+        return float(dose_e_per_A2)
+    return float(f"{dose_e_per_A2:.{digits}g}")
+
+
+def labelled_image_plan(paths: Sequence[Path], truth: dict[str, np.ndarray], truth_dir: Path,
+                        table: dict[str, dict], *, pixel_size_A: float | None,
+                        model_pixel_A: float, config: AnalyzeConfig) -> tuple[list[dict], list[str]]:
+    """Check every labelled image's header, pixel size and truth before any model work.
+
+    The pixel size of each file comes from its ``images.csv`` row, else ``pixel_size_A`` (the
+    ``--pixel-size`` option: as in ``analyze``, it overrides the file's calibration), else the
+    file's calibration; the dose from its ``images.csv`` row, else (later) from its counts.
+
+    Returns
+    -------
+    plan : list of dict
+        Per file: ``path``, ``source``, ``name`` (its truth entry), ``truth`` (M, 3),
+        ``shape``, ``pixel_size_A``, ``pixel_size_from``, ``factor``, ``dose_e_per_A2`` (or None).
+    unused : list of str
+        Truth entries that name no given file (ignored).
+
+    Raises
+    ------
+    InputError
+        A file with no truth rows that ``images.csv`` does not list either (a labelled image
+        with no columns must be listed there), a series of several frames, no pixel size, a
+        pixel size the model cannot use, or true columns outside the image.
+    """
+    from .io import open_series, resample_factor
+
+    plan, used = [], {}
+    truth_entry, table_entry = _name_index(truth, truth_dir), _name_index(table, truth_dir)
+    for path in paths:
+        name, row_name = truth_entry(path), table_entry(path)
+        if (name or row_name) in used:
+            raise InputError(f"{used[name or row_name]} and {path} both take the truth of "
+                             f"{name or row_name}: give files with distinct names, or name them in "
+                             "the truth table by their path relative to its folder")
+        if name is None and row_name is None:
+            raise InputError(f"{path} has no rows in the truth table (and is not listed in "
+                             f"{IMAGE_TABLE_NAME} as an image without columns): label it or leave "
+                             "it out of --images")
+        row = table.get(row_name, {}) if row_name is not None else {}
+        true_columns = truth[name] if name is not None else np.zeros((0, 3))
+        used[name or row_name] = path
+        csv_px = row.get("pixel_size_A")
+        with open_series(path, csv_px if csv_px is not None else pixel_size_A) as series:
+            if series.n_frames != 1:
+                raise InputError(f"{path} holds {series.n_frames} frames; --images takes single "
+                                 "labelled images (save each frame as its own file)")
+            factor = resample_factor(series.pixel_size_A, model_pixel_A,
+                                     min_pixel_A=config.min_pixel_size_A,
+                                     max_pixel_A=config.max_pixel_size_A)
+            h, w = series.shape
+            origin = (f"{IMAGE_TABLE_NAME}" if csv_px is not None else series.pixel_size_from)
+            if len(true_columns):
+                x, y = true_columns[:, 0], true_columns[:, 1]
+                if x.min() < -0.5 or y.min() < -0.5 or x.max() > w - 0.5 or y.max() > h - 0.5:
+                    raise InputError(f"the truth table puts columns of {path} outside its {w}×{h} px "
+                                     "image: are x_px, y_px in this image's own pixels?")
+            plan.append({"path": path, "source": series.source, "name": name or row_name,
+                         "truth": true_columns, "shape": (h, w),
+                         "pixel_size_A": series.pixel_size_A, "pixel_size_from": origin,
+                         "factor": factor, "dose_e_per_A2": row.get("dose_e_per_A2")})
+    unused = sorted(set(truth) - set(used))
+    return plan, unused
+
+
+def _truth_metrics(tally: Tally, max_height: int) -> dict:
+    """:meth:`Tally.metrics`, with the calibration scored as ``score.py`` scores it: over the
+    matched columns only (right = same height); the project's own (every reported column, a
+    spurious one counting as wrong) is kept as ``ece_all_reported``."""
+    out = tally.metrics(max_height)
+    t = np.concatenate(tally.true_height) if tally.true_height else np.zeros(0, np.int64)
+    p = np.concatenate(tally.pred_height) if tally.pred_height else np.zeros(0, np.int64)
+    out["mean_predicted_height_atoms"] = {int(h): float(np.mean(p[t == h])) for h in np.unique(t)}
+    if tally.confidence:
+        out["ece_all_reported"] = out.pop("ece")
+        out.pop("calibration")
+        matched = np.concatenate(tally.matched)
+        out["calibration"] = calibration(np.concatenate(tally.confidence)[matched],
+                                         np.concatenate(tally.correct)[matched])
+        out["ece"] = out["calibration"]["ece"]
+    return out
+
+
+def evaluate_images(
+    model: Any,
+    images,
+    truth_path: str | Path,
+    out_dir: str | Path,
+    *,
+    pixel_size_A: float | None = None,
+    image_table: str | Path | None = None,
+    config: AnalyzeConfig | None = None,
+    max_distance_A: float = MATCH_DISTANCE_A,
+    overwrite: bool = False,
+    progress: bool = True,
+    command: str = "",
+) -> dict:
+    """Score a model on labelled image files (other simulators, hand-labelled frames).
+
+    Each file is read, resampled to the model's pixel size and passed through the model, and
+    its columns are found exactly as ``ceriakeras analyze`` finds them (the model's confidence
+    calibration at the dose estimated from the frame's counts, as there); they are matched one
+    to one to the file's true columns within ``max_distance_A`` (Hungarian) and scored per dose,
+    as the cross-check set's ``score.py`` scores an ``analyze`` table: precision, recall, F1,
+    exact and ±1 height accuracy, MAE and mean bias (predicted − true) over matched columns, and
+    the ECE of ``confidence`` over matched columns.
+
+    Parameters
+    ----------
+    model : path, or object with ``.info`` and ``.predict``
+        As for :func:`evaluate`, or a model folder (``saved_models/NAME`` or a version folder),
+        loaded once the inputs have been checked.
+    images : path or list of paths
+        Single-image files or folders of them (:func:`ceriakeras.io.expand_inputs`).
+    truth_path : path
+        The truth table (:func:`read_truth`); entries name files relative to its folder or by
+        file name. Entries for files not among ``images`` are ignored (and counted).
+    out_dir : path
+        Folder for ``metrics.json``, ``report.md``, ``columns.csv`` (the predictions, as
+        ``analyze`` writes them) and the PNG plots.
+    pixel_size_A : float, optional
+        Pixel size, Å, of files that ``images.csv`` gives none for (overrides their calibration).
+    image_table : path, optional
+        The ``images.csv`` (:func:`read_image_table`); default: the one beside the truth table,
+        if there is one.
+    config : AnalyzeConfig, optional
+        Column extraction settings and ``test_time_augmentation``, as for ``analyze``.
+    max_distance_A : float
+        Matching distance, Å.
+    overwrite : bool
+        Replace an earlier evaluation in ``out_dir``.
+    progress : bool
+        Progress bar on stderr.
+    command : str
+        The command line, recorded in the report.
+
+    Returns
+    -------
+    dict
+        What ``metrics.json`` holds: ``results`` per dose (``dose_e_per_A2``, ``n_images``,
+        ``network`` scores, ``baseline`` None), ``images`` (per file: dose and where it came
+        from, pixel size and where it came from, columns true / predicted / matched).
+
+    Raises
+    ------
+    InputError
+        Bad truth or image table, an image without truth, no pixel size (see
+        :func:`labelled_image_plan`); ``ConfigError`` for results already in ``out_dir``.
+    """
+    import csv
+    import io as _stdio
+
+    from .analyze import CSV_HEADER
+    from .columns import estimate_dose, find_columns
+    from .io import expand_inputs, model_to_input_px, open_series, resample_counts
+    from .modelinfo import find_version, model_settings, read_info
+
+    config = config or AnalyzeConfig()
+    config.validate()
+    out_dir = Path(out_dir)
+    if not overwrite:
+        for name in ("metrics.json", "columns.csv"):
+            if (out_dir / name).exists():
+                raise ConfigError(f"{out_dir} already holds {name}: pass --overwrite or choose "
+                                  "another --out")
+    truth_path = Path(truth_path)
+    truth = read_truth(truth_path)
+    if image_table is None and (truth_path.parent / IMAGE_TABLE_NAME).is_file():
+        image_table = truth_path.parent / IMAGE_TABLE_NAME
+    table = read_image_table(image_table) if image_table is not None else {}
+    paths = expand_inputs(images)
+    if isinstance(model, (str, os.PathLike)):
+        info = read_info(find_version(model))   # the inputs are checked before TensorFlow loads
+    else:
+        info = model.info
+    model_px, max_height, label_radius_A = model_settings(info)
+    plan, unused = labelled_image_plan(paths, truth, truth_path.parent, table,
+                                       pixel_size_A=pixel_size_A, model_pixel_A=model_px,
+                                       config=config)
+    if isinstance(model, (str, os.PathLike)):
+        from .export import load_served_model
+
+        model = load_served_model(model)
+    if config.test_time_augmentation:
+        from .export import DihedralAveraged
+
+        model = DihedralAveraged(model)
+    calibration_table = model.info.get("confidence_calibration")
+
+    tallies: dict[float, Tally] = {}
+    n_by_dose: dict[float, int] = {}
+    per_image = []
+    rows = _stdio.StringIO()
+    writer = csv.writer(rows, lineterminator="\n")
+    writer.writerow(CSV_HEADER)
+    items = plan
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(plan, desc="evaluate", unit="image", file=sys.stderr, dynamic_ncols=True)
+    for item in items:
+        with open_series(item["path"], item["pixel_size_A"]) as series:
+            frame = next(series.frames())
+        if frame.error is not None:
+            raise InputError(frame.error)
+        px, factor = item["pixel_size_A"], item["factor"]
+        small = resample_counts(frame.image, factor)
+        probabilities, _ = model.predict(small[None].astype(np.float32))
+        estimated = estimate_dose(small, model_px)
+        found = find_columns(np.asarray(probabilities)[0], model_px,
+                             min_distance_A=config.min_distance_A, threshold=config.threshold,
+                             label_radius_A=label_radius_A, calibration=calibration_table,
+                             dose_e_per_A2=estimated)
+        x = model_to_input_px(found["x_px"], factor)
+        y = model_to_input_px(found["y_px"], factor)
+        pred = {"x_px": x, "y_px": y, "height": found["height"], "confidence": found["confidence"]}
+        for j in range(len(x)):
+            writer.writerow([item["source"], 0, f"{x[j]:.3f}", f"{y[j]:.3f}", f"{x[j] * px:.4f}",
+                             f"{y[j] * px:.4f}", int(found["height"][j]),
+                             f"{found['confidence'][j]:.4f}"])
+        dose = item["dose_e_per_A2"]
+        dose_from = IMAGE_TABLE_NAME
+        if dose is None:
+            dose, dose_from = round_dose(estimated), "estimated from counts"
+        tally = tallies.setdefault(dose, Tally())
+        before = tally.n_pred, sum(len(t) for t in tally.true_height)
+        tally.add(pred, item["truth"], px, max_distance_A)
+        n_by_dose[dose] = n_by_dose.get(dose, 0) + 1
+        per_image.append({
+            "file": item["source"], "truth_entry": item["name"], "dose_e_per_A2": dose,
+            "dose_from": dose_from, "estimated_dose_e_per_A2": round(estimated, 3),
+            "pixel_size_A": px, "pixel_size_from": item["pixel_size_from"],
+            "n_true": len(item["truth"]), "n_pred": len(x),
+            "n_matched": sum(len(t) for t in tally.true_height) - before[1],
+        })
+
+    doses = sorted(tallies)
+    result = {
+        "mode": "labelled images",
+        "images_are": "labelled images",
+        "truth": str(truth_path),
+        "image_table": None if image_table is None else str(image_table),
+        "n_images": len(plan),
+        "doses_e_per_A2": doses,
+        "doses_estimated": sorted({r["dose_e_per_A2"] for r in per_image
+                                   if r["dose_from"] != IMAGE_TABLE_NAME}),
+        "truth_entries_ignored": unused,
+        "match_distance_A": max_distance_A,
+        "ece_over": "matched columns (as the cross-check set's score.py); ece_all_reported counts "
+                    "every reported column, a spurious one as wrong",
+        "analyze_config": to_dict(config),
+        "model_info": {k: model.info.get(k) for k in ("pixel_size_A", "max_height", "label_radius_A",
+                                                 "manifest_sha256")},
+        "confidence_calibrated": calibration_table is not None,
+        "command": command,
+        "results": [{"dose_e_per_A2": d, "n_images": n_by_dose[d],
+                     "network": _truth_metrics(tallies[d], max_height), "baseline": None}
+                    for d in doses],
+        "images": per_image,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "columns.csv", rows.getvalue())
+    plots = write_plots(result, out_dir)
+    write_text_atomic(out_dir / "report.md", format_images_report(result, plots))
+    # Last, so that a folder holding metrics.json holds a complete evaluation.
+    write_text_atomic(out_dir / "metrics.json", json.dumps(result, indent=1) + "\n")
+    return result
+
+
+_IMAGE_TABLE_SCORES = (  # (key, header, format) of the labelled-image table
+    ("precision", "precision", "{:.3f}"),
+    ("recall", "recall", "{:.3f}"),
+    ("f1", "F1", "{:.3f}"),
+    ("exact_accuracy", "exact", "{:.3f}"),
+    ("within_1_accuracy", "±1", "{:.3f}"),
+    ("mae", "MAE (atoms)", "{:.3f}"),
+    ("bias_atoms", "bias (atoms)", "{:+.3f}"),
+    ("ece", "ECE", "{:.3f}"),
+)
+
+
+def format_images_table(result: dict) -> str:
+    """The per-dose scores of :func:`evaluate_images` as a plain-text table for the terminal."""
+    head = ["dose (e-/Å²)", "images", "columns"] + [h for _, h, _ in _IMAGE_TABLE_SCORES]
+    rows = []
+    estimated = set(result.get("doses_estimated", []))
+    for r in result["results"]:
+        net = r["network"]
+        rows.append([f"{r['dose_e_per_A2']:g}" + ("*" if r["dose_e_per_A2"] in estimated else ""),
+                     str(r["n_images"]), str(net["n_true"])]
+                    + [_fmt(net, k, f) for k, _, f in _IMAGE_TABLE_SCORES])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    lines = [line(head), line(["-" * w for w in widths])] + [line(row) for row in rows]
+    if estimated:
+        lines.append("* dose estimated from the image's counts (mean count / pixel area), "
+                     f"rounded to {ESTIMATED_DOSE_DIGITS} digits: give it in {IMAGE_TABLE_NAME}")
+    return "\n".join(lines)
+
+
+def format_images_report(result: dict, plots: dict[str, str]) -> str:
+    """A short Markdown report of :func:`evaluate_images`: what was scored, the table, the plots."""
+    cfg = result["analyze_config"]
+    n_true = sum(r["network"]["n_true"] for r in result["results"])
+    px = sorted({(im["pixel_size_A"], im["pixel_size_from"]) for im in result["images"]})
+    lines = [
+        "# Column-height evaluation on labelled images",
+        "",
+        f"- truth: `{result['truth']}`"
+        + (f", image table `{result['image_table']}`" if result["image_table"] else "")
+        + f"; {result['n_images']} images, {n_true} true Ce columns"
+        + (f"; truth for {len(result['truth_entries_ignored'])} other files ignored"
+           if result["truth_entries_ignored"] else ""),
+        "- pixel sizes: " + ", ".join(f"{p:g} Å ({src})" for p, src in px),
+        f"- model: {result['model_info']['pixel_size_A']:g} Å pixels, heights up to "
+        f"{result['model_info']['max_height']} atoms; each image resampled to it by summing counts "
+        "and its columns extracted as `ceriakeras analyze` does (min distance "
+        f"{cfg['min_distance_A']:g} Å, threshold {cfg['threshold']:g})"
+        + ("; probabilities averaged over the 8 flips and 90° rotations of each image "
+           "(test-time augmentation)" if cfg.get("test_time_augmentation") else ""),
+        f"- predicted and true columns matched one to one within {result['match_distance_A']:g} Å "
+        "per image (Hungarian matching); height scores and the ECE are over matched columns, as the "
+        "cross-check set's `score.py` computes them; bias = mean predicted − true height; "
+        "`confidence` is "
+        + ("calibrated by the model's `confidence_calibration` at the dose estimated from each "
+           "image's counts." if result.get("confidence_calibrated")
+           else "raw (the model has no calibration)."),
+    ]
+    if result["doses_estimated"]:
+        lines.append("- doses " + ", ".join(f"{d:g}" for d in result["doses_estimated"])
+                     + " e⁻/Å² are estimated from the counts (no dose in the image table)")
+    if result["command"]:
+        lines.append(f"- command: `{result['command']}`")
+    lines += ["", "| dose (e⁻/Å²) | images | columns | "
+              + " | ".join(h for _, h, _ in _IMAGE_TABLE_SCORES) + " |",
+              "| --- " * (3 + len(_IMAGE_TABLE_SCORES)) + "|"]
+    for r in result["results"]:
+        net = r["network"]
+        lines.append(f"| {r['dose_e_per_A2']:g} | {r['n_images']} | {net['n_true']} | "
+                     + " | ".join(_fmt(net, k, f) for k, _, f in _IMAGE_TABLE_SCORES) + " |")
+    if any("ece_all_reported" in r["network"] for r in result["results"]):
+        lines += ["", "ECE over every reported column (a spurious one counting as a wrong height), "
+                  "as `ceriakeras evaluate --data` reports it: "
+                  + ", ".join(f"{_fmt(r['network'], 'ece_all_reported', '{:.3f}')} at "
+                              f"{r['dose_e_per_A2']:g}" for r in result["results"]) + " e⁻/Å²."]
+    if "accuracy_vs_dose" in plots:
+        lines += ["", f"![accuracy and F1 against dose]({plots['accuracy_vs_dose']})"]
+    for r in result["results"]:
+        net = r["network"]
+        per_h = ", ".join(f"{h}: {v['accuracy']:.2f} ({v['count']}; read as "
+                          f"{net['mean_predicted_height_atoms'][h]:.1f})"
+                          for h, v in sorted(net["per_height"].items(), key=lambda kv: int(kv[0])))
+        lines += ["", f"Exact accuracy per true height at {r['dose_e_per_A2']:g} e⁻/Å² "
+                  f"(columns; mean predicted height, atoms): {per_h or '–'}"]
+    if "reliability" in plots:
+        lines += ["", "## Calibration of `confidence` (matched columns)", "",
+                  f"![reliability diagram]({plots['reliability']})"]
+    return "\n".join(lines) + "\n"

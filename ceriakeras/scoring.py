@@ -113,7 +113,8 @@ def height_scores(
     Returns
     -------
     dict
-        ``exact_accuracy``, ``within_1_accuracy``, ``mae`` (atoms) over the matched pairs;
+        ``exact_accuracy``, ``within_1_accuracy``, ``mae`` (atoms) and ``bias_atoms`` (mean
+        predicted − true height, atoms) over the matched pairs;
         ``per_height``: {h: {"accuracy", "count"}} for every true height present;
         ``confusion``: nested list, rows = true height, columns = predicted height, where
         height 0 stands for "no column" (misses in column 0, spurious detections in row 0).
@@ -142,6 +143,7 @@ def height_scores(
         "exact_accuracy": _ratio(np.sum(err == 0), n),
         "within_1_accuracy": _ratio(np.sum(err <= 1), n),
         "mae": float(np.mean(err)) if n else 0.0,
+        "bias_atoms": float(np.mean(p - t)) if n else 0.0,
         "per_height": per_height,
         "confusion": confusion.tolist(),
     }
@@ -203,6 +205,8 @@ class Tally:
     correct: list = field(default_factory=list)
     missed: list = field(default_factory=list)
     spurious: list = field(default_factory=list)
+    matched: list = field(default_factory=list)
+    """Per image, (N,) bool: which reported columns matched a true one (beside ``confidence``)."""
     n_pred: int = 0
     n_true: int = 0
 
@@ -233,6 +237,9 @@ class Tally:
             right[pi] = ph[pi] == th[ti]
             self.confidence.append(np.asarray(pred["confidence"], dtype=np.float64))
             self.correct.append(right)
+            found = np.zeros(len(ph), dtype=bool)
+            found[pi] = True
+            self.matched.append(found)
 
     def metrics(self, max_height: int) -> dict:
         """Detection, height and (where confidences were given) calibration scores."""
