@@ -71,10 +71,10 @@ def fit_confidence_calibration(
     The raw confidence (the reported height's share of the probability mass in the column's
     disk) is not a probability of being right: at high dose the disk's pixels split their mass
     between neighbouring heights although the column is nearly always right (under-confident),
-    at 20 e⁻/Å² the reverse. The same procedure as :func:`ceriakeras.evaluate.evaluate` (noise at fixed seeds,
-    columns as ``analyze`` finds them, Hungarian matching; a spurious column counts as wrong),
-    on another split (validation, not test) and noise seed, gives ``(slope, intercept)`` per dose
-    for :func:`ceriakeras.columns.calibrate_confidence`.
+    at 20 e⁻/Å² the reverse. The same procedure as :func:`ceriakeras.evaluate.evaluate` (noise
+    at fixed seeds, columns as ``analyze`` finds them, Hungarian matching; a spurious column
+    counts as wrong), on another split (validation, not test) and noise seed, gives
+    ``(slope, intercept)`` per dose for :func:`ceriakeras.columns.calibrate_confidence`.
 
     Parameters
     ----------

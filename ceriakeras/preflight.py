@@ -161,7 +161,8 @@ def check_export(run_dir, out_dir, version: int | None = None, *, calibrate_on=N
         raise ModelError(f"--version {version} must be a positive integer")
     if (out_dir / str(version)).exists():
         raise ModelError(f"{out_dir / str(version)} already exists; versions are never "
-                         "overwritten, choose another --version or leave it out for the next free one")
+                         "overwritten, choose another --version or leave it out for the next "
+                         "free one")
     if calibrate_on is not None:
         model = _read_json(run_dir / "config.json").get("model", {})
         pixel = model.get("pixel_size_A", _read_json(run_dir / "dataset.json").get("pixel_size_A"))

@@ -1,4 +1,4 @@
-"""Columns against the truth: matching, scores, and noisy copies of a simulated split with the model's answer.
+"""Columns against the truth: matching, scores, noisy copies of a simulated split with the model's answer.
 
 The common ground of :mod:`ceriakeras.evaluate` (how far to trust a model) and
 :mod:`ceriakeras.calibration` (what its ``confidence`` means), so neither needs the other:

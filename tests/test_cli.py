@@ -86,6 +86,8 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
     untrained.mkdir()
     exported = tmp / "exported"
     (exported / "1").mkdir(parents=True)
+    bad_truth = tmp / "truth.csv"
+    bad_truth.write_text("file,x_px\nok.tif,3\n")
     a_file = tmp / "a_file"
     a_file.write_text("")
 
@@ -111,6 +113,8 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
           "--out", out], "empty"),
         (["evaluate", "--model", str(model), "--data", str(data02), "--out", str(evaluated)],
          "already holds an evaluation"),
+        (["evaluate", "--model", str(model), "--images", str(ok), "--truth", str(bad_truth),
+          "--out", out], "lacks the column"),
         (["export", "--run", str(untrained), "--out", str(exported)], "no checkpoints"),
         (["export", "--run", str(tmp / "runs" / "none"), "--out", str(exported)], "does not exist"),
         (["export", "--run", str(run), "--out", str(exported), "--version", "1"], "already exists"),
