@@ -1,13 +1,36 @@
-"""Calibration of the column ``confidence``: a Platt scaling per dose, fitted on validation data.
+"""Calibration of the column ``confidence``: a map per dose, fitted on simulated calibration data.
 
 The raw confidence of a column (:func:`ceriakeras.columns.find_columns`: the reported height's
 share of the probability mass in the column's disk) is not the probability that the height is
 right. :func:`fit_confidence_calibration` measures, at each of
 :data:`CALIBRATION_DOSES_E_PER_A2`, how often columns of a given confidence are right on noisy
-copies of a simulated split (:func:`ceriakeras.scoring.noisy_predictions`, the validation split,
-never the test split) and fits :func:`fit_platt`; ``ceriakeras export --calibrate`` stores the
+copies of one or more simulated datasets (:func:`ceriakeras.scoring.noisy_predictions`; their
+validation split by default, never a test split one reports) and fits a map from the raw
+confidence (and, for some maps, the column's other outputs) to that probability;
+``ceriakeras export --calibrate`` and ``ceriakeras calibrate`` (:func:`recalibrate`) store the
 table in the model's ``assets/ceriakeras.json``. Applying it to a frame of a given dose is
 :func:`ceriakeras.columns.calibrate_confidence` (re-exported here), which ``find_columns`` calls.
+
+Maps (``map`` in the table; :data:`CALIBRATION_MAPS`):
+
+``platt``
+    ``σ(a · logit(c) + b)`` per dose (:func:`fit_platt`), the only map of versions 1–2.
+``logistic``
+    ``σ(w · features + b)`` per dose with the features :data:`LOGISTIC_FEATURES` (the logit of
+    the raw confidence, the column's ``height_std`` and its height), fitted by ridge-penalised
+    maximum likelihood (:func:`fit_logistic`).
+``isotonic``
+    A non-decreasing step-free curve per dose: the raw confidence in quantile bins of at least
+    :data:`ISOTONIC_MIN_BIN` columns, the bins' accuracies made monotone (pool adjacent
+    violators), interpolated linearly between bin centres (:func:`fit_isotonic`); a dose with
+    too few columns falls back to Platt.
+
+Calibrating on data from the training generator alone makes ``confidence`` honest on that
+generator only: images of other simulators or of a microscope are read less accurately, so the
+same raw confidence means less. Pooling datasets made with *other* simulator settings (finer
+multislice sampling, the quasi-coherent focal-spread envelope, residual aberrations, other
+particle shapes; docs/model.md, "Calibration off the training generator") moves the fit towards
+what the model delivers off its generator.
 
 Imports only the modules below it (``config``, ``modelinfo``, ``columns``, ``scoring``), so
 ``export``, ``evaluate`` and ``analyze`` can all use it.
@@ -15,6 +38,7 @@ Imports only the modules below it (``config``, ``modelinfo``, ``columns``, ``sco
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -22,12 +46,45 @@ import numpy as np
 from scipy import optimize
 
 from .columns import calibrate_confidence, find_columns
-from .config import AnalyzeConfig
+from .config import CALIBRATION_MAPS, AnalyzeConfig, ConfigError  # noqa: F401 (re-exported)
 from .modelinfo import model_settings
 from .scoring import MATCH_DISTANCE_A, Tally, calibration, check_doses, noisy_predictions
 
 CALIBRATION_DOSES_E_PER_A2 = (20.0, 50.0, 200.0, 1000.0, 5000.0, 20000.0)
 """Doses at which the confidence calibration is fitted (the training envelope's ends), e⁻/Å²."""
+
+DEFAULT_MAP = "platt"
+"""The map ``export --calibrate`` and ``calibrate`` fit unless told otherwise."""
+
+LOGISTIC_FEATURES = ("logit_confidence", "height_std", "height")
+"""Inputs of the ``logistic`` map: logit of the raw confidence, the column's ``height_std``
+(atoms) and its reported height (atoms)."""
+
+ISOTONIC_MIN_BIN = 150
+"""Fewest columns in one bin of the ``isotonic`` map (fewer at a dose → Platt there)."""
+
+SPLITS = ("train", "validation", "test")
+
+
+def parse_dataset(spec: str | os.PathLike | tuple, split: str = "validation") -> tuple[str, str]:
+    """``(folder, split)`` of a calibration dataset given as ``PATH``, ``PATH:SPLIT`` or a pair.
+
+    A suffix ``:train``, ``:validation`` or ``:test`` names the split; anything else is part of
+    the path and the split is ``split``.
+    """
+    if isinstance(spec, tuple):
+        path, which = spec
+        return str(path), str(which)
+    text = os.fspath(spec)
+    head, sep, tail = text.rpartition(":")
+    if sep and head and tail in SPLITS:
+        return head, tail
+    return text, split
+
+
+def _logit(confidence) -> np.ndarray:
+    c = np.clip(np.asarray(confidence, np.float64), 1e-4, 1 - 1e-4)
+    return np.log(c / (1 - c))
 
 
 def fit_platt(confidence: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
@@ -38,9 +95,8 @@ def fit_platt(confidence: np.ndarray, correct: np.ndarray) -> tuple[float, float
     """
     from scipy.special import expit
 
-    c = np.clip(np.asarray(confidence, np.float64), 1e-4, 1 - 1e-4)
     y = np.asarray(correct, np.float64)
-    z = np.log(c / (1 - c))
+    z = _logit(confidence)
 
     def loss(params):
         a, b = params
@@ -53,9 +109,201 @@ def fit_platt(confidence: np.ndarray, correct: np.ndarray) -> tuple[float, float
     return float(best.x[0]), float(best.x[1])
 
 
+def logistic_features(confidence, height_std, height) -> np.ndarray:
+    """(N, 3) float64: the ``logistic`` map's inputs (:data:`LOGISTIC_FEATURES`)."""
+    return np.stack([_logit(confidence), np.asarray(height_std, np.float64).ravel(),
+                     np.asarray(height, np.float64).ravel()], axis=1)
+
+
+def fit_logistic(features: np.ndarray, correct: np.ndarray, *, ridge: float = 1.0) -> list[float]:
+    """Logistic regression ``P(right) = σ(features · w + b)``, returned as ``[*w, b]``.
+
+    Maximum likelihood with an L2 penalty ``ridge · |w − w₀|²`` towards ``w₀ = (1, 0, …)`` (the
+    raw confidence unchanged), so that few columns or separable data still give finite,
+    modest weights. Features are used as given (atoms and logits are of order one).
+    """
+    from scipy.special import expit
+
+    x = np.asarray(features, np.float64)
+    y = np.asarray(correct, np.float64).ravel()
+    w0 = np.zeros(x.shape[1] + 1)
+    w0[0] = 1.0
+    xb = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+
+    def loss(w):
+        z = xb @ w
+        nll = np.sum(np.logaddexp(0.0, z) - y * z)
+        grad = xb.T @ (expit(z) - y)
+        pen = w - w0
+        pen[-1] = 0.0
+        return nll + ridge * np.sum(pen**2), grad + 2 * ridge * pen
+
+    best = optimize.minimize(loss, x0=w0, jac=True, method="L-BFGS-B")
+    return [float(v) for v in best.x]
+
+
+def _pava(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Non-decreasing least-squares fit of ``values`` with ``weights`` (pool adjacent violators)."""
+    blocks: list[list[float]] = []          # [value, weight, count]
+    for v, w in zip(values, weights):
+        blocks.append([float(v), float(w), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            v2, w2, n2 = blocks.pop()
+            v1, w1, n1 = blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return np.concatenate([np.full(n, v) for v, _, n in blocks])
+
+
+def fit_isotonic(confidence: np.ndarray, correct: np.ndarray, *,
+                 min_bin: int = ISOTONIC_MIN_BIN) -> tuple[list[float], list[float]]:
+    """Binned isotonic regression: knots ``(raw confidence, P(right))`` of a monotone map.
+
+    The columns are sorted by raw confidence and cut into ``len // min_bin`` bins of equal
+    count (at least 2); each bin gives (mean raw confidence, fraction right, smoothed by one
+    pseudo-count towards the mean accuracy), made non-decreasing by :func:`_pava`. Between knots
+    the map is linear, beyond them constant (:func:`ceriakeras.columns.calibrate_confidence`).
+    Bins of ``min_bin`` columns keep each knot's standard error below about 0.04.
+    """
+    c = np.clip(np.asarray(confidence, np.float64).ravel(), 0.0, 1.0)
+    y = np.asarray(correct, np.float64).ravel()
+    order = np.argsort(c, kind="stable")
+    c, y = c[order], y[order]
+    n_bins = max(2, len(c) // max(1, int(min_bin)))
+    parts = np.array_split(np.arange(len(c)), n_bins)
+    mean_y = float(y.mean()) if len(y) else 0.5
+    x = np.array([c[p].mean() for p in parts])
+    acc = np.array([(y[p].sum() + mean_y) / (len(p) + 1.0) for p in parts])
+    weight = np.array([len(p) + 1.0 for p in parts])
+    fitted = _pava(acc, weight)
+    return [float(v) for v in x], [float(v) for v in np.clip(fitted, 1e-4, 1 - 1e-4)]
+
+
+def collect_columns(predict, datasets: Sequence, info: dict, *,
+                    doses: Sequence[float] = CALIBRATION_DOSES_E_PER_A2, max_images: int = 48,
+                    seed: int = 1, config: AnalyzeConfig | None = None, progress: bool = True,
+                    desc: str = "calibrate") -> tuple[dict, list[dict]]:
+    """Every column the model reports on noisy copies of the calibration datasets, per dose.
+
+    Parameters
+    ----------
+    predict : callable
+        ``predict(images (B, H, W) float32 counts) -> (probabilities (B, H, W, C), height)``.
+    datasets : sequence
+        Dataset folders at the model's pixel size, each ``PATH``, ``PATH:SPLIT`` or
+        ``(PATH, SPLIT)`` (:func:`parse_dataset`; default split validation).
+    info : dict
+        ``pixel_size_A``, ``max_height``, ``label_radius_A`` of the model.
+    doses, max_images, seed
+        Doses (e⁻/Å²), at most how many images of *each* dataset, and the noise seed.
+
+    Returns
+    -------
+    columns : dict
+        Per dose, a dict of (N,) arrays pooled over the datasets: ``confidence`` (raw),
+        ``height`` (atoms), ``height_std`` (atoms), ``correct`` (bool; a spurious column counts
+        as wrong), ``matched`` (bool) and ``dataset`` (index into ``datasets``).
+    sources : list of dict
+        Per dataset: ``data_dir``, ``split``, ``n_images``, ``n_columns`` (true Ce columns),
+        ``manifest_sha256`` where the manifest has one, and ``simulation`` (the sampling, Å, and
+        focal-spread models it was simulated with, where recorded).
+    """
+    from .records import read_manifest
+
+    doses = check_doses(doses)
+    config = config or AnalyzeConfig()
+    pixel_size_A, max_height, label_radius_A = model_settings(info)
+    keys = ("confidence", "height", "height_std", "correct", "matched", "dataset")
+    parts = {d: {k: [] for k in keys} for d in doses}
+    sources = []
+    for index, spec in enumerate(datasets):
+        data_dir, split = parse_dataset(spec)
+        manifest = read_manifest(data_dir)
+        n_images = n_columns = 0
+        for _, true_columns, _, probabilities in noisy_predictions(
+                predict, data_dir, split, doses, pixel_size_A, seed=seed, max_images=max_images,
+                progress=progress, desc=f"{desc} {Path(data_dir).name}"):
+            for k, d in enumerate(doses):
+                found = find_columns(probabilities[k], pixel_size_A,
+                                     min_distance_A=config.min_distance_A,
+                                     threshold=config.threshold, label_radius_A=label_radius_A)
+                tally = Tally()
+                tally.add(found, true_columns, pixel_size_A, MATCH_DISTANCE_A)
+                p = parts[d]
+                p["confidence"].append(found["confidence"])
+                p["height"].append(found["height"])
+                p["height_std"].append(found["height_std"])
+                p["correct"].append(tally.correct[0])
+                p["matched"].append(tally.matched[0])
+                p["dataset"].append(np.full(len(found["height"]), index, np.int32))
+            n_images += 1
+            n_columns += len(true_columns)
+        simulation = manifest.get("config", {}) if isinstance(manifest.get("config"), dict) else {}
+        sources.append({
+            "data_dir": str(data_dir), "split": split, "n_images": n_images,
+            "n_columns": n_columns,
+            "manifest_sha256": manifest.get("manifest_sha256") or manifest.get("sha256"),
+            "simulation": {k: v for k, v in (
+                ("sampling_A", simulation.get("sampling_A")),
+                ("focal_spread_models", simulation.get("optics", {}).get("focal_spread_models")),
+                ("command", manifest.get("command"))) if v is not None},
+        })
+    columns = {d: {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts[d].items()}
+               for d in doses}
+    return columns, sources
+
+
+def fit_map(columns: dict, method: str = DEFAULT_MAP, *, min_bin: int = ISOTONIC_MIN_BIN,
+            ridge: float = 1.0) -> dict:
+    """Fit one confidence map per dose on :func:`collect_columns`' columns.
+
+    Returns
+    -------
+    dict
+        The table for :func:`ceriakeras.columns.calibrate_confidence`: ``map``,
+        ``dose_e_per_A2`` and ``slope`` / ``intercept`` (Platt; fitted at every dose whatever
+        the map, as the fallback), ``features`` / ``coefficients`` (logistic), ``knots_confidence``
+        / ``knots_probability`` (isotonic), and ``ece_before`` / ``ece_after`` (on the fitted
+        columns themselves, every reported column).
+    """
+    if method not in CALIBRATION_MAPS:
+        raise ConfigError(f"calibration map {method!r} is not one of {', '.join(CALIBRATION_MAPS)}")
+    doses = sorted(columns)
+    table: dict = {"map": method, "dose_e_per_A2": list(doses), "slope": [], "intercept": []}
+    if method == "logistic":
+        table["features"] = list(LOGISTIC_FEATURES)
+        table["coefficients"] = []
+    if method == "isotonic":
+        table["knots_confidence"], table["knots_probability"] = [], []
+    before, after = [], []
+    for d in doses:
+        col = columns[d]
+        conf, right = col["confidence"], col["correct"].astype(bool)
+        a, b = fit_platt(conf, right)
+        table["slope"].append(a)
+        table["intercept"].append(b)
+        if method == "logistic":
+            table["coefficients"].append(fit_logistic(
+                logistic_features(conf, col["height_std"], col["height"]), right, ridge=ridge))
+        if method == "isotonic":
+            if len(conf) >= 2 * min_bin:
+                xs, ys = fit_isotonic(conf, right, min_bin=min_bin)
+            else:
+                xs, ys = [], []  # too few columns: Platt at this dose
+            table["knots_confidence"].append(xs)
+            table["knots_probability"].append(ys)
+        before.append(calibration(conf, right)["ece"])
+    for d in doses:
+        col = columns[d]
+        mapped = calibrate_confidence(col["confidence"], d, table, height=col["height"],
+                                      height_std=col["height_std"])
+        after.append(calibration(mapped, col["correct"].astype(bool))["ece"])
+    table["ece_before"], table["ece_after"] = before, after
+    return table
+
+
 def fit_confidence_calibration(
     predict,
-    data_dir: str | Path,
+    data_dir,
     info: dict,
     *,
     doses: Sequence[float] = CALIBRATION_DOSES_E_PER_A2,
@@ -65,61 +313,83 @@ def fit_confidence_calibration(
     config: AnalyzeConfig | None = None,
     progress: bool = True,
     desc: str = "calibrate",
+    method: str = DEFAULT_MAP,
 ) -> dict:
-    """Fit, at each dose, the Platt scaling that makes the column ``confidence`` calibrated.
+    """Fit, at each dose, the map that makes the column ``confidence`` calibrated.
 
     The raw confidence (the reported height's share of the probability mass in the column's
     disk) is not a probability of being right: at high dose the disk's pixels split their mass
     between neighbouring heights although the column is nearly always right (under-confident),
     at 20 e⁻/Å² the reverse. The same procedure as :func:`ceriakeras.evaluate.evaluate` (noise
     at fixed seeds, columns as ``analyze`` finds them, Hungarian matching; a spurious column
-    counts as wrong), on another split (validation, not test) and noise seed, gives
-    ``(slope, intercept)`` per dose for :func:`ceriakeras.columns.calibrate_confidence`.
+    counts as wrong), on one or more datasets pooled (:func:`collect_columns`), gives the table
+    for :func:`ceriakeras.columns.calibrate_confidence`.
 
     Parameters
     ----------
     predict : callable
         ``predict(images (B, H, W) float32 counts) -> (probabilities (B, H, W, C), height)``.
-    data_dir : path
-        Dataset folder at the model's pixel size.
+    data_dir : path or sequence of paths
+        Dataset folder(s) at the model's pixel size; each ``PATH``, ``PATH:SPLIT`` or
+        ``(PATH, SPLIT)`` (a bare path takes ``split``). Their columns are pooled.
     info : dict
         ``pixel_size_A``, ``max_height``, ``label_radius_A`` of the model.
     doses : sequence of float
         Doses, e⁻/Å², at which to fit (interpolated in log dose in between).
     split, max_images, seed : str, int, int
-        Which records and noise.
+        Default split, images per dataset, and noise seed.
+    method : str
+        One of :data:`CALIBRATION_MAPS`.
 
     Returns
     -------
     dict
-        ``dose_e_per_A2``, ``slope``, ``intercept`` (one per dose), ``ece_before`` and
-        ``ece_after`` (on the fitted columns themselves), ``split``, ``n_images``,
-        ``n_columns`` (true Ce columns), ``seed``, ``data_dir``.
+        :func:`fit_map`'s table plus ``datasets`` (:func:`collect_columns`' sources), ``split``,
+        ``n_images`` and ``n_columns`` (totals), ``seed`` and ``data_dir`` (the folders, joined
+        by ``'; '``).
     """
-    doses = check_doses(doses)
-    config = config or AnalyzeConfig()
-    pixel_size_A, max_height, label_radius_A = model_settings(info)
-    tallies = {d: Tally() for d in doses}
-    n_images = n_columns = 0
-    for _, true_columns, _, probabilities in noisy_predictions(
-            predict, data_dir, split, doses, pixel_size_A, seed=seed, max_images=max_images,
-            progress=progress, desc=desc):
-        for k, d in enumerate(doses):
-            found = find_columns(probabilities[k], pixel_size_A, min_distance_A=config.min_distance_A,
-                                 threshold=config.threshold, label_radius_A=label_radius_A)
-            tallies[d].add(found, true_columns, pixel_size_A, MATCH_DISTANCE_A)
-        n_images += 1
-        n_columns += len(true_columns)
-    slopes, intercepts, before, after = [], [], [], []
-    for d in doses:
-        conf = np.concatenate(tallies[d].confidence)
-        right = np.concatenate(tallies[d].correct)
-        a, b = fit_platt(conf, right)
-        slopes.append(a)
-        intercepts.append(b)
-        before.append(calibration(conf, right)["ece"])
-        table = {"dose_e_per_A2": [d], "slope": [a], "intercept": [b]}
-        after.append(calibration(calibrate_confidence(conf, d, table), right)["ece"])
-    return {"dose_e_per_A2": list(doses), "slope": slopes, "intercept": intercepts,
-            "ece_before": before, "ece_after": after, "split": split, "n_images": n_images,
-            "n_columns": n_columns, "seed": seed, "data_dir": str(data_dir)}
+    method = method or DEFAULT_MAP
+    specs = [data_dir] if isinstance(data_dir, (str, os.PathLike, tuple)) else list(data_dir)
+    if not specs:
+        raise ConfigError("no calibration dataset given: pass at least one --calibrate folder")
+    specs = [parse_dataset(s, split) for s in specs]
+    columns, sources = collect_columns(predict, specs, info, doses=doses, max_images=max_images,
+                                       seed=seed, config=config, progress=progress, desc=desc)
+    table = fit_map(columns, method)
+    splits = sorted({s["split"] for s in sources})
+    return {**table, "datasets": sources, "split": "+".join(splits),
+            "n_images": sum(s["n_images"] for s in sources),
+            "n_columns": sum(s["n_columns"] for s in sources), "seed": seed,
+            "data_dir": "; ".join(s["data_dir"] for s in sources)}
+
+
+_METHOD_TEXT = {
+    "platt": "Platt scaling of the raw confidence per dose",
+    "logistic": "logistic map of (logit of the raw confidence, height_std, height) per dose",
+    "isotonic": "binned isotonic map of the raw confidence per dose (Platt where too few columns)",
+}
+
+
+def method_text(method: str) -> str:
+    """The ``method`` sentence recorded with a calibration table."""
+    return (_METHOD_TEXT[method] + ", interpolated in log dose; the dose is the frame's mean count "
+            "per pixel area, so frames must be in counts")
+
+
+def fit_model_calibrations(predict, predict_tta, datasets, info: dict, *,
+                           method: str | None = DEFAULT_MAP, max_images: int = 48,
+                           split: str = "validation", progress: bool = False) -> dict:
+    """The tables a model carries: ``confidence_calibration`` fitted through ``predict`` (plain
+    inference) and, unless ``predict_tta`` is None, ``confidence_calibration_tta`` through it
+    (test-time augmentation, :class:`ceriakeras.export.DihedralAveraged`): the consumers' own
+    paths. Each is :func:`fit_confidence_calibration` plus its ``method`` sentence."""
+    method = method or DEFAULT_MAP
+    out = {}
+    for key, fn, desc in (("confidence_calibration", predict, "calibrate"),
+                          ("confidence_calibration_tta", predict_tta, "calibrate (TTA)")):
+        if fn is None:
+            continue
+        fit = fit_confidence_calibration(fn, datasets, info, split=split, max_images=max_images,
+                                         progress=progress, desc=desc, method=method)
+        out[key] = {"method": method_text(method), **fit}
+    return out

@@ -20,6 +20,7 @@ import sys
 
 import click
 
+from .config import CALIBRATION_MAPS as CALIBRATION_MAP_CHOICES
 from .config import CeriakerasError
 
 
@@ -325,41 +326,95 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
 @click.option("--version", type=int, default=None, metavar="N",
               help="Version number (default: the next free integer); an existing one is never overwritten.")
 @click.option("--calibrate", "calibrate_on", type=click.Path(exists=True, file_okay=False),
-              default=None, metavar="tfrecords/NAME",
-              help="Calibrate the column `confidence` on this dataset's validation split (Platt "
-                   "scaling per dose, 20–20000 e-/Å²; recorded in assets/ceriakeras.json).")
+              multiple=True, metavar="tfrecords/NAME",
+              help="Calibrate the column `confidence` on this dataset's validation split (a map "
+                   "per dose, 20–20000 e-/Å²; recorded in assets/ceriakeras.json). Repeat to pool "
+                   "several datasets, e.g. ones simulated with other settings than the training "
+                   "data (docs/model.md).")
 @click.option("--calibration-images", type=click.IntRange(min=1), default=48, show_default=True,
-              metavar="N", help="Validation images used by --calibrate (count of images).")
+              metavar="N", help="Validation images used by --calibrate, per dataset (count of images).")
+@click.option("--calibration-map", type=click.Choice(CALIBRATION_MAP_CHOICES), default=None,
+              help="Confidence map fitted by --calibrate (default: the project's default, "
+                   "docs/model.md).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_verbose_option
 @_one_line_errors
-def export(run_dir, out_dir, version, calibrate_on, calibration_images, quiet):
+def export(run_dir, out_dir, version, calibrate_on, calibration_images, calibration_map, quiet):
     """Export a trained run as a versioned SavedModel for TF Serving.
 
     Example: ceriakeras export --run runs/demo --out saved_models/demo --calibrate tfrecords/demo
     """
     from .preflight import check_export
 
+    calibrate_on = list(calibrate_on) or None
     check_export(run_dir, out_dir, version, calibrate_on=calibrate_on)
     from .export import export_run, read_info
 
     path = export_run(run_dir, out_dir, version, calibrate_on=calibrate_on,
-                      calibration_images=calibration_images, progress=not quiet)
+                      calibration_images=calibration_images, calibration_map=calibration_map,
+                      progress=not quiet)
     click.echo(f"{path}: SavedModel, signature serving_default "
                "(image -> probabilities, height); assets/ceriakeras.json written")
-    info = read_info(path)
+    _echo_calibration(read_info(path))
+
+
+def _echo_calibration(info: dict) -> None:
+    """Print a model's calibration tables: what they were fitted on, ECE before and after."""
     for key, what in (("confidence_calibration", ""), ("confidence_calibration_tta", ", --tta")):
         fit = info.get(key)
         if fit:
-            click.echo(f"confidence calibration ({fit['split']} split, {fit['n_images']} images{what}):")
+            click.echo(f"confidence calibration ({fit.get('map', 'platt')} map, {fit['split']} "
+                       f"split, {fit['n_images']} images of {fit['data_dir']}{what}):")
             click.echo("  dose e-/Å²   slope  intercept  ECE before  ECE after")
             for row in zip(fit["dose_e_per_A2"], fit["slope"], fit["intercept"], fit["ece_before"],
                            fit["ece_after"]):
                 click.echo("  {:>10g}  {:>6.3f}  {:>9.3f}  {:>10.3f}  {:>9.3f}".format(*row))
 
 
-# --- analyze -----------------------------------------------------------------------------------
-# (section owned by the analyze work)
+@main.command()
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True, file_okay=False),
+              metavar="saved_models/NAME[/VERSION]",
+              help="Exported model to recalibrate (newest version unless a version folder).")
+@click.option("--data", "datasets", required=True, multiple=True, metavar="tfrecords/NAME[:SPLIT]",
+              help="Calibration dataset at the model's pixel size (validation split unless "
+                   ":train/:validation/:test is appended); repeat to pool several.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), metavar="saved_models/NAME2",
+              help="Model base folder of the recalibrated copy; it goes in OUT/<version>/.")
+@click.option("--version", type=int, default=None, metavar="N",
+              help="Version number of the copy (default: the next free integer in OUT); an "
+                   "existing one is never overwritten.")
+@click.option("--map", "method", type=click.Choice(CALIBRATION_MAP_CHOICES), default=None,
+              help="Confidence map (default: the project's default, docs/model.md).")
+@click.option("--images", "max_images", type=click.IntRange(min=1), default=48, show_default=True,
+              metavar="N", help="Images per dataset (count of images).")
+@click.option("--no-tta", is_flag=True,
+              help="Skip the test-time augmentation table (8x faster; the copy then has none).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_verbose_option
+@_one_line_errors
+def calibrate(model_path, datasets, out_dir, version, method, max_images, no_tta, quiet):
+    """Copy an exported model with its column `confidence` re-calibrated on other data.
+
+    The graph is copied unchanged; the source model is never modified.
+
+    Example: ceriakeras calibrate --model saved_models/ceria110/2 --data tfrecords/mine
+    --out saved_models/ceria110-mine
+    """
+    from .modelinfo import model_settings, read_info
+    from .preflight import check_calibration_data
+    from .recalibrate import target_version
+
+    source, _ = target_version(model_path, out_dir, version)
+    check_calibration_data(list(datasets), model_settings(read_info(source))[0])
+    from .recalibrate import recalibrate
+
+    path = recalibrate(source, out_dir, list(datasets), version=version, method=method,
+                       max_images=max_images, tta=not no_tta, progress=not quiet)
+    click.echo(f"{path}: copy of {source} with a new confidence calibration in "
+               "assets/ceriakeras.json")
+    _echo_calibration(read_info(path))
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--model", default=None, metavar="saved_models/NAME",

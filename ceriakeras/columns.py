@@ -34,8 +34,10 @@ def estimate_dose(counts: np.ndarray, pixel_size_A: float) -> float:
     return float(np.mean(counts, dtype=np.float64)) / float(pixel_size_A) ** 2
 
 
-def calibrate_confidence(confidence: np.ndarray, dose_e_per_A2: float, table: dict) -> np.ndarray:
-    """Map raw column confidences to calibrated ones: ``σ(a · logit(c) + b)``.
+def calibrate_confidence(confidence: np.ndarray, dose_e_per_A2: float, table: dict, *,
+                         height: np.ndarray | None = None,
+                         height_std: np.ndarray | None = None) -> np.ndarray:
+    """Map raw column confidences to calibrated ones with a model's calibration table.
 
     Parameters
     ----------
@@ -44,10 +46,17 @@ def calibrate_confidence(confidence: np.ndarray, dose_e_per_A2: float, table: di
     dose_e_per_A2 : float
         Dose of the frame (:func:`estimate_dose`), e⁻/Å².
     table : dict
-        ``dose_e_per_A2``, ``slope``, ``intercept`` fitted by
-        :func:`ceriakeras.calibration.fit_confidence_calibration` (the model's
-        ``confidence_calibration``); slope and intercept are interpolated linearly in log dose
-        and held constant beyond the fitted doses.
+        The model's ``confidence_calibration``, fitted by
+        :func:`ceriakeras.calibration.fit_confidence_calibration`: ``dose_e_per_A2`` and, by its
+        ``map`` (``platt`` when absent), ``slope`` / ``intercept`` (``σ(a · logit(c) + b)``),
+        ``coefficients`` (``logistic``: ``σ(w · (logit(c), height_std, height) + b)``) or
+        ``knots_confidence`` / ``knots_probability`` (``isotonic``: linear between knots, a
+        dose without knots uses its Platt pair). Platt parameters are interpolated linearly in
+        log dose; the other maps are evaluated at the two fitted doses around the frame's and
+        their outputs interpolated in log dose. Beyond the fitted doses, the nearest one holds.
+    height, height_std : array, optional
+        The columns' reported heights and ``height_std`` (atoms), same shape as ``confidence``;
+        needed by the ``logistic`` map.
 
     Returns
     -------
@@ -57,10 +66,36 @@ def calibrate_confidence(confidence: np.ndarray, dose_e_per_A2: float, table: di
 
     doses = np.log(np.asarray(table["dose_e_per_A2"], np.float64))
     x = np.log(max(float(dose_e_per_A2), 1e-6))
-    a = np.interp(x, doses, np.asarray(table["slope"], np.float64))
-    b = np.interp(x, doses, np.asarray(table["intercept"], np.float64))
     c = np.clip(np.asarray(confidence, np.float64), 1e-4, 1 - 1e-4)
-    return expit(a * np.log(c / (1 - c)) + b)
+    z = np.log(c / (1 - c))
+    kind = table.get("map", "platt")
+    if kind == "platt":
+        a = np.interp(x, doses, np.asarray(table["slope"], np.float64))
+        b = np.interp(x, doses, np.asarray(table["intercept"], np.float64))
+        return expit(a * z + b)
+    if kind == "logistic" and (height is None or height_std is None):
+        raise ValueError("the logistic confidence map needs the columns' height and height_std")
+
+    def at(k: int) -> np.ndarray:
+        if kind == "logistic":
+            w = np.asarray(table["coefficients"][k], np.float64)
+            return expit(w[0] * z + w[1] * np.asarray(height_std, np.float64)
+                         + w[2] * np.asarray(height, np.float64) + w[3])
+        xs, ys = table["knots_confidence"][k], table["knots_probability"][k]
+        if kind != "isotonic":
+            raise ValueError(f"unknown confidence map {kind!r}: update ceriakeras")
+        if not xs:
+            return expit(table["slope"][k] * z + table["intercept"][k])
+        return np.interp(np.asarray(confidence, np.float64), xs, ys)
+
+    hi = int(np.clip(np.searchsorted(doses, x), 0, len(doses) - 1))
+    lo = max(hi - 1, 0)
+    if lo == hi or x <= doses[lo]:
+        return at(lo)
+    if x >= doses[hi]:
+        return at(hi)
+    t = (x - doses[lo]) / (doses[hi] - doses[lo])
+    return (1 - t) * at(lo) + t * at(hi)
 
 
 def find_columns(probabilities: np.ndarray, pixel_size_A: float, *, min_distance_A: float = 2.0,
@@ -158,10 +193,11 @@ def find_columns(probabilities: np.ndarray, pixel_size_A: float, *, min_distance
     heights = np.arange(1, n_classes, dtype=np.float64)
     best = mass.argmax(axis=1)
     confidence = np.where(total > 0, mass[np.arange(len(best)), best] / safe, 0.0)
-    if calibration is not None:
-        confidence = calibrate_confidence(confidence, dose_e_per_A2, calibration)
     expected = (mass * heights).sum(axis=1) / safe
     std = np.sqrt(np.clip((mass * (heights - expected[:, None]) ** 2).sum(axis=1) / safe, 0, None))
+    if calibration is not None:
+        confidence = calibrate_confidence(confidence, dose_e_per_A2, calibration,
+                                          height=best + 1.0, height_std=std)
 
     order = np.lexsort((x, y))
     return {

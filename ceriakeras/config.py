@@ -28,6 +28,8 @@ MIN_COLUMN_SEPARATION_A = 3.3
 """Smallest projected distance between two Ce columns along [110], Å."""
 SCHEMA_VERSION = 1
 """Version of the TFRecord schema written by :mod:`ceriakeras.records`."""
+CALIBRATION_MAPS = ("platt", "logistic", "isotonic")
+"""Confidence maps :mod:`ceriakeras.calibration` can fit (``export --calibration-map``, ``calibrate --map``)."""
 
 
 class CeriakerasError(Exception):

@@ -96,7 +96,7 @@ def model_info(run_dir: Path, checkpoint: Path) -> dict:
 
 def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=None,
                calibration_images: int = 48, calibration_split: str = "validation",
-               progress: bool = False) -> Path:
+               progress: bool = False, calibration_map: str | None = None) -> Path:
     """Export a training run's best checkpoint as a TF Serving SavedModel version.
 
     Parameters
@@ -107,15 +107,20 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
         Model base folder, ``saved_models/NAME``; the version goes in ``out_dir/<version>/``.
     version : int, optional
         Version number (a positive integer); default: one more than the highest present.
-    calibrate_on : path, optional
-        Dataset whose validation split calibrates the column ``confidence``: a Platt scaling at
-        each of :data:`ceriakeras.calibration.CALIBRATION_DOSES_E_PER_A2`
-        (:func:`ceriakeras.calibration.fit_confidence_calibration`), for plain inference and for
-        test-time augmentation, recorded in ``assets/ceriakeras.json`` as
-        ``confidence_calibration`` and ``confidence_calibration_tta`` and applied by
-        :func:`ceriakeras.columns.find_columns`. The serving graph is the same either way.
+    calibrate_on : path or list of paths, optional
+        Dataset(s) whose validation split (or ``PATH:SPLIT``) calibrates the column
+        ``confidence``, pooled: a map per dose at each of
+        :data:`ceriakeras.calibration.CALIBRATION_DOSES_E_PER_A2`
+        (:func:`ceriakeras.calibration.fit_model_calibrations`), for plain inference and for
+        test-time augmentation, recorded with the datasets it was fitted on in
+        ``assets/ceriakeras.json`` as ``confidence_calibration`` and
+        ``confidence_calibration_tta`` and applied by :func:`ceriakeras.columns.find_columns`.
+        The serving graph is the same either way.
     calibration_images, calibration_split : int, str
-        How many images of which split calibrate (the validation split unless you know why not).
+        How many images of each dataset, and the split of datasets given without one.
+    calibration_map : str, optional
+        :data:`ceriakeras.calibration.CALIBRATION_MAPS` entry; default
+        :data:`ceriakeras.calibration.DEFAULT_MAP`.
     progress : bool
         Progress bar while calibrating.
 
@@ -162,18 +167,13 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
         return {"probabilities": probabilities, "height": height}
 
     if calibrate_on is not None:
-        from .calibration import fit_confidence_calibration
+        from .calibration import fit_model_calibrations
 
         served = ServedModel(path=target, info=info, signature=serve)  # what consumers will run
-        method = ("Platt scaling of the raw confidence per dose, interpolated in log dose; the "
-                  "dose is the frame's mean count per pixel area, so frames must be in counts")
-        for key, fn, desc in (("confidence_calibration", served.predict, "calibrate"),
-                              ("confidence_calibration_tta", DihedralAveraged(served).predict,
-                               "calibrate (TTA)")):
-            fit = fit_confidence_calibration(fn, calibrate_on, info, split=calibration_split,
-                                             max_images=calibration_images, progress=progress,
-                                             desc=desc)
-            info[key] = {"method": method, **fit}
+        info.update(fit_model_calibrations(
+            served.predict, DihedralAveraged(served).predict, calibrate_on, info,
+            method=calibration_map, max_images=calibration_images, split=calibration_split,
+            progress=progress))
 
     archive = keras.export.ExportArchive()
     archive.track(model)

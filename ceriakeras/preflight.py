@@ -166,8 +166,31 @@ def check_export(run_dir, out_dir, version: int | None = None, *, calibrate_on=N
     if calibrate_on is not None:
         model = _read_json(run_dir / "config.json").get("model", {})
         pixel = model.get("pixel_size_A", _read_json(run_dir / "dataset.json").get("pixel_size_A"))
-        _check_dataset(calibrate_on, calibration_split, None if pixel is None else float(pixel),
-                       "calibrate on data")
+        check_calibration_data(calibrate_on, None if pixel is None else float(pixel),
+                               calibration_split)
+
+
+def check_calibration_data(datasets, pixel_size_A: float | None,
+                           split: str = "validation") -> None:
+    """Every calibration dataset (a path, ``PATH:SPLIT``, or a list of them;
+    :func:`ceriakeras.calibration.parse_dataset`) is at ``pixel_size_A`` (Å) with a non-empty
+    split.
+
+    Raises
+    ------
+    DataError, ConfigError
+    """
+    from .calibration import parse_dataset
+
+    specs = [datasets] if isinstance(datasets, (str, Path, tuple)) else list(datasets)
+    if not specs:
+        raise ConfigError("no calibration dataset given: pass at least one folder")
+    for spec in specs:
+        path, which = parse_dataset(spec, split)
+        if not Path(path).is_dir():
+            raise DataError(f"calibration dataset {path} does not exist: simulate it with "
+                            "`ceriakeras simulate`")
+        _check_dataset(path, which, pixel_size_A, "calibrate on data")
 
 
 def check_train(data_dir, run_dir, *, resume: bool = False, overwrite: bool = False) -> None:
