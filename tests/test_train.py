@@ -26,6 +26,13 @@ MAX_HEIGHT = 4
 
 
 # --- a tiny synthetic dataset, written by the project's own record writer -------------------------
+def synthetic_optics(seed, particle_id):
+    """Defocus (nm) and Cs (µm) recorded in a synthetic record's metadata (targets of the
+    context U-Net's optics output; the synthetic image does not depend on them)."""
+    rng = np.random.default_rng([seed, particle_id, 1])
+    return {"defocus_nm": float(rng.uniform(-12, 12)), "cs_um": float(rng.uniform(-25, 25))}
+
+
 def synthetic_particle(particle_id, seed, config):
     """Stand-in for ``simulate_particle``: dark Gaussian columns on a 4 Å grid, depth ∝ height."""
     from ceriakeras.simulate import Example, label_mask
@@ -44,7 +51,8 @@ def synthetic_particle(particle_id, seed, config):
             image -= 0.12 * h * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * (0.3 / px) ** 2))
         label = label_mask(columns, (n, n), px, config.label_radius_A, config.max_height)
         examples.append(Example(image=image.astype(np.float32), label=label, columns=columns,
-                                pixel_size_A=px, metadata={"particle_id": particle_id},
+                                pixel_size_A=px, metadata={"particle_id": particle_id,
+                                                           **synthetic_optics(seed, particle_id)},
                                 atoms=None))
     return examples
 
