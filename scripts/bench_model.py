@@ -64,15 +64,17 @@ def main() -> None:
             x = tf.constant(np.random.default_rng(0).poisson(
                 5.0, (batch, args.size, args.size, 1)).astype(np.float32))
             forward(x)
-            times = []
+            times, cpu = [], []
             for _ in range(args.repeats):
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 out = forward(x)
                 tf.nest.map_structure(lambda t: t.numpy(), out)
                 times.append(time.perf_counter() - start)
-            t = float(np.median(times))
+                cpu.append(time.process_time() - start_cpu)
+            t, c = float(np.median(times)), float(np.median(cpu))
             print(f"  forward ({batch}, {args.size}, {args.size}, 1): {t * 1000:.0f} ms per batch, "
-                  f"{t / batch * 1000:.0f} ms per frame")
+                  f"{t / batch * 1000:.0f} ms per frame (CPU time {c / batch * 1000:.0f} ms per "
+                  f"frame, all threads)")
         if args.train_step:
             compile_model(model, config)
             crop, batch = config.pipeline.crop_px, config.pipeline.batch_size
@@ -85,10 +87,12 @@ def main() -> None:
             data = tf.data.Dataset.from_tensors((image, y, w)).repeat()
             model.fit(data, steps_per_epoch=2, epochs=1, verbose=0)  # compile and warm up
             steps = max(args.repeats, 3)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
             per_step = (time.perf_counter() - start) / steps
-            print(f"  training step (batch {batch} of {crop}² crops): {per_step:.2f} s; "
+            cpu_step = (time.process_time() - start_cpu) / steps
+            print(f"  training step (batch {batch} of {crop}² crops): {per_step:.2f} s "
+                  f"(CPU time {cpu_step:.2f} s, all threads); "
                   f"one epoch of {config.steps_per_epoch} steps ≈ "
                   f"{per_step * config.steps_per_epoch / 60:.1f} min, {config.epochs} epochs ≈ "
                   f"{per_step * config.steps_per_epoch * config.epochs / 3600:.1f} h (+ validation)")
