@@ -31,7 +31,7 @@ import numpy as np
 import scipy.ndimage
 import tensorflow as tf
 
-from .config import ConfigError, ModelError, TrainConfig, to_dict
+from .config import ConfigError, ModelConfig, ModelError, TrainConfig, from_dict, to_dict
 from .io import file_sha256, write_text_atomic
 from .model import OPTICS_OUTPUTS, build_model, has_optics, load_checkpoint, split_outputs
 
@@ -645,6 +645,16 @@ def _read_json(path: Path) -> dict:
         raise ModelError(f"cannot read {path} ({err}); start again with --overwrite") from None
 
 
+def _saved_model_config(run_dir: Path) -> dict:
+    """The model settings a run was started with, with the defaults of fields added since
+    (a run of versions 1–2 has no ``architecture``: it is a 'unet')."""
+    saved = _read_json(run_dir / "config.json").get("model") or {}
+    try:
+        return to_dict(from_dict(ModelConfig, saved))
+    except (ConfigError, TypeError):
+        return saved
+
+
 def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: bool = False,
           overwrite: bool = False, progress: bool = True) -> dict:
     """Train the U-Net on a simulated dataset and keep everything in ``run_dir``.
@@ -702,7 +712,7 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
         if saved.get("manifest_sha256") != digest:
             raise ModelError(f"{data_dir} is not the dataset run {run_dir} was trained on "
                              f"(manifest differs); use the same --data or start a new run")
-        if _read_json(run_dir / "config.json").get("model") != to_dict(config.model):
+        if _saved_model_config(run_dir) != to_dict(config.model):
             raise ModelError(f"the model settings differ from those of {run_dir}/config.json; "
                              "resume with the same model config or start a new run")
         state = _read_json(run_dir / "state.json")

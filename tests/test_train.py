@@ -258,3 +258,15 @@ def test_one_training_step_under_mirrored_strategy_on_two_cpus():
     assert line[1] == "2"
     assert np.isfinite(float(line[3]))
     assert line[5] == "True"
+
+
+def test_a_run_of_versions_1_2_without_the_new_model_fields_still_resumes(tmp_path):
+    from ceriakeras.config import to_dict
+    from ceriakeras.train import _saved_model_config
+
+    old = to_dict(TINY.model)
+    for key in ("architecture", "max_filters", "full_resolution_filters", "dilations",
+                "global_branch", "global_units", "detector_correlation_max"):
+        old.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps({"model": old}))
+    assert _saved_model_config(tmp_path) == to_dict(TINY.model)
