@@ -29,6 +29,7 @@ from .columns import columns_to_atoms, estimate_dose, find_columns
 from .config import CE_COLUMN_SPACING_A, AnalyzeConfig, InputError, ModelError
 from .io import (atomic_path, expand_inputs, model_to_input_px, open_series, resample_counts,
                  resample_factor, write_text_atomic)
+from .modelinfo import model_settings
 
 DEFAULT_MODEL = "saved_models/ceria110"
 """The shipped model, relative to the repository (or the current folder); newest version used."""
@@ -85,26 +86,6 @@ def load_model(model) -> tuple[object, dict]:
 
 def _sha(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def model_settings(info: dict) -> tuple[float, int, float]:
-    """``(pixel_size_A, max_height, label_radius_A)`` from a model's ``ceriakeras.json``.
-
-    Raises
-    ------
-    ModelError
-        If a value is missing or invalid (the model must be re-exported).
-    """
-    try:
-        pixel = float(info["pixel_size_A"])
-        max_height = int(info.get("max_height", 16))
-        radius = float(info.get("label_radius_A", 0.5))
-    except (KeyError, TypeError, ValueError):
-        raise ModelError("the model's ceriakeras.json lacks pixel_size_A (Å); re-export it") from None
-    if not (pixel > 0 and max_height >= 1 and radius > 0):
-        raise ModelError(f"the model's ceriakeras.json has an invalid pixel_size_A={pixel} Å, "
-                         f"max_height={max_height} or label_radius_A={radius} Å; re-export it")
-    return pixel, max_height, radius
 
 
 # --- the run -----------------------------------------------------------------------------------
