@@ -345,9 +345,10 @@ def export(run_dir, out_dir, version, calibrate_on, calibration_images, quiet):
 
     path = export_run(run_dir, out_dir, version, calibrate_on=calibrate_on,
                       calibration_images=calibration_images, progress=not quiet)
-    click.echo(f"{path}: SavedModel, signature serving_default "
-               "(image -> probabilities, height); assets/ceriakeras.json written")
     info = read_info(path)
+    outputs = ", ".join(info.get("signature", {}).get("outputs") or ("probabilities", "height"))
+    click.echo(f"{path}: SavedModel, signature serving_default "
+               f"(image -> {outputs}); assets/ceriakeras.json written")
     for key, what in (("confidence_calibration", ""), ("confidence_calibration_tta", ", --tta")):
         fit = info.get(key)
         if fit:
