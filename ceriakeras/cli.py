@@ -297,7 +297,6 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
                         ("--batch-size", batch_size)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} {value} must be at least 1")
-    check_train(data_dir, run_dir, resume=resume, overwrite=overwrite)
     if config_path is None and resume and (Path(run_dir) / "config.json").is_file():
         config_path = str(Path(run_dir) / "config.json")
     config = load_config(TrainConfig, config_path, epochs=epochs, steps_per_epoch=steps_per_epoch)
@@ -305,6 +304,7 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
         config = dataclasses.replace(
             config, pipeline=dataclasses.replace(config.pipeline, batch_size=batch_size))
         config.validate()
+    check_train(data_dir, run_dir, resume=resume, overwrite=overwrite)
     from .train import train as train_run
 
     result = train_run(data_dir, run_dir, config, resume=resume, overwrite=overwrite,
