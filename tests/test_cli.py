@@ -120,6 +120,14 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["export", "--run", str(run), "--out", str(exported), "--version", "1"], "already exists"),
         (["export", "--run", str(run), "--out", str(exported), "--calibrate", str(data01)],
          "0.1 Å pixels"),
+        (["calibrate", "--model", str(model), "--data", str(data01), "--out", str(tmp / "recal")],
+         "0.1 Å pixels"),
+        (["calibrate", "--model", str(model), "--data", str(data02), "--out", str(tmp / "recal")],
+         "empty"),
+        (["calibrate", "--model", str(model), "--data", f"{data02}:test", "--out", str(exported),
+          "--version", "1"], "already exists"),
+        (["calibrate", "--model", str(tmp / "models" / "empty"), "--data", str(data02),
+          "--out", str(tmp / "recal")], "no SavedModel"),
         (["train", "--data", str(no_manifest), "--out", str(tmp / "runs" / "new")], "missing"),
         (["train", "--data", str(data02), "--out", str(run)], "already exists"),
         (["train", "--data", str(data02), "--out", str(run), "--resume", "--overwrite"],
@@ -174,7 +182,8 @@ def test_help_of_every_command_names_units():
     top = runner.invoke(main, ["--help"])
     assert top.exit_code == 0 and "--verbose" in top.output and "e⁻/Å²" in top.output
     expected = {"simulate": ["Å"], "train": ["crops per step"], "export": ["e-/Å²", "count of images"],
-                "analyze": ["Å", "frames", "Ce atoms"], "evaluate": ["e-/Å²", "count of images"]}
+                "analyze": ["Å", "frames", "Ce atoms"], "evaluate": ["e-/Å²", "count of images"],
+                "calibrate": ["count of images"]}
     for command, units in expected.items():
         result = runner.invoke(main, [command, "--help"])
         assert result.exit_code == 0, result.output
@@ -188,7 +197,8 @@ _HELP_IMPORTS = """
 import sys
 from click.testing import CliRunner
 from ceriakeras.cli import main
-for command in ([], ["simulate"], ["train"], ["export"], ["analyze"], ["evaluate"]):
+for command in ([], ["simulate"], ["train"], ["export"], ["analyze"], ["evaluate"],
+                ["calibrate"]):
     assert CliRunner().invoke(main, command + ["--help"]).exit_code == 0
 print(sorted(m for m in ("tensorflow", "keras", "abtem", "scipy", "skimage", "matplotlib")
              if m in sys.modules))
