@@ -46,7 +46,9 @@ import numpy as np
 from scipy import optimize
 
 from .columns import calibrate_confidence, find_columns
-from .config import CALIBRATION_MAPS, AnalyzeConfig, ConfigError  # noqa: F401 (re-exported)
+from .config import (CALIBRATION_MAPS, AnalyzeConfig, ConfigError, DataError,  # noqa: F401
+                     InputError)
+from .io import model_to_input_px, resample_counts, resample_factor
 from .modelinfo import model_settings
 from .scoring import MATCH_DISTANCE_A, Tally, calibration, check_doses, noisy_predictions
 
@@ -178,6 +180,36 @@ def fit_isotonic(confidence: np.ndarray, correct: np.ndarray, *,
     return [float(v) for v in x], [float(v) for v in np.clip(fitted, 1e-4, 1 - 1e-4)]
 
 
+def dataset_factor(data_dir, data_pixel_A: float, model_pixel_A: float) -> float:
+    """``model pixel / dataset pixel`` (≥ 1) of a calibration dataset.
+
+    Raises
+    ------
+    DataError
+        If the dataset's pixels are coarser than the model's or finer than 0.05 Å.
+    """
+    try:
+        return resample_factor(data_pixel_A, model_pixel_A)
+    except InputError:
+        raise DataError(
+            f"{data_dir} has {data_pixel_A:g} Å pixels but the model works at {model_pixel_A:g} Å: "
+            "calibrate on data at the model's pixel size or finer, down to 0.05 Å (--pixel-size "
+            "of `ceriakeras simulate`)") from None
+
+
+def _resampled(predict, factor: float):
+    """``predict`` behind ``analyze``'s input path: counts on a finer grid are summed into the
+    model's pixels (:func:`ceriakeras.io.resample_counts`, area-shared for a non-integer
+    ``factor``) before the model sees them."""
+    if factor == 1:
+        return predict
+
+    def run(images):
+        return predict(np.stack([resample_counts(im, factor) for im in np.asarray(images)]))
+
+    return run
+
+
 def collect_columns(predict, datasets: Sequence, info: dict, *,
                     doses: Sequence[float] = CALIBRATION_DOSES_E_PER_A2, max_images: int = 48,
                     seed: int = 1, config: AnalyzeConfig | None = None, progress: bool = True,
@@ -189,8 +221,11 @@ def collect_columns(predict, datasets: Sequence, info: dict, *,
     predict : callable
         ``predict(images (B, H, W) float32 counts) -> (probabilities (B, H, W, C), height)``.
     datasets : sequence
-        Dataset folders at the model's pixel size, each ``PATH``, ``PATH:SPLIT`` or
-        ``(PATH, SPLIT)`` (:func:`parse_dataset`; default split validation).
+        Dataset folders, each ``PATH``, ``PATH:SPLIT`` or ``(PATH, SPLIT)``
+        (:func:`parse_dataset`; default split validation), at the model's pixel size or finer
+        (0.05 Å up): then the noise is drawn on the dataset's pixels and summed into the model's
+        as ``analyze`` does (:func:`ceriakeras.io.resample_counts`, area-shared for a
+        non-integer ratio), and columns are matched on the dataset's grid.
     info : dict
         ``pixel_size_A``, ``max_height``, ``label_radius_A`` of the model.
     doses, max_images, seed
@@ -218,16 +253,21 @@ def collect_columns(predict, datasets: Sequence, info: dict, *,
     for index, spec in enumerate(datasets):
         data_dir, split = parse_dataset(spec)
         manifest = read_manifest(data_dir)
+        data_px = float(manifest.get("pixel_size_A", pixel_size_A))
+        factor = dataset_factor(data_dir, data_px, pixel_size_A)
         n_images = n_columns = 0
         for _, true_columns, _, probabilities in noisy_predictions(
-                predict, data_dir, split, doses, pixel_size_A, seed=seed, max_images=max_images,
-                progress=progress, desc=f"{desc} {Path(data_dir).name}"):
+                _resampled(predict, factor), data_dir, split, doses, data_px, seed=seed,
+                max_images=max_images, progress=progress, desc=f"{desc} {Path(data_dir).name}"):
             for k, d in enumerate(doses):
                 found = find_columns(probabilities[k], pixel_size_A,
                                      min_distance_A=config.min_distance_A,
                                      threshold=config.threshold, label_radius_A=label_radius_A)
+                if factor != 1:  # as analyze: columns back on the input grid
+                    found = {**found, "x_px": model_to_input_px(found["x_px"], factor),
+                             "y_px": model_to_input_px(found["y_px"], factor)}
                 tally = Tally()
-                tally.add(found, true_columns, pixel_size_A, MATCH_DISTANCE_A)
+                tally.add(found, true_columns, data_px, MATCH_DISTANCE_A)
                 p = parts[d]
                 p["confidence"].append(found["confidence"])
                 p["height"].append(found["height"])

@@ -173,14 +173,14 @@ def check_export(run_dir, out_dir, version: int | None = None, *, calibrate_on=N
 def check_calibration_data(datasets, pixel_size_A: float | None,
                            split: str = "validation") -> None:
     """Every calibration dataset (a path, ``PATH:SPLIT``, or a list of them;
-    :func:`ceriakeras.calibration.parse_dataset`) is at ``pixel_size_A`` (Å) with a non-empty
-    split.
+    :func:`ceriakeras.calibration.parse_dataset`) has a non-empty split and pixels the model can
+    use: ``pixel_size_A`` (Å) or finer, down to 0.05 Å (they are resampled as ``analyze`` does).
 
     Raises
     ------
     DataError, ConfigError
     """
-    from .calibration import parse_dataset
+    from .calibration import dataset_factor, parse_dataset
 
     specs = [datasets] if isinstance(datasets, (str, Path, tuple)) else list(datasets)
     if not specs:
@@ -190,7 +190,9 @@ def check_calibration_data(datasets, pixel_size_A: float | None,
         if not Path(path).is_dir():
             raise DataError(f"calibration dataset {path} does not exist: simulate it with "
                             "`ceriakeras simulate`")
-        _check_dataset(path, which, pixel_size_A, "calibrate on data")
+        manifest = _check_dataset(path, which, None, "calibrate on data")
+        if pixel_size_A is not None:
+            dataset_factor(path, float(manifest.get("pixel_size_A", pixel_size_A)), pixel_size_A)
 
 
 def check_train(data_dir, run_dir, *, resume: bool = False, overwrite: bool = False) -> None:

@@ -12,7 +12,7 @@ import pytest
 from ceriakeras.calibration import (CALIBRATION_MAPS, collect_columns, fit_confidence_calibration,
                                     fit_map, parse_dataset)
 from ceriakeras.columns import calibrate_confidence
-from ceriakeras.config import ConfigError, ModelError
+from ceriakeras.config import ConfigError, DataError, ModelError
 from ceriakeras.scoring import calibration
 
 
@@ -197,3 +197,40 @@ def test_recalibrated_copy_leaves_the_source_alone_and_never_overwrites(two_spli
     assert result.exit_code == 0, result.output
     assert (out / "2" / "assets" / "ceriakeras.json").is_file() and _tree_digest(source) == before
     assert "platt map" in result.output
+
+
+@pytest.mark.slow
+def test_a_dataset_with_finer_pixels_is_calibrated_through_the_analyze_resampling(tmp_path):
+    """Counts at 0.1 Å are summed into the model's 0.2 Å pixels before the model sees them, and
+    the columns it finds are matched on the dataset's own grid."""
+    from ceriakeras.config import SimulationConfig, StructureConfig
+    from ceriakeras.records import iter_shard, shard_paths, write_dataset
+
+    config = SimulationConfig(structure=StructureConfig(diameter_range_A=(12.0, 18.0), vacuum_A=6.0),
+                              cell_size_A=32.0, pixel_size_A=0.1, optics_per_exit_wave=2,
+                              split_fractions=(0.0, 1.0, 0.0))
+    write_dataset(tmp_path / "fine", 2, 1, 4, config, progress=False)
+    records = [r for p in shard_paths(tmp_path / "fine", "validation") for r in iter_shard(p)]
+    info = {"pixel_size_A": 0.2, "max_height": 16, "label_radius_A": 0.5}
+    seen = []
+
+    def predict(images):  # a one-pixel label of every true column, on the model's 0.2 Å grid
+        images = np.asarray(images)
+        seen.append(images.shape)
+        cols = records[len(seen) - 1]["columns"]
+        p = np.zeros(images.shape + (17,), np.float32)
+        p[..., 0] = 1.0
+        for x, y, h in cols:
+            j, i = int(round((x + 0.5) / 2 - 0.5)), int(round((y + 0.5) / 2 - 0.5))
+            p[:, i, j, 0], p[:, i, j, int(h)] = 0.0, 1.0
+        return p, p.argmax(-1)
+
+    columns, sources = collect_columns(predict, [tmp_path / "fine"], info, doses=(1000.0,),
+                                       progress=False)
+    assert seen == [(1, 160, 160)] * 2                      # 320 px of 0.1 Å → 160 of 0.2 Å
+    got = columns[1000.0]
+    assert len(got["correct"]) == sum(len(r["columns"]) for r in records) == sources[0]["n_columns"]
+    assert got["correct"].all() and got["matched"].all()
+    with pytest.raises(DataError, match="0.1 Å pixels but the model works at 0.05 Å"):
+        collect_columns(predict, [tmp_path / "fine"], dict(info, pixel_size_A=0.05),
+                        doses=(1000.0,), progress=False)

@@ -74,6 +74,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
     no_manifest.mkdir()
     data01 = _fake_dataset(tmp / "data01", 0.1, {"train": 4, "validation": 1, "test": 1})
     data02 = _fake_dataset(tmp / "data02", 0.2, {"train": 4, "validation": 0, "test": 1})
+    data04 = _fake_dataset(tmp / "data04", 0.4, {"train": 4, "validation": 1, "test": 1})
     evaluated = tmp / "evaluated"
     evaluated.mkdir()
     (evaluated / "metrics.json").write_text("{}")
@@ -118,10 +119,10 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["export", "--run", str(untrained), "--out", str(exported)], "no checkpoints"),
         (["export", "--run", str(tmp / "runs" / "none"), "--out", str(exported)], "does not exist"),
         (["export", "--run", str(run), "--out", str(exported), "--version", "1"], "already exists"),
-        (["export", "--run", str(run), "--out", str(exported), "--calibrate", str(data01)],
-         "0.1 Å pixels"),
-        (["calibrate", "--model", str(model), "--data", str(data01), "--out", str(tmp / "recal")],
-         "0.1 Å pixels"),
+        (["export", "--run", str(run), "--out", str(exported), "--calibrate", str(data04)],
+         "0.4 Å pixels"),
+        (["calibrate", "--model", str(fine_model), "--data", f"{data02}:test", "--out",
+          str(tmp / "recal")], "0.2 Å pixels"),
         (["calibrate", "--model", str(model), "--data", str(data02), "--out", str(tmp / "recal")],
          "empty"),
         (["calibrate", "--model", str(model), "--data", f"{data02}:test", "--out", str(exported),
