@@ -1,16 +1,19 @@
 """Frames → resample → model → columns → tables and pictures: the ``ceriakeras analyze`` command's library.
 
-One call of :func:`analyze` streams every frame of every input (one batch in memory at a time),
-sums counts into the model's pixel size, runs the model in batches, finds the columns
+One call of :func:`analyze` streams every frame of every input (a few batches in memory at a
+time), sums counts into the model's pixel size, runs the model in batches, finds the columns
 (:func:`ceriakeras.columns.find_columns`), maps them back to the input pixel grid and appends
 them to ``OUT/columns.csv``, flushed per batch. ``OUT/progress.json`` records, after each batch,
 how many frames (in input order) are done and how long the CSV is at that point, so an
 interrupted run resumes where it stopped: each frame ends up in the CSV exactly once.
 
 Outputs in ``OUT``: ``columns.csv`` (the column table of the design), ``frames.csv`` (per frame:
-columns found, total Ce, mean height), ``overlays/<input>_<frame>.png``, for a series
+columns found, total Ce, mean height), ``overlays/<input>_<frame>.png`` (cropped to the
+particle; a sample of a series' frames, see :func:`ceriakeras.pictures.overlay_frames`), for a
+series ``<input>_movie.mp4`` (every frame, columns coloured by height, frame number and dose) and
 ``<input>_series.png`` (tracked column heights and total Ce over time), with ``xyz=True``
-``xyz/<input>_<frame>.xyz`` (ASE extxyz 3D models), ``progress.json``.
+``xyz/<input>_<frame>.xyz`` (ASE extxyz 3D models), ``progress.json``. The pictures are drawn by
+:mod:`ceriakeras.pictures`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ import hashlib
 import io as _stdio
 import json
 import os
+import queue
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +36,8 @@ from .columns import columns_to_atoms, estimate_dose, find_columns
 from .config import CE_COLUMN_SPACING_A, AnalyzeConfig, InputError, ModelError
 from .io import (atomic_path, expand_inputs, model_to_input_px, open_series, resample_counts,
                  resample_factor, write_text_atomic)
+from .pictures import (MovieWriter, overlay_frames, particle_box, render_frame, union_box,
+                       write_png)
 
 DEFAULT_MODEL = "saved_models/ceria110"
 """The shipped model, relative to the repository (or the current folder); newest version used."""
@@ -39,6 +48,10 @@ DETAIL_COLUMNS = ("expected_height_atoms", "height_std_atoms")
 PROGRESS_VERSION = 1
 TRACK_RADIUS_A = 1.0
 """A column in a later frame belongs to a first-frame column within this distance, Å."""
+STAGES = ("read", "resample", "model", "columns", "write", "pictures")
+"""Stages timed in ``summary.json``'s ``seconds_by_stage`` (they overlap: see :func:`analyze`)."""
+QUEUE_BATCHES = 2
+"""Batches that may wait between two stages of the run."""
 _OUTPUT_NAMES = ("columns.csv", "frames.csv", "progress.json", "summary.json")
 _OUTPUT_DIRS = ("overlays", "xyz")
 
@@ -125,7 +138,7 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
     pixel_size_A : float, optional
         Input pixel size, Å, for every input (overrides the files' calibration).
     config : AnalyzeConfig
-        Peak distance and threshold, batch size, overlay interval.
+        Peak distance and threshold, batch size, which overlays, the movie.
     overwrite : bool
         Replace earlier results in ``out_dir``. Without it a finished run is refused and an
         unfinished one with the same inputs, model and settings is resumed.
@@ -137,13 +150,23 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
     -------
     dict
         Summary: frames (total, analysed now, skipped with reasons), columns, mean height,
-        frames per second, seconds per stage, output paths.
+        frames per second, seconds per stage (stages overlap in time: they run in threads),
+        output paths.
 
     Raises
     ------
     InputError, ModelError
         Bad input (before anything is written where possible), a missing model, or results
         already in ``out_dir``.
+
+    Notes
+    -----
+    Three stages run at once, joined by short queues (at most two batches wait between two
+    stages, so memory stays flat): a reader thread reads and resamples frames into batches, the
+    calling thread runs the model, and a writer thread finds the columns, appends their rows to
+    ``columns.csv`` (flushed), draws the pictures of the batch and then commits it in
+    ``progress.json``, batch after batch in input order. The movie and the series plot are drawn
+    at the end from ``columns.csv``, so a resumed run gets them whole.
     """
     config = config or AnalyzeConfig()
     config.validate()
@@ -168,6 +191,10 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
                          "pixel_size_from": series.pixel_size_from, "factor": factor})
     frames_total = sum(item["n_frames"] for item in plan)
     labels = _unique_labels([item["path"] for item in plan])
+    for item, label in zip(plan, labels):
+        item["label"] = label
+        item["overlays"] = overlay_frames(item["n_frames"], config.overlay_every,
+                                          config.overlay_samples)
     identity = {
         "inputs": [{"source": it["source"], "bytes": it["path"].stat().st_size,
                     "n_frames": it["n_frames"], "shape": it["shape"],
@@ -187,50 +214,38 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
              "complete": False}
     write_text_atomic(progress_path, json.dumps(state, indent=1))
 
-    timings = dict.fromkeys(("read", "resample", "model", "columns", "write", "pictures"), 0.0)
-    analysed_now, columns_now = 0, 0
-    single = frames_total == 1
+    timings = dict.fromkeys(STAGES, 0.0)
+    counts = {"analysed": 0, "columns": 0}
+    run = _Run(served=served, config=config, out_dir=out_dir, state=state,
+               progress_path=progress_path, timings=timings, counts=counts, xyz=xyz,
+               details=details, model_px=model_px, max_height=max_height,
+               label_radius_A=label_radius_A)
     bar = _progress_bar(frames_total, start, progress)
     t_start = time.perf_counter()
-    offset = 0
     with open(csv_path, "a", newline="", encoding="utf-8") as csv_file:
-        for item, label in zip(plan, labels):
-            n = item["n_frames"]
-            if offset + n <= start:
-                offset += n
-                continue
-            first = max(0, start - offset)
-            batch: list = []
-            with open_series(item["path"], pixel_size_A) as series:
-                frames = series.frames(first)
-                while True:
-                    t0 = time.perf_counter()
-                    frame = next(frames, None)
-                    timings["read"] += time.perf_counter() - t0
-                    if frame is not None:
-                        if frame.error is not None and single:
-                            raise InputError(frame.error)
-                        t0 = time.perf_counter()
-                        small = None if frame.image is None else resample_counts(frame.image, item["factor"])
-                        timings["resample"] += time.perf_counter() - t0
-                        batch.append((frame, small))
-                    ready = [b for b in batch if b[1] is not None]
-                    if batch and (frame is None or len(ready) >= config.batch_size):
-                        done, cols = _run_batch(batch, item, label, offset, served, csv_file, state,
-                                                progress_path, out_dir, timings, config, xyz,
-                                                details, model_px, max_height, label_radius_A)
-                        analysed_now += done
-                        columns_now += cols
-                        bar.update(len(batch))
-                        batch = []
-                    if frame is None:
-                        break
-            offset += n
+        run.csv_file = csv_file
+        writer = _Worker(lambda job: (run.write_batch(*job), bar.update(len(job[0].frames))),
+                         maxsize=QUEUE_BATCHES)
+        try:
+            for batch in _in_thread(lambda: _read_batches(plan, start, pixel_size_A, config,
+                                                          frames_total == 1, timings),
+                                    maxsize=QUEUE_BATCHES):
+                writer.submit((batch, run.predict(batch)))
+        except BaseException:
+            writer.close(raise_error=False)
+            raise
+        writer.close()
     bar.close()
     elapsed = time.perf_counter() - t_start
 
     t0 = time.perf_counter()
-    per_frame = _frame_table_and_series_plots(csv_path, out_dir, plan, labels, max_height)
+    per_frame = _frame_table_and_series_plots(csv_path, out_dir, plan, labels, max_height,
+                                              movie=config.movie)
+    if config.movie:
+        for item in plan:
+            if item["n_frames"] >= 2:
+                write_movie(out_dir / f"{item['label']}_movie.mp4", item, pixel_size_A,
+                            per_frame["positions"].get(item["source"], {}), max_height)
     timings["pictures"] += time.perf_counter() - t0
     state["complete"] = True
     write_text_atomic(progress_path, json.dumps(state, indent=1))
@@ -238,6 +253,7 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
     analysed_total = len(per_frame["columns"])
     if analysed_total == 0 and state["skipped"]:
         raise InputError(f"no frame could be analysed; first problem: {state['skipped'][0]['reason']}")
+    analysed_now = counts["analysed"]
     summary = {
         "frames_total": frames_total,
         "frames_analysed": analysed_total,
@@ -250,6 +266,7 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
         "mean_height": (float(np.sum(per_frame["total_ce"]) / max(1, np.sum(per_frame["columns"])))
                         if analysed_total else float("nan")),
         "frames_per_second": analysed_now / elapsed if elapsed > 0 else float("nan"),
+        "seconds_analysing": round(elapsed, 4),
         "seconds_by_stage": {k: round(v, 4) for k, v in timings.items()},
         "model_pixel_size_A": model_px,
         "inputs": [{"source": it["source"], "frames": it["n_frames"],
@@ -262,72 +279,251 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
     return summary
 
 
-def _run_batch(batch, item, label, offset, served, csv_file, state, progress_path, out_dir,
-               timings, config, xyz, details, model_px, max_height, label_radius_A):
-    """Model, columns, CSV rows, pictures for one batch; then commit it in progress.json."""
-    good = [(frame, small) for frame, small in batch if small is not None]
-    results = {}
-    if good:
+def frame_dose(image: np.ndarray, pixel_size_A: float) -> float:
+    """Dose of a frame, e⁻/Å², as the calibration of ``confidence`` and the pictures use it.
+
+    Parameters
+    ----------
+    image : (H, W) float
+        Counts, at any pixel size (the frame as read, or resampled to the model's).
+    pixel_size_A : float
+        Its pixel size, Å.
+    """
+    return estimate_dose(image, pixel_size_A)
+
+
+@dataclass
+class _Batch:
+    """Consecutive frames of one input: ``frames`` is a list of ``(Frame, small)``, ``small`` the
+    frame resampled to the model's pixel size (None for a bad frame)."""
+
+    item: dict
+    offset: int
+    frames: list
+
+
+def _read_batches(plan: list, start: int, pixel_size_A, config: AnalyzeConfig, single: bool,
+                  timings: dict) -> Iterator[_Batch]:
+    """Read and resample the frames from global frame ``start`` on, in batches (one input each)."""
+    offset = 0
+    for item in plan:
+        n = item["n_frames"]
+        if offset + n <= start:
+            offset += n
+            continue
+        batch: list = []
+        with open_series(item["path"], pixel_size_A) as series:
+            frames = series.frames(max(0, start - offset))
+            while True:
+                t0 = time.perf_counter()
+                frame = next(frames, None)
+                timings["read"] += time.perf_counter() - t0
+                if frame is not None:
+                    if frame.error is not None and single:
+                        raise InputError(frame.error)
+                    t0 = time.perf_counter()
+                    small = (None if frame.image is None
+                             else resample_counts(frame.image, item["factor"]))
+                    timings["resample"] += time.perf_counter() - t0
+                    batch.append((frame, small))
+                ready = sum(small is not None for _, small in batch)
+                if batch and (frame is None or ready >= config.batch_size):
+                    yield _Batch(item, offset, batch)
+                    batch = []
+                if frame is None:
+                    break
+        offset += n
+
+
+@dataclass
+class _Run:
+    """What the stages of one run share: the model, settings, outputs and the progress state."""
+
+    served: object
+    config: AnalyzeConfig
+    out_dir: Path
+    state: dict
+    progress_path: Path
+    timings: dict
+    counts: dict
+    xyz: bool
+    details: bool
+    model_px: float
+    max_height: int
+    label_radius_A: float
+    csv_file: object = None
+
+    def predict(self, batch: _Batch) -> np.ndarray | None:
+        """The model's class probabilities (B, h, w, C) for the good frames of ``batch``."""
+        good = [small for _, small in batch.frames if small is not None]
+        if not good:
+            return None
         t0 = time.perf_counter()
-        probabilities, _ = served.predict(np.stack([s for _, s in good]).astype(np.float32))
+        probabilities, _ = self.served.predict(np.stack(good).astype(np.float32, copy=False))
         probabilities = np.asarray(probabilities)
-        timings["model"] += time.perf_counter() - t0
+        self.timings["model"] += time.perf_counter() - t0
+        return probabilities
+
+    def write_batch(self, batch: _Batch, probabilities) -> None:
+        """Columns, CSV rows, pictures of one batch; then commit it in progress.json."""
+        timings, config, item = self.timings, self.config, batch.item
         t0 = time.perf_counter()
-        calibration = served.info.get("confidence_calibration")
-        for (frame, small), prob in zip(good, probabilities):
+        calibration = self.served.info.get("confidence_calibration")
+        results, k = {}, 0
+        for frame, small in batch.frames:
+            if small is None:
+                continue
             results[frame.index] = find_columns(
-                prob, model_px, min_distance_A=config.min_distance_A, threshold=config.threshold,
-                label_radius_A=label_radius_A, calibration=calibration,
-                dose_e_per_A2=estimate_dose(small, model_px))
+                probabilities[k], self.model_px, min_distance_A=config.min_distance_A,
+                threshold=config.threshold, label_radius_A=self.label_radius_A,
+                calibration=calibration, dose_e_per_A2=frame_dose(small, self.model_px))
+            k += 1
         timings["columns"] += time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    px, factor = item["pixel_size_A"], item["factor"]
-    buffer = _stdio.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    mapped = {}
-    n_columns = 0
-    for frame, small in batch:
-        if small is None:
-            state["skipped"].append({"source": frame.source, "frame": frame.index,
-                                     "reason": frame.error})
-            continue
-        table = results[frame.index]
-        x = model_to_input_px(table["x_px"], factor)
-        y = model_to_input_px(table["y_px"], factor)
-        mapped[frame.index] = (x, y, table["height"])
-        n_columns += len(x)
-        for j in range(len(x)):
-            row = [frame.source, frame.index, f"{x[j]:.3f}", f"{y[j]:.3f}", f"{x[j] * px:.4f}",
-                   f"{y[j] * px:.4f}", int(table["height"][j]), f"{table['confidence'][j]:.4f}"]
-            if details:
-                row += [f"{table['expected_height'][j]:.3f}", f"{table['height_std'][j]:.3f}"]
-            writer.writerow(row)
-    csv_file.write(buffer.getvalue())
-    csv_file.flush()
-    os.fsync(csv_file.fileno())
-    timings["write"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        px, factor = item["pixel_size_A"], item["factor"]
+        buffer = _stdio.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        mapped = {}
+        for frame, small in batch.frames:
+            if small is None:
+                self.state["skipped"].append({"source": frame.source, "frame": frame.index,
+                                              "reason": frame.error})
+                continue
+            table = results[frame.index]
+            x = model_to_input_px(table["x_px"], factor)
+            y = model_to_input_px(table["y_px"], factor)
+            mapped[frame.index] = (x, y, table["height"])
+            self.counts["columns"] += len(x)
+            self.counts["analysed"] += 1
+            for j in range(len(x)):
+                row = [frame.source, frame.index, f"{x[j]:.3f}", f"{y[j]:.3f}",
+                       f"{x[j] * px:.4f}", f"{y[j] * px:.4f}", int(table["height"][j]),
+                       f"{table['confidence'][j]:.4f}"]
+                if self.details:
+                    row += [f"{table['expected_height'][j]:.3f}", f"{table['height_std'][j]:.3f}"]
+                writer.writerow(row)
+        self.csv_file.write(buffer.getvalue())
+        self.csv_file.flush()
+        os.fsync(self.csv_file.fileno())
+        timings["write"] += time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    for frame, small in batch:
-        if small is None:
-            continue
-        x, y, height = mapped[frame.index]
-        if frame.index % config.overlay_every == 0:
-            write_overlay(out_dir / "overlays" / f"{label}_{frame.index:05d}.png", frame.image,
-                          x, y, height, max_height, title=f"{frame.source}  frame {frame.index}")
-        if xyz:
-            h, w = frame.image.shape
-            atoms = columns_to_atoms(x * px, y * px, height,
-                                     cell=[w * px, h * px, (max_height + 2) * CE_COLUMN_SPACING_A])
-            atoms.info.update(source=frame.source, frame=frame.index, pixel_size_A=px)
-            _write_xyz(out_dir / "xyz" / f"{label}_{frame.index:05d}.xyz", atoms)
-    timings["pictures"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for frame, small in batch.frames:
+            if small is None:
+                continue
+            x, y, height = mapped[frame.index]
+            if frame.index in item["overlays"]:
+                write_png(self.out_dir / "overlays" / f"{item['label']}_{frame.index:05d}.png",
+                          render_frame(frame.image, x, y, height, pixel_size_A=px,
+                                       max_height=self.max_height,
+                                       caption=_caption(item, frame.index, frame_dose(
+                                           frame.image, px), len(x))))
+            if self.xyz:
+                h, w = frame.image.shape
+                atoms = columns_to_atoms(x * px, y * px, height,
+                                         cell=[w * px, h * px,
+                                               (self.max_height + 2) * CE_COLUMN_SPACING_A])
+                atoms.info.update(source=frame.source, frame=frame.index, pixel_size_A=px)
+                _write_xyz(self.out_dir / "xyz" / f"{item['label']}_{frame.index:05d}.xyz", atoms)
+        timings["pictures"] += time.perf_counter() - t0
 
-    state["frames_done"] = offset + batch[-1][0].index + 1
-    state["csv_bytes"] = csv_file.tell()
-    write_text_atomic(progress_path, json.dumps(state, indent=1))
-    return len(good), n_columns
+        self.state["frames_done"] = batch.offset + batch.frames[-1][0].index + 1
+        self.state["csv_bytes"] = self.csv_file.tell()
+        write_text_atomic(self.progress_path, json.dumps(self.state, indent=1))
+
+
+_END = object()
+
+
+def _in_thread(make_iterator, maxsize: int) -> Iterator:
+    """Run the iterator ``make_iterator()`` in a thread; yield its items here, in order.
+
+    At most ``maxsize`` items wait; an exception in the thread is raised here. Leaving the
+    loop early stops the thread at its next item.
+    """
+    q: queue.Queue = queue.Queue(maxsize)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for entry in make_iterator():
+                if not put((None, entry)):
+                    return
+            put((None, _END))
+        except BaseException as err:  # handed to the consumer
+            put((err, None))
+
+    thread = threading.Thread(target=produce, name="analyze-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            err, entry = q.get()
+            if err is not None:
+                raise err
+            if entry is _END:
+                return
+            yield entry
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _Worker:
+    """A thread that calls ``fn(job)`` for each submitted job, in order.
+
+    ``submit`` blocks while ``maxsize`` jobs wait and raises the worker's error, if it had
+    one; ``close`` waits for the queued jobs to be done (and raises that error).
+    """
+
+    def __init__(self, fn, maxsize: int):
+        self.fn, self.error = fn, None
+        self.queue: queue.Queue = queue.Queue(maxsize)
+        self.thread = threading.Thread(target=self._work, name="analyze-writer", daemon=True)
+        self.thread.start()
+
+    def _work(self):
+        while True:
+            job = self.queue.get()
+            if job is _END:
+                return
+            if self.error is None:
+                try:
+                    self.fn(job)
+                except BaseException as err:  # handed to the submitter
+                    self.error = err
+
+    def submit(self, job) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(job, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
+    def close(self, raise_error: bool = True) -> None:
+        self.queue.put(_END)
+        self.thread.join()
+        if raise_error and self.error is not None:
+            raise self.error
+
+
+def _caption(item: dict, index: int, dose_e_per_A2: float, n_columns: int) -> str:
+    """The text above a picture: source, frame, dose, columns."""
+    where = f"frame {index}/{item['n_frames'] - 1}" if item["n_frames"] > 1 else "image"
+    return (f"{Path(item['source']).name}   {where}   {dose_e_per_A2:.0f} e⁻/Å²   "
+            f"{n_columns} columns")
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
@@ -435,33 +631,11 @@ def _remove_outputs(out_dir: Path) -> None:
             shutil.rmtree(out_dir / name)
     for png in out_dir.glob("*_series.png"):
         png.unlink()
+    for movie in out_dir.glob("*_movie.mp4"):
+        movie.unlink()
 
 
 # --- pictures and per-frame table --------------------------------------------------------------
-def write_overlay(path: Path, image: np.ndarray, x_px, y_px, height, max_height: int,
-                  title: str = "") -> None:
-    """PNG of ``image`` with the columns marked, coloured by height, and a colour bar."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import BoundaryNorm
-    from matplotlib.figure import Figure
-
-    h, w = image.shape
-    fig = Figure(figsize=(6.4, 6.4 * h / w + 0.6), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.imshow(image, cmap="gray", interpolation="nearest")
-    norm = BoundaryNorm(np.arange(0.5, max_height + 1.5), 256)
-    sc = ax.scatter(x_px, y_px, c=np.asarray(height), cmap="viridis", norm=norm,
-                    s=max(2.0, 4000.0 / max(h, w)), edgecolors="none")
-    fig.colorbar(sc, ax=ax, label="column height (Ce atoms)", shrink=0.8,
-                 ticks=np.arange(1, max_height + 1, max(1, max_height // 8)))
-    ax.set_title(title, fontsize=8)
-    ax.set_axis_off()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-
-
 def _write_xyz(path: Path, atoms) -> None:
     import ase.io
 
@@ -471,20 +645,21 @@ def _write_xyz(path: Path, atoms) -> None:
 
 
 def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, labels: list[str],
-                                  max_height: int) -> dict:
+                                  max_height: int, movie: bool = False) -> dict:
     """Stream ``columns.csv`` once: per-frame counts to ``frames.csv``, tracks to series plots.
 
     Columns are tracked by position: each column of a later frame is given to the nearest
-    column of the series' first analysed frame within :data:`TRACK_RADIUS_A`.
+    column of the series' first analysed frame within :data:`TRACK_RADIUS_A`. With ``movie``,
+    ``positions[source][frame]`` holds each series frame's ``(x_px, y_px, height)`` arrays.
     """
     from scipy.spatial import cKDTree
 
     by_source = {it["source"]: (it, lab) for it, lab in zip(plan, labels)}
-    per_frame = {"columns": [], "total_ce": []}
+    per_frame = {"columns": [], "total_ce": [], "positions": {}}
     rows_out = [("source", "frame", "columns", "total_ce_atoms", "mean_height_atoms")]
     tracks: dict[str, dict] = {}
 
-    def close_frame(source, frame, xs, ys, hs):
+    def close_frame(source, frame, xs, ys, hs, px=(), py=()):
         n, total = len(hs), int(np.sum(hs)) if hs else 0
         per_frame["columns"].append(n)
         per_frame["total_ce"].append(total)
@@ -492,6 +667,9 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
         item, _ = by_source[source]
         if item["n_frames"] < 2:
             return
+        if movie:
+            per_frame["positions"].setdefault(source, {})[frame] = (
+                np.asarray(px, np.float64), np.asarray(py, np.float64), np.asarray(hs, np.int32))
         t = tracks.setdefault(source, {"ref": None, "frames": [], "heights": [], "total": []})
         pts = np.column_stack([xs, ys]) if n else np.zeros((0, 2))
         if t["ref"] is None:
@@ -510,19 +688,21 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
     with open(csv_path, newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh)
         next(reader, None)
-        current, xs, ys, hs = None, [], [], []
+        current, xs, ys, hs, px, py = None, [], [], [], [], []
         for rec in reader:
             key = (rec[0], int(rec[1]))
             if key != current:
                 if current is not None:
-                    close_frame(*current, xs, ys, hs)
+                    close_frame(*current, xs, ys, hs, px, py)
                     seen.add(current)
-                current, xs, ys, hs = key, [], [], []
+                current, xs, ys, hs, px, py = key, [], [], [], [], []
+            px.append(float(rec[2]))
+            py.append(float(rec[3]))
             xs.append(float(rec[4]))
             ys.append(float(rec[5]))
             hs.append(int(rec[6]))
         if current is not None:
-            close_frame(*current, xs, ys, hs)
+            close_frame(*current, xs, ys, hs, px, py)
             seen.add(current)
     # frames analysed but without any column have no rows: account for them from progress
     progress = json.loads((out_dir / "progress.json").read_text(encoding="utf-8"))
@@ -543,6 +723,50 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
                           np.asarray(t["heights"])[order], np.asarray(t["total"])[order],
                           max_height, title=source)
     return per_frame
+
+
+def write_movie(path: Path, item: dict, pixel_size_A, positions: dict, max_height: int,
+                dose_of=frame_dose) -> int:
+    """The annotated movie of one series: every analysed frame, read again from its file.
+
+    Each frame is cropped to the same box (the union of the frames' particle boxes), its columns
+    drawn as rings coloured by height, captioned with the frame number, the dose and the number
+    of columns (:func:`ceriakeras.pictures.render_frame`), and streamed into an MP4.
+
+    Parameters
+    ----------
+    path : Path
+        The ``.mp4`` file.
+    item : dict
+        The input (``path``, ``source``, ``n_frames``, ``shape``, ``pixel_size_A``).
+    pixel_size_A : float or None
+        The ``--pixel-size`` override, as the run was given it.
+    positions : dict
+        ``{frame: (x_px (N,), y_px (N,), height (N,))}`` of the analysed frames that have
+        columns (frames.csv's frames without columns are drawn without rings).
+    max_height : int
+        The model's largest height, Ce atoms (the legend).
+    dose_of : callable
+        ``dose_of(image (H, W) counts, pixel_size_A) -> e⁻/Å²`` for the caption.
+
+    Returns
+    -------
+    int
+        Frames in the movie.
+    """
+    px = item["pixel_size_A"]
+    shape = tuple(item["shape"])
+    box = union_box(particle_box(x, y, shape, px) for x, y, _ in positions.values())
+    empty = (np.zeros(0), np.zeros(0), np.zeros(0, np.int32))
+    with MovieWriter(path) as movie, open_series(item["path"], pixel_size_A) as series:
+        for frame in series.frames():
+            if frame.image is None:
+                continue
+            x, y, h = positions.get(frame.index, empty)
+            caption = _caption(item, frame.index, dose_of(frame.image, px), len(x))
+            movie.add(render_frame(frame.image, x, y, h, pixel_size_A=px, max_height=max_height,
+                                   box=box or (0, shape[0], 0, shape[1]), caption=caption))
+    return movie.frames
 
 
 def _order(plan: list, source: str) -> int:
