@@ -158,15 +158,20 @@ def _gray(image: np.ndarray, box, pixel_size_A: float, scale: float) -> np.ndarr
 
     y0, y1, x0, x1 = box
     crop = np.asarray(image[y0:y1, x0:x1], np.float32)
-    # smooth at a coarser grid when the crop is large (cheap, and the display is coarser anyway)
-    step = max(1, int(1.0 / scale))
+    # bin to about the display's pixel first when the crop is larger (cheap, nothing lost)
+    step = max(1, int(round(1.0 / scale)))
     if step > 1:
         hh, ww = (crop.shape[0] // step) * step, (crop.shape[1] // step) * step
-        crop = crop[:hh, :ww].reshape(hh // step, step, ww // step, step).mean(axis=(1, 3))
+        binned = np.zeros((hh // step, ww // step), np.float32)
+        for dy in range(step):
+            for dx in range(step):
+                binned += crop[dy:hh:step, dx:ww:step]
+        crop = binned
     sigma = DISPLAY_SMOOTHING_A / (pixel_size_A * step)
     if sigma > 0.3:
-        crop = ndimage.gaussian_filter(crop, sigma, mode="nearest")
-    lo, hi = np.percentile(crop, (0.5, 99.5))
+        crop = ndimage.gaussian_filter(crop, sigma, mode="nearest", truncate=3.0)
+    sub = crop[::max(1, crop.shape[0] // 256), ::max(1, crop.shape[1] // 256)]
+    lo, hi = np.percentile(sub, (0.5, 99.5))
     gray = np.clip((crop - lo) * (255.0 / max(float(hi - lo), 1e-12)), 0, 255).astype(np.uint8)
     out_w = max(2, int(round((x1 - x0) * scale)) // 2 * 2)  # even sizes (H.264 wants them)
     out_h = max(2, int(round((y1 - y0) * scale)) // 2 * 2)

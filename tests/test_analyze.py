@@ -149,6 +149,10 @@ def test_series_with_calibration_bad_frame_and_pictures(tmp_path, series):
     assert sorted(p.name for p in (out / "overlays").iterdir()) == [
         "series_00000.png", "series_00002.png", "series_00004.png", "series_00006.png"]
     assert (out / "series_series.png").stat().st_size > 1000
+    import av
+
+    with av.open(str(out / "series_movie.mp4")) as movie:  # every good frame, in one box
+        assert sum(1 for _ in movie.decode(video=0)) == 6
     import ase.io
 
     atoms = ase.io.read(out / "xyz" / "series_00000.xyz")
