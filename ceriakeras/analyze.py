@@ -26,7 +26,9 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +96,32 @@ def load_model(model) -> tuple[object, dict]:
     if not (hasattr(model, "info") and callable(getattr(model, "predict", None))):
         raise ModelError("model must be a path or an object with .info and .predict")
     return model, {"path": None, "object": type(model).__name__, "info_sha256": _sha(model.info)}
+
+
+def share_cores(workers: int) -> bool:
+    """Give each of ``workers`` model calls running at once an equal share of the cores.
+
+    TensorFlow runs one call on all cores by default, and on a few cores a U-Net keeps them only
+    about two-thirds busy; ``workers`` calls of one core each (on 2 cores) keep both busy.
+    Sets TensorFlow's intra-op threads to ``cores // workers`` and its inter-op threads to
+    ``workers``; this works only before TensorFlow has started in this process.
+
+    Returns
+    -------
+    bool
+        Whether the setting took (False: TensorFlow was already running, or ``workers`` ≤ 1).
+    """
+    if workers <= 1:
+        return False
+    import tensorflow as tf
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(max(1, (cores or 1) // workers))
+        tf.config.threading.set_inter_op_parallelism_threads(workers)
+    except RuntimeError:  # TensorFlow already started here: its settings stay
+        return False
+    return True
 
 
 def _sha(data) -> str:
@@ -172,6 +200,8 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
     config.validate()
     out_dir = Path(out_dir)
     paths = expand_inputs(inputs)
+    if model is None or isinstance(model, (str, os.PathLike)):
+        share_cores(config.model_workers)
     served, model_id = load_model(model)
     if config.test_time_augmentation:
         from .export import DihedralAveraged
@@ -226,14 +256,31 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
         run.csv_file = csv_file
         writer = _Worker(lambda job: (run.write_batch(*job), bar.update(len(job[0].frames))),
                          maxsize=QUEUE_BATCHES)
+        pool = (ThreadPoolExecutor(config.model_workers, thread_name_prefix="analyze-model")
+                if config.model_workers > 1 else None)
+        pending: deque = deque()  # (batch, future) in input order
         try:
             for batch in _in_thread(lambda: _read_batches(plan, start, pixel_size_A, config,
                                                           frames_total == 1, timings),
                                     maxsize=QUEUE_BATCHES):
-                writer.submit((batch, run.predict(batch)))
+                if pool is None:
+                    writer.submit((batch, run.predict(batch)))
+                    continue
+                pending.append((batch, pool.submit(run.predict, batch)))
+                while len(pending) > config.model_workers:
+                    done, future = pending.popleft()
+                    writer.submit((done, future.result()))
+            while pending:
+                done, future = pending.popleft()
+                writer.submit((done, future.result()))
         except BaseException:
+            for _, future in pending:
+                future.cancel()
             writer.close(raise_error=False)
             raise
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
         writer.close()
     bar.close()
     elapsed = time.perf_counter() - t_start
@@ -353,16 +400,31 @@ class _Run:
     label_radius_A: float
     csv_file: object = None
 
+    def __post_init__(self):
+        self._busy = threading.Lock()
+        self._running, self._since = 0, 0.0
+
     def predict(self, batch: _Batch) -> np.ndarray | None:
-        """The model's class probabilities (B, h, w, C) for the good frames of ``batch``."""
+        """The model's class probabilities (B, h, w, C) for the good frames of ``batch``.
+
+        Thread-safe; ``timings['model']`` counts the wall time during which at least one call
+        was running (not the sum over calls running at once).
+        """
         good = [small for _, small in batch.frames if small is not None]
         if not good:
             return None
-        t0 = time.perf_counter()
-        probabilities, _ = self.served.predict(np.stack(good).astype(np.float32, copy=False))
-        probabilities = np.asarray(probabilities)
-        self.timings["model"] += time.perf_counter() - t0
-        return probabilities
+        with self._busy:
+            if self._running == 0:
+                self._since = time.perf_counter()
+            self._running += 1
+        try:
+            probabilities, _ = self.served.predict(np.stack(good).astype(np.float32, copy=False))
+            return np.asarray(probabilities)
+        finally:
+            with self._busy:
+                self._running -= 1
+                if self._running == 0:
+                    self.timings["model"] += time.perf_counter() - self._since
 
     def write_batch(self, batch: _Batch, probabilities) -> None:
         """Columns, CSV rows, pictures of one batch; then commit it in progress.json."""

@@ -335,6 +335,9 @@ class AnalyzeConfig:
     """Smallest column probability (1 − p(background)) at a column centre."""
     batch_size: int = 4
     """Frames per inference batch."""
+    model_workers: int = 1
+    """Model calls running at once, each on ``cores // model_workers`` cores (set before
+    TensorFlow starts; see :func:`ceriakeras.analyze.share_cores`)."""
     overlay_every: int | None = None
     """Write an overlay for every K-th frame (frames); None: a sample of ``overlay_samples``."""
     overlay_samples: int = 10
@@ -362,6 +365,8 @@ class AnalyzeConfig:
             raise ConfigError(f"threshold={self.threshold} must be in (0, 1)")
         if self.batch_size < 1 or (self.overlay_every is not None and self.overlay_every < 1):
             raise ConfigError("batch_size and overlay_every must be at least 1")
+        if self.model_workers < 1:
+            raise ConfigError(f"model_workers={self.model_workers} must be at least 1")
         if self.overlay_samples < 0:
             raise ConfigError(f"overlay_samples={self.overlay_samples} must be ≥ 0 (frames)")
 

@@ -112,7 +112,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="saved_models/NAME (default: the shipped model)")
     ap.add_argument("--stand-in", action="store_true",
                     help="use a NumPy stand-in instead of a trained model (says so in the output)")
-    ap.add_argument("--batch-size", type=int, default=4, help="frames per inference batch")
+    ap.add_argument("--batch-size", type=int, default=AnalyzeConfig.batch_size,
+                    help="frames per inference batch (frames)")
+    ap.add_argument("--model-workers", type=int, default=AnalyzeConfig.model_workers,
+                    help="model calls at once, each on cores // N cores")
     ap.add_argument("--overlay-every", type=int, default=None,
                     help="overlay every K-th frame (frames; default: analyze's sample)")
     ap.add_argument("--no-movie", action="store_true", help="no movie (default: analyze's movie)")
@@ -125,15 +128,17 @@ def main(argv=None) -> int:
         model = StandInModel()
         print("model: NumPy STAND-IN (not the network; times the rest of the chain only)")
     else:
-        from ceriakeras.analyze import load_model
+        from ceriakeras.analyze import load_model, share_cores
 
+        share_cores(args.model_workers)  # before TensorFlow starts, as analyze does
         model, ident = load_model(args.model)
         print(f"model: {ident.get('path')}")
-    config = AnalyzeConfig(batch_size=args.batch_size, overlay_every=args.overlay_every,
+    config = AnalyzeConfig(batch_size=args.batch_size, model_workers=args.model_workers,
+                           overlay_every=args.overlay_every,
                            overlay_samples=0 if args.no_pictures else AnalyzeConfig.overlay_samples,
                            movie=not (args.no_movie or args.no_pictures))
     print(f"cpus: {os.cpu_count()}  pixel size: {args.pixel_size} Å  frames: {args.frames}  "
-          f"batch: {args.batch_size}  overlays: "
+          f"batch: {args.batch_size}  model workers: {args.model_workers}  overlays: "
           + ("none" if args.no_pictures else f"every {args.overlay_every}" if args.overlay_every
              else f"sample of {config.overlay_samples}")
           + f"  movie: {'yes' if config.movie else 'no'}")

@@ -362,3 +362,17 @@ def test_test_time_augmentation_averages_eight_copies(tmp_path, series):
     with pytest.raises(Exception, match="settings|overwrite"):
         analyze([path], tmp_path / "tta", model=StandInModel(), config=AnalyzeConfig(),
                 progress=False)
+
+
+def test_two_model_workers_give_the_same_tables_in_order(tmp_path, series):
+    path, truths, pixel_A = series
+    one = analyze([path], tmp_path / "one", model=StandInModel(),
+                  config=AnalyzeConfig(batch_size=1, movie=False), progress=False)
+    two = analyze([path], tmp_path / "two", model=StandInModel(),
+                  config=AnalyzeConfig(batch_size=1, model_workers=2, movie=False), progress=False)
+    for name in ("columns.csv", "frames.csv"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
+    assert one["frames_analysed"] == two["frames_analysed"] == 6
+    assert not (tmp_path / "one" / "series_movie.mp4").exists()  # --no-movie
+    # default overlays: a short series gets every good frame
+    assert len(list((tmp_path / "one" / "overlays").iterdir())) == 6
