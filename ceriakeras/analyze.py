@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .columns import columns_to_atoms, estimate_dose, find_columns
-from .config import CE_COLUMN_SPACING_A, AnalyzeConfig, InputError, ModelError
+from .config import CE_COLUMN_SPACING_A, AnalyzeConfig, ConfigError, InputError, ModelError
 from .io import (atomic_path, expand_inputs, model_to_input_px, open_series, resample_counts,
                  resample_factor, write_text_atomic)
 from .pictures import (MovieWriter, overlay_frames, particle_box, render_frame, union_box,
@@ -221,6 +221,12 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
                          "pixel_size_from": series.pixel_size_from, "factor": factor})
     frames_total = sum(item["n_frames"] for item in plan)
     labels = _unique_labels([item["path"] for item in plan])
+    if config.movie and any(item["n_frames"] >= 2 for item in plan):
+        import importlib.util
+
+        if importlib.util.find_spec("av") is None:
+            raise ConfigError("the movie of a series needs PyAV: `pip install av` (a dependency "
+                              "of ceriakeras; reinstall it), or pass --no-movie")
     for item, label in zip(plan, labels):
         item["label"] = label
         item["overlays"] = overlay_frames(item["n_frames"], config.overlay_every,

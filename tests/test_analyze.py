@@ -376,3 +376,18 @@ def test_two_model_workers_give_the_same_tables_in_order(tmp_path, series):
     assert not (tmp_path / "one" / "series_movie.mp4").exists()  # --no-movie
     # default overlays: a short series gets every good frame
     assert len(list((tmp_path / "one" / "overlays").iterdir())) == 6
+
+
+def test_missing_pyav_is_refused_before_any_work_unless_no_movie(tmp_path, series, monkeypatch):
+    import importlib.util
+
+    from ceriakeras.config import ConfigError
+
+    path, _, _ = series
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "av" else real(n, *a))
+    with pytest.raises(ConfigError, match="--no-movie"):
+        analyze([path], tmp_path / "out", model=StandInModel(), progress=False)
+    assert not (tmp_path / "out").exists()
+    analyze([path], tmp_path / "out", model=StandInModel(), config=AnalyzeConfig(movie=False),
+            progress=False)
