@@ -35,11 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from .columns import columns_to_atoms, estimate_dose, find_columns
-from .config import CE_COLUMN_SPACING_A, AnalyzeConfig, ConfigError, InputError, ModelError
+from .config import CE_COLUMN_SPACING_A, AnalyzeConfig, InputError, ModelError
 from .io import (atomic_path, expand_inputs, model_to_input_px, open_series, resample_counts,
                  resample_factor, write_text_atomic)
-from .pictures import (MovieWriter, overlay_frames, particle_box, render_frame, union_box,
-                       write_png)
+from .modelinfo import model_settings
+from .pictures import (MovieWriter, check_movie_writer, overlay_frames, particle_box,
+                       render_frame, union_box, write_png)
 
 DEFAULT_MODEL = "saved_models/ceria110"
 """The shipped model, relative to the repository (or the current folder); newest version used."""
@@ -128,26 +129,6 @@ def _sha(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def model_settings(info: dict) -> tuple[float, int, float]:
-    """``(pixel_size_A, max_height, label_radius_A)`` from a model's ``ceriakeras.json``.
-
-    Raises
-    ------
-    ModelError
-        If a value is missing or invalid (the model must be re-exported).
-    """
-    try:
-        pixel = float(info["pixel_size_A"])
-        max_height = int(info.get("max_height", 16))
-        radius = float(info.get("label_radius_A", 0.5))
-    except (KeyError, TypeError, ValueError):
-        raise ModelError("the model's ceriakeras.json lacks pixel_size_A (Å); re-export it") from None
-    if not (pixel > 0 and max_height >= 1 and radius > 0):
-        raise ModelError(f"the model's ceriakeras.json has an invalid pixel_size_A={pixel} Å, "
-                         f"max_height={max_height} or label_radius_A={radius} Å; re-export it")
-    return pixel, max_height, radius
-
-
 # --- the run -----------------------------------------------------------------------------------
 def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
             config: AnalyzeConfig | None = None, overwrite: bool = False, xyz: bool = False,
@@ -222,11 +203,7 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
     frames_total = sum(item["n_frames"] for item in plan)
     labels = _unique_labels([item["path"] for item in plan])
     if config.movie and any(item["n_frames"] >= 2 for item in plan):
-        import importlib.util
-
-        if importlib.util.find_spec("av") is None:
-            raise ConfigError("the movie of a series needs PyAV: `pip install av` (a dependency "
-                              "of ceriakeras; reinstall it), or pass --no-movie")
+        check_movie_writer()
     for item, label in zip(plan, labels):
         item["label"] = label
         item["overlays"] = overlay_frames(item["n_frames"], config.overlay_every,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import CEO2_LATTICE_A
+from .config import CEO2_LATTICE_A, ConfigError
 from .io import atomic_path
 
 PROJECTED_COLUMN_SPACING_A = CEO2_LATTICE_A * math.sqrt(3.0 / 8.0)
@@ -291,6 +291,15 @@ def write_png(path, picture: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         Image.fromarray(picture).save(tmp, format="PNG", compress_level=1)
+
+
+def check_movie_writer() -> None:
+    """Raise ``ConfigError`` (what to do) if PyAV, which writes the movies, is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("av") is None:
+        raise ConfigError("the movie of a series needs PyAV: `pip install av` (a dependency of "
+                          "ceriakeras; reinstall it), or pass --no-movie")
 
 
 class MovieWriter:
