@@ -172,9 +172,10 @@ def main(argv=None) -> int:
                   + f" {ratio:>10.2f} {at10 / 2**20:>11.0f} {at_end / 2**20:>11.0f}"
                   f" {peak_kb / 1024:>8.0f}")
             print(f"       columns/frame {summary['columns_per_frame']:.0f}; whole run "
-                  f"{t1 - t0:.1f} s (analysis {summary['seconds_analysing']:.1f} s, then tables "
-                  f"and pictures); pictures {stages['pictures']:.1f} s = {ratio:.0%} of the "
-                  f"model's {stages['model']:.1f} s")
+                  f"{t1 - t0:.1f} s = {n / (t1 - t0):.2f} frames/s (analysis "
+                  f"{summary['seconds_analysing']:.1f} s, then tables, movie and series plot); "
+                  f"pictures {stages['pictures']:.1f} s = {ratio:.0%} of the model's "
+                  f"{stages['model']:.1f} s")
     return 0
 
 
