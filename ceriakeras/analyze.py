@@ -414,14 +414,15 @@ class _Run:
         timings, config, item = self.timings, self.config, batch.item
         t0 = time.perf_counter()
         calibration = self.served.info.get("confidence_calibration")
-        results, k = {}, 0
+        results, doses, k = {}, {}, 0
         for frame, small in batch.frames:
             if small is None:
                 continue
+            doses[frame.index] = dose = frame_dose(small, self.model_px)
             results[frame.index] = find_columns(
                 probabilities[k], self.model_px, min_distance_A=config.min_distance_A,
                 threshold=config.threshold, label_radius_A=self.label_radius_A,
-                calibration=calibration, dose_e_per_A2=frame_dose(small, self.model_px))
+                calibration=calibration, dose_e_per_A2=dose)
             k += 1
         timings["columns"] += time.perf_counter() - t0
 
@@ -462,8 +463,8 @@ class _Run:
                 write_png(self.out_dir / "overlays" / f"{item['label']}_{frame.index:05d}.png",
                           render_frame(frame.image, x, y, height, pixel_size_A=px,
                                        max_height=self.max_height,
-                                       caption=_caption(item, frame.index, frame_dose(
-                                           frame.image, px), len(x))))
+                                       caption=_caption(item, frame.index, doses[frame.index],
+                                                        len(x))))
             if self.xyz:
                 h, w = frame.image.shape
                 atoms = columns_to_atoms(x * px, y * px, height,
@@ -771,7 +772,7 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
 
 
 def write_movie(path: Path, item: dict, pixel_size_A, positions: dict, max_height: int,
-                dose_of=frame_dose) -> int:
+                dose_of=None) -> int:
     """The annotated movie of one series: every analysed frame, read again from its file.
 
     Each frame is cropped to the same box (the union of the frames' particle boxes), its columns
@@ -791,8 +792,9 @@ def write_movie(path: Path, item: dict, pixel_size_A, positions: dict, max_heigh
         columns (frames.csv's frames without columns are drawn without rings).
     max_height : int
         The model's largest height, Ce atoms (the legend).
-    dose_of : callable
-        ``dose_of(image (H, W) counts, pixel_size_A) -> e⁻/Å²`` for the caption.
+    dose_of : callable, optional
+        ``dose_of(frame_index, image (H, W) counts) -> e⁻/Å²``, the dose in the caption;
+        default :func:`frame_dose` of the image at the input's pixel size.
 
     Returns
     -------
@@ -800,6 +802,9 @@ def write_movie(path: Path, item: dict, pixel_size_A, positions: dict, max_heigh
         Frames in the movie.
     """
     px = item["pixel_size_A"]
+    if dose_of is None:
+        def dose_of(index, image):
+            return frame_dose(image, px)
     shape = tuple(item["shape"])
     box = union_box(particle_box(x, y, shape, px) for x, y, _ in positions.values())
     empty = (np.zeros(0), np.zeros(0), np.zeros(0, np.int32))
@@ -808,7 +813,7 @@ def write_movie(path: Path, item: dict, pixel_size_A, positions: dict, max_heigh
             if frame.image is None:
                 continue
             x, y, h = positions.get(frame.index, empty)
-            caption = _caption(item, frame.index, dose_of(frame.image, px), len(x))
+            caption = _caption(item, frame.index, dose_of(frame.index, frame.image), len(x))
             movie.add(render_frame(frame.image, x, y, h, pixel_size_A=px, max_height=max_height,
                                    box=box or (0, shape[0], 0, shape[1]), caption=caption))
     return movie.frames
