@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +39,8 @@ from .config import CE_COLUMN_SPACING_A, AnalyzeConfig, InputError, ModelError
 from .io import (atomic_path, expand_inputs, model_to_input_px, open_series, resample_counts,
                  resample_factor, write_text_atomic)
 from .modelinfo import model_settings
-from .pictures import (MovieWriter, check_movie_writer, overlay_frames, particle_box,
-                       render_frame, union_box, write_png)
+from .pictures import (MovieWriter, check_movie_writer, height_colors, overlay_frames,
+                       particle_box, render_frame, union_box, write_png)
 
 DEFAULT_MODEL = "saved_models/ceria110"
 """The shipped model, relative to the repository (or the current folder); newest version used."""
@@ -274,8 +274,14 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
     if config.movie:
         for item in plan:
             if item["n_frames"] >= 2:
+                def dose_of(index, image, item=item):  # this run's, or again (resumed)
+                    dose = run.doses.get((item["source"], index))
+                    return dose if dose is not None else frame_dose(
+                        resample_counts(image, item["factor"]), model_px)
+
                 write_movie(out_dir / f"{item['label']}_movie.mp4", item, pixel_size_A,
-                            per_frame["positions"].get(item["source"], {}), max_height)
+                            per_frame["positions"].get(item["source"], {}), max_height,
+                            dose_of=dose_of)
     timings["pictures"] += time.perf_counter() - t0
     state["complete"] = True
     write_text_atomic(progress_path, json.dumps(state, indent=1))
@@ -382,6 +388,8 @@ class _Run:
     max_height: int
     label_radius_A: float
     csv_file: object = None
+    doses: dict = field(default_factory=dict)
+    """e⁻/Å² of each frame analysed in this run, by (source, frame), for the movie's captions."""
 
     def __post_init__(self):
         self._busy = threading.Lock()
@@ -419,6 +427,7 @@ class _Run:
             if small is None:
                 continue
             doses[frame.index] = dose = frame_dose(small, self.model_px)
+            self.doses[(item["source"], frame.index)] = dose
             results[frame.index] = find_columns(
                 probabilities[k], self.model_px, min_distance_A=config.min_distance_A,
                 threshold=config.threshold, label_radius_A=self.label_radius_A,
@@ -834,6 +843,7 @@ def write_series_plot(path: Path, frames: np.ndarray, heights: np.ndarray, total
     total_ce : (T,) int, Ce atoms in all columns of each frame
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 6), dpi=100)
@@ -841,8 +851,9 @@ def write_series_plot(path: Path, frames: np.ndarray, heights: np.ndarray, total
     ax1, ax2 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     if heights.size:
         extent = (frames[0] - 0.5, frames[-1] + 0.5, heights.shape[1] - 0.5, -0.5)
+        cmap = ListedColormap(height_colors(max_height)[1:] / 255.0)  # the overlays' colours
         im = ax1.imshow(np.ma.masked_invalid(heights.T), aspect="auto", interpolation="nearest",
-                        cmap="viridis", vmin=0.5, vmax=max_height + 0.5, extent=extent)
+                        cmap=cmap, vmin=0.5, vmax=max_height + 0.5, extent=extent)
         fig.colorbar(im, ax=[ax1], label="height (Ce atoms)")
     ax1.set_ylabel("column (tracked from first frame)")
     ax1.set_title(title, fontsize=8)

@@ -122,7 +122,7 @@ def union_box(boxes) -> tuple[int, int, int, int] | None:
 
 # --- drawing ------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=4)
-def _height_colors(max_height: int) -> np.ndarray:
+def height_colors(max_height: int) -> np.ndarray:
     """(max_height + 1, 3) uint8: the colour of each height (row 0 unused)."""
     from matplotlib import colormaps
 
@@ -223,7 +223,7 @@ def render_frame(image: np.ndarray, x_px, y_px, height, *, pixel_size_A: float, 
     canvas = Image.new("RGB", (gw + _LEGEND_W, gh + _CAPTION_H), (255, 255, 255))
     canvas.paste(Image.fromarray(gray).convert("RGB"), (0, _CAPTION_H))
     draw = ImageDraw.Draw(canvas)
-    colors = _height_colors(max_height)
+    colors = height_colors(max_height)
 
     # rings: a dark outline under a coloured ring, so every colour reads on dark and light grey
     r = MARKER_RADIUS_A / pixel_size_A * sx
@@ -267,7 +267,7 @@ def _legend(gh: int, max_height: int) -> np.ndarray:
 
     strip = Image.new("RGB", (_LEGEND_W, gh + _CAPTION_H), (255, 255, 255))
     draw = ImageDraw.Draw(strip)
-    colors = _height_colors(max_height)
+    colors = height_colors(max_height)
     top = _CAPTION_H + 18
     draw.text((_LEGEND_W // 2, _CAPTION_H + 2), "Ce atoms", fill=(0, 0, 0), font=_font(11),
               anchor="mt")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ceriakeras.pictures import (MARKER_RADIUS_A, MovieWriter, _height_colors, display_scale,
+from ceriakeras.pictures import (MARKER_RADIUS_A, MovieWriter, height_colors, display_scale,
                                  overlay_frames, particle_box, render_frame, union_box)
 
 PX_A = 0.1
@@ -51,7 +51,7 @@ def test_rings_sit_on_the_columns_in_their_height_colour():
     gray_h = int(round((box[1] - box[0]) * s)) // 2 * 2
     assert picture.shape[0] > gray_h  # caption strip above the image
     top = picture.shape[0] - gray_h
-    colors = _height_colors(16)
+    colors = height_colors(16)
     r = MARKER_RADIUS_A / PX_A * s
     for xi, yi, h in zip(x, y, heights):
         cx = (xi - box[2] + 0.5) * s - 0.5
