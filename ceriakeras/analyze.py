@@ -8,7 +8,8 @@ how many frames (in input order) are done and how long the CSV is at that point,
 interrupted run resumes where it stopped: each frame ends up in the CSV exactly once.
 
 Outputs in ``OUT``: ``columns.csv`` (the column table of the design), ``frames.csv`` (per frame:
-columns found, total Ce, mean height), ``overlays/<input>_<frame>.png`` (cropped to the
+columns found, total Ce, mean height, and for a model that estimates them (version 3 on) the
+frame's defocus ``defocus_nm`` and ``cs_um``), ``overlays/<input>_<frame>.png`` (cropped to the
 particle; a sample of a series' frames, see :func:`ceriakeras.pictures.overlay_frames`), for a
 series ``<input>_movie.mp4`` (every frame, columns coloured by height, frame number and dose) and
 ``<input>_series.png`` (tracked column heights and total Ce over time), with ``xyz=True``
@@ -224,7 +225,7 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
 
     state = {"version": PROGRESS_VERSION, "identity": identity, "frames_total": frames_total,
              "frames_done": start, "csv_bytes": csv_path.stat().st_size, "skipped": skipped,
-             "complete": False}
+             "complete": False, "optics": _previous_optics(progress_path) if start else {}}
     write_text_atomic(progress_path, json.dumps(state, indent=1))
 
     timings = dict.fromkeys(STAGES, 0.0)
@@ -395,11 +396,14 @@ class _Run:
         self._busy = threading.Lock()
         self._running, self._since = 0, 0.0
 
-    def predict(self, batch: _Batch) -> np.ndarray | None:
-        """The model's class probabilities (B, h, w, C) for the good frames of ``batch``.
+    def predict(self, batch: _Batch) -> tuple[np.ndarray, dict | None] | None:
+        """The model's answer for the good frames of ``batch`` (None if there are none).
 
-        Thread-safe; ``timings['model']`` counts the wall time during which at least one call
-        was running (not the sum over calls running at once).
+        Returns ``(probabilities (B, h, w, C), optics)``: ``optics`` is the model's per-frame
+        estimates (``{name: (B,)}``, :data:`OPTICS_COLUMNS`) for a model that has them
+        (version 3 on), else None. Thread-safe (it changes no shared state but the timing);
+        ``timings['model']`` counts the wall time during which at least one call was running
+        (not the sum over calls running at once).
         """
         good = [small for _, small in batch.frames if small is not None]
         if not good:
@@ -409,18 +413,29 @@ class _Run:
                 self._since = time.perf_counter()
             self._running += 1
         try:
-            probabilities, _ = self.served.predict(np.stack(good).astype(np.float32, copy=False))
-            return np.asarray(probabilities)
+            stack = np.stack(good).astype(np.float32, copy=False)
+            if getattr(self.served, "has_optics", False):
+                probabilities, _, optics = self.served.predict(stack, optics=True)
+                return np.asarray(probabilities), optics
+            probabilities, _ = self.served.predict(stack)
+            return np.asarray(probabilities), None
         finally:
             with self._busy:
                 self._running -= 1
                 if self._running == 0:
                     self.timings["model"] += time.perf_counter() - self._since
 
-    def write_batch(self, batch: _Batch, probabilities) -> None:
-        """Columns, CSV rows, pictures of one batch; then commit it in progress.json."""
+    def write_batch(self, batch: _Batch, prediction) -> None:
+        """Columns, CSV rows, pictures of one batch (``prediction`` from :meth:`predict`); then
+        commit it in progress.json."""
         timings, config, item = self.timings, self.config, batch.item
         t0 = time.perf_counter()
+        probabilities, optics = prediction if prediction is not None else (None, None)
+        if optics is not None:  # per-frame defocus and Cs (model version 3 on)
+            good = [frame for frame, small in batch.frames if small is not None]
+            for k, frame in enumerate(good):
+                self.state["optics"].setdefault(frame.source, {})[str(frame.index)] = {
+                    name: float(optics[name][k]) for name in OPTICS_COLUMNS if name in optics}
         calibration = self.served.info.get("confidence_calibration")
         results, doses, k = {}, {}, 0
         for frame, small in batch.frames:
@@ -767,6 +782,12 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
     for source, frame in empties:
         close_frame(source, frame, [], [], [])
     rows_out[1:] = sorted(rows_out[1:], key=lambda r: (_order(plan, r[0]), r[1]))
+    optics = progress.get("optics") or {}
+    if optics:  # a model with a global branch: its estimates of each frame's optics
+        rows_out[0] = rows_out[0] + OPTICS_COLUMNS
+        rows_out[1:] = [row + tuple(
+            f"{v:.3f}" if (v := optics.get(row[0], {}).get(str(row[1]), {}).get(name)) is not None
+            else "" for name in OPTICS_COLUMNS) for row in rows_out[1:]]
 
     text = _stdio.StringIO()
     csv.writer(text, lineterminator="\n").writerows(rows_out)
@@ -826,6 +847,19 @@ def write_movie(path: Path, item: dict, pixel_size_A, positions: dict, max_heigh
             movie.add(render_frame(frame.image, x, y, h, pixel_size_A=px, max_height=max_height,
                                    box=box or (0, shape[0], 0, shape[1]), caption=caption))
     return movie.frames
+
+
+OPTICS_COLUMNS = ("defocus_nm", "cs_um")
+"""Columns of ``frames.csv`` for a model that estimates each frame's optics (version 3 on):
+its defocus (nm, abTEM sign) and Cs (µm) estimates (:meth:`ceriakeras.export.ServedModel.predict`)."""
+
+
+def _previous_optics(progress_path: Path) -> dict:
+    """The per-frame optics estimates a resumed run had committed (``{source: {frame: {…}}}``)."""
+    try:
+        return dict(json.loads(progress_path.read_text(encoding="utf-8")).get("optics") or {})
+    except (OSError, ValueError):
+        return {}
 
 
 def _order(plan: list, source: str) -> int:
