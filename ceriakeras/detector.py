@@ -40,6 +40,11 @@ MIN_FLAT_TILES = 4
 """Fewest structure-free tiles an estimate is made from."""
 MAX_SERIES_FRAMES = 32
 """Frames of a series used for the estimate (the first ones; more add little)."""
+MIN_NOISE_FACTOR = 0.15
+"""Smallest ``Σk²`` taken for detector noise: a point spread wider than this (σ ≳ 0.7 px) no
+longer fits the lag window, and such correlated "noise" is image structure (a noise-free image)."""
+MAX_RELATIVE_ERROR = 0.25
+"""Largest standard error of an estimate, relative to it; a vaguer one is refused."""
 
 
 @dataclass
@@ -210,9 +215,15 @@ def _estimate(noise_tiles: np.ndarray, mean_tiles: np.ndarray, max_lag_px: int, 
     variance = autocov[flat, m, m]
     neighbours = (autocov[flat, m, m - 1] + autocov[flat, m, m + 1] + autocov[flat, m - 1, m]
                   + autocov[flat, m + 1, m]) / 4.0
+    factor = float(np.median(variance / total))
+    if factor < MIN_NOISE_FACTOR:
+        raise ValueError(f"what varies is correlated over more than {max_lag_px} px (Σk² = "
+                         f"{factor:.2f} < {MIN_NOISE_FACTOR}): structure, not detector noise")
+    if se > MAX_RELATIVE_ERROR * g:
+        raise ValueError(f"the estimate {g:.3g} ± {se:.2g} counts/e⁻ is too uncertain")
     return GainEstimate(
         counts_per_electron=g, standard_error=float(se), method=method,
-        noise_factor=float(np.median(variance / total)),
+        noise_factor=factor,
         neighbour_correlation=float(np.median(neighbours / variance)),
         tiles_used=n, tiles_total=t, frames_used=frames_used)
 
