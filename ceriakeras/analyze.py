@@ -737,7 +737,7 @@ def format_summary(summary: dict) -> str:
         if it.get("gain_warning"):
             lines.append(f"warning         {it['source']}: {it['gain_warning']}")
     if summary.get("frames_not_recognised"):
-        why = ", ".join(f"{n} {k}" for k, n in summary.get("not_recognised_reasons", {}).items())
+        why = ", ".join(f"{k}: {n}" for k, n in summary.get("not_recognised_reasons", {}).items())
         lines.append(f"warning         {summary['frames_not_recognised']} of "
                      f"{summary['frames_analysed']} frames do not look like CeO2 [110] as the "
                      f"model knows it ({why}); their columns are marked recognised=0 in "

@@ -9,8 +9,9 @@ lattice of 2.7 Å) and hexagonal layers (MoS2: 3.16 Å at 60°) do not fit it.
 
 :func:`lattice_columns` checks each detected column on its own, at whichever in-plane rotation
 fits it best (particles may turn, and a frame may hold several): it fits when at least
-:data:`MIN_MATCHED_SITES` of the 8 template sites around it hold a column and no column within
-:data:`NEIGHBOUR_REACH_A` of it is off the template. :func:`recognise_frame` calls a frame
+:data:`MIN_MATCHED_SITES` of the 8 template sites around it hold a column, among them at least
+:data:`MIN_SHORT_SITES` of the four at 3.31 Å, and no column within :data:`NEIGHBOUR_REACH_A`
+of it is off the template. :func:`recognise_frame` calls a frame
 *recognised* when it has at least :data:`MIN_COLUMNS` columns, at least
 :data:`MIN_LATTICE_FRACTION` of them fit, and its dose lies in the model's envelope. How well this
 separates frames is measured in docs/model.md ("Frames the model does not know").
@@ -38,9 +39,12 @@ NEIGHBOUR_REACH_A = 4.3
 """Columns this close must all sit on template sites (3.83 Å + tolerance), Å."""
 MIN_MATCHED_SITES = 3
 """Template sites (of 8) that must hold a column for a column to fit the lattice."""
+MIN_SHORT_SITES = 2
+"""Of them, the 3.31 Å sites (of 4) that must hold a column: the lattice's own signature
+(a rectangle of 3.9 × 5.5 Å, half of Pt [110], would fill the 3.83 and 5.41 Å sites alone)."""
 MIN_COLUMNS = 8
 """Fewest columns in a recognised frame (a 1.5 nm particle has more)."""
-MIN_LATTICE_FRACTION = 0.5
+MIN_LATTICE_FRACTION = 0.3
 """Smallest fraction of a recognised frame's columns that fit the lattice."""
 DOSE_RANGE_E_PER_A2 = (20.0, 20000.0)
 """Doses the shipped model was trained and calibrated for, e⁻/Å² (docs/design.md envelope)."""
@@ -67,8 +71,9 @@ def lattice_columns(x_A, y_A, *, tolerance_A: float = TOLERANCE_A,
     Returns
     -------
     (N,) bool
-        True for a column that, at some rotation, has ≥ ``min_matched`` template sites filled
-        and no neighbour within :data:`NEIGHBOUR_REACH_A` off the template.
+        True for a column that, at some rotation, has ≥ ``min_matched`` template sites filled,
+        ≥ :data:`MIN_SHORT_SITES` of them at 3.31 Å, and no neighbour within
+        :data:`NEIGHBOUR_REACH_A` off the template.
     """
     from scipy.spatial import cKDTree
 
@@ -89,10 +94,13 @@ def lattice_columns(x_A, y_A, *, tolerance_A: float = TOLERANCE_A,
     sites = np.einsum("aij,sj->asi", rot, CEO2_110_SITES_A)          # (A, 8, 2)
     d = np.linalg.norm(vectors[:, None, :, None, :] - sites[None, :, None, :, :], axis=-1)
     near = (d <= tolerance_A) & present[:, None, :, None]            # (N, A, K-1, 8)
-    matched = near.any(axis=2).sum(axis=-1)                          # (N, A)
+    filled = near.any(axis=2)                                        # (N, A, 8)
+    matched = filled.sum(axis=-1)                                    # (N, A)
+    short = filled[..., 2:6].sum(axis=-1)                            # the four 3.31 Å sites
     close = present & (dist <= NEIGHBOUR_REACH_A)                    # (N, K-1)
     off_template = (close[:, None, :] & ~near.any(axis=-1)).sum(axis=-1)  # (N, A)
-    return np.any((matched >= min_matched) & (off_template == 0), axis=1)
+    return np.any((matched >= min_matched) & (short >= MIN_SHORT_SITES) & (off_template == 0),
+                  axis=1)
 
 
 def recognise_frame(x_A, y_A, dose_e_per_A2: float | None = None, *,
