@@ -37,6 +37,8 @@ from .columns import columns_to_atoms, estimate_dose, find_columns
 from .config import CE_COLUMN_SPACING_A, AnalyzeConfig, InputError, ModelError
 from .io import (atomic_path, expand_inputs, file_counts_per_electron, model_to_input_px,
                  open_series, resample_counts, resample_factor, write_text_atomic)
+from .modelinfo import model_settings
+from .detector import check_counts_per_electron
 from .recognise import recognise_frame
 
 DEFAULT_MODEL = "saved_models/ceria110"
@@ -97,26 +99,6 @@ def load_model(model) -> tuple[object, dict]:
 
 def _sha(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def model_settings(info: dict) -> tuple[float, int, float]:
-    """``(pixel_size_A, max_height, label_radius_A)`` from a model's ``ceriakeras.json``.
-
-    Raises
-    ------
-    ModelError
-        If a value is missing or invalid (the model must be re-exported).
-    """
-    try:
-        pixel = float(info["pixel_size_A"])
-        max_height = int(info.get("max_height", 16))
-        radius = float(info.get("label_radius_A", 0.5))
-    except (KeyError, TypeError, ValueError):
-        raise ModelError("the model's ceriakeras.json lacks pixel_size_A (Å); re-export it") from None
-    if not (pixel > 0 and max_height >= 1 and radius > 0):
-        raise ModelError(f"the model's ceriakeras.json has an invalid pixel_size_A={pixel} Å, "
-                         f"max_height={max_height} or label_radius_A={radius} Å; re-export it")
-    return pixel, max_height, radius
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -291,19 +273,6 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
 # --- detector gain -----------------------------------------------------------------------------
 GAIN_FRAMES_PIXELS = 64_000_000
 """Pixels of the input read for a series' gain estimate (at least 2 frames, at most 32)."""
-
-
-def check_counts_per_electron(counts_per_electron: float | None) -> None:
-    """Raise :class:`InputError` unless the gain is None or a positive finite number."""
-    if counts_per_electron is None:
-        return
-    try:
-        ok = np.isfinite(float(counts_per_electron)) and float(counts_per_electron) > 0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise InputError(f"--counts-per-electron {counts_per_electron} must be a positive number "
-                         "of detector counts per electron (1 for counting cameras)")
 
 
 def input_gain(path, pixel_size_A: float | None = None,

@@ -28,6 +28,7 @@ give). A CCD's bias must be subtracted first.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -81,6 +82,21 @@ class GainEstimate:
 
     def to_dict(self) -> dict:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def check_counts_per_electron(counts_per_electron: float | None) -> None:
+    """Raise :class:`~ceriakeras.config.InputError` unless the gain is None or a positive finite number."""
+    from .config import InputError
+
+    if counts_per_electron is None:
+        return
+    try:
+        ok = math.isfinite(float(counts_per_electron)) and float(counts_per_electron) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InputError(f"--counts-per-electron {counts_per_electron} must be a positive number "
+                         "of detector counts per electron (1 for counting cameras)")
 
 
 def noise_autocovariance(noise: np.ndarray, max_lag_px: int = MAX_LAG_PX) -> np.ndarray:

@@ -26,8 +26,7 @@ import numpy as np
 
 from .config import ModelError
 from .io import give_ordinary_permissions
-
-ASSET_NAME = "ceriakeras.json"
+from .modelinfo import ASSET_NAME, find_version, read_info
 
 
 def _checkpoint(run_dir: Path) -> Path:
@@ -110,8 +109,8 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
         Version number (a positive integer); default: one more than the highest present.
     calibrate_on : path, optional
         Dataset whose validation split calibrates the column ``confidence``: a Platt scaling at
-        each of :data:`ceriakeras.evaluate.CALIBRATION_DOSES_E_PER_A2`
-        (:func:`ceriakeras.evaluate.fit_confidence_calibration`), for plain inference and for
+        each of :data:`ceriakeras.calibration.CALIBRATION_DOSES_E_PER_A2`
+        (:func:`ceriakeras.calibration.fit_confidence_calibration`), for plain inference and for
         test-time augmentation, recorded in ``assets/ceriakeras.json`` as
         ``confidence_calibration`` and ``confidence_calibration_tta`` and applied by
         :func:`ceriakeras.columns.find_columns`. The serving graph is the same either way.
@@ -163,7 +162,7 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
         return {"probabilities": probabilities, "height": height}
 
     if calibrate_on is not None:
-        from .evaluate import fit_confidence_calibration
+        from .calibration import fit_confidence_calibration
 
         served = ServedModel(path=target, info=info, signature=serve)  # what consumers will run
         method = ("Platt scaling of the raw confidence per dose, interpolated in log dose; the "
@@ -194,20 +193,6 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
         if tmp.exists():
             shutil.rmtree(tmp)
     return target
-
-
-def find_version(path) -> Path:
-    """The SavedModel folder for ``path``: a version folder, or the newest integer version in a
-    model base folder ``saved_models/NAME``."""
-    path = Path(path)
-    if (path / "saved_model.pb").is_file():
-        return path
-    versions = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit()
-                       and (p / "saved_model.pb").is_file()) if path.is_dir() else [])
-    if not versions:
-        raise ModelError(f"no SavedModel at {path}; export one with "
-                         f"`ceriakeras export --run runs/NAME --out {path}`")
-    return path / str(versions[-1])
 
 
 @dataclass
@@ -309,21 +294,6 @@ class DihedralAveraged:
 
     def predict(self, images) -> tuple[np.ndarray, np.ndarray]:
         return dihedral_average(self.model.predict, images)
-
-
-def read_info(version_dir) -> dict:
-    """The ``assets/ceriakeras.json`` of a SavedModel version folder (pixel size, max_height, …).
-
-    Raises
-    ------
-    ModelError
-        If it is missing or unreadable.
-    """
-    info_path = Path(version_dir) / "assets" / ASSET_NAME
-    if not info_path.is_file():
-        raise ModelError(f"{version_dir} has no assets/{ASSET_NAME}; re-export it with "
-                         "`ceriakeras export`")
-    return _read_json(info_path)
 
 
 def load_served_model(path) -> ServedModel:
