@@ -8,7 +8,8 @@ angles, and none closer. fcc metals along [110] (Pt, Au: 2.4–2.9 Å), CeO2 alo
 lattice of 2.7 Å) and hexagonal layers (MoS2: 3.16 Å at 60°) do not fit it.
 
 :func:`lattice_columns` checks each detected column on its own, at whichever in-plane rotation
-fits it best (particles may turn, and a frame may hold several): it fits when at least
+fits it best (particles may turn, and a frame may hold several; the rotations tried put one of
+its 3 nearest neighbours on a 3.83 or 3.31 Å site): it fits when at least
 :data:`MIN_MATCHED_SITES` of the 8 template sites around it hold a column, among them at least
 :data:`MIN_SHORT_SITES` of the four at 3.31 Å, and no column within :data:`NEIGHBOUR_REACH_A`
 of it is off the template. :func:`recognise_frame` calls a frame
@@ -48,13 +49,12 @@ MIN_LATTICE_FRACTION = 0.3
 """Smallest fraction of a recognised frame's columns that fit the lattice."""
 DOSE_RANGE_E_PER_A2 = (20.0, 20000.0)
 """Doses the shipped model was trained and calibrated for, e⁻/Å² (docs/design.md envelope)."""
-ANGLE_STEP_DEG = 3.0
-"""Step of the in-plane rotations tried, degrees (the template repeats after 180°)."""
+CANDIDATE_NEIGHBOURS = 3
+"""Rotations tried per column: its nearest neighbours put on the template's 3.83 and 3.31 Å sites."""
 
 
 def lattice_columns(x_A, y_A, *, tolerance_A: float = TOLERANCE_A,
-                    min_matched: int = MIN_MATCHED_SITES,
-                    angle_step_deg: float = ANGLE_STEP_DEG) -> np.ndarray:
+                    min_matched: int = MIN_MATCHED_SITES) -> np.ndarray:
     """Which columns sit on a CeO2 [110] lattice with their neighbours.
 
     Parameters
@@ -65,8 +65,6 @@ def lattice_columns(x_A, y_A, *, tolerance_A: float = TOLERANCE_A,
         Distance within which a neighbour counts as on a template site, Å.
     min_matched : int
         Template sites (of :data:`CEO2_110_SITES_A`'s 8) that must hold a column.
-    angle_step_deg : float
-        Step of the in-plane rotations tried, degrees.
 
     Returns
     -------
@@ -88,17 +86,27 @@ def lattice_columns(x_A, y_A, *, tolerance_A: float = TOLERANCE_A,
     dist, idx = dist[:, 1:], idx[:, 1:]                             # drop the column itself
     present = np.isfinite(dist)                                     # (N, K-1)
     vectors = points[np.where(present, idx, 0)] - points[:, None, :]  # (N, K-1, 2)
-    angles = np.deg2rad(np.arange(0.0, 180.0, angle_step_deg))
-    c, s = np.cos(angles), np.sin(angles)
-    rot = np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)   # (A, 2, 2)
-    sites = np.einsum("aij,sj->asi", rot, CEO2_110_SITES_A)          # (A, 8, 2)
-    d = np.linalg.norm(vectors[:, None, :, None, :] - sites[None, :, None, :, :], axis=-1)
-    near = (d <= tolerance_A) & present[:, None, :, None]            # (N, A, K-1, 8)
-    filled = near.any(axis=2)                                        # (N, A, 8)
-    matched = filled.sum(axis=-1)                                    # (N, A)
+    # candidate rotations: one of the 3 nearest neighbours sits on a 3.83 Å or a 3.31 Å site
+    # (the template's other sites follow by symmetry), so the template is turned to put it there
+    nearest = vectors[:, :CANDIDATE_NEIGHBOURS]                       # (N, M, 2)
+    phi = np.arctan2(nearest[..., 1], nearest[..., 0])                # (N, M)
+    site_phi = np.arctan2(CEO2_110_SITES_A[[0, 2, 3], 1], CEO2_110_SITES_A[[0, 2, 3], 0])
+    angles = (phi[:, :, None] - site_phi[None, None, :]).reshape(n, -1)   # (N, C)
+    sx, sy = CEO2_110_SITES_A[:, 0], CEO2_110_SITES_A[:, 1]
+    vx, vy = vectors[:, None, :, None, 0], vectors[:, None, :, None, 1]   # (N, 1, K-1, 1)
+    for refine in (True, False):
+        c, s = np.cos(angles)[..., None, None], np.sin(angles)[..., None, None]
+        tx, ty = c * sx - s * sy, s * sx + c * sy                     # (N, C, 1, 8)
+        near = ((vx - tx) ** 2 + (vy - ty) ** 2 <= tolerance_A**2) & present[:, None, :, None]
+        if refine:  # turn by the mean angle between the matched neighbours and their sites
+            residual = np.arctan2(tx * vy - ty * vx, tx * vx + ty * vy)   # (N, C, K-1, 8)
+            count = near.sum(axis=(2, 3))
+            angles = angles + np.where(near, residual, 0.0).sum(axis=(2, 3)) / np.maximum(count, 1)
+    filled = near.any(axis=2)                                        # (N, C, 8)
+    matched = filled.sum(axis=-1)                                    # (N, C)
     short = filled[..., 2:6].sum(axis=-1)                            # the four 3.31 Å sites
     close = present & (dist <= NEIGHBOUR_REACH_A)                    # (N, K-1)
-    off_template = (close[:, None, :] & ~near.any(axis=-1)).sum(axis=-1)  # (N, A)
+    off_template = (close[:, None, :] & ~near.any(axis=-1)).sum(axis=-1)  # (N, C)
     return np.any((matched >= min_matched) & (short >= MIN_SHORT_SITES) & (off_template == 0),
                   axis=1)
 

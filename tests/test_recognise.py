@@ -40,7 +40,7 @@ def fcc_110(a):
 @pytest.mark.parametrize("angle", [0.0, 37.0, 101.0])
 def test_ceo2_110_columns_fit_at_any_rotation(angle):
     pts = projected_lattice(*fcc_110(CEO2_LATTICE_A), angle_deg=angle, jitter_A=0.12, seed=1)
-    assert lattice_columns(*pts.T).mean() > 0.95
+    assert lattice_columns(*pts.T).mean() > 0.9
     assert recognise_frame(*pts.T, 500.0)["recognised"]
 
 
