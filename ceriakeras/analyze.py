@@ -7,8 +7,8 @@ them to ``OUT/columns.csv``, flushed per batch. ``OUT/progress.json`` records, a
 how many frames (in input order) are done and how long the CSV is at that point, so an
 interrupted run resumes where it stopped: each frame ends up in the CSV exactly once.
 
-Outputs in ``OUT``: ``columns.csv`` (the column table of the design), ``frames.csv`` (per frame:
-columns found, total Ce, mean height), ``overlays/<input>_<frame>.png``, for a series
+Outputs in ``OUT``: ``columns.csv`` (the column table of the design, plus ``recognised``), ``frames.csv`` (per frame:
+columns found, total Ce, mean height, dose in e⁻/Å², recognised), ``overlays/<input>_<frame>.png``, for a series
 ``<input>_series.png`` (tracked column heights and total Ce over time), with ``xyz=True``
 ``xyz/<input>_<frame>.xyz`` (ASE extxyz 3D models), ``progress.json``.
 
@@ -35,10 +35,10 @@ import numpy as np
 
 from .columns import columns_to_atoms, estimate_dose, find_columns
 from .config import CE_COLUMN_SPACING_A, AnalyzeConfig, InputError, ModelError
+from .detector import check_counts_per_electron
 from .io import (atomic_path, expand_inputs, file_counts_per_electron, model_to_input_px,
                  open_series, resample_counts, resample_factor, write_text_atomic)
 from .modelinfo import model_settings
-from .detector import check_counts_per_electron
 from .recognise import recognise_frame
 
 DEFAULT_MODEL = "saved_models/ceria110"
