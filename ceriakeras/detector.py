@@ -19,8 +19,9 @@ structure:
 
 Tiles that still hold structure (a particle that moved or changed between frames, the particle
 itself in a single frame) have long-range correlation; :func:`_flat_tiles` keeps only tiles whose
-autocovariance beyond the detector's reach is what noise alone gives. The estimate is the median
-over the kept tiles and its standard error comes from their spread.
+autocovariance beyond the detector's reach is what noise alone gives (in a single frame, the ones
+whose noise power is high by more than 2.5 spreads, weak structure, are dropped too). The
+estimate is the median over the kept tiles and its standard error comes from their spread.
 
 Assumption: zero offset (dark-subtracted counts, as direct-electron and gain-referenced cameras
 give). A CCD's bias must be subtracted first.
@@ -204,8 +205,25 @@ def _flat_tiles(autocov: np.ndarray, max_lag_px: int, n_samples: int) -> np.ndar
     return ok & (q <= 2.0 * n_ring)
 
 
+def _clip_high(gains: np.ndarray, n_sigma: float = 2.5) -> np.ndarray:
+    """Tiles kept after clipping high outliers: structure only ever adds to a tile's noise power.
+
+    The spread is taken from the lower half (median − 25th percentile), which structure leaves
+    alone; tiles above ``median + n_sigma · spread`` are dropped until none is.
+    """
+    keep = np.ones(len(gains), bool)
+    for _ in range(10):
+        med = np.median(gains[keep])
+        sigma = (med - np.percentile(gains[keep], 25)) / 0.6745
+        new = gains <= med + n_sigma * sigma
+        if new.sum() < MIN_FLAT_TILES or np.array_equal(new, keep):
+            break
+        keep = new
+    return keep
+
+
 def _estimate(noise_tiles: np.ndarray, mean_tiles: np.ndarray, max_lag_px: int, method: str,
-              frames_used: int) -> GainEstimate:
+              frames_used: int, clip: bool = False) -> GainEstimate:
     """Gain from (P, T, B, B) noise tiles (P repeats of the same T tiles) and (T,) tile means."""
     p, t = noise_tiles.shape[:2]
     ring_lag = 2 * max_lag_px + 2
@@ -225,13 +243,15 @@ def _estimate(noise_tiles: np.ndarray, mean_tiles: np.ndarray, max_lag_px: int, 
     gains = total / mean_tiles[flat]
     if not np.all(np.isfinite(gains)) or np.median(gains) <= 0:
         raise ValueError("the frames show no noise (noise-free or normalized data?)")
+    keep = _clip_high(gains) if clip else np.ones(len(gains), bool)
+    gains, n = gains[keep], int(keep.sum())
     g = float(np.median(gains))
     spread = 1.4826 * float(np.median(np.abs(gains - g)))
     se = 1.2533 * spread / np.sqrt(n)
-    variance = autocov[flat, m, m]
+    variance = autocov[flat, m, m][keep]
     neighbours = (autocov[flat, m, m - 1] + autocov[flat, m, m + 1] + autocov[flat, m - 1, m]
-                  + autocov[flat, m + 1, m]) / 4.0
-    factor = float(np.median(variance / total))
+                  + autocov[flat, m + 1, m])[keep] / 4.0
+    factor = float(np.median(variance / total[keep]))
     if factor < MIN_NOISE_FACTOR:
         raise ValueError(f"what varies is correlated over more than {max_lag_px} px (Σk² = "
                          f"{factor:.2f} < {MIN_NOISE_FACTOR}): structure, not detector noise")
@@ -323,6 +343,6 @@ def estimate_gain_vacuum(frame, *, max_lag_px: int = MAX_LAG_PX,
     tiles = _tiles(frame, b)
     means = tiles.mean(axis=(1, 2))
     try:
-        return _estimate(tiles[None], means, max_lag_px, "vacuum estimate", 1)
+        return _estimate(tiles[None], means, max_lag_px, "vacuum estimate", 1, clip=True)
     except ValueError as err:
         raise ValueError(f"no vacuum to measure the gain on: {err}") from None
