@@ -7,8 +7,10 @@ them to ``OUT/columns.csv``, flushed per batch. ``OUT/progress.json`` records, a
 how many frames (in input order) are done and how long the CSV is at that point, so an
 interrupted run resumes where it stopped: each frame ends up in the CSV exactly once.
 
-Outputs in ``OUT``: ``columns.csv`` (the column table of the design, plus ``recognised``), ``frames.csv`` (per frame:
-columns found, total Ce, mean height, dose in e⁻/Å², recognised), ``overlays/<input>_<frame>.png``, for a series
+Outputs in ``OUT``: ``columns.csv`` (the column table of the design, plus ``recognised``),
+``frames.csv`` (per frame: columns found, total Ce, mean height, dose in e⁻/Å², recognised, and
+for a model that estimates them (version 3 on) the frame's defocus ``defocus_nm`` and
+``cs_um``), ``overlays/<input>_<frame>.png``, for a series
 ``<input>_series.png`` (tracked column heights and total Ce over time), with ``xyz=True``
 ``xyz/<input>_<frame>.xyz`` (ASE extxyz 3D models), ``progress.json``.
 
@@ -186,7 +188,7 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
 
     state = {"version": PROGRESS_VERSION, "identity": identity, "frames_total": frames_total,
              "frames_done": start, "csv_bytes": csv_path.stat().st_size, "skipped": skipped,
-             "complete": False,
+             "complete": False, "optics": _previous_optics(progress_path) if start else {},
              "frames": {k: v for k, v in earlier.items() if int(k) < start}}
     write_text_atomic(progress_path, json.dumps(state, indent=1))
 
@@ -359,7 +361,14 @@ def _run_batch(batch, item, label, offset, served, csv_file, state, progress_pat
     results = {}
     if good:
         t0 = time.perf_counter()
-        probabilities, _ = served.predict(np.stack([s for _, s in good]).astype(np.float32))
+        stack = np.stack([s for _, s in good]).astype(np.float32)
+        if getattr(served, "has_optics", False):  # per-frame defocus and Cs (model version 3 on)
+            probabilities, _, optics = served.predict(stack, optics=True)
+            for k, (frame, _) in enumerate(good):
+                state["optics"].setdefault(frame.source, {})[str(frame.index)] = {
+                    name: float(optics[name][k]) for name in OPTICS_COLUMNS if name in optics}
+        else:
+            probabilities, _ = served.predict(stack)
         probabilities = np.asarray(probabilities)
         timings["model"] += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -641,6 +650,12 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
     for source, frame in empties:
         close_frame(source, frame, [], [], [])
     rows_out[1:] = sorted(rows_out[1:], key=lambda r: (_order(plan, r[0]), r[1]))
+    optics = progress.get("optics") or {}
+    if optics:  # a model with a global branch: its estimates of each frame's optics
+        rows_out[0] = rows_out[0] + OPTICS_COLUMNS
+        rows_out[1:] = [row + tuple(
+            f"{v:.3f}" if (v := optics.get(row[0], {}).get(str(row[1]), {}).get(name)) is not None
+            else "" for name in OPTICS_COLUMNS) for row in rows_out[1:]]
 
     text = _stdio.StringIO()
     csv.writer(text, lineterminator="\n").writerows(rows_out)
@@ -652,6 +667,19 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
                           np.asarray(t["heights"])[order], np.asarray(t["total"])[order],
                           max_height, title=source)
     return per_frame
+
+
+OPTICS_COLUMNS = ("defocus_nm", "cs_um")
+"""Columns of ``frames.csv`` for a model that estimates each frame's optics (version 3 on):
+its defocus (nm, abTEM sign) and Cs (µm) estimates (:meth:`ceriakeras.export.ServedModel.predict`)."""
+
+
+def _previous_optics(progress_path: Path) -> dict:
+    """The per-frame optics estimates a resumed run had committed (``{source: {frame: {…}}}``)."""
+    try:
+        return dict(json.loads(progress_path.read_text(encoding="utf-8")).get("optics") or {})
+    except (OSError, ValueError):
+        return {}
 
 
 def _order(plan: list, source: str) -> int:

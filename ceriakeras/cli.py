@@ -297,7 +297,6 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
                         ("--batch-size", batch_size)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} {value} must be at least 1")
-    check_train(data_dir, run_dir, resume=resume, overwrite=overwrite)
     if config_path is None and resume and (Path(run_dir) / "config.json").is_file():
         config_path = str(Path(run_dir) / "config.json")
     config = load_config(TrainConfig, config_path, epochs=epochs, steps_per_epoch=steps_per_epoch)
@@ -305,6 +304,7 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
         config = dataclasses.replace(
             config, pipeline=dataclasses.replace(config.pipeline, batch_size=batch_size))
         config.validate()
+    check_train(data_dir, run_dir, resume=resume, overwrite=overwrite)
     from .train import train as train_run
 
     result = train_run(data_dir, run_dir, config, resume=resume, overwrite=overwrite,
@@ -345,9 +345,10 @@ def export(run_dir, out_dir, version, calibrate_on, calibration_images, quiet):
 
     path = export_run(run_dir, out_dir, version, calibrate_on=calibrate_on,
                       calibration_images=calibration_images, progress=not quiet)
-    click.echo(f"{path}: SavedModel, signature serving_default "
-               "(image -> probabilities, height); assets/ceriakeras.json written")
     info = read_info(path)
+    outputs = ", ".join(info.get("signature", {}).get("outputs") or ("probabilities", "height"))
+    click.echo(f"{path}: SavedModel, signature serving_default "
+               f"(image -> {outputs}); assets/ceriakeras.json written")
     for key, what in (("confidence_calibration", ""), ("confidence_calibration_tta", ", --tta")):
         fit = info.get(key)
         if fit:

@@ -413,3 +413,52 @@ def test_unmeasurable_gain_falls_back_to_counts_with_a_warning(tmp_path):
     header, rows = read_rows(tmp_path / "out" / "columns.csv")
     assert {r[header.index("recognised")] for r in rows} == {"0"}
     assert summary["frames_not_recognised"] == 1 and summary["frames_recognised"] == 0
+
+
+class OpticsStandIn(StandInModel):
+    """A stand-in that also estimates each frame's optics, as models of version 3 on do:
+    defocus = the frame's mean count (so each frame has its own), Cs = −defocus."""
+
+    has_optics = True
+
+    def predict(self, images, *, optics=False):
+        probs, height = super().predict(images)
+        if not optics:
+            return probs, height
+        mean = np.asarray(images, np.float32).mean(axis=(1, 2))
+        self.estimates = getattr(self, "estimates", []) + list(mean)
+        return probs, height, {"defocus_nm": mean, "cs_um": -mean,
+                               "max_column_height_atoms": mean * 0}
+
+
+def test_frames_csv_has_the_optics_estimates_of_models_that_have_them_across_a_resume(
+        tmp_path, series):
+    path, _, _ = series
+    cfg = AnalyzeConfig(batch_size=2, overlay_every=100)
+    analyze([path], tmp_path / "plain", model=StandInModel(), config=cfg, progress=False)
+    header, _ = read_rows(tmp_path / "plain" / "frames.csv")
+    assert "defocus_nm" not in header and "cs_um" not in header    # versions 1–2: unchanged
+
+    out = tmp_path / "out"
+    model = OpticsStandIn()
+    analyze([path], out, model=model, config=cfg, progress=False)
+    header, frames = read_rows(out / "frames.csv")
+    assert header[-2:] == ["defocus_nm", "cs_um"]
+    assert [int(r[1]) for r in frames] == [0, 1, 2, 4, 5, 6]           # frame 3 is unreadable
+    np.testing.assert_allclose([float(r[-2]) for r in frames], model.estimates, rtol=1e-3)
+    np.testing.assert_allclose([float(r[-1]) for r in frames], [-e for e in model.estimates],
+                               rtol=1e-3)
+    reference = (out / "frames.csv").read_text()
+
+    # interrupted after frames 0–3: the estimates of the frames done before are kept
+    data = (out / "columns.csv").read_bytes()
+    lines = data.splitlines(keepends=True)
+    committed = lines[0] + b"".join(ln for ln in lines[1:] if int(ln.split(b",")[1]) < 4)
+    progress = json.loads((out / "progress.json").read_text())
+    progress.update(complete=False, frames_done=4, csv_bytes=len(committed))
+    (out / "columns.csv").write_bytes(committed)
+    (out / "progress.json").write_text(json.dumps(progress))
+    again = OpticsStandIn()
+    analyze([path], out, model=again, config=cfg, progress=False)
+    assert len(again.estimates) == 3                                  # frames 4, 5, 6 only
+    assert (out / "frames.csv").read_text() == reference
