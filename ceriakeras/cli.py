@@ -387,10 +387,15 @@ def export(run_dir, out_dir, version, calibrate_on, calibration_images, quiet):
 @click.option("--config", "config_path", type=click.Path(path_type=str), default=None,
               help="JSON/TOML file with AnalyzeConfig fields (min_distance_A in Å, threshold, …).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--counts-per-electron", "counts_per_electron", type=float, default=None,
+              metavar="COUNTS/e⁻",
+              help="Detector gain: counts (the file's units) per electron, for the dose and the "
+                   "confidence calibration; default: the file's, else estimated from the frames' "
+                   "noise (series: frame differences; single frame: its vacuum), else 1.")
 @_verbose_option
 @_one_line_errors
 def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every, movie,
-            batch_size, tta, details, config_path, quiet):
+            batch_size, tta, details, config_path, quiet, counts_per_electron):
     """Find Ce columns and their heights (Ce atoms) in images or series: INPUT... are TIFF
     (single, multi-page, ImageJ, OME), .npy, DM3/DM4, EMD or SER files, or folders of them.
 
@@ -399,17 +404,19 @@ def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every,
     An interrupted run resumes when rerun with the same arguments.
     """
     from .config import AnalyzeConfig, load_config
+    from .detector import check_counts_per_electron
     from .preflight import check_analyze
 
     config = load_config(AnalyzeConfig, config_path, overlay_every=overlay_every,
                          batch_size=batch_size, test_time_augmentation=tta or None, movie=movie)
+    check_counts_per_electron(counts_per_electron)
     check_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A, config=config,
                   overwrite=overwrite)
     from .analyze import analyze as run_analyze, format_summary
 
     summary = run_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A,
                           config=config, overwrite=overwrite, xyz=xyz, details=details,
-                          progress=not quiet)
+                          progress=not quiet, counts_per_electron=counts_per_electron)
     click.echo(format_summary(summary))
 
 
