@@ -304,9 +304,12 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
                         resample_counts(image, item["factor"]), model_px) / item["gain"][
                             "counts_per_electron"]
 
+                def recognised_of(index, offset=offset):
+                    return state["frames"].get(str(offset + index), {}).get("recognised")
+
                 write_movie(out_dir / f"{item['label']}_movie.mp4", item, pixel_size_A,
                             per_frame["positions"].get(item["source"], {}), max_height,
-                            dose_of=dose_of)
+                            dose_of=dose_of, recognised_of=recognised_of)
             offset += item["n_frames"]
     timings["pictures"] += time.perf_counter() - t0
     state["complete"] = True
@@ -603,11 +606,12 @@ class _Run:
                 continue
             x, y, height = mapped[frame.index]
             if frame.index in item["overlays"]:
+                mark = self.state["frames"][str(batch.offset + frame.index)]
+                caption = _caption(item, frame.index, doses[frame.index], len(x),
+                                   mark["recognised"])
                 write_png(self.out_dir / "overlays" / f"{item['label']}_{frame.index:05d}.png",
                           render_frame(frame.image, x, y, height, pixel_size_A=px,
-                                       max_height=self.max_height,
-                                       caption=_caption(item, frame.index, doses[frame.index],
-                                                        len(x))))
+                                       max_height=self.max_height, caption=caption))
             if self.xyz:
                 h, w = frame.image.shape
                 atoms = columns_to_atoms(x * px, y * px, height,
@@ -708,11 +712,12 @@ class _Worker:
             raise self.error
 
 
-def _caption(item: dict, index: int, dose_e_per_A2: float, n_columns: int) -> str:
-    """The text above a picture: source, frame, dose, columns."""
+def _caption(item: dict, index: int, dose_e_per_A2: float, n_columns: int,
+             recognised: bool | None = None) -> str:
+    """The text above a picture: source, frame, dose, columns, and a frame not recognised."""
     where = f"frame {index}/{item['n_frames'] - 1}" if item["n_frames"] > 1 else "image"
     return (f"{Path(item['source']).name}   {where}   {dose_e_per_A2:.0f} e⁻/Å²   "
-            f"{n_columns} columns")
+            f"{n_columns} columns" + ("   NOT RECOGNISED" if recognised is False else ""))
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
@@ -932,7 +937,7 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
 
 
 def write_movie(path: Path, item: dict, pixel_size_A, positions: dict, max_height: int,
-                dose_of=None) -> int:
+                dose_of=None, recognised_of=None) -> int:
     """The annotated movie of one series: every analysed frame, read again from its file.
 
     Each frame is cropped to the same box (the union of the frames' particle boxes), its columns
@@ -955,6 +960,9 @@ def write_movie(path: Path, item: dict, pixel_size_A, positions: dict, max_heigh
     dose_of : callable, optional
         ``dose_of(frame_index, image (H, W) counts) -> e⁻/Å²``, the dose in the caption;
         default :func:`frame_dose` of the image at the input's pixel size.
+    recognised_of : callable, optional
+        ``recognised_of(frame_index) -> bool or None``; False adds "NOT RECOGNISED" to the
+        caption (:func:`ceriakeras.recognise.recognise_frame`).
 
     Returns
     -------
@@ -973,7 +981,8 @@ def write_movie(path: Path, item: dict, pixel_size_A, positions: dict, max_heigh
             if frame.image is None:
                 continue
             x, y, h = positions.get(frame.index, empty)
-            caption = _caption(item, frame.index, dose_of(frame.index, frame.image), len(x))
+            caption = _caption(item, frame.index, dose_of(frame.index, frame.image), len(x),
+                               recognised_of(frame.index) if recognised_of else None)
             movie.add(render_frame(frame.image, x, y, h, pixel_size_A=px, max_height=max_height,
                                    box=box or (0, shape[0], 0, shape[1]), caption=caption))
     return movie.frames

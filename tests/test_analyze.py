@@ -495,3 +495,13 @@ def test_frames_csv_has_the_optics_estimates_of_models_that_have_them_across_a_r
     analyze([path], out, model=again, config=cfg, progress=False)
     assert len(again.estimates) == 3                                  # frames 4, 5, 6 only
     assert (out / "frames.csv").read_text() == reference
+
+
+def test_picture_captions_name_frame_dose_columns_and_an_unrecognised_frame():
+    from ceriakeras.analyze import _caption
+
+    item = {"source": "/data/run/series.tif", "n_frames": 120}
+    text = _caption(item, 7, 512.4, 31, recognised=True)
+    assert text.split() == ["series.tif", "frame", "7/119", "512", "e⁻/Å²", "31", "columns"]
+    assert _caption(item, 7, 512.4, 31, recognised=False).endswith("NOT RECOGNISED")
+    assert "image" in _caption({"source": "a.npy", "n_frames": 1}, 0, 20.0, 0)
