@@ -7,10 +7,20 @@ them to ``OUT/columns.csv``, flushed per batch. ``OUT/progress.json`` records, a
 how many frames (in input order) are done and how long the CSV is at that point, so an
 interrupted run resumes where it stopped: each frame ends up in the CSV exactly once.
 
-Outputs in ``OUT``: ``columns.csv`` (the column table of the design), ``frames.csv`` (per frame:
-columns found, total Ce, mean height), ``overlays/<input>_<frame>.png``, for a series
+Outputs in ``OUT``: ``columns.csv`` (the column table of the design, plus ``recognised``),
+``frames.csv`` (per frame: columns found, total Ce, mean height, dose in e⁻/Å², recognised, and
+for a model that estimates them (version 3 on) the frame's defocus ``defocus_nm`` and
+``cs_um``), ``overlays/<input>_<frame>.png``, for a series
 ``<input>_series.png`` (tracked column heights and total Ce over time), with ``xyz=True``
 ``xyz/<input>_<frame>.xyz`` (ASE extxyz 3D models), ``progress.json``.
+
+Detector gain: the dose (``frames.csv``'s ``dose_e_per_A2``) and the calibration of
+``confidence`` need electrons, not the file's units. Per input, the gain in counts per electron
+is ``counts_per_electron`` if given, else the file's own (:func:`ceriakeras.io.file_counts_per_electron`),
+else estimated from the noise of the frames (:mod:`ceriakeras.detector`), else assumed 1 with a
+warning. Recognition: each frame is checked against what the model knows
+(:func:`ceriakeras.recognise.recognise_frame`); ``recognised`` (1/0) marks its rows in
+``columns.csv`` and its line in ``frames.csv``.
 """
 
 from __future__ import annotations
@@ -27,13 +37,19 @@ import numpy as np
 
 from .columns import columns_to_atoms, estimate_dose, find_columns
 from .config import CE_COLUMN_SPACING_A, AnalyzeConfig, InputError, ModelError
-from .io import (atomic_path, expand_inputs, model_to_input_px, open_series, resample_counts,
-                 resample_factor, write_text_atomic)
+from .detector import check_counts_per_electron
+from .io import (atomic_path, expand_inputs, file_counts_per_electron, model_to_input_px,
+                 open_series, resample_counts, resample_factor, write_text_atomic)
+from .modelinfo import model_settings
+from .recognise import recognise_frame
 
 DEFAULT_MODEL = "saved_models/ceria110"
 """The shipped model, relative to the repository (or the current folder); newest version used."""
 CSV_HEADER = ("source", "frame", "x_px", "y_px", "x_A", "y_A", "height", "confidence")
 """Columns of ``columns.csv``, in this order (the design's column table)."""
+MARK_COLUMNS = ("recognised",)
+"""Appended to the design's columns: 1 if the column's frame is recognised (CeO2 [110] as the
+model knows it, :func:`ceriakeras.recognise.recognise_frame`), 0 if not."""
 DETAIL_COLUMNS = ("expected_height_atoms", "height_std_atoms")
 """Extra columns appended with ``details=True``."""
 PROGRESS_VERSION = 1
@@ -87,30 +103,11 @@ def _sha(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def model_settings(info: dict) -> tuple[float, int, float]:
-    """``(pixel_size_A, max_height, label_radius_A)`` from a model's ``ceriakeras.json``.
-
-    Raises
-    ------
-    ModelError
-        If a value is missing or invalid (the model must be re-exported).
-    """
-    try:
-        pixel = float(info["pixel_size_A"])
-        max_height = int(info.get("max_height", 16))
-        radius = float(info.get("label_radius_A", 0.5))
-    except (KeyError, TypeError, ValueError):
-        raise ModelError("the model's ceriakeras.json lacks pixel_size_A (Å); re-export it") from None
-    if not (pixel > 0 and max_height >= 1 and radius > 0):
-        raise ModelError(f"the model's ceriakeras.json has an invalid pixel_size_A={pixel} Å, "
-                         f"max_height={max_height} or label_radius_A={radius} Å; re-export it")
-    return pixel, max_height, radius
-
-
 # --- the run -----------------------------------------------------------------------------------
 def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
             config: AnalyzeConfig | None = None, overwrite: bool = False, xyz: bool = False,
-            details: bool = False, progress: bool = True) -> dict:
+            details: bool = False, progress: bool = True,
+            counts_per_electron: float | None = None) -> dict:
     """Find the Ce columns and their heights in every frame of ``inputs``; write tables and pictures.
 
     Parameters
@@ -132,6 +129,9 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
     xyz, details, progress : bool
         Write a 3D model per frame; add ``expected_height_atoms, height_std_atoms`` to the CSV; show a
         progress bar.
+    counts_per_electron : float, optional
+        Detector gain, counts (the files' units) per electron, for every input; default: the
+        file's own, else estimated from the frames' noise (:func:`input_gain`).
 
     Returns
     -------
@@ -147,6 +147,7 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
     """
     config = config or AnalyzeConfig()
     config.validate()
+    check_counts_per_electron(counts_per_electron)
     out_dir = Path(out_dir)
     paths = expand_inputs(inputs)
     served, model_id = load_model(model)
@@ -174,17 +175,21 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
                     "pixel_size_A": it["pixel_size_A"]} for it in plan],
         "model": model_id,
         "settings": {"min_distance_A": config.min_distance_A, "threshold": config.threshold,
-                     "details": bool(details),
+                     "details": bool(details), "counts_per_electron": counts_per_electron,
                      "test_time_augmentation": bool(config.test_time_augmentation)},
     }
 
-    header = ",".join(CSV_HEADER + (DETAIL_COLUMNS if details else ())) + "\n"
+    header = ",".join(CSV_HEADER + MARK_COLUMNS + (DETAIL_COLUMNS if details else ())) + "\n"
     csv_path, progress_path = out_dir / "columns.csv", out_dir / "progress.json"
+    earlier = {} if overwrite else _frame_info(progress_path)
     start, skipped = _prepare_out_dir(out_dir, header.encode(), identity, overwrite, plan)
+    for item in plan:  # detector gain per input: option, file, estimate from the noise, or 1
+        item["gain"] = input_gain(item["path"], pixel_size_A, counts_per_electron)
 
     state = {"version": PROGRESS_VERSION, "identity": identity, "frames_total": frames_total,
              "frames_done": start, "csv_bytes": csv_path.stat().st_size, "skipped": skipped,
-             "complete": False}
+             "complete": False, "optics": _previous_optics(progress_path) if start else {},
+             "frames": {k: v for k, v in earlier.items() if int(k) < start}}
     write_text_atomic(progress_path, json.dumps(state, indent=1))
 
     timings = dict.fromkeys(("read", "resample", "model", "columns", "write", "pictures"), 0.0)
@@ -236,6 +241,7 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
     write_text_atomic(progress_path, json.dumps(state, indent=1))
 
     analysed_total = len(per_frame["columns"])
+    n_recognised = sum(1 for v in state["frames"].values() if v.get("recognised"))
     if analysed_total == 0 and state["skipped"]:
         raise InputError(f"no frame could be analysed; first problem: {state['skipped'][0]['reason']}")
     summary = {
@@ -251,15 +257,101 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
                         if analysed_total else float("nan")),
         "frames_per_second": analysed_now / elapsed if elapsed > 0 else float("nan"),
         "seconds_by_stage": {k: round(v, 4) for k, v in timings.items()},
+        "frames_recognised": n_recognised,
+        "frames_not_recognised": analysed_total - n_recognised,
+        "not_recognised_reasons": _reason_counts(state["frames"]),
         "model_pixel_size_A": model_px,
         "inputs": [{"source": it["source"], "frames": it["n_frames"],
-                    "pixel_size_A": it["pixel_size_A"], "pixel_size_from": it["pixel_size_from"]}
+                    "pixel_size_A": it["pixel_size_A"], "pixel_size_from": it["pixel_size_from"],
+                    **it["gain"]}
                    for it in plan],
         "out_dir": str(out_dir),
         "columns_csv": str(csv_path),
     }
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=1, default=float))
     return summary
+
+
+# --- detector gain -----------------------------------------------------------------------------
+GAIN_FRAMES_PIXELS = 64_000_000
+"""Pixels of the input read for a series' gain estimate (at least 2 frames, at most 32)."""
+
+
+def input_gain(path, pixel_size_A: float | None = None,
+               counts_per_electron: float | None = None) -> dict:
+    """The detector gain of one input, counts per electron, and where it came from.
+
+    In this order: ``counts_per_electron`` (``'option'``); the file's own
+    (:func:`ceriakeras.io.file_counts_per_electron`, ``'file'``); estimated from the noise,
+    from the differences of the first frames of a series (``'series estimate'``) or else from
+    the vacuum of its first frame (``'vacuum estimate'``, :mod:`ceriakeras.detector`); failing
+    all, 1 (``'assumed'``: the frames are taken to be in electrons, as before this estimate
+    existed) with ``gain_warning`` saying why.
+
+    Returns
+    -------
+    dict
+        ``counts_per_electron`` (float), ``counts_per_electron_from`` (str),
+        ``counts_per_electron_standard_error`` (float or None), ``gain_estimate`` (dict of
+        :class:`ceriakeras.detector.GainEstimate` or None), ``gain_warning`` (str, '' if none).
+    """
+    from .detector import MAX_SERIES_FRAMES, estimate_gain_series, estimate_gain_vacuum
+
+    def result(value, origin, se=None, estimate=None, warning=""):
+        return {"counts_per_electron": float(value), "counts_per_electron_from": origin,
+                "counts_per_electron_standard_error": se, "gain_estimate": estimate,
+                "gain_warning": warning}
+
+    if counts_per_electron is not None:
+        return result(counts_per_electron, "option")
+    from_file = file_counts_per_electron(path)
+    if from_file is not None:
+        return result(from_file, "file")
+    with open_series(path, pixel_size_A) as series:
+        h, w = series.shape
+        limit = int(np.clip(GAIN_FRAMES_PIXELS // max(1, h * w), 2, MAX_SERIES_FRAMES))
+        frames = []
+        for frame in series.frames():
+            if frame.image is not None:
+                frames.append(frame.image)
+            if len(frames) >= limit:
+                break
+    problems = []
+    estimators = ([("series", lambda: estimate_gain_series(frames))] if len(frames) >= 2 else [])
+    estimators += [("vacuum", lambda: estimate_gain_vacuum(frames[0]))] if frames else []
+    for name, estimator in estimators:
+        try:
+            est = estimator()
+        except ValueError as err:
+            problems.append(f"{name}: {err}")
+            continue
+        return result(est.counts_per_electron, est.method, round(est.standard_error, 6),
+                      est.to_dict())
+    reason = "; ".join(problems) or "no readable frame"
+    return result(1.0, "assumed", warning=f"gain not measurable ({reason}); counts are taken "
+                  "as electrons: give --counts-per-electron for a right dose and confidence")
+
+
+def _frame_info(progress_path: Path) -> dict:
+    """Per-frame dose and recognition of an earlier run (``progress.json``'s ``frames``), or {}."""
+    try:
+        frames = json.loads(progress_path.read_text(encoding="utf-8")).get("frames", {})
+        return dict(frames) if isinstance(frames, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _reason_counts(frames: dict) -> dict:
+    """How many frames were not recognised, by the kind of reason."""
+    out: dict[str, int] = {}
+    for info in frames.values():
+        if not info.get("recognised"):
+            reason = info.get("reason") or "unknown"
+            kind = ("too few columns" if "columns (a particle" in reason
+                    else "not a CeO2 [110] lattice" if "lattice" in reason
+                    else "dose outside the model's range" if "dose" in reason else reason)
+            out[kind] = out.get(kind, 0) + 1
+    return out
 
 
 def _run_batch(batch, item, label, offset, served, csv_file, state, progress_path, out_dir,
@@ -269,16 +361,30 @@ def _run_batch(batch, item, label, offset, served, csv_file, state, progress_pat
     results = {}
     if good:
         t0 = time.perf_counter()
-        probabilities, _ = served.predict(np.stack([s for _, s in good]).astype(np.float32))
+        stack = np.stack([s for _, s in good]).astype(np.float32)
+        if getattr(served, "has_optics", False):  # per-frame defocus and Cs (model version 3 on)
+            probabilities, _, optics = served.predict(stack, optics=True)
+            for k, (frame, _) in enumerate(good):
+                state["optics"].setdefault(frame.source, {})[str(frame.index)] = {
+                    name: float(optics[name][k]) for name in OPTICS_COLUMNS if name in optics}
+        else:
+            probabilities, _ = served.predict(stack)
         probabilities = np.asarray(probabilities)
         timings["model"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         calibration = served.info.get("confidence_calibration")
+        gain = item["gain"]["counts_per_electron"]
         for (frame, small), prob in zip(good, probabilities):
-            results[frame.index] = find_columns(
+            dose = estimate_dose(small, model_px) / gain    # electrons, not the file's units
+            table = find_columns(
                 prob, model_px, min_distance_A=config.min_distance_A, threshold=config.threshold,
-                label_radius_A=label_radius_A, calibration=calibration,
-                dose_e_per_A2=estimate_dose(small, model_px))
+                label_radius_A=label_radius_A, calibration=calibration, dose_e_per_A2=dose)
+            mark = recognise_frame(table["x_px"] * model_px, table["y_px"] * model_px, dose)
+            state["frames"][str(offset + frame.index)] = {
+                "dose_e_per_A2": round(dose, 4), "recognised": bool(mark["recognised"]),
+                "lattice_fraction": round(mark["lattice_fraction"], 4)
+                if np.isfinite(mark["lattice_fraction"]) else None, "reason": mark["reason"]}
+            results[frame.index] = table
         timings["columns"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -293,13 +399,15 @@ def _run_batch(batch, item, label, offset, served, csv_file, state, progress_pat
                                      "reason": frame.error})
             continue
         table = results[frame.index]
+        recognised = int(state["frames"][str(offset + frame.index)]["recognised"])
         x = model_to_input_px(table["x_px"], factor)
         y = model_to_input_px(table["y_px"], factor)
         mapped[frame.index] = (x, y, table["height"])
         n_columns += len(x)
         for j in range(len(x)):
             row = [frame.source, frame.index, f"{x[j]:.3f}", f"{y[j]:.3f}", f"{x[j] * px:.4f}",
-                   f"{y[j] * px:.4f}", int(table["height"][j]), f"{table['confidence'][j]:.4f}"]
+                   f"{y[j] * px:.4f}", int(table["height"][j]), f"{table['confidence'][j]:.4f}",
+                   recognised]
             if details:
                 row += [f"{table['expected_height'][j]:.3f}", f"{table['height_std'][j]:.3f}"]
             writer.writerow(row)
@@ -481,14 +589,25 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
 
     by_source = {it["source"]: (it, lab) for it, lab in zip(plan, labels)}
     per_frame = {"columns": [], "total_ce": []}
-    rows_out = [("source", "frame", "columns", "total_ce_atoms", "mean_height_atoms")]
+    rows_out = [("source", "frame", "columns", "total_ce_atoms", "mean_height_atoms",
+                 "dose_e_per_A2", "recognised")]
+    progress = json.loads((out_dir / "progress.json").read_text(encoding="utf-8"))
+    offsets = dict(zip([it["source"] for it in plan],
+                       np.cumsum([0] + [it["n_frames"] for it in plan[:-1]]).tolist()))
+
+    def marks(source, frame):
+        info = progress.get("frames", {}).get(str(offsets[source] + frame), {})
+        dose = info.get("dose_e_per_A2")
+        return ("" if dose is None else f"{dose:.4g}",
+                "" if "recognised" not in info else int(info["recognised"]))
     tracks: dict[str, dict] = {}
 
     def close_frame(source, frame, xs, ys, hs):
         n, total = len(hs), int(np.sum(hs)) if hs else 0
         per_frame["columns"].append(n)
         per_frame["total_ce"].append(total)
-        rows_out.append((source, frame, n, total, f"{total / n:.3f}" if n else ""))
+        rows_out.append((source, frame, n, total, f"{total / n:.3f}" if n else "",
+                         *marks(source, frame)))
         item, _ = by_source[source]
         if item["n_frames"] < 2:
             return
@@ -525,13 +644,18 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
             close_frame(*current, xs, ys, hs)
             seen.add(current)
     # frames analysed but without any column have no rows: account for them from progress
-    progress = json.loads((out_dir / "progress.json").read_text(encoding="utf-8"))
     bad = {(s["source"], int(s["frame"])) for s in progress["skipped"]}
     empties = [(it["source"], i) for it in plan for i in range(it["n_frames"])
                if (it["source"], i) not in seen and (it["source"], i) not in bad]
     for source, frame in empties:
         close_frame(source, frame, [], [], [])
     rows_out[1:] = sorted(rows_out[1:], key=lambda r: (_order(plan, r[0]), r[1]))
+    optics = progress.get("optics") or {}
+    if optics:  # a model with a global branch: its estimates of each frame's optics
+        rows_out[0] = rows_out[0] + OPTICS_COLUMNS
+        rows_out[1:] = [row + tuple(
+            f"{v:.3f}" if (v := optics.get(row[0], {}).get(str(row[1]), {}).get(name)) is not None
+            else "" for name in OPTICS_COLUMNS) for row in rows_out[1:]]
 
     text = _stdio.StringIO()
     csv.writer(text, lineterminator="\n").writerows(rows_out)
@@ -543,6 +667,19 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
                           np.asarray(t["heights"])[order], np.asarray(t["total"])[order],
                           max_height, title=source)
     return per_frame
+
+
+OPTICS_COLUMNS = ("defocus_nm", "cs_um")
+"""Columns of ``frames.csv`` for a model that estimates each frame's optics (version 3 on):
+its defocus (nm, abTEM sign) and Cs (µm) estimates (:meth:`ceriakeras.export.ServedModel.predict`)."""
+
+
+def _previous_optics(progress_path: Path) -> dict:
+    """The per-frame optics estimates a resumed run had committed (``{source: {frame: {…}}}``)."""
+    try:
+        return dict(json.loads(progress_path.read_text(encoding="utf-8")).get("optics") or {})
+    except (OSError, ValueError):
+        return {}
 
 
 def _order(plan: list, source: str) -> int:
@@ -588,8 +725,28 @@ def format_summary(summary: dict) -> str:
         f"columns/frame   {summary['columns_per_frame']:.1f}",
         f"mean height     {summary['mean_height']:.2f} Ce atoms",
         f"speed           {summary['frames_per_second']:.2f} frames/s",
+        *[_gain_line(it) for it in summary["inputs"]],
         f"results         {summary['out_dir']}",
     ]
     for s in summary["skipped"][:10]:
         lines.append(f"skipped         {s['reason']}")
+    for it in summary["inputs"]:
+        if it.get("gain_warning"):
+            lines.append(f"warning         {it['source']}: {it['gain_warning']}")
+    if summary.get("frames_not_recognised"):
+        why = ", ".join(f"{k}: {n}" for k, n in summary.get("not_recognised_reasons", {}).items())
+        lines.append(f"warning         {summary['frames_not_recognised']} of "
+                     f"{summary['frames_analysed']} frames do not look like CeO2 [110] as the "
+                     f"model knows it ({why}); their columns are marked recognised=0 in "
+                     "columns.csv: do not trust them")
     return "\n".join(lines)
+
+
+def _gain_line(item: dict) -> str:
+    """One terminal line: an input's detector gain and where it came from."""
+    g, se = item.get("counts_per_electron"), item.get("counts_per_electron_standard_error")
+    if g is None:
+        return ""
+    value = f"{g:.3g} ± {se:.2g}" if se else f"{g:.4g}"
+    return (f"gain            {value} counts/e⁻ ({item.get('counts_per_electron_from')}) "
+            f"{item['source']}")

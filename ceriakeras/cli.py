@@ -2,13 +2,20 @@
 
 Every command turns a :class:`ceriakeras.config.CeriakerasError` into one line on stderr
 (``error: …``) and exit status 2. Heavy libraries (TensorFlow, abTEM) are imported inside the
-commands so that ``--help`` is instant.
+commands so that ``--help`` is instant, and only after :mod:`ceriakeras.preflight` has checked
+the arguments, paths, file headers and the model's JSON, so bad input is refused before
+TensorFlow loads. TensorFlow's, absl's and CUDA's own log lines are hidden unless ``--verbose``
+is given (:func:`_quiet_libraries`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
+import importlib.abc
+import logging
+import os
 import sys
 
 import click
@@ -20,10 +27,12 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 
 
 def _one_line_errors(func):
-    """Report user errors as one line and a non-zero exit instead of a traceback."""
+    """Report user errors as one line and a non-zero exit instead of a traceback; library log
+    lines stay off the terminal meanwhile (:func:`_quiet_libraries`)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        finder = _quiet_libraries()
         try:
             return func(*args, **kwargs)
         except CeriakerasError as err:
@@ -40,17 +49,131 @@ def _one_line_errors(func):
                        "choose a folder you may write to, then rerun the same command (finished "
                        "parts are kept)", err=True)
             sys.exit(2)
+        finally:
+            if finder in sys.meta_path:  # TensorFlow was not needed: leave the importer as it was
+                sys.meta_path.remove(finder)
 
     return wrapper
 
 
+def _verbose() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("verbose"))
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull():
+    """File descriptor 2 goes to ``/dev/null`` inside the block (C++ libraries write there
+    directly, not through ``sys.stderr``)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable stderr: nothing to keep quiet
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.close(null)
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class _QuietLoader(importlib.abc.Loader):
+    """Runs TensorFlow's own loader, then lists its devices, with stderr sent to /dev/null;
+    afterwards the ``tensorflow`` and ``absl`` Python loggers show errors only."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        with _stderr_to_devnull():
+            self._loader.exec_module(module)
+            # cuInit happens here, still in the window; should listing fail, the stage that
+            # uses the devices reports it
+            with contextlib.suppress(Exception):
+                module.config.list_physical_devices()
+        import absl.logging
+
+        module.get_logger().setLevel(logging.ERROR)
+        absl.logging.set_verbosity(absl.logging.ERROR)
+
+    def __getattr__(self, name):  # resource readers etc. of the wrapped loader
+        return getattr(self._loader, name)
+
+
+class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
+    """Finds ``tensorflow`` as the other finders do and gives it a :class:`_QuietLoader`; once."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "tensorflow":
+            return None
+        sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
+        for finder in sys.meta_path:
+            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _QuietLoader(spec.loader)
+                return spec
+        return None
+
+
+def _quiet_libraries() -> importlib.abc.MetaPathFinder | None:
+    """Library log lines that are not errors stay off the terminal unless ``--verbose``.
+
+    TensorFlow prints lines before its logging is set up (``All log messages before
+    absl::InitializeLog()``, oneDNN, ``cudart_stub``, ``cpu_feature_guard``) and, on a machine
+    without a GPU, ``E0000 … failed call to cuInit`` when its devices are first listed;
+    ``TF_CPP_MIN_LOG_LEVEL`` silences only some of them. So, unless ``--verbose``, whenever
+    TensorFlow is first imported (by whichever stage needs it, after the checks) the import and
+    the device discovery run with file descriptor 2 sent to ``/dev/null``
+    (:class:`_QuietTensorFlowFinder`); ``TF_CPP_MIN_LOG_LEVEL=2`` (unless already set) keeps
+    TensorFlow's later C++ info and warning lines away, the ``tensorflow`` and ``absl`` Python
+    loggers show errors only. Errors still reach the user as exceptions, reported by the
+    command. With ``--verbose`` nothing is changed.
+    """
+    if _verbose():
+        return None
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # header damage is our one line
+    if "tensorflow" in sys.modules or any(isinstance(f, _QuietTensorFlowFinder)
+                                          for f in sys.meta_path):
+        return None
+    finder = _QuietTensorFlowFinder()
+    sys.meta_path.insert(0, finder)
+    return finder
+
+
+def _set_verbose(ctx, param, value):
+    if value:
+        ctx.find_root().params["verbose"] = True
+
+
+def _verbose_option(func):
+    """``--verbose`` after the command name too (``ceriakeras analyze --verbose …``)."""
+    return click.option("--verbose", is_flag=True, expose_value=False, callback=_set_verbose,
+                        help="Show TensorFlow's, absl's and CUDA's own log lines.")(func)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="ceriakeras")
-def main():
+@click.option("--verbose", is_flag=True,
+              help="Show TensorFlow's, absl's and CUDA's own log lines (hidden by default).")
+def main(verbose):
     """Atomic column heights of CeO2 nanoparticles from single low-dose HRTEM images.
 
     Units everywhere: Å (lengths, pixel sizes), nm (defocus, focal spread), µm (Cs), mm (C5),
     keV (beam energy), e⁻/Å² (dose per image), atoms (column heights).
+
+    Arguments, paths, file headers and the model are checked before TensorFlow loads; give
+    --verbose (before or after the command name) to see TensorFlow's log.
     """
 
 
@@ -83,6 +206,7 @@ def main():
               help="Re-simulate the missing or corrupt shards of a dataset (other options default to its manifest).")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset made with other parameters in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_verbose_option
 @_one_line_errors
 def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell_size_A, pixel_size_A,
              optics_per_exit_wave, preview, save_structures, repair, overwrite, quiet):
@@ -156,6 +280,7 @@ def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Delete the run in --out and start again.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_verbose_option
 @_one_line_errors
 def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, resume, overwrite, quiet):
     """Train the U-Net on a simulated dataset.
@@ -166,7 +291,7 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
     from pathlib import Path
 
     from .config import ConfigError, TrainConfig, load_config
-    from .train import train as train_run
+    from .preflight import check_train
 
     for name, value in (("--epochs", epochs), ("--steps-per-epoch", steps_per_epoch),
                         ("--batch-size", batch_size)):
@@ -179,6 +304,9 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
         config = dataclasses.replace(
             config, pipeline=dataclasses.replace(config.pipeline, batch_size=batch_size))
         config.validate()
+    check_train(data_dir, run_dir, resume=resume, overwrite=overwrite)
+    from .train import train as train_run
+
     result = train_run(data_dir, run_dir, config, resume=resume, overwrite=overwrite,
                        progress=not quiet)
     resumed = f" (resumed after epoch {result['initial_epoch']})" if result["resumed"] else ""
@@ -203,19 +331,24 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
 @click.option("--calibration-images", type=click.IntRange(min=1), default=48, show_default=True,
               metavar="N", help="Validation images used by --calibrate (count of images).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_verbose_option
 @_one_line_errors
 def export(run_dir, out_dir, version, calibrate_on, calibration_images, quiet):
     """Export a trained run as a versioned SavedModel for TF Serving.
 
     Example: ceriakeras export --run runs/demo --out saved_models/demo --calibrate tfrecords/demo
     """
+    from .preflight import check_export
+
+    check_export(run_dir, out_dir, version, calibrate_on=calibrate_on)
     from .export import export_run, read_info
 
     path = export_run(run_dir, out_dir, version, calibrate_on=calibrate_on,
                       calibration_images=calibration_images, progress=not quiet)
-    click.echo(f"{path}: SavedModel, signature serving_default "
-               "(image -> probabilities, height); assets/ceriakeras.json written")
     info = read_info(path)
+    outputs = ", ".join(info.get("signature", {}).get("outputs") or ("probabilities", "height"))
+    click.echo(f"{path}: SavedModel, signature serving_default "
+               f"(image -> {outputs}); assets/ceriakeras.json written")
     for key, what in (("confidence_calibration", ""), ("confidence_calibration_tta", ", --tta")):
         fit = info.get(key)
         if fit:
@@ -250,9 +383,15 @@ def export(run_dir, out_dir, version, calibrate_on, calibration_images, quiet):
 @click.option("--config", "config_path", type=click.Path(path_type=str), default=None,
               help="JSON/TOML file with AnalyzeConfig fields (min_distance_A in Å, threshold, …).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--counts-per-electron", "counts_per_electron", type=float, default=None,
+              metavar="COUNTS/e⁻",
+              help="Detector gain: counts (the file's units) per electron, for the dose and the "
+                   "confidence calibration; default: the file's, else estimated from the frames' "
+                   "noise (series: frame differences; single frame: its vacuum), else 1.")
+@_verbose_option
 @_one_line_errors
 def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every, batch_size,
-            tta, details, config_path, quiet):
+            tta, details, config_path, quiet, counts_per_electron):
     """Find Ce columns and their heights (Ce atoms) in images or series: INPUT... are TIFF
     (single, multi-page, ImageJ, OME), .npy, DM3/DM4, EMD or SER files, or folders of them.
 
@@ -260,24 +399,27 @@ def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every,
     frame and, for a series, heights and total Ce over time. An interrupted run resumes when
     rerun with the same arguments.
     """
-    from .analyze import analyze as run_analyze, format_summary
-    from .config import AnalyzeConfig, InputError, load_config
+    from .config import AnalyzeConfig, load_config
+    from .detector import check_counts_per_electron
+    from .preflight import check_analyze
 
-    if pixel_size_A is not None and not 0 < pixel_size_A < float("inf"):
-        raise InputError(f"--pixel-size {pixel_size_A} must be a positive pixel size in Å "
-                         "(0.05–0.2 Å)")
     config = load_config(AnalyzeConfig, config_path, overlay_every=overlay_every,
                          batch_size=batch_size, test_time_augmentation=tta or None)
+    check_counts_per_electron(counts_per_electron)
+    check_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A, config=config,
+                  overwrite=overwrite)
+    from .analyze import analyze as run_analyze, format_summary
+
     summary = run_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A,
                           config=config, overwrite=overwrite, xyz=xyz, details=details,
-                          progress=not quiet)
+                          progress=not quiet, counts_per_electron=counts_per_electron)
     click.echo(format_summary(summary))
 
 
 
 # --- evaluate ----------------------------------------------------------------------------------
 def _parse_doses(ctx, param, value: str) -> tuple[float, ...]:
-    from .evaluate import check_doses
+    from .scoring import check_doses
 
     try:
         numbers = [float(v) for v in value.split(",") if v.strip()]
@@ -292,12 +434,14 @@ def _parse_doses(ctx, param, value: str) -> tuple[float, ...]:
 @main.command()
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, file_okay=False),
               help="Exported model: saved_models/NAME (newest version) or saved_models/NAME/VERSION.")
-@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Dataset folder made by `ceriakeras simulate` (its pixel size must be the model's).")
+@click.option("--data", "data_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              metavar="tfrecords/NAME",
+              help="Dataset folder made by `ceriakeras simulate` (its pixel size must be the model's). "
+                   "Or give --images and --truth.")
 @click.option("--doses", default="20,50,200,1000,5000", show_default=True, callback=_parse_doses,
               help="Comma-separated doses per image, in e-/Å² (each positive).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Output folder for metrics.json, report.md and plots [default: results/evaluate-NAME].")
+              help="Output folder for metrics.json, report.md and plots [default: results/evaluate-NAME, with --images results/evaluate-NAME-images].")
 @click.option("--split", default="test", show_default=True,
               type=click.Choice(["test", "validation", "train"]), help="Dataset split to evaluate.")
 @click.option("--max-images", type=click.IntRange(min=1), default=None,
@@ -307,26 +451,53 @@ def _parse_doses(ctx, param, value: str) -> tuple[float, ...]:
               help="Test-time augmentation, as `analyze --tta` (8 flips and rotations averaged).")
 @click.option("--no-baseline", is_flag=True, help="Skip the classical baseline.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier evaluation in --out.")
+@click.option("--images", "images", multiple=True, type=click.Path(exists=True), metavar="FILE_OR_DIR",
+              help="Labelled image files or folders of them, scored against --truth instead of "
+                   "--data (repeat for several); e.g. a cross-check set from another simulator.")
+@click.option("--truth", "truth_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              metavar="truth.csv",
+              help="With --images: CSV file,x_px,y_px,height (one row per Ce column; pixels of the "
+                   "image, height in Ce atoms). An images.csv beside it (file,dose,pixel_size_A; "
+                   "e-/Å², Å) gives each image's dose and pixel size.")
+@click.option("--pixel-size", "pixel_size_A", type=float, default=None, metavar="Å",
+              help="With --images: pixel size in Å of images that images.csv gives none for "
+                   "(overrides their calibration).")
+@click.pass_context
+@_verbose_option
 @_one_line_errors
-def evaluate(model_path, data_dir, doses, out_dir, split, max_images, seed, tta, no_baseline,
-             overwrite):
+def evaluate(ctx, model_path, data_dir, doses, out_dir, split, max_images, seed, tta, no_baseline,
+             overwrite, images, truth_path, pixel_size_A):
     """Measure column detection and height accuracy of a model at fixed doses.
 
     Poisson noise at each dose (e⁻/Å² per image, fixed seeds) on the split's noise-free images,
     columns extracted as `analyze` does, matched to the true columns within 1 Å. Writes
     metrics.json, report.md (network against a classical baseline) and PNG plots; prints a table.
+
+    With --images FILES_OR_DIRS --truth truth.csv instead of --data: labelled image files (e.g.
+    from another simulator, or hand-labelled frames) analysed as `analyze` does and scored per
+    dose as the cross-check set's score.py scores them; also writes columns.csv.
     """
     from pathlib import Path
 
-    from .config import AnalyzeConfig
-    from .evaluate import evaluate as run_evaluation
-    from .evaluate import format_table
-    from .export import load_served_model
+    from .config import AnalyzeConfig, ConfigError
+    from .preflight import check_evaluate
 
     if out_dir is None:
         name = Path(model_path).resolve()
         name = name.parent.name if name.name.isdigit() else name.name
-        out_dir = Path("results") / f"evaluate-{name}"
+        out_dir = Path("results") / f"evaluate-{name}{'-images' if images else ''}"
+    if images or truth_path is not None:
+        return _evaluate_images(ctx, model_path, data_dir, images, truth_path, pixel_size_A, out_dir,
+                                tta, overwrite)
+    if data_dir is None:
+        raise ConfigError("give --data tfrecords/NAME, or --images FILES_OR_DIRS with --truth truth.csv")
+    if pixel_size_A is not None:
+        raise ConfigError("--pixel-size goes with --images; a dataset has its own pixel size")
+    check_evaluate(model_path, data_dir, out_dir, split=split, overwrite=overwrite)
+    from .evaluate import evaluate as run_evaluation
+    from .evaluate import format_table
+    from .export import load_served_model
+
     model = load_served_model(model_path)
     result = run_evaluation(
         model, data_dir, out_dir, doses=doses, split=split, seed=seed, max_images=max_images,
@@ -335,6 +506,32 @@ def evaluate(model_path, data_dir, doses, out_dir, split, max_images, seed, tta,
     )
     click.echo(format_table(result))
     click.echo(f"wrote {out_dir}/metrics.json, report.md and plots")
+
+
+def _evaluate_images(ctx, model_path, data_dir, images, truth_path, pixel_size_A, out_dir, tta,
+                     overwrite):
+    """``evaluate --images … --truth …``: labelled image files instead of a dataset."""
+    from click.core import ParameterSource
+
+    from .config import AnalyzeConfig, ConfigError
+    from .evaluate import evaluate_images, format_images_table
+
+    if data_dir is not None:
+        raise ConfigError("give either --data or --images, not both")
+    if not images or truth_path is None:
+        raise ConfigError("--images FILES_OR_DIRS and --truth truth.csv go together: give both")
+    for option in ("doses", "split", "max_images", "seed"):
+        if ctx.get_parameter_source(option) is ParameterSource.COMMANDLINE:
+            raise ConfigError(f"--{option.replace('_', '-')} goes with --data: with --images the "
+                              "doses come from images.csv or the counts, and every image is scored")
+    result = evaluate_images(model_path, list(images), truth_path, out_dir, pixel_size_A=pixel_size_A,
+                             config=AnalyzeConfig(test_time_augmentation=tta), overwrite=overwrite,
+                             command=" ".join(["ceriakeras"] + sys.argv[1:]))
+    click.echo(format_images_table(result))
+    if result["truth_entries_ignored"]:
+        click.echo(f"note: the truth table lists {len(result['truth_entries_ignored'])} file(s) not "
+                   "among --images; they were not scored")
+    click.echo(f"wrote {out_dir}/metrics.json, report.md, columns.csv and plots")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -45,7 +45,7 @@ def calibrate_confidence(confidence: np.ndarray, dose_e_per_A2: float, table: di
         Dose of the frame (:func:`estimate_dose`), e⁻/Å².
     table : dict
         ``dose_e_per_A2``, ``slope``, ``intercept`` fitted by
-        :func:`ceriakeras.evaluate.fit_confidence_calibration` (the model's
+        :func:`ceriakeras.calibration.fit_confidence_calibration` (the model's
         ``confidence_calibration``); slope and intercept are interpolated linearly in log dose
         and held constant beyond the fitted doses.
 

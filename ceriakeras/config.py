@@ -293,14 +293,44 @@ class PipelineConfig:
                 raise ConfigError(f"validation dose {d} e-/Å² must be positive and finite")
 
 
+MODEL_ARCHITECTURES = ("unet", "context_unet")
+"""Values of :attr:`ModelConfig.architecture`."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """The U-Net (:mod:`ceriakeras.model`)."""
+    """The network (:mod:`ceriakeras.model`).
+
+    ``architecture='unet'`` is the U-Net of model versions 1–2 (:func:`~ceriakeras.model.build_unet`);
+    ``'context_unet'`` (:func:`~ceriakeras.model.build_context_unet`) works on a grid coarsened
+    by a strided stem, reaches ``pixel_size_A * 2**depth`` at its bottleneck, and may add dilated
+    convolutions and a global branch that also estimates the frame's optics.
+    """
 
     depth: int = 3
-    """Number of down-sampling steps (input is padded to a multiple of 2**depth)."""
+    """Number of down-sampling steps (input is padded to a multiple of 2**depth); for
+    'context_unet' the strided stem is the first of them (depth 5: 0.2 Å → 6.4 Å)."""
     base_filters: int = 16
     """Filters of the first level; doubled at each level down."""
+    architecture: str = "unet"
+    """'unet' (versions 1–2) or 'context_unet'."""
+    max_filters: int = 192
+    """'context_unet': cap on the filters of any level."""
+    full_resolution_filters: int = 8
+    """'context_unet': filters of the thin path at the model's own pixel size (0.2 Å)."""
+    dilations: tuple[int, ...] = (2,)
+    """'context_unet': dilation rates of extra 3×3 convolutions at the bottleneck (widen the
+    receptive field at little cost); () for none."""
+    global_branch: bool = True
+    """'context_unet': global pooling of the bottleneck → dense → added back to every
+    bottleneck pixel, and a per-frame estimate of the optics (``optics`` output: defocus nm,
+    Cs µm, largest column height in atoms)."""
+    global_units: int = 64
+    """'context_unet': width of the global branch's hidden dense layer."""
+    detector_correlation_max: float = 0.0
+    """Training only: after the Poisson draw, blur the counts with a detector MTF whose
+    neighbour-pixel noise correlation is drawn per image uniformly in [0, this]; 0 = off
+    (versions 1–2). Physical detectors: about 0.1–0.3."""
     normalization: str = "batch"
     """'batch', 'group' or 'none'."""
     dropout: float = 0.1
@@ -311,8 +341,23 @@ class ModelConfig:
     """Pixel size the model works at, Å."""
 
     def validate(self) -> None:
+        if self.architecture not in MODEL_ARCHITECTURES:
+            raise ConfigError(f"architecture={self.architecture!r} must be one of "
+                              f"{', '.join(MODEL_ARCHITECTURES)}")
         if not 1 <= self.depth <= 6:
             raise ConfigError(f"depth={self.depth} must be in [1, 6]")
+        if self.architecture == "context_unet" and self.depth < 2:
+            raise ConfigError(f"depth={self.depth} must be at least 2 for context_unet")
+        if self.max_filters < self.base_filters or self.full_resolution_filters < 1:
+            raise ConfigError(f"max_filters={self.max_filters} must be ≥ base_filters="
+                              f"{self.base_filters} and full_resolution_filters ≥ 1")
+        if any(int(d) != d or not 1 <= d <= 16 for d in self.dilations):
+            raise ConfigError(f"dilations={list(self.dilations)} must be whole numbers in [1, 16]")
+        if self.global_units < 1:
+            raise ConfigError(f"global_units={self.global_units} must be at least 1")
+        if not 0.0 <= self.detector_correlation_max <= 0.5:
+            raise ConfigError(f"detector_correlation_max={self.detector_correlation_max} must "
+                              "be a neighbour-pixel correlation in [0, 0.5]")
         if self.base_filters < 2:
             raise ConfigError(f"base_filters={self.base_filters} must be at least 2")
         if self.normalization not in ("batch", "group", "none"):
@@ -349,10 +394,15 @@ class TrainConfig:
     """Validation batches per epoch (None = whole validation split)."""
     mixed_precision: str = "auto"
     """'auto' (mixed_float16 when a GPU is visible), 'on' or 'off'."""
+    optics_loss_weight: float = 0.1
+    """Weight of the optics regression loss (mean squared error of normalised defocus, Cs and
+    largest column height) next to the cross-entropy, for models with a global branch."""
 
     def validate(self) -> None:
         self.pipeline.validate()
         self.model.validate()
+        if not 0.0 <= self.optics_loss_weight <= 10.0:
+            raise ConfigError(f"optics_loss_weight={self.optics_loss_weight} must be in [0, 10]")
         if self.epochs < 1 or self.steps_per_epoch < 1:
             raise ConfigError("epochs and steps_per_epoch must be at least 1")
         if self.weight_scheme not in ("median_frequency", "none"):

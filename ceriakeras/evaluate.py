@@ -7,14 +7,17 @@ are matched one to one to the true columns (Hungarian matching within 1 Å); the
 computed on those matches. A classical baseline (peak finding and an intensity-to-height table
 built at the true optics) is scored the same way, so the report shows what the network buys.
 
-The public functions on arrays (:func:`match_columns`, :func:`detection_scores`,
-:func:`height_scores`, :func:`calibration`, :func:`baseline_columns`) can be used on their own.
+Matching and scores (:func:`~ceriakeras.scoring.match_columns`, :class:`~ceriakeras.scoring.Tally`,
+…) and the noisy copies of a split live in :mod:`ceriakeras.scoring`, shared with the confidence
+calibration (:mod:`ceriakeras.calibration`); the baseline (:func:`baseline_columns`) and the
+report are here. The functions on arrays can be used on their own.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,237 +26,18 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from scipy import ndimage, optimize, spatial
 
-from .config import AnalyzeConfig, ConfigError, DataError, to_dict
+from .config import AnalyzeConfig, ConfigError, DataError, InputError, to_dict
 from .io import atomic_path, write_text_atomic
+from .scoring import (CALIBRATION_BINS, MATCH_DISTANCE_A, Tally, calibration,  # noqa: F401
+                      check_doses, detection_scores, height_scores, match_columns, noise_seed,
+                      noisy_predictions)
 
 DEFAULT_DOSES_E_PER_A2 = (20.0, 50.0, 200.0, 1000.0, 5000.0)
 """Doses evaluated by default, e⁻/Å² per image."""
-MATCH_DISTANCE_A = 1.0
-"""Largest distance between a predicted and a true column that still counts as a detection, Å."""
-CALIBRATION_BINS = 10
-"""Equal-width confidence bins of the reliability diagram and the expected calibration error."""
 BASELINE_SMOOTHING_A = 0.4
 """Standard deviation of the Gaussian that smooths the image before the baseline's peak finding, Å."""
 BASELINE_NOISE_SIGMAS = 3.0
 """The baseline keeps a peak only if it stands this many noise standard deviations above vacuum."""
-
-
-# --- matching ----------------------------------------------------------------------------------
-def match_columns(
-    pred_xy: np.ndarray, true_xy: np.ndarray, max_distance: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Match predicted columns one to one to true columns (Hungarian matching).
-
-    Among all one-to-one assignments that pair columns closer than ``max_distance``, the one
-    with the most pairs is chosen, and among those the one with the smallest total distance.
-
-    Parameters
-    ----------
-    pred_xy : (N, 2) array
-        Predicted column positions (x, y), any length unit.
-    true_xy : (M, 2) array
-        True column positions, same unit.
-    max_distance : float
-        Largest distance of a matched pair, same unit (inclusive).
-
-    Returns
-    -------
-    pred_idx, true_idx : (K,) int arrays
-        Indices of the matched pairs, sorted by ``pred_idx``. Columns not listed are unmatched
-        (false detections among the predictions, misses among the true columns).
-    """
-    pred_xy = np.asarray(pred_xy, dtype=np.float64).reshape(-1, 2)
-    true_xy = np.asarray(true_xy, dtype=np.float64).reshape(-1, 2)
-    if not max_distance > 0:
-        raise ConfigError(f"max_distance={max_distance} must be positive")
-    empty = np.zeros(0, dtype=np.int64)
-    if len(pred_xy) == 0 or len(true_xy) == 0:
-        return empty, empty
-    dist = spatial.distance.cdist(pred_xy, true_xy)
-    allowed = dist <= max_distance
-    # A forbidden pair costs more than any set of allowed pairs together, so the assignment
-    # first maximizes the number of allowed pairs, then minimizes their total distance.
-    forbidden_cost = max_distance * (min(dist.shape) + 1)
-    cost = np.where(allowed, dist, forbidden_cost)
-    rows, cols = optimize.linear_sum_assignment(cost)
-    keep = allowed[rows, cols]
-    return rows[keep].astype(np.int64), cols[keep].astype(np.int64)
-
-
-# --- metrics -----------------------------------------------------------------------------------
-def _ratio(num: float, den: float) -> float:
-    return float(num) / float(den) if den else 0.0
-
-
-def detection_scores(n_matched: int, n_pred: int, n_true: int) -> dict:
-    """Column detection precision, recall and F1 from counts.
-
-    A ratio whose denominator is zero is 0 (no predictions → precision 0).
-    """
-    precision = _ratio(n_matched, n_pred)
-    recall = _ratio(n_matched, n_true)
-    f1 = _ratio(2 * n_matched, n_pred + n_true)
-    return {"precision": precision, "recall": recall, "f1": f1,
-            "n_pred": int(n_pred), "n_true": int(n_true), "n_matched": int(n_matched)}
-
-
-def height_scores(
-    true_height: np.ndarray,
-    pred_height: np.ndarray,
-    max_height: int,
-    *,
-    missed_height: np.ndarray | None = None,
-    spurious_height: np.ndarray | None = None,
-) -> dict:
-    """Height accuracy on matched columns, accuracy per true height, and the confusion matrix.
-
-    Parameters
-    ----------
-    true_height, pred_height : (K,) int arrays
-        Heights (Ce atoms) of the matched pairs.
-    max_height : int
-        Largest height class; the confusion matrix is ``(max_height + 1) × (max_height + 1)``.
-    missed_height : (A,) int array, optional
-        Heights of true columns no prediction matched (row ``h``, column 0 of the matrix).
-    spurious_height : (B,) int array, optional
-        Heights of predicted columns that matched no true column (row 0, column ``h``).
-
-    Returns
-    -------
-    dict
-        ``exact_accuracy``, ``within_1_accuracy``, ``mae`` (atoms) over the matched pairs;
-        ``per_height``: {h: {"accuracy", "count"}} for every true height present;
-        ``confusion``: nested list, rows = true height, columns = predicted height, where
-        height 0 stands for "no column" (misses in column 0, spurious detections in row 0).
-    """
-    t = np.asarray(true_height, dtype=np.int64).ravel()
-    p = np.asarray(pred_height, dtype=np.int64).ravel()
-    if t.shape != p.shape:
-        raise ValueError(f"true_height {t.shape} and pred_height {p.shape} differ in length")
-    err = np.abs(p - t)
-    n = len(t)
-    per_height = {
-        int(h): {"accuracy": float(np.mean(p[t == h] == h)), "count": int(np.sum(t == h))}
-        for h in np.unique(t)
-    }
-    size = max_height + 1
-    confusion = np.zeros((size, size), dtype=np.int64)
-    for truth, pred in ((t, p),
-                        (_as_int(missed_height), None),
-                        (None, _as_int(spurious_height))):
-        if truth is None:
-            truth = np.zeros_like(pred)
-        if pred is None:
-            pred = np.zeros_like(truth)
-        np.add.at(confusion, (np.clip(truth, 0, max_height), np.clip(pred, 0, max_height)), 1)
-    return {
-        "exact_accuracy": _ratio(np.sum(err == 0), n),
-        "within_1_accuracy": _ratio(np.sum(err <= 1), n),
-        "mae": float(np.mean(err)) if n else 0.0,
-        "per_height": per_height,
-        "confusion": confusion.tolist(),
-    }
-
-
-def _as_int(values: np.ndarray | None) -> np.ndarray:
-    return np.zeros(0, dtype=np.int64) if values is None else np.asarray(values, np.int64).ravel()
-
-
-def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRATION_BINS) -> dict:
-    """Reliability diagram and expected calibration error (ECE) of a confidence score.
-
-    Parameters
-    ----------
-    confidence : (K,) float array in [0, 1]
-        Stated probability that each prediction is right.
-    correct : (K,) bool array
-        Whether each prediction is right.
-    bins : int
-        Number of equal-width bins on [0, 1].
-
-    Returns
-    -------
-    dict
-        ``ece`` = Σ_b (n_b / K) · |accuracy_b − mean confidence_b|; ``bin_edges`` (bins + 1),
-        and per bin ``count``, ``mean_confidence`` and ``accuracy`` (None for empty bins).
-    """
-    conf = np.asarray(confidence, dtype=np.float64).ravel()
-    ok = np.asarray(correct, dtype=bool).ravel()
-    if conf.shape != ok.shape:
-        raise ValueError(f"confidence {conf.shape} and correct {ok.shape} differ in length")
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
-    count = np.bincount(which, minlength=bins)
-    sum_conf = np.bincount(which, weights=conf, minlength=bins)
-    sum_ok = np.bincount(which, weights=ok.astype(np.float64), minlength=bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_conf = sum_conf / count
-        accuracy = sum_ok / count
-    n = len(conf)
-    ece = float(np.sum(np.abs(sum_ok - sum_conf)) / n) if n else 0.0
-    return {
-        "ece": ece,
-        "bin_edges": edges.tolist(),
-        "count": count.tolist(),
-        "mean_confidence": [None if c == 0 else float(v) for c, v in zip(count, mean_conf)],
-        "accuracy": [None if c == 0 else float(v) for c, v in zip(count, accuracy)],
-    }
-
-
-@dataclass
-class Tally:
-    """Everything one method's column tables and the true columns give at one dose, accumulated
-    over images, from which :meth:`metrics` computes the scores."""
-
-    true_height: list = field(default_factory=list)
-    pred_height: list = field(default_factory=list)
-    confidence: list = field(default_factory=list)
-    correct: list = field(default_factory=list)
-    missed: list = field(default_factory=list)
-    spurious: list = field(default_factory=list)
-    n_pred: int = 0
-    n_true: int = 0
-
-    def add(self, pred: dict, true_columns: np.ndarray, pixel_size_A: float,
-            max_distance_A: float) -> None:
-        """Match one image's predicted columns to its true ones and record the outcome.
-
-        Parameters
-        ----------
-        pred : dict of arrays
-            ``x_px``, ``y_px``, ``height`` and optionally ``confidence``.
-        true_columns : (M, 3) array
-            ``x_px, y_px, height`` of the true columns.
-        """
-        pred_xy = np.stack([pred["x_px"], pred["y_px"]], axis=-1) * pixel_size_A
-        true_xy = true_columns[:, :2] * pixel_size_A
-        pi, ti = match_columns(pred_xy, true_xy, max_distance_A)
-        ph = np.asarray(pred["height"], dtype=np.int64)
-        th = np.rint(true_columns[:, 2]).astype(np.int64)
-        self.true_height.append(th[ti])
-        self.pred_height.append(ph[pi])
-        self.missed.append(np.delete(th, ti))
-        self.spurious.append(np.delete(ph, pi))
-        self.n_pred += len(ph)
-        self.n_true += len(th)
-        if "confidence" in pred:
-            right = np.zeros(len(ph), dtype=bool)
-            right[pi] = ph[pi] == th[ti]
-            self.confidence.append(np.asarray(pred["confidence"], dtype=np.float64))
-            self.correct.append(right)
-
-    def metrics(self, max_height: int) -> dict:
-        """Detection, height and (where confidences were given) calibration scores."""
-        cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)  # noqa: E731
-        t, p = cat(self.true_height), cat(self.pred_height)
-        out = detection_scores(len(t), self.n_pred, self.n_true)
-        out.update(height_scores(t, p, max_height, missed_height=cat(self.missed),
-                                 spurious_height=cat(self.spurious)))
-        if self.confidence:
-            # Every reported column counts: a spurious one is a wrong height with its confidence.
-            out["calibration"] = calibration(cat(self.confidence), cat(self.correct))
-            out["ece"] = out["calibration"]["ece"]
-        return out
 
 
 # --- classical baseline ------------------------------------------------------------------------
@@ -365,102 +149,6 @@ def baseline_columns(
 
 
 # --- the evaluation ----------------------------------------------------------------------------
-def noise_seed(seed: int, record_index: int, dose_e_per_A2: float) -> np.ndarray:
-    """The stateless seed pair of the noise on one record at one dose.
-
-    It depends only on ``(seed, record_index, dose)``, so a record gets the same noisy image at
-    a given dose whatever other doses or how many images are evaluated.
-    """
-    key = [int(seed), int(record_index), int(round(dose_e_per_A2 * 1000))]
-    return np.random.SeedSequence(key).generate_state(2, dtype=np.uint32).astype(np.int64) % (2**31 - 1)
-
-
-def check_doses(doses: Iterable[float]) -> tuple[float, ...]:
-    """The doses as floats, refused unless there is at least one and all are positive and finite."""
-    out = tuple(float(d) for d in doses)
-    if not out:
-        raise ConfigError("no dose given: pass at least one dose in e-/Å², e.g. --doses 50,200,1000")
-    for d in out:
-        if not (math.isfinite(d) and d > 0):
-            raise ConfigError(f"dose {d:g} e-/Å² must be a positive number")
-    return out
-
-
-def _records(data_dir: str | Path, split: str, max_images: int | None) -> Iterator[dict]:
-    """The split's records in file order as dicts of NumPy values (at most ``max_images``)."""
-    from .records import iter_shard, shard_paths
-
-    n = 0
-    for path in shard_paths(data_dir, split):
-        for rec in iter_shard(path):
-            if max_images is not None and n >= max_images:
-                return
-            n += 1
-            yield rec
-
-
-def noisy_predictions(predict, data_dir: str | Path, split: str, doses: Sequence[float],
-                      pixel_size_A: float, *, seed: int = 0, max_images: int | None = None,
-                      progress: bool = True, desc: str = "evaluate") -> Iterator[tuple]:
-    """The split's records with Poisson noise at each dose and the model's answer to them.
-
-    Parameters
-    ----------
-    predict : callable
-        ``predict(images (B, H, W) float32 counts) -> (probabilities (B, H, W, C), height)``.
-    data_dir : path
-        Dataset folder; its pixel size must be ``pixel_size_A``.
-    split, doses, pixel_size_A, seed, max_images
-        Which records, doses (e⁻/Å²), the model's pixel size (Å), the noise seed (see
-        :func:`noise_seed`) and at most how many records.
-
-    Yields
-    ------
-    image : (H, W) float32
-        The noise-free image (relative intensity, vacuum 1).
-    true_columns : (M, 3) float64
-        ``x_px, y_px, height``.
-    noisy : (D, H, W) float32
-        Counts at each dose.
-    probabilities : (D, H, W, C) array
-
-    Raises
-    ------
-    DataError
-        The dataset's pixel size differs from the model's, or the split is empty.
-    """
-    from .pipeline import poisson_sample
-    from .records import read_manifest
-
-    manifest = read_manifest(data_dir)
-    data_px = float(manifest.get("pixel_size_A", pixel_size_A))
-    if not math.isclose(data_px, pixel_size_A, rel_tol=1e-4):
-        raise DataError(
-            f"{data_dir} has {data_px:g} Å pixels but the model works at {pixel_size_A:g} Å: "
-            "simulate the test data at the model's pixel size (--pixel-size of `ceriakeras simulate`)"
-        )
-    available = int(manifest["counts"].get(split, 0))
-    records = _records(data_dir, split, max_images)
-    if progress:
-        from tqdm import tqdm
-
-        records = tqdm(records, total=min(available, max_images or available), desc=desc,
-                       unit="image", file=sys.stderr, dynamic_ncols=True)
-    n_images = 0
-    for index, rec in enumerate(records):
-        image = np.asarray(rec["image"], np.float32)
-        true_columns = np.asarray(rec["columns"], np.float64).reshape(-1, 3)
-        noisy = np.stack([
-            np.asarray(poisson_sample(image * (d * pixel_size_A ** 2), noise_seed(seed, index, d)))
-            for d in doses
-        ]).astype(np.float32)
-        probabilities, _ = predict(noisy)
-        n_images += 1
-        yield image, true_columns, noisy, np.asarray(probabilities)
-    if n_images == 0:
-        raise DataError(f"the {split} split of {data_dir} is empty: simulate more particles")
-
-
 def evaluate(
     model: Any,
     data_dir: str | Path,
@@ -515,8 +203,8 @@ def evaluate(
     dict
         What ``metrics.json`` holds.
     """
-    from .analyze import model_settings
     from .columns import estimate_dose, find_columns
+    from .modelinfo import model_settings
 
     doses = check_doses(doses)
     config = config or AnalyzeConfig()
@@ -578,109 +266,6 @@ def evaluate(
     return result
 
 
-# --- calibration of the confidence ------------------------------------------------------------
-CALIBRATION_DOSES_E_PER_A2 = (20.0, 50.0, 200.0, 1000.0, 5000.0, 20000.0)
-"""Doses at which the confidence calibration is fitted (the training envelope's ends), e⁻/Å²."""
-
-
-def fit_platt(confidence: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
-    """Platt scaling: ``(slope, intercept)`` of ``P(right) = σ(slope · logit(c) + intercept)``.
-
-    Fitted by maximum likelihood, with a weak pull towards the identity ``(1, 0)`` so that a
-    handful of columns, or all of them right, still give finite numbers.
-    """
-    from scipy.special import expit
-
-    c = np.clip(np.asarray(confidence, np.float64), 1e-4, 1 - 1e-4)
-    y = np.asarray(correct, np.float64)
-    z = np.log(c / (1 - c))
-
-    def loss(params):
-        a, b = params
-        q = np.clip(expit(a * z + b), 1e-12, 1 - 1e-12)
-        nll = -np.sum(y * np.log(q) + (1 - y) * np.log(1 - q))
-        return nll + 1e-2 * ((a - 1) ** 2 + b**2)
-
-    best = optimize.minimize(loss, x0=[1.0, 0.0], method="Nelder-Mead",
-                             options={"xatol": 1e-4, "fatol": 1e-6, "maxiter": 2000})
-    return float(best.x[0]), float(best.x[1])
-
-
-def fit_confidence_calibration(
-    predict,
-    data_dir: str | Path,
-    info: dict,
-    *,
-    doses: Sequence[float] = CALIBRATION_DOSES_E_PER_A2,
-    split: str = "validation",
-    max_images: int = 48,
-    seed: int = 1,
-    config: AnalyzeConfig | None = None,
-    progress: bool = True,
-    desc: str = "calibrate",
-) -> dict:
-    """Fit, at each dose, the Platt scaling that makes the column ``confidence`` calibrated.
-
-    The raw confidence (the reported height's share of the probability mass in the column's
-    disk) is not a probability of being right: at high dose the disk's pixels split their mass
-    between neighbouring heights although the column is nearly always right (under-confident),
-    at 20 e⁻/Å² the reverse. The same procedure as :func:`evaluate` (noise at fixed seeds,
-    columns as ``analyze`` finds them, Hungarian matching; a spurious column counts as wrong),
-    on another split (validation, not test) and noise seed, gives ``(slope, intercept)`` per dose
-    for :func:`ceriakeras.columns.calibrate_confidence`.
-
-    Parameters
-    ----------
-    predict : callable
-        ``predict(images (B, H, W) float32 counts) -> (probabilities (B, H, W, C), height)``.
-    data_dir : path
-        Dataset folder at the model's pixel size.
-    info : dict
-        ``pixel_size_A``, ``max_height``, ``label_radius_A`` of the model.
-    doses : sequence of float
-        Doses, e⁻/Å², at which to fit (interpolated in log dose in between).
-    split, max_images, seed : str, int, int
-        Which records and noise.
-
-    Returns
-    -------
-    dict
-        ``dose_e_per_A2``, ``slope``, ``intercept`` (one per dose), ``ece_before`` and
-        ``ece_after`` (on the fitted columns themselves), ``split``, ``n_images``,
-        ``n_columns`` (true Ce columns), ``seed``, ``data_dir``.
-    """
-    from .analyze import model_settings
-    from .columns import calibrate_confidence, find_columns
-
-    doses = check_doses(doses)
-    config = config or AnalyzeConfig()
-    pixel_size_A, max_height, label_radius_A = model_settings(info)
-    tallies = {d: Tally() for d in doses}
-    n_images = n_columns = 0
-    for _, true_columns, _, probabilities in noisy_predictions(
-            predict, data_dir, split, doses, pixel_size_A, seed=seed, max_images=max_images,
-            progress=progress, desc=desc):
-        for k, d in enumerate(doses):
-            found = find_columns(probabilities[k], pixel_size_A, min_distance_A=config.min_distance_A,
-                                 threshold=config.threshold, label_radius_A=label_radius_A)
-            tallies[d].add(found, true_columns, pixel_size_A, MATCH_DISTANCE_A)
-        n_images += 1
-        n_columns += len(true_columns)
-    slopes, intercepts, before, after = [], [], [], []
-    for d in doses:
-        conf = np.concatenate(tallies[d].confidence)
-        right = np.concatenate(tallies[d].correct)
-        a, b = fit_platt(conf, right)
-        slopes.append(a)
-        intercepts.append(b)
-        before.append(calibration(conf, right)["ece"])
-        table = {"dose_e_per_A2": [d], "slope": [a], "intercept": [b]}
-        after.append(calibration(calibrate_confidence(conf, d, table), right)["ece"])
-    return {"dose_e_per_A2": list(doses), "slope": slopes, "intercept": intercepts,
-            "ece_before": before, "ece_after": after, "split": split, "n_images": n_images,
-            "n_columns": n_columns, "seed": seed, "data_dir": str(data_dir)}
-
-
 # --- reporting ---------------------------------------------------------------------------------
 _SCORES = (  # (key, label, format) of the scores shown in tables
     ("precision", "detection precision", "{:.3f}"),
@@ -689,6 +274,7 @@ _SCORES = (  # (key, label, format) of the scores shown in tables
     ("exact_accuracy", "exact height accuracy", "{:.3f}"),
     ("within_1_accuracy", "height within ±1", "{:.3f}"),
     ("mae", "height MAE (atoms)", "{:.3f}"),
+    ("bias_atoms", "height bias, predicted − true (atoms)", "{:+.3f}"),
     ("ece", "confidence ECE", "{:.3f}"),
 )
 
@@ -700,13 +286,14 @@ def _fmt(metrics: dict | None, key: str, pattern: str) -> str:
 
 def format_table(result: dict) -> str:
     """The scores per dose as a plain-text table for the terminal (network, then baseline)."""
-    keys = ("f1", "exact_accuracy", "within_1_accuracy", "mae", "ece")
-    head = ["dose e-/Å²", "F1", "exact", "±1", "MAE", "ECE", "base F1", "base exact", "base ±1"]
+    keys = ("f1", "exact_accuracy", "within_1_accuracy", "mae", "bias_atoms", "ece")
+    head = ["dose e-/Å²", "F1", "exact", "±1", "MAE (atoms)", "bias (atoms)", "ECE", "base F1",
+            "base exact", "base ±1"]
     rows = []
     for r in result["results"]:
         net, base = r["network"], r["baseline"]
         rows.append([f"{r['dose_e_per_A2']:g}"]
-                    + [_fmt(net, k, "{:.3f}") for k in keys]
+                    + [_fmt(net, k, "{:+.3f}" if k == "bias_atoms" else "{:.3f}") for k in keys]
                     + [_fmt(base, k, "{:.3f}") for k in ("f1", "exact_accuracy", "within_1_accuracy")])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
@@ -798,7 +385,8 @@ def write_plots(result: dict, out_dir: str | Path) -> dict[str, str]:
             ax.plot(doses, [r["baseline"][key] for r in results], "s--", color=color, alpha=0.6,
                     label=f"baseline: {label}")
     ax.set(xscale="log", xlabel="dose (e⁻/Å²)", ylabel="score", ylim=(0, 1.02),
-           title=f"{result['n_images']} test images, matching within {result['match_distance_A']:g} Å")
+           title=f"{result['n_images']} {result.get('images_are', 'test images')}, matching within "
+                 f"{result['match_distance_A']:g} Å")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small", loc="lower right")
     _save(fig, out_dir / "accuracy_vs_dose.png")
@@ -835,3 +423,515 @@ def write_plots(result: dict, out_dir: str | Path) -> dict[str, str]:
     _save(fig, out_dir / "reliability.png")
     files["reliability"] = "reliability.png"
     return files
+
+
+# --- labelled image files (``evaluate --images … --truth truth.csv``) ---------------------------
+TRUTH_COLUMNS = ("file", "x_px", "y_px", "height")
+"""Columns a truth table must have: the image file, a Ce column's centre in the image's own pixels
+(pixel ``i``'s centre at ``i``) and its height (Ce atoms); one row per true column."""
+IMAGE_TABLE_NAME = "images.csv"
+"""The per-image table read from the truth table's folder: ``file``, ``dose`` (e⁻/Å² per image;
+``dose_e_per_A2`` also accepted) and ``pixel_size_A`` (Å); other columns are ignored."""
+ESTIMATED_DOSE_DIGITS = 2
+"""A dose estimated from counts is rounded to this many significant digits to group images."""
+
+
+def _read_csv_rows(path: Path, required: Sequence[str], what: str) -> list[dict]:
+    """The rows of a CSV file as dicts, after checking that it has the ``required`` columns."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise InputError(f"{what} {path} lacks the column(s) {', '.join(missing)}: it needs "
+                                 f"{', '.join(required)} (header line first)")
+            reader.fieldnames = header
+            return list(reader)
+    except OSError as err:
+        raise InputError(f"{what} {path} is unreadable ({err.strerror or err})") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise InputError(f"{what} {path} is not a text CSV file ({_short(err)})") from None
+
+
+def _short(err: BaseException) -> str:
+    return " ".join(str(err).split())[:120] or type(err).__name__
+
+
+def _number(text, path: Path, line: int, column: str, *, positive: bool = False,
+            integer: bool = False, optional: bool = False) -> float | None:
+    """One CSV cell as a finite number (checked), or None for an empty optional cell."""
+    text = (text or "").strip()
+    if optional and text == "":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    bad = not math.isfinite(value) or (positive and value <= 0) or (integer and value != round(value))
+    if bad:
+        want = ("a whole number of Ce atoms ≥ 1" if integer else
+                "a positive number" if positive else "a finite number")
+        raise InputError(f"{path} line {line}: {column}={text!r} is not {want}; fix that row")
+    return value
+
+
+def read_truth(path: str | Path) -> dict[str, np.ndarray]:
+    """The true Ce columns of each labelled image, from a truth table.
+
+    Parameters
+    ----------
+    path : path
+        CSV with the header ``file,x_px,y_px,height`` (:data:`TRUTH_COLUMNS`; other columns are
+        ignored): one row per Ce column, its centre in the image's own pixels (x = column index,
+        y = row index, pixel ``i``'s centre at ``i``), its height in Ce atoms (≥ 1).
+
+    Returns
+    -------
+    dict
+        ``file`` as written → ``(M, 3)`` float64 array ``x_px, y_px, height``.
+
+    Raises
+    ------
+    InputError
+        Unreadable file, a missing column, an empty file name, or a NaN, non-numeric, negative
+        coordinate or non-integer height (the message names the line).
+    """
+    path = Path(path)
+    rows = _read_csv_rows(path, TRUTH_COLUMNS, "truth table")
+    truth: dict[str, list] = {}
+    for line, row in enumerate(rows, start=2):
+        name = (row.get("file") or "").strip()
+        if not name:
+            raise InputError(f"{path} line {line}: the file name is empty; fix that row")
+        x = _number(row.get("x_px"), path, line, "x_px")
+        y = _number(row.get("y_px"), path, line, "y_px")
+        h = _number(row.get("height"), path, line, "height", positive=True, integer=True)
+        truth.setdefault(name, []).append((x, y, h))
+    if not truth:
+        raise InputError(f"truth table {path} has no rows: one row per Ce column is needed")
+    return {name: np.asarray(cols, np.float64).reshape(-1, 3) for name, cols in truth.items()}
+
+
+def read_image_table(path: str | Path) -> dict[str, dict]:
+    """Dose and pixel size of each labelled image, from an ``images.csv``.
+
+    Parameters
+    ----------
+    path : path
+        CSV with a ``file`` column and, optionally per row, ``dose`` (or ``dose_e_per_A2``;
+        e⁻/Å² per image) and ``pixel_size_A`` (Å); an empty cell means unknown.
+
+    Returns
+    -------
+    dict
+        ``file`` → ``{"dose_e_per_A2": float | None, "pixel_size_A": float | None}``.
+
+    Raises
+    ------
+    InputError
+        Unreadable file, no ``file`` column, a file listed twice, or a value that is not a
+        positive number.
+    """
+    path = Path(path)
+    rows = _read_csv_rows(path, ("file",), "image table")
+    dose_key = "dose_e_per_A2" if rows and "dose_e_per_A2" in rows[0] else "dose"
+    table: dict[str, dict] = {}
+    for line, row in enumerate(rows, start=2):
+        name = (row.get("file") or "").strip()
+        if not name:
+            raise InputError(f"{path} line {line}: the file name is empty; fix that row")
+        if name in table:
+            raise InputError(f"{path} line {line}: {name} is listed twice; keep one row per image")
+        table[name] = {
+            "dose_e_per_A2": _number(row.get(dose_key), path, line, dose_key, positive=True,
+                                     optional=True),
+            "pixel_size_A": _number(row.get("pixel_size_A"), path, line, "pixel_size_A",
+                                    positive=True, optional=True),
+        }
+    return table
+
+
+def _name_index(names: Iterable[str], base: Path):
+    """A lookup ``path -> entry`` of a truth or image table: the entry whose path relative to the
+    table's folder ``base`` is this file, else the only entry with the same file name."""
+    by_path, by_name = {}, {}
+    for name in names:
+        by_path[(base / name).resolve()] = name
+        by_name.setdefault(Path(name).name, []).append(name)
+
+    def lookup(path: Path) -> str | None:
+        found = by_path.get(path.resolve())
+        if found is None and len(by_name.get(path.name, ())) == 1:
+            found = by_name[path.name][0]
+        return found
+
+    return lookup
+
+
+def round_dose(dose_e_per_A2: float, digits: int = ESTIMATED_DOSE_DIGITS) -> float:
+    """``dose_e_per_A2`` rounded to ``digits`` significant digits (to group estimated doses)."""
+    if not dose_e_per_A2 > 0:
+        return float(dose_e_per_A2)
+    return float(f"{dose_e_per_A2:.{digits}g}")
+
+
+def labelled_image_plan(paths: Sequence[Path], truth: dict[str, np.ndarray], truth_dir: Path,
+                        table: dict[str, dict], *, pixel_size_A: float | None,
+                        model_pixel_A: float, config: AnalyzeConfig) -> tuple[list[dict], list[str]]:
+    """Check every labelled image's header, pixel size and truth before any model work.
+
+    The pixel size of each file comes from its ``images.csv`` row, else ``pixel_size_A`` (the
+    ``--pixel-size`` option: as in ``analyze``, it overrides the file's calibration), else the
+    file's calibration; the dose from its ``images.csv`` row, else (later) from its counts.
+
+    Returns
+    -------
+    plan : list of dict
+        Per file: ``path``, ``source``, ``name`` (its truth entry), ``truth`` (M, 3),
+        ``shape``, ``pixel_size_A``, ``pixel_size_from``, ``factor``, ``dose_e_per_A2`` (or None).
+    unused : list of str
+        Truth entries that name no given file (ignored).
+
+    Raises
+    ------
+    InputError
+        A file with no truth rows that ``images.csv`` does not list either (a labelled image
+        with no columns must be listed there), a series of several frames, no pixel size, a
+        pixel size the model cannot use, or true columns outside the image.
+    """
+    from .io import open_series, resample_factor
+
+    plan, used = [], {}
+    truth_entry, table_entry = _name_index(truth, truth_dir), _name_index(table, truth_dir)
+    for path in paths:
+        name, row_name = truth_entry(path), table_entry(path)
+        if (name or row_name) in used:
+            raise InputError(f"{used[name or row_name]} and {path} both take the truth of "
+                             f"{name or row_name}: give files with distinct names, or name them in "
+                             "the truth table by their path relative to its folder")
+        if name is None and row_name is None:
+            raise InputError(f"{path} has no rows in the truth table (and is not listed in "
+                             f"{IMAGE_TABLE_NAME} as an image without columns): label it or leave "
+                             "it out of --images")
+        row = table.get(row_name, {}) if row_name is not None else {}
+        true_columns = truth[name] if name is not None else np.zeros((0, 3))
+        used[name or row_name] = path
+        csv_px = row.get("pixel_size_A")
+        with open_series(path, csv_px if csv_px is not None else pixel_size_A) as series:
+            if series.n_frames != 1:
+                raise InputError(f"{path} holds {series.n_frames} frames; --images takes single "
+                                 "labelled images (save each frame as its own file)")
+            factor = resample_factor(series.pixel_size_A, model_pixel_A,
+                                     min_pixel_A=config.min_pixel_size_A,
+                                     max_pixel_A=config.max_pixel_size_A)
+            h, w = series.shape
+            origin = (f"{IMAGE_TABLE_NAME}" if csv_px is not None else series.pixel_size_from)
+            if len(true_columns):
+                x, y = true_columns[:, 0], true_columns[:, 1]
+                if x.min() < -0.5 or y.min() < -0.5 or x.max() > w - 0.5 or y.max() > h - 0.5:
+                    raise InputError(f"the truth table puts columns of {path} outside its {w}×{h} px "
+                                     "image: are x_px, y_px in this image's own pixels?")
+            plan.append({"path": path, "source": series.source, "name": name or row_name,
+                         "truth": true_columns, "shape": (h, w),
+                         "pixel_size_A": series.pixel_size_A, "pixel_size_from": origin,
+                         "factor": factor, "dose_e_per_A2": row.get("dose_e_per_A2")})
+    unused = sorted(set(truth) - set(used))
+    return plan, unused
+
+
+def _truth_metrics(tally: Tally, max_height: int) -> dict:
+    """:meth:`Tally.metrics`, with the calibration scored as ``score.py`` scores it: over the
+    matched columns only (right = same height); the project's own (every reported column, a
+    spurious one counting as wrong) is kept as ``ece_all_reported``."""
+    out = tally.metrics(max_height)
+    t = np.concatenate(tally.true_height) if tally.true_height else np.zeros(0, np.int64)
+    p = np.concatenate(tally.pred_height) if tally.pred_height else np.zeros(0, np.int64)
+    out["mean_predicted_height_atoms"] = {int(h): float(np.mean(p[t == h])) for h in np.unique(t)}
+    if tally.confidence:
+        out["ece_all_reported"] = out.pop("ece")
+        out.pop("calibration")
+        matched = np.concatenate(tally.matched)
+        out["calibration"] = calibration(np.concatenate(tally.confidence)[matched],
+                                         np.concatenate(tally.correct)[matched])
+        out["ece"] = out["calibration"]["ece"]
+    return out
+
+
+def evaluate_images(
+    model: Any,
+    images,
+    truth_path: str | Path,
+    out_dir: str | Path,
+    *,
+    pixel_size_A: float | None = None,
+    image_table: str | Path | None = None,
+    config: AnalyzeConfig | None = None,
+    max_distance_A: float = MATCH_DISTANCE_A,
+    overwrite: bool = False,
+    progress: bool = True,
+    command: str = "",
+) -> dict:
+    """Score a model on labelled image files (other simulators, hand-labelled frames).
+
+    Each file is read, resampled to the model's pixel size and passed through the model, and
+    its columns are found exactly as ``ceriakeras analyze`` finds them (the model's confidence
+    calibration at the dose estimated from the frame's counts, as there); they are matched one
+    to one to the file's true columns within ``max_distance_A`` (Hungarian) and scored per dose,
+    as the cross-check set's ``score.py`` scores an ``analyze`` table: precision, recall, F1,
+    exact and ±1 height accuracy, MAE and mean bias (predicted − true) over matched columns, and
+    the ECE of ``confidence`` over matched columns.
+
+    Parameters
+    ----------
+    model : path, or object with ``.info`` and ``.predict``
+        As for :func:`evaluate`, or a model folder (``saved_models/NAME`` or a version folder),
+        loaded once the inputs have been checked.
+    images : path or list of paths
+        Single-image files or folders of them (:func:`ceriakeras.io.expand_inputs`).
+    truth_path : path
+        The truth table (:func:`read_truth`); entries name files relative to its folder or by
+        file name. Entries for files not among ``images`` are ignored (and counted).
+    out_dir : path
+        Folder for ``metrics.json``, ``report.md``, ``columns.csv`` (the predictions, as
+        ``analyze`` writes them) and the PNG plots.
+    pixel_size_A : float, optional
+        Pixel size, Å, of files that ``images.csv`` gives none for (overrides their calibration).
+    image_table : path, optional
+        The ``images.csv`` (:func:`read_image_table`); default: the one beside the truth table,
+        if there is one.
+    config : AnalyzeConfig, optional
+        Column extraction settings and ``test_time_augmentation``, as for ``analyze``.
+    max_distance_A : float
+        Matching distance, Å.
+    overwrite : bool
+        Replace an earlier evaluation in ``out_dir``.
+    progress : bool
+        Progress bar on stderr.
+    command : str
+        The command line, recorded in the report.
+
+    Returns
+    -------
+    dict
+        What ``metrics.json`` holds: ``results`` per dose (``dose_e_per_A2``, ``n_images``,
+        ``network`` scores, ``baseline`` None), ``images`` (per file: dose and where it came
+        from, pixel size and where it came from, columns true / predicted / matched).
+
+    Raises
+    ------
+    InputError
+        Bad truth or image table, an image without truth, no pixel size (see
+        :func:`labelled_image_plan`); ``ConfigError`` for results already in ``out_dir``.
+    """
+    import csv
+    import io as _stdio
+
+    from .analyze import CSV_HEADER
+    from .columns import estimate_dose, find_columns
+    from .io import expand_inputs, model_to_input_px, open_series, resample_counts
+    from .modelinfo import find_version, model_settings, read_info
+
+    config = config or AnalyzeConfig()
+    config.validate()
+    out_dir = Path(out_dir)
+    if not overwrite:
+        for name in ("metrics.json", "columns.csv"):
+            if (out_dir / name).exists():
+                raise ConfigError(f"{out_dir} already holds {name}: pass --overwrite or choose "
+                                  "another --out")
+    truth_path = Path(truth_path)
+    truth = read_truth(truth_path)
+    if image_table is None and (truth_path.parent / IMAGE_TABLE_NAME).is_file():
+        image_table = truth_path.parent / IMAGE_TABLE_NAME
+    table = read_image_table(image_table) if image_table is not None else {}
+    paths = expand_inputs(images)
+    if isinstance(model, (str, os.PathLike)):
+        info = read_info(find_version(model))   # the inputs are checked before TensorFlow loads
+    else:
+        info = model.info
+    model_px, max_height, label_radius_A = model_settings(info)
+    plan, unused = labelled_image_plan(paths, truth, truth_path.parent, table,
+                                       pixel_size_A=pixel_size_A, model_pixel_A=model_px,
+                                       config=config)
+    if isinstance(model, (str, os.PathLike)):
+        from .export import load_served_model
+
+        model = load_served_model(model)
+    if config.test_time_augmentation:
+        from .export import DihedralAveraged
+
+        model = DihedralAveraged(model)
+    calibration_table = model.info.get("confidence_calibration")
+
+    tallies: dict[float, Tally] = {}
+    n_by_dose: dict[float, int] = {}
+    per_image = []
+    rows = _stdio.StringIO()
+    writer = csv.writer(rows, lineterminator="\n")
+    writer.writerow(CSV_HEADER)
+    items = plan
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(plan, desc="evaluate", unit="image", file=sys.stderr, dynamic_ncols=True)
+    for item in items:
+        with open_series(item["path"], item["pixel_size_A"]) as series:
+            frame = next(series.frames())
+        if frame.error is not None:
+            raise InputError(frame.error)
+        px, factor = item["pixel_size_A"], item["factor"]
+        small = resample_counts(frame.image, factor)
+        probabilities, _ = model.predict(small[None].astype(np.float32))
+        estimated = estimate_dose(small, model_px)
+        found = find_columns(np.asarray(probabilities)[0], model_px,
+                             min_distance_A=config.min_distance_A, threshold=config.threshold,
+                             label_radius_A=label_radius_A, calibration=calibration_table,
+                             dose_e_per_A2=estimated)
+        x = model_to_input_px(found["x_px"], factor)
+        y = model_to_input_px(found["y_px"], factor)
+        pred = {"x_px": x, "y_px": y, "height": found["height"], "confidence": found["confidence"]}
+        for j in range(len(x)):
+            writer.writerow([item["source"], 0, f"{x[j]:.3f}", f"{y[j]:.3f}", f"{x[j] * px:.4f}",
+                             f"{y[j] * px:.4f}", int(found["height"][j]),
+                             f"{found['confidence'][j]:.4f}"])
+        dose = item["dose_e_per_A2"]
+        dose_from = IMAGE_TABLE_NAME
+        if dose is None:
+            dose, dose_from = round_dose(estimated), "estimated from counts"
+        tally = tallies.setdefault(dose, Tally())
+        before = tally.n_pred, sum(len(t) for t in tally.true_height)
+        tally.add(pred, item["truth"], px, max_distance_A)
+        n_by_dose[dose] = n_by_dose.get(dose, 0) + 1
+        per_image.append({
+            "file": item["source"], "truth_entry": item["name"], "dose_e_per_A2": dose,
+            "dose_from": dose_from, "estimated_dose_e_per_A2": round(estimated, 3),
+            "pixel_size_A": px, "pixel_size_from": item["pixel_size_from"],
+            "n_true": len(item["truth"]), "n_pred": len(x),
+            "n_matched": sum(len(t) for t in tally.true_height) - before[1],
+        })
+
+    doses = sorted(tallies)
+    result = {
+        "mode": "labelled images",
+        "images_are": "labelled images",
+        "truth": str(truth_path),
+        "image_table": None if image_table is None else str(image_table),
+        "n_images": len(plan),
+        "doses_e_per_A2": doses,
+        "doses_estimated": sorted({r["dose_e_per_A2"] for r in per_image
+                                   if r["dose_from"] != IMAGE_TABLE_NAME}),
+        "truth_entries_ignored": unused,
+        "match_distance_A": max_distance_A,
+        "ece_over": "matched columns (as the cross-check set's score.py); ece_all_reported counts "
+                    "every reported column, a spurious one as wrong",
+        "analyze_config": to_dict(config),
+        "model_info": {k: model.info.get(k) for k in ("pixel_size_A", "max_height", "label_radius_A",
+                                                 "manifest_sha256")},
+        "confidence_calibrated": calibration_table is not None,
+        "command": command,
+        "results": [{"dose_e_per_A2": d, "n_images": n_by_dose[d],
+                     "network": _truth_metrics(tallies[d], max_height), "baseline": None}
+                    for d in doses],
+        "images": per_image,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "columns.csv", rows.getvalue())
+    plots = write_plots(result, out_dir)
+    write_text_atomic(out_dir / "report.md", format_images_report(result, plots))
+    # Last, so that a folder holding metrics.json holds a complete evaluation.
+    write_text_atomic(out_dir / "metrics.json", json.dumps(result, indent=1) + "\n")
+    return result
+
+
+_IMAGE_TABLE_SCORES = (  # (key, header, format) of the labelled-image table
+    ("precision", "precision", "{:.3f}"),
+    ("recall", "recall", "{:.3f}"),
+    ("f1", "F1", "{:.3f}"),
+    ("exact_accuracy", "exact", "{:.3f}"),
+    ("within_1_accuracy", "±1", "{:.3f}"),
+    ("mae", "MAE (atoms)", "{:.3f}"),
+    ("bias_atoms", "bias (atoms)", "{:+.3f}"),
+    ("ece", "ECE", "{:.3f}"),
+)
+
+
+def format_images_table(result: dict) -> str:
+    """The per-dose scores of :func:`evaluate_images` as a plain-text table for the terminal."""
+    head = ["dose (e-/Å²)", "images", "columns"] + [h for _, h, _ in _IMAGE_TABLE_SCORES]
+    rows = []
+    estimated = set(result.get("doses_estimated", []))
+    for r in result["results"]:
+        net = r["network"]
+        rows.append([f"{r['dose_e_per_A2']:g}" + ("*" if r["dose_e_per_A2"] in estimated else ""),
+                     str(r["n_images"]), str(net["n_true"])]
+                    + [_fmt(net, k, f) for k, _, f in _IMAGE_TABLE_SCORES])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    lines = [line(head), line(["-" * w for w in widths])] + [line(row) for row in rows]
+    if estimated:
+        lines.append("* dose estimated from the image's counts (mean count / pixel area), "
+                     f"rounded to {ESTIMATED_DOSE_DIGITS} digits: give it in {IMAGE_TABLE_NAME}")
+    return "\n".join(lines)
+
+
+def format_images_report(result: dict, plots: dict[str, str]) -> str:
+    """A short Markdown report of :func:`evaluate_images`: what was scored, the table, the plots."""
+    cfg = result["analyze_config"]
+    n_true = sum(r["network"]["n_true"] for r in result["results"])
+    px = sorted({(im["pixel_size_A"], im["pixel_size_from"]) for im in result["images"]})
+    lines = [
+        "# Column-height evaluation on labelled images",
+        "",
+        f"- truth: `{result['truth']}`"
+        + (f", image table `{result['image_table']}`" if result["image_table"] else "")
+        + f"; {result['n_images']} images, {n_true} true Ce columns"
+        + (f"; truth for {len(result['truth_entries_ignored'])} other files ignored"
+           if result["truth_entries_ignored"] else ""),
+        "- pixel sizes: " + ", ".join(f"{p:g} Å ({src})" for p, src in px),
+        f"- model: {result['model_info']['pixel_size_A']:g} Å pixels, heights up to "
+        f"{result['model_info']['max_height']} atoms; each image resampled to it by summing counts "
+        "and its columns extracted as `ceriakeras analyze` does (min distance "
+        f"{cfg['min_distance_A']:g} Å, threshold {cfg['threshold']:g})"
+        + ("; probabilities averaged over the 8 flips and 90° rotations of each image "
+           "(test-time augmentation)" if cfg.get("test_time_augmentation") else ""),
+        f"- predicted and true columns matched one to one within {result['match_distance_A']:g} Å "
+        "per image (Hungarian matching); height scores and the ECE are over matched columns, as the "
+        "cross-check set's `score.py` computes them; bias = mean predicted − true height; "
+        "`confidence` is "
+        + ("calibrated by the model's `confidence_calibration` at the dose estimated from each "
+           "image's counts." if result.get("confidence_calibrated")
+           else "raw (the model has no calibration)."),
+    ]
+    if result["doses_estimated"]:
+        lines.append("- doses " + ", ".join(f"{d:g}" for d in result["doses_estimated"])
+                     + " e⁻/Å² are estimated from the counts (no dose in the image table)")
+    if result["command"]:
+        lines.append(f"- command: `{result['command']}`")
+    lines += ["", "| dose (e⁻/Å²) | images | columns | "
+              + " | ".join(h for _, h, _ in _IMAGE_TABLE_SCORES) + " |",
+              "| --- " * (3 + len(_IMAGE_TABLE_SCORES)) + "|"]
+    for r in result["results"]:
+        net = r["network"]
+        lines.append(f"| {r['dose_e_per_A2']:g} | {r['n_images']} | {net['n_true']} | "
+                     + " | ".join(_fmt(net, k, f) for k, _, f in _IMAGE_TABLE_SCORES) + " |")
+    if any("ece_all_reported" in r["network"] for r in result["results"]):
+        lines += ["", "ECE over every reported column (a spurious one counting as a wrong height), "
+                  "as `ceriakeras evaluate --data` reports it: "
+                  + ", ".join(f"{_fmt(r['network'], 'ece_all_reported', '{:.3f}')} at "
+                              f"{r['dose_e_per_A2']:g}" for r in result["results"]) + " e⁻/Å²."]
+    if "accuracy_vs_dose" in plots:
+        lines += ["", f"![accuracy and F1 against dose]({plots['accuracy_vs_dose']})"]
+    for r in result["results"]:
+        net = r["network"]
+        per_h = ", ".join(f"{h}: {v['accuracy']:.2f} ({v['count']}; read as "
+                          f"{net['mean_predicted_height_atoms'][h]:.1f})"
+                          for h, v in sorted(net["per_height"].items(), key=lambda kv: int(kv[0])))
+        lines += ["", f"Exact accuracy per true height at {r['dose_e_per_A2']:g} e⁻/Å² "
+                  f"(columns; mean predicted height, atoms): {per_h or '–'}"]
+    if "reliability" in plots:
+        lines += ["", "## Calibration of `confidence` (matched columns)", "",
+                  f"![reliability diagram]({plots['reliability']})"]
+    return "\n".join(lines) + "\n"

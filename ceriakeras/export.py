@@ -5,6 +5,10 @@ The SavedModel has one signature, ``serving_default``::
     inputs:  image          float32 [batch, H, W, 1]   raw counts or any linear intensity
     outputs: probabilities  float32 [batch, H, W, max_height + 1]
              height         int32   [batch, H, W]      most probable height, Ce atoms
+    and, for models with a global branch (version 3 on; an additive change):
+             defocus_nm     float32 [batch]   estimated defocus of each frame, nm (abTEM sign)
+             cs_um          float32 [batch]   estimated spherical aberration C30, µm
+             max_column_height_atoms  float32 [batch]  estimated largest column height, Ce atoms
 
 Normalization and padding live inside the graph, so clients send raw frames of any size.
 ``assets/ceriakeras.json`` tells every consumer what the model needs (pixel size, classes,
@@ -26,8 +30,7 @@ import numpy as np
 
 from .config import ModelError
 from .io import give_ordinary_permissions
-
-ASSET_NAME = "ceriakeras.json"
+from .modelinfo import ASSET_NAME, find_version, read_info
 
 
 def _checkpoint(run_dir: Path) -> Path:
@@ -65,12 +68,30 @@ def _next_version(out_dir: Path) -> int:
     return max(versions, default=0) + 1
 
 
-def model_info(run_dir: Path, checkpoint: Path) -> dict:
-    """The contents of ``assets/ceriakeras.json`` for a run (see the module docstring)."""
+OPTICS_DESCRIPTIONS = {
+    "defocus_nm": "float32 [batch], estimated defocus of each frame, nm (abTEM sign, = -C10)",
+    "cs_um": "float32 [batch], estimated spherical aberration C30 of each frame, µm",
+    "max_column_height_atoms": "float32 [batch], estimated largest Ce column height in the "
+                               "frame, Ce atoms (a thickness scale)",
+}
+"""The optional per-frame outputs of a model with a global branch, as the signature lists them."""
+
+
+def model_info(run_dir: Path, checkpoint: Path, optics: bool | None = None) -> dict:
+    """The contents of ``assets/ceriakeras.json`` for a run (see the module docstring).
+
+    ``optics``: whether the model has the per-frame optics outputs (default: from the run's
+    config, a context U-Net with a global branch)."""
     config = _read_json(run_dir / "config.json")
     dataset = _read_json(run_dir / "dataset.json")
     model = config.get("model", {})
     metrics = _read_json(run_dir / "metrics.json")
+    if optics is None:
+        optics = model.get("architecture") == "context_unet" and model.get("global_branch", True)
+    outputs = {"probabilities": "float32 [batch, H, W, max_height + 1]",
+               "height": "int32 [batch, H, W], Ce atoms"}
+    if optics:
+        outputs.update(OPTICS_DESCRIPTIONS)
     return {
         "pixel_size_A": model.get("pixel_size_A", dataset.get("pixel_size_A")),
         "max_height": model.get("max_height"),
@@ -89,8 +110,7 @@ def model_info(run_dir: Path, checkpoint: Path) -> dict:
         "signature": {
             "name": "serving_default",
             "inputs": {"image": "float32 [batch, H, W, 1], raw counts or linear intensity"},
-            "outputs": {"probabilities": "float32 [batch, H, W, max_height + 1]",
-                        "height": "int32 [batch, H, W], Ce atoms"},
+            "outputs": outputs,
         },
     }
 
@@ -110,8 +130,8 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
         Version number (a positive integer); default: one more than the highest present.
     calibrate_on : path, optional
         Dataset whose validation split calibrates the column ``confidence``: a Platt scaling at
-        each of :data:`ceriakeras.evaluate.CALIBRATION_DOSES_E_PER_A2`
-        (:func:`ceriakeras.evaluate.fit_confidence_calibration`), for plain inference and for
+        each of :data:`ceriakeras.calibration.CALIBRATION_DOSES_E_PER_A2`
+        (:func:`ceriakeras.calibration.fit_confidence_calibration`), for plain inference and for
         test-time augmentation, recorded in ``assets/ceriakeras.json`` as
         ``confidence_calibration`` and ``confidence_calibration_tta`` and applied by
         :func:`ceriakeras.columns.find_columns`. The serving graph is the same either way.
@@ -134,7 +154,7 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
     import tensorflow as tf
 
     from . import train as _registers_custom_metrics  # noqa: F401
-    from .model import load_checkpoint  # also registers the custom layers
+    from .model import OPTICS_OUTPUTS, has_optics, load_checkpoint, split_outputs
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     checkpoint = _checkpoint(run_dir)
@@ -145,10 +165,9 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
     if target.exists():
         raise ModelError(f"{target} already exists; versions are never overwritten, choose "
                          f"another --version or leave it out for the next free one")
-    info = model_info(run_dir, checkpoint)
-
     model = load_checkpoint(checkpoint, compile=False,
                             instead="export only checkpoints made by ceriakeras train")
+    info = model_info(run_dir, checkpoint, optics=has_optics(model))
 
     # A loss weighted by w_k is minimized by q_k ∝ w_k p_k, not by the class probabilities p_k:
     # dividing by w and renormalizing gives calibrated probabilities (and fewer false columns).
@@ -157,13 +176,18 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32, name="image")])
     def serve(image):
-        weighted = tf.cast(model(image, training=False), tf.float32) * inverse_weights
+        raw, optics = split_outputs(model(image, training=False))
+        weighted = tf.cast(raw, tf.float32) * inverse_weights
         probabilities = weighted / tf.reduce_sum(weighted, axis=-1, keepdims=True)
         height = tf.cast(tf.argmax(probabilities, axis=-1), tf.int32)
-        return {"probabilities": probabilities, "height": height}
+        out = {"probabilities": probabilities, "height": height}
+        if optics is not None:  # additive: per-frame optics of the global branch
+            for i, (name, _, _) in enumerate(OPTICS_OUTPUTS):
+                out[name] = tf.cast(optics[:, i], tf.float32)
+        return out
 
     if calibrate_on is not None:
-        from .evaluate import fit_confidence_calibration
+        from .calibration import fit_confidence_calibration
 
         served = ServedModel(path=target, info=info, signature=serve)  # what consumers will run
         method = ("Platt scaling of the raw confidence per dose, interpolated in log dose; the "
@@ -196,20 +220,6 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
     return target
 
 
-def find_version(path) -> Path:
-    """The SavedModel folder for ``path``: a version folder, or the newest integer version in a
-    model base folder ``saved_models/NAME``."""
-    path = Path(path)
-    if (path / "saved_model.pb").is_file():
-        return path
-    versions = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit()
-                       and (p / "saved_model.pb").is_file()) if path.is_dir() else [])
-    if not versions:
-        raise ModelError(f"no SavedModel at {path}; export one with "
-                         f"`ceriakeras export --run runs/NAME --out {path}`")
-    return path / str(versions[-1])
-
-
 @dataclass
 class ServedModel:
     """A loaded SavedModel version: ``info`` (its ``assets/ceriakeras.json``) and ``predict``."""
@@ -218,18 +228,34 @@ class ServedModel:
     info: dict
     signature: object
 
-    def predict(self, images) -> tuple[np.ndarray, np.ndarray]:
-        """Height probabilities for raw frames.
+    @property
+    def optics_names(self) -> tuple[str, ...]:
+        """Names of the per-frame optics outputs (``defocus_nm``, ``cs_um``, …); () for models
+        without them (versions 1–2)."""
+        outputs = self.info.get("signature", {}).get("outputs", {})
+        return tuple(name for name in OPTICS_DESCRIPTIONS if name in outputs)
+
+    @property
+    def has_optics(self) -> bool:
+        """Whether the model estimates the optics of each frame."""
+        return bool(self.optics_names)
+
+    def predict(self, images, *, optics: bool = False):
+        """Height probabilities for raw frames (and, when asked, the per-frame optics).
 
         Parameters
         ----------
         images : (B, H, W) or (B, H, W, 1) or (H, W) array
             Raw counts or any linear intensity, at the model's ``info['pixel_size_A']``.
+        optics : bool
+            Also return the optics estimates as a third value.
 
         Returns
         -------
         probabilities : (B, H, W, max_height + 1) float32
         height : (B, H, W) int32
+        optics : dict of (B,) float32, only with ``optics=True``
+            ``{name: value per frame}`` for :attr:`optics_names` (empty for a model without).
         """
         import tensorflow as tf
 
@@ -239,7 +265,15 @@ class ServedModel:
         if x.ndim == 3:
             x = x[..., None]
         out = self.signature(image=tf.constant(x))
-        return out["probabilities"].numpy(), out["height"].numpy()
+        if not optics:
+            return out["probabilities"].numpy(), out["height"].numpy()
+        estimates = {name: np.asarray(out[name], np.float32) for name in OPTICS_DESCRIPTIONS
+                     if name in out}
+        return out["probabilities"].numpy(), out["height"].numpy(), estimates
+
+    def predict_optics(self, images) -> dict:
+        """The per-frame optics estimates alone: ``{name: (B,) float32}`` (empty without)."""
+        return self.predict(images, optics=True)[2]
 
 
 DIHEDRAL = tuple((transpose, flip) for transpose in (False, True)
@@ -307,23 +341,34 @@ class DihedralAveraged:
         info["confidence_calibration"] = info.pop("confidence_calibration_tta", None)
         return info
 
-    def predict(self, images) -> tuple[np.ndarray, np.ndarray]:
-        return dihedral_average(self.model.predict, images)
+    @property
+    def optics_names(self) -> tuple[str, ...]:
+        return tuple(getattr(self.model, "optics_names", ()))
 
+    @property
+    def has_optics(self) -> bool:
+        return bool(self.optics_names)
 
-def read_info(version_dir) -> dict:
-    """The ``assets/ceriakeras.json`` of a SavedModel version folder (pixel size, max_height, …).
+    def predict(self, images, *, optics: bool = False):
+        """:func:`dihedral_average` of the wrapped model's probabilities; with ``optics=True``
+        a third value, the per-frame optics averaged over the 8 copies (scalars per frame do
+        not change under flips and rotations, so their mean is the plain average)."""
+        if not optics:
+            return dihedral_average(self.model.predict, images)
+        estimates = []
 
-    Raises
-    ------
-    ModelError
-        If it is missing or unreadable.
-    """
-    info_path = Path(version_dir) / "assets" / ASSET_NAME
-    if not info_path.is_file():
-        raise ModelError(f"{version_dir} has no assets/{ASSET_NAME}; re-export it with "
-                         "`ceriakeras export`")
-    return _read_json(info_path)
+        def one(x):
+            probabilities, height, values = self.model.predict(x, optics=True)
+            estimates.append(values)
+            return probabilities, height
+
+        probabilities, height = dihedral_average(one, images)
+        mean = {name: np.mean([e[name] for e in estimates], axis=0).astype(np.float32)
+                for name in (estimates[0] if estimates else {})}
+        return probabilities, height, mean
+
+    def predict_optics(self, images) -> dict:
+        return self.predict(images, optics=True)[2]
 
 
 def load_served_model(path) -> ServedModel:

@@ -625,3 +625,30 @@ def resample_counts(image: np.ndarray, factor: float) -> np.ndarray:
 def model_to_input_px(coord, factor: float):
     """Map a model-grid pixel coordinate to the input grid: ``(j + 0.5)·f − 0.5`` (pixel centres at integers)."""
     return (np.asarray(coord, dtype=np.float64) + 0.5) * factor - 0.5
+
+
+def file_counts_per_electron(path: str | Path) -> float | None:
+    """The detector gain a file records, counts per electron, or None.
+
+    Only rosettasciio's standard field ``Signal.Noise_properties.Variance_linear_model.gain_factor``
+    of vendor files (DM, EMD, SER) is read, where a reader or acquisition software filled it in
+    (variance = gain_factor · counts for Poisson counts: the gain). TIFF and ``.npy`` files carry
+    none. The files checked in ``../shared/realdata`` carry none either, so in practice the gain
+    comes from ``--counts-per-electron`` or from :mod:`ceriakeras.detector`'s estimate.
+    """
+    path = Path(path)
+    plugin = VENDOR_SUFFIXES.get(path.suffix.lower())
+    if plugin is None:
+        return None
+    import importlib
+
+    try:
+        module = importlib.import_module(f"rsciio.{plugin}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            signals = module.file_reader(str(path), lazy=True)
+        model = signals[0]["metadata"]["Signal"]["Noise_properties"]["Variance_linear_model"]
+        gain = float(model["gain_factor"])
+    except (ImportError, KeyError, IndexError, TypeError, ValueError):  # the file records no gain
+        return None
+    return gain if math.isfinite(gain) and gain > 0 else None

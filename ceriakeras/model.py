@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from .config import ModelConfig, ModelError
-from .pipeline import poisson_sample
+from .pipeline import detector_blur, poisson_sample
 
 _PACKAGE = "ceriakeras"
 
@@ -31,12 +31,18 @@ class PoissonNoise(keras.layers.Layer):
     The input holds *expected* electron counts per pixel (noise-free intensity × dose × pixel
     area); each call in training draws new noise (a :class:`keras.random.SeedGenerator` advances
     its state every step), so every epoch sees fresh noise. At inference it is the identity.
+
+    With ``detector_correlation_max > 0`` the counts are then blurred by a detector MTF
+    (:func:`ceriakeras.pipeline.detector_blur`) whose neighbour-pixel noise correlation is
+    drawn per image uniformly in ``[0, detector_correlation_max]``, so the network also sees the
+    correlated noise of real cameras. The blur keeps every image's total count.
     """
 
-    def __init__(self, seed=None, **kwargs):
+    def __init__(self, seed=None, detector_correlation_max=0.0, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.seed = seed
+        self.detector_correlation_max = float(detector_correlation_max)
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, counts, training=None):
@@ -46,13 +52,20 @@ class PoissonNoise(keras.layers.Layer):
         replica = tf.distribute.get_replica_context()
         if replica is not None:  # different noise on each replica of a distributed step
             seed = seed + tf.cast(replica.replica_id_in_sync_group, seed.dtype)
-        return poisson_sample(counts, seed)
+        noisy = poisson_sample(counts, seed)
+        if self.detector_correlation_max > 0.0:  # detector MTF: neighbour-correlated noise
+            correlation = tf.random.stateless_uniform(
+                tf.shape(counts)[:1], seed=tf.cast(seed, tf.int64) + tf.constant([0, 7919], tf.int64),
+                maxval=self.detector_correlation_max, dtype=tf.float32)
+            noisy = detector_blur(noisy, correlation)
+        return noisy
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "seed": self.seed}
+        return {**super().get_config(), "seed": self.seed,
+                "detector_correlation_max": self.detector_correlation_max}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -170,6 +183,213 @@ def build_unet(config: ModelConfig = ModelConfig(), *, noise_seed: int | None = 
     logits = keras.layers.Conv2D(config.max_height + 1, 1, name="logits")(x)
     probabilities = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
     return keras.Model(image, probabilities, name="ceriakeras_unet")
+
+
+# --- the context U-Net (version 3) ---------------------------------------------------------------
+OPTICS_OUTPUTS = (("defocus_nm", 0.0, 12.0), ("cs_um", 0.0, 25.0),
+                  ("max_column_height_atoms", 7.0, 7.0))
+"""The per-frame optics the global branch estimates, in the order of the ``optics`` output:
+(name with unit, centre, scale). The network's dense layer predicts ``(value − centre) / scale``
+(targets of order 1); :class:`Affine` turns that into physical units, and the training loss
+compares in the normalised units. ``max_column_height_atoms`` is the largest Ce column height in
+the whole training image, a scale of the particle's thickness."""
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class AddGlobal(keras.layers.Layer):
+    """Add a per-image vector ``g (B, C)`` to every pixel of ``x (B, H, W, C)``."""
+
+    def call(self, x, g):
+        return x + keras.ops.cast(g, x.dtype)[:, None, None, :]
+
+    def compute_output_shape(self, x_shape, g_shape):
+        return x_shape
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class Affine(keras.layers.Layer):
+    """Fixed per-channel ``x * scale + centre`` (normalised units → physical units)."""
+
+    def __init__(self, centre, scale, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.centre = [float(c) for c in centre]
+        self.scale = [float(c) for c in scale]
+
+    def call(self, x):
+        x = keras.ops.cast(x, "float32")
+        return x * keras.ops.convert_to_tensor(self.scale) + keras.ops.convert_to_tensor(self.centre)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "centre": self.centre, "scale": self.scale}
+
+
+def _context_filters(config: ModelConfig, level: int) -> int:
+    """Filters at ``level`` (1 … depth; pixel size ``pixel_size_A * 2**level``)."""
+    return min(config.base_filters * 2 ** (level - 1), config.max_filters)
+
+
+def build_context_unet(config: ModelConfig, *, noise_seed: int | None = None) -> keras.Model:
+    """The context U-Net of model version 3: cheap context from a coarse internal grid.
+
+    ::
+
+        image (B, H, W, 1) counts → PoissonNoise (+ detector MTF) → NormalizeIntensity → pad
+          f0 = conv 3×3 (full_resolution_filters) at the model's pixel size (0.2 Å)
+          stem: stride-2 conv 3×3 → level 1 (0.4 Å), conv block
+          levels 2 … depth: max-pool, conv block (filters doubled, ≤ max_filters)
+          bottleneck (0.2 Å · 2**depth, e.g. 6.4 Å): dilated 3×3 convs (``dilations``)
+          global branch: global average pool → dense(global_units) → dense → added to every
+              bottleneck pixel;  → dense(3) → ``optics`` (defocus nm, Cs µm, largest height)
+          decoder: transposed conv up, concatenate the skip, conv block, up to level 1
+          transposed conv to full resolution + f0 → conv 3×3 → logits → crop → softmax
+
+    Almost all work happens at 0.4 Å and coarser; at depth 5 the analytic receptive field
+    (:func:`receptive_field_px`) is well over 320 px = 64 Å without the global branch, which
+    sees the whole frame.
+
+    Parameters
+    ----------
+    config : ModelConfig
+        ``architecture='context_unet'``, ``depth``, ``base_filters``, ``max_filters``,
+        ``full_resolution_filters``, ``dilations``, ``global_branch``, ``global_units``,
+        ``normalization``, ``dropout``, ``max_height``, ``detector_correlation_max``.
+    noise_seed : int, optional
+        Seed of the training-time noise.
+
+    Returns
+    -------
+    keras.Model
+        Input ``image`` (B, H, W, 1) float32, any H and W. Output: with the global branch a dict
+        ``{'probabilities': (B, H, W, max_height + 1), 'optics': (B, 3)}`` (float32; optics in
+        the units of :data:`OPTICS_OUTPUTS`), without it the probabilities alone.
+    """
+    config.validate()
+    norm = config.normalization
+    image = keras.Input(shape=(None, None, 1), dtype="float32", name="image")
+    x = PoissonNoise(seed=noise_seed, detector_correlation_max=config.detector_correlation_max,
+                     name="poisson_noise")(image)
+    x = NormalizeIntensity(name="normalize_intensity")(x)
+    x = PadToMultiple(2**config.depth, name="pad")(x)
+
+    def conv(x, filters, *, dilation=1, strides=1):
+        x = keras.layers.Conv2D(filters, 3, strides=strides, dilation_rate=dilation,
+                                padding="same", use_bias=norm == "none")(x)
+        x = _normalization(norm, filters)(x)
+        return keras.layers.Activation("relu")(x)
+
+    full = conv(x, config.full_resolution_filters)
+    x = conv(full, _context_filters(config, 1), strides=2)  # the strided stem
+    skips = []
+    for level in range(1, config.depth + 1):
+        if level > 1:
+            x = keras.layers.MaxPooling2D(2)(x)
+        filters = _context_filters(config, level)
+        x = _conv_block(x, filters, norm)
+        skips.append(x)
+    skips.pop()  # the bottleneck is not a skip
+    bottleneck = _context_filters(config, config.depth)
+    for rate in config.dilations:
+        x = conv(x, bottleneck, dilation=int(rate))
+
+    optics = None
+    if config.global_branch:
+        g = keras.layers.GlobalAveragePooling2D(name="global_pool")(x)
+        g = keras.layers.Dense(config.global_units, activation="relu", name="global_dense")(g)
+        x = AddGlobal(name="global_add")(x, keras.layers.Dense(bottleneck, name="global_back")(g))
+        z = keras.layers.Dense(len(OPTICS_OUTPUTS), dtype="float32", name="optics_normalised")(g)
+        optics = Affine([c for _, c, _ in OPTICS_OUTPUTS], [s for _, _, s in OPTICS_OUTPUTS],
+                        name="optics")(z)
+    x = keras.layers.Dropout(config.dropout)(x)
+
+    for level in reversed(range(1, config.depth)):
+        filters = _context_filters(config, level)
+        x = keras.layers.Conv2DTranspose(filters, 2, strides=2, padding="same")(x)
+        x = keras.layers.Concatenate()([x, skips[level - 1]])
+        x = _conv_block(x, filters, norm)
+
+    x = keras.layers.Conv2DTranspose(config.full_resolution_filters, 2, strides=2,
+                                     padding="same")(x)
+    x = keras.layers.Add()([x, full])
+    x = conv(x, config.full_resolution_filters)
+    x = CropTo(name="crop")(x, image)
+    logits = keras.layers.Conv2D(config.max_height + 1, 1, name="logits")(x)
+    probabilities = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
+    if optics is None:
+        return keras.Model(image, probabilities, name="ceriakeras_context_unet")
+    return keras.Model(image, {"probabilities": probabilities, "optics": optics},
+                       name="ceriakeras_context_unet")
+
+
+def build_model(config: ModelConfig = ModelConfig(), *, noise_seed: int | None = None) -> keras.Model:
+    """The network ``config.architecture`` names: :func:`build_unet` or :func:`build_context_unet`."""
+    config.validate()
+    if config.architecture == "context_unet":
+        return build_context_unet(config, noise_seed=noise_seed)
+    return build_unet(config, noise_seed=noise_seed)
+
+
+def split_outputs(outputs):
+    """``(probabilities, optics or None)`` from a model's output, a tensor or a dict."""
+    if isinstance(outputs, dict):
+        return outputs["probabilities"], outputs.get("optics")
+    return outputs, None
+
+
+def has_optics(model: keras.Model) -> bool:
+    """Whether the model has the ``optics`` output of the global branch."""
+    return isinstance(model.output, dict) and "optics" in model.output
+
+
+def receptive_field_px(model: keras.Model, output: str = "probabilities") -> float:
+    """The theoretical receptive field of one output pixel, in input pixels (a side length).
+
+    Walks the functional graph in order and propagates, per tensor, the receptive field ``r``
+    and the input-pixel spacing ``j`` of its grid: a convolution or pooling of kernel ``k``,
+    stride ``s`` and dilation ``d`` gives ``r + (k − 1)·d·j`` and ``j·s``; a transposed
+    convolution of stride ``s`` gives ``j / s`` and ``r + (k − 1)·j / s``; a merge takes the
+    largest ``r``; global pooling gives infinity. Layers that act per pixel change nothing.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A functional model from :func:`build_model`.
+    output : str
+        Output name ('probabilities').
+
+    Returns
+    -------
+    float
+        Side of the square input window that can influence one output pixel, px (``inf`` if
+        a global pooling reaches the output).
+    """
+    field: dict[int, tuple[float, float]] = {id(t): (1.0, 1.0) for t in model.inputs}
+    for layer in model.layers:
+        for node in layer._inbound_nodes:
+            inputs = [field.get(id(t), (1.0, 1.0)) for t in node.input_tensors]
+            r = max((f[0] for f in inputs), default=1.0)
+            j = max((f[1] for f in inputs), default=1.0)
+            if isinstance(layer, keras.layers.Conv2DTranspose):
+                j = j / layer.strides[0]
+                r = r + (layer.kernel_size[0] - 1) * j
+            elif isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+                r = r + (layer.kernel_size[0] - 1) * layer.dilation_rate[0] * j
+                j = j * layer.strides[0]
+            elif isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)):
+                r = r + (layer.pool_size[0] - 1) * j
+                j = j * layer.strides[0]
+            elif isinstance(layer, (keras.layers.GlobalAveragePooling2D,
+                                    keras.layers.GlobalMaxPooling2D)):
+                r = float("inf")
+            if isinstance(layer, CropTo):  # the reference only gives the size
+                r, j = inputs[0]
+            for t in node.output_tensors:
+                field[id(t)] = (r, j)
+    target = model.output[output] if isinstance(model.output, dict) else model.output
+    return field[id(target)][0]
 
 
 def load_checkpoint(path, *, compile: bool = True, instead: str) -> keras.Model:

@@ -92,6 +92,54 @@ def poisson_sample(mean: Any, seed: Any) -> tf.Tensor:
     return tf.cast(tf.where(small, k_small, k_large), out_dtype)
 
 
+def mtf_tap(correlation: Any) -> tf.Tensor:
+    """Side weight ``a`` of the 3-tap kernel ``[a, 1 − 2a, a]`` whose blur of white noise gives
+    the neighbour-pixel ``correlation`` (per axis): the smaller root of
+    ``(6ρ + 4) a² − (4ρ + 2) a + ρ = 0``, i.e. ``ρ = 2a(1 − 2a) / (2a² + (1 − 2a)²)``.
+
+    ``correlation`` is clipped to [0, 0.5] (a = 0 … 0.146); any shape, float32.
+    """
+    rho = tf.clip_by_value(tf.cast(correlation, tf.float32), 0.0, 0.5)
+    b = 4.0 * rho + 2.0
+    return (b - tf.sqrt(b * b - 4.0 * rho * (6.0 * rho + 4.0))) / (2.0 * (6.0 * rho + 4.0))
+
+
+def detector_blur(counts: Any, correlation: Any) -> tf.Tensor:
+    """Blur counts with a detector MTF: the separable kernel ``[a, 1 − 2a, a]`` along rows and
+    columns, ``a`` from :func:`mtf_tap`, so that white (Poisson) noise becomes noise whose
+    correlation between horizontally or vertically neighbouring pixels is ``correlation``.
+
+    Edges are padded by repeating the edge pixel, which keeps each image's total count exactly.
+    Plain element-wise ops and slices: runs on GPU and under XLA.
+
+    Parameters
+    ----------
+    counts : (B, H, W, C) float tensor
+        Counts (e.g. a Poisson draw), H, W ≥ 2.
+    correlation : (B,) float
+        Neighbour correlation of the noise per image, in [0, 0.5] (0: unchanged).
+
+    Returns
+    -------
+    tf.Tensor
+        (B, H, W, C), the dtype of ``counts``.
+    """
+    counts = tf.convert_to_tensor(counts)
+    x = tf.cast(counts, tf.float32)
+    a = tf.reshape(mtf_tap(correlation), [-1, 1, 1, 1])
+
+    def blur(x, axis):
+        n = tf.shape(x)[axis]
+        first = tf.gather(x, [0], axis=axis)
+        last = tf.gather(x, [n - 1], axis=axis)
+        padded = tf.concat([first, x, last], axis=axis)
+        before = tf.gather(padded, tf.range(0, n), axis=axis)
+        after = tf.gather(padded, tf.range(2, n + 2), axis=axis)
+        return (1.0 - 2.0 * a) * x + a * (before + after)
+
+    return tf.cast(blur(blur(x, 1), 2), counts.dtype)
+
+
 def draw_dose(seed: Any, shape: Any, dose_range_e_per_A2: Sequence[float]) -> tf.Tensor:
     """Doses drawn log-uniformly over ``dose_range_e_per_A2`` (e⁻/Å²), float32, stateless."""
     lo, hi = (math.log(float(d)) for d in dose_range_e_per_A2)
@@ -174,9 +222,35 @@ def _dihedral(x: tf.Tensor, code: tf.Tensor) -> tf.Tensor:
     return sel(4, tf.reverse(x, [2]), x)
 
 
+def _metadata_number(metadata: tf.Tensor, key: str) -> tf.Tensor:
+    """The number after ``"key":`` in each JSON string of ``metadata (b,)``, NaN where absent."""
+    pattern = r'(?s).*?"' + key + r'"\s*:\s*(-?[0-9][0-9.eE+-]*).*'
+    found = tf.strings.regex_full_match(metadata, pattern)
+    text = tf.where(found, tf.strings.regex_replace(metadata, pattern, r"\1"), "nan")
+    return tf.strings.to_number(text, tf.float32)
+
+
+def optics_targets(metadata: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
+    """Per-record targets of the optics output: ``(b, 3)`` float32 = defocus (nm, abTEM sign),
+    Cs (µm) from each record's metadata JSON (``defocus_nm``, ``cs_um``; NaN when absent) and the
+    largest column height in the record (Ce atoms, 0 for an image without columns).
+
+    Parameters
+    ----------
+    metadata : (b,) string tensor
+        The records' ``metadata`` feature.
+    columns : (b, 3 n) float tensor
+        The records' flattened ``columns`` (x_px, y_px, height), zero-padded to the longest.
+    """
+    heights = tf.reshape(columns, [tf.shape(columns)[0], -1, 3])[:, :, 2]
+    largest = tf.reduce_max(tf.concat([tf.zeros_like(heights[:, :1]), heights], axis=1), axis=1)
+    return tf.stack([_metadata_number(metadata, "defocus_nm"), _metadata_number(metadata, "cs_um"),
+                     largest], axis=1)
+
+
 def make_dataset(data_dir: str | Path, split: str, config: PipelineConfig, *,
                  class_weights: Any = None, training: bool | None = None, repeat: bool | None = None,
-                 verify: bool = True) -> tf.data.Dataset:
+                 verify: bool = True, optics: bool = False) -> tf.data.Dataset:
     """Batches of ``(image, label, sample_weight)`` from a dataset folder's split.
 
     Parameters
@@ -202,6 +276,10 @@ def make_dataset(data_dir: str | Path, split: str, config: PipelineConfig, *,
     verify : bool
         Check every shard of the split against the manifest's size and sha256 first
         (remembered per file while it is unchanged).
+    optics : bool
+        Also deliver the targets of the ``optics`` output (:func:`optics_targets`): the label
+        becomes ``{'probabilities': label, 'optics': (B, 3)}`` and the sample weight
+        ``{'probabilities': weight, 'optics': ones (B,)}``, as a model with two outputs is fitted.
 
     Returns
     -------
@@ -240,7 +318,7 @@ def make_dataset(data_dir: str | Path, split: str, config: PipelineConfig, *,
             )
     repeat = training if repeat is None else repeat
     deterministic = bool(config.deterministic or not training)
-    spec = feature_spec(False)
+    spec = feature_spec(bool(optics))
     chunk = max(1, min(config.batch_size, 32))
     crops = max(1, min(config.crops_per_image, (height // crop) * (width // crop)))
     seed = int(config.seed)
@@ -262,6 +340,8 @@ def make_dataset(data_dir: str | Path, split: str, config: PipelineConfig, *,
         image = tf.reshape(tf.io.decode_raw(f["image"], tf.float32), [b, height, width])
         label = tf.reshape(tf.io.decode_raw(f["label"], tf.uint8), [b, height, width])
         px = tf.reshape(f["pixel_size"], [b, 1, 1])
+        targets = (optics_targets(f["metadata"], tf.reshape(f["columns"], [b, -1]))
+                   if optics else tf.zeros([b, 3]))
         if training:  # `crops` random crops of each record, each with its own flip/rotation
             s = _seed_pair(seed, index[0], 1)
             images, labels = [], []
@@ -278,13 +358,21 @@ def make_dataset(data_dir: str | Path, split: str, config: PipelineConfig, *,
             dose = draw_dose(_seed_pair(seed, index[0], 2), [crops * b], config.dose_range_e_per_A2)
             image = expected_counts(image, tf.reshape(dose, [-1, 1, 1]), px)
             index = tf.tile(index, [crops])
+            targets = tf.tile(targets, [crops, 1])
         else:  # centre crops
             top = tf.fill([b], (height - crop) // 2)
             left = tf.fill([b], (width - crop) // 2)
             image = _crop_batch(image, top, left, crop)
             label = _crop_batch(label, top, left, crop)
         return {"index": index, "image": image, "label": tf.cast(label, tf.int32),
-                "pixel_size": px[:, 0, 0]}
+                "pixel_size": px[:, 0, 0], "optics": targets}
+
+    def _pack(image, label, weight, targets):
+        if not optics:
+            return image, label, weight
+        ones = tf.ones(tf.shape(targets)[:-1], tf.float32)
+        return image, {"probabilities": label, "optics": targets}, {"probabilities": weight,
+                                                                    "optics": ones}
 
     ds = ds.map(parse_chunk, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     ds = ds.unbatch()
@@ -293,7 +381,8 @@ def make_dataset(data_dir: str | Path, split: str, config: PipelineConfig, *,
         ds = ds.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
 
         def finish(ex):
-            return (ex["image"][..., None], ex["label"], tf.gather(weights, ex["label"]))
+            return _pack(ex["image"][..., None], ex["label"], tf.gather(weights, ex["label"]),
+                         ex["optics"])
 
         ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     else:
@@ -304,7 +393,8 @@ def make_dataset(data_dir: str | Path, split: str, config: PipelineConfig, *,
             mean = expected_counts(ex["image"][None], tf.reshape(doses, [-1, 1, 1]), ex["pixel_size"])
             counts = poisson_sample(mean, _seed_pair(seed, ex["index"], _VALIDATION_SEED_SALT))
             label = tf.repeat(ex["label"][None], n_doses, axis=0)
-            return counts[..., None], label, tf.gather(weights, label)
+            targets = tf.repeat(ex["optics"][None], n_doses, axis=0)
+            return _pack(counts[..., None], label, tf.gather(weights, label), targets)
 
         ds = ds.map(noisy, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
     ds = ds.batch(config.batch_size, drop_remainder=training,
@@ -316,5 +406,6 @@ def make_dataset(data_dir: str | Path, split: str, config: PipelineConfig, *,
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-__all__ = ["poisson_sample", "draw_dose", "expected_counts", "make_dataset",
+__all__ = ["poisson_sample", "detector_blur", "mtf_tap", "draw_dose", "expected_counts", "make_dataset",
+           "optics_targets",
            "EXACT_MEAN_LIMIT", "MAX_INVERSION_TERMS"]

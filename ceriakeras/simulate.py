@@ -760,3 +760,33 @@ def simulate_particle(particle_id: int, seed: int, config: SimulationConfig | No
             atoms=atoms.copy(),
         ))
     return examples
+
+
+def image_of_atoms(atoms: Atoms, optics: dict, *, cell_size_A: float = 64.0,
+                   pixel_size_A: float = 0.2, sampling_A: float = 0.1,
+                   slice_thickness_A: float = 2.0) -> np.ndarray:
+    """The noise-free HRTEM image (vacuum = 1) of any atoms, beam along z.
+
+    For structures that are not the training particles (other materials and zone axes,
+    :func:`ceriakeras.structures.build_other_particle`): the same multislice and lens as
+    :func:`simulate_particle`, without labels.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        Positions in Å, beam along z; centred in a square cell of ``cell_size_A`` here.
+    optics : dict
+        As :func:`draw_optics` returns (its ``energy_keV`` is used for the multislice).
+    cell_size_A, pixel_size_A, sampling_A, slice_thickness_A : float
+        Cell side, image pixel, multislice sampling and slice thickness, Å.
+
+    Returns
+    -------
+    (H, W) float32, H = W = cell_size_A / pixel_size_A
+    """
+    placed = place_in_cell(atoms, cell_size_A)
+    grid = image_sampling_A(pixel_size_A, sampling_A, optics["energy_keV"],
+                            optics["aperture_mrad"])
+    wave = exit_wave(placed, sampling_A, slice_thickness_A, optics["energy_keV"],
+                     image_sampling=grid)
+    return image_from_exit_wave(wave, optics, pixel_size_A)

@@ -31,9 +31,9 @@ import numpy as np
 import scipy.ndimage
 import tensorflow as tf
 
-from .config import ConfigError, ModelError, TrainConfig, to_dict
+from .config import ConfigError, ModelConfig, ModelError, TrainConfig, from_dict, to_dict
 from .io import file_sha256, write_text_atomic
-from .model import build_unet, load_checkpoint
+from .model import OPTICS_OUTPUTS, build_model, has_optics, load_checkpoint, split_outputs
 
 _PACKAGE = "ceriakeras"
 
@@ -125,6 +125,75 @@ class UnweightedMeanIoU(keras.metrics.MeanIoU):
         return super().update_state(y_true, y_pred)
 
 
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class OpticsLoss(keras.losses.Loss):
+    """Mean squared error of the per-frame optics in normalised units, ``((y − p) / scale)²``
+    averaged over the known components (:data:`ceriakeras.model.OPTICS_OUTPUTS` scales);
+    non-finite targets (a record without that metadata) count as known-perfect (0)."""
+
+    def __init__(self, scale=None, name="optics_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.scale = [float(s) for s in (scale or [s for _, _, s in OPTICS_OUTPUTS])]
+
+    def call(self, y_true, y_pred):
+        y_pred = keras.ops.cast(y_pred, "float32")
+        y_true = keras.ops.cast(y_true, "float32")
+        known = keras.ops.isfinite(y_true)
+        y_true = keras.ops.where(known, y_true, y_pred)
+        error = (y_true - y_pred) / keras.ops.convert_to_tensor(self.scale)
+        return keras.ops.mean(keras.ops.square(error), axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class OpticsAbsoluteError(keras.metrics.Metric):
+    """Mean absolute error of one optics component in its physical unit (nm, µm, atoms),
+    over the frames whose target is known (finite)."""
+
+    def __init__(self, index=0, name="defocus_mae_nm", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.index = int(index)
+        self.error = self.add_variable(shape=(), initializer="zeros", name="error")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_true = tf.cast(y_true, "float32")[:, self.index]
+        y_pred = tf.cast(y_pred, "float32")[:, self.index]
+        known = tf.math.is_finite(y_true)
+        error = tf.where(known, tf.abs(y_true - y_pred), 0.0)
+        self.error.assign_add(tf.reduce_sum(error))
+        self.count.assign_add(tf.reduce_sum(tf.cast(known, "float32")))
+
+    def result(self):
+        return tf.math.divide_no_nan(self.error, self.count)
+
+    def get_config(self):
+        return {**super().get_config(), "index": self.index}
+
+
+OPTICS_METRIC_NAMES = ("defocus_mae_nm", "cs_mae_um", "max_column_height_mae_atoms")
+"""Names of the :class:`OpticsAbsoluteError` metrics, in the order of the optics output."""
+
+
+def pack_targets(optics_model: bool, label, weight, optics=None):
+    """The ``(y, sample_weight)`` a model is fitted with: ``(label, weight)`` for a model with
+    probabilities only, dicts keyed ``probabilities``/``optics`` for one with the optics output
+    (``optics (B, 3)`` in the units of :data:`ceriakeras.model.OPTICS_OUTPUTS`, NaN = unknown;
+    its sample weight is 1 per frame)."""
+    if not optics_model:
+        return label, weight
+    ones = tf.ones(tf.shape(label)[:1], tf.float32)
+    return {"probabilities": label, "optics": optics}, {"probabilities": weight, "optics": ones}
+
+
+def training_targets_spec(model, label, weight, optics):
+    """:func:`pack_targets` for ``model`` (NumPy arrays in, for quick tests and benchmarks)."""
+    y, w = pack_targets(has_optics(model), label, weight, optics)
+    return tf.nest.map_structure(np.asarray, y), tf.nest.map_structure(np.asarray, w)
+
+
 def column_height_accuracy(labels: np.ndarray, probabilities: np.ndarray) -> tuple[int, int]:
     """Count the true columns whose height is recovered exactly.
 
@@ -173,7 +242,10 @@ def compile_model(model: keras.Model, config: TrainConfig, optimizer=None) -> ke
     """Compile with Adam on the cosine schedule, weighted cross-entropy and the pixel metrics.
 
     The per-pixel class weights come from the data as sample weights (Keras' ``class_weight``
-    argument does not handle per-pixel labels). ``optimizer`` keeps an existing (restored)
+    argument does not handle per-pixel labels). A model with the ``optics`` output (the
+    context U-Net's global branch) gets dict losses: the cross-entropy on ``probabilities``
+    plus ``config.optics_loss_weight`` × :class:`OpticsLoss`, and the optics MAE metrics
+    (Keras then prefixes the metric names with the output's, e.g. ``probabilities_mean_iou``). ``optimizer`` keeps an existing (restored)
     optimizer and only replaces its learning-rate schedule.
     """
     if optimizer is None:
@@ -181,13 +253,22 @@ def compile_model(model: keras.Model, config: TrainConfig, optimizer=None) -> ke
     else:
         optimizer.learning_rate = learning_rate_schedule(config)
     num_classes = config.model.max_height + 1
+    pixel_metrics = [
+        ColumnPixelAccuracy(),
+        UnweightedMeanIoU(num_classes=num_classes, sparse_y_pred=False, name="mean_iou"),
+    ]
+    if not has_optics(model):
+        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(),
+                      metrics=pixel_metrics)
+        return model
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[
-            ColumnPixelAccuracy(),
-            UnweightedMeanIoU(num_classes=num_classes, sparse_y_pred=False, name="mean_iou"),
-        ],
+        loss={"probabilities": keras.losses.SparseCategoricalCrossentropy(),
+              "optics": OpticsLoss()},
+        loss_weights={"probabilities": 1.0, "optics": config.optics_loss_weight},
+        metrics={"probabilities": pixel_metrics,
+                 "optics": [OpticsAbsoluteError(i, name)
+                            for i, name in enumerate(OPTICS_METRIC_NAMES)]},
     )
     return model
 
@@ -285,7 +366,8 @@ class ValidationReport(keras.callbacks.Callback):
         correct = total = 0
         batches = self.dataset if self.steps is None else self.dataset.take(self.steps)
         for i, (image, label, *_) in enumerate(batches):
-            prob = self.model(image, training=False).numpy()
+            label = label["probabilities"] if isinstance(label, dict) else label
+            prob = split_outputs(self.model(image, training=False))[0].numpy()
             c, t = column_height_accuracy(label.numpy(), prob)
             correct, total = correct + c, total + t
             if i == 0 and self.writer is not None:
@@ -408,12 +490,20 @@ def fit_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy, train
     cross_entropy = keras.losses.SparseCategoricalCrossentropy(reduction=None)
     optimizer = model.optimizer
 
+    optics_loss = OpticsLoss(reduction=None)
+
     def replica_step(image, label, weight):
+        targets = label
+        if isinstance(label, dict):
+            label, weight = label["probabilities"], weight["probabilities"]
         with tf.GradientTape() as tape:
-            probabilities = model(image, training=True)
+            probabilities, optics = split_outputs(model(image, training=True))
             pixels = tf.cast(tf.reduce_prod(tf.shape(label)[1:]), "float32")
             per_pixel = cross_entropy(label, probabilities) * weight
             loss = tf.reduce_sum(tf.cast(per_pixel, "float32")) / (global_batch * pixels)
+            if optics is not None:
+                loss += config.optics_loss_weight * tf.reduce_sum(
+                    optics_loss(targets["optics"], optics)) / global_batch
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
             scaled = optimizer.scale_loss(loss)
@@ -444,18 +534,31 @@ def fit_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy, train
     def validate() -> dict:
         metrics = [ColumnPixelAccuracy(), UnweightedMeanIoU(
             num_classes=config.model.max_height + 1, sparse_y_pred=False, name="mean_iou")]
-        total = count = 0.0
+        optics_metrics = [OpticsAbsoluteError(i, name) for i, name in enumerate(OPTICS_METRIC_NAMES)]
+        total = count = optics_total = frames = 0.0
         data = validation if config.validation_steps is None else validation.take(
             config.validation_steps)
         for image, label, weight in data:
-            probabilities = model(image, training=False)
+            targets = label
+            if isinstance(label, dict):
+                label, weight = label["probabilities"], weight["probabilities"]
+            probabilities, optics = split_outputs(model(image, training=False))
             per_pixel = cross_entropy(label, probabilities) * weight
             total += float(tf.reduce_sum(per_pixel))
             count += float(tf.size(per_pixel))
             for metric in metrics:
                 metric.update_state(label, probabilities)
-        return {"val_loss": total / max(count, 1.0),
+            if optics is not None:
+                optics_total += float(tf.reduce_sum(optics_loss(targets["optics"], optics)))
+                frames += float(tf.shape(optics)[0])
+                for metric in optics_metrics:
+                    metric.update_state(targets["optics"], optics)
+        logs = {"val_loss": total / max(count, 1.0),
                 **{f"val_{m.name}": float(m.result()) for m in metrics}}
+        if frames:  # as Keras' fit names them for a model with two outputs
+            logs["val_loss"] += config.optics_loss_weight * optics_total / frames
+            logs.update({f"val_optics_{m.name}": float(m.result()) for m in optics_metrics})
+        return logs
 
     history: dict[str, list] = {}
     model.stop_training = False
@@ -542,6 +645,16 @@ def _read_json(path: Path) -> dict:
         raise ModelError(f"cannot read {path} ({err}); start again with --overwrite") from None
 
 
+def _saved_model_config(run_dir: Path) -> dict:
+    """The model settings a run was started with, with the defaults of fields added since
+    (a run of versions 1–2 has no ``architecture``: it is a 'unet')."""
+    saved = _read_json(run_dir / "config.json").get("model") or {}
+    try:
+        return to_dict(from_dict(ModelConfig, saved))
+    except (ConfigError, TypeError):
+        return saved
+
+
 def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: bool = False,
           overwrite: bool = False, progress: bool = True) -> dict:
     """Train the U-Net on a simulated dataset and keep everything in ``run_dir``.
@@ -599,7 +712,7 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
         if saved.get("manifest_sha256") != digest:
             raise ModelError(f"{data_dir} is not the dataset run {run_dir} was trained on "
                              f"(manifest differs); use the same --data or start a new run")
-        if _read_json(run_dir / "config.json").get("model") != to_dict(config.model):
+        if _saved_model_config(run_dir) != to_dict(config.model):
             raise ModelError(f"the model settings differ from those of {run_dir}/config.json; "
                              "resume with the same model config or start a new run")
         state = _read_json(run_dir / "state.json")
@@ -622,10 +735,11 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
         "label_radius_A": manifest.get("config", {}).get("label_radius_A"),
         "counts": manifest.get("counts"), "class_weights": [float(w) for w in weights]},
         indent=2))
+    optics = config.model.architecture == "context_unet" and config.model.global_branch
     training = make_dataset(data_dir, "train", config.pipeline, class_weights=weights,
-                            training=True)
+                            training=True, optics=optics)
     validation = make_dataset(data_dir, "validation", config.pipeline, class_weights=weights,
-                              training=False)
+                              training=False, optics=optics)
 
     with precision_policy(config.mixed_precision), strategy.scope():
         if resume:
@@ -635,7 +749,7 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
                   f"{initial_epoch} (optimizer step {int(model.optimizer.iterations.numpy())})",
                   flush=True)
         else:
-            model = compile_model(build_unet(config.model, noise_seed=config.pipeline.seed), config)
+            model = compile_model(build_model(config.model, noise_seed=config.pipeline.seed), config)
         if initial_epoch >= config.epochs:
             print(f"{run_dir} already has {initial_epoch} epochs; pass a larger --epochs to "
                   "train further", flush=True)

@@ -21,8 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
-from ceriakeras.config import PipelineConfig, SimulationConfig, TrainConfig  # noqa: E402
-from ceriakeras.model import build_unet  # noqa: E402
+from ceriakeras.config import PipelineConfig, SimulationConfig, TrainConfig, load_config  # noqa: E402
+from ceriakeras.model import build_model  # noqa: E402
 from ceriakeras.pipeline import make_dataset  # noqa: E402
 from ceriakeras.train import class_weights_from_histogram, compile_model  # noqa: E402
 
@@ -41,7 +41,7 @@ def pipeline_rate(dataset: tf.data.Dataset, batches: int, batch_size: int) -> fl
 
 def training_rate(config: TrainConfig, batch, steps: int) -> float:
     """Examples per second of ``fit`` on one batch held in memory (after two warm-up steps)."""
-    model = compile_model(build_unet(config.model, noise_seed=0), config)
+    model = compile_model(build_model(config.model, noise_seed=0), config)
     data = tf.data.Dataset.from_tensors(batch).repeat()
     model.fit(data, epochs=1, steps_per_epoch=2, verbose=0, shuffle=False)
     start = time.perf_counter()
@@ -56,6 +56,9 @@ def main() -> int:
     parser.add_argument("--crop", type=int, default=128, help="crop side, px")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--batches", type=int, default=50, help="timed pipeline batches")
+    parser.add_argument("--config", help="TrainConfig TOML/JSON (its model, crop and batch size "
+                                         "replace --crop and --batch-size), e.g. "
+                                         "configs/ceria110_v3_train.toml")
     args = parser.parse_args()
 
     from ceriakeras.records import read_manifest, write_dataset
@@ -66,12 +69,18 @@ def main() -> int:
         print(f"simulating 16 images into {data} …", flush=True)
         write_dataset(data, 16, 2, 0, SimulationConfig(), progress=False)
     manifest = read_manifest(data)
-    config = TrainConfig(pipeline=PipelineConfig(crop_px=args.crop, batch_size=args.batch_size))
+    if args.config:
+        config = load_config(TrainConfig, args.config, mixed_precision="off")
+        args.crop, args.batch_size = config.pipeline.crop_px, config.pipeline.batch_size
+    else:
+        config = TrainConfig(pipeline=PipelineConfig(crop_px=args.crop, batch_size=args.batch_size))
     config = dataclasses.replace(config, model=dataclasses.replace(
         config.model, max_height=int(manifest.get("max_height", config.model.max_height))))
     weights = class_weights_from_histogram(manifest["label_histogram"],
                                            num_classes=config.model.max_height + 1)
-    dataset = make_dataset(data, "train", config.pipeline, class_weights=weights, training=True)
+    optics = config.model.architecture == "context_unet" and config.model.global_branch
+    dataset = make_dataset(data, "train", config.pipeline, class_weights=weights, training=True,
+                           optics=optics)
 
     pipe = pipeline_rate(dataset, args.batches, args.batch_size)
     step = training_rate(config, next(iter(dataset)), args.steps)

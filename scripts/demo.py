@@ -18,7 +18,7 @@ import numpy as np
 
 from ceriakeras.analyze import analyze, format_summary
 from ceriakeras.config import AnalyzeConfig, CeriakerasError
-from ceriakeras.evaluate import match_columns
+from ceriakeras.scoring import match_columns
 
 ROOT = Path(__file__).resolve().parent.parent
 SERIES = ROOT / "examples" / "ceria_series.tif"

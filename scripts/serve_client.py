@@ -225,7 +225,7 @@ def main(inputs, url, grpc_target, model_name, model_dir, version, pixel_size_A,
         if (url is None) == (grpc_target is None):
             raise click.UsageError("give exactly one of --url (REST) and --grpc (gRPC)")
         from ceriakeras.analyze import analyze
-        from ceriakeras.export import find_version, read_info
+        from ceriakeras.modelinfo import find_version, read_info
 
         version_dir = find_version(model_dir)
         info = read_info(version_dir)

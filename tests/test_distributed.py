@@ -2,9 +2,10 @@
 MultiWorkerMirroredStrategy (``TF_CONFIG``), each running ``ceriakeras train``.
 
 Keras 3's ``fit`` fails under this strategy (keras-team/keras#20585), so ``train`` drives the
-model with its own distributed step (:func:`ceriakeras.train.fit_multi_worker`) when
-``TF_CONFIG`` is set. Only the chief writes the run folder; the other worker writes its copies
-to a private temporary folder (``TMPDIR`` here), which lets the test compare the two replicas.
+model (here the context U-Net, whose optics output adds a second loss) with its own
+distributed step (:func:`ceriakeras.train.fit_multi_worker`) when ``TF_CONFIG`` is set. Only
+the chief writes the run folder; the other worker writes its copies to a private temporary
+folder (``TMPDIR`` here), which lets the test compare the two replicas.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from ceriakeras.config import to_dict  # noqa: E402
-from test_train import TINY, make_synthetic_dataset  # noqa: E402
+from test_train import CONTEXT, make_synthetic_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 EPOCHS, STEPS = 2, 3
@@ -49,7 +50,8 @@ def all_weights(path: Path) -> tuple[list[np.ndarray], int]:
 def test_two_workers_train_the_same_replica(tmp_path):
     data = make_synthetic_dataset(tmp_path / "data", count=12)
     config = tmp_path / "tiny.json"
-    config.write_text(json.dumps({**to_dict(TINY), "epochs": EPOCHS, "steps_per_epoch": STEPS}))
+    # the context U-Net: its two outputs (probabilities and optics) go through the custom step
+    config.write_text(json.dumps({**to_dict(CONTEXT), "epochs": EPOCHS, "steps_per_epoch": STEPS}))
     run = tmp_path / "run"
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}

@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 
 from ceriakeras.config import ConfigError
-from ceriakeras.evaluate import (
+from ceriakeras.evaluate import baseline_columns, disk_sums
+from ceriakeras.scoring import (
     Tally,
-    baseline_columns,
     calibration,
     check_doses,
     detection_scores,
-    disk_sums,
     height_scores,
     match_columns,
     noise_seed,
@@ -390,7 +389,7 @@ def test_evaluation_refuses_a_dataset_at_another_pixel_size(tiny_dataset, tmp_pa
     model = LabelOracle(records, dict(info, pixel_size_A=info["pixel_size_A"] / 2))
     with pytest.raises(DataError, match="pixel"):
         evaluate(model, data, tmp_path / "ev", doses=(20.0,), progress=False)
-    from ceriakeras.evaluate import fit_confidence_calibration
+    from ceriakeras.calibration import fit_confidence_calibration
 
     with pytest.raises(DataError, match="pixel"):   # calibrating reads the data the same way
         fit_confidence_calibration(model.predict, data, model.info, split="test", progress=False)
@@ -463,7 +462,7 @@ def test_cli_evaluates_an_exported_model_and_prints_the_table(tiny_dataset, tmp_
 def test_platt_fit_recovers_the_scaling_that_made_the_outcomes():
     from scipy.special import expit, logit
 
-    from ceriakeras.evaluate import fit_platt
+    from ceriakeras.calibration import fit_platt
 
     rng = np.random.default_rng(5)
     c = rng.uniform(0.05, 0.95, 20000)
@@ -523,7 +522,8 @@ class SoftOracle(LabelOracle):
 
 @pytest.mark.slow
 def test_fitted_calibration_fixes_an_under_confident_model(tiny_dataset, tmp_path):
-    from ceriakeras.evaluate import evaluate, fit_confidence_calibration
+    from ceriakeras.calibration import fit_confidence_calibration
+    from ceriakeras.evaluate import evaluate
 
     data, records, info = tiny_dataset
     model = SoftOracle(records, info)

@@ -197,3 +197,53 @@ def test_dihedral_average_of_the_served_model(exported):
     copies.append(np.rot90(rotated, -1, axes=(1, 2)))
     assert not np.allclose(copies[0], copies[1], atol=1e-4)  # the network is not equivariant…
     assert np.abs(probs - copies[0]).max() > 1e-4             # …so the average differs from it
+
+
+# --- a model with the optics outputs (context U-Net, version 3 on) ---------------------------------
+CONTEXT = TrainConfig(model=ModelConfig(
+    architecture="context_unet", depth=3, base_filters=4, max_filters=8, full_resolution_filters=2,
+    global_units=4, max_height=5, pixel_size_A=0.1))
+
+
+def test_optics_outputs_are_additive_and_old_callers_still_get_two_values(tmp_path, exported):
+    from ceriakeras.export import DihedralAveraged
+    from ceriakeras.model import build_model
+
+    run = tmp_path / "runs" / "context"
+    (run / "checkpoints").mkdir(parents=True)
+    model = build_model(CONTEXT.model, noise_seed=0)
+    model.save(run / "checkpoints" / "best.keras")
+    (run / "config.json").write_text(json.dumps(to_dict(CONTEXT)))
+    version = export_run(run, tmp_path / "saved_models" / "context")
+    out = tf.saved_model.load(str(version)).signatures["serving_default"].structured_outputs
+    assert set(out) == {"probabilities", "height", "defocus_nm", "cs_um", "max_column_height_atoms"}
+    assert out["defocus_nm"].shape.as_list() == [None] and out["cs_um"].dtype == tf.float32
+
+    served = load_served_model(version)
+    assert served.optics_names == ("defocus_nm", "cs_um", "max_column_height_atoms")
+    frames = np.random.default_rng(7).poisson(9.0, (3, 40, 56)).astype(np.float32)
+    probabilities, height = served.predict(frames)                  # existing callers
+    assert probabilities.shape == (3, 40, 56, 6) and height.shape == (3, 40, 56)
+    p2, h2, optics = served.predict(frames, optics=True)
+    np.testing.assert_array_equal(p2, probabilities)
+    keras_optics = np.asarray(model(frames[..., None], training=False)["optics"])
+    for i, name in enumerate(served.optics_names):
+        assert optics[name].shape == (3,)
+        np.testing.assert_allclose(optics[name], keras_optics[:, i], rtol=1e-4, atol=1e-4)
+    # TTA: probabilities averaged as before, the per-frame scalars averaged over the 8 copies
+    tta = DihedralAveraged(served)
+    assert tta.has_optics
+    tp, _, tta_optics = tta.predict(frames, optics=True)
+    np.testing.assert_allclose(tp, tta.predict(frames)[0], atol=1e-6)
+    copies = [served.predict_optics(np.flip(frames.transpose(0, 2, 1) if t else frames, f)
+                                    if f else (frames.transpose(0, 2, 1) if t else frames))
+              for t in (False, True) for f in ((), (1,), (2,), (1, 2))]
+    np.testing.assert_allclose(tta_optics["cs_um"], np.mean([c["cs_um"] for c in copies], axis=0),
+                               rtol=1e-5, atol=1e-5)
+
+    # a model without them (versions 1–2) answers an empty dict, and TTA copes
+    _, old = exported
+    old_model = load_served_model(old)
+    assert old_model.optics_names == () and not DihedralAveraged(old_model).has_optics
+    assert old_model.predict_optics(frames) == {}
+    assert DihedralAveraged(old_model).predict(frames, optics=True)[2] == {}

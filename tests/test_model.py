@@ -1,5 +1,7 @@
 """The U-Net and its input layers: noise statistics, normalization, any image size, saving."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -93,3 +95,121 @@ def test_saved_model_file_loads_in_safe_mode(model, tmp_path):
     loaded = keras.saving.load_model(path, safe_mode=True)
     image = np.random.default_rng(3).poisson(4.0, (1, 45, 30, 1)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(loaded(image)), np.asarray(model(image)), atol=1e-6)
+
+
+# --- the context U-Net (version 3) and the detector MTF -------------------------------------------
+from pathlib import Path  # noqa: E402
+
+from ceriakeras.model import (  # noqa: E402
+    OPTICS_OUTPUTS, build_context_unet, build_model, has_optics, receptive_field_px,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+CONTEXT = ModelConfig(architecture="context_unet", depth=3, base_filters=4, max_filters=8,
+                      full_resolution_filters=2, global_units=4, max_height=6)
+
+
+@pytest.fixture(scope="module")
+def context_model():
+    return build_context_unet(CONTEXT, noise_seed=2)
+
+
+def test_context_unet_runs_on_odd_sizes_with_optics_outputs(context_model):
+    assert has_optics(context_model) and not has_optics(build_model(SMALL))
+    image = np.random.default_rng(4).poisson(5.0, (2, 333, 517, 1)).astype(np.float32)
+    out = context_model(image)
+    prob, optics = np.asarray(out["probabilities"]), np.asarray(out["optics"])
+    assert prob.shape == (2, 333, 517, CONTEXT.max_height + 1) and prob.dtype == np.float32
+    np.testing.assert_allclose(prob.sum(axis=-1), 1.0, atol=1e-5)
+    assert optics.shape == (2, len(OPTICS_OUTPUTS)) and optics.dtype == np.float32
+    # scale-free input, like the U-Net
+    np.testing.assert_allclose(np.asarray(context_model(image * 9.0)["probabilities"]), prob,
+                               atol=1e-5)
+
+
+def test_v3_receptive_field_reaches_64_angstrom():
+    from ceriakeras.config import TrainConfig, load_config
+
+    config = load_config(TrainConfig, REPO / "configs" / "ceria110_v3_train.toml").model
+    assert config.architecture == "context_unet"
+    # the analytic field of the convolutions alone; the global branch sees the whole frame
+    local = dataclasses.replace(config, global_branch=False, base_filters=2, max_filters=2)
+    assert receptive_field_px(build_model(local)) * config.pixel_size_A >= 64.0
+    assert receptive_field_px(build_model(dataclasses.replace(local, global_branch=True))) \
+        == float("inf")
+    # versions 1–2: about 20 Å
+    assert receptive_field_px(build_model(ModelConfig())) * 0.2 < 25.0
+
+
+def test_receptive_field_agrees_with_the_gradient_of_a_centre_pixel():
+    """Empirically: the input pixels whose gradient differs from the far field's (NormalizeIntensity
+    gives every pixel the same small share through the image mean) lie within the analytic field."""
+    import tensorflow as tf
+
+    config = dataclasses.replace(CONTEXT, depth=4, dilations=(2,), global_branch=False,
+                                 normalization="none", full_resolution_filters=8)
+    keras.utils.set_random_seed(0)   # (narrow layers of an untrained net could all be dead)
+    model = build_model(config)
+    field = receptive_field_px(model)                    # 3 + … = analytic side, px
+    size = int(field) + 64
+    image = tf.constant(np.random.default_rng(5).uniform(50, 150, (1, size, size, 1)), tf.float32)
+    c = size // 2
+    with tf.GradientTape() as tape:
+        tape.watch(image)
+        centre = tf.reduce_sum(model(image)[0, c, c, :] * np.arange(config.max_height + 1))
+    grad = tape.gradient(centre, image).numpy()[0, :, :, 0]
+    local = np.argwhere(grad != grad[0, 0])
+    extent = local.max(axis=0) - local.min(axis=0) + 1
+    assert np.all(extent <= field) and np.all(extent > 0.75 * field), (extent, field)
+
+
+def test_context_unet_mixed_precision_outputs_are_float32():
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        m = build_context_unet(CONTEXT)
+        out = m(np.ones((1, 40, 24, 1), np.float32))
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert out["probabilities"].dtype == "float32" and out["optics"].dtype == "float32"
+    assert any(layer.compute_dtype == "float16" for layer in m.layers)
+
+
+def test_context_unet_file_loads_in_safe_mode(context_model, tmp_path):
+    path = tmp_path / "context.keras"
+    context_model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    image = np.random.default_rng(6).poisson(4.0, (1, 45, 30, 1)).astype(np.float32)
+    a, b = loaded(image), context_model(image)
+    for key in ("probabilities", "optics"):
+        np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), atol=1e-5)
+    noise = loaded.get_layer("poisson_noise")
+    assert noise.detector_correlation_max == CONTEXT.detector_correlation_max
+
+
+def neighbour_correlation(x):
+    """Correlation of horizontally and vertically adjacent pixels of each (H, W) image."""
+    x = x - x.mean(axis=(1, 2), keepdims=True)
+    var = (x * x).mean(axis=(1, 2))
+    h = (x[:, :, 1:] * x[:, :, :-1]).mean(axis=(1, 2))
+    v = (x[:, 1:, :] * x[:, :-1, :]).mean(axis=(1, 2))
+    return (h + v) / (2 * var)
+
+
+def test_detector_mtf_correlates_neighbours_in_the_drawn_range_and_keeps_the_mean():
+    expected = 40.0                               # counts per pixel of a flat image
+    counts = np.full((48, 96, 96, 1), expected, np.float32)
+    plain = np.asarray(PoissonNoise(seed=1)(counts, training=True))[..., 0]
+    noisy = np.asarray(PoissonNoise(seed=1, detector_correlation_max=0.3)(counts, training=True))
+    noisy = noisy[..., 0]
+    rho = neighbour_correlation(noisy)
+    se = 3.0 / 96                                 # ~3 standard errors of one image's estimate
+    assert np.all(np.abs(neighbour_correlation(plain)) < se)
+    assert rho.min() > -se and rho.max() < 0.3 + se, (rho.min(), rho.max())
+    assert rho.max() > 0.2 and rho.min() < 0.1, "correlations spread over [0, 0.3]"
+    assert abs(noisy.mean() - expected) < 5 * np.sqrt(expected / noisy.size)
+    # the blur keeps each image's total count exactly
+    raw = np.asarray(PoissonNoise(seed=1)(counts, training=True))[..., 0]
+    np.testing.assert_allclose(noisy.sum(axis=(1, 2)), raw.sum(axis=(1, 2)), rtol=1e-5)
+    np.testing.assert_array_equal(
+        np.asarray(PoissonNoise(detector_correlation_max=0.3)(counts, training=False)), counts)

@@ -219,3 +219,59 @@ def test_bad_inputs_name_the_file(tmp_path, data_dir):
     (small / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="schema version 7"):
         make_dataset(small, "train", CONFIG)
+
+
+# --- detector MTF and the optics targets ---------------------------------------------------------
+def test_detector_blur_gives_the_asked_neighbour_correlation_under_xla():
+    from ceriakeras.pipeline import detector_blur
+
+    blur = tf.function(detector_blur, jit_compile=True)
+    noise = tf.random.stateless_normal([3, 256, 256, 1], seed=[4, 2])
+    out = blur(noise, tf.constant([0.0, 0.15, 0.3])).numpy()[..., 0]
+    x = out - out.mean(axis=(1, 2), keepdims=True)
+    rho = (x[:, :, 1:] * x[:, :, :-1]).mean(axis=(1, 2)) / (x * x).mean(axis=(1, 2))
+    np.testing.assert_allclose(rho, [0.0, 0.15, 0.3], atol=0.015)
+    np.testing.assert_allclose(out[0], noise.numpy()[0, ..., 0], atol=1e-6)   # 0: unchanged
+    np.testing.assert_allclose(out.sum(axis=(1, 2)), noise.numpy().sum(axis=(1, 2, 3)), atol=1e-2)
+
+
+def test_optics_targets_come_from_each_records_metadata_and_columns(data_dir):
+    truth = set()
+    for path in sorted(data_dir.glob("validation-*")):
+        for raw in tf.data.TFRecordDataset(str(path), compression_type="GZIP"):
+            ex = records.parse_example(raw)
+            meta = json.loads(ex["metadata"].numpy())
+            truth.add((round(meta["defocus_nm"], 3), round(meta["cs_um"], 3),
+                       float(ex["columns"].numpy()[:, 2].max())))
+    seen = set()
+    for image, label, weight in make_dataset(data_dir, "validation", CONFIG, optics=True):
+        assert set(label) == {"probabilities", "optics"} == set(weight)
+        targets = label["optics"].numpy()
+        assert targets.shape == (image.shape[0], 3)
+        np.testing.assert_array_equal(weight["optics"].numpy(), 1.0)
+        seen |= {(round(float(d), 3), round(float(c), 3), float(h)) for d, c, h in targets}
+    assert seen == truth
+    (image, label, weight), = make_dataset(data_dir, "train", CONFIG, optics=True).take(1)
+    assert label["optics"].shape == (CONFIG.batch_size, 3)
+    every = np.array(_all_targets(data_dir))            # crops carry their record's targets
+    for row in label["optics"].numpy():
+        assert np.any(np.all(np.abs(every - row) < 1e-3, axis=1)), row
+
+
+def _all_targets(data_dir):
+    out = []
+    for path in sorted(data_dir.glob("*.tfrecord.gz")):
+        for raw in tf.data.TFRecordDataset(str(path), compression_type="GZIP"):
+            ex = records.parse_example(raw)
+            meta = json.loads(ex["metadata"].numpy())
+            out.append((meta["defocus_nm"], meta["cs_um"], float(ex["columns"].numpy()[:, 2].max())))
+    return out
+
+
+def test_optics_targets_are_nan_where_the_metadata_has_none():
+    from ceriakeras.pipeline import optics_targets
+
+    t = optics_targets(tf.constant(['{"cs_um": -7.5, "defocus_nm": 3e0}', '{"seed": 1}']),
+                       tf.constant([[1, 2, 5, 3, 4, 9], [0, 0, 0, 0, 0, 0]], tf.float32)).numpy()
+    np.testing.assert_array_equal(t[0], [3.0, -7.5, 9.0])
+    assert np.isnan(t[1, :2]).all() and t[1, 2] == 0

@@ -18,7 +18,7 @@ import pytest
 
 from ceriakeras.analyze import analyze, default_model_path
 from ceriakeras.config import AnalyzeConfig, SimulationConfig, StructureConfig
-from ceriakeras.evaluate import match_columns
+from ceriakeras.scoring import match_columns
 from ceriakeras.simulate import simulate_particle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +87,7 @@ def test_shipped_model_finds_columns_and_heights_at_high_dose(frames, rows):
 def test_shipped_models_confidence_is_calibrated(frames, rows):
     """`confidence` is the probability that the height is right (docs/design.md): over these
     unseen frames the mean confidence is the fraction right, and so in confidence bins."""
-    from ceriakeras.evaluate import calibration
+    from ceriakeras.scoring import calibration
 
     confidence, right = [], []
     for k, (_, truth) in enumerate(frames):
@@ -105,7 +105,7 @@ def test_shipped_models_confidence_is_calibrated(frames, rows):
 
 
 def test_shipped_model_assets_describe_it():
-    from ceriakeras.export import find_version, read_info
+    from ceriakeras.modelinfo import find_version, read_info
 
     info = read_info(find_version(default_model_path()))
     assert info["pixel_size_A"] == pytest.approx(0.2)

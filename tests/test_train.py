@@ -26,6 +26,13 @@ MAX_HEIGHT = 4
 
 
 # --- a tiny synthetic dataset, written by the project's own record writer -------------------------
+def synthetic_optics(seed, particle_id):
+    """Defocus (nm) and Cs (µm) recorded in a synthetic record's metadata (targets of the
+    context U-Net's optics output; the synthetic image does not depend on them)."""
+    rng = np.random.default_rng([seed, particle_id, 1])
+    return {"defocus_nm": float(rng.uniform(-12, 12)), "cs_um": float(rng.uniform(-25, 25))}
+
+
 def synthetic_particle(particle_id, seed, config):
     """Stand-in for ``simulate_particle``: dark Gaussian columns on a 4 Å grid, depth ∝ height."""
     from ceriakeras.simulate import Example, label_mask
@@ -44,7 +51,8 @@ def synthetic_particle(particle_id, seed, config):
             image -= 0.12 * h * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * (0.3 / px) ** 2))
         label = label_mask(columns, (n, n), px, config.label_radius_A, config.max_height)
         examples.append(Example(image=image.astype(np.float32), label=label, columns=columns,
-                                pixel_size_A=px, metadata={"particle_id": particle_id},
+                                pixel_size_A=px, metadata={"particle_id": particle_id,
+                                                           **synthetic_optics(seed, particle_id)},
                                 atoms=None))
     return examples
 
@@ -160,6 +168,39 @@ def test_train_writes_a_run_then_resumes_and_refuses_to_overwrite(dataset, tmp_p
         train(dataset, run, TINY, progress=False)
 
 
+CONTEXT = dataclasses.replace(TINY, model=ModelConfig(
+    architecture="context_unet", depth=3, base_filters=4, max_filters=8, full_resolution_filters=2,
+    global_units=4, max_height=MAX_HEIGHT, detector_correlation_max=0.3))
+
+
+def test_optics_loss_ignores_unknown_targets_and_metrics_are_in_physical_units():
+    from ceriakeras.train import OpticsAbsoluteError, OpticsLoss
+
+    truth = np.array([[6.0, 25.0, 7.0], [np.nan, np.nan, 3.0]], np.float32)
+    guess = np.array([[0.0, 0.0, 7.0], [5.0, 5.0, 3.0]], np.float32)
+    per_frame = np.asarray(OpticsLoss(reduction=None)(truth, guess))
+    np.testing.assert_allclose(per_frame, [((6 / 12) ** 2 + 1.0) / 3, 0.0], rtol=1e-6)
+    mae = OpticsAbsoluteError(0, "defocus_mae_nm")
+    mae.update_state(truth, guess)
+    assert float(mae.result()) == pytest.approx(6.0)      # the unknown frame is left out
+
+
+@pytest.mark.slow
+def test_context_unet_trains_with_the_optics_loss_and_resumes(dataset, tmp_path):
+    run = tmp_path / "run"
+    first = train(dataset, run, CONTEXT, progress=False)
+    metrics = json.loads((run / "metrics.json").read_text())["validation"]
+    assert {"val_optics_defocus_mae_nm", "val_optics_cs_mae_um",
+            "val_optics_max_column_height_mae_atoms", "val_column_height_accuracy"} <= set(metrics)
+    assert 0 < metrics["val_optics_defocus_mae_nm"] < 30
+    assert set(first["history"]) >= {"optics_loss", "probabilities_loss"}
+    second = train(dataset, run, dataclasses.replace(CONTEXT, epochs=2), resume=True,
+                   progress=False)
+    assert second["epochs_completed"] == 2
+    model = keras.saving.load_model(run / "checkpoints/last.keras", safe_mode=True)
+    assert int(model.optimizer.iterations.numpy()) == 2 * CONTEXT.steps_per_epoch
+
+
 def test_resume_without_a_run_and_missing_data_are_one_line_errors(dataset, tmp_path):
     with pytest.raises(ModelError, match="nothing to resume"):
         train(dataset, tmp_path / "new", TINY, resume=True, progress=False)
@@ -217,3 +258,15 @@ def test_one_training_step_under_mirrored_strategy_on_two_cpus():
     assert line[1] == "2"
     assert np.isfinite(float(line[3]))
     assert line[5] == "True"
+
+
+def test_a_run_of_versions_1_2_without_the_new_model_fields_still_resumes(tmp_path):
+    from ceriakeras.config import to_dict
+    from ceriakeras.train import _saved_model_config
+
+    old = to_dict(TINY.model)
+    for key in ("architecture", "max_filters", "full_resolution_filters", "dilations",
+                "global_branch", "global_units", "detector_correlation_max"):
+        old.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps({"model": old}))
+    assert _saved_model_config(tmp_path) == to_dict(TINY.model)
