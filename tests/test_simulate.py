@@ -344,3 +344,19 @@ def test_multislice_convergence_helper():
     for coarse, fine in zip(rows[0]["rms_percent"], rows[1]["rms_percent"]):
         assert coarse > fine > 0.0
     assert all(r["cpu_s"] >= 0.0 and len(r["rms_percent"]) == 2 for r in rows)
+
+
+def test_v3_data_config_holds_its_delocalisation_and_round_trips():
+    """configs/ceria110_v3_data.toml passes its own cell rule and survives the manifest."""
+    from pathlib import Path
+
+    from ceriakeras.config import from_dict, load_config, to_dict
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "ceria110_v3_data.toml"
+    config = load_config(SimulationConfig, path)
+    assert config.vacuum_for_delocalisation
+    check_simulation_config(config)
+    assert from_dict(SimulationConfig, json.loads(json.dumps(to_dict(config)))) == config
+    # 10 Å less cell would let the worst optics wrap around.
+    with pytest.raises(ConfigError, match="wrap around"):
+        check_simulation_config(dataclasses.replace(config, cell_size_A=config.cell_size_A - 10.0))
