@@ -172,7 +172,8 @@ def delocalisation_A(optics: dict) -> float:
     round_part = np.abs(lam * k * c10 + lam**3 * k**3 * c30 + lam**5 * k**5 * c50)
     c12 = abs(optics.get("astigmatism_nm", 0.0)) * 10.0
     spread = abs(optics.get("focal_spread_nm", 0.0)) * 10.0
-    odd = (abs(optics.get("coma_nm", 0.0)) + abs(optics.get("three_fold_astigmatism_nm", 0.0))) * 10.0
+    odd = 10.0 * (abs(optics.get("coma_nm", 0.0))
+                  + abs(optics.get("three_fold_astigmatism_nm", 0.0)))
     return float(np.max(round_part + lam * k * (c12 + spread) + (lam * k) ** 2 * odd))
 
 

@@ -247,7 +247,8 @@ def test_cell_must_hold_the_delocalisation():
         check_simulation_config(config)
     r = envelope_delocalisation_A(V3_OPTICS)
     need = SMALL.structure.diameter_range_A[1] + 2 * (r + SMALL.structure.vacuum_A)
-    check_simulation_config(dataclasses.replace(config, cell_size_A=float(math.ceil(need / 0.2) * 0.2)))
+    big_enough = float(math.ceil(need / 0.2) * 0.2)
+    check_simulation_config(dataclasses.replace(config, cell_size_A=big_enough))
     # Without the rule (the version-1/2 datasets) only the plain vacuum is checked.
     check_simulation_config(dataclasses.replace(config, vacuum_for_delocalisation=False))
 
