@@ -26,6 +26,8 @@ CE_COLUMN_SPACING_A = CEO2_LATTICE_A / math.sqrt(2.0)
 """Distance between neighbouring Ce atoms inside one [110] column, Å (≈ 3.83)."""
 MIN_COLUMN_SEPARATION_A = 3.3
 """Smallest projected distance between two Ce columns along [110], Å."""
+FOCAL_SPREAD_MODELS = ("incoherent", "envelope")
+"""Focal-spread models of :class:`OpticsConfig` (see ``focal_spread_models``)."""
 SCHEMA_VERSION = 1
 """Version of the TFRecord schema written by :mod:`ceriakeras.records`."""
 CALIBRATION_MAPS = ("platt", "logistic", "isotonic")
@@ -136,9 +138,37 @@ class OpticsConfig:
     max_astigmatism_nm: float = 2.0
     """Largest two-fold astigmatism C12, nm (its angle is uniform)."""
     aperture_mrad: float = 40.0
-    """Objective aperture semi-angle, mrad."""
+    """Objective aperture semi-angle, mrad (used for every image unless
+    ``aperture_range_mrad`` is given)."""
+    aperture_range_mrad: tuple[float, float] | None = None
+    """If given, the aperture semi-angle is drawn per image, uniformly in this range, mrad."""
+    focal_spread_models: tuple[str, ...] = ("incoherent",)
+    """Focal-spread models drawn per image (uniformly among those listed): ``"incoherent"``, an
+    incoherent sum of coherent images over the defocus distribution, or ``"envelope"``, the
+    quasi-coherent temporal envelope ``exp(-(π λ Δ k² / 2)²)`` on the wave that abTEM's ``CTF``
+    applies."""
+    max_coma_nm: float = 0.0
+    """Largest residual axial coma C21, nm (magnitude uniform in [0, max], angle uniform)."""
+    max_three_fold_astigmatism_nm: float = 0.0
+    """Largest residual three-fold astigmatism C23, nm (magnitude uniform, angle uniform)."""
+
+    @property
+    def max_aperture_mrad(self) -> float:
+        """Largest objective aperture semi-angle any image can have, mrad."""
+        if self.aperture_range_mrad is None:
+            return float(self.aperture_mrad)
+        return float(self.aperture_range_mrad[1])
 
     def validate(self) -> None:
+        if self.aperture_range_mrad is not None:
+            _check_range("aperture_range_mrad", self.aperture_range_mrad, 1.0, 200.0)
+        if not self.focal_spread_models or any(
+                m not in FOCAL_SPREAD_MODELS for m in self.focal_spread_models):
+            raise ConfigError(f"focal_spread_models={list(self.focal_spread_models)} must be a "
+                              f"non-empty list of {', '.join(FOCAL_SPREAD_MODELS)}")
+        for name in ("max_coma_nm", "max_three_fold_astigmatism_nm"):
+            if not 0.0 <= getattr(self, name) <= 1000.0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1000] nm")
         if not 20.0 <= self.energy_keV <= 1000.0:
             raise ConfigError(f"energy_keV={self.energy_keV} must be between 20 and 1000 keV")
         _check_range("defocus_range_nm", self.defocus_range_nm, -1000.0, 1000.0)
@@ -180,6 +210,12 @@ class SimulationConfig:
     """Largest label class, Ce atoms; taller columns are an error."""
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     """Fractions of particles in train, validation and test."""
+    vacuum_for_delocalisation: bool = False
+    """If true, the cell must hold the largest particle plus, on each side, the delocalisation
+    of the optics envelope (:func:`ceriakeras.simulate.delocalisation_A`) and
+    ``structure.vacuum_A``, so that no image's delocalised contrast wraps around the periodic
+    cell onto the particle or its fringes. If false (the version-1/2 datasets), only
+    ``structure.vacuum_A`` on each side."""
 
     def validate(self) -> None:
         self.structure.validate()
@@ -387,8 +423,16 @@ class AnalyzeConfig:
     """Smallest column probability (1 − p(background)) at a column centre."""
     batch_size: int = 4
     """Frames per inference batch."""
-    overlay_every: int = 1
-    """Write an overlay for every K-th frame."""
+    model_workers: int = 1
+    """Model calls running at once, each on ``cores // model_workers`` cores (set before
+    TensorFlow starts; see :func:`ceriakeras.analyze.share_cores`)."""
+    overlay_every: int | None = None
+    """Write an overlay for every K-th frame (frames); None: a sample of ``overlay_samples``."""
+    overlay_samples: int = 10
+    """Overlays per series when ``overlay_every`` is None: evenly spaced frames, the first and
+    last included (every frame of a shorter series; 0 = none)."""
+    movie: bool = True
+    """Write an annotated movie (MP4) of every series."""
     min_pixel_size_A: float = 0.05
     """Finest input pixel size accepted, Å."""
     max_pixel_size_A: float = 0.2
@@ -407,8 +451,12 @@ class AnalyzeConfig:
             raise ConfigError(f"min_distance_A={self.min_distance_A} must be positive")
         if not 0.0 < self.threshold < 1.0:
             raise ConfigError(f"threshold={self.threshold} must be in (0, 1)")
-        if self.batch_size < 1 or self.overlay_every < 1:
+        if self.batch_size < 1 or (self.overlay_every is not None and self.overlay_every < 1):
             raise ConfigError("batch_size and overlay_every must be at least 1")
+        if self.model_workers < 1:
+            raise ConfigError(f"model_workers={self.model_workers} must be at least 1")
+        if self.overlay_samples < 0:
+            raise ConfigError(f"overlay_samples={self.overlay_samples} must be ≥ 0 (frames)")
 
 
 # --- (de)serialization -------------------------------------------------------------------------

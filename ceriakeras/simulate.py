@@ -12,10 +12,16 @@ Conventions
   image plane is ``ifft(fft(ψ) · A(α) · exp(-i chi))`` with a hard aperture ``A``.
 - Focal spread (partial temporal coherence) is the 1/e half width Δ of a Gaussian defocus
   distribution ``p(f) ∝ exp(-(f - f0)² / Δ²)`` (the convention of abTEM's ``TemporalEnvelope``
-  and Kirkland). It is done properly for a non-linear image: the image is the incoherent,
-  weighted sum of coherent images at defocus values on a uniform grid spanning ±3Δ, spaced
-  finely enough that the sum does not alias any frequency the aperture passes (see
-  :func:`defocus_samples`). No envelope approximation.
+  and Kirkland). Model ``"incoherent"`` (the default) does it properly for a non-linear image:
+  the image is the incoherent, weighted sum of coherent images at defocus values on a uniform
+  grid spanning ±3Δ, spaced finely enough that the sum does not alias any frequency the
+  aperture passes (see :func:`defocus_samples`). Model ``"envelope"`` is the quasi-coherent
+  approximation abTEM's ``CTF`` makes: one coherent image of the wave multiplied by the
+  temporal envelope ``exp(-(π λ Δ k² / 2)²)``. Which one is drawn per image
+  (``OpticsConfig.focal_spread_models``) and recorded as ``focal_spread_model``.
+- Residual aberrations: axial coma C21 (``coma_nm``, angle ``coma_angle_deg``) and three-fold
+  astigmatism C23 (``three_fold_astigmatism_nm``, ``three_fold_astigmatism_angle_deg``) add
+  ``2π/λ · α³/3 · (C21 cos(φ - φ21) + C23 cos 3(φ - φ23))`` to chi (abTEM's polar form).
 - Intensity: the incident plane wave has |ψ|² = 1, so vacuum = 1 in every image.
 - Coordinates (docs/architecture.md): pixel ``i`` of the stored image covers
   ``[i·p, (i+1)·p)`` in the cell, so ``x_px = x_A / p - 0.5``. abTEM samples its grid at
@@ -50,6 +56,10 @@ __all__ = [
     "label_mask",
     "place_in_cell",
     "check_simulation_config",
+    "delocalisation_A",
+    "envelope_delocalisation_A",
+    "contrast_rms_difference",
+    "multislice_convergence",
     "software_versions",
     "wavelength_A",
 ]
@@ -134,8 +144,65 @@ def software_versions() -> dict:
             "ceriakeras": ceriakeras.__version__}
 
 
+def delocalisation_A(optics: dict) -> float:
+    """Largest lateral shift of any beam the aperture passes, for one set of optics, Å.
+
+    A beam at spatial frequency ``k`` is imaged displaced by ``|∇_k chi| / 2π`` (the
+    delocalisation). Bounded here by
+    ``max_{k ≤ k_ap} |λk C10 + λ³k³ C30 + λ⁵k⁵ C50| + λk (|C12| + Δ) + λ²k² (|C21| + |C23|)``
+    (C10 = -defocus, Δ the focal spread's 1/e half width: the defocus spread of the image).
+
+    Parameters
+    ----------
+    optics : dict
+        As returned by :func:`draw_optics` (``energy_keV``, ``defocus_nm``, ``cs_um``,
+        ``c5_mm``, ``aperture_mrad``; optional ``astigmatism_nm``, ``focal_spread_nm``,
+        ``coma_nm``, ``three_fold_astigmatism_nm``, 0 if absent).
+
+    Returns
+    -------
+    float
+        Delocalisation, Å.
+    """
+    lam = wavelength_A(optics["energy_keV"])
+    k = np.linspace(0.0, optics["aperture_mrad"] * 1e-3 / lam, 2001)
+    c10 = -optics["defocus_nm"] * 10.0
+    c30 = optics["cs_um"] * 1e4
+    c50 = optics["c5_mm"] * 1e7
+    round_part = np.abs(lam * k * c10 + lam**3 * k**3 * c30 + lam**5 * k**5 * c50)
+    c12 = abs(optics.get("astigmatism_nm", 0.0)) * 10.0
+    spread = abs(optics.get("focal_spread_nm", 0.0)) * 10.0
+    odd = 10.0 * (abs(optics.get("coma_nm", 0.0))
+                  + abs(optics.get("three_fold_astigmatism_nm", 0.0)))
+    return float(np.max(round_part + lam * k * (c12 + spread) + (lam * k) ** 2 * odd))
+
+
+def envelope_delocalisation_A(config: OpticsConfig) -> float:
+    """Largest :func:`delocalisation_A` over the whole optics envelope of ``config``, Å.
+
+    The worst corner of the defocus, Cs and C5 ranges (the bound is linear in each), at the
+    largest aperture, astigmatism, focal spread, coma and three-fold astigmatism.
+    """
+    worst = 0.0
+    for defocus in config.defocus_range_nm:
+        for cs in config.cs_range_um:
+            for c5 in config.c5_range_mm:
+                worst = max(worst, delocalisation_A({
+                    "energy_keV": config.energy_keV, "defocus_nm": defocus, "cs_um": cs,
+                    "c5_mm": c5, "aperture_mrad": config.max_aperture_mrad,
+                    "astigmatism_nm": config.max_astigmatism_nm,
+                    "focal_spread_nm": config.focal_spread_range_nm[1],
+                    "coma_nm": config.max_coma_nm,
+                    "three_fold_astigmatism_nm": config.max_three_fold_astigmatism_nm}))
+    return worst
+
+
 def check_simulation_config(config: SimulationConfig) -> None:
     """Validate ``config`` and check that the largest particle fits the cell with its vacuum.
+
+    With ``config.vacuum_for_delocalisation`` the vacuum on each side must also hold the
+    delocalisation of the optics envelope (:func:`envelope_delocalisation_A`), so that no
+    image's contrast wraps around the periodic cell.
 
     Raises
     ------
@@ -150,6 +217,19 @@ def check_simulation_config(config: SimulationConfig) -> None:
             f"particles up to {s.diameter_range_A[1]} Å with {s.vacuum_A} Å vacuum need "
             f"cell_size_A >= {need}; raise cell_size_A or lower diameter_range_A/vacuum_A"
         )
+    if config.vacuum_for_delocalisation:
+        o = config.optics
+        r = envelope_delocalisation_A(o)
+        need = s.diameter_range_A[1] + 2.0 * (r + s.vacuum_A)
+        if need > config.cell_size_A + 1e-9:
+            raise ConfigError(
+                f"cell_size_A={config.cell_size_A} Å lets delocalised contrast wrap around the "
+                f"periodic cell: particles up to {s.diameter_range_A[1]} Å plus, on each side, "
+                f"{r:.1f} Å delocalisation (worst corner of the optics envelope at "
+                f"{o.max_aperture_mrad} mrad, {o.energy_keV} keV) and vacuum_A={s.vacuum_A} Å "
+                f"need cell_size_A >= {math.ceil(need)} Å; raise cell_size_A or narrow the "
+                f"defocus/Cs/C5 ranges or the aperture"
+            )
 
 
 def draw_optics(rng: np.random.Generator, config: OpticsConfig) -> dict:
@@ -160,9 +240,18 @@ def draw_optics(rng: np.random.Generator, config: OpticsConfig) -> dict:
     dict
         ``energy_keV``, ``defocus_nm`` (abTEM sign, = -C10), ``cs_um`` (C30),
         ``c5_mm`` (C50), ``focal_spread_nm`` (1/e half width), ``astigmatism_nm`` (C12),
-        ``astigmatism_angle_deg`` (phi12), ``aperture_mrad`` (semi-angle); plain floats.
+        ``astigmatism_angle_deg`` (phi12), ``aperture_mrad`` (semi-angle),
+        ``focal_spread_model`` (``"incoherent"`` or ``"envelope"``), ``coma_nm`` (C21),
+        ``coma_angle_deg`` (phi21), ``three_fold_astigmatism_nm`` (C23),
+        ``three_fold_astigmatism_angle_deg`` (phi23); plain floats and one string.
+
+    Notes
+    -----
+    The draws of the version-1/2 settings come first and in their old order, and a new setting
+    is drawn only when its range is open, so a config without the new settings gives the same
+    optics (and images) as before.
     """
-    return {
+    optics = {
         "energy_keV": float(config.energy_keV),
         "defocus_nm": float(rng.uniform(*config.defocus_range_nm)),
         "cs_um": float(rng.uniform(*config.cs_range_um)),
@@ -171,7 +260,25 @@ def draw_optics(rng: np.random.Generator, config: OpticsConfig) -> dict:
         "astigmatism_nm": float(rng.uniform(0.0, config.max_astigmatism_nm)),
         "astigmatism_angle_deg": float(rng.uniform(0.0, 180.0)),
         "aperture_mrad": float(config.aperture_mrad),
+        "focal_spread_model": config.focal_spread_models[0],
+        "coma_nm": 0.0,
+        "coma_angle_deg": 0.0,
+        "three_fold_astigmatism_nm": 0.0,
+        "three_fold_astigmatism_angle_deg": 0.0,
     }
+    if config.aperture_range_mrad is not None:
+        optics["aperture_mrad"] = float(rng.uniform(*config.aperture_range_mrad))
+    if len(config.focal_spread_models) > 1:
+        optics["focal_spread_model"] = str(
+            config.focal_spread_models[int(rng.integers(len(config.focal_spread_models)))])
+    if config.max_coma_nm > 0:
+        optics["coma_nm"] = float(rng.uniform(0.0, config.max_coma_nm))
+        optics["coma_angle_deg"] = float(rng.uniform(0.0, 360.0))
+    if config.max_three_fold_astigmatism_nm > 0:
+        optics["three_fold_astigmatism_nm"] = float(
+            rng.uniform(0.0, config.max_three_fold_astigmatism_nm))
+        optics["three_fold_astigmatism_angle_deg"] = float(rng.uniform(0.0, 120.0))
+    return optics
 
 
 def defocus_samples(focal_spread_A: float, max_frequency_inv_A: float, energy_keV: float
@@ -230,7 +337,10 @@ def image_from_exit_wave(exit_wave: ExitWave, optics: dict, pixel_size_A: float 
         The exit wave (reciprocal space, abTEM axis order, vacuum amplitude 1).
     optics : dict
         As returned by :func:`draw_optics` (units in the keys). ``energy_keV`` must match the
-        exit wave's.
+        exit wave's. The keys added in version 3 (``focal_spread_model``, ``coma_nm``,
+        ``coma_angle_deg``, ``three_fold_astigmatism_nm``,
+        ``three_fold_astigmatism_angle_deg``) may be left out: incoherent focal spread, no
+        coma or three-fold astigmatism.
     pixel_size_A : float, optional
         Pixel size of the returned image, Å, an integer multiple of the exit wave's sampling
         (default: the sampling itself). Each pixel is the mean of the fine samples it covers.
@@ -266,10 +376,26 @@ def image_from_exit_wave(exit_wave: ExitWave, optics: dict, pixel_size_A: float 
     chi0 = (math.pi * lam * k2_in * (c10 + c12 * np.cos(2.0 * (phi_in - phi12)))
             + 0.5 * math.pi * lam**3 * k2_in**2 * c30
             + math.pi / 3.0 * lam**5 * k2_in**3 * c50)
+    c21 = optics.get("coma_nm", 0.0) * 10.0
+    c23 = optics.get("three_fold_astigmatism_nm", 0.0) * 10.0
+    if c21 or c23:
+        phi21 = math.radians(optics.get("coma_angle_deg", 0.0))
+        phi23 = math.radians(optics.get("three_fold_astigmatism_angle_deg", 0.0))
+        # 2π/λ · α³/3 · (...), α = λk
+        chi0 = chi0 + 2.0 * math.pi / 3.0 * lam**2 * k2_in**1.5 * (
+            c21 * np.cos(phi_in - phi21) + c23 * np.cos(3.0 * (phi_in - phi23)))
     psi_in = exit_wave.fourier[inside]
     k_max = math.sqrt(float(k2_in.max())) if k2_in.size else 0.0
-    offsets, weights = defocus_samples(optics["focal_spread_nm"] * 10.0, k_max,
-                                       exit_wave.energy_keV)
+    spread_A = optics["focal_spread_nm"] * 10.0
+    model = optics.get("focal_spread_model", "incoherent")
+    if model == "envelope":
+        # abTEM's TemporalEnvelope: exp(-(π/(2λ) Δ α²)²) with α = λk.
+        psi_in = psi_in * np.exp(-(0.5 * math.pi * lam * spread_A * k2_in) ** 2).astype(np.float32)
+        offsets, weights = np.zeros(1), np.ones(1)
+    elif model == "incoherent":
+        offsets, weights = defocus_samples(spread_A, k_max, exit_wave.energy_keV)
+    else:
+        raise ConfigError(f"focal_spread_model={model!r} must be 'incoherent' or 'envelope'")
     intensity = np.zeros((nx, ny), np.float64)
     buffer = np.zeros((nx, ny), np.complex64)
     with abtem.config.set(_abtem_settings()):
@@ -427,6 +553,101 @@ def exit_wave(atoms: Atoms, sampling_A: float, slice_thickness_A: float, energy_
     return ExitWave(fourier.astype(np.complex64, copy=False), image_sampling, float(energy_keV))
 
 
+def contrast_rms_difference(image: np.ndarray, reference: np.ndarray) -> float:
+    """RMS difference of two noise-free images relative to the reference's contrast.
+
+    ``sqrt(mean((image - reference)²) / mean((reference - 1)²))``: the images have vacuum = 1,
+    so the denominator is the RMS contrast of the reference. 0 for identical images, 1 for a
+    flat (vacuum) image; vacuum pixels add nothing to either sum, so the figure does not depend
+    on how much vacuum the cell holds.
+
+    Parameters
+    ----------
+    image, reference : (H, W) arrays
+        Intensities, vacuum = 1, on the same grid.
+
+    Returns
+    -------
+    float
+        Relative RMS difference (a fraction, not %).
+
+    Raises
+    ------
+    ConfigError
+        If the shapes differ or the reference has no contrast.
+    """
+    image = np.asarray(image, np.float64)
+    reference = np.asarray(reference, np.float64)
+    if image.shape != reference.shape:
+        raise ConfigError(f"images of shapes {image.shape} and {reference.shape} cannot be "
+                          "compared; simulate both on the same cell and pixel size")
+    contrast = float(np.mean((reference - 1.0) ** 2))
+    if contrast <= 0.0:
+        raise ConfigError("the reference image is flat (vacuum only); give one with atoms")
+    return math.sqrt(float(np.mean((image - reference) ** 2)) / contrast)
+
+
+def multislice_convergence(atoms: Atoms, settings: list[tuple[float, float]],
+                           reference: tuple[float, float], optics_list: list[dict],
+                           pixel_size_A: float) -> list[dict]:
+    """How far images at several multislice settings are from a reference setting.
+
+    Every setting's exit wave is cut to one common image grid (:func:`image_sampling_A` of the
+    coarsest sampling and the largest aperture), imaged through each optics draw at
+    ``pixel_size_A`` and compared with the reference's image by
+    :func:`contrast_rms_difference`.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        The particle in its periodic cell (e.g. from :func:`place_in_cell`), Å.
+    settings : list of (sampling_A, slice_thickness_A)
+        Multislice grid spacing and slice thickness to test, Å.
+    reference : (sampling_A, slice_thickness_A)
+        The converged setting, Å.
+    optics_list : list of dict
+        Optics as from :func:`draw_optics` (one ``energy_keV`` for all).
+    pixel_size_A : float
+        Pixel size of the compared images, Å (a multiple of every sampling).
+
+    Returns
+    -------
+    list of dict
+        One per setting, in order: ``sampling_A``, ``slice_thickness_A``, ``rms_percent``
+        (list, one per optics draw, % of the reference's RMS contrast), ``cpu_s`` (process CPU
+        seconds of its multislice).
+    """
+    import time
+
+    energies = {float(o["energy_keV"]) for o in optics_list}
+    if len(energies) != 1:
+        raise ConfigError(f"optics_list has energies {sorted(energies)} keV; use one")
+    energy = energies.pop()
+    coarsest = max(s for s, _ in [*settings, reference])
+    grid = image_sampling_A(pixel_size_A, coarsest, energy,
+                            max(o["aperture_mrad"] for o in optics_list))
+
+    def images(sampling: float, dz: float) -> tuple[list[np.ndarray], float]:
+        start = time.process_time()
+        wave = exit_wave(atoms, sampling, dz, energy, image_sampling=grid)
+        cpu = time.process_time() - start
+        return [image_from_exit_wave(wave, o, pixel_size_A) for o in optics_list], cpu
+
+    ref_images, ref_cpu = images(*reference)
+    rows = []
+    for sampling, dz in settings:
+        if (sampling, dz) == tuple(reference):
+            imgs, cpu = ref_images, ref_cpu
+        else:
+            imgs, cpu = images(sampling, dz)
+        rows.append({
+            "sampling_A": float(sampling), "slice_thickness_A": float(dz),
+            "rms_percent": [100.0 * contrast_rms_difference(a, b)
+                            for a, b in zip(imgs, ref_images)],
+            "cpu_s": float(cpu)})
+    return rows
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -485,7 +706,7 @@ def simulate_particle(particle_id: int, seed: int, config: SimulationConfig | No
     label = label_mask(columns, (n, n), p, config.label_radius_A, config.max_height)
 
     optics = config.optics
-    grid = image_sampling_A(p, config.sampling_A, optics.energy_keV, optics.aperture_mrad)
+    grid = image_sampling_A(p, config.sampling_A, optics.energy_keV, optics.max_aperture_mrad)
     wave = exit_wave(atoms, config.sampling_A, config.slice_thickness_A, optics.energy_keV,
                      image_sampling=grid)
     rng = np.random.default_rng(optics_seq)
@@ -502,6 +723,10 @@ def simulate_particle(particle_id: int, seed: int, config: SimulationConfig | No
         "rotation_deg": info["rotation_deg"],
         "n_columns": int(len(table)),
         "max_column_height": int(table[:, 2].max()) if len(table) else 0,
+        "max_column_height_atoms": int(table[:, 2].max()) if len(table) else 0,
+        "mean_column_height_atoms": float(table[:, 2].mean()) if len(table) else 0.0,
+        "n_ce_atoms": int(table[:, 2].sum()),
+        "thickness_A": float(atoms.cell[2, 2] - 2.0 * Z_MARGIN_A),
         "cell_size_A": float(config.cell_size_A),
         "cell_z_A": float(atoms.cell[2, 2]),
         "sampling_A": float(config.sampling_A),
@@ -512,7 +737,11 @@ def simulate_particle(particle_id: int, seed: int, config: SimulationConfig | No
         "optics_per_exit_wave": int(config.optics_per_exit_wave),
         "conventions": {
             "defocus": "abTEM sign, defocus = -C10 (positive = underfocus)",
-            "focal_spread": "1/e half width; incoherent sum over defocus, no envelope",
+            "focal_spread": "1/e half width; focal_spread_model 'incoherent': incoherent sum "
+                            "over defocus, no envelope; 'envelope': abTEM's quasi-coherent "
+                            "temporal envelope",
+            "residual_aberrations": "coma = C21, three_fold_astigmatism = C23 (abTEM polar "
+                                    "form, angles phi21, phi23)",
             "coordinates": "x_px = x_A / pixel_size_A - 0.5",
         },
         "versions": software_versions(),
@@ -521,7 +750,8 @@ def simulate_particle(particle_id: int, seed: int, config: SimulationConfig | No
     for k in range(config.optics_per_exit_wave):
         optics = draw_optics(rng, config.optics)
         image = image_from_exit_wave(wave, optics, p)
-        metadata = {**common, **optics, "optics_index": k}
+        metadata = {**common, **optics, "optics_index": k,
+                    "delocalisation_A": delocalisation_A(optics)}
         examples.append(Example(
             image=image,
             label=label.copy(),
@@ -531,3 +761,33 @@ def simulate_particle(particle_id: int, seed: int, config: SimulationConfig | No
             atoms=atoms.copy(),
         ))
     return examples
+
+
+def image_of_atoms(atoms: Atoms, optics: dict, *, cell_size_A: float = 64.0,
+                   pixel_size_A: float = 0.2, sampling_A: float = 0.1,
+                   slice_thickness_A: float = 2.0) -> np.ndarray:
+    """The noise-free HRTEM image (vacuum = 1) of any atoms, beam along z.
+
+    For structures that are not the training particles (other materials and zone axes,
+    :func:`ceriakeras.structures.build_other_particle`): the same multislice and lens as
+    :func:`simulate_particle`, without labels.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        Positions in Å, beam along z; centred in a square cell of ``cell_size_A`` here.
+    optics : dict
+        As :func:`draw_optics` returns (its ``energy_keV`` is used for the multislice).
+    cell_size_A, pixel_size_A, sampling_A, slice_thickness_A : float
+        Cell side, image pixel, multislice sampling and slice thickness, Å.
+
+    Returns
+    -------
+    (H, W) float32, H = W = cell_size_A / pixel_size_A
+    """
+    placed = place_in_cell(atoms, cell_size_A)
+    grid = image_sampling_A(pixel_size_A, sampling_A, optics["energy_keV"],
+                            optics["aperture_mrad"])
+    wave = exit_wave(placed, sampling_A, slice_thickness_A, optics["energy_keV"],
+                     image_sampling=grid)
+    return image_from_exit_wave(wave, optics, pixel_size_A)

@@ -370,3 +370,62 @@ def column_table(atoms: Atoms, tolerance_A: float = 1.0) -> np.ndarray:
     table = np.stack([sx / counts, sy / counts, counts.astype(float)], axis=1)
     order = np.lexsort((table[:, 0], table[:, 1]))
     return table[order]
+
+
+# --- other materials and zone axes (for testing what the model does not know) -----------------
+OTHER_LATTICES_A = {"Pt": 3.924, "Au": 4.078, "CeO2": CEO2_LATTICE_A}
+"""Cubic lattice constants, Å, of the materials :func:`build_other_particle` can make."""
+
+
+def build_other_particle(material: str, zone_axis: tuple[int, int, int], diameter_A: float,
+                         rotation_deg: float = 0.0) -> Atoms:
+    """A round particle of an fcc metal or fluorite CeO2 with any low-index zone axis along z.
+
+    Not training data: these are the frames the model was not made for (another material, or
+    CeO2 along another axis), to test that :mod:`ceriakeras.recognise` tells them apart. The
+    particle is a sphere cut from the bulk crystal, centred at the origin.
+
+    Parameters
+    ----------
+    material : {'Pt', 'Au', 'CeO2'}
+        fcc Pt or Au, or fluorite CeO2 (Ce and O).
+    zone_axis : (3,) int
+        Crystal direction put along the beam (z), e.g. ``(1, 1, 0)`` or ``(1, 0, 0)``.
+    diameter_A : float
+        Sphere diameter, Å.
+    rotation_deg : float
+        In-plane rotation about the beam, degrees.
+
+    Returns
+    -------
+    ase.Atoms
+        Positions in Å, no cell; ``atoms.info`` holds material, zone_axis, diameter_A,
+        rotation_deg.
+    """
+    if material not in OTHER_LATTICES_A:
+        raise ConfigError(f"material {material!r} is not one of {sorted(OTHER_LATTICES_A)}")
+    a = OTHER_LATTICES_A[material]
+    radius = diameter_A / 2.0
+    if material == "CeO2":
+        ce, o = _fluorite_sites(radius + a)
+        positions = np.concatenate([ce, o])
+        symbols = ["Ce"] * len(ce) + ["O"] * len(o)
+    else:
+        n = int(math.ceil(radius / a)) + 2
+        g = np.arange(-n, n + 1)
+        cells = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3).astype(float)
+        basis = np.array([[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]])
+        positions = ((cells[:, None, :] + basis[None]) * a).reshape(-1, 3)
+        symbols = [material] * len(positions)
+    z = np.asarray(zone_axis, float)
+    z /= np.linalg.norm(z)
+    helper = np.array([0.0, 0.0, 1.0]) if abs(z[2]) < 0.9 else np.array([1.0, 0.0, 0.0])
+    x = np.cross(helper, z)
+    x /= np.linalg.norm(x)
+    matrix = _rotation_about([0, 0, 1], math.radians(rotation_deg)) @ np.stack([x, np.cross(z, x), z])
+    lab = positions @ matrix.T
+    keep = np.linalg.norm(lab, axis=1) <= radius
+    atoms = Atoms(symbols=[s for s, k in zip(symbols, keep) if k], positions=lab[keep])
+    atoms.info.update(material=material, zone_axis=[int(v) for v in zone_axis],
+                      diameter_A=float(diameter_A), rotation_deg=float(rotation_deg))
+    return atoms

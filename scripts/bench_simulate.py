@@ -4,6 +4,7 @@ Usage::
 
     .venv/bin/python scripts/bench_simulate.py [--particles N] [--sampling Å] [--slice Å] [--cell Å]
     .venv/bin/python scripts/bench_simulate.py --dask [--particles N]
+    .venv/bin/python scripts/bench_simulate.py --config configs/ceria110_v3_data.toml --breakdown
 
 One process, one thread (as inside one dask worker). A warm-up particle is simulated first (FFTW
 plans, numba compilation) and not counted. Then ``N`` particles with ``optics_per_exit_wave``
@@ -13,6 +14,10 @@ at the defaults with N = 3.
 With ``--dask``: the same particles as dask tasks on a ``LocalCluster`` of one, then two worker
 processes (one thread each); clusters are started and every worker warmed up before the clock
 starts, so the figure is the steady-state speed-up of a long run (target here: ≥ 1.7× on 2 cores).
+
+With ``--breakdown``: CPU seconds (user + sys of this process, so other load on shared cores
+does not count) of the multislice and of one image per focal-spread model, per particle, for
+choosing ``optics_per_exit_wave`` and sizing shards.
 """
 
 from __future__ import annotations
@@ -24,8 +29,46 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from ceriakeras.config import SimulationConfig  # noqa: E402
+from ceriakeras.config import SimulationConfig, load_config  # noqa: E402
 from ceriakeras.simulate import simulate_particle  # noqa: E402
+
+
+def _cpu_s() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _breakdown(config: SimulationConfig, particles: int) -> None:
+    """CPU seconds of the multislice and of single images, per particle."""
+    import numpy as np
+
+    from ceriakeras.simulate import (draw_optics, exit_wave, image_from_exit_wave,
+                                     image_sampling_A, place_in_cell)
+    from ceriakeras.structures import build_particle
+
+    o = config.optics
+    grid = image_sampling_A(config.pixel_size_A, config.sampling_A, o.energy_keV,
+                            o.max_aperture_mrad)
+    rng = np.random.default_rng(0)
+    ms, per_model = [], {m: [] for m in o.focal_spread_models}
+    for pid in range(particles):
+        atoms = place_in_cell(build_particle(20_000 + pid, config.structure), config.cell_size_A)
+        start = _cpu_s()
+        wave = exit_wave(atoms, config.sampling_A, config.slice_thickness_A, o.energy_keV,
+                         image_sampling=grid)
+        ms.append(_cpu_s() - start)
+        for model in per_model:
+            optics = dict(draw_optics(rng, o), focal_spread_model=model)
+            start = _cpu_s()
+            image_from_exit_wave(wave, optics, config.pixel_size_A)
+            per_model[model].append(_cpu_s() - start)
+        print(f"particle {pid}: {atoms.info['diameter_A']:.0f} Å, {len(atoms)} atoms, "
+              f"multislice {ms[-1]:.1f} CPU s, images "
+              + ", ".join(f"{m} {v[-1]:.2f} s" for m, v in per_model.items()), flush=True)
+    print(f"mean CPU s per particle: multislice {np.mean(ms):.1f}; one image: "
+          + ", ".join(f"{m} {np.mean(v):.2f}" for m, v in per_model.items()))
 
 
 def _rate(config: SimulationConfig, particles: int, first_id: int) -> tuple[float, float]:
@@ -63,12 +106,24 @@ def main() -> None:
     parser.add_argument("--cell", type=float, default=defaults.cell_size_A, help="cell side, Å")
     parser.add_argument("--dask", action="store_true",
                         help="compare one and two local dask worker processes instead")
+    parser.add_argument("--config", default=None,
+                        help="SimulationConfig (TOML/JSON); --sampling/--slice/--cell then ignored")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="CPU seconds of the multislice and of one image per focal-spread "
+                             "model, per particle")
     args = parser.parse_args()
-    config = dataclasses.replace(defaults, sampling_A=args.sampling,
-                                 slice_thickness_A=args.slice, cell_size_A=args.cell)
+    if args.config:
+        config = load_config(SimulationConfig, args.config)
+    else:
+        config = dataclasses.replace(defaults, sampling_A=args.sampling,
+                                     slice_thickness_A=args.slice, cell_size_A=args.cell)
     print(f"cell {config.cell_size_A} Å, sampling {config.sampling_A} Å, slice "
           f"{config.slice_thickness_A} Å, pixel {config.pixel_size_A} Å, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    if args.breakdown:
+        simulate_particle(10_000, 0, dataclasses.replace(config, optics_per_exit_wave=1))
+        _breakdown(config, args.particles)
+        return
     if args.dask:
         one = _dask_rate(config, args.particles, 1)
         two = _dask_rate(config, args.particles, 2)

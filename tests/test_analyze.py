@@ -105,7 +105,7 @@ def test_positions_exact_under_resampling(tmp_path, pixel_A):
     summary = analyze([tmp_path / "frame.npy"], tmp_path / "out", model=model,
                       pixel_size_A=pixel_A, progress=False)
     header, rows = read_rows(tmp_path / "out" / "columns.csv")
-    assert header == list(CSV_HEADER)
+    assert header == list(CSV_HEADER) + ["recognised"]
     match(rows, truth, pixel_A)
     # the model saw the frame at its own pixel size
     n_in = int(round(16.0 / pixel_A))
@@ -136,7 +136,7 @@ def test_series_with_calibration_bad_frame_and_pictures(tmp_path, series):
     summary = analyze([path], tmp_path / "out", model=StandInModel(), config=cfg, xyz=True,
                       details=True, progress=False)
     header, rows = read_rows(tmp_path / "out" / "columns.csv")
-    assert header == list(CSV_HEADER) + ["expected_height_atoms", "height_std_atoms"]
+    assert header == list(CSV_HEADER) + ["recognised", "expected_height_atoms", "height_std_atoms"]
     for i, truth in enumerate(truths):
         frame_rows = [r for r in rows if r[1] == str(i)]
         if i == 3:
@@ -149,6 +149,10 @@ def test_series_with_calibration_bad_frame_and_pictures(tmp_path, series):
     assert sorted(p.name for p in (out / "overlays").iterdir()) == [
         "series_00000.png", "series_00002.png", "series_00004.png", "series_00006.png"]
     assert (out / "series_series.png").stat().st_size > 1000
+    import av
+
+    with av.open(str(out / "series_movie.mp4")) as movie:  # every good frame, in one box
+        assert sum(1 for _ in movie.decode(video=0)) == 6
     import ase.io
 
     atoms = ase.io.read(out / "xyz" / "series_00000.xyz")
@@ -360,6 +364,90 @@ def test_test_time_augmentation_averages_eight_copies(tmp_path, series):
                 progress=False)
 
 
+def test_two_model_workers_give_the_same_tables_in_order(tmp_path, series):
+    path, truths, pixel_A = series
+    one = analyze([path], tmp_path / "one", model=StandInModel(),
+                  config=AnalyzeConfig(batch_size=1, movie=False), progress=False)
+    two = analyze([path], tmp_path / "two", model=StandInModel(),
+                  config=AnalyzeConfig(batch_size=1, model_workers=2, movie=False), progress=False)
+    for name in ("columns.csv", "frames.csv"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
+    assert one["frames_analysed"] == two["frames_analysed"] == 6
+    assert not (tmp_path / "one" / "series_movie.mp4").exists()  # --no-movie
+    # default overlays: a short series gets every good frame
+    assert len(list((tmp_path / "one" / "overlays").iterdir())) == 6
+
+
+def test_missing_pyav_is_refused_before_any_work_unless_no_movie(tmp_path, series, monkeypatch):
+    import importlib.util
+
+    from ceriakeras.config import ConfigError
+
+    path, _, _ = series
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "av" else real(n, *a))
+    with pytest.raises(ConfigError, match="--no-movie"):
+        analyze([path], tmp_path / "out", model=StandInModel(), progress=False)
+    assert not (tmp_path / "out").exists()
+    analyze([path], tmp_path / "out", model=StandInModel(), config=AnalyzeConfig(movie=False),
+            progress=False)
+
+
+def noisy_series(path, gain, pixel_A=0.1, frames=6, seed=0):
+    """The same scene in every frame, Poisson electrons times ``gain``; .npy (N, H, W)."""
+    rng = np.random.default_rng(seed)
+    expected = synthetic_frame(random_columns(1), pixel_A, size_A=32.0, vacuum_counts=10.0)
+    np.save(path, np.stack([gain * rng.poisson(expected) for _ in range(frames)]).astype(np.float32))
+    return float(expected.mean()) / pixel_A**2       # dose of a frame, e-/Å²
+
+
+def test_gain_is_estimated_from_a_series_and_used_for_the_dose(tmp_path):
+    dose = noisy_series(tmp_path / "s.npy", gain=25.0)
+    summary = analyze([tmp_path / "s.npy"], tmp_path / "out", model=StandInModel(),
+                      pixel_size_A=0.1, config=AnalyzeConfig(overlay_every=100), progress=False)
+    item = summary["inputs"][0]
+    assert item["counts_per_electron_from"] == "series estimate"
+    assert item["counts_per_electron"] == pytest.approx(25.0, rel=0.1)
+    assert 0 < item["counts_per_electron_standard_error"] < 2.5
+    header, frames = read_rows(tmp_path / "out" / "frames.csv")
+    doses = [float(r[header.index("dose_e_per_A2")]) for r in frames]
+    assert doses == pytest.approx([dose] * 6, rel=0.1)        # electrons, not counts
+    assert "gain" in analyze_module.format_summary(summary)
+    stored = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert stored["inputs"][0]["counts_per_electron"] == item["counts_per_electron"]
+
+
+def test_gain_option_wins_and_bad_values_are_refused(tmp_path, monkeypatch):
+    dose = noisy_series(tmp_path / "s.npy", gain=4.0, frames=2)
+    monkeypatch.setattr(analyze_module, "load_model",
+                        lambda m: (StandInModel(), {"path": str(m)}))
+    res = invoke([str(tmp_path / "s.npy"), "--pixel-size", "0.1", "--out", str(tmp_path / "o"),
+                  "--quiet", "--counts-per-electron", "2"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["inputs"][0]["counts_per_electron"] == 2.0
+    assert summary["inputs"][0]["counts_per_electron_from"] == "option"
+    header, frames = read_rows(tmp_path / "o" / "frames.csv")
+    assert float(frames[0][header.index("dose_e_per_A2")]) == pytest.approx(2 * dose, rel=0.05)
+    res = invoke([str(tmp_path / "s.npy"), "--pixel-size", "0.1", "--out", str(tmp_path / "p"),
+                  "--quiet", "--counts-per-electron", "0"])
+    assert res.exit_code == 2 and "counts-per-electron" in res.output
+
+
+def test_unmeasurable_gain_falls_back_to_counts_with_a_warning(tmp_path):
+    np.save(tmp_path / "f.npy", synthetic_frame(random_columns(0), 0.1))   # noise-free
+    summary = analyze([tmp_path / "f.npy"], tmp_path / "out", model=StandInModel(),
+                      pixel_size_A=0.1, progress=False)
+    item = summary["inputs"][0]
+    assert item["counts_per_electron"] == 1.0 and item["counts_per_electron_from"] == "assumed"
+    assert "--counts-per-electron" in item["gain_warning"]
+    assert "--counts-per-electron" in analyze_module.format_summary(summary)
+    # five columns are not a particle: the frame is not recognised, its columns marked 0
+    header, rows = read_rows(tmp_path / "out" / "columns.csv")
+    assert {r[header.index("recognised")] for r in rows} == {"0"}
+    assert summary["frames_not_recognised"] == 1 and summary["frames_recognised"] == 0
+
+
 class OpticsStandIn(StandInModel):
     """A stand-in that also estimates each frame's optics, as models of version 3 on do:
     defocus = the frame's mean count (so each frame has its own), Cs = −defocus."""
@@ -407,3 +495,13 @@ def test_frames_csv_has_the_optics_estimates_of_models_that_have_them_across_a_r
     analyze([path], out, model=again, config=cfg, progress=False)
     assert len(again.estimates) == 3                                  # frames 4, 5, 6 only
     assert (out / "frames.csv").read_text() == reference
+
+
+def test_picture_captions_name_frame_dose_columns_and_an_unrecognised_frame():
+    from ceriakeras.analyze import _caption
+
+    item = {"source": "/data/run/series.tif", "n_frames": 120}
+    text = _caption(item, 7, 512.4, 31, recognised=True)
+    assert text.split() == ["series.tif", "frame", "7/119", "512", "e⁻/Å²", "31", "columns"]
+    assert _caption(item, 7, 512.4, 31, recognised=False).endswith("NOT RECOGNISED")
+    assert "image" in _caption({"source": "a.npy", "n_frames": 1}, 0, 20.0, 0)

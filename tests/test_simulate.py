@@ -15,7 +15,13 @@ from ase import Atoms
 from ceriakeras.config import ConfigError, OpticsConfig, SimulationConfig, StructureConfig
 from ceriakeras.simulate import (
     Example,
+    check_simulation_config,
+    contrast_rms_difference,
     defocus_samples,
+    delocalisation_A,
+    draw_optics,
+    envelope_delocalisation_A,
+    multislice_convergence,
     exit_wave,
     image_from_exit_wave,
     label_mask,
@@ -214,3 +220,144 @@ def test_particle_too_big_for_cell_is_refused():
     config = dataclasses.replace(SMALL, structure=StructureConfig(diameter_range_A=(20.0, 30.0)))
     with pytest.raises(ConfigError, match="cell_size_A"):
         simulate_particle(0, 0, config)
+
+
+# --- version-3 data (issue 11) ------------------------------------------------------------------
+V3_OPTICS = dataclasses.replace(SMALL.optics, aperture_range_mrad=(25.0, 40.0),
+                                focal_spread_models=("incoherent", "envelope"),
+                                max_coma_nm=40.0, max_three_fold_astigmatism_nm=40.0)
+
+
+def test_delocalisation_of_pure_defocus_and_cs():
+    """|∇chi|/2π at the aperture edge: α·|C10| for defocus, α³·C30 for Cs (α = λ k_ap)."""
+    plain = dict(PLAIN, defocus_nm=0.0)
+    assert delocalisation_A(dict(plain, defocus_nm=-10.0)) == pytest.approx(0.040 * 100.0, rel=1e-3)
+    assert delocalisation_A(dict(plain, cs_um=25.0)) == pytest.approx(0.040**3 * 25e4, rel=1e-3)
+    # Defocus and Cs of opposite effect partly cancel; the envelope takes the worst corner.
+    both = delocalisation_A(dict(plain, defocus_nm=10.0, cs_um=25.0))
+    assert both < 0.040**3 * 25e4
+    worst = envelope_delocalisation_A(OpticsConfig(focal_spread_range_nm=(0.0, 0.0),
+                                                   max_astigmatism_nm=0.0, c5_range_mm=(0.0, 0.0)))
+    assert worst == pytest.approx(0.040 * 120.0 + 0.040**3 * 25e4, rel=1e-3)
+
+
+def test_cell_must_hold_the_delocalisation():
+    config = dataclasses.replace(SMALL, optics=V3_OPTICS, vacuum_for_delocalisation=True)
+    with pytest.raises(ConfigError, match="delocalis.*need cell_size_A >= "):
+        check_simulation_config(config)
+    r = envelope_delocalisation_A(V3_OPTICS)
+    need = SMALL.structure.diameter_range_A[1] + 2 * (r + SMALL.structure.vacuum_A)
+    big_enough = float(math.ceil(need / 0.2) * 0.2)
+    check_simulation_config(dataclasses.replace(config, cell_size_A=big_enough))
+    # Without the rule (the version-1/2 datasets) only the plain vacuum is checked.
+    check_simulation_config(dataclasses.replace(config, vacuum_for_delocalisation=False))
+
+
+def test_new_optics_are_drawn_per_image_and_old_draws_unchanged():
+    draws = []
+    for seed in range(40):
+        old = draw_optics(np.random.default_rng(seed), SMALL.optics)
+        new = draw_optics(np.random.default_rng(seed), V3_OPTICS)
+        for key in ("defocus_nm", "cs_um", "c5_mm", "focal_spread_nm", "astigmatism_nm",
+                    "astigmatism_angle_deg"):
+            assert old[key] == new[key]  # the version-1/2 draws come first, as before
+        assert old["aperture_mrad"] == SMALL.optics.aperture_mrad
+        assert old["focal_spread_model"] == "incoherent" and old["coma_nm"] == 0.0
+        draws.append(new)
+    apertures = [d["aperture_mrad"] for d in draws]
+    assert 25.0 <= min(apertures) < max(apertures) <= 40.0 and np.std(apertures) > 2.0
+    assert {d["focal_spread_model"] for d in draws} == {"incoherent", "envelope"}
+    for key, top in (("coma_nm", 40.0), ("three_fold_astigmatism_nm", 40.0)):
+        values = [d[key] for d in draws]
+        assert 0.0 <= min(values) < max(values) <= top
+
+
+def test_new_optics_recorded_in_the_metadata():
+    config = dataclasses.replace(SMALL, optics=V3_OPTICS, optics_per_exit_wave=6)
+    examples = simulate_particle(3, 11, config)
+    metas = [json.loads(json.dumps(ex.metadata)) for ex in examples]
+    for meta, ex in zip(metas, examples):
+        for key in ("aperture_mrad", "focal_spread_model", "coma_nm", "coma_angle_deg",
+                    "three_fold_astigmatism_nm", "three_fold_astigmatism_angle_deg",
+                    "delocalisation_A", "max_column_height_atoms", "mean_column_height_atoms",
+                    "thickness_A", "defocus_nm", "cs_um", "max_column_height"):
+            assert key in meta, key
+        assert meta["max_column_height_atoms"] == int(ex.columns[:, 2].max())
+        assert meta["mean_column_height_atoms"] == pytest.approx(float(ex.columns[:, 2].mean()))
+        assert meta["delocalisation_A"] == pytest.approx(delocalisation_A(meta))
+    assert len({m["aperture_mrad"] for m in metas}) == len(metas)
+    assert len({m["coma_nm"] for m in metas}) == len(metas)
+    # The same particle through other optics: images differ, labels do not.
+    assert not np.allclose(examples[0].image, examples[1].image)
+    np.testing.assert_array_equal(examples[0].label, examples[1].label)
+
+
+def test_residual_aberrations_and_envelope_match_abtem(particle_wave):
+    """Coma, three-fold astigmatism and the quasi-coherent envelope: abTEM's CTF gives the same
+    image, and 30 nm of coma or three-fold astigmatism change it by more than 2 % RMS."""
+    _, wave = particle_wave
+    base = dict(PLAIN, defocus_nm=4.0, cs_um=-10.0, focal_spread_nm=3.0,
+                focal_spread_model="envelope")
+    optics = dict(base, coma_nm=30.0, coma_angle_deg=20.0, three_fold_astigmatism_nm=25.0,
+                  three_fold_astigmatism_angle_deg=50.0)
+    ours = image_from_exit_wave(wave, optics, 0.1)
+    real_space = np.fft.ifft2(wave.fourier)
+    waves = abtem.Waves(real_space, energy=300e3, sampling=0.1)
+    ctf = abtem.CTF(defocus=40.0, Cs=-10.0e4, C21=300.0, phi21=math.radians(20.0), C23=250.0,
+                    phi23=math.radians(50.0), focal_spread=30.0, semiangle_cutoff=40.0,
+                    energy=300e3, soft=False)
+    theirs = np.asarray(waves.apply_ctf(ctf).intensity().compute().array).T
+    np.testing.assert_allclose(ours, theirs, atol=3e-3)
+    plain = image_from_exit_wave(wave, base, 0.2)
+    for key in ("coma_nm", "three_fold_astigmatism_nm"):
+        changed = image_from_exit_wave(wave, dict(base, **{key: 30.0}), 0.2)
+        assert contrast_rms_difference(changed, plain) > 0.02, key
+    incoherent = image_from_exit_wave(wave, dict(base, focal_spread_model="incoherent"), 0.2)
+    assert 0.0 < contrast_rms_difference(incoherent, plain) < 0.5
+
+
+def test_contrast_rms_difference():
+    rng = np.random.default_rng(0)
+    reference = 1.0 + 0.3 * rng.standard_normal((32, 32))
+    assert contrast_rms_difference(reference, reference) == 0.0
+    assert contrast_rms_difference(np.ones_like(reference), reference) == pytest.approx(1.0)
+    scaled = 1.0 + 1.05 * (reference - 1.0)
+    assert contrast_rms_difference(scaled, reference) == pytest.approx(0.05)
+    # Vacuum around both does not change the figure.
+    pad = lambda a: np.pad(a, 16, constant_values=1.0)  # noqa: E731
+    assert contrast_rms_difference(pad(scaled), pad(reference)) == pytest.approx(0.05)
+    with pytest.raises(ConfigError, match="shapes"):
+        contrast_rms_difference(reference[:8], reference)
+    with pytest.raises(ConfigError, match="flat"):
+        contrast_rms_difference(reference, np.ones_like(reference))
+
+
+def test_multislice_convergence_helper():
+    """A short Ce column: the reference row is 0 %, a coarser grid is off by more than a finer."""
+    z = 1.0 + 3.83 * np.arange(4)
+    atoms = Atoms("Ce4", positions=[(4.85, 4.85, zi) for zi in z], cell=[9.6, 9.6, 14.0], pbc=True)
+    optics = [dict(PLAIN, defocus_nm=f, focal_spread_nm=2.0) for f in (-4.0, 6.0)]
+    rows = multislice_convergence(atoms, [(0.2, 2.0), (0.1, 2.0), (0.05, 1.0)], (0.05, 1.0),
+                                  optics, 0.2)
+    assert [(r["sampling_A"], r["slice_thickness_A"]) for r in rows] == [(0.2, 2.0), (0.1, 2.0),
+                                                                         (0.05, 1.0)]
+    assert rows[2]["rms_percent"] == [0.0, 0.0]
+    for coarse, fine in zip(rows[0]["rms_percent"], rows[1]["rms_percent"]):
+        assert coarse > fine > 0.0
+    assert all(r["cpu_s"] >= 0.0 and len(r["rms_percent"]) == 2 for r in rows)
+
+
+def test_v3_data_config_holds_its_delocalisation_and_round_trips():
+    """configs/ceria110_v3_data.toml passes its own cell rule and survives the manifest."""
+    from pathlib import Path
+
+    from ceriakeras.config import from_dict, load_config, to_dict
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "ceria110_v3_data.toml"
+    config = load_config(SimulationConfig, path)
+    assert config.vacuum_for_delocalisation
+    check_simulation_config(config)
+    assert from_dict(SimulationConfig, json.loads(json.dumps(to_dict(config)))) == config
+    # 10 Å less cell would let the worst optics wrap around.
+    with pytest.raises(ConfigError, match="wrap around"):
+        check_simulation_config(dataclasses.replace(config, cell_size_A=config.cell_size_A - 10.0))

@@ -149,3 +149,19 @@ def test_column_table_groups_a_known_column():
     atoms = Atoms(["Ce"] * 8 + ["O"], positions=positions)
     table = column_table(atoms)
     np.testing.assert_allclose(table, [[0.0, 0.0, 5.0], [3.83, 0.1, 3.0]])
+
+
+def test_v3_size_range_reaches_14_atom_columns():
+    """The version-3 data's size range holds 14-atom columns (seed 340: a particle 5 nm across,
+    the thickest height the data must contain), and never more than max_height."""
+    from pathlib import Path
+
+    from ceriakeras.config import SimulationConfig, load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "ceria110_v3_data.toml"
+    config = load_config(SimulationConfig, path).structure
+    atoms = build_particle(340, config)
+    heights = column_table(atoms)[:, 2]
+    assert heights.max() == 14 == config.max_height
+    assert atoms.info["diameter_A"] <= config.diameter_range_A[1]
+    assert heights.min() >= 1
