@@ -48,7 +48,7 @@ from scipy import optimize
 from .columns import calibrate_confidence, find_columns
 from .config import (CALIBRATION_MAPS, AnalyzeConfig, ConfigError, DataError,  # noqa: F401
                      InputError)
-from .io import model_to_input_px, resample_counts, resample_factor
+from .io import file_sha256, model_to_input_px, resample_counts, resample_factor
 from .modelinfo import model_settings
 from .scoring import MATCH_DISTANCE_A, Tally, calibration, check_doses, noisy_predictions
 
@@ -239,7 +239,7 @@ def collect_columns(predict, datasets: Sequence, info: dict, *,
         as wrong), ``matched`` (bool) and ``dataset`` (index into ``datasets``).
     sources : list of dict
         Per dataset: ``data_dir``, ``split``, ``n_images``, ``n_columns`` (true Ce columns),
-        ``manifest_sha256`` where the manifest has one, and ``simulation`` (the sampling, Å, and
+        ``manifest_sha256`` (of its ``manifest.json``), and ``simulation`` (the sampling, Å, and
         focal-spread models it was simulated with, where recorded).
     """
     from .records import read_manifest
@@ -281,7 +281,7 @@ def collect_columns(predict, datasets: Sequence, info: dict, *,
         sources.append({
             "data_dir": str(data_dir), "split": split, "n_images": n_images,
             "n_columns": n_columns,
-            "manifest_sha256": manifest.get("manifest_sha256") or manifest.get("sha256"),
+            "manifest_sha256": file_sha256(Path(data_dir) / "manifest.json"),
             "simulation": {k: v for k, v in (
                 ("sampling_A", simulation.get("sampling_A")),
                 ("focal_spread_models", simulation.get("optics", {}).get("focal_spread_models")),

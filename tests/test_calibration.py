@@ -138,6 +138,9 @@ def test_calibration_pools_the_datasets_and_records_them(two_split_dataset):
         assert pooled[d]["correct"].mean() > 0.9 and np.allclose(pooled[d]["confidence"], 0.6)
     assert [(s["split"], s["n_images"]) for s in sources] == [("validation", 2), ("test", 2)]
     assert sources[0]["n_columns"] == sum(len(r["columns"]) for r in records["validation"])
+    from ceriakeras.io import file_sha256
+
+    assert sources[1]["manifest_sha256"] == file_sha256(data / "manifest.json")
 
     fit = fit_confidence_calibration(oracle.predict, [f"{data}:validation", (data, "test")], info,
                                      doses=doses, progress=False, method="isotonic")
