@@ -196,7 +196,7 @@ def main(verbose):
 @click.option("--cell-size", "cell_size_A", type=float, default=None, metavar="Å",
               help="Side of the square simulation cell, Å (default 64; the image is cell / pixel size px).")
 @click.option("--pixel-size", "pixel_size_A", type=float, default=None, metavar="Å",
-              help="Pixel size of the stored images and labels, Å (default 0.2; a multiple of the 0.1 Å sampling).")
+              help="Pixel size of the stored images and labels, Å (default 0.2; a whole multiple of the config's multislice sampling_A, 0.1 Å by default).")
 @click.option("--optics-per-exit-wave", type=int, default=None, metavar="N",
               help="Images with different optics from one multislice run (default 8).")
 @click.option("--preview", type=int, default=0, show_default=True, metavar="K",
