@@ -583,7 +583,11 @@ def exit_wave(atoms: Atoms, sampling_A: float, slice_thickness_A: float, energy_
 
 
 def _fft_friendly(n: int) -> bool:
-    for prime in (2, 3, 5, 7):
+    # Even, and no prime factor above 5 (FFTW_ESTIMATE plans were ≈ 1.3× slower per point
+    # with a factor 7, as in 1575, than at 1500 or 1620 points here).
+    if n % 2:
+        return False
+    for prime in (2, 3, 5):
         while n % prime == 0:
             n //= prime
     return n == 1
@@ -595,7 +599,7 @@ def multislice_cell(atoms: Atoms, cell_size_A: float, pixel_size_A: float, sampl
 
     The smallest side ``m`` (pixels) such that the sub-cell holds the atoms' lateral extent plus
     ``margin_A`` on each side and its multislice grid, ``m · pixel_size_A / sampling_A`` points,
-    has no prime factor above 7 (fast FFTs); placed as centrally on the atoms as whole pixels
+    is even with no prime factor above 5 (fast FFTs); placed as centrally on the atoms as whole pixels
     allow. The whole cell if nothing smaller fits.
 
     Parameters
