@@ -383,7 +383,11 @@ def export(run_dir, out_dir, version, calibrate_on, calibration_images, quiet):
 @click.option("--overwrite", is_flag=True, help="Replace earlier results in --out.")
 @click.option("--xyz", is_flag=True, help="Also write a 3D model (extxyz) per frame.")
 @click.option("--overlay-every", type=int, default=None, metavar="K",
-              help="Overlay PNG for every K-th frame (frames; default 1).")
+              help="Overlay PNG for every K-th frame (frames; default: 10 evenly spaced frames "
+                   "of a series, the first and last included).")
+@click.option("--movie/--no-movie", default=None,
+              help="Annotated MP4 of every series (frame, dose, columns coloured by height; "
+                   "default: on).")
 @click.option("--batch-size", type=int, default=None, metavar="N",
               help="Frames per inference batch (frames; default 4).")
 @click.option("--tta", "tta", is_flag=True, default=None,
@@ -401,21 +405,21 @@ def export(run_dir, out_dir, version, calibrate_on, calibration_images, quiet):
                    "noise (series: frame differences; single frame: its vacuum), else 1.")
 @_verbose_option
 @_one_line_errors
-def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every, batch_size,
-            tta, details, config_path, quiet, counts_per_electron):
+def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every, movie,
+            batch_size, tta, details, config_path, quiet, counts_per_electron):
     """Find Ce columns and their heights (Ce atoms) in images or series: INPUT... are TIFF
     (single, multi-page, ImageJ, OME), .npy, DM3/DM4, EMD or SER files, or folders of them.
 
-    Writes OUT/columns.csv (source,frame,x_px,y_px,x_A,y_A,height,confidence), an overlay per
-    frame and, for a series, heights and total Ce over time. An interrupted run resumes when
-    rerun with the same arguments.
+    Writes OUT/columns.csv (source,frame,x_px,y_px,x_A,y_A,height,confidence), overlays cropped
+    to the particle and, for a series, an annotated movie and heights and total Ce over time.
+    An interrupted run resumes when rerun with the same arguments.
     """
     from .config import AnalyzeConfig, load_config
     from .detector import check_counts_per_electron
     from .preflight import check_analyze
 
     config = load_config(AnalyzeConfig, config_path, overlay_every=overlay_every,
-                         batch_size=batch_size, test_time_augmentation=tta or None)
+                         batch_size=batch_size, test_time_augmentation=tta or None, movie=movie)
     check_counts_per_electron(counts_per_electron)
     check_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A, config=config,
                   overwrite=overwrite)

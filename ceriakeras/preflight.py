@@ -99,10 +99,16 @@ def check_analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = N
     paths = expand_inputs(inputs)
     _, info = model_version(model)
     model_px, _, _ = model_settings(info)
+    series_given = False
     for path in paths:
         with open_series(path, pixel_size_A) as series:
             resample_factor(series.pixel_size_A, model_px, min_pixel_A=config.min_pixel_size_A,
                             max_pixel_A=config.max_pixel_size_A)
+            series_given |= series.n_frames >= 2
+    if config.movie and series_given:
+        from .pictures import check_movie_writer
+
+        check_movie_writer()
     out_dir = _check_out_dir(out_dir)
     csv_path, progress_path = out_dir / "columns.csv", out_dir / "progress.json"
     if not overwrite and (csv_path.exists() or progress_path.exists()):
