@@ -666,14 +666,14 @@ def _dataset_record(data_dirs, digests, manifests, weights, previous: dict | Non
     """The run's ``dataset.json``: the first dataset's fields as versions 1–2 wrote them (read
     by old tools), ``datasets`` (every one), summed ``counts``, the ``class_weights`` in use,
     and ``changes``: the datasets added or removed on a resume, with the epoch it happened."""
+    from .records import run_datasets
+
     first = manifests[0]
     counts: dict[str, int] = {}
     for m in manifests:
         for split, n in (m.get("counts") or {}).items():
             counts[split] = counts.get(split, 0) + int(n)
     entries = [_dataset_entry(d, h, m) for d, h, m in zip(data_dirs, digests, manifests)]
-    from .records import run_datasets
-
     changes = list((previous or {}).get("changes", []))
     if previous is not None and (added or removed):
         dirs = {e["manifest_sha256"]: e["data_dir"] for e in run_datasets(previous) + entries}
