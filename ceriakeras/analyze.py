@@ -350,7 +350,7 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
 
 
 # --- detector gain -----------------------------------------------------------------------------
-GAIN_FRAMES_PIXELS = 64_000_000
+GAIN_FRAMES_PIXELS = 8_000_000
 """Pixels of the input read for a series' gain estimate (at least 2 frames, at most 32)."""
 
 
