@@ -1,7 +1,7 @@
 """Frames → resample → model → columns → tables and pictures: the ``ceriakeras analyze`` command's library.
 
-One call of :func:`analyze` streams every frame of every input (one batch in memory at a time),
-sums counts into the model's pixel size, runs the model in batches, finds the columns
+One call of :func:`analyze` streams every frame of every input (a few batches in memory at a
+time), sums counts into the model's pixel size, runs the model in batches, finds the columns
 (:func:`ceriakeras.columns.find_columns`), maps them back to the input pixel grid and appends
 them to ``OUT/columns.csv``, flushed per batch. ``OUT/progress.json`` records, after each batch,
 how many frames (in input order) are done and how long the CSV is at that point, so an
@@ -10,9 +10,11 @@ interrupted run resumes where it stopped: each frame ends up in the CSV exactly 
 Outputs in ``OUT``: ``columns.csv`` (the column table of the design, plus ``recognised``),
 ``frames.csv`` (per frame: columns found, total Ce, mean height, dose in e⁻/Å², recognised, and
 for a model that estimates them (version 3 on) the frame's defocus ``defocus_nm`` and
-``cs_um``), ``overlays/<input>_<frame>.png``, for a series
-``<input>_series.png`` (tracked column heights and total Ce over time), with ``xyz=True``
-``xyz/<input>_<frame>.xyz`` (ASE extxyz 3D models), ``progress.json``.
+``cs_um``), ``overlays/<input>_<frame>.png`` (cropped to the particle; a sample of a series'
+frames, see :func:`ceriakeras.pictures.overlay_frames`), for a series ``<input>_movie.mp4``
+(every frame, columns coloured by height, frame number and dose) and ``<input>_series.png``
+(tracked column heights and total Ce over time), with ``xyz=True`` ``xyz/<input>_<frame>.xyz``
+(ASE extxyz 3D models), ``progress.json``. The pictures are drawn by :mod:`ceriakeras.pictures`.
 
 Detector gain: the dose (``frames.csv``'s ``dose_e_per_A2``) and the calibration of
 ``confidence`` need electrons, not the file's units. Per input, the gain in counts per electron
@@ -30,7 +32,13 @@ import hashlib
 import io as _stdio
 import json
 import os
+import queue
+import threading
 import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +49,8 @@ from .detector import check_counts_per_electron
 from .io import (atomic_path, expand_inputs, file_counts_per_electron, model_to_input_px,
                  open_series, resample_counts, resample_factor, write_text_atomic)
 from .modelinfo import model_settings
+from .pictures import (MovieWriter, check_movie_writer, height_colors, overlay_frames,
+                       particle_box, render_frame, union_box, write_png)
 from .recognise import recognise_frame
 
 DEFAULT_MODEL = "saved_models/ceria110"
@@ -55,6 +65,10 @@ DETAIL_COLUMNS = ("expected_height_atoms", "height_std_atoms")
 PROGRESS_VERSION = 1
 TRACK_RADIUS_A = 1.0
 """A column in a later frame belongs to a first-frame column within this distance, Å."""
+STAGES = ("read", "resample", "model", "columns", "write", "pictures")
+"""Stages timed in ``summary.json``'s ``seconds_by_stage`` (they overlap: see :func:`analyze`)."""
+QUEUE_BATCHES = 2
+"""Batches that may wait between two stages of the run."""
 _OUTPUT_NAMES = ("columns.csv", "frames.csv", "progress.json", "summary.json")
 _OUTPUT_DIRS = ("overlays", "xyz")
 
@@ -99,6 +113,32 @@ def load_model(model) -> tuple[object, dict]:
     return model, {"path": None, "object": type(model).__name__, "info_sha256": _sha(model.info)}
 
 
+def share_cores(workers: int) -> bool:
+    """Give each of ``workers`` model calls running at once an equal share of the cores.
+
+    TensorFlow runs one call on all cores by default, and on a few cores a U-Net keeps them only
+    about two-thirds busy; ``workers`` calls of one core each (on 2 cores) keep both busy.
+    Sets TensorFlow's intra-op threads to ``cores // workers`` and its inter-op threads to
+    ``workers``; this works only before TensorFlow has started in this process.
+
+    Returns
+    -------
+    bool
+        Whether the setting took (False: TensorFlow was already running, or ``workers`` ≤ 1).
+    """
+    if workers <= 1:
+        return False
+    import tensorflow as tf
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(max(1, (cores or 1) // workers))
+        tf.config.threading.set_inter_op_parallelism_threads(workers)
+    except RuntimeError:  # TensorFlow already started here: its settings stay
+        return False
+    return True
+
+
 def _sha(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -122,7 +162,7 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
     pixel_size_A : float, optional
         Input pixel size, Å, for every input (overrides the files' calibration).
     config : AnalyzeConfig
-        Peak distance and threshold, batch size, overlay interval.
+        Peak distance and threshold, batch size, which overlays, the movie.
     overwrite : bool
         Replace earlier results in ``out_dir``. Without it a finished run is refused and an
         unfinished one with the same inputs, model and settings is resumed.
@@ -137,19 +177,31 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
     -------
     dict
         Summary: frames (total, analysed now, skipped with reasons), columns, mean height,
-        frames per second, seconds per stage, output paths.
+        frames per second, seconds per stage (stages overlap in time: they run in threads),
+        output paths.
 
     Raises
     ------
     InputError, ModelError
         Bad input (before anything is written where possible), a missing model, or results
         already in ``out_dir``.
+
+    Notes
+    -----
+    Three stages run at once, joined by short queues (at most two batches wait between two
+    stages, so memory stays flat): a reader thread reads and resamples frames into batches, the
+    calling thread runs the model, and a writer thread finds the columns, appends their rows to
+    ``columns.csv`` (flushed), draws the pictures of the batch and then commits it in
+    ``progress.json``, batch after batch in input order. The movie and the series plot are drawn
+    at the end from ``columns.csv``, so a resumed run gets them whole.
     """
     config = config or AnalyzeConfig()
     config.validate()
     check_counts_per_electron(counts_per_electron)
     out_dir = Path(out_dir)
     paths = expand_inputs(inputs)
+    if model is None or isinstance(model, (str, os.PathLike)):
+        share_cores(config.model_workers)
     served, model_id = load_model(model)
     if config.test_time_augmentation:
         from .export import DihedralAveraged
@@ -169,6 +221,12 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
                          "pixel_size_from": series.pixel_size_from, "factor": factor})
     frames_total = sum(item["n_frames"] for item in plan)
     labels = _unique_labels([item["path"] for item in plan])
+    if config.movie and any(item["n_frames"] >= 2 for item in plan):
+        check_movie_writer()
+    for item, label in zip(plan, labels):
+        item["label"] = label
+        item["overlays"] = overlay_frames(item["n_frames"], config.overlay_every,
+                                          config.overlay_samples)
     identity = {
         "inputs": [{"source": it["source"], "bytes": it["path"].stat().st_size,
                     "n_frames": it["n_frames"], "shape": it["shape"],
@@ -192,50 +250,67 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
              "frames": {k: v for k, v in earlier.items() if int(k) < start}}
     write_text_atomic(progress_path, json.dumps(state, indent=1))
 
-    timings = dict.fromkeys(("read", "resample", "model", "columns", "write", "pictures"), 0.0)
-    analysed_now, columns_now = 0, 0
-    single = frames_total == 1
+    timings = dict.fromkeys(STAGES, 0.0)
+    counts = {"analysed": 0, "columns": 0}
+    run = _Run(served=served, config=config, out_dir=out_dir, state=state,
+               progress_path=progress_path, timings=timings, counts=counts, xyz=xyz,
+               details=details, model_px=model_px, max_height=max_height,
+               label_radius_A=label_radius_A)
     bar = _progress_bar(frames_total, start, progress)
     t_start = time.perf_counter()
-    offset = 0
     with open(csv_path, "a", newline="", encoding="utf-8") as csv_file:
-        for item, label in zip(plan, labels):
-            n = item["n_frames"]
-            if offset + n <= start:
-                offset += n
-                continue
-            first = max(0, start - offset)
-            batch: list = []
-            with open_series(item["path"], pixel_size_A) as series:
-                frames = series.frames(first)
-                while True:
-                    t0 = time.perf_counter()
-                    frame = next(frames, None)
-                    timings["read"] += time.perf_counter() - t0
-                    if frame is not None:
-                        if frame.error is not None and single:
-                            raise InputError(frame.error)
-                        t0 = time.perf_counter()
-                        small = None if frame.image is None else resample_counts(frame.image, item["factor"])
-                        timings["resample"] += time.perf_counter() - t0
-                        batch.append((frame, small))
-                    ready = [b for b in batch if b[1] is not None]
-                    if batch and (frame is None or len(ready) >= config.batch_size):
-                        done, cols = _run_batch(batch, item, label, offset, served, csv_file, state,
-                                                progress_path, out_dir, timings, config, xyz,
-                                                details, model_px, max_height, label_radius_A)
-                        analysed_now += done
-                        columns_now += cols
-                        bar.update(len(batch))
-                        batch = []
-                    if frame is None:
-                        break
-            offset += n
+        run.csv_file = csv_file
+        writer = _Worker(lambda job: (run.write_batch(*job), bar.update(len(job[0].frames))),
+                         maxsize=QUEUE_BATCHES)
+        pool = (ThreadPoolExecutor(config.model_workers, thread_name_prefix="analyze-model")
+                if config.model_workers > 1 else None)
+        pending: deque = deque()  # (batch, future) in input order
+        try:
+            for batch in _in_thread(lambda: _read_batches(plan, start, pixel_size_A, config,
+                                                          frames_total == 1, timings),
+                                    maxsize=QUEUE_BATCHES):
+                if pool is None:
+                    writer.submit((batch, run.predict(batch)))
+                    continue
+                pending.append((batch, pool.submit(run.predict, batch)))
+                while len(pending) > config.model_workers:
+                    done, future = pending.popleft()
+                    writer.submit((done, future.result()))
+            while pending:
+                done, future = pending.popleft()
+                writer.submit((done, future.result()))
+        except BaseException:
+            for _, future in pending:
+                future.cancel()
+            writer.close(raise_error=False)
+            raise
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+        writer.close()
     bar.close()
     elapsed = time.perf_counter() - t_start
 
     t0 = time.perf_counter()
-    per_frame = _frame_table_and_series_plots(csv_path, out_dir, plan, labels, max_height)
+    per_frame = _frame_table_and_series_plots(csv_path, out_dir, plan, labels, max_height,
+                                              movie=config.movie)
+    if config.movie:
+        offset = 0
+        for item in plan:
+            if item["n_frames"] >= 2:
+                def dose_of(index, image, item=item, offset=offset):  # the dose the analysis used
+                    dose = state["frames"].get(str(offset + index), {}).get("dose_e_per_A2")
+                    return dose if dose is not None else frame_dose(
+                        resample_counts(image, item["factor"]), model_px) / item["gain"][
+                            "counts_per_electron"]
+
+                def recognised_of(index, offset=offset):
+                    return state["frames"].get(str(offset + index), {}).get("recognised")
+
+                write_movie(out_dir / f"{item['label']}_movie.mp4", item, pixel_size_A,
+                            per_frame["positions"].get(item["source"], {}), max_height,
+                            dose_of=dose_of, recognised_of=recognised_of)
+            offset += item["n_frames"]
     timings["pictures"] += time.perf_counter() - t0
     state["complete"] = True
     write_text_atomic(progress_path, json.dumps(state, indent=1))
@@ -244,6 +319,7 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
     n_recognised = sum(1 for v in state["frames"].values() if v.get("recognised"))
     if analysed_total == 0 and state["skipped"]:
         raise InputError(f"no frame could be analysed; first problem: {state['skipped'][0]['reason']}")
+    analysed_now = counts["analysed"]
     summary = {
         "frames_total": frames_total,
         "frames_analysed": analysed_total,
@@ -256,6 +332,7 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
         "mean_height": (float(np.sum(per_frame["total_ce"]) / max(1, np.sum(per_frame["columns"])))
                         if analysed_total else float("nan")),
         "frames_per_second": analysed_now / elapsed if elapsed > 0 else float("nan"),
+        "seconds_analysing": round(elapsed, 4),
         "seconds_by_stage": {k: round(v, 4) for k, v in timings.items()},
         "frames_recognised": n_recognised,
         "frames_not_recognised": analysed_total - n_recognised,
@@ -273,7 +350,7 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
 
 
 # --- detector gain -----------------------------------------------------------------------------
-GAIN_FRAMES_PIXELS = 64_000_000
+GAIN_FRAMES_PIXELS = 8_000_000
 """Pixels of the input read for a series' gain estimate (at least 2 frames, at most 32)."""
 
 
@@ -354,88 +431,293 @@ def _reason_counts(frames: dict) -> dict:
     return out
 
 
-def _run_batch(batch, item, label, offset, served, csv_file, state, progress_path, out_dir,
-               timings, config, xyz, details, model_px, max_height, label_radius_A):
-    """Model, columns, CSV rows, pictures for one batch; then commit it in progress.json."""
-    good = [(frame, small) for frame, small in batch if small is not None]
-    results = {}
-    if good:
+def frame_dose(image: np.ndarray, pixel_size_A: float) -> float:
+    """Dose of a frame, e⁻/Å², as the calibration of ``confidence`` and the pictures use it.
+
+    Parameters
+    ----------
+    image : (H, W) float
+        Counts, at any pixel size (the frame as read, or resampled to the model's).
+    pixel_size_A : float
+        Its pixel size, Å.
+    """
+    return estimate_dose(image, pixel_size_A)
+
+
+@dataclass
+class _Batch:
+    """Consecutive frames of one input: ``frames`` is a list of ``(Frame, small)``, ``small`` the
+    frame resampled to the model's pixel size (None for a bad frame)."""
+
+    item: dict
+    offset: int
+    frames: list
+
+
+def _read_batches(plan: list, start: int, pixel_size_A, config: AnalyzeConfig, single: bool,
+                  timings: dict) -> Iterator[_Batch]:
+    """Read and resample the frames from global frame ``start`` on, in batches (one input each)."""
+    offset = 0
+    for item in plan:
+        n = item["n_frames"]
+        if offset + n <= start:
+            offset += n
+            continue
+        batch: list = []
+        with open_series(item["path"], pixel_size_A) as series:
+            frames = series.frames(max(0, start - offset))
+            while True:
+                t0 = time.perf_counter()
+                frame = next(frames, None)
+                timings["read"] += time.perf_counter() - t0
+                if frame is not None:
+                    if frame.error is not None and single:
+                        raise InputError(frame.error)
+                    t0 = time.perf_counter()
+                    small = (None if frame.image is None
+                             else resample_counts(frame.image, item["factor"]))
+                    timings["resample"] += time.perf_counter() - t0
+                    batch.append((frame, small))
+                ready = sum(small is not None for _, small in batch)
+                if batch and (frame is None or ready >= config.batch_size):
+                    yield _Batch(item, offset, batch)
+                    batch = []
+                if frame is None:
+                    break
+        offset += n
+
+
+@dataclass
+class _Run:
+    """What the stages of one run share: the model, settings, outputs and the progress state."""
+
+    served: object
+    config: AnalyzeConfig
+    out_dir: Path
+    state: dict
+    progress_path: Path
+    timings: dict
+    counts: dict
+    xyz: bool
+    details: bool
+    model_px: float
+    max_height: int
+    label_radius_A: float
+    csv_file: object = None
+
+    def __post_init__(self):
+        self._busy = threading.Lock()
+        self._running, self._since = 0, 0.0
+
+    def predict(self, batch: _Batch) -> tuple[np.ndarray, dict | None] | None:
+        """The model's answer for the good frames of ``batch`` (None if there are none).
+
+        Returns ``(probabilities (B, h, w, C), optics)``: ``optics`` is the model's per-frame
+        estimates (``{name: (B,)}``, :data:`OPTICS_COLUMNS`) for a model that has them
+        (version 3 on), else None. Thread-safe (it changes no shared state but the timing);
+        ``timings['model']`` counts the wall time during which at least one call was running
+        (not the sum over calls running at once).
+        """
+        good = [small for _, small in batch.frames if small is not None]
+        if not good:
+            return None
+        with self._busy:
+            if self._running == 0:
+                self._since = time.perf_counter()
+            self._running += 1
+        try:
+            stack = np.stack(good).astype(np.float32, copy=False)
+            if getattr(self.served, "has_optics", False):
+                probabilities, _, optics = self.served.predict(stack, optics=True)
+                return np.asarray(probabilities), optics
+            probabilities, _ = self.served.predict(stack)
+            return np.asarray(probabilities), None
+        finally:
+            with self._busy:
+                self._running -= 1
+                if self._running == 0:
+                    self.timings["model"] += time.perf_counter() - self._since
+
+    def write_batch(self, batch: _Batch, prediction) -> None:
+        """Columns, CSV rows, pictures of one batch (``prediction`` from :meth:`predict`); then
+        commit it in progress.json."""
+        timings, config, item = self.timings, self.config, batch.item
         t0 = time.perf_counter()
-        stack = np.stack([s for _, s in good]).astype(np.float32)
-        if getattr(served, "has_optics", False):  # per-frame defocus and Cs (model version 3 on)
-            probabilities, _, optics = served.predict(stack, optics=True)
-            for k, (frame, _) in enumerate(good):
-                state["optics"].setdefault(frame.source, {})[str(frame.index)] = {
+        probabilities, optics = prediction if prediction is not None else (None, None)
+        if optics is not None:  # per-frame defocus and Cs (model version 3 on)
+            good = [frame for frame, small in batch.frames if small is not None]
+            for k, frame in enumerate(good):
+                self.state["optics"].setdefault(frame.source, {})[str(frame.index)] = {
                     name: float(optics[name][k]) for name in OPTICS_COLUMNS if name in optics}
-        else:
-            probabilities, _ = served.predict(stack)
-        probabilities = np.asarray(probabilities)
-        timings["model"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        calibration = served.info.get("confidence_calibration")
+        calibration = self.served.info.get("confidence_calibration")
         gain = item["gain"]["counts_per_electron"]
-        for (frame, small), prob in zip(good, probabilities):
-            dose = estimate_dose(small, model_px) / gain    # electrons, not the file's units
+        results, doses, k = {}, {}, 0
+        for frame, small in batch.frames:
+            if small is None:
+                continue
+            # electrons, not the file's units
+            doses[frame.index] = dose = frame_dose(small, self.model_px) / gain
             table = find_columns(
-                prob, model_px, min_distance_A=config.min_distance_A, threshold=config.threshold,
-                label_radius_A=label_radius_A, calibration=calibration, dose_e_per_A2=dose)
-            mark = recognise_frame(table["x_px"] * model_px, table["y_px"] * model_px, dose)
-            state["frames"][str(offset + frame.index)] = {
+                probabilities[k], self.model_px, min_distance_A=config.min_distance_A,
+                threshold=config.threshold, label_radius_A=self.label_radius_A,
+                calibration=calibration, dose_e_per_A2=dose)
+            mark = recognise_frame(table["x_px"] * self.model_px, table["y_px"] * self.model_px,
+                                   dose)
+            self.state["frames"][str(batch.offset + frame.index)] = {
                 "dose_e_per_A2": round(dose, 4), "recognised": bool(mark["recognised"]),
                 "lattice_fraction": round(mark["lattice_fraction"], 4)
                 if np.isfinite(mark["lattice_fraction"]) else None, "reason": mark["reason"]}
             results[frame.index] = table
+            k += 1
         timings["columns"] += time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    px, factor = item["pixel_size_A"], item["factor"]
-    buffer = _stdio.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    mapped = {}
-    n_columns = 0
-    for frame, small in batch:
-        if small is None:
-            state["skipped"].append({"source": frame.source, "frame": frame.index,
-                                     "reason": frame.error})
-            continue
-        table = results[frame.index]
-        recognised = int(state["frames"][str(offset + frame.index)]["recognised"])
-        x = model_to_input_px(table["x_px"], factor)
-        y = model_to_input_px(table["y_px"], factor)
-        mapped[frame.index] = (x, y, table["height"])
-        n_columns += len(x)
-        for j in range(len(x)):
-            row = [frame.source, frame.index, f"{x[j]:.3f}", f"{y[j]:.3f}", f"{x[j] * px:.4f}",
-                   f"{y[j] * px:.4f}", int(table["height"][j]), f"{table['confidence'][j]:.4f}",
-                   recognised]
-            if details:
-                row += [f"{table['expected_height'][j]:.3f}", f"{table['height_std'][j]:.3f}"]
-            writer.writerow(row)
-    csv_file.write(buffer.getvalue())
-    csv_file.flush()
-    os.fsync(csv_file.fileno())
-    timings["write"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        px, factor = item["pixel_size_A"], item["factor"]
+        buffer = _stdio.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        mapped = {}
+        for frame, small in batch.frames:
+            if small is None:
+                self.state["skipped"].append({"source": frame.source, "frame": frame.index,
+                                              "reason": frame.error})
+                continue
+            table = results[frame.index]
+            recognised = int(self.state["frames"][str(batch.offset + frame.index)]["recognised"])
+            x = model_to_input_px(table["x_px"], factor)
+            y = model_to_input_px(table["y_px"], factor)
+            mapped[frame.index] = (x, y, table["height"])
+            self.counts["columns"] += len(x)
+            self.counts["analysed"] += 1
+            for j in range(len(x)):
+                row = [frame.source, frame.index, f"{x[j]:.3f}", f"{y[j]:.3f}",
+                       f"{x[j] * px:.4f}", f"{y[j] * px:.4f}", int(table["height"][j]),
+                       f"{table['confidence'][j]:.4f}", recognised]
+                if self.details:
+                    row += [f"{table['expected_height'][j]:.3f}", f"{table['height_std'][j]:.3f}"]
+                writer.writerow(row)
+        self.csv_file.write(buffer.getvalue())
+        self.csv_file.flush()
+        os.fsync(self.csv_file.fileno())
+        timings["write"] += time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    for frame, small in batch:
-        if small is None:
-            continue
-        x, y, height = mapped[frame.index]
-        if frame.index % config.overlay_every == 0:
-            write_overlay(out_dir / "overlays" / f"{label}_{frame.index:05d}.png", frame.image,
-                          x, y, height, max_height, title=f"{frame.source}  frame {frame.index}")
-        if xyz:
-            h, w = frame.image.shape
-            atoms = columns_to_atoms(x * px, y * px, height,
-                                     cell=[w * px, h * px, (max_height + 2) * CE_COLUMN_SPACING_A])
-            atoms.info.update(source=frame.source, frame=frame.index, pixel_size_A=px)
-            _write_xyz(out_dir / "xyz" / f"{label}_{frame.index:05d}.xyz", atoms)
-    timings["pictures"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for frame, small in batch.frames:
+            if small is None:
+                continue
+            x, y, height = mapped[frame.index]
+            if frame.index in item["overlays"]:
+                mark = self.state["frames"][str(batch.offset + frame.index)]
+                caption = _caption(item, frame.index, doses[frame.index], len(x),
+                                   mark["recognised"])
+                write_png(self.out_dir / "overlays" / f"{item['label']}_{frame.index:05d}.png",
+                          render_frame(frame.image, x, y, height, pixel_size_A=px,
+                                       max_height=self.max_height, caption=caption))
+            if self.xyz:
+                h, w = frame.image.shape
+                atoms = columns_to_atoms(x * px, y * px, height,
+                                         cell=[w * px, h * px,
+                                               (self.max_height + 2) * CE_COLUMN_SPACING_A])
+                atoms.info.update(source=frame.source, frame=frame.index, pixel_size_A=px)
+                _write_xyz(self.out_dir / "xyz" / f"{item['label']}_{frame.index:05d}.xyz", atoms)
+        timings["pictures"] += time.perf_counter() - t0
 
-    state["frames_done"] = offset + batch[-1][0].index + 1
-    state["csv_bytes"] = csv_file.tell()
-    write_text_atomic(progress_path, json.dumps(state, indent=1))
-    return len(good), n_columns
+        self.state["frames_done"] = batch.offset + batch.frames[-1][0].index + 1
+        self.state["csv_bytes"] = self.csv_file.tell()
+        write_text_atomic(self.progress_path, json.dumps(self.state, indent=1))
+
+
+_END = object()
+
+
+def _in_thread(make_iterator, maxsize: int) -> Iterator:
+    """Run the iterator ``make_iterator()`` in a thread; yield its items here, in order.
+
+    At most ``maxsize`` items wait; an exception in the thread is raised here. Leaving the
+    loop early stops the thread at its next item.
+    """
+    q: queue.Queue = queue.Queue(maxsize)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for entry in make_iterator():
+                if not put((None, entry)):
+                    return
+            put((None, _END))
+        except BaseException as err:  # handed to the consumer
+            put((err, None))
+
+    thread = threading.Thread(target=produce, name="analyze-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            err, entry = q.get()
+            if err is not None:
+                raise err
+            if entry is _END:
+                return
+            yield entry
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _Worker:
+    """A thread that calls ``fn(job)`` for each submitted job, in order.
+
+    ``submit`` blocks while ``maxsize`` jobs wait and raises the worker's error, if it had
+    one; ``close`` waits for the queued jobs to be done (and raises that error).
+    """
+
+    def __init__(self, fn, maxsize: int):
+        self.fn, self.error = fn, None
+        self.queue: queue.Queue = queue.Queue(maxsize)
+        self.thread = threading.Thread(target=self._work, name="analyze-writer", daemon=True)
+        self.thread.start()
+
+    def _work(self):
+        while True:
+            job = self.queue.get()
+            if job is _END:
+                return
+            if self.error is None:
+                try:
+                    self.fn(job)
+                except BaseException as err:  # handed to the submitter
+                    self.error = err
+
+    def submit(self, job) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(job, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
+    def close(self, raise_error: bool = True) -> None:
+        self.queue.put(_END)
+        self.thread.join()
+        if raise_error and self.error is not None:
+            raise self.error
+
+
+def _caption(item: dict, index: int, dose_e_per_A2: float, n_columns: int,
+             recognised: bool | None = None) -> str:
+    """The text above a picture: source, frame, dose, columns, and a frame not recognised."""
+    where = f"frame {index}/{item['n_frames'] - 1}" if item["n_frames"] > 1 else "image"
+    return (f"{Path(item['source']).name}   {where}   {dose_e_per_A2:.0f} e⁻/Å²   "
+            f"{n_columns} columns" + ("   NOT RECOGNISED" if recognised is False else ""))
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
@@ -543,33 +825,11 @@ def _remove_outputs(out_dir: Path) -> None:
             shutil.rmtree(out_dir / name)
     for png in out_dir.glob("*_series.png"):
         png.unlink()
+    for movie in out_dir.glob("*_movie.mp4"):
+        movie.unlink()
 
 
 # --- pictures and per-frame table --------------------------------------------------------------
-def write_overlay(path: Path, image: np.ndarray, x_px, y_px, height, max_height: int,
-                  title: str = "") -> None:
-    """PNG of ``image`` with the columns marked, coloured by height, and a colour bar."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import BoundaryNorm
-    from matplotlib.figure import Figure
-
-    h, w = image.shape
-    fig = Figure(figsize=(6.4, 6.4 * h / w + 0.6), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.imshow(image, cmap="gray", interpolation="nearest")
-    norm = BoundaryNorm(np.arange(0.5, max_height + 1.5), 256)
-    sc = ax.scatter(x_px, y_px, c=np.asarray(height), cmap="viridis", norm=norm,
-                    s=max(2.0, 4000.0 / max(h, w)), edgecolors="none")
-    fig.colorbar(sc, ax=ax, label="column height (Ce atoms)", shrink=0.8,
-                 ticks=np.arange(1, max_height + 1, max(1, max_height // 8)))
-    ax.set_title(title, fontsize=8)
-    ax.set_axis_off()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-
-
 def _write_xyz(path: Path, atoms) -> None:
     import ase.io
 
@@ -579,16 +839,17 @@ def _write_xyz(path: Path, atoms) -> None:
 
 
 def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, labels: list[str],
-                                  max_height: int) -> dict:
+                                  max_height: int, movie: bool = False) -> dict:
     """Stream ``columns.csv`` once: per-frame counts to ``frames.csv``, tracks to series plots.
 
     Columns are tracked by position: each column of a later frame is given to the nearest
-    column of the series' first analysed frame within :data:`TRACK_RADIUS_A`.
+    column of the series' first analysed frame within :data:`TRACK_RADIUS_A`. With ``movie``,
+    ``positions[source][frame]`` holds each series frame's ``(x_px, y_px, height)`` arrays.
     """
     from scipy.spatial import cKDTree
 
     by_source = {it["source"]: (it, lab) for it, lab in zip(plan, labels)}
-    per_frame = {"columns": [], "total_ce": []}
+    per_frame = {"columns": [], "total_ce": [], "positions": {}}
     rows_out = [("source", "frame", "columns", "total_ce_atoms", "mean_height_atoms",
                  "dose_e_per_A2", "recognised")]
     progress = json.loads((out_dir / "progress.json").read_text(encoding="utf-8"))
@@ -600,9 +861,10 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
         dose = info.get("dose_e_per_A2")
         return ("" if dose is None else f"{dose:.4g}",
                 "" if "recognised" not in info else int(info["recognised"]))
+
     tracks: dict[str, dict] = {}
 
-    def close_frame(source, frame, xs, ys, hs):
+    def close_frame(source, frame, xs, ys, hs, px=(), py=()):
         n, total = len(hs), int(np.sum(hs)) if hs else 0
         per_frame["columns"].append(n)
         per_frame["total_ce"].append(total)
@@ -611,6 +873,9 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
         item, _ = by_source[source]
         if item["n_frames"] < 2:
             return
+        if movie:
+            per_frame["positions"].setdefault(source, {})[frame] = (
+                np.asarray(px, np.float64), np.asarray(py, np.float64), np.asarray(hs, np.int32))
         t = tracks.setdefault(source, {"ref": None, "frames": [], "heights": [], "total": []})
         pts = np.column_stack([xs, ys]) if n else np.zeros((0, 2))
         if t["ref"] is None:
@@ -629,19 +894,21 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
     with open(csv_path, newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh)
         next(reader, None)
-        current, xs, ys, hs = None, [], [], []
+        current, xs, ys, hs, px, py = None, [], [], [], [], []
         for rec in reader:
             key = (rec[0], int(rec[1]))
             if key != current:
                 if current is not None:
-                    close_frame(*current, xs, ys, hs)
+                    close_frame(*current, xs, ys, hs, px, py)
                     seen.add(current)
-                current, xs, ys, hs = key, [], [], []
+                current, xs, ys, hs, px, py = key, [], [], [], [], []
+            px.append(float(rec[2]))
+            py.append(float(rec[3]))
             xs.append(float(rec[4]))
             ys.append(float(rec[5]))
             hs.append(int(rec[6]))
         if current is not None:
-            close_frame(*current, xs, ys, hs)
+            close_frame(*current, xs, ys, hs, px, py)
             seen.add(current)
     # frames analysed but without any column have no rows: account for them from progress
     bad = {(s["source"], int(s["frame"])) for s in progress["skipped"]}
@@ -667,6 +934,58 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
                           np.asarray(t["heights"])[order], np.asarray(t["total"])[order],
                           max_height, title=source)
     return per_frame
+
+
+def write_movie(path: Path, item: dict, pixel_size_A, positions: dict, max_height: int,
+                dose_of=None, recognised_of=None) -> int:
+    """The annotated movie of one series: every analysed frame, read again from its file.
+
+    Each frame is cropped to the same box (the union of the frames' particle boxes), its columns
+    drawn as rings coloured by height, captioned with the frame number, the dose and the number
+    of columns (:func:`ceriakeras.pictures.render_frame`), and streamed into an MP4.
+
+    Parameters
+    ----------
+    path : Path
+        The ``.mp4`` file.
+    item : dict
+        The input (``path``, ``source``, ``n_frames``, ``shape``, ``pixel_size_A``).
+    pixel_size_A : float or None
+        The ``--pixel-size`` override, as the run was given it.
+    positions : dict
+        ``{frame: (x_px (N,), y_px (N,), height (N,))}`` of the analysed frames that have
+        columns (frames.csv's frames without columns are drawn without rings).
+    max_height : int
+        The model's largest height, Ce atoms (the legend).
+    dose_of : callable, optional
+        ``dose_of(frame_index, image (H, W) counts) -> e⁻/Å²``, the dose in the caption;
+        default :func:`frame_dose` of the image at the input's pixel size.
+    recognised_of : callable, optional
+        ``recognised_of(frame_index) -> bool or None``; False adds "NOT RECOGNISED" to the
+        caption (:func:`ceriakeras.recognise.recognise_frame`).
+
+    Returns
+    -------
+    int
+        Frames in the movie.
+    """
+    px = item["pixel_size_A"]
+    if dose_of is None:
+        def dose_of(index, image):
+            return frame_dose(image, px)
+    shape = tuple(item["shape"])
+    box = union_box(particle_box(x, y, shape, px) for x, y, _ in positions.values())
+    empty = (np.zeros(0), np.zeros(0), np.zeros(0, np.int32))
+    with MovieWriter(path) as movie, open_series(item["path"], pixel_size_A) as series:
+        for frame in series.frames():
+            if frame.image is None:
+                continue
+            x, y, h = positions.get(frame.index, empty)
+            caption = _caption(item, frame.index, dose_of(frame.index, frame.image), len(x),
+                               recognised_of(frame.index) if recognised_of else None)
+            movie.add(render_frame(frame.image, x, y, h, pixel_size_A=px, max_height=max_height,
+                                   box=box or (0, shape[0], 0, shape[1]), caption=caption))
+    return movie.frames
 
 
 OPTICS_COLUMNS = ("defocus_nm", "cs_um")
@@ -697,6 +1016,7 @@ def write_series_plot(path: Path, frames: np.ndarray, heights: np.ndarray, total
     total_ce : (T,) int, Ce atoms in all columns of each frame
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 6), dpi=100)
@@ -704,8 +1024,9 @@ def write_series_plot(path: Path, frames: np.ndarray, heights: np.ndarray, total
     ax1, ax2 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     if heights.size:
         extent = (frames[0] - 0.5, frames[-1] + 0.5, heights.shape[1] - 0.5, -0.5)
+        cmap = ListedColormap(height_colors(max_height)[1:] / 255.0)  # the overlays' colours
         im = ax1.imshow(np.ma.masked_invalid(heights.T), aspect="auto", interpolation="nearest",
-                        cmap="viridis", vmin=0.5, vmax=max_height + 0.5, extent=extent)
+                        cmap=cmap, vmin=0.5, vmax=max_height + 0.5, extent=extent)
         fig.colorbar(im, ax=[ax1], label="height (Ce atoms)")
     ax1.set_ylabel("column (tracked from first frame)")
     ax1.set_title(title, fontsize=8)

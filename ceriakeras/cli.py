@@ -265,8 +265,11 @@ def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell
 # --- train -------------------------------------------------------------------------------------
 # (section owned by the train work)
 @main.command()
-@click.option("--data", "data_dir", required=True, type=click.Path(path_type=str),
-              metavar="tfrecords/NAME", help="Dataset folder written by `ceriakeras simulate`.")
+@click.option("--data", "data_dir", required=True, multiple=True, type=click.Path(path_type=str),
+              metavar="tfrecords/NAME",
+              help="Dataset folder written by `ceriakeras simulate`; repeat it to train on several "
+                   "chunks together (same pixel size in Å, max height, label radius, image size). "
+                   "With --resume, chunks may be added to those of the run.")
 @click.option("--out", "run_dir", required=True, type=click.Path(path_type=str), metavar="runs/NAME",
               help="Run folder: checkpoints, logs, TensorBoard, the config used.")
 @click.option("--config", "config_path", type=click.Path(path_type=str), default=None, metavar="FILE",
@@ -279,13 +282,19 @@ def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell
               help="Global batch size, crops per step (split across replicas).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Delete the run in --out and start again.")
+@click.option("--allow-data-change", is_flag=True,
+              help="With --resume: continue although --data leaves out or replaces datasets the "
+                   "run was trained on (recorded in the run's dataset.json).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_verbose_option
 @_one_line_errors
-def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, resume, overwrite, quiet):
+def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, resume, overwrite,
+          allow_data_change, quiet):
     """Train the U-Net on a simulated dataset.
 
     Example: ceriakeras train --data tfrecords/demo --out runs/demo --epochs 20
+
+    Chunks: ceriakeras train --data tfrecords/v3-a --data tfrecords/v3-b --out runs/v3 --resume
     """
     import dataclasses
     from pathlib import Path
@@ -304,11 +313,13 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
         config = dataclasses.replace(
             config, pipeline=dataclasses.replace(config.pipeline, batch_size=batch_size))
         config.validate()
-    check_train(data_dir, run_dir, resume=resume, overwrite=overwrite)
+    data_dirs = list(data_dir)
+    check_train(data_dirs, run_dir, resume=resume, overwrite=overwrite,
+                allow_data_change=allow_data_change)
     from .train import train as train_run
 
-    result = train_run(data_dir, run_dir, config, resume=resume, overwrite=overwrite,
-                       progress=not quiet)
+    result = train_run(data_dirs, run_dir, config, resume=resume, overwrite=overwrite,
+                       progress=not quiet, allow_data_change=allow_data_change)
     resumed = f" (resumed after epoch {result['initial_epoch']})" if result["resumed"] else ""
     click.echo(f"{run_dir}: {result['epochs_completed']} epoch(s){resumed}; best validation loss "
                f"{result['best_val_loss']:.4f} at epoch {result['best_epoch']}; "
@@ -372,7 +383,11 @@ def export(run_dir, out_dir, version, calibrate_on, calibration_images, quiet):
 @click.option("--overwrite", is_flag=True, help="Replace earlier results in --out.")
 @click.option("--xyz", is_flag=True, help="Also write a 3D model (extxyz) per frame.")
 @click.option("--overlay-every", type=int, default=None, metavar="K",
-              help="Overlay PNG for every K-th frame (frames; default 1).")
+              help="Overlay PNG for every K-th frame (frames; default: 10 evenly spaced frames "
+                   "of a series, the first and last included).")
+@click.option("--movie/--no-movie", default=None,
+              help="Annotated MP4 of every series (frame, dose, columns coloured by height; "
+                   "default: on).")
 @click.option("--batch-size", type=int, default=None, metavar="N",
               help="Frames per inference batch (frames; default 4).")
 @click.option("--tta", "tta", is_flag=True, default=None,
@@ -390,21 +405,21 @@ def export(run_dir, out_dir, version, calibrate_on, calibration_images, quiet):
                    "noise (series: frame differences; single frame: its vacuum), else 1.")
 @_verbose_option
 @_one_line_errors
-def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every, batch_size,
-            tta, details, config_path, quiet, counts_per_electron):
+def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every, movie,
+            batch_size, tta, details, config_path, quiet, counts_per_electron):
     """Find Ce columns and their heights (Ce atoms) in images or series: INPUT... are TIFF
     (single, multi-page, ImageJ, OME), .npy, DM3/DM4, EMD or SER files, or folders of them.
 
-    Writes OUT/columns.csv (source,frame,x_px,y_px,x_A,y_A,height,confidence), an overlay per
-    frame and, for a series, heights and total Ce over time. An interrupted run resumes when
-    rerun with the same arguments.
+    Writes OUT/columns.csv (source,frame,x_px,y_px,x_A,y_A,height,confidence), overlays cropped
+    to the particle and, for a series, an annotated movie and heights and total Ce over time.
+    An interrupted run resumes when rerun with the same arguments.
     """
     from .config import AnalyzeConfig, load_config
     from .detector import check_counts_per_electron
     from .preflight import check_analyze
 
     config = load_config(AnalyzeConfig, config_path, overlay_every=overlay_every,
-                         batch_size=batch_size, test_time_augmentation=tta or None)
+                         batch_size=batch_size, test_time_augmentation=tta or None, movie=movie)
     check_counts_per_electron(counts_per_electron)
     check_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A, config=config,
                   overwrite=overwrite)

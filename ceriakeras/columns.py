@@ -63,6 +63,45 @@ def calibrate_confidence(confidence: np.ndarray, dose_e_per_A2: float, table: di
     return expit(a * np.log(c / (1 - c)) + b)
 
 
+def local_maxima(image: np.ndarray, min_distance: int, threshold: float) -> np.ndarray:
+    """``skimage.feature.peak_local_max(image, min_distance, threshold_abs=threshold,
+    exclude_border=False)``, the same peaks at a fraction of the cost.
+
+    Peaks are the pixels equal to the maximum of the ``(2·min_distance + 1)²`` square around
+    them and above ``threshold``. Two such peaks closer than ``min_distance`` (Chebyshev) must
+    be equal (a plateau); only then is scikit-image's spacing pass (a tree query per peak) run.
+
+    Parameters
+    ----------
+    image : (H, W) float
+    min_distance : int
+        px, ≥ 1.
+    threshold : float
+
+    Returns
+    -------
+    (N, 2) int
+        ``(row, column)`` of the peaks, highest first (as scikit-image orders them).
+    """
+    from scipy import ndimage
+    from scipy.spatial import cKDTree
+
+    size = 2 * min_distance + 1
+    mask = image == ndimage.maximum_filter(image, size=size, mode="nearest")
+    if mask.all():  # a flat image has no peak
+        mask[:] = False
+    mask &= image > threshold
+    coord = np.nonzero(mask)
+    order = np.argsort(-image[coord], kind="stable")
+    coord = np.transpose(coord)[order]
+    if min_distance > 1 and len(coord) > 1 and cKDTree(coord).query_pairs(
+            r=min_distance - 0.5, p=np.inf, output_type="ndarray").size:
+        from skimage._shared.coord import ensure_spacing
+
+        coord = ensure_spacing(coord, spacing=min_distance, p_norm=np.inf)
+    return coord
+
+
 def find_columns(probabilities: np.ndarray, pixel_size_A: float, *, min_distance_A: float = 2.0,
                  threshold: float = 0.3, label_radius_A: float = 0.5,
                  calibration: dict | None = None,
@@ -104,8 +143,6 @@ def find_columns(probabilities: np.ndarray, pixel_size_A: float, *, min_distance
     it holds a whole column's probability blob but not its neighbours'. All per-column work is
     vectorized (one gather of ``N × K`` pixels).
     """
-    from skimage.feature import peak_local_max
-
     p = np.asarray(probabilities)
     if p.ndim != 3 or p.shape[-1] < 2:
         raise ValueError(f"probabilities must be (H, W, C) with C ≥ 2 classes, got {p.shape}")
@@ -119,8 +156,7 @@ def find_columns(probabilities: np.ndarray, pixel_size_A: float, *, min_distance
     column = 1.0 - p[..., 0].astype(np.float64)
 
     min_distance_px = max(1, int(round(min_distance_A / pixel_size_A)))
-    peaks = peak_local_max(column, min_distance=min_distance_px, threshold_abs=threshold,
-                           exclude_border=False)
+    peaks = local_maxima(column, min_distance_px, threshold)
     empty = {k: np.zeros(0, np.int32 if k == "height" else np.float64) for k in TABLE_KEYS}
     if len(peaks) == 0:
         return empty
@@ -151,8 +187,14 @@ def find_columns(probabilities: np.ndarray, pixel_size_A: float, *, min_distance
         inside = (yy - y[:, None]) ** 2 + (xx - x[:, None]) ** 2 <= centroid_px**2 + 1e-9
 
     # height: class mass in the label disk around the refined centre
-    in_label = valid & ((yy - y[:, None]) ** 2 + (xx - x[:, None]) ** 2 <= max(label_px, 0.5) ** 2)
-    mass = (p[yy_c, xx_c, 1:].astype(np.float64) * in_label[..., None]).sum(axis=1)  # (N, C-1)
+    # (gathered only from the offsets that can be in it: the centre is within 1 px of the peak
+    # along x and y, so within √2 px)
+    label_r = max(label_px, 0.5)
+    near = dist2[0] <= (label_r + 1.5) ** 2
+    yl, xl = yy[:, near], xx[:, near]
+    in_label = valid[:, near] & ((yl - y[:, None]) ** 2 + (xl - x[:, None]) ** 2 <= label_r**2)
+    mass = (p[yy_c[:, near], xx_c[:, near], 1:].astype(np.float64)
+            * in_label[..., None]).sum(axis=1)                                  # (N, C-1)
     total = mass.sum(axis=1)
     safe = np.where(total > 0, total, 1.0)
     heights = np.arange(1, n_classes, dtype=np.float64)

@@ -432,8 +432,16 @@ class AnalyzeConfig:
     """Smallest column probability (1 − p(background)) at a column centre."""
     batch_size: int = 4
     """Frames per inference batch."""
-    overlay_every: int = 1
-    """Write an overlay for every K-th frame."""
+    model_workers: int = 1
+    """Model calls running at once, each on ``cores // model_workers`` cores (set before
+    TensorFlow starts; see :func:`ceriakeras.analyze.share_cores`)."""
+    overlay_every: int | None = None
+    """Write an overlay for every K-th frame (frames); None: a sample of ``overlay_samples``."""
+    overlay_samples: int = 10
+    """Overlays per series when ``overlay_every`` is None: evenly spaced frames, the first and
+    last included (every frame of a shorter series; 0 = none)."""
+    movie: bool = True
+    """Write an annotated movie (MP4) of every series."""
     min_pixel_size_A: float = 0.05
     """Finest input pixel size accepted, Å."""
     max_pixel_size_A: float = 0.2
@@ -452,8 +460,12 @@ class AnalyzeConfig:
             raise ConfigError(f"min_distance_A={self.min_distance_A} must be positive")
         if not 0.0 < self.threshold < 1.0:
             raise ConfigError(f"threshold={self.threshold} must be in (0, 1)")
-        if self.batch_size < 1 or self.overlay_every < 1:
+        if self.batch_size < 1 or (self.overlay_every is not None and self.overlay_every < 1):
             raise ConfigError("batch_size and overlay_every must be at least 1")
+        if self.model_workers < 1:
+            raise ConfigError(f"model_workers={self.model_workers} must be at least 1")
+        if self.overlay_samples < 0:
+            raise ConfigError(f"overlay_samples={self.overlay_samples} must be ≥ 0 (frames)")
 
 
 # --- (de)serialization -------------------------------------------------------------------------

@@ -149,6 +149,10 @@ def test_series_with_calibration_bad_frame_and_pictures(tmp_path, series):
     assert sorted(p.name for p in (out / "overlays").iterdir()) == [
         "series_00000.png", "series_00002.png", "series_00004.png", "series_00006.png"]
     assert (out / "series_series.png").stat().st_size > 1000
+    import av
+
+    with av.open(str(out / "series_movie.mp4")) as movie:  # every good frame, in one box
+        assert sum(1 for _ in movie.decode(video=0)) == 6
     import ase.io
 
     atoms = ase.io.read(out / "xyz" / "series_00000.xyz")
@@ -360,6 +364,35 @@ def test_test_time_augmentation_averages_eight_copies(tmp_path, series):
                 progress=False)
 
 
+def test_two_model_workers_give_the_same_tables_in_order(tmp_path, series):
+    path, truths, pixel_A = series
+    one = analyze([path], tmp_path / "one", model=StandInModel(),
+                  config=AnalyzeConfig(batch_size=1, movie=False), progress=False)
+    two = analyze([path], tmp_path / "two", model=StandInModel(),
+                  config=AnalyzeConfig(batch_size=1, model_workers=2, movie=False), progress=False)
+    for name in ("columns.csv", "frames.csv"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
+    assert one["frames_analysed"] == two["frames_analysed"] == 6
+    assert not (tmp_path / "one" / "series_movie.mp4").exists()  # --no-movie
+    # default overlays: a short series gets every good frame
+    assert len(list((tmp_path / "one" / "overlays").iterdir())) == 6
+
+
+def test_missing_pyav_is_refused_before_any_work_unless_no_movie(tmp_path, series, monkeypatch):
+    import importlib.util
+
+    from ceriakeras.config import ConfigError
+
+    path, _, _ = series
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "av" else real(n, *a))
+    with pytest.raises(ConfigError, match="--no-movie"):
+        analyze([path], tmp_path / "out", model=StandInModel(), progress=False)
+    assert not (tmp_path / "out").exists()
+    analyze([path], tmp_path / "out", model=StandInModel(), config=AnalyzeConfig(movie=False),
+            progress=False)
+
+
 def noisy_series(path, gain, pixel_A=0.1, frames=6, seed=0):
     """The same scene in every frame, Poisson electrons times ``gain``; .npy (N, H, W)."""
     rng = np.random.default_rng(seed)
@@ -462,3 +495,13 @@ def test_frames_csv_has_the_optics_estimates_of_models_that_have_them_across_a_r
     analyze([path], out, model=again, config=cfg, progress=False)
     assert len(again.estimates) == 3                                  # frames 4, 5, 6 only
     assert (out / "frames.csv").read_text() == reference
+
+
+def test_picture_captions_name_frame_dose_columns_and_an_unrecognised_frame():
+    from ceriakeras.analyze import _caption
+
+    item = {"source": "/data/run/series.tif", "n_frames": 120}
+    text = _caption(item, 7, 512.4, 31, recognised=True)
+    assert text.split() == ["series.tif", "frame", "7/119", "512", "e⁻/Å²", "31", "columns"]
+    assert _caption(item, 7, 512.4, 31, recognised=False).endswith("NOT RECOGNISED")
+    assert "image" in _caption({"source": "a.npy", "n_frames": 1}, 0, 20.0, 0)

@@ -133,3 +133,21 @@ def test_find_columns_is_fast_on_a_big_map():
     elapsed = time.perf_counter() - t0
     assert len(t["x_px"]) == len(centres)
     assert elapsed < 1.0, f"find_columns took {elapsed:.2f} s for {len(centres)} columns"
+
+
+def test_local_maxima_are_scikit_images_peaks_plateaus_included():
+    from scipy import ndimage
+    from skimage.feature import peak_local_max
+
+    from ceriakeras.columns import local_maxima
+
+    rng = np.random.default_rng(3)
+    for k in range(12):
+        img = ndimage.gaussian_filter(rng.random((96, 80)), rng.uniform(0.7, 3.0))
+        img = (img - img.min()) / np.ptp(img)
+        if k % 2:
+            img = np.round(img * 12) / 12  # plateaus: ties inside min_distance
+        for md in (1, 3, 8):
+            expected = peak_local_max(img, min_distance=md, threshold_abs=0.3, exclude_border=False)
+            assert np.array_equal(local_maxima(img, md, 0.3), expected), (k, md)
+    assert local_maxima(np.ones((20, 20)), 3, 0.1).shape == (0, 2)
