@@ -197,7 +197,7 @@ def main(verbose):
 @click.option("--cell-size", "cell_size_A", type=float, default=None, metavar="Å",
               help="Side of the square simulation cell, Å (default 64; the image is cell / pixel size px).")
 @click.option("--pixel-size", "pixel_size_A", type=float, default=None, metavar="Å",
-              help="Pixel size of the stored images and labels, Å (default 0.2; a multiple of the 0.1 Å sampling).")
+              help="Pixel size of the stored images and labels, Å (default 0.2; a whole multiple of the config's multislice sampling_A, 0.1 Å by default).")
 @click.option("--optics-per-exit-wave", type=int, default=None, metavar="N",
               help="Images with different optics from one multislice run (default 8).")
 @click.option("--preview", type=int, default=0, show_default=True, metavar="K",
@@ -266,8 +266,11 @@ def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell
 # --- train -------------------------------------------------------------------------------------
 # (section owned by the train work)
 @main.command()
-@click.option("--data", "data_dir", required=True, type=click.Path(path_type=str),
-              metavar="tfrecords/NAME", help="Dataset folder written by `ceriakeras simulate`.")
+@click.option("--data", "data_dir", required=True, multiple=True, type=click.Path(path_type=str),
+              metavar="tfrecords/NAME",
+              help="Dataset folder written by `ceriakeras simulate`; repeat it to train on several "
+                   "chunks together (same pixel size in Å, max height, label radius, image size). "
+                   "With --resume, chunks may be added to those of the run.")
 @click.option("--out", "run_dir", required=True, type=click.Path(path_type=str), metavar="runs/NAME",
               help="Run folder: checkpoints, logs, TensorBoard, the config used.")
 @click.option("--config", "config_path", type=click.Path(path_type=str), default=None, metavar="FILE",
@@ -280,13 +283,19 @@ def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell
               help="Global batch size, crops per step (split across replicas).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Delete the run in --out and start again.")
+@click.option("--allow-data-change", is_flag=True,
+              help="With --resume: continue although --data leaves out or replaces datasets the "
+                   "run was trained on (recorded in the run's dataset.json).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_verbose_option
 @_one_line_errors
-def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, resume, overwrite, quiet):
+def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, resume, overwrite,
+          allow_data_change, quiet):
     """Train the U-Net on a simulated dataset.
 
     Example: ceriakeras train --data tfrecords/demo --out runs/demo --epochs 20
+
+    Chunks: ceriakeras train --data tfrecords/v3-a --data tfrecords/v3-b --out runs/v3 --resume
     """
     import dataclasses
     from pathlib import Path
@@ -305,11 +314,13 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
         config = dataclasses.replace(
             config, pipeline=dataclasses.replace(config.pipeline, batch_size=batch_size))
         config.validate()
-    check_train(data_dir, run_dir, resume=resume, overwrite=overwrite)
+    data_dirs = list(data_dir)
+    check_train(data_dirs, run_dir, resume=resume, overwrite=overwrite,
+                allow_data_change=allow_data_change)
     from .train import train as train_run
 
-    result = train_run(data_dir, run_dir, config, resume=resume, overwrite=overwrite,
-                       progress=not quiet)
+    result = train_run(data_dirs, run_dir, config, resume=resume, overwrite=overwrite,
+                       progress=not quiet, allow_data_change=allow_data_change)
     resumed = f" (resumed after epoch {result['initial_epoch']})" if result["resumed"] else ""
     click.echo(f"{run_dir}: {result['epochs_completed']} epoch(s){resumed}; best validation loss "
                f"{result['best_val_loss']:.4f} at epoch {result['best_epoch']}; "

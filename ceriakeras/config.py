@@ -216,6 +216,14 @@ class SimulationConfig:
     ``structure.vacuum_A``, so that no image's delocalised contrast wraps around the periodic
     cell onto the particle or its fringes. If false (the version-1/2 datasets), only
     ``structure.vacuum_A`` on each side."""
+    multislice_margin_A: float | None = None
+    """If set, the multislice runs in a smaller square cell that holds the particle's lateral
+    extent plus this margin on each side (Å; rounded up to whole pixels and to a grid size that
+    FFTs well), and the exit wave is then embedded, on the image grid, in the ``cell_size_A``
+    cell with the vacuum wave around it before the lens is applied
+    (:func:`ceriakeras.simulate.embed_exit_wave`). The delocalisation then still has the whole
+    cell to spread into, while the multislice costs far less. None (the default): the
+    multislice runs in the whole cell, as in version 1/2."""
 
     def validate(self) -> None:
         self.structure.validate()
@@ -240,6 +248,9 @@ class SimulationConfig:
             )
         if self.optics_per_exit_wave < 1:
             raise ConfigError("optics_per_exit_wave must be at least 1")
+        if self.multislice_margin_A is not None and not 1.0 <= self.multislice_margin_A <= 100.0:
+            raise ConfigError(f"multislice_margin_A={self.multislice_margin_A} must be in [1, 100] Å "
+                              "(or left out: multislice in the whole cell)")
         if not 0.1 <= self.label_radius_A <= MIN_COLUMN_SEPARATION_A / 2:
             raise ConfigError(
                 f"label_radius_A={self.label_radius_A} must be in [0.1, {MIN_COLUMN_SEPARATION_A / 2}] Å"

@@ -12,7 +12,8 @@ The SavedModel has one signature, ``serving_default``::
 
 Normalization and padding live inside the graph, so clients send raw frames of any size.
 ``assets/ceriakeras.json`` tells every consumer what the model needs (pixel size, classes,
-label radius) and where it came from (training manifest hash, validation metrics, versions).
+label radius) and where it came from (training manifest hash, or hashes ``manifest_sha256s`` of
+every chunk it was trained on, validation metrics, versions).
 The JSON file is placed in the SavedModel's ``assets/`` folder directly (it is read as a file,
 not by the graph), so TF Serving and ``saved_model_cli`` ignore it and copy it along.
 """
@@ -31,6 +32,7 @@ import numpy as np
 from .config import ModelError
 from .io import give_ordinary_permissions
 from .modelinfo import ASSET_NAME, find_version, read_info
+from .records import run_datasets
 
 
 def _checkpoint(run_dir: Path) -> Path:
@@ -98,6 +100,9 @@ def model_info(run_dir: Path, checkpoint: Path, optics: bool | None = None) -> d
         "label_radius_A": dataset.get("label_radius_A") or 0.5,
         "manifest_sha256": dataset.get("manifest_sha256"),
         "data_dir": dataset.get("data_dir"),
+        # every dataset (chunk) the run was trained on; [the one above] for a single-dataset run
+        "manifest_sha256s": [d["manifest_sha256"] for d in run_datasets(dataset)],
+        "data_dirs": [d["data_dir"] for d in run_datasets(dataset)],
         "checkpoint": checkpoint.name,
         "class_weights": dataset.get("class_weights"),
         "prior_correction": (

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from .config import DataError, PipelineConfig
-from .records import _check_shard, feature_spec, read_manifest, shard_paths
+from .records import _check_shard, as_data_dirs, feature_spec, read_manifests, shard_paths
 
 EXACT_MEAN_LIMIT = 100.0
 """Means below this are sampled exactly (CDF inversion); above, by a corrected normal quantile."""
@@ -248,15 +248,21 @@ def optics_targets(metadata: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
                      largest], axis=1)
 
 
-def make_dataset(data_dir: str | Path, split: str, config: PipelineConfig, *,
+def make_dataset(data_dir: str | Path | Sequence[str | Path], split: str, config: PipelineConfig, *,
                  class_weights: Any = None, training: bool | None = None, repeat: bool | None = None,
                  verify: bool = True, optics: bool = False) -> tf.data.Dataset:
     """Batches of ``(image, label, sample_weight)`` from a dataset folder's split.
 
     Parameters
     ----------
-    data_dir : path
-        Folder written by ``ceriakeras simulate`` (shards and ``manifest.json``).
+    data_dir : path or sequence of paths
+        Folder written by ``ceriakeras simulate`` (shards and ``manifest.json``), or several
+        such folders (chunks of one dataset, :func:`ceriakeras.records.read_manifests` checks
+        that they agree on pixel size, max_height, label radius and image size). For training
+        the shards of all of them are shuffled and interleaved together; otherwise each
+        dataset's records come in the order they have alone, one dataset after the other, so
+        example positions, and with them the fixed validation noise seeds, continue from one
+        dataset to the next and the first dataset gives exactly the examples it gives alone.
     split : {'train', 'validation', 'test'}
     config : PipelineConfig
         Crop size, batch size, dose range, validation doses, shuffle buffer, seed, determinism.
@@ -295,10 +301,12 @@ def make_dataset(data_dir: str | Path, split: str, config: PipelineConfig, *,
     """
     config.validate()
     training = (split == "train") if training is None else bool(training)
-    data_dir = Path(data_dir)
-    manifest = read_manifest(data_dir)
+    data_dirs = as_data_dirs(data_dir)
+    manifests = read_manifests(data_dirs)
+    data_dir, manifest = data_dirs[0], manifests[0]
     shard_paths(data_dir, split)  # checks the split name
-    paths = _check_split(data_dir, split, manifest, verify)
+    groups = [_check_split(d, split, m, verify) for d, m in zip(data_dirs, manifests)]
+    paths = [path for group in groups for path in group]
     height, width = (int(v) for v in manifest.get("image_size_px", [0, 0]))
     crop = config.crop_px
     if crop > min(height, width):
@@ -323,15 +331,27 @@ def make_dataset(data_dir: str | Path, split: str, config: PipelineConfig, *,
     crops = max(1, min(config.crops_per_image, (height // crop) * (width // crop)))
     seed = int(config.seed)
 
-    files = tf.data.Dataset.from_tensor_slices([str(p) for p in paths])
-    if training:
-        files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        files = files.repeat()
-    ds = files.interleave(
-        lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP", buffer_size=1 << 20),
-        cycle_length=min(len(paths), max(2, os.cpu_count() or 2)), block_length=1,
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    def records_of(group: list[Path], repeat_files: bool) -> tf.data.Dataset:
+        files = tf.data.Dataset.from_tensor_slices([str(p) for p in group])
+        if training:
+            files = files.shuffle(len(group), seed=seed, reshuffle_each_iteration=True)
+        if repeat_files:
+            files = files.repeat()
+        return files.interleave(
+            lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP", buffer_size=1 << 20),
+            cycle_length=min(len(group), max(2, os.cpu_count() or 2)), block_length=1,
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+
+    # Training shuffles and interleaves the shards of all datasets as one list; otherwise each
+    # dataset's records come in the order they would alone, one dataset after the other.
+    if training or len(groups) == 1:
+        ds = records_of(paths, repeat)
+    else:
+        ds = records_of(groups[0], False)
+        for group in groups[1:]:
+            ds = ds.concatenate(records_of(group, False))
+        if repeat:
+            ds = ds.repeat()
     ds = ds.enumerate().batch(chunk)
 
     def parse_chunk(index, serialized):

@@ -201,9 +201,12 @@ def check_calibration_data(datasets, pixel_size_A: float | None,
             dataset_factor(path, float(manifest.get("pixel_size_A", pixel_size_A)), pixel_size_A)
 
 
-def check_train(data_dir, run_dir, *, resume: bool = False, overwrite: bool = False) -> None:
-    """What ``ceriakeras train`` checks before TensorFlow loads: the dataset's manifest, and that
-    the run folder can be started, resumed or overwritten as asked.
+def check_train(data_dir, run_dir, *, resume: bool = False, overwrite: bool = False,
+                allow_data_change: bool = False) -> None:
+    """What ``ceriakeras train`` checks before TensorFlow loads: every dataset's manifest (one
+    folder or a list), that they agree (:func:`ceriakeras.records.read_manifests`), that the run
+    folder can be started, resumed or overwritten as asked, and on resume that the datasets
+    include all of the run's (unless ``allow_data_change``).
 
     Under ``TF_CONFIG`` (several workers) an existing run folder is the chief's, so only
     ``--resume`` with nothing to resume is refused here.
@@ -212,11 +215,11 @@ def check_train(data_dir, run_dir, *, resume: bool = False, overwrite: bool = Fa
     ------
     DataError, ModelError
     """
-    from .records import read_manifest
+    from .records import compare_run_datasets, read_manifests
 
     if resume and overwrite:
         raise ModelError("pass either --resume or --overwrite, not both")
-    read_manifest(data_dir)
+    read_manifests(data_dir)
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ModelError(f"--out {run_dir} is a file: choose a folder for the run")
@@ -226,6 +229,19 @@ def check_train(data_dir, run_dir, *, resume: bool = False, overwrite: bool = Fa
             fix = ("start it again with --overwrite instead of --resume" if exists
                    else "drop --resume to start a new run")
             raise ModelError(f"nothing to resume in {run_dir} (no checkpoints/last.keras); {fix}")
+        record = run_dir / "dataset.json"
+        if not allow_data_change and record.is_file():
+            from .io import file_sha256
+            from .records import as_data_dirs, data_change_message
+
+            try:
+                saved = json.loads(record.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return  # the stage refuses it with its own message
+            digests = [file_sha256(Path(d) / "manifest.json") for d in as_data_dirs(data_dir)]
+            _, removed = compare_run_datasets(saved, digests)
+            if removed:
+                raise ModelError(data_change_message(run_dir, saved, removed))
         return
     if "TF_CONFIG" in os.environ or not exists:
         return

@@ -888,8 +888,124 @@ def dataset_parameters(data_dir: str | Path) -> tuple[int, int, int, SimulationC
     return params["count"], params["shards"], params["seed"], config, command
 
 
+# --- several datasets trained together (chunks) --------------------------------------------------
+def as_data_dirs(data_dirs: str | Path | Sequence[str | Path]) -> list[Path]:
+    """One dataset folder or a sequence of them, as a list of paths (order kept, no repeats).
+
+    Raises
+    ------
+    ConfigError
+        No folder given, or the same folder given twice.
+    """
+    if isinstance(data_dirs, (str, os.PathLike)):
+        data_dirs = [data_dirs]
+    dirs = [Path(d) for d in data_dirs]
+    if not dirs:
+        raise ConfigError("no dataset given: pass --data tfrecords/NAME (repeatable)")
+    seen: dict[Path, Path] = {}
+    for d in dirs:
+        key = d.resolve()
+        if key in seen:
+            raise ConfigError(f"dataset {d} is given twice (--data); give each dataset once")
+        seen[key] = d
+    return dirs
+
+
+_MUST_AGREE = (("pixel size", "Å", lambda m: m.get("pixel_size_A")),
+               ("max_height", "Ce atoms", lambda m: m.get("max_height")),
+               ("label radius", "Å", lambda m: (m.get("config") or {}).get("label_radius_A")),
+               ("image size", "px", lambda m: list(m["image_size_px"])
+                if m.get("image_size_px") is not None else None))
+
+
+def read_manifests(data_dirs: str | Path | Sequence[str | Path]) -> list[dict]:
+    """The manifests of datasets that are trained together, checked to agree.
+
+    Every dataset must have the same pixel size (Å), ``max_height`` (Ce atoms), label radius
+    (Å) and image size (px) as the first one: their shards are read by one pipeline and label one
+    model. Chunks of one dataset simulated with the same config and different ``--seed`` agree.
+
+    Parameters
+    ----------
+    data_dirs : path or sequence of paths
+        Dataset folders written by ``ceriakeras simulate``.
+
+    Returns
+    -------
+    list of dict
+        The manifests, in the order of ``data_dirs``.
+
+    Raises
+    ------
+    DataError
+        A dataset is missing or unreadable (:func:`read_manifest`), or differs from the first
+        one; the message names the dataset, what differs and what to do.
+    ConfigError
+        No dataset, or one given twice.
+    """
+    dirs = as_data_dirs(data_dirs)
+    manifests = [read_manifest(d) for d in dirs]
+    first = manifests[0]
+    for d, manifest in zip(dirs[1:], manifests[1:]):
+        for what, unit, get in _MUST_AGREE:
+            a, b = get(first), get(manifest)
+            same = (a == b if not (isinstance(a, (int, float)) and isinstance(b, (int, float)))
+                    else math.isclose(float(a), float(b), rel_tol=1e-6))
+            if not same:
+                raise DataError(
+                    f"dataset {d} has {what} {b} {unit} but {dirs[0]} has {a} {unit}; datasets "
+                    "trained together must be simulated with the same config (only --seed and "
+                    "--count may differ): drop it or simulate it again with the first one's config")
+    return manifests
+
+
+def summed_label_histogram(manifests: Sequence[dict]) -> list[int]:
+    """Pixel count of each label class over the training splits of all ``manifests`` (the
+    ``label_histogram`` of each manifest, zero-padded to the longest), for the class weights."""
+    hists = [np.asarray(m["label_histogram"], np.int64) for m in manifests]
+    total = np.zeros(max(len(h) for h in hists), np.int64)
+    for h in hists:
+        total[: len(h)] += h
+    return total.tolist()
+
+
+def run_datasets(record: dict) -> list[dict]:
+    """The datasets a training run was trained on, from its ``dataset.json``.
+
+    A run since chunked data records ``datasets``: a list of ``{data_dir, manifest_sha256}``;
+    a run of versions 1–2 has only the single ``data_dir`` and ``manifest_sha256`` fields (still
+    written too, for the first dataset). Both read as a list of ``{data_dir, manifest_sha256}``
+    (empty if the record names none).
+    """
+    if isinstance(record.get("datasets"), list) and record["datasets"]:
+        return [{"data_dir": d.get("data_dir"), "manifest_sha256": d.get("manifest_sha256")}
+                for d in record["datasets"]]
+    if record.get("manifest_sha256") or record.get("data_dir"):
+        return [{"data_dir": record.get("data_dir"),
+                 "manifest_sha256": record.get("manifest_sha256")}]
+    return []
+
+
+def compare_run_datasets(record: dict, digests: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(added, removed)``: the manifest sha256s in ``digests`` (the datasets given now) that
+    the run's ``dataset.json`` ``record`` lacks, and those it has that are not given now."""
+    saved = [d["manifest_sha256"] for d in run_datasets(record)]
+    return ([d for d in digests if d not in saved], [d for d in saved if d not in digests])
+
+
+def data_change_message(run_dir, record: dict, removed) -> str:
+    """The one-line refusal of a resume whose datasets leave out some of the run's."""
+    gone = [d["data_dir"] for d in run_datasets(record) if d["manifest_sha256"] in removed]
+    return (f"run {run_dir} was trained on {', '.join(str(g) for g in gone)}, which --data now "
+            "lacks (not given, or its manifest.json changed); "
+            "give every dataset of the run again (more may be added), pass --allow-data-change "
+            "to continue on other data, or start a new run")
+
+
 __all__ = [
     "SPLITS", "MANIFEST_NAME", "ShardPlan", "serialize_example", "parse_example", "feature_spec",
     "split_of_particle", "plan_shards", "images_of_particle", "iter_shard", "read_manifest",
-    "shard_paths", "verify_dataset", "write_dataset", "dataset_parameters",
+    "shard_paths", "verify_dataset", "write_dataset", "dataset_parameters", "as_data_dirs",
+    "read_manifests", "summed_label_histogram", "run_datasets", "compare_run_datasets",
+    "data_change_message",
 ]

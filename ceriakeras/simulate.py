@@ -55,6 +55,8 @@ __all__ = [
     "defocus_samples",
     "label_mask",
     "place_in_cell",
+    "multislice_cell",
+    "embed_exit_wave",
     "check_simulation_config",
     "delocalisation_A",
     "envelope_delocalisation_A",
@@ -204,6 +206,13 @@ def check_simulation_config(config: SimulationConfig) -> None:
     delocalisation of the optics envelope (:func:`envelope_delocalisation_A`), so that no
     image's contrast wraps around the periodic cell.
 
+    With ``config.multislice_margin_A`` there are two cells: the whole cell, in which the lens
+    acts (the rules above apply to it), and the multislice cell of each particle
+    (:func:`multislice_cell`), which must hold the particle plus the margin on each side. The
+    margin must be at least ``structure.vacuum_A``, and the multislice cell of the largest
+    particle, ``diameter_range_A[1] + 2 · margin``, no larger than the whole cell (else the
+    margin buys nothing: leave it out).
+
     Raises
     ------
     ConfigError
@@ -230,6 +239,18 @@ def check_simulation_config(config: SimulationConfig) -> None:
                 f"need cell_size_A >= {math.ceil(need)} Å; raise cell_size_A or narrow the "
                 f"defocus/Cs/C5 ranges or the aperture"
             )
+    margin = config.multislice_margin_A
+    if margin is not None:
+        if margin < s.vacuum_A:
+            raise ConfigError(f"multislice_margin_A={margin} Å is below structure.vacuum_A="
+                              f"{s.vacuum_A} Å; raise it to at least the vacuum")
+        need = s.diameter_range_A[1] + 2.0 * margin
+        if need > config.cell_size_A + 1e-9:
+            raise ConfigError(
+                f"multislice_margin_A={margin} Å: particles up to {s.diameter_range_A[1]} Å "
+                f"need a multislice cell of {need} Å, more than cell_size_A="
+                f"{config.cell_size_A} Å; lower the margin or leave it out (whole-cell "
+                f"multislice)")
 
 
 def draw_optics(rng: np.random.Generator, config: OpticsConfig) -> dict:
@@ -500,7 +521,7 @@ def image_sampling_A(pixel_size_A: float, sampling_A: float, energy_keV: float,
 
 
 def exit_wave(atoms: Atoms, sampling_A: float, slice_thickness_A: float, energy_keV: float,
-              image_sampling: float | None = None) -> ExitWave:
+              image_sampling: float | None = None, gpts: int | None = None) -> ExitWave:
     """Multislice exit wave of a plane wave through ``atoms`` (abTEM, single-threaded).
 
     Parameters
@@ -518,6 +539,11 @@ def exit_wave(atoms: Atoms, sampling_A: float, slice_thickness_A: float, energy_
         limit, i.e. all the objective aperture passes). The atoms are shifted by
         ``-image_sampling/2`` in x and y so that sample ``j`` of the returned grid sits at the
         true position ``(j + 1/2)·image_sampling``.
+    gpts : int, optional
+        Multislice grid points per side; if given, the multislice runs on exactly this grid
+        (spacing ``cell / gpts``, which should be ``sampling_A``) instead of the grid abTEM
+        derives from ``sampling_A`` (which rounds ``cell / sampling_A`` up and can gain a point
+        from floating-point error).
 
     Returns
     -------
@@ -531,7 +557,8 @@ def exit_wave(atoms: Atoms, sampling_A: float, slice_thickness_A: float, energy_
     shifted = atoms.copy()
     shifted.positions[:, :2] -= image_sampling / 2.0
     with abtem.config.set(_abtem_settings()), dask.config.set(scheduler="synchronous"):
-        potential = abtem.Potential(shifted, sampling=sampling_A,
+        grid = {"sampling": sampling_A} if gpts is None else {"gpts": int(gpts)}
+        potential = abtem.Potential(shifted, **grid,
                                     slice_thickness=slice_thickness_A,
                                     parametrization="lobato", projection="infinite")
         waves = abtem.PlaneWave(energy=energy_keV * 1e3).multislice(potential)
@@ -540,6 +567,8 @@ def exit_wave(atoms: Atoms, sampling_A: float, slice_thickness_A: float, energy_
         array = np.ascontiguousarray(waves.array, dtype=np.complex64)
         fourier = fft2(array)
     n_ms = np.array(fourier.shape)
+    if gpts is not None:
+        sampling_A = float(atoms.cell[0, 0]) / int(gpts)
     n_img = np.round(n_ms * sampling_A / image_sampling).astype(int)
     if np.any(np.abs(n_img * image_sampling - n_ms * sampling_A) > 1e-6 * n_ms * sampling_A):
         raise ConfigError(f"image grid {image_sampling} Å does not divide the cell "
@@ -551,6 +580,150 @@ def exit_wave(atoms: Atoms, sampling_A: float, slice_thickness_A: float, energy_
         fourier = np.ascontiguousarray(np.fft.ifftshift(cut)) * np.float32(
             n_img.prod() / n_ms.prod())
     return ExitWave(fourier.astype(np.complex64, copy=False), image_sampling, float(energy_keV))
+
+
+def _fft_friendly(n: int) -> bool:
+    # Even, and no prime factor above 5 (FFTW_ESTIMATE plans were ≈ 1.3× slower per point
+    # with a factor 7, as in 1575, than at 1500 or 1620 points here).
+    if n % 2:
+        return False
+    for prime in (2, 3, 5):
+        while n % prime == 0:
+            n //= prime
+    return n == 1
+
+
+def multislice_cell(atoms: Atoms, cell_size_A: float, pixel_size_A: float, sampling_A: float,
+                    margin_A: float) -> tuple[tuple[int, int], int]:
+    """The square sub-cell, in whole pixels, in which the multislice of ``atoms`` runs.
+
+    The smallest side ``m`` (pixels) such that the sub-cell holds the atoms' lateral extent plus
+    ``margin_A`` on each side and its multislice grid, ``m · pixel_size_A / sampling_A`` points,
+    is even with no prime factor above 5 (fast FFTs); placed as centrally on the atoms as whole pixels
+    allow. The whole cell if nothing smaller fits.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        The particle in the ``cell_size_A`` cell (e.g. from :func:`place_in_cell`), Å.
+    cell_size_A, pixel_size_A, sampling_A : float
+        Side of the whole cell, stored pixel size (a whole number of ``sampling_A``) and
+        multislice grid spacing, Å.
+    margin_A : float
+        Vacuum between the atoms' centres and the sub-cell's edges, at least, Å.
+
+    Returns
+    -------
+    offset_px : (int, int)
+        Pixel of the whole cell at which the sub-cell starts, in x and y.
+    side_px : int
+        Side of the sub-cell, pixels (``side_px · pixel_size_A`` Å).
+    """
+    n = int(round(cell_size_A / pixel_size_A))
+    ratio = int(round(pixel_size_A / sampling_A))
+    pos = np.asarray(atoms.positions)[:, :2]
+    lo, hi = pos.min(0) - margin_A, pos.max(0) + margin_A
+    centre = (lo + hi) / 2.0
+    m = max(1, int(math.ceil(float((hi - lo).max()) / pixel_size_A - 1e-9)))
+    for side in range(m, n):
+        if not _fft_friendly(side * ratio):
+            continue
+        offset = np.floor(centre / pixel_size_A - side / 2.0 + 0.5).astype(int)
+        offset = np.clip(offset, 0, n - side)
+        if np.all(offset * pixel_size_A <= lo + 1e-9) and np.all(
+                (offset + side) * pixel_size_A >= hi - 1e-9):
+            return (int(offset[0]), int(offset[1])), side
+    return (0, 0), n
+
+
+def embed_exit_wave(wave: ExitWave, offset: tuple[int, int], size: int) -> ExitWave:
+    """Embed an exit wave in a larger periodic cell of vacuum, on the same grid.
+
+    The larger cell's wave is the constant vacuum wave, taken as the mean of the smaller
+    wave's outermost ring of samples (abTEM's plane wave is 1 in vacuum; the ring mean differs
+    from 1 by the scattered tails that reach the edge, and keeps the wave continuous there),
+    with the smaller wave put in at ``offset``. Applying the lens to the result lets the
+    delocalised contrast spread over the larger cell instead of wrapping around the smaller.
+
+    Parameters
+    ----------
+    wave : ExitWave
+        Exit wave of the smaller cell, ``(ms, ms)`` samples.
+    offset : (int, int)
+        Sample of the larger grid at which the smaller one starts, in x and y (abTEM order).
+    size : int
+        Side of the larger grid, samples (``≥ offset + ms``).
+
+    Returns
+    -------
+    ExitWave
+        ``(size, size)``, the same sampling and energy.
+    """
+    import abtem
+    from abtem.core.fft import fft2, ifft2
+
+    nx, ny = wave.fourier.shape
+    ox, oy = int(offset[0]), int(offset[1])
+    if min(ox, oy) < 0 or ox + nx > size or oy + ny > size:
+        raise ConfigError(f"an exit wave of {nx}×{ny} samples at {offset} does not fit a "
+                          f"{size}×{size} grid; use a larger cell")
+    with abtem.config.set(_abtem_settings()):
+        small = np.asarray(ifft2(wave.fourier.copy()), dtype=np.complex64)
+        ring = np.concatenate([small[0], small[-1], small[1:-1, 0], small[1:-1, -1]])
+        big = np.full((size, size), np.complex64(ring.mean()), dtype=np.complex64)
+        big[ox:ox + nx, oy:oy + ny] = small
+        fourier = np.asarray(fft2(big), dtype=np.complex64)
+    return ExitWave(fourier, wave.sampling_A, wave.energy_keV)
+
+
+def particle_exit_wave(atoms: Atoms, config: SimulationConfig, image_sampling: float
+                       ) -> tuple[ExitWave, dict]:
+    """The exit wave of a particle in ``config``'s cell, on the image grid.
+
+    With ``config.multislice_margin_A`` None, :func:`exit_wave` in the whole cell. Otherwise
+    the multislice runs in the sub-cell of :func:`multislice_cell` (the atoms shifted into it)
+    and the wave is embedded in the whole cell by :func:`embed_exit_wave`; the pixels of the
+    whole cell, hence ``x_px = x_A / pixel_size_A - 0.5``, are unchanged, since the sub-cell
+    starts on a whole pixel.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        The particle in the ``config.cell_size_A`` cell (:func:`place_in_cell`), Å.
+    config : SimulationConfig
+        Sampling, slice thickness, cell, pixel size, margin; ``optics.energy_keV``.
+    image_sampling : float
+        Grid of the returned wave, Å (:func:`image_sampling_A`).
+
+    Returns
+    -------
+    wave : ExitWave
+        ``(cell / image_sampling)²`` samples.
+    metadata : dict
+        ``{}`` without a margin; else ``multislice_margin_A``, ``multislice_cell_A`` (side of
+        the sub-cell) and ``multislice_offset_A`` (its corner in the whole cell, x and y).
+    """
+    energy = config.optics.energy_keV
+    if config.multislice_margin_A is None:
+        return exit_wave(atoms, config.sampling_A, config.slice_thickness_A, energy,
+                         image_sampling=image_sampling), {}
+    p = config.pixel_size_A
+    n = config.image_size_px
+    (ox, oy), m = multislice_cell(atoms, config.cell_size_A, p, config.sampling_A,
+                                  config.multislice_margin_A)
+    sub = atoms.copy()
+    sub.positions[:, 0] -= ox * p
+    sub.positions[:, 1] -= oy * p
+    sub.cell = [m * p, m * p, float(atoms.cell[2, 2])]
+    ratio = int(round(p / config.sampling_A))
+    wave = exit_wave(sub, config.sampling_A, config.slice_thickness_A, energy,
+                     image_sampling=image_sampling, gpts=m * ratio)
+    f = int(round(p / image_sampling))
+    if m < n:
+        wave = embed_exit_wave(wave, (ox * f, oy * f), n * f)
+    return wave, {"multislice_margin_A": float(config.multislice_margin_A),
+                  "multislice_cell_A": float(m * p),
+                  "multislice_offset_A": [float(ox * p), float(oy * p)]}
 
 
 def contrast_rms_difference(image: np.ndarray, reference: np.ndarray) -> float:
@@ -707,8 +880,7 @@ def simulate_particle(particle_id: int, seed: int, config: SimulationConfig | No
 
     optics = config.optics
     grid = image_sampling_A(p, config.sampling_A, optics.energy_keV, optics.max_aperture_mrad)
-    wave = exit_wave(atoms, config.sampling_A, config.slice_thickness_A, optics.energy_keV,
-                     image_sampling=grid)
+    wave, cell_info = particle_exit_wave(atoms, config, grid)
     rng = np.random.default_rng(optics_seq)
     info = _jsonable(dict(particle.info))
     common = {
@@ -731,6 +903,7 @@ def simulate_particle(particle_id: int, seed: int, config: SimulationConfig | No
         "cell_z_A": float(atoms.cell[2, 2]),
         "sampling_A": float(config.sampling_A),
         "image_sampling_A": float(grid),
+        **cell_info,
         "slice_thickness_A": float(config.slice_thickness_A),
         "pixel_size_A": float(p),
         "potential": "abtem lobato, infinite projection",

@@ -4,7 +4,8 @@ A run folder holds everything needed to continue or reproduce it::
 
     runs/NAME/
       config.json          the TrainConfig used (loads with ``load_config(TrainConfig, path)``)
-      dataset.json         the training data folder and the sha256 of its manifest.json
+      dataset.json         the training data folders and the sha256 of their manifest.json,
+                           the class weights, and when datasets were added (``changes``)
       checkpoints/last.keras, checkpoints/best.keras   (best = lowest validation loss)
       state.json           epochs completed, best epoch and validation loss
       metrics.json         validation metrics of the best epoch (read by ``export``)
@@ -655,14 +656,61 @@ def _saved_model_config(run_dir: Path) -> dict:
         return saved
 
 
+def _dataset_entry(data_dir: Path, digest: str, manifest: dict) -> dict:
+    return {"data_dir": str(data_dir.resolve()), "manifest_sha256": digest,
+            "counts": manifest.get("counts")}
+
+
+def _dataset_record(data_dirs, digests, manifests, weights, previous: dict | None,
+                    epoch: int, added, removed) -> dict:
+    """The run's ``dataset.json``: the first dataset's fields as versions 1–2 wrote them (read
+    by old tools), ``datasets`` (every one), summed ``counts``, the ``class_weights`` in use,
+    and ``changes``: the datasets added or removed on a resume, with the epoch it happened."""
+    from .records import run_datasets
+
+    first = manifests[0]
+    counts: dict[str, int] = {}
+    for m in manifests:
+        for split, n in (m.get("counts") or {}).items():
+            counts[split] = counts.get(split, 0) + int(n)
+    entries = [_dataset_entry(d, h, m) for d, h, m in zip(data_dirs, digests, manifests)]
+    changes = list((previous or {}).get("changes", []))
+    if previous is not None and (added or removed):
+        dirs = {e["manifest_sha256"]: e["data_dir"] for e in run_datasets(previous) + entries}
+        changes.append({"after_epoch": epoch,
+                        "added": [{"data_dir": dirs[h], "manifest_sha256": h} for h in added],
+                        "removed": [{"data_dir": dirs[h], "manifest_sha256": h} for h in removed]})
+    record = {
+        "data_dir": entries[0]["data_dir"], "manifest_sha256": digests[0],
+        "pixel_size_A": first.get("pixel_size_A"), "max_height": first.get("max_height"),
+        "label_radius_A": first.get("config", {}).get("label_radius_A"),
+        "counts": counts, "class_weights": [float(w) for w in weights],
+        "datasets": entries,
+    }
+    # the datasets whose summed label histograms gave the class weights (a resume keeps them)
+    if previous is not None and previous.get("class_weights_from"):
+        record["class_weights_from"] = previous["class_weights_from"]
+    elif previous is not None and previous.get("class_weights"):
+        record["class_weights_from"] = [e["manifest_sha256"] for e in run_datasets(previous)]
+    else:
+        record["class_weights_from"] = list(digests)
+    if changes:
+        record["changes"] = changes
+    return record
+
+
 def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: bool = False,
-          overwrite: bool = False, progress: bool = True) -> dict:
-    """Train the U-Net on a simulated dataset and keep everything in ``run_dir``.
+          overwrite: bool = False, progress: bool = True, allow_data_change: bool = False) -> dict:
+    """Train the U-Net on simulated data and keep everything in ``run_dir``.
 
     Parameters
     ----------
-    data_dir : path
-        Dataset folder written by ``ceriakeras simulate`` (shards and ``manifest.json``).
+    data_dir : path or sequence of paths
+        Dataset folder written by ``ceriakeras simulate`` (shards and ``manifest.json``), or
+        several (chunks of one dataset simulated with different seeds; they must agree on pixel
+        size, max_height, label radius and image size). Training interleaves the shards of all
+        of them, validation uses all their validation splits, and the class weights come from
+        their summed label histograms.
     run_dir : path
         Run folder (layout in the module docstring). Must not exist or be empty, unless
         ``resume`` (continue from ``checkpoints/last.keras`` with optimizer state and epoch
@@ -671,6 +719,11 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
         Settings; saved as ``config.json``. On resume the epoch count and schedule may grow.
     progress : bool
         Show Keras' progress bar.
+    allow_data_change : bool
+        On resume, accept datasets that leave out or replace some the run was trained on.
+        Datasets *added* to those of the run are always accepted (the run grows its data as
+        chunks are finished); either change is recorded in ``dataset.json`` under ``changes``
+        with the epoch it happened. A resumed run keeps the class weights it started with.
 
     Returns
     -------
@@ -687,13 +740,14 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
         From the pipeline: a missing, empty or corrupt dataset, or crops larger than the images.
     """
     from .pipeline import make_dataset
-    from .records import read_manifest
+    from .records import (as_data_dirs, compare_run_datasets, data_change_message, read_manifests,
+                          summed_label_histogram)
 
     config.validate()
-    data_dir, run_dir = Path(data_dir), Path(run_dir)
-    manifest = read_manifest(data_dir)  # DataError if the dataset is missing
-    digest = manifest_sha256(data_dir)
-    config = _match_dataset(config, manifest, data_dir)
+    data_dirs, run_dir = as_data_dirs(data_dir), Path(run_dir)
+    manifests = read_manifests(data_dirs)  # DataError if one is missing or they disagree
+    digests = [manifest_sha256(d) for d in data_dirs]
+    config = _match_dataset(config, manifests[0], data_dirs[0])
     strategy = choose_strategy()  # before any other TensorFlow op (multi-worker needs that)
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     if is_chief(strategy):
@@ -707,11 +761,12 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
               f"the chief writes {run_dir}; this worker's copies go to {out_dir}", flush=True)
 
     initial_epoch, best_val_loss, best_epoch = 0, np.inf, 0
+    saved, added, removed = None, [], []
     if resume:
         saved = _read_json(run_dir / "dataset.json")
-        if saved.get("manifest_sha256") != digest:
-            raise ModelError(f"{data_dir} is not the dataset run {run_dir} was trained on "
-                             f"(manifest differs); use the same --data or start a new run")
+        added, removed = compare_run_datasets(saved, digests)
+        if removed and not allow_data_change:
+            raise ModelError(data_change_message(run_dir, saved, removed))
         if _saved_model_config(run_dir) != to_dict(config.model):
             raise ModelError(f"the model settings differ from those of {run_dir}/config.json; "
                              "resume with the same model config or start a new run")
@@ -726,19 +781,25 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
         if out_dir == run_dir:
             _drop_log_rows(run_dir / "log.csv", initial_epoch)
     write_text_atomic(out_dir / "config.json", json.dumps(to_dict(config), indent=2))
-    weights = class_weights_from_histogram(
-        manifest["label_histogram"], config.weight_scheme, config.max_class_weight,
-        config.background_weight, num_classes=config.model.max_height + 1)
-    write_text_atomic(out_dir / "dataset.json", json.dumps({
-        "data_dir": str(data_dir.resolve()), "manifest_sha256": digest,
-        "pixel_size_A": manifest.get("pixel_size_A"), "max_height": manifest.get("max_height"),
-        "label_radius_A": manifest.get("config", {}).get("label_radius_A"),
-        "counts": manifest.get("counts"), "class_weights": [float(w) for w in weights]},
-        indent=2))
+    n_classes = config.model.max_height + 1
+    kept = (saved or {}).get("class_weights")
+    if kept is not None and len(kept) == n_classes:  # the loss must not jump on resume
+        weights = np.asarray(kept, np.float32)
+    else:
+        weights = class_weights_from_histogram(
+            summed_label_histogram(manifests), config.weight_scheme, config.max_class_weight,
+            config.background_weight, num_classes=n_classes)
+    if added or removed:
+        print(f"{run_dir}: the training data changes after epoch {initial_epoch}: "
+              f"{len(added)} dataset(s) added, {len(removed)} removed, now "
+              f"{', '.join(str(d) for d in data_dirs)}; the class weights stay the run's first "
+              "(recorded in dataset.json)", flush=True)
+    write_text_atomic(out_dir / "dataset.json", json.dumps(_dataset_record(
+        data_dirs, digests, manifests, weights, saved, initial_epoch, added, removed), indent=2))
     optics = config.model.architecture == "context_unet" and config.model.global_branch
-    training = make_dataset(data_dir, "train", config.pipeline, class_weights=weights,
+    training = make_dataset(data_dirs, "train", config.pipeline, class_weights=weights,
                             training=True, optics=optics)
-    validation = make_dataset(data_dir, "validation", config.pipeline, class_weights=weights,
+    validation = make_dataset(data_dirs, "validation", config.pipeline, class_weights=weights,
                               training=False, optics=optics)
 
     with precision_policy(config.mixed_precision), strategy.scope():

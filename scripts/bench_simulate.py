@@ -5,6 +5,8 @@ Usage::
     .venv/bin/python scripts/bench_simulate.py [--particles N] [--sampling Å] [--slice Å] [--cell Å]
     .venv/bin/python scripts/bench_simulate.py --dask [--particles N]
     .venv/bin/python scripts/bench_simulate.py --config configs/ceria110_v3_data.toml --breakdown
+    .venv/bin/python scripts/bench_simulate.py --config configs/ceria110_v3_data.toml \
+        --margin-check [--margins 4,6,10] [--seeds 340,20000]
 
 One process, one thread (as inside one dask worker). A warm-up particle is simulated first (FFTW
 plans, numba compilation) and not counted. Then ``N`` particles with ``optics_per_exit_wave``
@@ -18,6 +20,12 @@ starts, so the figure is the steady-state speed-up of a long run (target here: �
 With ``--breakdown``: CPU seconds (user + sys of this process, so other load on shared cores
 does not count) of the multislice and of one image per focal-spread model, per particle, for
 choosing ``optics_per_exit_wave`` and sizing shards.
+
+With ``--margin-check``: per particle (``build_particle(seed, config.structure)``), the
+multislice in the whole cell (``multislice_margin_A`` None) against the multislice in the small
+cell of each margin (the config's own, and ``--margins``) embedded in the whole cell: CPU
+seconds of each exit wave and the RMS difference of ``optics_per_exit_wave`` images drawn from
+the config's optics (``contrast_rms_difference``, % of the whole-cell image's contrast).
 """
 
 from __future__ import annotations
@@ -44,8 +52,8 @@ def _breakdown(config: SimulationConfig, particles: int) -> None:
     """CPU seconds of the multislice and of single images, per particle."""
     import numpy as np
 
-    from ceriakeras.simulate import (draw_optics, exit_wave, image_from_exit_wave,
-                                     image_sampling_A, place_in_cell)
+    from ceriakeras.simulate import (draw_optics, image_from_exit_wave, image_sampling_A,
+                                     particle_exit_wave, place_in_cell)
     from ceriakeras.structures import build_particle
 
     o = config.optics
@@ -56,8 +64,7 @@ def _breakdown(config: SimulationConfig, particles: int) -> None:
     for pid in range(particles):
         atoms = place_in_cell(build_particle(20_000 + pid, config.structure), config.cell_size_A)
         start = _cpu_s()
-        wave = exit_wave(atoms, config.sampling_A, config.slice_thickness_A, o.energy_keV,
-                         image_sampling=grid)
+        wave, _ = particle_exit_wave(atoms, config, grid)
         ms.append(_cpu_s() - start)
         for model in per_model:
             optics = dict(draw_optics(rng, o), focal_spread_model=model)
@@ -69,6 +76,47 @@ def _breakdown(config: SimulationConfig, particles: int) -> None:
               + ", ".join(f"{m} {v[-1]:.2f} s" for m, v in per_model.items()), flush=True)
     print(f"mean CPU s per particle: multislice {np.mean(ms):.1f}; one image: "
           + ", ".join(f"{m} {np.mean(v):.2f}" for m, v in per_model.items()))
+
+
+def _margin_check(config: SimulationConfig, seeds: list[int], margins: list[float]) -> None:
+    """Whole cell vs small cell embedded in it: CPU s and RMS difference of the images."""
+    import numpy as np
+
+    from ceriakeras.simulate import (contrast_rms_difference, delocalisation_A, draw_optics,
+                                     image_from_exit_wave, image_sampling_A,
+                                     particle_exit_wave, place_in_cell)
+    from ceriakeras.structures import build_particle
+
+    o = config.optics
+    grid = image_sampling_A(config.pixel_size_A, config.sampling_A, o.energy_keV,
+                            o.max_aperture_mrad)
+    margins = sorted({*margins, *([config.multislice_margin_A]
+                                  if config.multislice_margin_A is not None else [])})
+    whole = dataclasses.replace(config, multislice_margin_A=None)
+    rng = np.random.default_rng(1)
+    for seed in seeds:
+        particle = build_particle(seed, config.structure)
+        atoms = place_in_cell(particle, config.cell_size_A)
+        optics = [draw_optics(rng, o) for _ in range(config.optics_per_exit_wave)]
+        start = _cpu_s()
+        wave, _ = particle_exit_wave(atoms, whole, grid)
+        full_cpu = _cpu_s() - start
+        ref = [image_from_exit_wave(wave, x, config.pixel_size_A) for x in optics]
+        extent = np.ptp(atoms.positions[:, :2], axis=0).max()
+        print(f"particle seed {seed}: {len(atoms)} atoms, lateral extent {extent:.1f} Å, "
+              f"thickness {atoms.cell[2, 2]:.1f} Å, delocalisation "
+              f"{min(map(delocalisation_A, optics)):.1f}–{max(map(delocalisation_A, optics)):.1f}"
+              f" Å; whole {config.cell_size_A:.0f} Å cell: {full_cpu:.1f} CPU s", flush=True)
+        for margin in margins:
+            start = _cpu_s()
+            wave, info = particle_exit_wave(
+                atoms, dataclasses.replace(config, multislice_margin_A=margin), grid)
+            cpu = _cpu_s() - start
+            rms = [100.0 * contrast_rms_difference(image_from_exit_wave(
+                wave, x, config.pixel_size_A), r) for x, r in zip(optics, ref)]
+            print(f"  margin {margin:g} Å: cell {info['multislice_cell_A']:.1f} Å, {cpu:.1f} CPU s"
+                  f" ({full_cpu / cpu:.1f}x less), RMS difference max {max(rms):.3f} %, mean "
+                  f"{np.mean(rms):.3f} % of the contrast", flush=True)
 
 
 def _rate(config: SimulationConfig, particles: int, first_id: int) -> tuple[float, float]:
@@ -111,6 +159,13 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="CPU seconds of the multislice and of one image per focal-spread "
                              "model, per particle")
+    parser.add_argument("--margin-check", action="store_true",
+                        help="whole cell vs multislice in a small cell embedded in it: CPU s and "
+                             "RMS difference of the images")
+    parser.add_argument("--margins", default="",
+                        help="extra margins for --margin-check, Å, comma-separated")
+    parser.add_argument("--seeds", default="340,20000,20001",
+                        help="particle seeds for --margin-check, comma-separated")
     args = parser.parse_args()
     if args.config:
         config = load_config(SimulationConfig, args.config)
@@ -120,6 +175,11 @@ def main() -> None:
     print(f"cell {config.cell_size_A} Å, sampling {config.sampling_A} Å, slice "
           f"{config.slice_thickness_A} Å, pixel {config.pixel_size_A} Å, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    if args.margin_check:
+        simulate_particle(10_000, 0, dataclasses.replace(config, optics_per_exit_wave=1))
+        _margin_check(config, [int(s) for s in args.seeds.split(",") if s],
+                      [float(m) for m in args.margins.split(",") if m])
+        return
     if args.breakdown:
         simulate_particle(10_000, 0, dataclasses.replace(config, optics_per_exit_wave=1))
         _breakdown(config, args.particles)

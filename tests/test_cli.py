@@ -130,6 +130,8 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["calibrate", "--model", str(tmp / "models" / "empty"), "--data", str(data02),
           "--out", str(tmp / "recal")], "no SavedModel"),
         (["train", "--data", str(no_manifest), "--out", str(tmp / "runs" / "new")], "missing"),
+        (["train", "--data", str(data02), "--data", str(data01), "--out",
+          str(tmp / "runs" / "new")], f"dataset {data01} has pixel size 0.1 Å"),
         (["train", "--data", str(data02), "--out", str(run)], "already exists"),
         (["train", "--data", str(data02), "--out", str(run), "--resume", "--overwrite"],
          "either --resume or --overwrite"),

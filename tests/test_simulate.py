@@ -25,6 +25,8 @@ from ceriakeras.simulate import (
     exit_wave,
     image_from_exit_wave,
     label_mask,
+    multislice_cell,
+    particle_exit_wave,
     place_in_cell,
     simulate_particle,
     wavelength_A,
@@ -355,9 +357,80 @@ def test_v3_data_config_holds_its_delocalisation_and_round_trips():
 
     path = Path(__file__).resolve().parents[1] / "configs" / "ceria110_v3_data.toml"
     config = load_config(SimulationConfig, path)
-    assert config.vacuum_for_delocalisation
+    assert config.vacuum_for_delocalisation and config.multislice_margin_A is not None
     check_simulation_config(config)
     assert from_dict(SimulationConfig, json.loads(json.dumps(to_dict(config)))) == config
     # 10 Å less cell would let the worst optics wrap around.
     with pytest.raises(ConfigError, match="wrap around"):
         check_simulation_config(dataclasses.replace(config, cell_size_A=config.cell_size_A - 10.0))
+
+
+# --- multislice in a small cell, lens in the whole cell --------------------------------------
+def test_multislice_cell_holds_the_margin_on_whole_pixels():
+    atoms = place_in_cell(build_particle(2, SMALL.structure), 64.0)
+    (ox, oy), m = multislice_cell(atoms, 64.0, 0.2, 0.04, 5.0)
+    lo, hi = atoms.positions[:, :2].min(0), atoms.positions[:, :2].max(0)
+    assert np.all(np.array([ox, oy]) * 0.2 <= lo - 5.0) and np.all((np.array([ox, oy]) + m) * 0.2 >= hi + 5.0)
+    assert m * 0.2 < (hi - lo).max() + 10.0 + 2.0  # not much more than needed
+    n = m * 5  # multislice grid points: even, only factors 2, 3, 5
+    assert n % 2 == 0
+    for prime in (2, 3, 5):
+        while n % prime == 0:
+            n //= prime
+    assert n == 1
+    # A margin that does not fit: the whole cell.
+    assert multislice_cell(atoms, 64.0, 0.2, 0.04, 40.0) == ((0, 0), 320)
+
+
+def test_small_multislice_cell_embedded_in_the_whole_cell_gives_the_whole_cell_images():
+    """With optics that delocalise 14–18 Å, the multislice in particle + 6 Å margin embedded in
+    the 64 Å cell gives the images of the 64 Å multislice within 1 % of the contrast, while the
+    lens applied in the small cell itself (wrapping around), or the wave embedded one sample
+    off, is far off."""
+    from ceriakeras.simulate import embed_exit_wave
+
+    config = dataclasses.replace(SMALL, cell_size_A=64.0,
+                                 structure=StructureConfig(diameter_range_A=(20.0, 20.0)))
+    atoms = place_in_cell(build_particle(1, config.structure), config.cell_size_A)
+    full, none = particle_exit_wave(atoms, config, 0.1)
+    assert none == {}
+    padded, info = particle_exit_wave(
+        atoms, dataclasses.replace(config, multislice_margin_A=6.0), 0.1)
+    assert info["multislice_cell_A"] <= 0.6 * config.cell_size_A
+    ox, oy = (round(v / 0.2) for v in info["multislice_offset_A"])
+    m = round(info["multislice_cell_A"] / 0.2)
+    sub = atoms.copy()
+    sub.positions[:, :2] -= [ox * 0.2, oy * 0.2]
+    sub.cell = [m * 0.2, m * 0.2, atoms.cell[2, 2]]
+    small = exit_wave(sub, 0.1, 2.0, 300.0, image_sampling=0.1, gpts=2 * m)
+    lens = dict(PLAIN, c5_mm=5.0, astigmatism_nm=1.0, coma_nm=30.0, coma_angle_deg=10.0,
+                three_fold_astigmatism_nm=30.0, three_fold_astigmatism_angle_deg=50.0)
+    coherent = dict(lens, defocus_nm=12.0, cs_um=25.0)
+    envelope = dict(lens, defocus_nm=-12.0, cs_um=-25.0, c5_mm=0.0, focal_spread_nm=4.0,
+                    focal_spread_model="envelope")
+    for optics in (coherent, envelope):
+        assert delocalisation_A(optics) > 14.0
+        reference = image_from_exit_wave(full, optics, 0.2)
+        assert contrast_rms_difference(image_from_exit_wave(padded, optics, 0.2), reference) < 0.01
+    reference = image_from_exit_wave(full, coherent, 0.2)
+    wrapped = image_from_exit_wave(small, coherent, 0.2)
+    assert contrast_rms_difference(wrapped, reference[oy:oy + m, ox:ox + m]) > 0.03
+    off = embed_exit_wave(small, (2 * ox + 1, 2 * oy), 640)
+    assert contrast_rms_difference(image_from_exit_wave(off, coherent, 0.2), reference) > 0.1
+
+
+def test_margin_config_is_checked_and_recorded():
+    """Both cells are checked: the margin holds the vacuum, the multislice cell of the largest
+    particle fits the whole cell; the multislice cell is recorded."""
+    config = dataclasses.replace(SMALL, multislice_margin_A=7.0)  # vacuum_A = 7 Å, 16 Å particles
+    check_simulation_config(config)
+    with pytest.raises(ConfigError, match="multislice cell of 34.0 Å, more than cell_size_A"):
+        check_simulation_config(dataclasses.replace(config, multislice_margin_A=9.0))
+    with pytest.raises(ConfigError, match="below structure.vacuum_A"):
+        check_simulation_config(dataclasses.replace(config, multislice_margin_A=5.0))
+    with pytest.raises(ConfigError, match="multislice_margin_A"):
+        dataclasses.replace(config, multislice_margin_A=0.0).validate()
+    ex = simulate_particle(3, 11, dataclasses.replace(config, optics_per_exit_wave=1))[0]
+    assert ex.metadata["multislice_margin_A"] == 7.0
+    assert ex.metadata["multislice_cell_A"] < config.cell_size_A
+    assert ex.image.shape == (config.image_size_px,) * 2

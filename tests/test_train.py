@@ -15,7 +15,7 @@ keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
 from ceriakeras.config import (  # noqa: E402
-    DataError, ModelConfig, ModelError, PipelineConfig, SimulationConfig, TrainConfig,
+    ConfigError, DataError, ModelConfig, ModelError, PipelineConfig, SimulationConfig, TrainConfig,
 )
 from ceriakeras.model import build_unet  # noqa: E402
 from ceriakeras.train import (  # noqa: E402
@@ -57,7 +57,14 @@ def synthetic_particle(particle_id, seed, config):
     return examples
 
 
-def make_synthetic_dataset(out_dir, count=12):
+def empty_particle(particle_id, seed, config):
+    """Stand-in for ``simulate_particle``: vacuum only (no column), to tell its records apart."""
+    return [dataclasses.replace(ex, image=np.ones_like(ex.image), label=np.zeros_like(ex.label),
+                                columns=np.zeros((0, 3), np.float32))
+            for ex in synthetic_particle(particle_id, seed, config)]
+
+
+def make_synthetic_dataset(out_dir, count=12, seed=0, simulator=synthetic_particle):
     """A dataset folder of ``count`` 80×80 px images (0.2 Å pixels, heights 1–4)."""
     from ceriakeras.records import write_dataset
 
@@ -65,7 +72,7 @@ def make_synthetic_dataset(out_dir, count=12):
                               split_fractions=(0.5, 0.5, 0.0))
     config = dataclasses.replace(config, structure=dataclasses.replace(config.structure,
                                                                        max_height=MAX_HEIGHT))
-    write_dataset(out_dir, count, 1, 0, config, progress=False, simulator=synthetic_particle)
+    write_dataset(out_dir, count, 1, seed, config, progress=False, simulator=simulator)
     return Path(out_dir)
 
 
@@ -270,3 +277,97 @@ def test_a_run_of_versions_1_2_without_the_new_model_fields_still_resumes(tmp_pa
         old.pop(key)
     (tmp_path / "config.json").write_text(json.dumps({"model": old}))
     assert _saved_model_config(tmp_path) == to_dict(TINY.model)
+
+
+# --- several datasets (chunks) --------------------------------------------------------------------
+def test_two_datasets_are_read_together(dataset, tmp_path):
+    from ceriakeras.pipeline import make_dataset
+    from ceriakeras.records import read_manifest
+
+    vacuum = make_synthetic_dataset(tmp_path / "vacuum", count=8, seed=1, simulator=empty_particle)
+    both, pipeline = [dataset, vacuum], TINY.pipeline
+    n_a, n_b = (read_manifest(d)["counts"]["validation"] for d in both)
+    alone = [lab.numpy() for _, lab, _ in make_dataset(dataset, "validation", pipeline)]
+    together = list(make_dataset(both, "validation", pipeline))
+    images = np.concatenate([im.numpy() for im, _, _ in together])
+    labels = np.concatenate([lab.numpy() for _, lab, _ in together])
+    assert len(labels) == n_a + n_b, "validation covers both datasets"
+    np.testing.assert_array_equal(labels[:n_a], np.concatenate(alone))  # the first one as alone
+    assert labels[:n_a].reshape(n_a, -1).max(1).min() > 0 and not labels[n_a:].any()
+    assert len({im.tobytes() for im in images[n_a:]}) == n_b, "each position has its own noise"
+
+    training = make_dataset(both, "train", dataclasses.replace(pipeline, batch_size=8),
+                            class_weights=np.ones(MAX_HEIGHT + 1))
+    crops = np.concatenate([lab.numpy() for _, lab, _ in training.take(6)])
+    has_columns = crops.reshape(len(crops), -1).max(1) > 0
+    assert has_columns.any() and not has_columns.all(), "training crops come from both"
+
+
+def test_datasets_that_differ_are_refused_by_name(dataset, tmp_path):
+    from ceriakeras.pipeline import make_dataset
+    from ceriakeras.records import read_manifests
+
+    other = tmp_path / "other"
+    other.mkdir()
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "pixel_size_A": 0.1}))
+    with pytest.raises(DataError, match=f"dataset {other} has pixel size 0.1 Å.*same config"):
+        read_manifests([dataset, other])
+    with pytest.raises(DataError, match="pixel size"):
+        make_dataset([dataset, other], "train", TINY.pipeline)
+    with pytest.raises(ConfigError, match="twice"):
+        read_manifests([dataset, dataset])
+
+
+def test_the_dataset_json_of_a_run_of_versions_1_2_still_reads():
+    from ceriakeras.export import model_info
+    from ceriakeras.records import compare_run_datasets, run_datasets
+
+    run = Path(__file__).resolve().parent.parent / "saved_models" / "ceria110" / "run-2"
+    record = json.loads((run / "dataset.json").read_text())
+    assert "datasets" not in record
+    assert run_datasets(record) == [{"data_dir": record["data_dir"],
+                                     "manifest_sha256": record["manifest_sha256"]}]
+    assert compare_run_datasets(record, [record["manifest_sha256"], "cd" * 32]) == (["cd" * 32], [])
+    assert compare_run_datasets(record, ["cd" * 32]) == (["cd" * 32], [record["manifest_sha256"]])
+    info = model_info(run, run / "checkpoints" / "best.keras")
+    assert info["manifest_sha256s"] == [info["manifest_sha256"]] == [record["manifest_sha256"]]
+
+
+@pytest.mark.slow
+def test_a_run_grows_its_data_on_resume_and_records_it(dataset, tmp_path, capsys):
+    from ceriakeras.export import model_info
+    from ceriakeras.preflight import check_train
+    from ceriakeras.records import read_manifest
+
+    other = make_synthetic_dataset(tmp_path / "chunk-b", seed=7)
+    run = tmp_path / "run"
+    train(dataset, run, TINY, progress=False)
+    first = json.loads((run / "dataset.json").read_text())
+    assert [d["manifest_sha256"] for d in first["datasets"]] == [manifest_sha256(dataset)]
+    assert "changes" not in first
+
+    check_train([dataset, other], run, resume=True)     # more datasets: accepted
+    result = train([dataset, other], run, dataclasses.replace(TINY, epochs=2), resume=True,
+                   progress=False)
+    assert result["epochs_completed"] == 2
+    assert "1 dataset(s) added" in capsys.readouterr().out
+    record = json.loads((run / "dataset.json").read_text())
+    digests = [manifest_sha256(dataset), manifest_sha256(other)]
+    assert [d["manifest_sha256"] for d in record["datasets"]] == digests
+    assert record["manifest_sha256"] == digests[0]
+    assert record["changes"] == [{"after_epoch": 1, "removed": [], "added": [
+        {"data_dir": str(other.resolve()), "manifest_sha256": digests[1]}]}]
+    assert record["class_weights"] == first["class_weights"], "the loss keeps its weights"
+    assert record["class_weights_from"] == digests[:1]
+    assert record["counts"]["train"] == sum(read_manifest(d)["counts"]["train"]
+                                            for d in (dataset, other))
+    info = model_info(run, run / "checkpoints" / "best.keras")
+    assert info["manifest_sha256s"] == digests and info["manifest_sha256"] == digests[0]
+
+    for given in ([other], [dataset]):                  # fewer or other datasets: refused
+        with pytest.raises(ModelError, match="--allow-data-change"):
+            check_train(given, run, resume=True)
+        with pytest.raises(ModelError, match="--allow-data-change"):
+            train(given, run, dataclasses.replace(TINY, epochs=3), resume=True, progress=False)
+    check_train([other], run, resume=True, allow_data_change=True)
