@@ -31,7 +31,7 @@ import numpy as np
 
 from .config import ModelError
 from .io import give_ordinary_permissions
-from .modelinfo import ASSET_NAME, find_version, read_info
+from .modelinfo import ASSET_NAME, find_version, new_version_folder, read_info
 from .records import run_datasets
 
 
@@ -63,11 +63,6 @@ def _versions() -> dict:
         except PackageNotFoundError:
             pass
     return out
-
-
-def _next_version(out_dir: Path) -> int:
-    versions = [int(p.name) for p in out_dir.iterdir() if p.name.isdigit()] if out_dir.is_dir() else []
-    return max(versions, default=0) + 1
 
 
 OPTICS_DESCRIPTIONS = {
@@ -168,13 +163,7 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     checkpoint = _checkpoint(run_dir)
-    version = _next_version(out_dir) if version is None else int(version)
-    if version < 1:
-        raise ModelError(f"--version {version} must be a positive integer")
-    target = out_dir / str(version)
-    if target.exists():
-        raise ModelError(f"{target} already exists; versions are never overwritten, choose "
-                         f"another --version or leave it out for the next free one")
+    target = new_version_folder(out_dir, version)
     model = load_checkpoint(checkpoint, compile=False,
                             instead="export only checkpoints made by ceriakeras train")
     info = model_info(run_dir, checkpoint, optics=has_optics(model))

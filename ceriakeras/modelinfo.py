@@ -38,6 +38,29 @@ def find_version(path) -> Path:
     return path / str(versions[-1])
 
 
+def new_version_folder(out_dir, version: int | None = None) -> Path:
+    """The folder ``out_dir/<version>`` a new model version is written to, checked without
+    loading TensorFlow: ``version`` defaults to the next free integer; versions are never
+    overwritten.
+
+    Raises
+    ------
+    ModelError
+        A version below 1, or one that exists already.
+    """
+    out_dir = Path(out_dir)
+    if version is None:
+        taken = [int(p.name) for p in out_dir.iterdir() if p.name.isdigit()] if out_dir.is_dir() else []
+        version = max(taken, default=0) + 1
+    if int(version) < 1:
+        raise ModelError(f"--version {version} must be a positive integer")
+    target = out_dir / str(int(version))
+    if target.exists():
+        raise ModelError(f"{target} already exists; versions are never overwritten, choose "
+                         "another --version or leave it out for the next free one")
+    return target
+
+
 def read_info(version_dir) -> dict:
     """The ``assets/ceriakeras.json`` of a SavedModel version folder (pixel size, max_height, …).
 

@@ -155,20 +155,15 @@ def check_export(run_dir, out_dir, version: int | None = None, *, calibrate_on=N
     ------
     ModelError, DataError
     """
-    from .export import _checkpoint, _next_version, _read_json
+    from .export import _checkpoint, _read_json
+    from .modelinfo import new_version_folder
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not run_dir.is_dir():
         raise ModelError(f"run folder {run_dir} does not exist: train one with "
                          f"`ceriakeras train --out {run_dir}`")
     _checkpoint(run_dir)
-    version = _next_version(out_dir) if version is None else int(version)
-    if version < 1:
-        raise ModelError(f"--version {version} must be a positive integer")
-    if (out_dir / str(version)).exists():
-        raise ModelError(f"{out_dir / str(version)} already exists; versions are never "
-                         "overwritten, choose another --version or leave it out for the next "
-                         "free one")
+    new_version_folder(out_dir, version)
     if calibrate_on is not None:
         model = _read_json(run_dir / "config.json").get("model", {})
         pixel = model.get("pixel_size_A", _read_json(run_dir / "dataset.json").get("pixel_size_A"))

@@ -20,12 +20,7 @@ from pathlib import Path
 
 from .calibration import DEFAULT_MAP, fit_model_calibrations
 from .config import ModelError
-from .modelinfo import ASSET_NAME, find_version, read_info
-
-
-def _next_version(out_dir: Path) -> int:
-    taken = [int(p.name) for p in out_dir.iterdir() if p.name.isdigit()] if out_dir.is_dir() else []
-    return max(taken, default=0) + 1
+from .modelinfo import ASSET_NAME, find_version, new_version_folder, read_info
 
 
 def target_version(model_dir, out_dir, version: int | None = None) -> tuple[Path, Path]:
@@ -38,15 +33,7 @@ def target_version(model_dir, out_dir, version: int | None = None) -> tuple[Path
     """
     source = find_version(model_dir)
     read_info(source)
-    out_dir = Path(out_dir)
-    version = _next_version(out_dir) if version is None else int(version)
-    if version < 1:
-        raise ModelError(f"--version {version} must be a positive integer")
-    target = out_dir / str(version)
-    if target.exists():
-        raise ModelError(f"{target} already exists; versions are never overwritten, choose "
-                         "another --version or --out")
-    return source, target
+    return source, new_version_folder(out_dir, version)
 
 
 def recalibrate(model_dir, out_dir, datasets, *, version: int | None = None,
