@@ -734,28 +734,49 @@ def _unique_labels(paths: list[Path]) -> list[str]:
 
 
 # --- resuming ----------------------------------------------------------------------------------
+def unfinished_progress(out_dir) -> dict | None:
+    """The ``progress.json`` of an unfinished analysis in ``out_dir`` (None if there is none),
+    with ``frames_done``, ``csv_bytes``, ``complete`` and ``skipped`` checked.
+
+    Raises
+    ------
+    InputError
+        ``columns.csv`` without ``progress.json`` (another run), an unreadable ``progress.json``,
+        or a finished analysis: results are not overwritten without ``--overwrite``.
+    """
+    out_dir = Path(out_dir)
+    csv_path, progress_path = out_dir / "columns.csv", out_dir / "progress.json"
+    if not (progress_path.exists() or csv_path.exists()):
+        return None
+    if not progress_path.exists():
+        raise InputError(f"{out_dir} already holds columns.csv from another run: use "
+                         "--overwrite or another --out")
+    unreadable = InputError(f"{progress_path} is unreadable: use --overwrite or another --out")
+    try:
+        progress = json.loads(progress_path.read_text(encoding="utf-8"))
+        complete = bool(progress["complete"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise unreadable from None
+    if complete:
+        raise InputError(f"{out_dir} already holds a finished analysis: use --overwrite "
+                         "or another --out")
+    try:
+        int(progress["frames_done"]), int(progress["csv_bytes"]), list(progress["skipped"])
+    except (ValueError, KeyError, TypeError):
+        raise unreadable from None
+    return progress
+
+
 def _prepare_out_dir(out_dir: Path, header: bytes, identity: dict, overwrite: bool,
                      plan: list) -> tuple[int, list]:
     """Clear, check or recover ``out_dir``; return (first global frame to do, skipped so far)."""
-    csv_path, progress_path = out_dir / "columns.csv", out_dir / "progress.json"
+    csv_path = out_dir / "columns.csv"
     if overwrite:
         _remove_outputs(out_dir)
-    elif progress_path.exists() or csv_path.exists():
-        if not progress_path.exists():
-            raise InputError(f"{out_dir} already holds columns.csv from another run: use "
-                             "--overwrite or another --out")
-        try:
-            progress = json.loads(progress_path.read_text(encoding="utf-8"))
-            done, committed = int(progress["frames_done"]), int(progress["csv_bytes"])
-            complete, skipped = bool(progress["complete"]), list(progress["skipped"])
-            same = progress.get("identity") == json.loads(json.dumps(identity))
-        except (OSError, ValueError, KeyError, TypeError):
-            raise InputError(f"{progress_path} is unreadable: use --overwrite or another "
-                             "--out") from None
-        if complete:
-            raise InputError(f"{out_dir} already holds a finished analysis: use --overwrite "
-                             "or another --out")
-        if not same:
+    elif (progress := unfinished_progress(out_dir)) is not None:
+        done, committed = int(progress["frames_done"]), int(progress["csv_bytes"])
+        skipped = list(progress["skipped"])
+        if progress.get("identity") != json.loads(json.dumps(identity)):
             raise InputError(f"{out_dir} holds an unfinished run with other inputs, model or "
                              "settings: rerun it the same way, or use --overwrite or another --out")
         if csv_path.exists():

@@ -110,19 +110,10 @@ def check_analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = N
 
         check_movie_writer()
     out_dir = _check_out_dir(out_dir)
-    csv_path, progress_path = out_dir / "columns.csv", out_dir / "progress.json"
-    if not overwrite and (csv_path.exists() or progress_path.exists()):
-        if not progress_path.exists():
-            raise InputError(f"{out_dir} already holds columns.csv from another run: use "
-                             "--overwrite or another --out")
-        try:
-            complete = bool(json.loads(progress_path.read_text(encoding="utf-8"))["complete"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise InputError(f"{progress_path} is unreadable: use --overwrite or another "
-                             "--out") from None
-        if complete:
-            raise InputError(f"{out_dir} already holds a finished analysis: use --overwrite "
-                             "or another --out")
+    if not overwrite:
+        from .analyze import unfinished_progress
+
+        unfinished_progress(out_dir)
     return paths
 
 
