@@ -19,18 +19,15 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
-from scipy import ndimage, optimize, spatial
+from scipy import ndimage
 
-from .config import AnalyzeConfig, ConfigError, DataError, InputError, to_dict
+from .config import AnalyzeConfig, ConfigError, InputError, to_dict
 from .io import atomic_path, write_text_atomic
-from .scoring import (CALIBRATION_BINS, MATCH_DISTANCE_A, Tally, calibration,  # noqa: F401
-                      check_doses, detection_scores, height_scores, match_columns, noise_seed,
-                      noisy_predictions)
+from .scoring import MATCH_DISTANCE_A, Tally, calibration, check_doses, noisy_predictions
 
 DEFAULT_DOSES_E_PER_A2 = (20.0, 50.0, 200.0, 1000.0, 5000.0)
 """Doses evaluated by default, e⁻/Å² per image."""
