@@ -135,14 +135,16 @@ def _quiet_libraries() -> importlib.abc.MetaPathFinder | None:
     ``TF_CPP_MIN_LOG_LEVEL`` silences only some of them. So, unless ``--verbose``, whenever
     TensorFlow is first imported (by whichever stage needs it, after the checks) the import and
     the device discovery run with file descriptor 2 sent to ``/dev/null``
-    (:class:`_QuietTensorFlowFinder`); ``TF_CPP_MIN_LOG_LEVEL=2`` (unless already set) keeps
-    TensorFlow's later C++ info and warning lines away, the ``tensorflow`` and ``absl`` Python
-    loggers show errors only. Errors still reach the user as exceptions, reported by the
-    command. With ``--verbose`` nothing is changed.
+    (:class:`_QuietTensorFlowFinder`); ``TF_CPP_MIN_LOG_LEVEL=3`` (unless already set) keeps
+    TensorFlow's later C++ lines away, errors included (training prints ``E0000 … oneDNN
+    supports DT_UINT8 only on platforms with AVX-512`` on its first step: a notice, not a
+    failure), and the ``tensorflow`` and ``absl`` Python loggers show errors only. Errors that
+    matter still reach the user as exceptions, reported by the command. With ``--verbose``
+    nothing is changed.
     """
     if _verbose():
         return None
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.getLogger("tifffile").setLevel(logging.ERROR)  # header damage is our one line
     if "tensorflow" in sys.modules or any(isinstance(f, _QuietTensorFlowFinder)
                                           for f in sys.meta_path):

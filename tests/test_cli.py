@@ -238,3 +238,23 @@ def test_tensorflow_log_lines_appear_only_with_verbose(tmp_path):
     assert not TF_LOG_LINE.search(stderr[False]), stderr[False]
     # --verbose leaves TensorFlow alone: its start-up lines (at its default log level) show
     assert TF_LOG_LINE.search(stderr[True]), stderr[True]
+
+
+@pytest.mark.slow
+def test_training_prints_no_tensorflow_lines_without_verbose(tmp_path):
+    """Training's first step logs a C++ ``E0000 … oneDNN supports DT_UINT8 …`` notice on CPUs
+    without AVX-512; like the start-up lines it stays off the terminal unless ``--verbose``."""
+    from test_train import TINY, make_synthetic_dataset
+
+    from ceriakeras.config import to_dict
+
+    data = make_synthetic_dataset(tmp_path / "data")
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(to_dict(TINY)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "ceriakeras.cli", "train", "--data", str(data), "--out",
+         str(tmp_path / "run"), "--config", str(config), "--quiet"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "checkpoints" / "last.keras").is_file()
+    assert not TF_LOG_LINE.search(proc.stderr), proc.stderr
