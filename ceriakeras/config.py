@@ -292,8 +292,17 @@ class PipelineConfig:
     crops_per_image: int = 4
     """Random training crops taken from each decoded record (at most as many as fit without
     overlap, e.g. 4 crops of 128 px from a 320 px image), so decompression is amortized."""
+    crop_jitter_px: int | None = None
+    """Where training crops are taken: ``None``, anywhere in the image (uniform); a number J,
+    around the image centre (where ``simulate`` puts the particle), shifted by at most J pixels
+    along each axis (uniform), so a crop as large as the particle holds all of it and the network
+    learns from whole particles rather than from vacuum and cut-off halves. Pixels."""
 
     def validate(self) -> None:
+        if self.crop_jitter_px is not None and (not isinstance(self.crop_jitter_px, int)
+                                                or self.crop_jitter_px < 0):
+            raise ConfigError(f"crop_jitter_px={self.crop_jitter_px} must be at least 0 pixels "
+                              "(or absent: crops anywhere in the image)")
         if not 1 <= self.crops_per_image <= 64:
             raise ConfigError(f"crops_per_image={self.crops_per_image} must be in [1, 64]")
         if self.crop_px < 16 or self.crop_px % 16:

@@ -202,6 +202,22 @@ def _seed_pair(seed: int, index: tf.Tensor, salt: int) -> tf.Tensor:
                      tf.cast(index, tf.int64)])
 
 
+def _crop_offsets(uniform: tf.Tensor, height: int, width: int, crop: int,
+                  jitter: int | None) -> tuple[tf.Tensor, tf.Tensor]:
+    """Top and left pixel of each training crop from ``uniform (b, 2)`` draws in [0, 1): anywhere
+    in the image (``jitter`` None), or the centred crop shifted by at most ``jitter`` px per axis."""
+    out = []
+    for u, size in ((uniform[:, 0], height), (uniform[:, 1], width)):
+        room = size - crop
+        if jitter is None:
+            lo, span = 0, room + 1
+        else:
+            reach = min(int(jitter), room // 2)
+            lo, span = room // 2 - reach, 2 * reach + 1
+        out.append(tf.minimum(lo + tf.cast(u * span, tf.int32), lo + span - 1))
+    return out[0], out[1]
+
+
 def _crop_batch(x: tf.Tensor, top: tf.Tensor, left: tf.Tensor, size: int) -> tf.Tensor:
     """Crop ``(b, H, W)`` to ``(b, size, size)`` at per-example offsets ``top, left (b,)``."""
     r = tf.range(size, dtype=top.dtype)
@@ -367,8 +383,7 @@ def make_dataset(data_dir: str | Path | Sequence[str | Path], split: str, config
             images, labels = [], []
             for k in range(crops):
                 offsets = tf.random.stateless_uniform([b, 2], seed=s + [0, 3 * k], dtype=tf.float32)
-                top = tf.minimum(tf.cast(offsets[:, 0] * (height - crop + 1), tf.int32), height - crop)
-                left = tf.minimum(tf.cast(offsets[:, 1] * (width - crop + 1), tf.int32), width - crop)
+                top, left = _crop_offsets(offsets, height, width, crop, config.crop_jitter_px)
                 code = tf.random.stateless_uniform([b], seed=s + [0, 3 * k + 1], minval=0, maxval=8,
                                                    dtype=tf.int32)
                 images.append(_dihedral(_crop_batch(image, top, left, crop), code))

@@ -12,7 +12,7 @@ import tensorflow as tf
 from scipy import stats
 
 from ceriakeras import records
-from ceriakeras.config import DataError, PipelineConfig
+from ceriakeras.config import ConfigError, DataError, PipelineConfig
 from ceriakeras.pipeline import draw_dose, expected_counts, make_dataset, poisson_sample
 from test_records import SMALL, fake_simulator
 
@@ -154,6 +154,40 @@ def test_augmentation_is_a_crop_of_a_flipped_or_rotated_label(data_dir):
             assert lab.tobytes() in views
             codes.add(lab.tobytes())
     assert len(codes) == 16
+
+
+@pytest.mark.parametrize("jitter", [0, 3])
+def test_centred_crops_stay_within_the_jitter_of_the_centre(data_dir, jitter):
+    """crop_jitter_px=J: every training label is a dihedral transform of a 32 px crop whose
+    offsets lie within J px of the centred crop's, and with J > 0 the offsets vary."""
+    originals = [rec["label"] for p in records.shard_paths(data_dir, "train")
+                 for rec in records.iter_shard(p, with_extras=False)]
+    crop = 32
+    views = {}
+    for lab in originals:
+        centre = ((lab.shape[0] - crop) // 2, (lab.shape[1] - crop) // 2)
+        for i in range(lab.shape[0] - crop + 1):
+            for j in range(lab.shape[1] - crop + 1):
+                inside = abs(i - centre[0]) <= jitter and abs(j - centre[1]) <= jitter
+                for k in range(4):
+                    for flip in (False, True):
+                        v = lab[i:i + crop, j:j + crop]
+                        v = np.rot90(v[:, ::-1] if flip else v, k)
+                        key = np.ascontiguousarray(v).astype(np.int32).tobytes()
+                        views[key] = views.get(key, False) or inside
+    config = dataclasses.replace(CONFIG, crop_px=crop, crop_jitter_px=jitter, crops_per_image=2)
+    for _, label, _ in take(make_dataset(data_dir, "train", config), 8):
+        for lab in label:
+            assert views.get(lab.tobytes()), "a training crop lies outside the jitter"
+    wide = dataclasses.replace(config, crop_jitter_px=None)
+    outside = sum(not views.get(lab.tobytes()) for _, label, _ in take(make_dataset(data_dir, "train", wide), 8)
+                  for lab in label)
+    assert outside > 0                      # uniform crops do leave the centre region
+
+
+def test_crop_jitter_must_be_a_count_of_pixels():
+    with pytest.raises(ConfigError, match="crop_jitter_px"):
+        dataclasses.replace(CONFIG, crop_jitter_px=-1).validate()
 
 
 def test_deterministic_mode_repeats_exactly(data_dir):
