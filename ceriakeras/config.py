@@ -353,6 +353,17 @@ class ModelConfig:
     """Training only: after the Poisson draw, blur the counts with a detector MTF whose
     neighbour-pixel noise correlation is drawn per image uniformly in [0, this]; 0 = off
     (versions 1–2). Physical detectors: about 0.1–0.3."""
+    intensity_reference: str = "frame_mean"
+    """What the input counts are divided by: 'frame_mean' (versions 1–2; the result depends on
+    how much vacuum the frame holds) or 'vacuum' (the ``vacuum_quantile`` of the frame's local
+    means over ``vacuum_tile_A`` windows, :class:`~ceriakeras.model.NormalizeToVacuum`)."""
+    vacuum_tile_A: float = 4.0
+    """'vacuum': side of the windows whose means give the vacuum level, Å."""
+    vacuum_quantile: float = 0.9
+    """'vacuum': the quantile of the window means taken as the vacuum level."""
+    global_pool: str = "average"
+    """'context_unet': how the global branch pools the bottleneck, 'average' or 'max' (max does
+    not fade as the frame's vacuum grows)."""
     normalization: str = "batch"
     """'batch', 'group' or 'none'."""
     dropout: float = 0.1
@@ -382,6 +393,14 @@ class ModelConfig:
                               "be a neighbour-pixel correlation in [0, 0.5]")
         if self.base_filters < 2:
             raise ConfigError(f"base_filters={self.base_filters} must be at least 2")
+        if self.intensity_reference not in ("frame_mean", "vacuum"):
+            raise ConfigError(f"intensity_reference={self.intensity_reference!r} must be "
+                              "frame_mean or vacuum")
+        if not 0.5 <= self.vacuum_tile_A <= 20.0 or not 0.5 <= self.vacuum_quantile < 1.0:
+            raise ConfigError(f"vacuum_tile_A={self.vacuum_tile_A} must be in [0.5, 20] Å and "
+                              f"vacuum_quantile={self.vacuum_quantile} in [0.5, 1)")
+        if self.global_pool not in ("average", "max"):
+            raise ConfigError(f"global_pool={self.global_pool!r} must be average or max")
         if self.normalization not in ("batch", "group", "none"):
             raise ConfigError(f"normalization={self.normalization!r} must be batch, group or none")
         if not 0.0 <= self.dropout < 1.0:

@@ -4,7 +4,8 @@ The network reads raw detector counts (or any linear intensity) of any size::
 
     image (B, H, W, 1) counts
       → PoissonNoise            fresh shot noise on expected counts, training only
-      → NormalizeIntensity      counts / image mean − 1 (dose- and gain-invariant)
+      → NormalizeIntensity      counts / image mean − 1 (dose- and gain-invariant), or
+        NormalizeToVacuum       counts / vacuum level − 1 (also framing-invariant; version 3)
       → PadToMultiple           pad H, W up to a multiple of 2**depth
       → U-Net (depth levels)    conv-norm-relu ×2, max-pool down, transposed conv up, skips
       → CropTo                  back to H × W
@@ -93,6 +94,59 @@ class NormalizeIntensity(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
+class NormalizeToVacuum(keras.layers.Layer):
+    """Divide each image by its vacuum level and subtract 1: ``counts / vacuum − 1``.
+
+    The vacuum level is the ``quantile`` of the image's local means over ``tile_px`` × ``tile_px``
+    windows (stride ``tile_px // 2``): the bright, structure-free part of the frame, whatever its
+    share. Unlike :class:`NormalizeIntensity`, the result does not depend on how much vacuum the
+    frame holds: a frame's mean falls with the share of particle in it (aperture losses), and
+    since one atom changes a column's contrast by a few per cent, a frame-mean reference read the
+    same particle up to an atom higher in a wider field of view (docs/model.md, "Framing").
+    Vacuum maps to 0, so the zero padding of :class:`PadToMultiple` looks like vacuum. Still
+    invariant to the dose and detector gain (any scale of the input). Needs vacuum in at least
+    ``1 − quantile`` of the frame; a frame filled by the particle is normalised to its brightest
+    parts instead. Built from ``keras.ops`` only.
+    """
+
+    def __init__(self, tile_px=20, quantile=0.9, epsilon=1e-6, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.tile_px = int(tile_px)
+        self.quantile = float(quantile)
+        self.epsilon = epsilon
+
+    def vacuum_level(self, image):
+        """The vacuum level of each image of ``image (B, H, W, 1)``: ``(B, 1, 1, 1)``."""
+        ops = keras.ops
+        local = ops.average_pool(image, self.tile_px, strides=max(1, self.tile_px // 2),
+                                 padding="same")
+        flat = ops.sort(ops.reshape(local, (ops.shape(local)[0], -1)), axis=-1)
+        n = ops.shape(flat)[1]
+        index = ops.cast(ops.floor(self.quantile * ops.cast(n - 1, "float32")), "int32")
+        level = ops.take(flat, ops.reshape(index, (1,)), axis=1)
+        return ops.reshape(level, (-1, 1, 1, 1))
+
+    def call(self, image):
+        return image / keras.ops.maximum(self.vacuum_level(image), self.epsilon) - 1.0
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "tile_px": self.tile_px, "quantile": self.quantile,
+                "epsilon": self.epsilon}
+
+
+def intensity_normalization(config: ModelConfig) -> keras.layers.Layer:
+    """The input normalisation ``config.intensity_reference`` names (frame mean or vacuum)."""
+    if config.intensity_reference == "vacuum":
+        tile = max(2, round(config.vacuum_tile_A / config.pixel_size_A))
+        return NormalizeToVacuum(tile, config.vacuum_quantile, name="normalize_intensity")
+    return NormalizeIntensity(name="normalize_intensity")
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
 class PadToMultiple(keras.layers.Layer):
     """Pad height and width at the bottom/right with zeros up to a multiple of ``multiple``."""
 
@@ -161,7 +215,7 @@ def build_unet(config: ModelConfig = ModelConfig(), *, noise_seed: int | None = 
     config.validate()
     image = keras.Input(shape=(None, None, 1), dtype="float32", name="image")
     x = PoissonNoise(seed=noise_seed, name="poisson_noise")(image)
-    x = NormalizeIntensity(name="normalize_intensity")(x)
+    x = intensity_normalization(config)(x)
     x = PadToMultiple(2**config.depth, name="pad")(x)
 
     skips = []
@@ -242,7 +296,7 @@ def build_context_unet(config: ModelConfig, *, noise_seed: int | None = None) ->
           stem: stride-2 conv 3×3 → level 1 (0.4 Å), conv block
           levels 2 … depth: max-pool, conv block (filters doubled, ≤ max_filters)
           bottleneck (0.2 Å · 2**depth, e.g. 6.4 Å): dilated 3×3 convs (``dilations``)
-          global branch: global average pool → dense(global_units) → dense → added to every
+          global branch: global average (or max) pool → dense(global_units) → dense → added to every
               bottleneck pixel;  → dense(3) → ``optics`` (defocus nm, Cs µm, largest height)
           decoder: transposed conv up, concatenate the skip, conv block, up to level 1
           transposed conv to full resolution + f0 → conv 3×3 → logits → crop → softmax
@@ -272,7 +326,7 @@ def build_context_unet(config: ModelConfig, *, noise_seed: int | None = None) ->
     image = keras.Input(shape=(None, None, 1), dtype="float32", name="image")
     x = PoissonNoise(seed=noise_seed, detector_correlation_max=config.detector_correlation_max,
                      name="poisson_noise")(image)
-    x = NormalizeIntensity(name="normalize_intensity")(x)
+    x = intensity_normalization(config)(x)
     x = PadToMultiple(2**config.depth, name="pad")(x)
 
     def conv(x, filters, *, dilation=1, strides=1):
@@ -297,7 +351,9 @@ def build_context_unet(config: ModelConfig, *, noise_seed: int | None = None) ->
 
     optics = None
     if config.global_branch:
-        g = keras.layers.GlobalAveragePooling2D(name="global_pool")(x)
+        pool = (keras.layers.GlobalMaxPooling2D if config.global_pool == "max"
+                else keras.layers.GlobalAveragePooling2D)
+        g = pool(name="global_pool")(x)
         g = keras.layers.Dense(config.global_units, activation="relu", name="global_dense")(g)
         x = AddGlobal(name="global_add")(x, keras.layers.Dense(bottleneck, name="global_back")(g))
         z = keras.layers.Dense(len(OPTICS_OUTPUTS), dtype="float32", name="optics_normalised")(g)

@@ -7,8 +7,8 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from ceriakeras.config import ModelConfig  # noqa: E402
-from ceriakeras.model import NormalizeIntensity, PoissonNoise, build_unet  # noqa: E402
+from ceriakeras.config import ConfigError, ModelConfig  # noqa: E402
+from ceriakeras.model import NormalizeIntensity, NormalizeToVacuum, PoissonNoise, build_unet  # noqa: E402
 
 SMALL = ModelConfig(depth=2, base_filters=4, max_height=6)
 
@@ -50,6 +50,41 @@ def test_normalization_removes_the_intensity_scale():
     out = np.asarray(NormalizeIntensity()(image))
     np.testing.assert_allclose(out.mean(axis=(1, 2, 3)), 0.0, atol=1e-6)
     np.testing.assert_allclose(np.asarray(NormalizeIntensity()(image * 1234.5)), out, atol=1e-5)
+
+
+def particle_frame(side_px, radius_px=20, inside=0.9, dose=1.0):
+    """A dark disk (a particle, intensity ``inside``) centred in ``side_px``² of vacuum (1)."""
+    yy, xx = np.mgrid[:side_px, :side_px] - (side_px - 1) / 2
+    image = np.where(yy**2 + xx**2 < radius_px**2, inside, 1.0) * dose
+    return image[None, :, :, None].astype(np.float32)
+
+
+def test_vacuum_normalization_does_not_depend_on_framing():
+    """The same particle in 80, 160 and 400 px of vacuum: NormalizeToVacuum gives it the same
+    values (vacuum 0, the particle −0.1) at any dose scale; the frame mean does not."""
+    vacuum = NormalizeToVacuum(tile_px=20, quantile=0.9)
+    centre = {}
+    for side in (80, 160, 400):
+        for dose in (1.0, 357.0):
+            out = np.asarray(vacuum(particle_frame(side, dose=dose)))[0, :, :, 0]
+            c = side // 2
+            np.testing.assert_allclose(out[c, c], -0.1, atol=1e-5)
+            np.testing.assert_allclose(out[1, 1], 0.0, atol=1e-5)
+            mean = np.asarray(NormalizeIntensity()(particle_frame(side, dose=dose)))[0, c, c, 0]
+            centre.setdefault(side, set()).add(round(float(mean), 4))
+    assert len({v for s in centre.values() for v in s}) == 3      # frame mean: one per framing
+    # the level is a robust statistic of noisy counts too
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(particle_frame(400, dose=200.0)).astype(np.float32)
+    level = float(np.asarray(vacuum.vacuum_level(counts)).ravel()[0])
+    assert 200.0 < level < 200.0 * 1.02
+
+
+def test_model_settings_are_checked():
+    for bad in ({"intensity_reference": "median"}, {"global_pool": "sum"},
+                {"vacuum_quantile": 1.0}, {"vacuum_tile_A": 0.0}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            dataclasses.replace(CONTEXT, **bad).validate()
 
 
 @pytest.mark.parametrize("shape", [(97, 131), (64, 64), (33, 17)])
@@ -175,7 +210,12 @@ def test_context_unet_mixed_precision_outputs_are_float32():
     assert any(layer.compute_dtype == "float16" for layer in m.layers)
 
 
-def test_context_unet_file_loads_in_safe_mode(context_model, tmp_path):
+@pytest.mark.parametrize("settings", [{}, {"intensity_reference": "vacuum", "global_pool": "max"}])
+def test_context_unet_file_loads_in_safe_mode(context_model, tmp_path, settings):
+    if settings:   # version 3's input normalisation and global pooling
+        context_model = build_context_unet(dataclasses.replace(CONTEXT, **settings), noise_seed=2)
+        assert isinstance(context_model.get_layer("normalize_intensity"), NormalizeToVacuum)
+        assert isinstance(context_model.get_layer("global_pool"), keras.layers.GlobalMaxPooling2D)
     path = tmp_path / "context.keras"
     context_model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)

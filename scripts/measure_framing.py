@@ -1,0 +1,116 @@
+"""Does a model's height depend on how much vacuum the field of view holds?
+
+Takes labelled images in the cross-check set's format (``images.csv``, ``truth.csv``, TIFFs of
+counts), makes two more framings of each: *padded* (the frame grown by ``--pad`` of its side on
+every edge with Poisson vacuum at the image's dose) and *tight* (``--trim`` of its side cut
+from every edge; truth columns outside dropped), scores the model on all three with
+``ceriakeras evaluate --images`` and prints the bias and accuracy per dose. A model whose input
+normalisation ignores framing gives the same heights on all three (up to the columns the tight
+frame loses).
+
+    python scripts/measure_framing.py --model saved_models/ceria110 \
+        --images ../shared/crosscheck --doses 1000,5000 --out results/framing
+
+Validation only: nothing is fitted to the images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+
+def reframe(src: Path, out: Path, doses: set[str], grow: float, seed: int = 0) -> None:
+    """Copy the images of ``doses`` from ``src`` into ``out``, grown (``grow`` > 0, Poisson
+    vacuum at dose × pixel area counts) or trimmed (``grow`` < 0) by that share of the side on
+    every edge, with ``images.csv`` and ``truth.csv`` moved along (columns outside dropped)."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(src / "images.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["dose"] in doses]
+    with open(src / "truth.csv", newline="") as f:
+        truth = list(csv.DictReader(f))
+    shift, size = {}, {}
+    for r in rows:
+        a = tifffile.imread(src / r["file"])
+        n = a.shape[0]
+        p = int(round(abs(grow) * n))
+        if grow > 0:
+            vacuum = float(r["dose"]) * float(r["pixel_size_A"]) ** 2
+            b = rng.poisson(vacuum, (a.shape[0] + 2 * p, a.shape[1] + 2 * p)).astype(a.dtype)
+            b[p:p + a.shape[0], p:p + a.shape[1]] = a
+            shift[r["file"]] = p
+        else:
+            b = a[p:a.shape[0] - p, p:a.shape[1] - p] if p else a
+            shift[r["file"]] = -p
+        size[r["file"]] = b.shape
+        tifffile.imwrite(out / r["file"], b)
+    with open(out / "images.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with open(out / "truth.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(truth[0]))
+        w.writeheader()
+        for t in truth:
+            if t["file"] not in shift:
+                continue
+            x, y = float(t["x_px"]) + shift[t["file"]], float(t["y_px"]) + shift[t["file"]]
+            h, wd = size[t["file"]]
+            if 0 <= x <= wd - 1 and 0 <= y <= h - 1:
+                w.writerow({**t, "x_px": x, "y_px": y})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="saved_models/ceria110", help="saved_models/NAME")
+    ap.add_argument("--images", default="../shared/crosscheck",
+                    help="folder with images.csv, truth.csv and the TIFFs")
+    ap.add_argument("--doses", default="1000,5000", help="doses to use, e⁻/Å², comma-separated")
+    ap.add_argument("--pad", type=float, default=0.5, help="vacuum added per edge, share of the side")
+    ap.add_argument("--trim", type=float, default=0.2, help="cut per edge, share of the side")
+    ap.add_argument("--out", default="results/framing", help="work and result folder")
+    args = ap.parse_args(argv)
+    src, out = Path(args.images), Path(args.out)
+    doses = {d.strip() for d in args.doses.split(",")}
+    table = {}
+    for name, grow in (("as given", 0.0), (f"padded {args.pad:g}", args.pad),
+                       (f"tight {args.trim:g}", -args.trim)):
+        folder = out / name.split()[0].replace("as", "given")
+        if folder.exists():
+            shutil.rmtree(folder)
+        reframe(src, folder / "images", doses, grow)
+        result = folder / "result"
+        subprocess.run([_ceriakeras(), "evaluate", "--model", args.model,
+                        "--images", str(folder / "images"), "--truth",
+                        str(folder / "images" / "truth.csv"), "--out", str(result)],
+                       check=True, stdout=subprocess.DEVNULL)
+        table[name] = json.loads((result / "metrics.json").read_text())
+    print(f"model {args.model}, images {src}")
+    print(f"{'framing':<12} {'dose (e-/Å²)':>12} {'columns':>8} {'exact':>6} {'±1':>6} "
+          f"{'bias (atoms)':>13}")
+    for name, metrics in table.items():
+        for row in metrics["results"]:
+            m = row["network"]
+            print(f"{name:<12} {row['dose_e_per_A2']:>12g} {m['n_true']:>8} "
+                  f"{m['exact_accuracy']:>6.3f} {m['within_1_accuracy']:>6.3f} "
+                  f"{m['bias_atoms']:>+13.2f}")
+    return 0
+
+
+def _ceriakeras() -> str:
+    """The ``ceriakeras`` command of this Python's environment, else the one on PATH."""
+    beside = Path(sys.executable).with_name("ceriakeras")
+    return str(beside) if beside.exists() else (shutil.which("ceriakeras") or "ceriakeras")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
