@@ -2,7 +2,7 @@
 
 Takes labelled images in the cross-check set's format (``images.csv``, ``truth.csv``, TIFFs of
 counts), makes two more framings of each: *padded* (the frame grown by ``--pad`` of its side on
-every edge with Poisson vacuum at the image's dose) and *tight* (``--trim`` of its side cut
+every edge with Poisson vacuum at the level of the image's edge) and *tight* (``--trim`` of its side cut
 from every edge; truth columns outside dropped), scores the model on all three with
 ``ceriakeras evaluate --images`` and prints the bias and accuracy per dose. A model whose input
 normalisation ignores framing gives the same heights on all three (up to the columns the tight
@@ -28,10 +28,13 @@ import numpy as np
 import tifffile
 
 
-def reframe(src: Path, out: Path, doses: set[str], grow: float, seed: int = 0) -> None:
-    """Copy the images of ``doses`` from ``src`` into ``out``, grown (``grow`` > 0, Poisson
-    vacuum at dose × pixel area counts) or trimmed (``grow`` < 0) by that share of the side on
-    every edge, with ``images.csv`` and ``truth.csv`` moved along (columns outside dropped)."""
+def reframe(src: Path, out: Path, doses: set[str], grow: float, *, noise: bool = True,
+            seed: int = 0) -> None:
+    """Copy the images of ``doses`` (as written in ``images.csv``) from ``src`` into ``out``,
+    grown (``grow`` > 0) or trimmed (``grow`` < 0) by that share of the side on every edge, with
+    ``images.csv`` and ``truth.csv`` moved along (columns outside the new frame dropped). Grown
+    frames are filled with the vacuum of the image's outermost 4 px ring: Poisson counts of its
+    mean (``noise``), or the mean itself."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     with open(src / "images.csv", newline="") as f:
@@ -44,8 +47,11 @@ def reframe(src: Path, out: Path, doses: set[str], grow: float, seed: int = 0) -
         n = a.shape[0]
         p = int(round(abs(grow) * n))
         if grow > 0:
-            vacuum = float(r["dose"]) * float(r["pixel_size_A"]) ** 2
-            b = rng.poisson(vacuum, (a.shape[0] + 2 * p, a.shape[1] + 2 * p)).astype(a.dtype)
+            ring = np.ones(a.shape, bool)
+            ring[4:-4, 4:-4] = False
+            vacuum = float(a[ring].mean())
+            shape = (a.shape[0] + 2 * p, a.shape[1] + 2 * p)
+            b = (rng.poisson(vacuum, shape) if noise else np.full(shape, round(vacuum))).astype(a.dtype)
             b[p:p + a.shape[0], p:p + a.shape[1]] = a
             shift[r["file"]] = p
         else:

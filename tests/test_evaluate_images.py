@@ -301,3 +301,34 @@ def test_a_calibrated_file_needs_no_pixel_size(tmp_path):
     assert only["pixel_size_from"] == "TIFF resolution tags"
     assert only["pixel_size_A"] == pytest.approx(0.125)
     assert result["results"][0]["network"]["exact_accuracy"] == 1.0
+
+
+def test_measure_framing_moves_the_truth_with_the_frame(labelled, tmp_path):
+    """scripts/measure_framing.py: a padded copy keeps every column on its disk (a reader that
+    takes the vacuum as its reference scores it perfectly), a trimmed one drops the columns
+    outside it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        from measure_framing import reframe
+    finally:
+        sys.path.pop(0)
+    folder, _ = labelled
+    sides = {name: int(round(FIELD_A / px)) for name, px, _ in FILES}
+    for grow in (0.5, -0.375):      # the trimmed frame, 6–10 Å, holds the middle disk alone
+        out = tmp_path / f"framed{grow}"
+        reframe(folder, out, {"1000"}, grow, noise=False)
+        assert sorted(p.name for p in out.glob("*.tif")) == ["a_d1000.tif", "b_d1000.tif"]
+        for name in ("a_d1000.tif", "b_d1000.tif"):
+            image = tifffile.imread(out / name)
+            n = sides[name]
+            assert image.shape[0] == n + 2 * int(round(grow * n))
+            if grow > 0:                                  # the original sits in the middle
+                p = int(round(grow * n))
+                np.testing.assert_array_equal(image[p:p + n, p:p + n], tifffile.imread(folder / name))
+                assert (image[:p] == VACUUM_COUNTS).all()
+        result = evaluate_images(DiskReader(), out, out / "truth.csv", tmp_path / f"ev{grow}",
+                                 progress=False)
+        net = _by_dose(result)[1000.0]["network"]
+        assert net["exact_accuracy"] == 1.0 and net["f1"] == 1.0, {k: net[k] for k in ("n_pred", "n_true", "n_matched")}
+        assert net["n_true"] == (18 if grow > 0 else 2)
+
