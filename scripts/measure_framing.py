@@ -2,11 +2,11 @@
 
 Takes labelled images in the cross-check set's format (``images.csv``, ``truth.csv``, TIFFs of
 counts), makes two more framings of each: *padded* (the frame grown by ``--pad`` of its side on
-every edge with Poisson vacuum at the level of the image's edge) and *tight* (``--trim`` of its side cut
-from every edge; truth columns outside dropped), scores the model on all three with
-``ceriakeras evaluate --images`` and prints the bias and accuracy per dose. A model whose input
-normalisation ignores framing gives the same heights on all three (up to the columns the tight
-frame loses).
+every edge with Poisson vacuum at the level of the image's edge) and *tight* (``--trim`` of its
+side cut from every edge; truth columns outside dropped), scores the model on all three as
+``ceriakeras evaluate --images`` does (``evaluate.evaluate_images``, the model loaded once) and
+prints the bias and accuracy per dose. A model whose input normalisation ignores framing gives
+the same heights on all three (up to the columns the tight frame loses).
 
     python scripts/measure_framing.py --model saved_models/ceria110 \
         --images ../shared/crosscheck --doses 1000,5000 --out results/framing
@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
+import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -75,6 +74,10 @@ def reframe(src: Path, out: Path, doses: set[str], grow: float, *, noise: bool =
                 w.writerow({**t, "x_px": x, "y_px": y})
 
 
+FRAMINGS = (("as given", "given"), ("padded", "padded"), ("tight", "tight"))
+"""Label in the printed table and sub-folder of ``--out`` of each framing."""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="saved_models/ceria110", help="saved_models/NAME")
@@ -85,21 +88,22 @@ def main(argv=None) -> int:
     ap.add_argument("--trim", type=float, default=0.2, help="cut per edge, share of the side")
     ap.add_argument("--out", default="results/framing", help="work and result folder")
     args = ap.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")   # TensorFlow's C++ start-up lines
+    from ceriakeras.evaluate import evaluate_images
+    from ceriakeras.export import load_served_model
+
     src, out = Path(args.images), Path(args.out)
     doses = {d.strip() for d in args.doses.split(",")}
+    model = load_served_model(args.model)            # once, for the three framings
     table = {}
-    for name, grow in (("as given", 0.0), (f"padded {args.pad:g}", args.pad),
-                       (f"tight {args.trim:g}", -args.trim)):
-        folder = out / name.split()[0].replace("as", "given")
+    for (label, sub), grow in zip(FRAMINGS, (0.0, args.pad, -args.trim)):
+        folder = out / sub
         if folder.exists():
             shutil.rmtree(folder)
         reframe(src, folder / "images", doses, grow)
-        result = folder / "result"
-        subprocess.run([_ceriakeras(), "evaluate", "--model", args.model,
-                        "--images", str(folder / "images"), "--truth",
-                        str(folder / "images" / "truth.csv"), "--out", str(result)],
-                       check=True, stdout=subprocess.DEVNULL)
-        table[name] = json.loads((result / "metrics.json").read_text())
+        table[f"{label} {abs(grow):g}" if grow else label] = evaluate_images(
+            model, folder / "images", folder / "images" / "truth.csv", folder / "result",
+            progress=False)
     print(f"model {args.model}, images {src}")
     print(f"{'framing':<12} {'dose (e-/Å²)':>12} {'columns':>8} {'exact':>6} {'±1':>6} "
           f"{'bias (atoms)':>13}")
@@ -110,12 +114,6 @@ def main(argv=None) -> int:
                   f"{m['exact_accuracy']:>6.3f} {m['within_1_accuracy']:>6.3f} "
                   f"{m['bias_atoms']:>+13.2f}")
     return 0
-
-
-def _ceriakeras() -> str:
-    """The ``ceriakeras`` command of this Python's environment, else the one on PATH."""
-    beside = Path(sys.executable).with_name("ceriakeras")
-    return str(beside) if beside.exists() else (shutil.which("ceriakeras") or "ceriakeras")
 
 
 if __name__ == "__main__":
