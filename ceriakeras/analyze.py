@@ -51,7 +51,7 @@ from .io import (atomic_path, expand_inputs, file_counts_per_electron, model_to_
 from .modelinfo import model_settings
 from .pictures import (MovieWriter, check_movie_writer, height_colors, overlay_frames,
                        particle_box, render_frame, union_box, write_png)
-from .recognise import recognise_frame
+from .recognise import recognise_frame, required_vacuum_fraction, vacuum_fraction
 
 DEFAULT_MODEL = "saved_models/ceria110"
 """The shipped model, relative to the repository (or the current folder); newest version used."""
@@ -426,7 +426,9 @@ def _reason_counts(frames: dict) -> dict:
             reason = info.get("reason") or "unknown"
             kind = ("too few columns" if "columns (a particle" in reason
                     else "not a CeO2 [110] lattice" if "lattice" in reason
-                    else "dose outside the model's range" if "dose" in reason else reason)
+                    else "dose outside the model's range" if "dose" in reason
+                    else "too little vacuum in the field of view" if "vacuum" in reason
+                    else reason)
             out[kind] = out.get(kind, 0) + 1
     return out
 
@@ -561,12 +563,17 @@ class _Run:
                 probabilities[k], self.model_px, min_distance_A=config.min_distance_A,
                 threshold=config.threshold, label_radius_A=self.label_radius_A,
                 calibration=calibration, dose_e_per_A2=dose)
-            mark = recognise_frame(table["x_px"] * self.model_px, table["y_px"] * self.model_px,
-                                   dose)
+            x_A, y_A = table["x_px"] * self.model_px, table["y_px"] * self.model_px
+            # a model normalised to the vacuum level needs vacuum in the frame (version 3 on)
+            min_vacuum = required_vacuum_fraction(self.served.info)
+            vacuum = None if min_vacuum is None else vacuum_fraction(
+                x_A, y_A, small.shape[1] * self.model_px, small.shape[0] * self.model_px)
+            mark = recognise_frame(x_A, y_A, dose, vacuum=vacuum, min_vacuum=min_vacuum)
             self.state["frames"][str(batch.offset + frame.index)] = {
                 "dose_e_per_A2": round(dose, 4), "recognised": bool(mark["recognised"]),
                 "lattice_fraction": round(mark["lattice_fraction"], 4)
-                if np.isfinite(mark["lattice_fraction"]) else None, "reason": mark["reason"]}
+                if np.isfinite(mark["lattice_fraction"]) else None, "reason": mark["reason"],
+                **({} if vacuum is None else {"vacuum_fraction": round(vacuum, 4)})}
             results[frame.index] = table
             k += 1
         timings["columns"] += time.perf_counter() - t0
@@ -944,6 +951,14 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
         rows_out[1:] = [row + tuple(
             f"{v:.3f}" if (v := optics.get(row[0], {}).get(str(row[1]), {}).get(name)) is not None
             else "" for name in OPTICS_COLUMNS) for row in rows_out[1:]]
+    frames_info = progress.get("frames", {})
+    if any("vacuum_fraction" in info for info in frames_info.values()):
+        # a model normalised to the vacuum level: how much of each frame was vacuum
+        rows_out[0] = rows_out[0] + VACUUM_COLUMNS
+        rows_out[1:] = [row + (
+            f"{v:.3f}" if (v := frames_info.get(str(offsets[row[0]] + row[1]), {})
+                           .get("vacuum_fraction")) is not None else "",)
+            for row in rows_out[1:]]
 
     text = _stdio.StringIO()
     csv.writer(text, lineterminator="\n").writerows(rows_out)
@@ -1009,6 +1024,10 @@ def write_movie(path: Path, item: dict, pixel_size_A, positions: dict, max_heigh
     return movie.frames
 
 
+VACUUM_COLUMNS = ("vacuum_area_fraction",)
+"""Appended to ``frames.csv`` for a model normalised to the vacuum level (version 3 on): the
+share of the frame's area farther than 5 Å from every column
+(:func:`ceriakeras.recognise.vacuum_fraction`), 0–1."""
 OPTICS_COLUMNS = ("defocus_nm", "cs_um")
 """Columns of ``frames.csv`` for a model that estimates each frame's optics (version 3 on):
 its defocus (nm, abTEM sign) and Cs (µm) estimates (:meth:`ceriakeras.export.ServedModel.predict`)."""

@@ -51,6 +51,10 @@ DOSE_RANGE_E_PER_A2 = (20.0, 20000.0)
 """Doses the shipped model was trained and calibrated for, e⁻/Å² (docs/design.md envelope)."""
 CANDIDATE_NEIGHBOURS = 3
 """Rotations tried per column: its nearest neighbours put on the template's 3.83 and 3.31 Å sites."""
+VACUUM_REACH_A = 5.0
+"""A point of the frame is vacuum when no detected column lies within this distance, Å: the
+particle's own contrast reaches ~2 Å beyond its outer columns, and the 4 Å windows that
+:class:`ceriakeras.model.NormalizeToVacuum` averages reach 2–2.8 Å from their centre."""
 
 
 def lattice_columns(x_A, y_A, *, tolerance_A: float = TOLERANCE_A,
@@ -111,7 +115,62 @@ def lattice_columns(x_A, y_A, *, tolerance_A: float = TOLERANCE_A,
                   axis=1)
 
 
+def vacuum_fraction(x_A, y_A, width_A: float, height_A: float, *,
+                    reach_A: float = VACUUM_REACH_A, grid_A: float = 0.5) -> float:
+    """The share of a frame's area that is vacuum: farther than ``reach_A`` from every column.
+
+    Parameters
+    ----------
+    x_A, y_A : (N,) float
+        The frame's detected columns, Å (x along the width).
+    width_A, height_A : float
+        The frame's field of view, Å.
+    reach_A : float
+        See :data:`VACUUM_REACH_A`, Å.
+    grid_A : float
+        Spacing of the grid the distances are measured on, Å (distances are good to about
+        half of it).
+
+    Returns
+    -------
+    float
+        Fraction of the frame's area, 0–1; 1 for a frame without columns.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    nx, ny = max(1, int(np.ceil(width_A / grid_A))), max(1, int(np.ceil(height_A / grid_A)))
+    x = np.asarray(x_A, np.float64).ravel()
+    y = np.asarray(y_A, np.float64).ravel()
+    if not len(x):
+        return 1.0
+    occupied = np.zeros((ny, nx), bool)
+    occupied[np.clip((y / grid_A).astype(int), 0, ny - 1),
+             np.clip((x / grid_A).astype(int), 0, nx - 1)] = True
+    return float(np.mean(distance_transform_edt(~occupied, sampling=grid_A) > reach_A))
+
+
+def required_vacuum_fraction(info: dict) -> float | None:
+    """The least share of vacuum a model needs in a frame (:func:`vacuum_fraction`), or None.
+
+    A model that normalises its input to the vacuum level (``intensity_reference = 'vacuum'``,
+    model version 3 on) takes that level as the ``vacuum_quantile`` q of the frame's local
+    means: it falls on the particle unless more than ``1 − q`` of the frame is vacuum. Asking
+    twice that leaves room for the Fresnel fringes and the noise (docs/model.md, "Framing").
+    A model that normalises to the frame mean (versions 1–2) needs no vacuum: None.
+
+    Parameters
+    ----------
+    info : dict
+        The model's ``assets/ceriakeras.json`` (``training_config.model``).
+    """
+    model = (info.get("training_config") or {}).get("model") or {}
+    if model.get("intensity_reference", "frame_mean") != "vacuum":
+        return None
+    return 2.0 * (1.0 - float(model.get("vacuum_quantile", 0.9)))
+
+
 def recognise_frame(x_A, y_A, dose_e_per_A2: float | None = None, *,
+                    vacuum: float | None = None, min_vacuum: float | None = None,
                     min_columns: int = MIN_COLUMNS,
                     min_lattice_fraction: float = MIN_LATTICE_FRACTION,
                     dose_range_e_per_A2: tuple[float, float] = DOSE_RANGE_E_PER_A2) -> dict:
@@ -123,6 +182,9 @@ def recognise_frame(x_A, y_A, dose_e_per_A2: float | None = None, *,
         The frame's detected columns, Å.
     dose_e_per_A2 : float, optional
         The frame's dose in electrons, e⁻/Å²; checked against ``dose_range_e_per_A2`` if given.
+    vacuum, min_vacuum : float, optional
+        The frame's share of vacuum (:func:`vacuum_fraction`) and the least the model needs
+        (:func:`required_vacuum_fraction`); checked when both are given.
     min_columns, min_lattice_fraction : int, float
         See :data:`MIN_COLUMNS`, :data:`MIN_LATTICE_FRACTION`.
     dose_range_e_per_A2 : (2,) float
@@ -146,5 +208,8 @@ def recognise_frame(x_A, y_A, dose_e_per_A2: float | None = None, *,
             dose_range_e_per_A2[0] <= dose_e_per_A2 <= dose_range_e_per_A2[1]):
         reason = (f"dose {dose_e_per_A2:.3g} e⁻/Å² outside {dose_range_e_per_A2[0]:g}–"
                   f"{dose_range_e_per_A2[1]:g}")
+    elif vacuum is not None and min_vacuum is not None and vacuum < min_vacuum:
+        reason = (f"{vacuum:.0%} of the frame is vacuum, this model needs ≥ {min_vacuum:.0%} "
+                  "(a wider field of view)")
     return {"recognised": not reason, "lattice_fraction": fraction, "n_columns": n,
             "reason": reason}

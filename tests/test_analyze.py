@@ -505,3 +505,47 @@ def test_picture_captions_name_frame_dose_columns_and_an_unrecognised_frame():
     assert text.split() == ["series.tif", "frame", "7/119", "512", "e⁻/Å²", "31", "columns"]
     assert _caption(item, 7, 512.4, 31, recognised=False).endswith("NOT RECOGNISED")
     assert "image" in _caption({"source": "a.npy", "n_frames": 1}, 0, 20.0, 0)
+
+
+def ceo2_particle(centre_A, radius_A=7.0, height=2):
+    """Columns (x, y, h) of CeO2 [110] within ``radius_A`` of ``centre_A``, Å."""
+    from ceriakeras.config import CEO2_LATTICE_A
+    a1 = np.array([CEO2_LATTICE_A / np.sqrt(2), 0.0])
+    a2 = np.array([CEO2_LATTICE_A / np.sqrt(8), CEO2_LATTICE_A / 2])
+    i, j = np.mgrid[-6:7, -6:7]
+    pts = i.ravel()[:, None] * a1 + j.ravel()[:, None] * a2
+    pts = pts[np.hypot(*pts.T) <= radius_A] + np.asarray(centre_A)
+    return [(x, y, height) for x, y in pts]
+
+
+class VacuumStandIn(StandInModel):
+    """A stand-in whose info says it normalises to the vacuum level, as version 3 does."""
+
+    def __init__(self):
+        super().__init__()
+        self.info["training_config"] = {"model": {"intensity_reference": "vacuum",
+                                                  "vacuum_quantile": 0.9}}
+
+
+def test_a_vacuum_normalised_model_marks_frames_with_too_little_vacuum(tmp_path):
+    # the same 14 Å particle in a 16 Å frame (no vacuum) and in a 40 Å frame (most is vacuum)
+    np.save(tmp_path / "tight.npy", synthetic_frame(ceo2_particle((8.0, 8.0)), 0.1, 16.0))
+    np.save(tmp_path / "wide.npy", synthetic_frame(ceo2_particle((20.0, 20.0)), 0.1, 40.0))
+    inputs = [tmp_path / "tight.npy", tmp_path / "wide.npy"]
+    summary = analyze(inputs, tmp_path / "v3", model=VacuumStandIn(), pixel_size_A=0.1,
+                      progress=False)
+    header, frames = read_rows(tmp_path / "v3" / "frames.csv")
+    assert header[-1] == "vacuum_area_fraction"
+    tight, wide = ({h: v for h, v in zip(header, r)} for r in frames)
+    assert float(tight["vacuum_area_fraction"]) < 0.1
+    # the columns reach 7 Å from the centre, vacuum starts 5 Å beyond: 1 − π 12² / 40²
+    assert float(wide["vacuum_area_fraction"]) == pytest.approx(1 - np.pi * 144 / 1600, abs=0.05)
+    assert (tight["recognised"], wide["recognised"]) == ("0", "1")
+    assert summary["not_recognised_reasons"] == {"too little vacuum in the field of view": 1}
+    assert "too little vacuum" in analyze_module.format_summary(summary)
+
+    # a model normalised to the frame mean (versions 1–2) needs no vacuum: no check, no column
+    analyze(inputs, tmp_path / "v2", model=StandInModel(), pixel_size_A=0.1, progress=False)
+    header, frames = read_rows(tmp_path / "v2" / "frames.csv")
+    assert "vacuum_area_fraction" not in header
+    assert [r[header.index("recognised")] for r in frames] == ["1", "1"]

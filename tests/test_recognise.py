@@ -112,3 +112,36 @@ def test_shipped_model_marks_what_it_does_not_know(tmp_path):
     real = analyze([MOS2], tmp_path / "mos2", progress=False,
                    config=AnalyzeConfig(overlay_every=100))
     assert real["frames_recognised"] == 0 and real["frames_not_recognised"] == 1
+
+
+def test_vacuum_fraction_is_the_area_beyond_reach_of_every_column():
+    from ceriakeras.recognise import VACUUM_REACH_A, vacuum_fraction
+
+    assert vacuum_fraction([], [], 40.0, 40.0) == 1.0
+    # one column in the middle of a 40 Å frame: all but a disk of the reach
+    one = vacuum_fraction([20.0], [20.0], 40.0, 40.0)
+    assert one == pytest.approx(1 - np.pi * VACUUM_REACH_A**2 / 1600, abs=0.01)
+    # a 12 Å particle: the same number of columns leaves less vacuum in a smaller frame
+    pts = projected_lattice(*fcc_110(CEO2_LATTICE_A), radius_A=12.0)
+    shares = [vacuum_fraction(*(pts + size / 2).T, size, size) for size in (24.0, 40.0, 80.0)]
+    assert shares[0] < 0.05 and shares[0] < shares[1] < shares[2]
+    assert shares[2] == pytest.approx(1 - np.pi * (12 + VACUUM_REACH_A) ** 2 / 6400, abs=0.03)
+
+
+def test_a_vacuum_normalised_model_needs_vacuum_and_the_others_do_not():
+    from ceriakeras.recognise import required_vacuum_fraction
+
+    def info(**model):
+        return {"training_config": {"model": model}}
+
+    assert required_vacuum_fraction(info(intensity_reference="vacuum",
+                                         vacuum_quantile=0.9)) == pytest.approx(0.2)
+    assert required_vacuum_fraction(info(intensity_reference="vacuum",
+                                         vacuum_quantile=0.95)) == pytest.approx(0.1)
+    assert required_vacuum_fraction(info(intensity_reference="frame_mean")) is None
+    assert required_vacuum_fraction(info()) is None and required_vacuum_fraction({}) is None
+    pts = projected_lattice(*fcc_110(CEO2_LATTICE_A))
+    assert recognise_frame(*pts.T, 500.0, vacuum=0.5, min_vacuum=0.2)["recognised"]
+    low = recognise_frame(*pts.T, 500.0, vacuum=0.05, min_vacuum=0.2)
+    assert not low["recognised"] and "5% of the frame is vacuum" in low["reason"]
+    assert recognise_frame(*pts.T, 500.0, vacuum=0.05)["recognised"]    # no need stated
