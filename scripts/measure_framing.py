@@ -74,6 +74,25 @@ def reframe(src: Path, out: Path, doses: set[str], grow: float, *, noise: bool =
                 w.writerow({**t, "x_px": x, "y_px": y})
 
 
+def vacuum_shares(folder: Path, columns_csv: Path) -> list[float]:
+    """Each image's share of vacuum (:func:`ceriakeras.recognise.vacuum_fraction`) from the
+    columns the model found in it, as ``analyze`` measures it."""
+    from ceriakeras.recognise import vacuum_fraction
+
+    with open(folder / "images.csv", newline="") as f:
+        pixel = {r["file"]: float(r["pixel_size_A"]) for r in csv.DictReader(f)}
+    found: dict[str, list] = {name: [] for name in pixel}
+    with open(columns_csv, newline="") as f:
+        for r in csv.DictReader(f):
+            found.setdefault(Path(r["source"]).name, []).append((float(r["x_A"]), float(r["y_A"])))
+    shares = []
+    for name, px in pixel.items():
+        h, w = tifffile.imread(folder / name).shape[:2]
+        xy = np.asarray(found[name], np.float64).reshape(-1, 2)
+        shares.append(vacuum_fraction(xy[:, 0], xy[:, 1], w * px, h * px))
+    return shares
+
+
 FRAMINGS = (("as given", "given"), ("padded", "padded"), ("tight", "tight"))
 """Label in the printed table and sub-folder of ``--out`` of each framing."""
 
@@ -94,16 +113,21 @@ def main(argv=None) -> int:
 
     src, out = Path(args.images), Path(args.out)
     doses = {d.strip() for d in args.doses.split(",")}
+    from ceriakeras.recognise import required_vacuum_fraction
+
     model = load_served_model(args.model)            # once, for the three framings
-    table = {}
+    need = required_vacuum_fraction(model.info)
+    table, vacuum = {}, {}
     for (label, sub), grow in zip(FRAMINGS, (0.0, args.pad, -args.trim)):
         folder = out / sub
         if folder.exists():
             shutil.rmtree(folder)
         reframe(src, folder / "images", doses, grow)
-        table[f"{label} {abs(grow):g}" if grow else label] = evaluate_images(
+        name = f"{label} {abs(grow):g}" if grow else label
+        table[name] = evaluate_images(
             model, folder / "images", folder / "images" / "truth.csv", folder / "result",
             progress=False)
+        vacuum[name] = vacuum_shares(folder / "images", folder / "result" / "columns.csv")
     print(f"model {args.model}, images {src}")
     print(f"{'framing':<12} {'dose (e-/Å²)':>12} {'columns':>8} {'exact':>6} {'±1':>6} "
           f"{'bias (atoms)':>13}")
@@ -113,6 +137,14 @@ def main(argv=None) -> int:
             print(f"{name:<12} {row['dose_e_per_A2']:>12g} {m['n_true']:>8} "
                   f"{m['exact_accuracy']:>6.3f} {m['within_1_accuracy']:>6.3f} "
                   f"{m['bias_atoms']:>+13.2f}")
+    print("share of each frame that is vacuum (area > 5 Å from every column found), as "
+          "`analyze` measures it" + ("" if need is None else
+                                     f"; this model needs ≥ {need:.0%}"))
+    for name, shares in vacuum.items():
+        flagged = "" if need is None else (
+            f", {np.mean(np.asarray(shares) < need):.0%} of frames below it (not recognised)")
+        print(f"{name:<12} median {np.median(shares):.0%}, range {min(shares):.0%}–"
+              f"{max(shares):.0%}{flagged}")
     return 0
 
 

@@ -309,11 +309,12 @@ def test_measure_framing_moves_the_truth_with_the_frame(labelled, tmp_path):
     outside it."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     try:
-        from measure_framing import reframe
+        from measure_framing import reframe, vacuum_shares
     finally:
         sys.path.pop(0)
     folder, _ = labelled
     sides = {name: int(round(FIELD_A / px)) for name, px, _ in FILES}
+    shares = {}
     for grow in (0.5, -0.375):      # the trimmed frame, 6–10 Å, holds the middle disk alone
         out = tmp_path / f"framed{grow}"
         reframe(folder, out, {"1000"}, grow, noise=False)
@@ -331,4 +332,11 @@ def test_measure_framing_moves_the_truth_with_the_frame(labelled, tmp_path):
         net = _by_dose(result)[1000.0]["network"]
         assert net["exact_accuracy"] == 1.0 and net["f1"] == 1.0, {k: net[k] for k in ("n_pred", "n_true", "n_matched")}
         assert net["n_true"] == (18 if grow > 0 else 2)
+        shares[grow] = vacuum_shares(out, tmp_path / f"ev{grow}" / "columns.csv")
+    # vacuum as `analyze` measures it (> 5 Å from every column): around the 3 × 3 columns
+    # 4 Å apart, a square of 8 + 2·5 Å with corners rounded by 5 Å is not vacuum; the
+    # padded frame is 32 Å wide, the trimmed one 6–10 Å, all within 5 Å of its column
+    particle = 8**2 + 4 * 8 * 5 + np.pi * 5**2
+    np.testing.assert_allclose(shares[0.5], 1 - particle / 32**2, atol=0.02)
+    assert max(shares[-0.375]) == 0.0
 
