@@ -333,7 +333,7 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
 # (section owned by the export work)
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=str), metavar="runs/NAME",
-              help="Training run folder (its best checkpoint is exported).")
+              help="Training run folder (its best checkpoint is exported, see --checkpoint).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), metavar="saved_models/NAME",
               help="Model base folder for TF Serving; the version goes in OUT/<version>/.")
 @click.option("--version", type=int, default=None, metavar="N",
@@ -349,10 +349,16 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
 @click.option("--calibration-map", type=click.Choice(CALIBRATION_MAP_CHOICES), default=None,
               help="Confidence map fitted by --calibrate (default: the project's default, "
                    "docs/model.md).")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best",
+              show_default=True,
+              help="best: the epoch with the lowest validation loss; last: the last finished "
+                   "epoch (take it when datasets were added during the run, whose validation "
+                   "losses are then measured on different data).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_verbose_option
 @_one_line_errors
-def export(run_dir, out_dir, version, calibrate_on, calibration_images, calibration_map, quiet):
+def export(run_dir, out_dir, version, calibrate_on, calibration_images, calibration_map,
+           checkpoint, quiet):
     """Export a trained run as a versioned SavedModel for TF Serving.
 
     Example: ceriakeras export --run runs/demo --out saved_models/demo --calibrate tfrecords/demo
@@ -360,12 +366,12 @@ def export(run_dir, out_dir, version, calibrate_on, calibration_images, calibrat
     from .preflight import check_export
 
     calibrate_on = list(calibrate_on) or None
-    check_export(run_dir, out_dir, version, calibrate_on=calibrate_on)
+    check_export(run_dir, out_dir, version, calibrate_on=calibrate_on, checkpoint=checkpoint)
     from .export import export_run, read_info
 
     path = export_run(run_dir, out_dir, version, calibrate_on=calibrate_on,
                       calibration_images=calibration_images, calibration_map=calibration_map,
-                      progress=not quiet)
+                      progress=not quiet, checkpoint=checkpoint)
     info = read_info(path)
     outputs = ", ".join(info.get("signature", {}).get("outputs") or ("probabilities", "height"))
     click.echo(f"{path}: SavedModel, signature serving_default "

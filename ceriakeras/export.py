@@ -35,12 +35,27 @@ from .modelinfo import ASSET_NAME, find_version, new_version_folder, read_info
 from .records import run_datasets
 
 
-def _checkpoint(run_dir: Path) -> Path:
-    for name in ("best.keras", "last.keras"):
+CHECKPOINTS = ("best", "last")
+"""Which checkpoint of a run :func:`export_run` exports: the lowest validation loss, or the end."""
+
+
+def _checkpoint(run_dir: Path, which: str = "best") -> Path:
+    """The run's ``checkpoints/best.keras`` (else ``last.keras``), or with ``which='last'`` the
+    checkpoint of its last finished epoch (``state.json``; else ``last.keras``)."""
+    if which not in CHECKPOINTS:
+        raise ModelError(f"checkpoint={which!r} must be one of {', '.join(CHECKPOINTS)}")
+    names = ["best.keras", "last.keras"]
+    if which == "last":
+        names = ["last.keras"]
+        try:
+            names.insert(0, json.loads((run_dir / "state.json").read_text())["checkpoint"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    for name in names:
         path = run_dir / "checkpoints" / name
         if path.is_file():
             return path
-    raise ModelError(f"{run_dir} has no checkpoints/best.keras or last.keras; train it first "
+    raise ModelError(f"{run_dir} has no checkpoints/{' or '.join(names)}; train it first "
                      f"(ceriakeras train --out {run_dir})")
 
 
@@ -117,13 +132,18 @@ def model_info(run_dir: Path, checkpoint: Path, optics: bool | None = None) -> d
 
 def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=None,
                calibration_images: int = 48, calibration_split: str = "validation",
-               progress: bool = False, calibration_map: str | None = None) -> Path:
-    """Export a training run's best checkpoint as a TF Serving SavedModel version.
+               progress: bool = False, calibration_map: str | None = None,
+               checkpoint: str = "best") -> Path:
+    """Export a training run's best (or last) checkpoint as a TF Serving SavedModel version.
 
     Parameters
     ----------
     run_dir : path
         Run folder of ``ceriakeras train``; uses ``checkpoints/best.keras`` (else ``last.keras``).
+    checkpoint : {'best', 'last'}
+        'best': the lowest validation loss; 'last': the last finished epoch (``state.json``).
+        Take 'last' when the data changed during the run: validation losses measured on
+        different validation splits do not rank checkpoints.
     out_dir : path
         Model base folder, ``saved_models/NAME``; the version goes in ``out_dir/<version>/``.
     version : int, optional
@@ -162,7 +182,7 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
     from .model import OPTICS_OUTPUTS, has_optics, load_checkpoint, split_outputs
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    checkpoint = _checkpoint(run_dir)
+    checkpoint = _checkpoint(run_dir, checkpoint)
     target = new_version_folder(out_dir, version)
     model = load_checkpoint(checkpoint, compile=False,
                             instead="export only checkpoints made by ceriakeras train")

@@ -137,7 +137,7 @@ def check_evaluate(model, data_dir, out_dir, *, split: str = "test",
 
 
 def check_export(run_dir, out_dir, version: int | None = None, *, calibrate_on=None,
-                 calibration_split: str = "validation") -> None:
+                 calibration_split: str = "validation", checkpoint: str = "best") -> None:
     """What ``ceriakeras export`` checks before Keras loads: the run has a checkpoint, the
     version is positive and not taken, and a calibration dataset is at the run's pixel size
     (Å) with a non-empty ``calibration_split``.
@@ -153,7 +153,7 @@ def check_export(run_dir, out_dir, version: int | None = None, *, calibrate_on=N
     if not run_dir.is_dir():
         raise ModelError(f"run folder {run_dir} does not exist: train one with "
                          f"`ceriakeras train --out {run_dir}`")
-    _checkpoint(run_dir)
+    _checkpoint(run_dir, checkpoint)
     new_version_folder(out_dir, version)
     if calibrate_on is not None:
         model = _read_json(run_dir / "config.json").get("model", {})

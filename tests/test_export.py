@@ -103,6 +103,37 @@ def test_a_run_without_checkpoint_and_a_missing_model_are_refused(tmp_path):
         load_served_model(tmp_path / "nothing-here")
 
 
+def test_the_last_epoch_can_be_exported_instead_of_the_best(run, tmp_path):
+    """--checkpoint last: the checkpoint state.json names (the last finished epoch), not best.keras."""
+    import shutil
+
+    from ceriakeras.export import _checkpoint
+
+    later = tmp_path / "later"
+    shutil.copytree(run, later)
+    model = keras.saving.load_model(later / "checkpoints" / "best.keras")
+    rng = np.random.default_rng(3)
+    model.train_on_batch(rng.uniform(10, 30, (2, 32, 32, 1)).astype(np.float32),
+                         rng.integers(0, 6, (2, 32, 32)).astype(np.int32))
+    model.save(later / "checkpoints" / "epoch-0002.keras")
+    (later / "state.json").write_text(json.dumps({"epoch": 2, "checkpoint": "epoch-0002.keras",
+                                                  "best_epoch": 1}))
+    last = load_served_model(export_run(later, tmp_path / "models", checkpoint="last"))
+    best = load_served_model(export_run(later, tmp_path / "models"))
+    assert (last.info["checkpoint"], best.info["checkpoint"]) == ("epoch-0002.keras", "best.keras")
+    image = rng.poisson(15.0, (1, 24, 40)).astype(np.float32)
+    raw = np.asarray(model(image[..., None], training=False))
+    np.testing.assert_allclose(last.predict(image)[0], raw / raw.sum(-1, keepdims=True),
+                               rtol=1e-4, atol=1e-5)
+    assert not np.allclose(best.predict(image)[0], last.predict(image)[0], atol=1e-4)
+    # without state.json, 'last' is last.keras; a run with neither is refused; a typo too
+    (later / "state.json").unlink()
+    with pytest.raises(ModelError, match="no checkpoints/last.keras"):
+        _checkpoint(later, "last")
+    with pytest.raises(ModelError, match="best, last"):
+        _checkpoint(later, "newest")
+
+
 def test_class_weight_prior_is_undone_in_the_serving_graph(run, tmp_path):
     """A run trained with class weights w serves softmax / w, renormalized (calibrated)."""
     weighted_run = tmp_path / "weighted"
