@@ -10,7 +10,8 @@ interrupted run resumes where it stopped: each frame ends up in the CSV exactly 
 Outputs in ``OUT``: ``columns.csv`` (the column table of the design, plus ``recognised``),
 ``frames.csv`` (per frame: columns found, total Ce, mean height, dose in e⁻/Å², recognised, and
 for a model that estimates them (version 3 on) the frame's defocus ``defocus_nm`` and
-``cs_um``), ``overlays/<input>_<frame>.png`` (cropped to the particle; a sample of a series'
+``cs_um``; for a model normalised to the vacuum level (version 3 on) the frame's share of vacuum
+``vacuum_area_fraction``), ``overlays/<input>_<frame>.png`` (cropped to the particle; a sample of a series'
 frames, see :func:`ceriakeras.pictures.overlay_frames`), for a series ``<input>_movie.mp4``
 (every frame, columns coloured by height, frame number and dose) and ``<input>_series.png``
 (tracked column heights and total Ce over time), with ``xyz=True`` ``xyz/<input>_<frame>.xyz``
@@ -21,8 +22,9 @@ Detector gain: the dose (``frames.csv``'s ``dose_e_per_A2``) and the calibration
 is ``counts_per_electron`` if given, else the file's own (:func:`ceriakeras.io.file_counts_per_electron`),
 else estimated from the noise of the frames (:mod:`ceriakeras.detector`), else assumed 1 with a
 warning. Recognition: each frame is checked against what the model knows
-(:func:`ceriakeras.recognise.recognise_frame`); ``recognised`` (1/0) marks its rows in
-``columns.csv`` and its line in ``frames.csv``.
+(:func:`ceriakeras.recognise.recognise_frame`: a particle, on a CeO2 [110] lattice, dose in the
+envelope, and for a vacuum-normalised model enough vacuum); ``recognised`` (1/0) marks its rows
+in ``columns.csv`` and its line in ``frames.csv``.
 """
 
 from __future__ import annotations

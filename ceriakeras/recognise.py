@@ -195,7 +195,8 @@ def recognise_frame(x_A, y_A, dose_e_per_A2: float | None = None, *,
     dict
         ``recognised`` (bool), ``lattice_fraction`` (fraction of columns on a CeO2 [110]
         lattice, NaN without columns), ``n_columns``, ``reason`` ('' when recognised, else one
-        short phrase: why not).
+        short phrase: why not — too few columns, not the lattice, the dose, or too little
+        vacuum, checked in that order).
     """
     n = len(np.asarray(x_A).ravel())
     fraction = float(lattice_columns(x_A, y_A).mean()) if n else float("nan")
