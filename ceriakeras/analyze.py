@@ -512,6 +512,8 @@ class _Run:
     def __post_init__(self):
         self._busy = threading.Lock()
         self._running, self._since = 0, 0.0
+        # a model normalised to the vacuum level needs vacuum in the frame (version 3 on)
+        self.min_vacuum = required_vacuum_fraction(self.served.info)
 
     def predict(self, batch: _Batch) -> tuple[np.ndarray, dict | None] | None:
         """The model's answer for the good frames of ``batch`` (None if there are none).
@@ -566,11 +568,9 @@ class _Run:
                 threshold=config.threshold, label_radius_A=self.label_radius_A,
                 calibration=calibration, dose_e_per_A2=dose)
             x_A, y_A = table["x_px"] * self.model_px, table["y_px"] * self.model_px
-            # a model normalised to the vacuum level needs vacuum in the frame (version 3 on)
-            min_vacuum = required_vacuum_fraction(self.served.info)
-            vacuum = None if min_vacuum is None else vacuum_fraction(
+            vacuum = None if self.min_vacuum is None else vacuum_fraction(
                 x_A, y_A, small.shape[1] * self.model_px, small.shape[0] * self.model_px)
-            mark = recognise_frame(x_A, y_A, dose, vacuum=vacuum, min_vacuum=min_vacuum)
+            mark = recognise_frame(x_A, y_A, dose, vacuum=vacuum, min_vacuum=self.min_vacuum)
             self.state["frames"][str(batch.offset + frame.index)] = {
                 "dose_e_per_A2": round(dose, 4), "recognised": bool(mark["recognised"]),
                 "lattice_fraction": round(mark["lattice_fraction"], 4)
