@@ -50,7 +50,7 @@ from .config import CE_COLUMN_SPACING_A, AnalyzeConfig, InputError, ModelError
 from .detector import check_counts_per_electron
 from .io import (atomic_path, expand_inputs, file_counts_per_electron, model_to_input_px,
                  open_series, resample_counts, resample_factor, write_text_atomic)
-from .modelinfo import model_settings
+from .modelinfo import model_settings, with_model_threshold
 from .pictures import (MovieWriter, check_movie_writer, height_colors, overlay_frames,
                        particle_box, render_frame, union_box, write_png)
 from .recognise import recognise_frame, required_vacuum_fraction, vacuum_fraction
@@ -210,6 +210,7 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
 
         served = DihedralAveraged(served)
     model_px, max_height, label_radius_A = model_settings(served.info)
+    config = with_model_threshold(config, served.info)
 
     # every header first: a bad file or pixel size stops the run before any work
     plan = []

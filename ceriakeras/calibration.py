@@ -49,7 +49,7 @@ from .columns import calibrate_confidence, find_columns
 from .config import (CALIBRATION_MAPS, AnalyzeConfig, ConfigError, DataError,  # noqa: F401
                      InputError)
 from .io import file_sha256, model_to_input_px, resample_counts, resample_factor
-from .modelinfo import model_settings
+from .modelinfo import model_settings, with_model_threshold
 from .scoring import MATCH_DISTANCE_A, Tally, calibration, check_doses, noisy_predictions
 
 CALIBRATION_DOSES_E_PER_A2 = (20.0, 50.0, 200.0, 1000.0, 5000.0, 20000.0)
@@ -247,6 +247,7 @@ def collect_columns(predict, datasets: Sequence, info: dict, *,
     doses = check_doses(doses)
     config = config or AnalyzeConfig()
     pixel_size_A, max_height, label_radius_A = model_settings(info)
+    config = with_model_threshold(config, info)
     keys = ("confidence", "height", "height_std", "correct", "matched", "dataset")
     parts = {d: {k: [] for k in keys} for d in doses}
     sources = []

@@ -354,11 +354,17 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
               help="best: the epoch with the lowest validation loss; last: the last finished "
                    "epoch (take it when datasets were added during the run, whose validation "
                    "losses are then measured on different data).")
+@click.option("--column-threshold", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+              default=None, metavar="P",
+              help="The model's column threshold: smallest column probability (1 − p(background), "
+                   "in (0, 1)) at a column centre, used by analyze, evaluate and --calibrate. "
+                   "Choose it on validation data with scripts/threshold_study.py (default: "
+                   "none recorded; 0.3 applies).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_verbose_option
 @_one_line_errors
 def export(run_dir, out_dir, version, calibrate_on, calibration_images, calibration_map,
-           checkpoint, quiet):
+           checkpoint, column_threshold, quiet):
     """Export a trained run as a versioned SavedModel for TF Serving.
 
     Example: ceriakeras export --run runs/demo --out saved_models/demo --calibrate tfrecords/demo
@@ -371,11 +377,14 @@ def export(run_dir, out_dir, version, calibrate_on, calibration_images, calibrat
 
     path = export_run(run_dir, out_dir, version, calibrate_on=calibrate_on,
                       calibration_images=calibration_images, calibration_map=calibration_map,
-                      progress=not quiet, checkpoint=checkpoint)
+                      progress=not quiet, checkpoint=checkpoint,
+                      column_threshold=column_threshold)
     info = read_info(path)
     outputs = ", ".join(info.get("signature", {}).get("outputs") or ("probabilities", "height"))
     click.echo(f"{path}: SavedModel, signature serving_default "
                f"(image -> {outputs}); assets/ceriakeras.json written")
+    if "column_threshold" in info:
+        click.echo(f"column threshold {info['column_threshold']:g} (column probability), recorded")
     _echo_calibration(info)
 
 

@@ -452,14 +452,21 @@ class TrainConfig:
             raise ConfigError(f"mixed_precision={self.mixed_precision!r} must be auto, on or off")
 
 
+DEFAULT_COLUMN_THRESHOLD = 0.3
+"""Column threshold (column probability, in (0, 1)) of models that do not name their own."""
+
+
 @dataclass(frozen=True)
 class AnalyzeConfig:
     """Column extraction and analysis (:mod:`ceriakeras.columns`, :mod:`ceriakeras.analyze`)."""
 
     min_distance_A: float = 2.0
     """Smallest distance between two detected columns, Å."""
-    threshold: float = 0.3
-    """Smallest column probability (1 − p(background)) at a column centre."""
+    threshold: float | None = None
+    """Smallest column probability (1 − p(background)) at a column centre, in (0, 1); None: the
+    model's own ``column_threshold`` (chosen at export on our own validation data,
+    ``scripts/threshold_study.py``), else :data:`DEFAULT_COLUMN_THRESHOLD`
+    (:func:`ceriakeras.modelinfo.with_model_threshold`)."""
     batch_size: int = 4
     """Frames per inference batch."""
     model_workers: int = 1
@@ -488,7 +495,7 @@ class AnalyzeConfig:
             )
         if self.min_distance_A <= 0:
             raise ConfigError(f"min_distance_A={self.min_distance_A} must be positive")
-        if not 0.0 < self.threshold < 1.0:
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise ConfigError(f"threshold={self.threshold} must be in (0, 1)")
         if self.batch_size < 1 or (self.overlay_every is not None and self.overlay_every < 1):
             raise ConfigError("batch_size and overlay_every must be at least 1")

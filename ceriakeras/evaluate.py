@@ -201,7 +201,7 @@ def evaluate(
         What ``metrics.json`` holds.
     """
     from .columns import estimate_dose, find_columns
-    from .modelinfo import model_settings
+    from .modelinfo import model_settings, with_model_threshold
 
     doses = check_doses(doses)
     config = config or AnalyzeConfig()
@@ -216,6 +216,7 @@ def evaluate(
 
         model = DihedralAveraged(model)
     pixel_size_A, max_height, label_radius_A = model_settings(model.info)
+    config = with_model_threshold(config, model.info)
     calibration = model.info.get("confidence_calibration")
 
     network = {d: Tally() for d in doses}
@@ -729,7 +730,7 @@ def evaluate_images(
     from .analyze import CSV_HEADER
     from .columns import estimate_dose, find_columns
     from .io import expand_inputs, model_to_input_px, open_series, resample_counts
-    from .modelinfo import find_version, model_settings, read_info
+    from .modelinfo import find_version, model_settings, read_info, with_model_threshold
 
     config = config or AnalyzeConfig()
     config.validate()
@@ -750,6 +751,7 @@ def evaluate_images(
     else:
         info = model.info
     model_px, max_height, label_radius_A = model_settings(info)
+    config = with_model_threshold(config, info)
     plan, unused = labelled_image_plan(paths, truth, truth_path.parent, table,
                                        pixel_size_A=pixel_size_A, model_pixel_A=model_px,
                                        config=config)

@@ -133,7 +133,7 @@ def model_info(run_dir: Path, checkpoint: Path, optics: bool | None = None) -> d
 def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=None,
                calibration_images: int = 48, calibration_split: str = "validation",
                progress: bool = False, calibration_map: str | None = None,
-               checkpoint: str = "best") -> Path:
+               checkpoint: str = "best", column_threshold: float | None = None) -> Path:
     """Export a training run's best (or last) checkpoint as a TF Serving SavedModel version.
 
     Parameters
@@ -164,6 +164,12 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
         :data:`ceriakeras.calibration.DEFAULT_MAP`.
     progress : bool
         Progress bar while calibrating.
+    column_threshold : float, optional
+        The model's column threshold (column probability ``1 − p(background)``, in (0, 1)),
+        recorded as ``column_threshold`` and used by ``analyze``, ``evaluate`` and the calibration
+        unless an :class:`ceriakeras.config.AnalyzeConfig` sets its own. Choose it on our own
+        validation data (``scripts/threshold_study.py``); default: none recorded, so
+        :data:`ceriakeras.config.DEFAULT_COLUMN_THRESHOLD` applies.
 
     Returns
     -------
@@ -181,12 +187,17 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
     from . import train as _registers_custom_metrics  # noqa: F401
     from .model import OPTICS_OUTPUTS, has_optics, load_checkpoint, split_outputs
 
+    if column_threshold is not None and not 0.0 < float(column_threshold) < 1.0:
+        raise ModelError(f"column_threshold={column_threshold} must be in (0, 1) (a column "
+                         "probability); choose it with scripts/threshold_study.py")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     checkpoint = _checkpoint(run_dir, checkpoint)
     target = new_version_folder(out_dir, version)
     model = load_checkpoint(checkpoint, compile=False,
                             instead="export only checkpoints made by ceriakeras train")
     info = model_info(run_dir, checkpoint, optics=has_optics(model))
+    if column_threshold is not None:
+        info["column_threshold"] = float(column_threshold)
 
     # A loss weighted by w_k is minimized by q_k ∝ w_k p_k, not by the class probabilities p_k:
     # dividing by w and renormalizing gives calibrated probabilities (and fewer false columns).

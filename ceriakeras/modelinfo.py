@@ -9,10 +9,11 @@ the command line can check an input against the model before TensorFlow is impor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
-from .config import ModelError
+from .config import DEFAULT_COLUMN_THRESHOLD, AnalyzeConfig, ModelError
 
 ASSET_NAME = "ceriakeras.json"
 """File name of the model's description in its ``assets/`` folder."""
@@ -109,3 +110,28 @@ def model_settings(info: dict) -> tuple[float, int, float]:
         raise ModelError(f"the model's ceriakeras.json has an invalid pixel_size_A={pixel} Å, "
                          f"max_height={max_height} or label_radius_A={radius} Å; re-export it")
     return pixel, max_height, radius
+
+
+def with_model_threshold(config: AnalyzeConfig, info: dict) -> AnalyzeConfig:
+    """``config`` with its column threshold made concrete.
+
+    A threshold set in ``config`` wins; otherwise the model's own ``column_threshold`` (recorded
+    by ``ceriakeras export --column-threshold``, chosen on our own validation data with
+    ``scripts/threshold_study.py``), else :data:`ceriakeras.config.DEFAULT_COLUMN_THRESHOLD`.
+
+    Raises
+    ------
+    ModelError
+        If the model's ``column_threshold`` is not a number in (0, 1).
+    """
+    if config.threshold is not None:
+        return config
+    value = info.get("column_threshold", DEFAULT_COLUMN_THRESHOLD)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise ModelError(f"the model's ceriakeras.json has column_threshold="
+                         f"{info.get('column_threshold')!r}, not in (0, 1); re-export it")
+    return dataclasses.replace(config, threshold=value)

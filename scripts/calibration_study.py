@@ -33,7 +33,7 @@ def image_columns(model, folder: Path) -> list[dict]:
     from ceriakeras.config import AnalyzeConfig
     from ceriakeras.evaluate import labelled_image_plan, read_image_table, read_truth
     from ceriakeras.io import expand_inputs, model_to_input_px, open_series, resample_counts
-    from ceriakeras.modelinfo import model_settings
+    from ceriakeras.modelinfo import model_settings, with_model_threshold
     from ceriakeras.scoring import Tally
 
     model_px, _, label_radius_A = model_settings(model.info)
@@ -47,7 +47,8 @@ def image_columns(model, folder: Path) -> list[dict]:
             frame = next(series.frames())
         small = resample_counts(frame.image, item["factor"])
         probabilities, _ = model.predict(small[None].astype(np.float32))
-        found = find_columns(np.asarray(probabilities)[0], model_px, label_radius_A=label_radius_A)
+        found = find_columns(np.asarray(probabilities)[0], model_px, label_radius_A=label_radius_A,
+                             threshold=with_model_threshold(AnalyzeConfig(), model.info).threshold)
         pred = dict(found, x_px=model_to_input_px(found["x_px"], item["factor"]),
                     y_px=model_to_input_px(found["y_px"], item["factor"]))
         tally = Tally()

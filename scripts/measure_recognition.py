@@ -20,8 +20,9 @@ import numpy as np
 
 from ceriakeras.analyze import load_model, model_settings
 from ceriakeras.columns import find_columns
-from ceriakeras.config import OpticsConfig, SimulationConfig, StructureConfig
+from ceriakeras.config import AnalyzeConfig, OpticsConfig, SimulationConfig, StructureConfig
 from ceriakeras.io import open_series, resample_counts, resample_factor
+from ceriakeras.modelinfo import with_model_threshold
 from ceriakeras.recognise import recognise_frame
 from ceriakeras.simulate import draw_optics, image_of_atoms, simulate_particle
 from ceriakeras.structures import build_other_particle
@@ -60,7 +61,9 @@ def simulated_classes(n_images: int, pixel_A: float, seed: int = SEED
 def recognised(served, counts: np.ndarray, model_px: float, radius: float, dose: float,
                scale: float = 1.0) -> dict:
     probabilities, _ = served.predict(counts[None].astype(np.float32))
-    table = find_columns(np.asarray(probabilities)[0], model_px, label_radius_A=radius)
+    threshold = with_model_threshold(AnalyzeConfig(), served.info).threshold   # as analyze
+    table = find_columns(np.asarray(probabilities)[0], model_px, label_radius_A=radius,
+                         threshold=threshold)
     return recognise_frame(table["x_px"] * model_px * scale, table["y_px"] * model_px * scale,
                            dose)
 

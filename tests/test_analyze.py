@@ -261,6 +261,48 @@ def test_pixel_size_coarser_than_model_is_refused(tmp_path):
                 progress=False)
 
 
+class DimStandIn(StandInModel):
+    """The stand-in with every column probability scaled by 0.6 (0.6 at a column's centre), and
+    optionally a ``column_threshold`` of its own in its info."""
+
+    def __init__(self, column_threshold=None):
+        super().__init__()
+        if column_threshold is not None:
+            self.info["column_threshold"] = column_threshold
+
+    def predict(self, images):
+        probs, _ = super().predict(images)
+        probs[..., 1:] *= 0.6
+        probs[..., 0] = 1.0 - probs[..., 1:].sum(-1)
+        return probs, probs.argmax(-1).astype(np.int32)
+
+
+@pytest.mark.parametrize("own, config, found", [
+    (None, None, True),    # no threshold anywhere: the default 0.3 keeps 0.6 peaks
+    (0.7, None, False),    # the model's own 0.7 drops them
+    (0.7, 0.5, True),      # a threshold in the config wins over the model's
+    (0.5, None, True),
+])
+def test_the_models_own_column_threshold_applies_unless_the_config_names_one(
+        tmp_path, own, config, found):
+    truth = random_columns(3)
+    np.save(tmp_path / "f.npy", synthetic_frame(truth, MODEL_PIXEL_A))
+    summary = analyze([tmp_path / "f.npy"], tmp_path / "out", model=DimStandIn(own),
+                      config=AnalyzeConfig(threshold=config, movie=False),
+                      pixel_size_A=MODEL_PIXEL_A, progress=False)
+    assert summary["columns_total"] == (len(truth) if found else 0)
+    used = config if config is not None else own if own is not None else 0.3
+    progress = json.loads((tmp_path / "out" / "progress.json").read_text())
+    assert progress["identity"]["settings"]["threshold"] == used
+
+
+def test_a_bad_column_threshold_in_the_model_is_refused(tmp_path):
+    np.save(tmp_path / "f.npy", synthetic_frame(random_columns(3), MODEL_PIXEL_A))
+    with pytest.raises(ModelError, match="column_threshold.*re-export"):
+        analyze([tmp_path / "f.npy"], tmp_path / "out", model=DimStandIn(1.5),
+                pixel_size_A=MODEL_PIXEL_A, progress=False)
+
+
 def test_single_bad_image_is_an_error(tmp_path):
     img = synthetic_frame(random_columns(0, 2), 0.1)
     img[0, 0] = np.inf

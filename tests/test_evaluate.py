@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -563,3 +565,37 @@ def test_export_records_calibrations_for_plain_and_augmented_inference(tiny_data
         assert np.isfinite(fit["slope"]).all() and np.isfinite(fit["intercept"]).all()
     assert DihedralAveraged(served).info["confidence_calibration"] == tta
     assert "confidence_calibration_tta" not in DihedralAveraged(served).info
+
+
+class FaintExtras(LabelOracle):
+    """The oracle's answer plus one faint false column (probability 0.35 at its peak) in the
+    vacuum corner of every frame."""
+
+    def predict(self, images):
+        probs, heights = super().predict(images)
+        blob = np.array([[0.2, 0.2, 0.2], [0.2, 0.35, 0.2], [0.2, 0.2, 0.2]], np.float32)
+        probs[:, 6:9, 6:9, :] = 0.0
+        probs[:, 6:9, 6:9, 1] = blob
+        probs[:, 6:9, 6:9, 0] = 1.0 - blob
+        return probs, probs.argmax(-1).astype(np.int32)
+
+
+@pytest.mark.slow
+def test_threshold_study_trades_false_columns_against_the_threshold(tiny_dataset):
+    """scripts/threshold_study.py: a 0.35 false column counts below a 0.35 threshold, not above."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        from threshold_study import threshold_table
+    finally:
+        sys.path.pop(0)
+    data, records, info = tiny_dataset
+    assert all(np.all(r["label"][6:9, 6:9] == 0) for r in records), "the corner must be vacuum"
+    n_true = sum(len(r["columns"]) for r in records)
+    table = threshold_table(FaintExtras(records, info), [data], (200.0, 5000.0), (0.3, 0.5),
+                            split="test", progress=False)
+    for rows in table.values():
+        low, high = rows[0.3], rows[0.5]
+        assert low["n_true"] == high["n_true"] == n_true
+        assert low["recall"] == high["recall"] == 1.0
+        assert low["precision"] == pytest.approx(n_true / (n_true + len(records)))
+        assert high["precision"] == 1.0 and high["f1"] == 1.0 > low["f1"]

@@ -94,6 +94,24 @@ def test_versions_count_up_and_are_never_overwritten(run, exported):
     assert not [p for p in base.iterdir() if p.name.startswith(".")], "no temporary folder left"
 
 
+def test_a_column_threshold_is_recorded_for_analyze_and_a_bad_one_refused(run, tmp_path):
+    from ceriakeras.config import AnalyzeConfig
+    from ceriakeras.modelinfo import with_model_threshold
+
+    version = export_run(run, tmp_path / "models", column_threshold=0.45)
+    info = load_served_model(version).info
+    assert info["column_threshold"] == 0.45
+    assert with_model_threshold(AnalyzeConfig(), info).threshold == 0.45
+    assert with_model_threshold(AnalyzeConfig(threshold=0.2), info).threshold == 0.2
+    plain = load_served_model(export_run(run, tmp_path / "models")).info
+    assert "column_threshold" not in plain
+    assert with_model_threshold(AnalyzeConfig(), plain).threshold == 0.3
+    for bad in (0.0, 1.0, -0.2):
+        with pytest.raises(ModelError, match="column_threshold"):
+            export_run(run, tmp_path / "models", column_threshold=bad)
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["1", "2"]
+
+
 def test_a_run_without_checkpoint_and_a_missing_model_are_refused(tmp_path):
     (tmp_path / "run").mkdir()
     with pytest.raises(ModelError, match="no checkpoints.*train it first"):
