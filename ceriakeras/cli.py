@@ -520,8 +520,9 @@ def _parse_doses(ctx, param, value: str) -> tuple[float, ...]:
 
 
 @main.command()
-@click.option("--model", "model_path", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Exported model: saved_models/NAME (newest version) or saved_models/NAME/VERSION.")
+@click.option("--model", "model_path", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Exported model: saved_models/NAME (newest version) or saved_models/NAME/VERSION; "
+                   "default: the shipped model.")
 @click.option("--data", "data_dir", default=None, type=click.Path(exists=True, file_okay=False),
               metavar="tfrecords/NAME",
               help="Dataset folder made by `ceriakeras simulate` (its pixel size must be the model's). "
@@ -570,6 +571,10 @@ def evaluate(ctx, model_path, data_dir, doses, out_dir, split, max_images, seed,
     from .config import AnalyzeConfig, ConfigError
     from .preflight import check_evaluate
 
+    if model_path is None:
+        from .analyze import default_model_path
+
+        model_path = str(default_model_path())
     if out_dir is None:
         name = Path(model_path).resolve()
         name = name.parent.name if name.name.isdigit() else name.name

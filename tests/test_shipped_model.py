@@ -128,3 +128,36 @@ def test_make_demo_script_scores_the_example(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "true columns found with the right height" in out.stdout
     assert (ROOT / "results" / "demo" / "columns.csv").is_file()
+
+
+@pytest.mark.slow
+def test_evaluate_images_without_model_scores_the_shipped_model(frames, tmp_path, monkeypatch):
+    """`ceriakeras evaluate --images DIR --truth truth.csv`, as the issue writes it: no --model
+    means the shipped model, as for `analyze`."""
+    import json
+
+    import tifffile
+    from click.testing import CliRunner
+
+    from ceriakeras.cli import main
+    from ceriakeras.modelinfo import find_version, read_info
+
+    folder = tmp_path / "labelled"
+    folder.mkdir()
+    with open(folder / "images.csv", "w") as f, open(folder / "truth.csv", "w") as t:
+        f.write("file,dose,pixel_size_A\n")
+        t.write("file,x_px,y_px,height\n")
+        for k, (counts, truth) in enumerate(frames[:2]):
+            tifffile.imwrite(folder / f"f{k}.tif", counts)
+            f.write(f"f{k}.tif,{HIGH_DOSE:g},{INPUT_PIXEL_A}\n")
+            t.writelines(f"f{k}.tif,{x},{y},{int(h)}\n" for x, y, h in truth)
+    monkeypatch.chdir(tmp_path)     # the default --out is relative
+    result = CliRunner().invoke(main, ["evaluate", "--images", str(folder),
+                                       "--truth", str(folder / "truth.csv")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "results" / "evaluate-ceria110-images" / "metrics.json").read_text())
+    shipped = read_info(find_version(default_model_path()))
+    assert saved["model_info"]["manifest_sha256"] == shipped["manifest_sha256"]
+    assert saved["analyze_config"]["threshold"] == shipped.get("column_threshold", 0.3)
+    (row,) = saved["results"]
+    assert row["dose_e_per_A2"] == HIGH_DOSE and row["network"]["f1"] > 0.9
