@@ -139,7 +139,7 @@ def main(argv=None) -> int:
                   f"{m['bias_atoms']:>+13.2f}")
     print("share of each frame that is vacuum (area > 5 Å from every column found), as "
           "`analyze` measures it" + ("" if need is None else
-                                     f"; this model needs ≥ {need:.0%}"))
+                                     f"; this model needs ≥ {need:.1%}"))
     for name, shares in vacuum.items():
         flagged = "" if need is None else (
             f", {np.mean(np.asarray(shares) < need):.0%} of frames below it (not recognised)")

@@ -5,7 +5,8 @@ vacuum around the particle; ``analyze`` refuses frames whose vacuum share (area 
 5 Å from every detected column, :func:`ceriakeras.recognise.vacuum_fraction`) is below
 :func:`ceriakeras.recognise.required_vacuum_fraction`. This script measures where heights start
 to go wrong: it cuts each record of a split of our own simulated data to frames around the
-particle, with ``--margins`` Å of room beyond the outermost true column on every side, adds
+particle, with ``--margins`` Å of room beyond the outermost true column on every side (a
+negative margin cuts into the particle, as a frame that holds only part of it does), adds
 Poisson noise at each dose, and scores the model per bin of the measured vacuum share.
 
     python scripts/vacuum_study.py --model saved_models/ceria110 \
@@ -24,6 +25,8 @@ import numpy as np
 
 SHARE_BINS = (0.0, 0.05, 0.10, 0.15, 0.20, 0.30, 0.40, 0.60, 1.0)
 """Edges of the vacuum-share bins of the printed table (share of the frame's area)."""
+MIN_FRAME_PX = 64
+"""Frames narrower than this (px; 12.8 Å at 0.2 Å) are skipped: too small to analyse."""
 
 
 def framings(image: np.ndarray, true_columns: np.ndarray, pixel_size_A: float, margins_A):
@@ -38,7 +41,8 @@ def framings(image: np.ndarray, true_columns: np.ndarray, pixel_size_A: float, m
     pixel_size_A : float
         Pixel size, Å.
     margins_A : sequence of float
-        Room between the outermost true column and the frame's edge, Å (clipped by the image).
+        Room between the outermost true column and the frame's edge, Å (clipped by the image);
+        a negative margin cuts that much off the particle on every side.
 
     Yields
     ------
@@ -61,14 +65,15 @@ def framings(image: np.ndarray, true_columns: np.ndarray, pixel_size_A: float, m
 
 
 def vacuum_table(model, data_dirs, doses, margins_A, *, split="validation", max_images=None,
-                 seed=0, progress=True) -> dict:
+                 seed=0, share_bins=SHARE_BINS, progress=True) -> dict:
     """Scores per dose and vacuum-share bin over the framings of the records of ``data_dirs``.
 
     Returns
     -------
     dict
-        ``{dose: {(low, high): {"frames": n, **metrics}}}`` for the bins of :data:`SHARE_BINS`
-        that hold frames, with the metrics of :meth:`ceriakeras.scoring.Tally.metrics`.
+        ``{dose: {(low, high): {"frames": n, **metrics}}}`` for the bins between consecutive
+        ``share_bins`` edges (from 0 to 1; default :data:`SHARE_BINS`) that hold frames, with the
+        metrics of :meth:`ceriakeras.scoring.Tally.metrics`.
     """
     from ceriakeras.columns import find_columns
     from ceriakeras.config import AnalyzeConfig
@@ -79,7 +84,7 @@ def vacuum_table(model, data_dirs, doses, margins_A, *, split="validation", max_
 
     config = with_model_threshold(AnalyzeConfig(), model.info)   # as analyze
     pixel_size_A, max_height, label_radius_A = model_settings(model.info)
-    bins = list(zip(SHARE_BINS[:-1], SHARE_BINS[1:]))
+    bins = list(zip(share_bins[:-1], share_bins[1:]))
     tallies = {d: {b: Tally() for b in bins} for d in doses}
     frames = {d: {b: 0 for b in bins} for d in doses}
     work = [(data_dir, index, rec) for data_dir in data_dirs
@@ -94,6 +99,8 @@ def vacuum_table(model, data_dirs, doses, margins_A, *, split="validation", max_
         if len(true_columns) == 0:
             continue
         for margin, frame, columns in framings(image, true_columns, pixel_size_A, margins_A):
+            if min(frame.shape) < MIN_FRAME_PX or len(columns) == 0:
+                continue
             for d in doses:
                 counts = np.asarray(poisson_sample(frame * (d * pixel_size_A ** 2),
                                                    noise_seed(seed, index, d + margin)), np.float32)
@@ -117,8 +124,11 @@ def main(argv=None) -> int:
                     help="dataset folder of our own records (repeat for several)")
     ap.add_argument("--split", default="validation", help="split of the records (default validation)")
     ap.add_argument("--doses", default="1000,5000", help="doses, e⁻/Å², comma-separated")
-    ap.add_argument("--margins", default="1,3,5,8,12,20",
-                    help="room beyond the outermost column on each side, Å, comma-separated")
+    ap.add_argument("--margins", default="-6,-3,1,3,5,8,12,20",
+                    help="room beyond the outermost column on each side, Å, comma-separated "
+                         "(negative: the frame cuts into the particle)")
+    ap.add_argument("--bins", default=",".join(f"{b:g}" for b in SHARE_BINS),
+                    help="edges of the vacuum-share bins (share of the frame, 0 to 1), comma-separated")
     ap.add_argument("--max-images", type=int, default=48, help="records per folder (images)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")   # TensorFlow's C++ start-up lines
@@ -129,8 +139,11 @@ def main(argv=None) -> int:
     doses = check_doses(float(d) for d in args.doses.split(","))
     margins = tuple(float(m) for m in args.margins.split(","))
     model = load_served_model(args.model)
+    bins = tuple(float(b) for b in args.bins.split(","))
+    if bins[0] != 0.0 or bins[-1] != 1.0 or list(bins) != sorted(set(bins)):
+        ap.error("--bins must rise from 0 to 1")
     table = vacuum_table(model, args.data, doses, margins, split=args.split,
-                         max_images=args.max_images)
+                         max_images=args.max_images, share_bins=bins)
     need = required_vacuum_fraction(model.info)
     print(f"model {model.path}; {args.split} split of {', '.join(args.data)}, ≤ {args.max_images} "
           f"images each, framed with {args.margins} Å of room"

@@ -134,10 +134,11 @@ def test_a_vacuum_normalised_model_needs_vacuum_and_the_others_do_not():
     def info(**model):
         return {"training_config": {"model": model}}
 
+    # the bare minimum 1 − q (a tenth for q = 0.9) and a quarter more, for the spread of the measure
     assert required_vacuum_fraction(info(intensity_reference="vacuum",
-                                         vacuum_quantile=0.9)) == pytest.approx(0.2)
+                                         vacuum_quantile=0.9)) == pytest.approx(0.125)
     assert required_vacuum_fraction(info(intensity_reference="vacuum",
-                                         vacuum_quantile=0.95)) == pytest.approx(0.1)
+                                         vacuum_quantile=0.95)) == pytest.approx(0.0625)
     assert required_vacuum_fraction(info(intensity_reference="frame_mean")) is None
     assert required_vacuum_fraction(info()) is None and required_vacuum_fraction({}) is None
     pts = projected_lattice(*fcc_110(CEO2_LATTICE_A))
@@ -158,8 +159,8 @@ def test_vacuum_study_frames_leave_the_asked_room_around_the_particle():
     finally:
         sys.path.pop(0)
     image = np.arange(100 * 120, dtype=np.float64).reshape(100, 120)
-    columns = np.array([[40.0, 30.0, 3.0], [60.0, 50.0, 5.0]])    # x_px, y_px, height
-    out = list(framings(image, columns, 0.2, (1.0, 100.0)))
+    columns = np.array([[40.0, 30.0, 3.0], [50.0, 40.0, 4.0], [60.0, 50.0, 5.0]])  # x_px, y_px, h
+    out = list(framings(image, columns, 0.2, (1.0, 100.0, -1.0)))
     margin, frame, inside = out[0]                                 # 1 Å = 5 px of room
     assert margin == 1.0
     np.testing.assert_array_equal(frame, image[25:56, 35:66])
@@ -167,3 +168,6 @@ def test_vacuum_study_frames_leave_the_asked_room_around_the_particle():
     margin, frame, inside = out[1]                                 # more room than the image has
     np.testing.assert_array_equal(frame, image)
     np.testing.assert_array_equal(inside, columns)
+    margin, frame, inside = out[2]                                 # cut 1 Å into the particle
+    np.testing.assert_array_equal(frame, image[35:46, 45:56])
+    np.testing.assert_array_equal(inside, [[5.0, 5.0, 4.0]])      # the outer two cut off
