@@ -60,7 +60,7 @@ particle's own contrast reaches ~2 Å beyond its outer columns, and the 4 Å win
 VACUUM_MARGIN = 1.25
 """The least vacuum share a vacuum-normalised model needs, in units of its bare minimum
 ``1 − vacuum_quantile`` (:func:`required_vacuum_fraction`): 12.5 % for q = 0.9. Was 2 (20 %)
-before the own-data study of docs/model.md, "Framing"."""
+before the own-data study of docs/model.md, "Version 4"."""
 
 
 def lattice_columns(x_A, y_A, *, tolerance_A: float = TOLERANCE_A,
@@ -162,10 +162,10 @@ def required_vacuum_fraction(info: dict) -> float | None:
     model version 3 on) takes that level as the ``vacuum_quantile`` q of the frame's local
     means: it falls on the particle unless more than ``1 − q`` of the frame is vacuum. The
     minimum asked is :data:`VACUUM_MARGIN` × (1 − q): on our own data (version 4,
-    ``scripts/vacuum_study.py``; docs/model.md, "Framing") frames below 1 − q read 0.5–0.9 atoms
-    low and frames from 1 − q up read as well as frames with ample vacuum; the margin covers the
-    spread of the measured share around that cliff. A model that normalises to the frame mean
-    (versions 1–2) needs no vacuum: None.
+    ``scripts/vacuum_study.py``; docs/model.md, "Version 4") frames below 1 − q read 0.5–0.9
+    atoms low and frames from 1 − q up read as well as frames with ample vacuum; the margin
+    covers the spread of the measured share around that cliff. A model that normalises to the
+    frame mean (versions 1–2) needs no vacuum: None.
 
     Parameters
     ----------
