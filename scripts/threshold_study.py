@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 def threshold_table(model, data_dirs, doses, thresholds, *, split="validation", max_images=None,
-                    seed=0, min_distance_A=2.0, progress=True) -> dict:
+                    seed=0, min_distance_A=None, progress=True) -> dict:
     """Scores of the column finder at each threshold and dose over the records of ``data_dirs``.
 
     Parameters
@@ -40,8 +40,9 @@ def threshold_table(model, data_dirs, doses, thresholds, *, split="validation", 
         Column thresholds to try, each in (0, 1).
     split, max_images, seed
         Which records (at most ``max_images`` per folder) and the noise seed.
-    min_distance_A : float
-        Smallest distance between columns, Å.
+    min_distance_A : float, optional
+        Smallest distance between columns, Å (default: ``analyze``'s,
+        :class:`ceriakeras.config.AnalyzeConfig`).
 
     Returns
     -------
@@ -49,10 +50,13 @@ def threshold_table(model, data_dirs, doses, thresholds, *, split="validation", 
         ``{dose: {threshold: metrics}}`` with the metrics of :meth:`ceriakeras.scoring.Tally.metrics`.
     """
     from ceriakeras.columns import find_columns
+    from ceriakeras.config import AnalyzeConfig
     from ceriakeras.modelinfo import model_settings
     from ceriakeras.scoring import MATCH_DISTANCE_A, Tally, noisy_predictions
 
     pixel_size_A, max_height, label_radius_A = model_settings(model.info)
+    if min_distance_A is None:
+        min_distance_A = AnalyzeConfig().min_distance_A
     tallies = {d: {t: Tally() for t in thresholds} for d in doses}
     for data_dir in data_dirs:
         for _, true_columns, _, probabilities in noisy_predictions(

@@ -79,6 +79,7 @@ def vacuum_table(model, data_dirs, doses, margins_A, *, split="validation", max_
     from ceriakeras.config import AnalyzeConfig
     from ceriakeras.modelinfo import model_settings, with_model_threshold
     from ceriakeras.pipeline import poisson_sample
+    from ceriakeras.records import read_manifest
     from ceriakeras.recognise import vacuum_fraction
     from ceriakeras.scoring import MATCH_DISTANCE_A, Tally, _records, noise_seed
 
@@ -87,13 +88,17 @@ def vacuum_table(model, data_dirs, doses, margins_A, *, split="validation", max_
     bins = list(zip(share_bins[:-1], share_bins[1:]))
     tallies = {d: {b: Tally() for b in bins} for d in doses}
     frames = {d: {b: 0 for b in bins} for d in doses}
-    work = [(data_dir, index, rec) for data_dir in data_dirs
-            for index, rec in enumerate(_records(data_dir, split, max_images))]
+    # streamed, one record in memory at a time (the progress bar's total from the manifests)
+    work = ((index, rec) for data_dir in data_dirs
+            for index, rec in enumerate(_records(data_dir, split, max_images)))
     if progress:
         from tqdm import tqdm
 
-        work = tqdm(work, desc="vacuum study", unit="image", file=sys.stderr, dynamic_ncols=True)
-    for data_dir, index, rec in work:
+        total = sum(min(int(read_manifest(d)["counts"].get(split, 0)), max_images or 10**9)
+                    for d in data_dirs)
+        work = tqdm(work, total=total, desc="vacuum study", unit="image", file=sys.stderr,
+                    dynamic_ncols=True)
+    for index, rec in work:
         image = np.asarray(rec["image"], np.float32)
         true_columns = np.asarray(rec["columns"], np.float64).reshape(-1, 3)
         if len(true_columns) == 0:
@@ -101,11 +106,13 @@ def vacuum_table(model, data_dirs, doses, margins_A, *, split="validation", max_
         for margin, frame, columns in framings(image, true_columns, pixel_size_A, margins_A):
             if min(frame.shape) < MIN_FRAME_PX or len(columns) == 0:
                 continue
-            for d in doses:
-                counts = np.asarray(poisson_sample(frame * (d * pixel_size_A ** 2),
-                                                   noise_seed(seed, index, d + margin)), np.float32)
-                probabilities, _ = model.predict(counts[None])
-                found = find_columns(probabilities[0], pixel_size_A,
+            counts = np.stack([  # every dose of this framing in one model call
+                np.asarray(poisson_sample(frame * (d * pixel_size_A ** 2),
+                                          noise_seed(seed, index, d + margin)), np.float32)
+                for d in doses])
+            probabilities, _ = model.predict(counts)
+            for k, d in enumerate(doses):
+                found = find_columns(probabilities[k], pixel_size_A,
                                      min_distance_A=config.min_distance_A,
                                      threshold=config.threshold, label_radius_A=label_radius_A)
                 share = vacuum_fraction(found["x_px"] * pixel_size_A, found["y_px"] * pixel_size_A,
@@ -147,7 +154,7 @@ def main(argv=None) -> int:
     need = required_vacuum_fraction(model.info)
     print(f"model {model.path}; {args.split} split of {', '.join(args.data)}, ≤ {args.max_images} "
           f"images each, framed with {args.margins} Å of room"
-          + ("" if need is None else f"; analyze requires ≥ {need:.0%} vacuum"))
+          + ("" if need is None else f"; analyze requires ≥ {need:.1%} vacuum"))
     print(f"{'dose (e-/Å²)':>12} {'vacuum share':>13} {'frames':>6} {'columns':>7} {'F1':>6} "
           f"{'exact':>6} {'±1':>6} {'bias (atoms)':>12}")
     for d, rows in table.items():
