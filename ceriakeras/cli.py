@@ -332,8 +332,11 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
 # --- export ------------------------------------------------------------------------------------
 # (section owned by the export work)
 @main.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(path_type=str), metavar="runs/NAME",
-              help="Training run folder (its best checkpoint is exported, see --checkpoint).")
+@click.option("--run", "run_dir", required=True, multiple=True, type=click.Path(path_type=str),
+              metavar="runs/NAME",
+              help="Training run folder (its best checkpoint is exported, see --checkpoint). "
+                   "Repeat for an ensemble: one model that averages the runs' probabilities "
+                   "(each run's time per frame adds up; docs/model.md, \"Version 5\").")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), metavar="saved_models/NAME",
               help="Model base folder for TF Serving; the version goes in OUT/<version>/.")
 @click.option("--version", type=int, default=None, metavar="N",
@@ -349,11 +352,11 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
 @click.option("--calibration-map", type=click.Choice(CALIBRATION_MAP_CHOICES), default=None,
               help="Confidence map fitted by --calibrate (default: the project's default, "
                    "docs/model.md).")
-@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best",
-              show_default=True,
-              help="best: the epoch with the lowest validation loss; last: the last finished "
-                   "epoch (take it when datasets were added during the run, whose validation "
-                   "losses are then measured on different data).")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), multiple=True,
+              help="best (default): the epoch with the lowest validation loss; last: the last "
+                   "finished epoch (take it when datasets were added during the run, whose "
+                   "validation losses are then measured on different data). With several --run: "
+                   "once for all, or once per --run in the same order.")
 @click.option("--column-threshold", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
               default=None, metavar="P",
               help="The model's column threshold: smallest column probability (1 − p(background), "
@@ -372,6 +375,7 @@ def export(run_dir, out_dir, version, calibrate_on, calibration_images, calibrat
     from .preflight import check_export
 
     calibrate_on = list(calibrate_on) or None
+    run_dir, checkpoint = list(run_dir), list(checkpoint) or ["best"]
     check_export(run_dir, out_dir, version, calibrate_on=calibrate_on, checkpoint=checkpoint)
     from .export import export_run, read_info
 

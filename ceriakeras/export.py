@@ -59,6 +59,61 @@ def _checkpoint(run_dir: Path, which: str = "best") -> Path:
                      f"(ceriakeras train --out {run_dir})")
 
 
+def ensemble_members(run_dir, checkpoint="best") -> tuple[list[Path], list[str]]:
+    """The run folders of an export and the checkpoint ('best' or 'last') of each.
+
+    ``run_dir`` is one folder or a sequence of them; ``checkpoint`` one value for all or one per
+    folder.
+
+    Raises
+    ------
+    ModelError
+        No run, or as many checkpoints as neither 1 nor the runs.
+    """
+    runs = [run_dir] if isinstance(run_dir, (str, Path)) else list(run_dir)
+    which = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
+    if not runs:
+        raise ModelError("no run given: pass --run runs/NAME (repeat it for an ensemble)")
+    if len(which) == 1:
+        which = which * len(runs)
+    if len(which) != len(runs):
+        raise ModelError(f"{len(which)} checkpoints for {len(runs)} runs: give one --checkpoint "
+                         "for all runs or one per --run, in the same order")
+    return [Path(r) for r in runs], which
+
+
+def ensemble_info(run_dirs, infos: list[dict]) -> dict:
+    """``assets/ceriakeras.json`` of an export of one run, or of an ensemble of several.
+
+    The first member's info, and for several members an ``ensemble`` list (run, checkpoint,
+    class weights and training config of each) and the union of their training datasets.
+
+    Raises
+    ------
+    ModelError
+        Members that differ in pixel size, largest height, label radius or outputs.
+    """
+    info = dict(infos[0])
+    if len(infos) == 1:
+        return info
+    for key in ("pixel_size_A", "max_height", "label_radius_A", "signature"):
+        values = [i.get(key) for i in infos]
+        if any(v != values[0] for v in values[1:]):
+            raise ModelError(f"the runs differ in {key} ({', '.join(map(str, values))}); "
+                             "an ensemble needs members trained for the same pixels and heights")
+    info["ensemble"] = [
+        {"run": str(r), "checkpoint": i["checkpoint"], "class_weights": i["class_weights"],
+         "metrics": i["metrics"], "training_config": i["training_config"]}
+        for r, i in zip(run_dirs, infos)]
+    pairs = {}
+    for i in infos:
+        pairs.update(zip(i["manifest_sha256s"], i["data_dirs"]))
+    info["manifest_sha256s"], info["data_dirs"] = list(pairs), list(pairs.values())
+    info["prior_correction"] = ("each member's softmax divided by its training class weights "
+                                "and renormalized, then averaged over the members")
+    return info
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -133,17 +188,23 @@ def model_info(run_dir: Path, checkpoint: Path, optics: bool | None = None) -> d
 def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=None,
                calibration_images: int = 48, calibration_split: str = "validation",
                progress: bool = False, calibration_map: str | None = None,
-               checkpoint: str = "best", column_threshold: float | None = None) -> Path:
+               checkpoint="best", column_threshold: float | None = None) -> Path:
     """Export a training run's best (or last) checkpoint as a TF Serving SavedModel version.
 
     Parameters
     ----------
-    run_dir : path
+    run_dir : path or sequence of paths
         Run folder of ``ceriakeras train``; uses ``checkpoints/best.keras`` (else ``last.keras``).
-    checkpoint : {'best', 'last'}
+        Several runs make an ensemble: one SavedModel whose ``probabilities`` are the mean of
+        the members' (each with its own prior correction) and whose optics outputs are the
+        members' mean; the signature is a single model's. The members must share pixel size,
+        largest height, label radius and outputs. ``assets/ceriakeras.json`` describes the
+        first member and lists all of them under ``ensemble`` (an additive key).
+    checkpoint : {'best', 'last'} or sequence of them
         'best': the lowest validation loss; 'last': the last finished epoch (``state.json``).
         Take 'last' when the data changed during the run: validation losses measured on
-        different validation splits do not rank checkpoints.
+        different validation splits do not rank checkpoints. For an ensemble, one value for
+        every member or one per member, in the order of ``run_dir``.
     out_dir : path
         Model base folder, ``saved_models/NAME``; the version goes in ``out_dir/<version>/``.
     version : int, optional
@@ -190,30 +251,39 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
     if column_threshold is not None and not 0.0 < float(column_threshold) < 1.0:
         raise ModelError(f"column_threshold={column_threshold} must be in (0, 1) (a column "
                          "probability); choose it with scripts/threshold_study.py")
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    checkpoint = _checkpoint(run_dir, checkpoint)
+    run_dirs, checkpoints = ensemble_members(run_dir, checkpoint)
+    out_dir = Path(out_dir)
+    checkpoints = [_checkpoint(r, c) for r, c in zip(run_dirs, checkpoints)]
     target = new_version_folder(out_dir, version)
-    model = load_checkpoint(checkpoint, compile=False,
-                            instead="export only checkpoints made by ceriakeras train")
-    info = model_info(run_dir, checkpoint, optics=has_optics(model))
+    models = [load_checkpoint(c, compile=False,
+                              instead="export only checkpoints made by ceriakeras train")
+              for c in checkpoints]
+    infos = [model_info(r, c, optics=has_optics(m))
+             for r, c, m in zip(run_dirs, checkpoints, models)]
+    info = ensemble_info(run_dirs, infos)
     if column_threshold is not None:
         info["column_threshold"] = float(column_threshold)
 
     # A loss weighted by w_k is minimized by q_k ∝ w_k p_k, not by the class probabilities p_k:
     # dividing by w and renormalizing gives calibrated probabilities (and fewer false columns).
-    inverse_weights = tf.constant(
-        1.0 / np.asarray(info["class_weights"] or np.ones(info["max_height"] + 1), np.float32))
+    inverse_weights = [tf.constant(
+        1.0 / np.asarray(i["class_weights"] or np.ones(i["max_height"] + 1), np.float32))
+        for i in infos]
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32, name="image")])
     def serve(image):
-        raw, optics = split_outputs(model(image, training=False))
-        weighted = tf.cast(raw, tf.float32) * inverse_weights
-        probabilities = weighted / tf.reduce_sum(weighted, axis=-1, keepdims=True)
+        members = []
+        for model, inverse in zip(models, inverse_weights):
+            raw, optics = split_outputs(model(image, training=False))
+            weighted = tf.cast(raw, tf.float32) * inverse
+            members.append((weighted / tf.reduce_sum(weighted, axis=-1, keepdims=True), optics))
+        probabilities = tf.add_n([p for p, _ in members]) / len(members)
         height = tf.cast(tf.argmax(probabilities, axis=-1), tf.int32)
         out = {"probabilities": probabilities, "height": height}
-        if optics is not None:  # additive: per-frame optics of the global branch
+        if members[0][1] is not None:  # additive: per-frame optics of the global branch
+            optics = tf.add_n([tf.cast(o, tf.float32) for _, o in members]) / len(members)
             for i, (name, _, _) in enumerate(OPTICS_OUTPUTS):
-                out[name] = tf.cast(optics[:, i], tf.float32)
+                out[name] = optics[:, i]
         return out
 
     if calibrate_on is not None:
@@ -226,7 +296,8 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
             progress=progress))
 
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    for model in models:
+        archive.track(model)
     archive.add_endpoint("serving_default", serve)
 
     out_dir.mkdir(parents=True, exist_ok=True)

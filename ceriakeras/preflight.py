@@ -137,23 +137,26 @@ def check_evaluate(model, data_dir, out_dir, *, split: str = "test",
 
 
 def check_export(run_dir, out_dir, version: int | None = None, *, calibrate_on=None,
-                 calibration_split: str = "validation", checkpoint: str = "best") -> None:
-    """What ``ceriakeras export`` checks before Keras loads: the run has a checkpoint, the
-    version is positive and not taken, and a calibration dataset is at the run's pixel size
-    (Å) with a non-empty ``calibration_split``.
+                 calibration_split: str = "validation", checkpoint="best") -> None:
+    """What ``ceriakeras export`` checks before Keras loads: each run (one, or several for an
+    ensemble) has its checkpoint, the version is positive and not taken, and a calibration
+    dataset is at the run's pixel size (Å) with a non-empty ``calibration_split``.
 
     Raises
     ------
     ModelError, DataError
     """
-    from .export import _checkpoint, _read_json
+    from .export import _checkpoint, _read_json, ensemble_members
     from .modelinfo import new_version_folder
 
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if not run_dir.is_dir():
-        raise ModelError(f"run folder {run_dir} does not exist: train one with "
-                         f"`ceriakeras train --out {run_dir}`")
-    _checkpoint(run_dir, checkpoint)
+    run_dirs, checkpoints = ensemble_members(run_dir, checkpoint)
+    out_dir = Path(out_dir)
+    for run, which in zip(run_dirs, checkpoints):
+        if not run.is_dir():
+            raise ModelError(f"run folder {run} does not exist: train one with "
+                             f"`ceriakeras train --out {run}`")
+        _checkpoint(run, which)
+    run_dir = run_dirs[0]
     new_version_folder(out_dir, version)
     if calibrate_on is not None:
         model = _read_json(run_dir / "config.json").get("model", {})

@@ -296,3 +296,57 @@ def test_optics_outputs_are_additive_and_old_callers_still_get_two_values(tmp_pa
     assert old_model.optics_names == () and not DihedralAveraged(old_model).has_optics
     assert old_model.predict_optics(frames) == {}
     assert DihedralAveraged(old_model).predict(frames, optics=True)[2] == {}
+
+
+def test_an_ensemble_serves_the_mean_of_its_members(run, tmp_path):
+    """Several --run: one SavedModel whose probabilities are the mean of the members' (each with
+    its own prior correction), height their argmax; the info lists the members."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    model = keras.saving.load_model(other / "checkpoints" / "best.keras")
+    rng = np.random.default_rng(5)
+    model.train_on_batch(rng.uniform(10, 30, (2, 32, 32, 1)).astype(np.float32),
+                         rng.integers(0, 6, (2, 32, 32)).astype(np.int32))
+    model.save(other / "checkpoints" / "epoch-0002.keras")
+    (other / "state.json").write_text(json.dumps({"epoch": 2, "checkpoint": "epoch-0002.keras"}))
+    dataset = json.loads((other / "dataset.json").read_text())
+    dataset.update(class_weights=[0.1, 1.0, 2.0, 4.0, 0.5, 10.0], data_dir="tfrecords/more",
+                   manifest_sha256="cd" * 32)
+    (other / "dataset.json").write_text(json.dumps(dataset))
+
+    a = load_served_model(export_run(run, tmp_path / "a"))
+    b = load_served_model(export_run(other, tmp_path / "b", checkpoint="last"))
+    both = load_served_model(export_run([run, other], tmp_path / "both",
+                                        checkpoint=["best", "last"], column_threshold=0.35))
+    image = rng.poisson(15.0, (2, 24, 40)).astype(np.float32)
+    pa, pb = a.predict(image)[0], b.predict(image)[0]
+    assert not np.allclose(pa, pb, atol=1e-3), "the members must differ for the test to mean much"
+    prob, height = both.predict(image)
+    np.testing.assert_allclose(prob, (pa + pb) / 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(height, prob.argmax(-1))
+    info = both.info
+    assert [(m["run"], m["checkpoint"]) for m in info["ensemble"]] == [
+        (str(run), "best.keras"), (str(other), "epoch-0002.keras")]
+    assert info["ensemble"][1]["class_weights"] == dataset["class_weights"]
+    assert info["data_dirs"] == ["tfrecords/tiny", "tfrecords/more"]
+    assert info["column_threshold"] == 0.35 and info["max_height"] == 5
+    assert "ensemble" not in a.info
+    sig = tf.saved_model.load(str(both.path)).signatures["serving_default"]
+    assert set(sig.structured_outputs) == {"probabilities", "height"}
+
+
+def test_an_ensemble_of_unlike_runs_or_unmatched_checkpoints_is_refused(run, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    config = json.loads((other / "config.json").read_text())
+    config["model"]["pixel_size_A"] = 0.2
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="differ in pixel_size_A"):
+        export_run([run, other], tmp_path / "models")
+    with pytest.raises(ModelError, match="3 checkpoints for 2 runs"):
+        export_run([run, run], tmp_path / "models", checkpoint=["best", "best", "last"])
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
