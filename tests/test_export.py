@@ -121,21 +121,28 @@ def test_a_run_without_checkpoint_and_a_missing_model_are_refused(tmp_path):
         load_served_model(tmp_path / "nothing-here")
 
 
-def test_the_last_epoch_can_be_exported_instead_of_the_best(run, tmp_path):
-    """--checkpoint last: the checkpoint state.json names (the last finished epoch), not best.keras."""
+def _trained_on(run, dest, seed):
+    """A copy of ``run`` trained one more step: its ``checkpoints/epoch-0002.keras``, named by
+    ``state.json`` as the last epoch (best.keras stays the first). Returns (run, Keras model)."""
     import shutil
 
-    from ceriakeras.export import _checkpoint
-
-    later = tmp_path / "later"
-    shutil.copytree(run, later)
-    model = keras.saving.load_model(later / "checkpoints" / "best.keras")
-    rng = np.random.default_rng(3)
+    shutil.copytree(run, dest)
+    model = keras.saving.load_model(dest / "checkpoints" / "best.keras")
+    rng = np.random.default_rng(seed)
     model.train_on_batch(rng.uniform(10, 30, (2, 32, 32, 1)).astype(np.float32),
                          rng.integers(0, 6, (2, 32, 32)).astype(np.int32))
-    model.save(later / "checkpoints" / "epoch-0002.keras")
-    (later / "state.json").write_text(json.dumps({"epoch": 2, "checkpoint": "epoch-0002.keras",
-                                                  "best_epoch": 1}))
+    model.save(dest / "checkpoints" / "epoch-0002.keras")
+    (dest / "state.json").write_text(json.dumps({"epoch": 2, "checkpoint": "epoch-0002.keras",
+                                                 "best_epoch": 1}))
+    return dest, model
+
+
+def test_the_last_epoch_can_be_exported_instead_of_the_best(run, tmp_path):
+    """--checkpoint last: the checkpoint state.json names (the last finished epoch), not best.keras."""
+    from ceriakeras.export import _checkpoint
+
+    later, model = _trained_on(run, tmp_path / "later", seed=3)
+    rng = np.random.default_rng(3)
     last = load_served_model(export_run(later, tmp_path / "models", checkpoint="last"))
     best = load_served_model(export_run(later, tmp_path / "models"))
     assert (last.info["checkpoint"], best.info["checkpoint"]) == ("epoch-0002.keras", "best.keras")
@@ -301,16 +308,8 @@ def test_optics_outputs_are_additive_and_old_callers_still_get_two_values(tmp_pa
 def test_an_ensemble_serves_the_mean_of_its_members(run, tmp_path):
     """Several --run: one SavedModel whose probabilities are the mean of the members' (each with
     its own prior correction), height their argmax; the info lists the members."""
-    import shutil
-
-    other = tmp_path / "other"
-    shutil.copytree(run, other)
-    model = keras.saving.load_model(other / "checkpoints" / "best.keras")
+    other, _ = _trained_on(run, tmp_path / "other", seed=5)
     rng = np.random.default_rng(5)
-    model.train_on_batch(rng.uniform(10, 30, (2, 32, 32, 1)).astype(np.float32),
-                         rng.integers(0, 6, (2, 32, 32)).astype(np.int32))
-    model.save(other / "checkpoints" / "epoch-0002.keras")
-    (other / "state.json").write_text(json.dumps({"epoch": 2, "checkpoint": "epoch-0002.keras"}))
     dataset = json.loads((other / "dataset.json").read_text())
     dataset.update(class_weights=[0.1, 1.0, 2.0, 4.0, 0.5, 10.0], data_dir="tfrecords/more",
                    manifest_sha256="cd" * 32)
