@@ -240,7 +240,9 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
     Raises
     ------
     ModelError
-        No checkpoint in the run, or the version exists already (never overwritten).
+        No checkpoint in the run, or the version exists already (never overwritten); for an
+        ensemble, also members that differ in pixels, heights or outputs, or as many
+        checkpoints as neither 1 nor the runs (:func:`ensemble_members`, :func:`ensemble_info`).
     """
     import keras
     import tensorflow as tf
