@@ -285,6 +285,10 @@ def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell
               help="Global batch size, crops per step (split across replicas).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Delete the run in --out and start again.")
+@click.option("--init-from", type=click.Path(path_type=str), default=None, metavar="runs/NAME",
+              help="Start the new run in --out from the weights of this run's last finished "
+                   "epoch (a warm restart: new optimizer, learning-rate schedule from its warm-up, "
+                   "--config's seed); same [model] settings, same class weights.")
 @click.option("--allow-data-change", is_flag=True,
               help="With --resume: continue although --data leaves out or replaces datasets the "
                    "run was trained on (recorded in the run's dataset.json).")
@@ -292,12 +296,15 @@ def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell
 @_verbose_option
 @_one_line_errors
 def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, resume, overwrite,
-          allow_data_change, quiet):
+          init_from, allow_data_change, quiet):
     """Train the U-Net on a simulated dataset.
 
     Example: ceriakeras train --data tfrecords/demo --out runs/demo --epochs 20
 
     Chunks: ceriakeras train --data tfrecords/v3-a --data tfrecords/v3-b --out runs/v3 --resume
+
+    Warm restart: ceriakeras train --data tfrecords/demo --out runs/demo-2 --init-from runs/demo
+    --config runs/demo/config.json --epochs 10
     """
     import dataclasses
     from pathlib import Path
@@ -318,11 +325,12 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
         config.validate()
     data_dirs = list(data_dir)
     check_train(data_dirs, run_dir, resume=resume, overwrite=overwrite,
-                allow_data_change=allow_data_change)
+                allow_data_change=allow_data_change, init_from=init_from)
     from .train import train as train_run
 
     result = train_run(data_dirs, run_dir, config, resume=resume, overwrite=overwrite,
-                       progress=not quiet, allow_data_change=allow_data_change)
+                       progress=not quiet, allow_data_change=allow_data_change,
+                       init_from=init_from)
     resumed = f" (resumed after epoch {result['initial_epoch']})" if result["resumed"] else ""
     click.echo(f"{run_dir}: {result['epochs_completed']} epoch(s){resumed}; best validation loss "
                f"{result['best_val_loss']:.4f} at epoch {result['best_epoch']}; "

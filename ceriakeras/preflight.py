@@ -191,11 +191,12 @@ def check_calibration_data(datasets, pixel_size_A: float | None,
 
 
 def check_train(data_dir, run_dir, *, resume: bool = False, overwrite: bool = False,
-                allow_data_change: bool = False) -> None:
+                allow_data_change: bool = False, init_from=None) -> None:
     """What ``ceriakeras train`` checks before TensorFlow loads: every dataset's manifest (one
     folder or a list), that they agree (:func:`ceriakeras.records.read_manifests`), that the run
-    folder can be started, resumed or overwritten as asked, and on resume that the datasets
-    include all of the run's (unless ``allow_data_change``).
+    folder can be started, resumed or overwritten as asked, on resume that the datasets
+    include all of the run's (unless ``allow_data_change``), and that an ``init_from`` run has a
+    checkpoint to start from.
 
     Under ``TF_CONFIG`` (several workers) an existing run folder is the chief's, so only
     ``--resume`` with nothing to resume is refused here.
@@ -208,6 +209,12 @@ def check_train(data_dir, run_dir, *, resume: bool = False, overwrite: bool = Fa
 
     if resume and overwrite:
         raise ModelError("pass either --resume or --overwrite, not both")
+    if init_from is not None:
+        if resume:
+            raise ModelError("pass either --resume or --init-from, not both")
+        if not (Path(init_from) / "checkpoints" / "last.keras").is_file():
+            raise ModelError(f"--init-from {init_from} has no checkpoints/last.keras; name a "
+                             "training run folder")
     read_manifests(data_dir)
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():

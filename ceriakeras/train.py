@@ -5,7 +5,8 @@ A run folder holds everything needed to continue or reproduce it::
     runs/NAME/
       config.json          the TrainConfig used (loads with ``load_config(TrainConfig, path)``)
       dataset.json         the training data folders and the sha256 of their manifest.json,
-                           the class weights, and when datasets were added (``changes``)
+                           the class weights, when datasets were added (``changes``) and,
+                           for a warm restart, the run and epoch it started from
       checkpoints/last.keras, checkpoints/best.keras   (best = lowest validation loss)
       state.json           epochs completed, best epoch and validation loss
       metrics.json         validation metrics of the best epoch (read by ``export``)
@@ -662,10 +663,12 @@ def _dataset_entry(data_dir: Path, digest: str, manifest: dict) -> dict:
 
 
 def _dataset_record(data_dirs, digests, manifests, weights, previous: dict | None,
-                    epoch: int, added, removed) -> dict:
+                    epoch: int, added, removed, source: dict | None = None) -> dict:
     """The run's ``dataset.json``: the first dataset's fields as versions 1–2 wrote them (read
     by old tools), ``datasets`` (every one), summed ``counts``, the ``class_weights`` in use,
-    and ``changes``: the datasets added or removed on a resume, with the epoch it happened."""
+    ``changes``: the datasets added or removed on a resume, with the epoch it happened, and
+    ``initialized_from``: the run and epoch a warm-started run took its weights from
+    (``source``, see :func:`_warm_start_source`)."""
     from .records import run_datasets
 
     first = manifests[0]
@@ -687,8 +690,11 @@ def _dataset_record(data_dirs, digests, manifests, weights, previous: dict | Non
         "counts": counts, "class_weights": [float(w) for w in weights],
         "datasets": entries,
     }
-    # the datasets whose summed label histograms gave the class weights (a resume keeps them)
-    if previous is not None and previous.get("class_weights_from"):
+    # the datasets whose summed label histograms gave the class weights (a resume keeps them,
+    # and a warm start takes the earlier run's)
+    if source is not None:
+        record["class_weights_from"] = source["class_weights_from"]
+    elif previous is not None and previous.get("class_weights_from"):
         record["class_weights_from"] = previous["class_weights_from"]
     elif previous is not None and previous.get("class_weights"):
         record["class_weights_from"] = [e["manifest_sha256"] for e in run_datasets(previous)]
@@ -696,11 +702,52 @@ def _dataset_record(data_dirs, digests, manifests, weights, previous: dict | Non
         record["class_weights_from"] = list(digests)
     if changes:
         record["changes"] = changes
+    initialized = (source or {}).get("initialized_from") or (previous or {}).get("initialized_from")
+    if initialized:
+        record["initialized_from"] = initialized
     return record
 
 
+def _warm_start_source(source_run: Path, config: TrainConfig) -> dict:
+    """What a new run started from another run's weights needs of it: its checkpoint of the
+    last finished epoch, its class weights (the loss must not jump) and where they came from.
+
+    Raises
+    ------
+    ModelError
+        The run has no checkpoint, or its model settings differ from ``config.model``.
+    """
+    from .records import run_datasets
+
+    if not (source_run / "checkpoints" / "last.keras").is_file():
+        raise ModelError(f"--init-from {source_run} has no checkpoints/last.keras; name a "
+                         "training run folder")
+    if _saved_model_config(source_run) != to_dict(config.model):
+        raise ModelError(f"the model settings of --init-from {source_run} (its config.json) "
+                         "differ from --config's; start from a run with the same [model] table")
+    state = _read_json(source_run / "state.json")
+    record = _read_json(source_run / "dataset.json")
+    checkpoint = source_run / "checkpoints" / state.get("checkpoint", "last.keras")
+    if not checkpoint.is_file():
+        raise ModelError(f"{checkpoint} named by {source_run}/state.json is missing; "
+                         "name another --init-from run")
+    weights = record.get("class_weights")
+    if weights is None or len(weights) != config.model.max_height + 1:
+        raise ModelError(f"{source_run}/dataset.json has no class weights for "
+                         f"{config.model.max_height + 1} classes; name another --init-from run")
+    return {
+        "checkpoint": checkpoint,
+        "class_weights": weights,
+        "class_weights_from": record.get("class_weights_from")
+        or [e["manifest_sha256"] for e in run_datasets(record)],
+        "initialized_from": {"run_dir": str(source_run.resolve()), "checkpoint": checkpoint.name,
+                             "epoch": int(state.get("epoch", 0))},
+    }
+
+
 def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: bool = False,
-          overwrite: bool = False, progress: bool = True, allow_data_change: bool = False) -> dict:
+          overwrite: bool = False, progress: bool = True, allow_data_change: bool = False,
+          init_from=None) -> dict:
     """Train the U-Net on simulated data and keep everything in ``run_dir``.
 
     Parameters
@@ -724,6 +771,11 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
         Datasets *added* to those of the run are always accepted (the run grows its data as
         chunks are finished); either change is recorded in ``dataset.json`` under ``changes``
         with the epoch it happened. A resumed run keeps the class weights it started with.
+    init_from : path, optional
+        Start this new run from the weights of an earlier run's last finished epoch (a warm
+        restart): a fresh optimizer, ``config``'s learning-rate schedule from step 0 and
+        ``config``'s seed. The model settings must be the earlier run's; the class weights are
+        its too, and ``dataset.json`` records the run and epoch under ``initialized_from``.
 
     Returns
     -------
@@ -735,7 +787,7 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
     ------
     ModelError
         The run folder exists (without resume/overwrite), there is nothing to resume, or the
-        dataset or model differ from those of the run being resumed.
+        dataset or model differ from those of the run being resumed (or of ``init_from``).
     DataError
         From the pipeline: a missing, empty or corrupt dataset, or crops larger than the images.
     """
@@ -761,7 +813,11 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
               f"the chief writes {run_dir}; this worker's copies go to {out_dir}", flush=True)
 
     initial_epoch, best_val_loss, best_epoch = 0, np.inf, 0
-    saved, added, removed = None, [], []
+    saved, added, removed, source = None, [], [], None
+    if init_from is not None:
+        if resume:
+            raise ModelError("pass either --resume or --init-from, not both")
+        source = _warm_start_source(Path(init_from), config)
     if resume:
         saved = _read_json(run_dir / "dataset.json")
         added, removed = compare_run_datasets(saved, digests)
@@ -782,7 +838,7 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
             _drop_log_rows(run_dir / "log.csv", initial_epoch)
     write_text_atomic(out_dir / "config.json", json.dumps(to_dict(config), indent=2))
     n_classes = config.model.max_height + 1
-    kept = (saved or {}).get("class_weights")
+    kept = (saved or source or {}).get("class_weights")
     if kept is not None and len(kept) == n_classes:  # the loss must not jump on resume
         weights = np.asarray(kept, np.float32)
     else:
@@ -795,7 +851,8 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
               f"{', '.join(str(d) for d in data_dirs)}; the class weights stay the run's first "
               "(recorded in dataset.json)", flush=True)
     write_text_atomic(out_dir / "dataset.json", json.dumps(_dataset_record(
-        data_dirs, digests, manifests, weights, saved, initial_epoch, added, removed), indent=2))
+        data_dirs, digests, manifests, weights, saved, initial_epoch, added, removed, source),
+        indent=2))
     optics = config.model.architecture == "context_unet" and config.model.global_branch
     training = make_dataset(data_dirs, "train", config.pipeline, class_weights=weights,
                             training=True, optics=optics)
@@ -810,7 +867,19 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
                   f"{initial_epoch} (optimizer step {int(model.optimizer.iterations.numpy())})",
                   flush=True)
         else:
-            model = compile_model(build_model(config.model, noise_seed=config.pipeline.seed), config)
+            model = build_model(config.model, noise_seed=config.pipeline.seed)
+            if source is not None:
+                donor = load_checkpoint(source["checkpoint"], compile=False,
+                                        instead="name another --init-from run")
+                try:
+                    model.set_weights(donor.get_weights())
+                except ValueError as err:
+                    raise ModelError(f"the weights of {source['checkpoint']} do not fit this "
+                                     f"model ({err}); name another --init-from run") from None
+                print(f"{run_dir}: starting from the weights of {source['checkpoint']} "
+                      f"(epoch {source['initialized_from']['epoch']}), with a new optimizer "
+                      "and learning-rate schedule", flush=True)
+            model = compile_model(model, config)
         if initial_epoch >= config.epochs:
             print(f"{run_dir} already has {initial_epoch} epochs; pass a larger --epochs to "
                   "train further", flush=True)

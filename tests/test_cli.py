@@ -140,6 +140,10 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["train", "--data", str(data02), "--out", str(run), "--resume", "--overwrite"],
          "either --resume or --overwrite"),
         (["train", "--data", str(data02), "--out", str(untrained), "--resume"], "nothing to resume"),
+        (["train", "--data", str(data02), "--out", str(tmp / "runs" / "new"), "--init-from",
+          str(untrained)], "has no checkpoints/last.keras; name a training run"),
+        (["train", "--data", str(data02), "--out", str(run), "--resume", "--init-from", str(run)],
+         "either --resume or --init-from"),
         (["simulate", "--out", str(tmp / "sim"), "--count", "0"], "at least 1"),
         (["simulate", "--out", str(a_file / "sim"), "--count", "4"], "--out"),
     ]

@@ -208,6 +208,46 @@ def test_context_unet_trains_with_the_optics_loss_and_resumes(dataset, tmp_path)
     assert int(model.optimizer.iterations.numpy()) == 2 * CONTEXT.steps_per_epoch
 
 
+@pytest.mark.slow
+def test_a_warm_restart_starts_from_another_runs_weights_with_a_new_optimizer(dataset, tmp_path):
+    first = tmp_path / "first"
+    train(dataset, first, TINY, progress=False)
+    donor = keras.saving.load_model(first / "checkpoints/last.keras")
+    # a learning rate of ~0 keeps the weights where the restart put them
+    still = dataclasses.replace(TINY, learning_rate=1e-12, pipeline=dataclasses.replace(
+        TINY.pipeline, seed=TINY.pipeline.seed + 1))
+    second = tmp_path / "second"
+    result = train(dataset, second, still, progress=False, init_from=first)
+    assert not result["resumed"] and result["epochs_completed"] == 1
+    restarted = keras.saving.load_model(second / "checkpoints/last.keras")
+    assert int(restarted.optimizer.iterations.numpy()) == TINY.steps_per_epoch, "a new optimizer"
+    # (trainable ones: batch-norm statistics move with any learning rate)
+    def trainable(model):
+        return [np.asarray(w) for w in model.trainable_weights]
+
+    for a, b in zip(trainable(donor), trainable(restarted), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    fresh = build_unet(TINY.model)
+    assert any(np.abs(a - b).max() > 1e-3 for a, b in zip(trainable(fresh), trainable(restarted)))
+    record = json.loads((second / "dataset.json").read_text())
+    donor_record = json.loads((first / "dataset.json").read_text())
+    assert record["class_weights"] == donor_record["class_weights"]
+    assert record["initialized_from"] == {
+        "run_dir": str(first.resolve()), "epoch": 1,
+        "checkpoint": json.loads((first / "state.json").read_text())["checkpoint"]}
+    train(dataset, second, dataclasses.replace(still, epochs=2), resume=True, progress=False)
+    assert json.loads((second / "dataset.json").read_text())["initialized_from"] == \
+        record["initialized_from"], "a resume keeps where the run started"
+
+    with pytest.raises(ModelError, match="--resume or --init-from"):
+        train(dataset, second, still, resume=True, init_from=first, progress=False)
+    wider = dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, base_filters=8))
+    with pytest.raises(ModelError, match="model settings of --init-from"):
+        train(dataset, tmp_path / "third", wider, init_from=first, progress=False)
+    with pytest.raises(ModelError, match="no checkpoints/last.keras"):
+        train(dataset, tmp_path / "fourth", TINY, init_from=tmp_path / "thesis", progress=False)
+
+
 def test_resume_without_a_run_and_missing_data_are_one_line_errors(dataset, tmp_path):
     with pytest.raises(ModelError, match="nothing to resume"):
         train(dataset, tmp_path / "new", TINY, resume=True, progress=False)
