@@ -288,7 +288,8 @@ def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell
 @click.option("--init-from", type=click.Path(path_type=str), default=None, metavar="runs/NAME",
               help="Start the new run in --out from the weights of this run's last finished "
                    "epoch (a warm restart: new optimizer, learning-rate schedule from its warm-up, "
-                   "--config's seed); same [model] settings, same class weights.")
+                   "--config's seed); same [model] settings, same class weights. Without "
+                   "--config, that run's config.json.")
 @click.option("--allow-data-change", is_flag=True,
               help="With --resume: continue although --data leaves out or replaces datasets the "
                    "run was trained on (recorded in the run's dataset.json).")
@@ -304,7 +305,7 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
     Chunks: ceriakeras train --data tfrecords/v3-a --data tfrecords/v3-b --out runs/v3 --resume
 
     Warm restart: ceriakeras train --data tfrecords/demo --out runs/demo-2 --init-from runs/demo
-    --config runs/demo/config.json --epochs 10
+    --epochs 10
     """
     import dataclasses
     from pathlib import Path
@@ -318,6 +319,8 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
             raise ConfigError(f"{name} {value} must be at least 1")
     if config_path is None and resume and (Path(run_dir) / "config.json").is_file():
         config_path = str(Path(run_dir) / "config.json")
+    elif config_path is None and init_from and (Path(init_from) / "config.json").is_file():
+        config_path = str(Path(init_from) / "config.json")
     config = load_config(TrainConfig, config_path, epochs=epochs, steps_per_epoch=steps_per_epoch)
     if batch_size is not None:
         config = dataclasses.replace(

@@ -212,6 +212,9 @@ def check_train(data_dir, run_dir, *, resume: bool = False, overwrite: bool = Fa
     if init_from is not None:
         if resume:
             raise ModelError("pass either --resume or --init-from, not both")
+        if Path(init_from).resolve() == Path(run_dir).resolve():
+            raise ModelError(f"--init-from {init_from} is --out itself; give the new run "
+                             "another folder")
         if not (Path(init_from) / "checkpoints" / "last.keras").is_file():
             raise ModelError(f"--init-from {init_from} has no checkpoints/last.keras; name a "
                              "training run folder")

@@ -800,6 +800,14 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
     manifests = read_manifests(data_dirs)  # DataError if one is missing or they disagree
     digests = [manifest_sha256(d) for d in data_dirs]
     config = _match_dataset(config, manifests[0], data_dirs[0])
+    source = None
+    if init_from is not None:  # before the run folder is made (or, with overwrite, deleted)
+        if resume:
+            raise ModelError("pass either --resume or --init-from, not both")
+        if Path(init_from).resolve() == run_dir.resolve():
+            raise ModelError(f"--init-from {init_from} is --out itself; give the new run "
+                             "another folder")
+        source = _warm_start_source(Path(init_from), config)
     strategy = choose_strategy()  # before any other TensorFlow op (multi-worker needs that)
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     if is_chief(strategy):
@@ -813,11 +821,7 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
               f"the chief writes {run_dir}; this worker's copies go to {out_dir}", flush=True)
 
     initial_epoch, best_val_loss, best_epoch = 0, np.inf, 0
-    saved, added, removed, source = None, [], [], None
-    if init_from is not None:
-        if resume:
-            raise ModelError("pass either --resume or --init-from, not both")
-        source = _warm_start_source(Path(init_from), config)
+    saved, added, removed = None, [], []
     if resume:
         saved = _read_json(run_dir / "dataset.json")
         added, removed = compare_run_datasets(saved, digests)

@@ -144,6 +144,8 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
           str(untrained)], "has no checkpoints/last.keras; name a training run"),
         (["train", "--data", str(data02), "--out", str(run), "--resume", "--init-from", str(run)],
          "either --resume or --init-from"),
+        (["train", "--data", str(data02), "--out", str(run), "--overwrite", "--init-from", str(run)],
+         "is --out itself"),
         (["simulate", "--out", str(tmp / "sim"), "--count", "0"], "at least 1"),
         (["simulate", "--out", str(a_file / "sim"), "--count", "4"], "--out"),
     ]

@@ -246,6 +246,9 @@ def test_a_warm_restart_starts_from_another_runs_weights_with_a_new_optimizer(da
         train(dataset, tmp_path / "third", wider, init_from=first, progress=False)
     with pytest.raises(ModelError, match="no checkpoints/last.keras"):
         train(dataset, tmp_path / "fourth", TINY, init_from=tmp_path / "thesis", progress=False)
+    with pytest.raises(ModelError, match="is --out itself"):
+        train(dataset, first, TINY, overwrite=True, init_from=first, progress=False)
+    assert (first / "checkpoints" / "last.keras").is_file(), "the run to start from is kept"
 
 
 def test_resume_without_a_run_and_missing_data_are_one_line_errors(dataset, tmp_path):
