@@ -58,6 +58,12 @@ CALIBRATION_DOSES_E_PER_A2 = (20.0, 50.0, 200.0, 1000.0, 5000.0, 20000.0)
 DEFAULT_MAP = "platt"
 """The map ``export --calibrate`` and ``calibrate`` fit unless told otherwise."""
 
+CALIBRATION_POOLINGS = ("pooled", "mean", "shared")
+"""How :func:`fit_map` fits the Platt pairs on several datasets (see there)."""
+
+DEFAULT_POOLING = "pooled"
+"""The pooling ``export --calibrate`` and ``calibrate`` use unless told otherwise."""
+
 LOGISTIC_FEATURES = ("logit_confidence", "height_std", "height")
 """Inputs of the ``logistic`` map: logit of the raw confidence, the column's ``height_std``
 (atoms) and its reported height (atoms)."""
@@ -293,14 +299,80 @@ def collect_columns(predict, datasets: Sequence, info: dict, *,
     return columns, sources
 
 
+def fit_platt_shared(confidence: Sequence[np.ndarray], correct: Sequence[np.ndarray]
+                     ) -> tuple[float, list[float]]:
+    """Platt scaling with one slope for all doses: ``(slope, [intercept per dose])``.
+
+    Maximum likelihood over every dose's columns at once, with the same weak pull towards
+    ``(1, 0)`` as :func:`fit_platt`.
+    """
+    from scipy.special import expit
+
+    zs = [_logit(c) for c in confidence]
+    ys = [np.asarray(r, np.float64) for r in correct]
+
+    def loss(params):
+        a, bs = params[0], params[1:]
+        total = 1e-2 * ((a - 1) ** 2 + np.sum(bs**2))
+        grad = np.zeros_like(params)
+        grad[0] = 2e-2 * (a - 1)
+        grad[1:] = 2e-2 * bs
+        for k, (z, y) in enumerate(zip(zs, ys)):
+            t = a * z + bs[k]
+            total += np.sum(np.logaddexp(0.0, t) - y * t)
+            r = expit(t) - y
+            grad[0] += np.sum(r * z)
+            grad[k + 1] += np.sum(r)
+        return total, grad
+
+    x0 = np.zeros(len(zs) + 1)
+    x0[0] = 1.0
+    best = optimize.minimize(loss, x0=x0, jac=True, method="L-BFGS-B")
+    return float(best.x[0]), [float(v) for v in best.x[1:]]
+
+
+def _platt_pairs(columns: dict, doses: list, pooling: str) -> tuple[list[float], list[float]]:
+    """Per dose ``(slopes, intercepts)`` of the Platt map under ``pooling``
+    (:data:`CALIBRATION_POOLINGS`)."""
+    if pooling == "shared":
+        a, bs = fit_platt_shared([columns[d]["confidence"] for d in doses],
+                                 [columns[d]["correct"].astype(bool) for d in doses])
+        return [a] * len(doses), bs
+    slopes, intercepts = [], []
+    for d in doses:
+        col = columns[d]
+        conf, right = col["confidence"], col["correct"].astype(bool)
+        sets = np.unique(col["dataset"]) if pooling == "mean" and "dataset" in col else [None]
+        pairs = [fit_platt(conf, right) if s is None else
+                 fit_platt(conf[col["dataset"] == s], right[col["dataset"] == s]) for s in sets]
+        slopes.append(float(np.mean([p[0] for p in pairs])))
+        intercepts.append(float(np.mean([p[1] for p in pairs])))
+    return slopes, intercepts
+
+
 def fit_map(columns: dict, method: str = DEFAULT_MAP, *, min_bin: int = ISOTONIC_MIN_BIN,
-            ridge: float = 1.0) -> dict:
+            ridge: float = 1.0, pooling: str = DEFAULT_POOLING) -> dict:
     """Fit one confidence map per dose on :func:`collect_columns`' columns.
+
+    Parameters
+    ----------
+    columns : dict
+        :func:`collect_columns`' columns, per dose.
+    method : str
+        One of :data:`CALIBRATION_MAPS`.
+    min_bin, ridge
+        The isotonic map's fewest columns per bin, the logistic map's penalty.
+    pooling : str
+        How the Platt pairs (the ``platt`` map, and every map's fallback) use several datasets
+        (:data:`CALIBRATION_POOLINGS`): ``pooled`` fits all their columns at once; ``mean``
+        fits each dataset (``columns[dose]["dataset"]``) alone and averages the slopes and
+        intercepts, so that sets of different difficulty do not flatten the map; ``shared``
+        fits all columns with one slope for every dose and an intercept per dose.
 
     Returns
     -------
     dict
-        The table for :func:`ceriakeras.columns.calibrate_confidence`: ``map``,
+        The table for :func:`ceriakeras.columns.calibrate_confidence`: ``map``, ``pooling``,
         ``dose_e_per_A2`` and ``slope`` / ``intercept`` (Platt; fitted at every dose whatever
         the map, as the fallback), ``features`` / ``coefficients`` (logistic), ``knots_confidence``
         / ``knots_probability`` (isotonic), and ``ece_before`` / ``ece_after`` (on the fitted
@@ -308,8 +380,13 @@ def fit_map(columns: dict, method: str = DEFAULT_MAP, *, min_bin: int = ISOTONIC
     """
     if method not in CALIBRATION_MAPS:
         raise ConfigError(f"calibration map {method!r} is not one of {', '.join(CALIBRATION_MAPS)}")
+    if pooling not in CALIBRATION_POOLINGS:
+        raise ConfigError(f"calibration pooling {pooling!r} is not one of "
+                          f"{', '.join(CALIBRATION_POOLINGS)}")
     doses = sorted(columns)
-    table: dict = {"map": method, "dose_e_per_A2": list(doses), "slope": [], "intercept": []}
+    slopes, intercepts = _platt_pairs(columns, doses, pooling)
+    table: dict = {"map": method, "pooling": pooling, "dose_e_per_A2": list(doses),
+                   "slope": slopes, "intercept": intercepts}
     if method == "logistic":
         table["features"] = list(LOGISTIC_FEATURES)
         table["coefficients"] = []
@@ -319,9 +396,6 @@ def fit_map(columns: dict, method: str = DEFAULT_MAP, *, min_bin: int = ISOTONIC
     for d in doses:
         col = columns[d]
         conf, right = col["confidence"], col["correct"].astype(bool)
-        a, b = fit_platt(conf, right)
-        table["slope"].append(a)
-        table["intercept"].append(b)
         if method == "logistic":
             table["coefficients"].append(fit_logistic(
                 logistic_features(conf, col["height_std"], col["height"]), right, ridge=ridge))

@@ -71,6 +71,42 @@ def test_isotonic_falls_back_to_platt_with_few_columns_and_maps_are_checked():
     assert set(CALIBRATION_MAPS) == {"platt", "logistic", "isotonic"}
 
 
+def _two_sets(rng, n, slope, offsets):
+    """Columns of two datasets whose P(right) is σ(slope · logit(c) + offset), one offset each."""
+    parts = []
+    for k, b in enumerate(offsets):
+        conf = rng.uniform(0.05, 0.95, n)
+        p = 1.0 / (1.0 + np.exp(-(slope * np.log(conf / (1 - conf)) + b)))
+        parts.append({"confidence": conf, "height": rng.integers(1, 12, n),
+                      "height_std": rng.uniform(0, 1, n), "correct": rng.random(n) < p,
+                      "matched": np.ones(n, bool), "dataset": np.full(n, k, np.int32)})
+    return {key: np.concatenate([q[key] for q in parts]) for key in parts[0]}
+
+
+def test_mean_pooling_keeps_the_slope_that_pooling_two_sets_flattens():
+    """Two sets as steep as each other but of different difficulty: one fit on their columns
+    pooled comes out flatter than either (a mixture of two sigmoids is flatter), the mean of the
+    per-set fits keeps the slope; ``shared`` fits one slope for every dose."""
+    rng = np.random.default_rng(3)
+    cols = {200.0: _two_sets(rng, 6000, 2.0, (-1.5, 1.5)),
+            1000.0: _two_sets(rng, 6000, 2.0, (-1.0, 2.0))}
+    pooled, mean = fit_map(cols, "platt"), fit_map(cols, "platt", pooling="mean")
+    shared = fit_map(cols, "platt", pooling="shared")
+    assert pooled["pooling"] == "pooled" and mean["pooling"] == "mean"
+    for k, offsets in enumerate(((-1.5, 1.5), (-1.0, 2.0))):
+        assert pooled["slope"][k] < 1.7                       # flattened by the mixture
+        assert abs(mean["slope"][k] - 2.0) < 0.15             # each set's own slope
+        assert abs(mean["intercept"][k] - np.mean(offsets)) < 0.15
+    assert shared["slope"][0] == shared["slope"][1]
+    assert abs(shared["slope"][0] - np.mean(pooled["slope"])) < 0.2
+    assert shared["intercept"][0] < shared["intercept"][1]   # 1000 e-/Å² is the easier dose
+    # a single set: the mean of one fit is that fit
+    one = {d: {k: v[c["dataset"] == 0] for k, v in c.items()} for d, c in cols.items()}
+    assert np.allclose(fit_map(one, "platt", pooling="mean")["slope"], fit_map(one, "platt")["slope"])
+    with pytest.raises(ConfigError, match="pooling"):
+        fit_map(cols, "platt", pooling="median")
+
+
 def test_parse_dataset_takes_a_split_suffix_only_when_it_names_a_split():
     assert parse_dataset("tfrecords/a:test") == ("tfrecords/a", "test")
     assert parse_dataset("tfrecords/a") == ("tfrecords/a", "validation")
