@@ -27,7 +27,8 @@ from scipy import ndimage
 
 from .config import AnalyzeConfig, ConfigError, InputError, to_dict
 from .io import atomic_path, write_text_atomic
-from .scoring import MATCH_DISTANCE_A, Tally, calibration, check_doses, noisy_predictions
+from .scoring import (MATCH_DISTANCE_A, Tally, calibration, check_doses, ece_spread,
+                      noisy_predictions)
 
 DEFAULT_DOSES_E_PER_A2 = (20.0, 50.0, 200.0, 1000.0, 5000.0)
 """Doses evaluated by default, e⁻/Å² per image."""
@@ -643,7 +644,10 @@ def labelled_image_plan(paths: Sequence[Path], truth: dict[str, np.ndarray], tru
 def _truth_metrics(tally: Tally, max_height: int) -> dict:
     """:meth:`Tally.metrics`, with the calibration scored as ``score.py`` scores it: over the
     matched columns only (right = same height); the project's own (every reported column, a
-    spurious one counting as wrong) is kept as ``ece_all_reported``."""
+    spurious one counting as wrong) is kept as ``ece_all_reported``. The matched columns' ECE
+    comes with :func:`ceriakeras.scoring.ece_spread` (``ece_interval_90`` over the images
+    resampled, ``ece_if_calibrated``): a dozen labelled images cannot measure an ECE to better
+    than a few hundredths."""
     out = tally.metrics(max_height)
     t = np.concatenate(tally.true_height) if tally.true_height else np.zeros(0, np.int64)
     p = np.concatenate(tally.pred_height) if tally.pred_height else np.zeros(0, np.int64)
@@ -655,6 +659,8 @@ def _truth_metrics(tally: Tally, max_height: int) -> dict:
         out["calibration"] = calibration(np.concatenate(tally.confidence)[matched],
                                          np.concatenate(tally.correct)[matched])
         out["ece"] = out["calibration"]["ece"]
+        out.update(ece_spread([c[m] for c, m in zip(tally.confidence, tally.matched)],
+                              [r[m] for r, m in zip(tally.correct, tally.matched)]))
     return out
 
 
@@ -873,7 +879,28 @@ def format_images_table(result: dict) -> str:
     if estimated:
         lines.append("* dose estimated from the image's counts (mean count / pixel area), "
                      f"rounded to {ESTIMATED_DOSE_DIGITS} digits: give it in {IMAGE_TABLE_NAME}")
+    spread = ece_spread_line(result)
+    if spread:
+        lines.append(spread)
     return "\n".join(lines)
+
+
+def ece_spread_line(result: dict) -> str:
+    """One sentence per labelled-image evaluation: each dose's ECE with its 90 % range over
+    the images resampled and the ECE a perfectly calibrated confidence would show on the same
+    columns (:func:`ceriakeras.scoring.ece_spread`); empty without them."""
+    cells = []
+    for r in result["results"]:
+        net = r["network"]
+        if net.get("ece_interval_90") is None or net.get("ece_if_calibrated") is None:
+            continue
+        lo, hi = net["ece_interval_90"]
+        cells.append(f"{r['dose_e_per_A2']:g}: {net['ece']:.3f} ({lo:.3f}–{hi:.3f}; "
+                     f"{net['ece_if_calibrated']:.3f})")
+    if not cells:
+        return ""
+    return ("ECE at dose (e-/Å²): measured (90 % range over the images resampled; what a perfectly "
+            "calibrated confidence would show on these columns): " + ", ".join(cells))
 
 
 def format_images_report(result: dict, plots: dict[str, str]) -> str:
@@ -916,6 +943,11 @@ def format_images_report(result: dict, plots: dict[str, str]) -> str:
         net = r["network"]
         lines.append(f"| {r['dose_e_per_A2']:g} | {r['n_images']} | {net['n_true']} | "
                      + " | ".join(_fmt(net, k, f) for k, _, f in _IMAGE_TABLE_SCORES) + " |")
+    spread = ece_spread_line(result)
+    if spread:
+        lines += ["", spread.replace("e-/Å²", "e⁻/Å²") + ". A dozen images cannot pin an ECE down "
+                  "better than that: their columns are right or wrong together (one particle, one "
+                  "set of optics), and a few hundred columns in ten bins leave binomial scatter."]
     if any("ece_all_reported" in r["network"] for r in result["results"]):
         lines += ["", "ECE over every reported column (a spurious one counting as a wrong height), "
                   "as `ceriakeras evaluate --data` reports it: "

@@ -194,6 +194,52 @@ def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRA
     }
 
 
+ECE_SPREAD_DRAWS = 1000
+"""Resamples behind :func:`ece_spread`."""
+
+
+def ece_spread(confidence: Sequence[np.ndarray], correct: Sequence[np.ndarray], *,
+               draws: int = ECE_SPREAD_DRAWS, seed: int = 0,
+               bins: int = CALIBRATION_BINS) -> dict:
+    """How far the ECE of a small labelled set is from the calibration it measures.
+
+    The ECE of a few hundred columns is not zero even for a perfectly calibrated confidence
+    (each bin's fraction right is a binomial draw), and columns of one image are right or wrong
+    together (its optics, its particle), so a set of a dozen images scatters much more than its
+    column count suggests. Two figures put a measured ECE in proportion:
+
+    Parameters
+    ----------
+    confidence, correct : sequences of arrays
+        Per image, the columns' stated confidence and whether each is right.
+    draws, seed, bins
+        Resamples, their random seed, and the ECE's bins.
+
+    Returns
+    -------
+    dict
+        ``ece_interval_90``: the 5th and 95th percentiles of the ECE over the images resampled
+        with replacement (bootstrap over images: how much the figure would move on another set
+        of as many images like these); ``ece_if_calibrated``: the median ECE of these very
+        columns if each were right with exactly its stated probability (the floor a perfectly
+        calibrated confidence would show on them); ``draws``.
+    """
+    conf = [np.asarray(c, np.float64).ravel() for c in confidence]
+    right = [np.asarray(r, bool).ravel() for r in correct]
+    if not conf or sum(len(c) for c in conf) == 0:
+        return {"ece_interval_90": None, "ece_if_calibrated": None, "draws": 0}
+    rng = np.random.default_rng(seed)
+    all_conf = np.concatenate(conf)
+    boot, floor = np.empty(draws), np.empty(draws)
+    for k in range(draws):
+        pick = rng.integers(0, len(conf), len(conf))
+        c, r = np.concatenate([conf[i] for i in pick]), np.concatenate([right[i] for i in pick])
+        boot[k] = calibration(c, r, bins)["ece"]
+        floor[k] = calibration(all_conf, rng.random(len(all_conf)) < all_conf, bins)["ece"]
+    return {"ece_interval_90": [float(np.quantile(boot, 0.05)), float(np.quantile(boot, 0.95))],
+            "ece_if_calibrated": float(np.median(floor)), "draws": int(draws)}
+
+
 @dataclass
 class Tally:
     """Everything one method's column tables and the true columns give at one dose, accumulated

@@ -114,6 +114,11 @@ def test_a_right_model_scores_what_was_built_in(labelled, tmp_path):
     assert low["exact_accuracy"] == 1.0
     # confidence 0.8 on columns that are always right: ECE 0.2 over the matched columns
     assert high["ece"] == pytest.approx(0.2, abs=1e-6) and low["ece"] == pytest.approx(0.2, abs=1e-6)
+    # every image alike: resampling images cannot move the ECE; a calibrated 0.8 on 18 columns
+    # would still show some (binomial scatter), but far less than 0.2
+    assert high["ece_interval_90"] == pytest.approx([0.2, 0.2], abs=1e-6)
+    assert 0.0 < high["ece_if_calibrated"] < 0.15
+    assert "ECE at dose" in format_images_table(result)
     # pixel sizes from images.csv (the TIFFs carry none), doses too
     assert {im["pixel_size_from"] for im in result["images"]} == {"images.csv"}
     assert {im["dose_from"] for im in result["images"]} == {"images.csv"}
@@ -128,6 +133,31 @@ def test_a_right_model_scores_what_was_built_in(labelled, tmp_path):
     assert "| 1000 | 2 | 18 |" in (out / "report.md").read_text()
     with pytest.raises(ConfigError, match="overwrite"):
         evaluate_images(DiskReader(), folder, folder / "truth.csv", out, progress=False)
+
+
+def test_the_ece_of_a_dozen_images_comes_with_its_spread():
+    """A calibrated confidence still shows an ECE of a few hundredths on 12 images; columns
+    that are right or wrong together per image widen the range; a miscalibrated one stands
+    clear of the floor."""
+    from ceriakeras.scoring import calibration, ece_spread
+
+    rng = np.random.default_rng(0)
+    conf = [rng.uniform(0.3, 0.95, 60) for _ in range(12)]
+    right = [rng.random(60) < c for c in conf]
+    calibrated = ece_spread(conf, right)
+    measured = calibration(np.concatenate(conf), np.concatenate(right))["ece"]
+    lo, hi = calibrated["ece_interval_90"]
+    assert lo <= measured <= hi
+    assert 0.01 < calibrated["ece_if_calibrated"] < 0.06
+    assert abs(measured - calibrated["ece_if_calibrated"]) < 0.04
+    # half the images 0.25 easier, half 0.25 harder: calibrated on average, wider spread
+    shift = [0.25 if k % 2 else -0.25 for k in range(12)]
+    grouped = [rng.random(60) < np.clip(c + d, 0, 1) for c, d in zip(conf, shift)]
+    assert ece_spread(conf, grouped)["ece_interval_90"][1] > hi
+    # 0.3 too sure of itself: the whole range lies above what calibration would show
+    over = ece_spread(conf, [rng.random(60) < c - 0.3 for c in conf])
+    assert over["ece_interval_90"][0] > 2 * over["ece_if_calibrated"]
+    assert ece_spread([], [])["ece_interval_90"] is None
 
 
 def test_a_bias_of_one_atom_shows_as_plus_one(labelled, tmp_path):
