@@ -242,7 +242,8 @@ def collect_columns(predict, datasets: Sequence, info: dict, *,
     columns : dict
         Per dose, a dict of (N,) arrays pooled over the datasets: ``confidence`` (raw),
         ``height`` (atoms), ``height_std`` (atoms), ``correct`` (bool; a spurious column counts
-        as wrong), ``matched`` (bool) and ``dataset`` (index into ``datasets``).
+        as wrong), ``matched`` (bool), ``dataset`` (index into ``datasets``) and ``image``
+        (index of the image within its dataset).
     sources : list of dict
         Per dataset: ``data_dir``, ``split``, ``n_images``, ``n_columns`` (true Ce columns),
         ``manifest_sha256`` (of its ``manifest.json``), and ``simulation`` (the sampling, Å, and
@@ -254,7 +255,7 @@ def collect_columns(predict, datasets: Sequence, info: dict, *,
     config = config or AnalyzeConfig()
     pixel_size_A, max_height, label_radius_A = model_settings(info)
     config = with_model_threshold(config, info)
-    keys = ("confidence", "height", "height_std", "correct", "matched", "dataset")
+    keys = ("confidence", "height", "height_std", "correct", "matched", "dataset", "image")
     parts = {d: {k: [] for k in keys} for d in doses}
     sources = []
     for index, spec in enumerate(datasets):
@@ -282,6 +283,7 @@ def collect_columns(predict, datasets: Sequence, info: dict, *,
                 p["correct"].append(tally.correct[0])
                 p["matched"].append(tally.matched[0])
                 p["dataset"].append(np.full(len(found["height"]), index, np.int32))
+                p["image"].append(np.full(len(found["height"]), n_images, np.int32))
             n_images += 1
             n_columns += len(true_columns)
         simulation = manifest.get("config", {}) if isinstance(manifest.get("config"), dict) else {}

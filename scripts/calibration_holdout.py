@@ -27,6 +27,7 @@ Platt slope for every dose). The fitted datasets' own ECE (after the fit) is pri
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
@@ -37,7 +38,8 @@ DEFAULT_RECIPES = ("S1+S2/platt/pooled,S1+S2/platt/mean,S1+S2/isotonic/pooled,"
                    "S1+S2/platt/shared,S1+S2+V/platt/pooled,S1+S2+V/platt/mean")
 
 
-def load_columns(model, name: str, spec: str, max_images: int, cache: Path | None) -> dict:
+def load_columns(model, name: str, spec: str, max_images: int, cache: Path | None,
+                 need_image: bool = False) -> dict:
     """Per dose, :func:`collect_columns`' arrays for one dataset (read from or written to the
     cache, keyed by model folder, dataset and image count)."""
     from ceriakeras.calibration import collect_columns
@@ -46,12 +48,13 @@ def load_columns(model, name: str, spec: str, max_images: int, cache: Path | Non
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         key = f"{Path(model.path).resolve()}|{spec}|{max_images}".replace("/", "_").replace(":", "~")
-        path = cache / f"{name}-{abs(hash(key)) % 10**10}.npz"
+        path = cache / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
         if path.is_file():
             data = np.load(path)
             doses = sorted({float(k.split("|")[0]) for k in data.files})
-            return {d: {k.split("|")[1]: data[k] for k in data.files
-                        if float(k.split("|")[0]) == d} for d in doses}
+            if not need_image or f"{doses[0]}|image" in data.files:  # older caches lack it
+                return {d: {k.split("|")[1]: data[k] for k in data.files
+                            if float(k.split("|")[0]) == d} for d in doses}
     columns, _ = collect_columns(model.predict, [spec], model.info, max_images=max_images,
                                  progress=True, desc=name)
     if path is not None:
@@ -65,7 +68,8 @@ def pooled(sets: list[dict]) -> dict:
     """The sets' columns concatenated per dose, ``dataset`` renumbered per set."""
     out = {}
     for d in sets[0]:
-        out[d] = {k: np.concatenate([s[d][k] for s in sets]) for k in sets[0][d] if k != "dataset"}
+        keys = set.intersection(*(set(s[d]) for s in sets)) - {"dataset"}
+        out[d] = {k: np.concatenate([s[d][k] for s in sets]) for k in keys}
         out[d]["dataset"] = np.concatenate([np.full(len(s[d]["height"]), i, np.int32)
                                             for i, s in enumerate(sets)])
     return out
@@ -84,6 +88,35 @@ def score(columns: dict, table: dict, dose: float) -> tuple[float, float]:
     return calibration(conf, right)["ece"], float(conf.mean() - right.mean())
 
 
+def subset_ece(columns: dict, table: dict, dose: float, frames: int, per_particle: int = 1,
+               draws: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """ECE over the matched columns of ``draws`` random sets of ``frames`` images at one dose,
+    each image of another particle (images ``per_particle`` at a time share one particle, as
+    ``simulate`` stores them): how much the ECE of a small labelled set scatters by which
+    frames it holds. Also the ECE of the same draws with every column's rightness redrawn as
+    a coin of its calibrated confidence: the floor a perfectly calibrated map would show."""
+    from ceriakeras.columns import calibrate_confidence
+    from ceriakeras.scoring import calibration
+
+    c = columns[dose]
+    keep = c["matched"].astype(bool)
+    conf = calibrate_confidence(c["confidence"][keep], dose, table, height=c["height"][keep],
+                                height_std=c["height_std"][keep])
+    right = c["correct"][keep].astype(bool)
+    image = c["image"][keep].astype(np.int64)
+    particle = image // per_particle
+    particles = np.unique(particle)
+    rng = np.random.default_rng(seed)
+    out, floor = np.empty(draws), np.empty(draws)
+    for k in range(draws):
+        chosen = rng.choice(particles, size=min(frames, len(particles)), replace=False)
+        images = [rng.choice(np.unique(image[particle == q])) for q in chosen]
+        pick = np.isin(image, images)
+        out[k] = calibration(conf[pick], right[pick])["ece"]
+        floor[k] = calibration(conf[pick], rng.random(pick.sum()) < conf[pick])["ece"]
+    return out, floor
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="exported model (version folder)")
@@ -94,6 +127,9 @@ def main(argv=None) -> int:
     parser.add_argument("--recipes", default=DEFAULT_RECIPES, help="SETS/MAP/POOLING, comma-separated")
     parser.add_argument("--max-images", type=int, default=64, help="images per dataset (count)")
     parser.add_argument("--cache", type=Path, default=None, help="folder for collected columns")
+    parser.add_argument("--frames", type=int, default=0, metavar="N",
+                        help="also print, for the first recipe, the spread of the ECE over random "
+                             "sets of N held-out images per dose (a labelled set of N frames)")
     args = parser.parse_args(argv)
 
     from ceriakeras.calibration import fit_map
@@ -104,7 +140,8 @@ def main(argv=None) -> int:
     held_specs = dict(s.split("=", 1) for s in args.holdout)
     if set(fit_specs) & set(held_specs):
         parser.error("a dataset cannot be both fitted on and held out")
-    data = {n: load_columns(model, n, s, args.max_images, args.cache)
+    data = {n: load_columns(model, n, s, args.max_images, args.cache,
+                            need_image=n in held_specs and args.frames > 0)
             for n, s in {**fit_specs, **held_specs}.items()}
     for name, cols in data.items():
         right = [cols[d]["correct"][cols[d]["matched"].astype(bool)].mean() for d in REPORT_DOSES]
@@ -132,6 +169,23 @@ def main(argv=None) -> int:
         print(f"| {recipe if recipe != 'raw//' else 'raw confidence'} | " + " | ".join(cells)
               + " | " + " | ".join(f"**{worst[d]:.3f}**" for d in REPORT_DOSES) + f" | {own} |")
         sys.stdout.flush()
+        if args.frames and recipe != "raw//" and recipe == args.recipes.split(",")[0]:
+            first = table
+    if args.frames:
+        from ceriakeras.records import read_manifest
+
+        print(f"\nECE of {args.frames}-image sets (each image of another particle) drawn from "
+              f"each held-out set (recipe {args.recipes.split(',')[0]}): median / 90th / 95th "
+              "percentile [median if each column were right with its calibrated confidence]")
+        for name, spec in held_specs.items():
+            per = int(read_manifest(spec.rsplit(":", 1)[0] if spec.endswith(
+                (":train", ":validation", ":test")) else spec).get("optics_per_exit_wave", 1))
+            cells = []
+            for d in REPORT_DOSES:
+                e, floor = subset_ece(data[name], first, d, args.frames, per_particle=per)
+                cells.append(f"{d:g}: {np.median(e):.3f} / {np.quantile(e, 0.9):.3f} / "
+                             f"{np.quantile(e, 0.95):.3f} [{np.median(floor):.3f}]")
+            print(f"- {name}: " + "; ".join(cells))
     return 0
 
 

@@ -171,6 +171,15 @@ def test_calibration_pools_the_datasets_and_records_them(two_split_dataset):
         n = [len(each[s][0][d]["confidence"]) for s in ("validation", "test")]
         assert min(n) > 0 and len(pooled[d]["confidence"]) == sum(n)
         assert np.bincount(pooled[d]["dataset"]).tolist() == n
+        # each column knows its image within its dataset (2 images per split here)
+        for k in range(2):
+            mine = pooled[d]["dataset"] == k
+            assert set(pooled[d]["image"][mine].tolist()) == {0, 1}
+        # per-image columns match what one image alone gives
+        first = collect_columns(oracle.predict, [(data, "validation")], info, doses=doses,
+                                max_images=1, progress=False)[0][d]
+        assert len(first["confidence"]) == np.sum((pooled[d]["dataset"] == 0)
+                                                  & (pooled[d]["image"] == 0))
         assert pooled[d]["correct"].mean() > 0.9 and np.allclose(pooled[d]["confidence"], 0.6)
     assert [(s["split"], s["n_images"]) for s in sources] == [("validation", 2), ("test", 2)]
     assert sources[0]["n_columns"] == sum(len(r["columns"]) for r in records["validation"])
