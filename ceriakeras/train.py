@@ -640,17 +640,23 @@ def _match_dataset(config: TrainConfig, manifest: dict, data_dir: Path) -> Train
     return dataclasses.replace(config, model=dataclasses.replace(config.model, pixel_size_A=pixel))
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, advice: str = "start again with --overwrite") -> dict:
+    """A run's JSON file; a missing or broken one is a :class:`ModelError` with ``advice``."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot read {path} ({err}); start again with --overwrite") from None
+        raise ModelError(f"cannot read {path} ({err}); {advice}") from None
 
 
-def _saved_model_config(run_dir: Path) -> dict:
+_SOURCE_ADVICE = "name another --init-from run"
+"""What to do about a broken file in the run a warm restart starts from (never --overwrite:
+that would start the new run afresh and leave the broken source as it is)."""
+
+
+def _saved_model_config(run_dir: Path, advice: str = "start again with --overwrite") -> dict:
     """The model settings a run was started with, with the defaults of fields added since
     (a run of versions 1–2 has no ``architecture``: it is a 'unet')."""
-    saved = _read_json(run_dir / "config.json").get("model") or {}
+    saved = _read_json(run_dir / "config.json", advice).get("model") or {}
     try:
         return to_dict(from_dict(ModelConfig, saved))
     except (ConfigError, TypeError):
@@ -722,11 +728,11 @@ def _warm_start_source(source_run: Path, config: TrainConfig) -> dict:
     if not (source_run / "checkpoints" / "last.keras").is_file():
         raise ModelError(f"--init-from {source_run} has no checkpoints/last.keras; name a "
                          "training run folder")
-    if _saved_model_config(source_run) != to_dict(config.model):
+    if _saved_model_config(source_run, _SOURCE_ADVICE) != to_dict(config.model):
         raise ModelError(f"the model settings of --init-from {source_run} (its config.json) "
                          "differ from --config's; start from a run with the same [model] table")
-    state = _read_json(source_run / "state.json")
-    record = _read_json(source_run / "dataset.json")
+    state = _read_json(source_run / "state.json", _SOURCE_ADVICE)
+    record = _read_json(source_run / "dataset.json", _SOURCE_ADVICE)
     checkpoint = source_run / "checkpoints" / state.get("checkpoint", "last.keras")
     if not checkpoint.is_file():
         raise ModelError(f"{checkpoint} named by {source_run}/state.json is missing; "

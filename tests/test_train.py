@@ -249,6 +249,12 @@ def test_a_warm_restart_starts_from_another_runs_weights_with_a_new_optimizer(da
     with pytest.raises(ModelError, match="is --out itself"):
         train(dataset, first, TINY, overwrite=True, init_from=first, progress=False)
     assert (first / "checkpoints" / "last.keras").is_file(), "the run to start from is kept"
+    # a broken file in the run to start from: name another run (--overwrite would not mend it)
+    (first / "state.json").write_text("{truncated")
+    with pytest.raises(ModelError, match="another --init-from run") as err:
+        train(dataset, tmp_path / "fifth", TINY, init_from=first, progress=False)
+    assert "--overwrite" not in str(err.value) and "state.json" in str(err.value)
+    assert not (tmp_path / "fifth" / "checkpoints").exists()
 
 
 def test_resume_without_a_run_and_missing_data_are_one_line_errors(dataset, tmp_path):
