@@ -139,23 +139,28 @@ def check_evaluate(model, data_dir, out_dir, *, split: str = "test",
 def check_export(run_dir, out_dir, version: int | None = None, *, calibrate_on=None,
                  calibration_split: str = "validation", checkpoint="best") -> None:
     """What ``ceriakeras export`` checks before Keras loads: each run (one, or several for an
-    ensemble) has its checkpoint, the version is positive and not taken, and a calibration
-    dataset is at the run's pixel size (Å) with a non-empty ``calibration_split``.
+    ensemble) has its checkpoint, the members of an ensemble agree on pixel size, largest height,
+    label radius and outputs (from their ``config.json`` and ``dataset.json``), the version is
+    positive and not taken, and a calibration dataset is at the run's pixel size (Å) with a
+    non-empty ``calibration_split``.
 
     Raises
     ------
     ModelError, DataError
     """
-    from .export import _checkpoint, _read_json, ensemble_members
+    from .export import _checkpoint, _read_json, ensemble_info, ensemble_members, model_info
     from .modelinfo import new_version_folder
 
     run_dirs, checkpoints = ensemble_members(run_dir, checkpoint)
     out_dir = Path(out_dir)
+    found = []
     for run, which in zip(run_dirs, checkpoints):
         if not run.is_dir():
             raise ModelError(f"run folder {run} does not exist: train one with "
                              f"`ceriakeras train --out {run}`")
-        _checkpoint(run, which)
+        found.append(_checkpoint(run, which))
+    if len(run_dirs) > 1:  # the same refusal as export_run's, minutes earlier
+        ensemble_info(run_dirs, [model_info(r, c) for r, c in zip(run_dirs, found)])
     run_dir = run_dirs[0]
     new_version_folder(out_dir, version)
     if calibrate_on is not None:

@@ -346,6 +346,11 @@ def test_an_ensemble_of_unlike_runs_or_unmatched_checkpoints_is_refused(run, tmp
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="differ in pixel_size_A"):
         export_run([run, other], tmp_path / "models")
+    from ceriakeras.preflight import check_export
+
+    with pytest.raises(ModelError, match="differ in pixel_size_A"):   # before Keras loads
+        check_export([run, other], tmp_path / "models")
+    check_export([run, run], tmp_path / "models")                     # like runs pass
     with pytest.raises(ModelError, match="3 checkpoints for 2 runs"):
         export_run([run, run], tmp_path / "models", checkpoint=["best", "best", "last"])
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
