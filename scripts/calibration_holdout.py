@@ -50,7 +50,7 @@ def load_columns(model, name: str, spec: str, max_images: int, cache: Path | Non
         key = f"{Path(model.path).resolve()}|{spec}|{max_images}".replace("/", "_").replace(":", "~")
         path = cache / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
         if path.is_file():
-            data = np.load(path)
+            data = np.load(path, allow_pickle=False)
             doses = sorted({float(k.split("|")[0]) for k in data.files})
             if not need_image or f"{doses[0]}|image" in data.files:  # older caches lack it
                 return {d: {k.split("|")[1]: data[k] for k in data.files

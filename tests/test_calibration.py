@@ -282,3 +282,41 @@ def test_a_dataset_with_finer_pixels_is_calibrated_through_the_analyze_resamplin
     with pytest.raises(DataError, match="0.1 Å pixels but the model works at 0.05 Å"):
         collect_columns(predict, [tmp_path / "fine"], dict(info, pixel_size_A=0.05),
                         doses=(1000.0,), progress=False)
+
+
+def test_the_holdout_study_draws_one_image_per_particle_and_pools_sets():
+    """scripts/calibration_holdout.py: 12-image draws take each image of another particle; a
+    map that is right on average but 0.25 off on every particle scatters above its floor."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        from calibration_holdout import pooled, subset_ece
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng(2)
+    n_images, per_image = 64, 200           # 16 particles × 4 optics, as simulate stores them
+    image = np.repeat(np.arange(n_images), per_image)
+    conf = rng.uniform(0.4, 0.9, image.size)
+    off = np.where((image // 4) % 2 == 0, 0.25, -0.25)   # even particles easier, odd harder
+    right = rng.random(image.size) < np.clip(conf + off, 0, 1)
+    cols = {200.0: {"confidence": conf, "height": np.ones(image.size), "height_std": np.zeros(
+        image.size), "correct": right, "matched": np.ones(image.size, bool), "image": image,
+        "dataset": np.zeros(image.size, np.int32)}}
+    table = {"map": "platt", "dose_e_per_A2": [200.0], "slope": [1.0], "intercept": [0.0]}
+    ece, floor = subset_ece(cols, table, 200.0, frames=3, per_particle=4, draws=200)
+    assert ece.shape == floor.shape == (200,)
+    # three particles never balance easy and hard ones: well above the floor (0.03 here)
+    assert np.quantile(ece, 0.1) > np.median(floor) + 0.015
+    assert np.median(ece) > 2 * np.median(floor)
+    # the same columns shuffled across images, so no longer right or wrong together: no excess
+    shuffled = dict(cols[200.0], image=rng.permutation(image))
+    e2, _ = subset_ece({200.0: shuffled}, table, 200.0, frames=3, per_particle=4, draws=200)
+    assert np.median(e2) < np.median(ece) - 0.03
+    # 16 frames of 16 particles take every particle once, so 8 easy and 8 hard each time: the
+    # excess is gone (16 frames drawn from the 64 images regardless of particle would not be)
+    ece16, _ = subset_ece(cols, table, 200.0, frames=16, per_particle=4, draws=50)
+    assert np.median(ece16) < np.median(ece) - 0.03
+    both = pooled([cols, cols])
+    assert np.bincount(both[200.0]["dataset"]).tolist() == [image.size, image.size]
+    assert len(both[200.0]["image"]) == 2 * image.size
