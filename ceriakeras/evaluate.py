@@ -945,9 +945,11 @@ def format_images_report(result: dict, plots: dict[str, str]) -> str:
                      + " | ".join(_fmt(net, k, f) for k, _, f in _IMAGE_TABLE_SCORES) + " |")
     spread = ece_spread_line(result)
     if spread:
-        lines += ["", spread.replace("e-/Å²", "e⁻/Å²") + ". A dozen images cannot pin an ECE down "
-                  "better than that: their columns are right or wrong together (one particle, one "
-                  "set of optics), and a few hundred columns in ten bins leave binomial scatter."]
+        lines += ["", spread.replace("e-/Å²", "e⁻/Å²") + ". The range is how far the ECE of "
+                  "this many images moves from one such set of images to another: the columns of "
+                  "one image are right or wrong together (one particle, one set of optics), and "
+                  "each bin's fraction right is a binomial draw. A dozen images cannot pin an ECE "
+                  "down to better than a few hundredths."]
     if any("ece_all_reported" in r["network"] for r in result["results"]):
         lines += ["", "ECE over every reported column (a spurious one counting as a wrong height), "
                   "as `ceriakeras evaluate --data` reports it: "
