@@ -206,7 +206,7 @@ def ece_spread(confidence: Sequence[np.ndarray], correct: Sequence[np.ndarray], 
     The ECE of a few hundred columns is not zero even for a perfectly calibrated confidence
     (each bin's fraction right is a binomial draw), and columns of one image are right or wrong
     together (its optics, its particle), so a set of a dozen images scatters much more than its
-    column count suggests. Two figures put a measured ECE in proportion:
+    column count suggests. The two figures returned put a measured ECE in proportion.
 
     Parameters
     ----------
