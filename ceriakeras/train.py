@@ -640,7 +640,11 @@ def _match_dataset(config: TrainConfig, manifest: dict, data_dir: Path) -> Train
     return dataclasses.replace(config, model=dataclasses.replace(config.model, pixel_size_A=pixel))
 
 
-def _read_json(path: Path, advice: str = "start again with --overwrite") -> dict:
+_RUN_ADVICE = "start again with --overwrite"
+"""What to do about a broken file in the run folder being trained (``--out``)."""
+
+
+def _read_json(path: Path, advice: str = _RUN_ADVICE) -> dict:
     """A run's JSON file; a missing or broken one is a :class:`ModelError` with ``advice``."""
     try:
         return json.loads(path.read_text())
@@ -653,7 +657,7 @@ _SOURCE_ADVICE = "name another --init-from run"
 that would start the new run afresh and leave the broken source as it is)."""
 
 
-def _saved_model_config(run_dir: Path, advice: str = "start again with --overwrite") -> dict:
+def _saved_model_config(run_dir: Path, advice: str = _RUN_ADVICE) -> dict:
     """The model settings a run was started with, with the defaults of fields added since
     (a run of versions 1–2 has no ``architecture``: it is a 'unet')."""
     saved = _read_json(run_dir / "config.json", advice).get("model") or {}

@@ -75,16 +75,24 @@ def pooled(sets: list[dict]) -> dict:
     return out
 
 
-def score(columns: dict, table: dict, dose: float) -> tuple[float, float]:
-    """(ECE, mean confidence − fraction right) over the matched columns at one dose."""
+def matched(columns: dict, table: dict, dose: float
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The matched columns at one dose (as ``score.py`` counts them): their confidence mapped
+    by ``table``, whether each is right, and the boolean mask that picked them."""
     from ceriakeras.columns import calibrate_confidence
-    from ceriakeras.scoring import calibration
 
     c = columns[dose]
     keep = c["matched"].astype(bool)
     conf = calibrate_confidence(c["confidence"][keep], dose, table, height=c["height"][keep],
                                 height_std=c["height_std"][keep])
-    right = c["correct"][keep].astype(bool)
+    return conf, c["correct"][keep].astype(bool), keep
+
+
+def score(columns: dict, table: dict, dose: float) -> tuple[float, float]:
+    """(ECE, mean confidence − fraction right) over the matched columns at one dose."""
+    from ceriakeras.scoring import calibration
+
+    conf, right, _ = matched(columns, table, dose)
     return calibration(conf, right)["ece"], float(conf.mean() - right.mean())
 
 
@@ -95,15 +103,10 @@ def subset_ece(columns: dict, table: dict, dose: float, frames: int, per_particl
     ``simulate`` stores them): how much the ECE of a small labelled set scatters by which
     frames it holds. Also the ECE of the same draws with every column's rightness redrawn as
     a coin of its calibrated confidence: the floor a perfectly calibrated map would show."""
-    from ceriakeras.columns import calibrate_confidence
     from ceriakeras.scoring import calibration
 
-    c = columns[dose]
-    keep = c["matched"].astype(bool)
-    conf = calibrate_confidence(c["confidence"][keep], dose, table, height=c["height"][keep],
-                                height_std=c["height_std"][keep])
-    right = c["correct"][keep].astype(bool)
-    image = c["image"][keep].astype(np.int64)
+    conf, right, keep = matched(columns, table, dose)
+    image = columns[dose]["image"][keep].astype(np.int64)
     particle = image // per_particle
     particles = np.unique(particle)
     rng = np.random.default_rng(seed)
@@ -150,7 +153,9 @@ def main(argv=None) -> int:
     head = " | ".join(f"{n} {d:g}" for n in held_specs for d in REPORT_DOSES)
     print(f"| recipe | {head} | worst {' | worst '.join(f'{d:g}' for d in REPORT_DOSES)} | fit sets' own |")
     print("|" + " --- |" * (2 + len(held_specs) * len(REPORT_DOSES) + len(REPORT_DOSES)))
-    for recipe in ["raw//"] + args.recipes.split(","):
+    recipes = args.recipes.split(",")
+    tables = {}
+    for recipe in ["raw//"] + recipes:
         sets, method, pooling = recipe.split("/")
         if recipe == "raw//":
             table = {"map": "platt", "dose_e_per_A2": [1.0], "slope": [1.0], "intercept": [0.0]}
@@ -169,20 +174,20 @@ def main(argv=None) -> int:
         print(f"| {recipe if recipe != 'raw//' else 'raw confidence'} | " + " | ".join(cells)
               + " | " + " | ".join(f"**{worst[d]:.3f}**" for d in REPORT_DOSES) + f" | {own} |")
         sys.stdout.flush()
-        if args.frames and recipe != "raw//" and recipe == args.recipes.split(",")[0]:
-            first = table
+        tables[recipe] = table
     if args.frames:
+        from ceriakeras.calibration import parse_dataset
         from ceriakeras.records import read_manifest
 
         print(f"\nECE of {args.frames}-image sets (each image of another particle) drawn from "
-              f"each held-out set (recipe {args.recipes.split(',')[0]}): median / 90th / 95th "
+              f"each held-out set (recipe {recipes[0]}): median / 90th / 95th "
               "percentile [median if each column were right with its calibrated confidence]")
         for name, spec in held_specs.items():
-            per = int(read_manifest(spec.rsplit(":", 1)[0] if spec.endswith(
-                (":train", ":validation", ":test")) else spec).get("optics_per_exit_wave", 1))
+            per = int(read_manifest(parse_dataset(spec)[0]).get("optics_per_exit_wave", 1))
             cells = []
             for d in REPORT_DOSES:
-                e, floor = subset_ece(data[name], first, d, args.frames, per_particle=per)
+                e, floor = subset_ece(data[name], tables[recipes[0]], d, args.frames,
+                                      per_particle=per)
                 cells.append(f"{d:g}: {np.median(e):.3f} / {np.quantile(e, 0.9):.3f} / "
                              f"{np.quantile(e, 0.95):.3f} [{np.median(floor):.3f}]")
             print(f"- {name}: " + "; ".join(cells))
