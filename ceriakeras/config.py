@@ -29,9 +29,9 @@ MIN_COLUMN_SEPARATION_A = 3.3
 FOCAL_SPREAD_MODELS = ("incoherent", "envelope")
 """Focal-spread models of :class:`OpticsConfig` (see ``focal_spread_models``)."""
 SCHEMA_VERSION = 1
-"""Version of the TFRecord schema written by :mod:`ceriakeras.records`."""
+"""Version of the TFRecord schema written by :mod:`ceriakeras.data.records`."""
 CALIBRATION_MAPS = ("platt", "logistic", "isotonic")
-"""Confidence maps :mod:`ceriakeras.calibration` can fit (``export --calibration-map``, ``calibrate --map``)."""
+"""Confidence maps :mod:`ceriakeras.evaluation.calibration` can fit (``export --calibration-map``, ``calibrate --map``)."""
 
 
 class CeriakerasError(Exception):
@@ -79,7 +79,7 @@ def _check_unit(name: str, values, unit: str, smallest: float, example: str) -> 
 
 @dataclass(frozen=True)
 class StructureConfig:
-    """How nanoparticles are built (:mod:`ceriakeras.structures`)."""
+    """How nanoparticles are built (:mod:`ceriakeras.physics.structures`)."""
 
     diameter_range_A: tuple[float, float] = (15.0, 50.0)
     """Particle size across, Å (1.5–5 nm)."""
@@ -190,7 +190,7 @@ class OpticsConfig:
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    """How images and labels are simulated and stored (:mod:`ceriakeras.simulate`)."""
+    """How images and labels are simulated and stored (:mod:`ceriakeras.physics.simulate`)."""
 
     structure: StructureConfig = field(default_factory=StructureConfig)
     optics: OpticsConfig = field(default_factory=OpticsConfig)
@@ -212,7 +212,7 @@ class SimulationConfig:
     """Fractions of particles in train, validation and test."""
     vacuum_for_delocalisation: bool = False
     """If true, the cell must hold the largest particle plus, on each side, the delocalisation
-    of the optics envelope (:func:`ceriakeras.simulate.delocalisation_A`) and
+    of the optics envelope (:func:`ceriakeras.physics.simulate.delocalisation_A`) and
     ``structure.vacuum_A``, so that no image's delocalised contrast wraps around the periodic
     cell onto the particle or its fringes. If false (the version-1/2 datasets), only
     ``structure.vacuum_A`` on each side."""
@@ -221,7 +221,7 @@ class SimulationConfig:
     extent plus this margin on each side (Å; rounded up to whole pixels and to a grid size that
     FFTs well), and the exit wave is then embedded, on the image grid, in the ``cell_size_A``
     cell with the vacuum wave around it before the lens is applied
-    (:func:`ceriakeras.simulate.embed_exit_wave`). The delocalisation then still has the whole
+    (:func:`ceriakeras.physics.simulate.embed_exit_wave`). The delocalisation then still has the whole
     cell to spread into, while the multislice costs far less. None (the default): the
     multislice runs in the whole cell, as in version 1/2."""
 
@@ -273,7 +273,7 @@ class SimulationConfig:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """How records become training batches (:mod:`ceriakeras.pipeline`)."""
+    """How records become training batches (:mod:`ceriakeras.data.pipeline`)."""
 
     crop_px: int = 128
     """Side of the square training crop, pixels."""
@@ -321,10 +321,10 @@ MODEL_ARCHITECTURES = ("unet", "context_unet")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The network (:mod:`ceriakeras.model`).
+    """The network (:mod:`ceriakeras.nn.model`).
 
-    ``architecture='unet'`` is the U-Net of model versions 1–2 (:func:`~ceriakeras.model.build_unet`);
-    ``'context_unet'`` (:func:`~ceriakeras.model.build_context_unet`) works on a grid coarsened
+    ``architecture='unet'`` is the U-Net of model versions 1–2 (:func:`~ceriakeras.nn.model.build_unet`);
+    ``'context_unet'`` (:func:`~ceriakeras.nn.model.build_context_unet`) works on a grid coarsened
     by a strided stem, reaches ``pixel_size_A * 2**depth`` at its bottleneck, and may add dilated
     convolutions and a global branch that also estimates the frame's optics.
     """
@@ -356,7 +356,7 @@ class ModelConfig:
     intensity_reference: str = "frame_mean"
     """What the input counts are divided by: 'frame_mean' (versions 1–2; the result depends on
     how much vacuum the frame holds) or 'vacuum' (the ``vacuum_quantile`` of the frame's local
-    means over ``vacuum_tile_A`` windows, :class:`~ceriakeras.model.NormalizeToVacuum`)."""
+    means over ``vacuum_tile_A`` windows, :class:`~ceriakeras.nn.model.NormalizeToVacuum`)."""
     vacuum_tile_A: float = 4.0
     """'vacuum': side of the windows whose means give the vacuum level, Å."""
     vacuum_quantile: float = 0.9
@@ -414,7 +414,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training (:mod:`ceriakeras.train`), with the pipeline and model it uses."""
+    """Training (:mod:`ceriakeras.nn.train`), with the pipeline and model it uses."""
 
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -458,20 +458,20 @@ DEFAULT_COLUMN_THRESHOLD = 0.3
 
 @dataclass(frozen=True)
 class AnalyzeConfig:
-    """Column extraction and analysis (:mod:`ceriakeras.columns`, :mod:`ceriakeras.analyze`)."""
+    """Column extraction and analysis (:mod:`ceriakeras.inference.columns`, :mod:`ceriakeras.analysis.run`)."""
 
     min_distance_A: float = 2.0
     """Smallest distance between two detected columns, Å."""
     threshold: float | None = None
     """Smallest column probability (1 − p(background)) at a column centre, in (0, 1); None: the
     model's own ``column_threshold`` (chosen at export on our own validation data,
-    ``scripts/threshold_study.py``), else :data:`DEFAULT_COLUMN_THRESHOLD`
-    (:func:`ceriakeras.modelinfo.with_model_threshold`)."""
+    ``scripts/studies/threshold_study.py``), else :data:`DEFAULT_COLUMN_THRESHOLD`
+    (:func:`ceriakeras.inference.modelinfo.with_model_threshold`)."""
     batch_size: int = 4
     """Frames per inference batch."""
     model_workers: int = 1
     """Model calls running at once, each on ``cores // model_workers`` cores (set before
-    TensorFlow starts; see :func:`ceriakeras.analyze.share_cores`)."""
+    TensorFlow starts; see :func:`ceriakeras.analysis.run.share_cores`)."""
     overlay_every: int | None = None
     """Write an overlay for every K-th frame (frames); None: a sample of ``overlay_samples``."""
     overlay_samples: int = 10
@@ -485,7 +485,7 @@ class AnalyzeConfig:
     """Coarsest input pixel size accepted, Å (also never coarser than the model's own)."""
     test_time_augmentation: bool = False
     """Average the model's probabilities over the 8 flips and 90° rotations of each frame
-    (:func:`ceriakeras.export.dihedral_average`): 8× the model time."""
+    (:func:`ceriakeras.nn.export.dihedral_average`): 8× the model time."""
 
     def validate(self) -> None:
         if not 0 < self.min_pixel_size_A <= self.max_pixel_size_A:

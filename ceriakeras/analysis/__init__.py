@@ -1,0 +1,1 @@
+"""Analysis of image series: the run, its tables and pictures."""

@@ -1,0 +1,1 @@
+"""Training data: TFRecord shards and the tf.data pipeline."""

@@ -1,0 +1,1 @@
+"""Scoring models against truth; calibration of confidence."""

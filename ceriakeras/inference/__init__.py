@@ -1,0 +1,1 @@
+"""The served model: frames to column maps and columns."""

@@ -1,0 +1,1 @@
+"""Files in and out: atomic writes (``files``) and image series with their calibration (``series``)."""
