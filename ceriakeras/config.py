@@ -446,12 +446,17 @@ class TrainConfig:
             raise ConfigError(f"optics_loss_weight={self.optics_loss_weight} must be in [0, 10]")
         if self.epochs < 1 or self.steps_per_epoch < 1:
             raise ConfigError("epochs and steps_per_epoch must be at least 1")
+        if not 0.0 < self.learning_rate <= 1.0:
+            raise ConfigError(f"learning_rate={self.learning_rate} must be in (0, 1] (peak of "
+                              "the cosine schedule; the default is 2e-3)")
         if self.weight_scheme not in ("median_frequency", "none"):
             raise ConfigError(f"weight_scheme={self.weight_scheme!r} must be median_frequency or none")
         if self.mixed_precision not in ("auto", "on", "off"):
             raise ConfigError(f"mixed_precision={self.mixed_precision!r} must be auto, on or off")
 
 
+MAX_ANALYZE_BATCH = 64
+"""Most frames per inference batch of ``analyze`` (memory grows with it; speed does not)."""
 DEFAULT_COLUMN_THRESHOLD = 0.3
 """Column threshold (column probability, in (0, 1)) of models that do not name their own."""
 
@@ -499,6 +504,10 @@ class AnalyzeConfig:
             raise ConfigError(f"threshold={self.threshold} must be in (0, 1)")
         if self.batch_size < 1 or (self.overlay_every is not None and self.overlay_every < 1):
             raise ConfigError("batch_size and overlay_every must be at least 1")
+        if self.batch_size > MAX_ANALYZE_BATCH:
+            raise ConfigError(f"batch_size={self.batch_size} frames is more than "
+                              f"{MAX_ANALYZE_BATCH}: larger batches only hold more frames in "
+                              "memory, they are not faster (the default is 4)")
         if self.model_workers < 1:
             raise ConfigError(f"model_workers={self.model_workers} must be at least 1")
         if self.overlay_samples < 0:
@@ -520,8 +529,15 @@ def from_dict(cls: type[C], data: dict, *, where: str = "") -> C:
     Raises
     ------
     ConfigError
-        If a key is unknown (the message names it and lists the valid ones).
+        If ``data`` is not a table, a key is unknown (the message names it and lists the valid
+        ones) or a value has the wrong type or is not finite (:mod:`ceriakeras.validate`).
     """
+    from .validate import check_types
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"the {cls.__name__} settings{' of ' + where.rstrip('.') if where else ''} "
+                          f"must be a table of keys and values (a JSON object), not "
+                          f"{type(data).__name__}")
     names = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
@@ -536,7 +552,9 @@ def from_dict(cls: type[C], data: dict, *, where: str = "") -> C:
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[key] = value
-    return cls(**kwargs)
+    config = cls(**kwargs)
+    check_types(config, where)
+    return config
 
 
 def _dataclass_by_name(ftype: Any) -> type | None:
@@ -574,7 +592,13 @@ def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) 
             data = tomllib.loads(text.decode()) if path.suffix == ".toml" else json.loads(text)
         except (ValueError, UnicodeDecodeError) as err:
             raise ConfigError(f"config file {path} is not valid {path.suffix[1:] or 'JSON'}: {err}") from None
+    from .validate import check_types
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table of settings (a JSON object or "
+                          f"TOML keys), not a {type(data).__name__}")
     config = from_dict(cls, data)
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    check_types(config)
     config.validate()
     return config

@@ -48,7 +48,8 @@ import numpy as np
 from ..inference.columns import columns_to_atoms, estimate_dose, find_columns
 from ..config import CE_COLUMN_SPACING_A, AnalyzeConfig, InputError, ModelError
 from ..inference.detector import check_counts_per_electron
-from ..io.files import atomic_path, write_text_atomic
+from ..io.files import atomic_path, write_bytes_atomic, write_text_atomic
+from ..io.inputpaths import shown
 from ..io.series import expand_inputs, file_counts_per_electron, open_series
 from ..inference.resample import model_to_input_px, resample_counts, resample_factor
 from ..inference.modelinfo import model_settings, with_model_threshold
@@ -85,7 +86,7 @@ def default_model_path() -> Path:
     ModelError
         If ``saved_models/ceria110`` is neither in the repository nor the current folder.
     """
-    for base in (Path(__file__).resolve().parent.parent, Path.cwd()):
+    for base in (Path(__file__).resolve().parents[2], Path.cwd()):
         candidate = base / DEFAULT_MODEL
         if candidate.is_dir():
             return candidate
@@ -262,7 +263,8 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
                label_radius_A=label_radius_A)
     bar = _progress_bar(frames_total, start, progress)
     t_start = time.perf_counter()
-    with open(csv_path, "a", newline="", encoding="utf-8") as csv_file:
+    with open(csv_path, "a", newline="", encoding="utf-8",
+              errors="surrogateescape") as csv_file:  # file names as the OS gives them
         run.csv_file = csv_file
         writer = _Worker(lambda job: (run.write_batch(*job), bar.update(len(job[0].frames))),
                          maxsize=QUEUE_BATCHES)
@@ -727,7 +729,7 @@ def _caption(item: dict, index: int, dose_e_per_A2: float, n_columns: int,
              recognised: bool | None = None) -> str:
     """The text above a picture: source, frame, dose, columns, and a frame not recognised."""
     where = f"frame {index}/{item['n_frames'] - 1}" if item["n_frames"] > 1 else "image"
-    return (f"{Path(item['source']).name}   {where}   {dose_e_per_A2:.0f} e⁻/Å²   "
+    return (f"{shown(Path(item['source']).name)}   {where}   {dose_e_per_A2:.0f} e⁻/Å²   "
             f"{n_columns} columns" + ("   NOT RECOGNISED" if recognised is False else ""))
 
 
@@ -835,7 +837,7 @@ def _recover_csv(csv_path: Path, header: bytes, done: int, committed: int, plan:
     pos, last_g, last_start = len(header), None, len(header)
     for line in data[len(header):end].splitlines(keepends=True):
         try:
-            source, frame = next(csv.reader([line.decode("utf-8")]))[:2]
+            source, frame = next(csv.reader([line.decode("utf-8", "surrogateescape")]))[:2]
             gi = offsets[source] + int(frame)
         except (ValueError, KeyError, StopIteration, UnicodeDecodeError):
             break
@@ -923,7 +925,7 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
         t["total"].append(total)
 
     seen = set()
-    with open(csv_path, newline="", encoding="utf-8") as fh:
+    with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         reader = csv.reader(fh)
         next(reader, None)
         current, xs, ys, hs, px, py = None, [], [], [], [], []
@@ -966,13 +968,13 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
 
     text = _stdio.StringIO()
     csv.writer(text, lineterminator="\n").writerows(rows_out)
-    write_text_atomic(out_dir / "frames.csv", text.getvalue())
+    write_bytes_atomic(out_dir / "frames.csv", text.getvalue().encode("utf-8", "surrogateescape"))
     for source, t in tracks.items():
         _, label = by_source[source]
         order = np.argsort(t["frames"], kind="stable")
         write_series_plot(out_dir / f"{label}_series.png", np.asarray(t["frames"])[order],
                           np.asarray(t["heights"])[order], np.asarray(t["total"])[order],
-                          max_height, title=source)
+                          max_height, title=shown(source))
     return per_frame
 
 
@@ -1089,7 +1091,9 @@ def format_summary(summary: dict) -> str:
         + (f" (resumed at frame {summary['resumed_at_frame']})" if summary["resumed_at_frame"] else ""),
         f"columns/frame   {summary['columns_per_frame']:.1f}",
         f"mean height     {summary['mean_height']:.2f} Ce atoms",
-        f"speed           {summary['frames_per_second']:.2f} frames/s",
+        (f"speed           {summary['frames_per_second']:.2f} frames/s"
+         if summary["frames_analysed_now"] else
+         "speed           - (every frame was analysed before; this run drew the pictures)"),
         *[_gain_line(it) for it in summary["inputs"]],
         f"results         {summary['out_dir']}",
     ]

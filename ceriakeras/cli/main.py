@@ -37,7 +37,8 @@ def _one_line_errors(func):
         try:
             return func(*args, **kwargs)
         except CeriakerasError as err:
-            click.echo(f"error: {err}", err=True)
+            _end_progress_bars()
+            click.echo(f"error: {_one_line(str(err))}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: rerun the same command to resume", err=True)
@@ -45,7 +46,8 @@ def _one_line_errors(func):
         except OSError as err:  # a full disk or a folder we may not write: one line, not a trace
             if err.errno not in _WRITE_ERRNOS:
                 raise
-            where = f" ({err.filename})" if err.filename else ""
+            _end_progress_bars()
+            where = f" ({_one_line(os.fsdecode(err.filename))})" if err.filename else ""
             click.echo(f"error: {err.strerror or errno.errorcode[err.errno]}{where}; free space or "
                        "choose a folder you may write to, then rerun the same command (finished "
                        "parts are kept)", err=True)
@@ -55,6 +57,34 @@ def _one_line_errors(func):
                 sys.meta_path.remove(finder)
 
     return wrapper
+
+
+def _escaped(text: str) -> str:
+    """``text`` as valid UTF-8: undecodable file-name bytes (surrogate escapes) as ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _one_line(text: str) -> str:
+    """``text`` as one line of valid UTF-8 (:func:`_escaped`, line breaks as spaces)."""
+    return " ".join(_escaped(text).splitlines())
+
+
+def _end_progress_bars() -> None:
+    """Close open tqdm bars, so that an error line starts on a line of its own (in a log file a
+    bar ends in a carriage return, not a newline)."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is None:
+        return
+    for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
+def _locked(out_dir, fresh_names=()):
+    """The ``--out`` lock of a command (:func:`ceriakeras.io.outlock.locked_out_dir`)."""
+    from ..io.outlock import locked_out_dir
+
+    return locked_out_dir(out_dir, fresh_names=fresh_names)
 
 
 def _verbose() -> bool:
@@ -251,10 +281,12 @@ def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell
         raise ConfigError("--count N (number of images) is required, e.g. --count 1000")
     else:
         config = load_config(SimulationConfig, config_path, **overrides)
-    manifest = write_dataset(
-        out_dir, count, 16 if shards is None else shards, 0 if seed is None else seed, config,
-        workers=workers or 1, scheduler=scheduler, save_structures=save_structures, preview=preview,
-        command=command, progress=not quiet, overwrite=overwrite, repair=repair)
+    with _locked(out_dir):
+        manifest = write_dataset(
+            out_dir, count, 16 if shards is None else shards, 0 if seed is None else seed, config,
+            workers=workers or 1, scheduler=scheduler, save_structures=save_structures,
+            preview=preview, command=command, progress=not quiet, overwrite=overwrite,
+            repair=repair)
     counts = manifest["counts"]
     n_shards = sum(len(s["shards"]) for s in manifest["splits"].values())
     def n(k, word):
@@ -263,6 +295,11 @@ def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell
     click.echo(f"{out_dir}: {n(sum(counts.values()), 'image')} of {n(manifest['particles'], 'particle')} "
                f"(train {counts['train']}, validation {counts['validation']}, test {counts['test']}) "
                f"in {n(n_shards, 'shard')}; manifest.json written")
+    empty = [split for split in ("validation", "test") if not counts.get(split)]
+    if empty:
+        click.echo(f"warning: {out_dir} has no {' and no '.join(empty)} split (too few particles "
+                   "or split_fractions): train needs a validation split, evaluate a test split; "
+                   "simulate more images", err=True)
 
 
 # --- train -------------------------------------------------------------------------------------
@@ -329,11 +366,17 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
     data_dirs = list(data_dir)
     check_train(data_dirs, run_dir, resume=resume, overwrite=overwrite,
                 allow_data_change=allow_data_change, init_from=init_from)
-    from ..nn.train import train as train_run
+    import contextlib
 
-    result = train_run(data_dirs, run_dir, config, resume=resume, overwrite=overwrite,
-                       progress=not quiet, allow_data_change=allow_data_change,
-                       init_from=init_from)
+    lock = (contextlib.nullcontext() if "TF_CONFIG" in os.environ  # workers share the folder
+            else _locked(run_dir, fresh_names=("config.json", "dataset.json", "log.csv",
+                                               "tensorboard")))
+    with lock:
+        from ..nn.train import train as train_run
+
+        result = train_run(data_dirs, run_dir, config, resume=resume, overwrite=overwrite,
+                           progress=not quiet, allow_data_change=allow_data_change,
+                           init_from=init_from)
     resumed = f" (resumed after epoch {result['initial_epoch']})" if result["resumed"] else ""
     click.echo(f"{run_dir}: {result['epochs_completed']} epoch(s){resumed}; best validation loss "
                f"{result['best_val_loss']:.4f} at epoch {result['best_epoch']}; "
@@ -390,10 +433,11 @@ def export(run_dir, out_dir, version, calibrate_on, calibration_images, calibrat
     check_export(run_dir, out_dir, version, calibrate_on=calibrate_on, checkpoint=checkpoint)
     from ..nn.export import export_run, read_info
 
-    path = export_run(run_dir, out_dir, version, calibrate_on=calibrate_on,
-                      calibration_images=calibration_images, calibration_map=calibration_map,
-                      progress=not quiet, checkpoint=checkpoint,
-                      column_threshold=column_threshold)
+    with _locked(out_dir):
+        path = export_run(run_dir, out_dir, version, calibrate_on=calibrate_on,
+                          calibration_images=calibration_images, calibration_map=calibration_map,
+                          progress=not quiet, checkpoint=checkpoint,
+                          column_threshold=column_threshold)
     info = read_info(path)
     outputs = ", ".join(info.get("signature", {}).get("outputs") or ("probabilities", "height"))
     click.echo(f"{path}: SavedModel, signature serving_default "
@@ -403,10 +447,19 @@ def export(run_dir, out_dir, version, calibrate_on, calibration_images, calibrat
     _echo_calibration(info)
 
 
+FEWEST_CALIBRATION_IMAGES = 8
+"""Below this many calibration images (count) the ECE printed is not to be trusted: a warning."""
+
+
 def _echo_calibration(info: dict) -> None:
     """Print a model's calibration tables: what they were fitted on, ECE before and after."""
     for key, what in (("confidence_calibration", ""), ("confidence_calibration_tta", ", --tta")):
         fit = info.get(key)
+        if fit and int(fit.get("n_images", 0)) < FEWEST_CALIBRATION_IMAGES:
+            click.echo(f"warning: the confidence calibration{what} was fitted on "
+                       f"{fit.get('n_images')} image(s): too few for the map or its ECE to mean "
+                       f"much; calibrate on at least {FEWEST_CALIBRATION_IMAGES} (--images, "
+                       "--calibration-images)", err=True)
         if fit:
             click.echo(f"confidence calibration ({fit.get('map', 'platt')} map, {fit['split']} "
                        f"split, {fit['n_images']} images of {fit['data_dir']}{what}):")
@@ -449,12 +502,18 @@ def calibrate(model_path, datasets, out_dir, version, method, max_images, no_tta
     from .preflight import check_calibration_data
     from ..evaluation.recalibrate import target_version
 
+    from ..modelcheck import check_model_files
+    from .preflight import check_out_dir
+
+    check_out_dir(out_dir)
     source, _ = target_version(model_path, out_dir, version)
+    check_model_files(source, read_info(source))
     check_calibration_data(list(datasets), model_settings(read_info(source))[0])
     from ..evaluation.recalibrate import recalibrate
 
-    path = recalibrate(source, out_dir, list(datasets), version=version, method=method,
-                       max_images=max_images, tta=not no_tta, progress=not quiet)
+    with _locked(out_dir):
+        path = recalibrate(source, out_dir, list(datasets), version=version, method=method,
+                           max_images=max_images, tta=not no_tta, progress=not quiet)
     click.echo(f"{path}: copy of {source} with a new confidence calibration in "
                "assets/ceriakeras.json")
     _echo_calibration(read_info(path))
@@ -511,12 +570,21 @@ def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every,
     check_counts_per_electron(counts_per_electron)
     check_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A, config=config,
                   overwrite=overwrite)
+    from ..io.inputpaths import duplicate_note, find_inputs
+    from ..io.series import SUPPORTED_SUFFIXES
+
+    note = duplicate_note(find_inputs(list(inputs), SUPPORTED_SUFFIXES))
+    if note:
+        click.echo(_one_line(note), err=True)
+    from ..analysis.outguard import remove_stale_temporaries
     from ..analysis.run import analyze as run_analyze, format_summary
 
-    summary = run_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A,
-                          config=config, overwrite=overwrite, xyz=xyz, details=details,
-                          progress=not quiet, counts_per_electron=counts_per_electron)
-    click.echo(format_summary(summary))
+    with _locked(out_dir):
+        remove_stale_temporaries(out_dir)
+        summary = run_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A,
+                              config=config, overwrite=overwrite, xyz=xyz, details=details,
+                              progress=not quiet, counts_per_electron=counts_per_electron)
+    click.echo(_escaped(format_summary(summary)))
 
 
 

@@ -23,6 +23,8 @@ from ..config import AnalyzeConfig, ConfigError, DataError, InputError, ModelErr
 from ..io.series import expand_inputs, open_series
 from ..inference.resample import resample_factor
 from ..inference.modelinfo import find_version, model_settings, read_info
+from ..io.inputpaths import shown
+from ..modelcheck import check_keras_archive, check_model_files
 
 
 def model_version(model) -> tuple[Path, dict]:
@@ -45,6 +47,7 @@ def model_version(model) -> tuple[Path, dict]:
     version = find_version(path)
     info = read_info(version)
     model_settings(info)
+    check_model_files(version, info)
     return version, info
 
 
@@ -65,11 +68,43 @@ def _check_dataset(data_dir, split: str, pixel_size_A: float | None, what: str) 
     return manifest
 
 
-def _check_out_dir(out_dir) -> Path:
+def check_out_dir(out_dir) -> Path:
+    """``out_dir`` as a Path, refused if it or a folder above it is a file."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir} is a file: choose a folder")
+        raise ConfigError(f"--out {shown(out_dir)} is a file: choose a folder")
+    for parent in out_dir.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--out {shown(out_dir)} lies under the file {shown(parent)}: "
+                                  "choose a folder")
+            break
     return out_dir
+
+
+def check_pixels(paths, pixel_size_A: float | None = None) -> None:
+    """Refuse inputs whose pixels ``analyze`` would refuse after creating ``--out``: a single
+    frame with NaN, infinite or negative counts (or all zero), or inputs none of whose frames is
+    usable. Frames are read until the first usable one (usually one frame in all).
+
+    Raises
+    ------
+    InputError
+        The single frame's problem, or the first frame's problem when none is usable.
+    """
+    first_error = None
+    single = len(paths) == 1
+    for path in paths:
+        with open_series(path, pixel_size_A) as series:
+            single = single and series.n_frames == 1
+            for frame in series.frames():
+                if frame.error is None:
+                    return
+                first_error = first_error or frame.error
+                if single:
+                    raise InputError(frame.error)
+    if first_error is not None:
+        raise InputError(f"no frame could be analysed; first problem: {first_error}")
 
 
 def check_analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
@@ -78,10 +113,11 @@ def check_analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = N
 
     Every input exists and has a readable header and a pixel size (Å, ``pixel_size_A`` if
     given) the model can use (:func:`ceriakeras.inference.resample.resample_factor` against the model's
-    ``pixel_size_A`` and the config's limits); the model exists; ``out_dir`` does not hold a
-    finished run, a ``columns.csv`` of another run or an unreadable ``progress.json`` (unless
-    ``overwrite``). An unfinished run is left to :func:`ceriakeras.analysis.run.analyze` to resume or
-    refuse.
+    ``pixel_size_A`` and the config's limits); the model exists and its files are whole
+    (:func:`ceriakeras.modelcheck.check_model_files`); ``out_dir`` is not under a file and holds
+    none of ``analyze``'s outputs (:mod:`ceriakeras.analysis.outguard`; unless ``overwrite``);
+    the pixels are usable (:func:`check_pixels`). An unfinished run is left to
+    :func:`ceriakeras.analysis.run.analyze` to resume or refuse.
 
     Returns
     -------
@@ -110,11 +146,13 @@ def check_analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = N
         from ..analysis.pictures import check_movie_writer
 
         check_movie_writer()
-    out_dir = _check_out_dir(out_dir)
+    out_dir = check_out_dir(out_dir)
     if not overwrite:
+        from ..analysis.outguard import check_no_earlier_results
         from ..analysis.run import unfinished_progress
 
-        unfinished_progress(out_dir)
+        check_no_earlier_results(out_dir, resumable=unfinished_progress(out_dir) is not None)
+    check_pixels(paths, pixel_size_A)
     return paths
 
 
@@ -131,7 +169,7 @@ def check_evaluate(model, data_dir, out_dir, *, split: str = "test",
     _, info = model_version(model)
     model_px, _, _ = model_settings(info)
     _check_dataset(data_dir, split, model_px, "simulate the test data")
-    out_dir = _check_out_dir(out_dir)
+    out_dir = check_out_dir(out_dir)
     if (out_dir / "metrics.json").exists() and not overwrite:
         raise ConfigError(f"{out_dir} already holds an evaluation: pass --overwrite or choose "
                           "another --out")
@@ -160,15 +198,32 @@ def check_export(run_dir, out_dir, version: int | None = None, *, calibrate_on=N
             raise ModelError(f"run folder {run} does not exist: train one with "
                              f"`ceriakeras train --out {run}`")
         found.append(_checkpoint(run, which))
+        _check_finite_run(run, found[-1])
+        check_keras_archive(found[-1])
     if len(run_dirs) > 1:  # the same refusal as export_run's, minutes earlier
         ensemble_info(run_dirs, [model_info(r, c) for r, c in zip(run_dirs, found)])
     run_dir = run_dirs[0]
+    check_out_dir(out_dir)
     new_version_folder(out_dir, version)
     if calibrate_on is not None:
         model = _read_json(run_dir / "config.json").get("model", {})
         pixel = model.get("pixel_size_A", _read_json(run_dir / "dataset.json").get("pixel_size_A"))
         check_calibration_data(calibrate_on, None if pixel is None else float(pixel),
                                calibration_split)
+
+
+def _check_finite_run(run: Path, checkpoint: Path) -> None:
+    """Refuse a run that never reached a finite validation loss (no best checkpoint, a NaN or
+    infinite ``best_val_loss`` in ``state.json``): its weights are not a model."""
+    if checkpoint.name == "best.keras":
+        return
+    try:
+        best = float(json.loads((run / "state.json").read_text(encoding="utf-8"))["best_val_loss"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if not math.isfinite(best):
+        raise ModelError(f"run {run} never reached a finite validation loss (best {best}); its "
+                         "weights are not a model: train it again with a smaller learning_rate")
 
 
 def check_calibration_data(datasets, pixel_size_A: float | None,
@@ -224,10 +279,10 @@ def check_train(data_dir, run_dir, *, resume: bool = False, overwrite: bool = Fa
         if not (Path(init_from) / "checkpoints" / "last.keras").is_file():
             raise ModelError(f"--init-from {init_from} has no checkpoints/last.keras; name a "
                              "training run folder")
+        check_keras_archive(Path(init_from) / "checkpoints" / "last.keras",
+                            what="--init-from checkpoint")
     read_manifests(data_dir)
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ModelError(f"--out {run_dir} is a file: choose a folder for the run")
+    run_dir = check_out_dir(run_dir)
     exists = run_dir.is_dir() and any(run_dir.iterdir())
     if resume:
         if not (run_dir / "checkpoints" / "last.keras").is_file():

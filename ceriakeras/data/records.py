@@ -37,13 +37,23 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..config import SCHEMA_VERSION, ConfigError, DataError, SimulationConfig, from_dict, to_dict
+from ..config import (SCHEMA_VERSION, CeriakerasError, ConfigError, DataError, SimulationConfig,
+                      from_dict, to_dict)
 from ..io.files import atomic_path, file_sha256, write_text_atomic
 
 SPLITS = ("train", "validation", "test")
 """The three splits, in the order their particles are assigned."""
 MANIFEST_NAME = "manifest.json"
 PROGRESS_NAME = ".progress.json"
+MAX_COUNT = 10_000_000
+"""Most images one ``write_dataset`` call simulates (the plan lists every particle in memory)."""
+MAX_COUNT_WHY = ("the shard plan of one dataset is held in memory and would take months to "
+                 "simulate; simulate chunks of at most this many images into several --out "
+                 "folders and train on them together (train --data A --data B)")
+MAX_SHARDS = 10_000
+"""Most train shards of one dataset (each is a file that tf.data opens)."""
+MAX_SHARDS_WHY = ("each shard is a file that training opens and interleaves; a few hundred "
+                  "images per shard is plenty (the default is 16 shards)")
 SHARD_SUFFIX = ".tfrecord.gz"
 PREVIEW_DOSE_E_PER_A2 = 200.0
 """Dose of the noisy panel of ``--preview`` images, e⁻/Å²."""
@@ -782,6 +792,10 @@ def write_dataset(out_dir: str | Path, count: int, shards: int, seed: int,
                             ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
             raise ConfigError(f"{name}={value!r} must be an integer ≥ {lo}")
+    for name, value, hi, why in (("count", count, MAX_COUNT, MAX_COUNT_WHY),
+                                 ("shards", shards, MAX_SHARDS, MAX_SHARDS_WHY)):
+        if value > hi:
+            raise ConfigError(f"{name}={value} is more than {hi:,}: {why}")
     if preview < 0:
         raise ConfigError(f"preview={preview} must be ≥ 0")
     config.validate()
@@ -852,13 +866,18 @@ def write_dataset(out_dir: str | Path, count: int, shards: int, seed: int,
     tasks = [(p, images_of_particle(p, count, config.optics_per_exit_wave))
              for s in todo for p in s.particles]
     writer = _ShardWriter(out, todo, config, state, params, save_structures)
-    with tqdm(total=count, initial=total_done, unit="img", desc=f"simulate {out.name}",
-              disable=not progress, smoothing=0.1, dynamic_ncols=True) as bar:
-        def on_result(pid: int, examples: list) -> None:
-            writer.add(pid, examples)
-            bar.update(len(examples))
+    try:
+        with tqdm(total=count, initial=total_done, unit="img", desc=f"simulate {out.name}",
+                  disable=not progress, smoothing=0.1, dynamic_ncols=True) as bar:
+            def on_result(pid: int, examples: list) -> None:
+                writer.add(pid, examples)
+                bar.update(len(examples))
 
-        _run_particles(tasks, seed, config, simulator, workers, scheduler, on_result)
+            _run_particles(tasks, seed, config, simulator, workers, scheduler, on_result)
+    except CeriakerasError:  # refused before a shard was finished: leave no trace
+        if not state and progress_state is None:
+            (out / PROGRESS_NAME).unlink(missing_ok=True)
+        raise
 
     versions = (manifest or {}).get("versions") if repair and manifest else None
     if repair and manifest and manifest.get("command"):

@@ -123,35 +123,18 @@ def _reason(err: BaseException) -> str:
 
 
 def expand_inputs(inputs) -> list[Path]:
-    """Paths of the image files named by ``inputs`` (files as given; folders → their supported files, sorted).
+    """Paths of the image files named by ``inputs`` (files as given; folders → their supported
+    files, sorted), each file once (:func:`ceriakeras.io.inputpaths.find_inputs`).
 
     Raises
     ------
     InputError
-        If a path does not exist, a folder holds no supported file, or a file type is unknown.
+        If a path does not exist or is not a regular file or folder (a FIFO, a symbolic-link
+        loop), a folder holds no supported file, or a file type is unknown.
     """
-    if isinstance(inputs, (str, Path)):
-        inputs = [inputs]
-    paths: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir()
-                           if q.is_file() and q.suffix.lower() in SUPPORTED_SUFFIXES)
-            if not found:
-                raise InputError(f"folder {p} holds no image files "
-                                 f"({', '.join(SUPPORTED_SUFFIXES)})")
-            paths.extend(found)
-        elif p.is_file():
-            if p.suffix.lower() not in SUPPORTED_SUFFIXES:
-                raise InputError(f"{p}: unknown file type {p.suffix!r}; give one of "
-                                 f"{', '.join(SUPPORTED_SUFFIXES)}")
-            paths.append(p)
-        else:
-            raise InputError(f"input {p} does not exist")
-    if not paths:
-        raise InputError("no input given: name at least one image, series or folder")
-    return paths
+    from .inputpaths import find_inputs
+
+    return find_inputs(inputs, SUPPORTED_SUFFIXES).paths
 
 
 def open_series(path: str | Path, pixel_size_A: float | None = None) -> ImageSeries:
@@ -240,6 +223,12 @@ def _frame_axes(path: Path, axes: str, shape: tuple[int, ...]) -> int:
 def _open_tiff(path: Path):
     import tifffile
 
+    from .tiffcheck import check_tiff_pages
+
+    whole, declared_pages = check_tiff_pages(path)  # before tifffile parses any page
+    if declared_pages - whole > 1:  # a cut file loses its last page; more is damage
+        raise InputError(f"{path} is damaged: {declared_pages - whole} of its {declared_pages} "
+                         "pages point past the end of the file")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tif = tifffile.TiffFile(path)
@@ -264,19 +253,45 @@ def _open_tiff(path: Path):
         n_frames = _frame_axes(path, axes, shape)
         frame_shape = shape[-2:]
         declared = (tif.imagej_metadata or {}).get("images", 1) if tif.is_imagej else 1
-        if isinstance(declared, int) and declared > n_frames:
-            raise InputError(f"{path} is truncated: ImageJ declares {declared} images, the file "
-                             f"holds {n_frames}")
         _check_shape(path, n_frames, frame_shape)
         dtype = np.dtype(series.dtype)
         if dtype.kind not in "uifb":
             raise InputError(f"{path}: pixel type {dtype} is not a real number; give counts")
         calib, calib_from = _tiff_calibration(tif, page)
-        read = _tiff_reader(path, tif, series, n_frames, frame_shape)
+        if isinstance(declared, int) and declared > n_frames:  # a cut ImageJ stack
+            n_frames = declared
+            read = _imagej_cut_reader(path, tif, page, declared, frame_shape)
+        else:
+            read = _tiff_reader(path, tif, series, n_frames, frame_shape)
     except BaseException:
         tif.close()
         raise
     return n_frames, frame_shape, calib, calib_from, read, tif.close
+
+
+def _imagej_cut_reader(path: Path, tif, page, declared: int, frame_shape):
+    """Frame reader of an ImageJ stack cut short: its frames are contiguous from the first
+    page's data, so the whole frames still in the file are read; the others are missing frames
+    (skipped with a reason, as the cut pages of any multi-page TIFF)."""
+    dtype = np.dtype(page.dtype).newbyteorder(tif.byteorder)
+    offset = int(page.dataoffsets[0]) if page.dataoffsets else None
+    frame_bytes = int(np.prod(frame_shape)) * dtype.itemsize
+    size = path.stat().st_size
+    if offset is None or not page.is_contiguous or int(page.compression) != 1:
+        raise InputError(f"{path} is truncated: ImageJ declares {declared} images, the file "
+                         "holds fewer")
+    whole = min(declared, (size - offset) // frame_bytes)
+    if whole < 1:
+        raise InputError(f"{path} is truncated: ImageJ declares {declared} images, the file "
+                         "holds not one whole")
+    mm = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(whole, *frame_shape))
+
+    def read(i):
+        if i >= whole:
+            raise InputError(f"{path} frame {i} is missing (the file is cut after {whole} whole "
+                             f"frames of the {declared} ImageJ declares)")
+        return np.array(mm[i])
+    return read
 
 
 def _open_tiff_pages(path: Path, tif):

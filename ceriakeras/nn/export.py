@@ -247,6 +247,7 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
     import keras
     import tensorflow as tf
 
+    from ..modelcheck import check_keras_archive, files_sha256
     from . import train as _registers_custom_metrics  # noqa: F401
     from .model import OPTICS_OUTPUTS, has_optics, load_checkpoint, split_outputs
 
@@ -257,6 +258,8 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
     out_dir = Path(out_dir)
     checkpoints = [_checkpoint(r, c) for r, c in zip(run_dirs, checkpoints)]
     target = new_version_folder(out_dir, version)
+    for c in checkpoints:
+        check_keras_archive(c)
     models = [load_checkpoint(c, compile=False,
                               instead="export only checkpoints made by ceriakeras train")
               for c in checkpoints]
@@ -307,6 +310,7 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
     try:
         archive.write_out(str(tmp), verbose=False)
         (tmp / "assets").mkdir(exist_ok=True)
+        info["files_sha256"] = files_sha256(tmp)  # checked before every load (modelcheck)
         (tmp / "assets" / ASSET_NAME).write_text(json.dumps(info, indent=2))
         if target.exists():  # appeared meanwhile
             raise ModelError(f"{target} already exists; choose another --version")

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -449,6 +450,7 @@ def make_callbacks(run_dir: Path, config: TrainConfig, validation, *, resume: bo
         TensorBoardScalars(run_dir / "tensorboard"),
         keras.callbacks.EarlyStopping(monitor="val_loss",
                                       patience=config.early_stopping_patience),
+        keras.callbacks.TerminateOnNaN(),  # a NaN loss never recovers: stop, refused below
     ]
 
 
@@ -626,7 +628,11 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         if not ((run_dir / "config.json").is_file() or (run_dir / "checkpoints").is_dir()):
             raise ModelError(f"{run_dir} is not empty and does not look like a training run; "
                              "refusing to overwrite it, choose another --out")
-        shutil.rmtree(run_dir)
+        for entry in run_dir.iterdir():  # the folder itself stays: it holds the --out lock
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -910,9 +916,14 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
                     training, validation_data=validation, epochs=config.epochs,
                     initial_epoch=initial_epoch, steps_per_epoch=config.steps_per_epoch,
                     validation_steps=config.validation_steps, callbacks=callbacks,
-                    verbose=1 if progress else 0, shuffle=False,
+                    # a bar (ANSI codes) on a terminal only; one line per epoch in a log file
+                    verbose=(1 if sys.stdout.isatty() else 2) if progress else 0, shuffle=False,
                 ).history
     state = _read_json(out_dir / "state.json") if (out_dir / "state.json").exists() else {}
+    if history and not np.isfinite(float(state.get("best_val_loss", best_val_loss))):
+        raise ModelError(f"{run_dir} never reached a finite validation loss (NaN or inf: "
+                         "learning_rate too high, or broken data); no best checkpoint was kept, "
+                         "start again with a smaller learning_rate and --overwrite")
     return {
         "run_dir": str(run_dir),
         "resumed": resume,
