@@ -236,7 +236,8 @@ def check_keras_archive(path, *, what: str = "checkpoint") -> None:
             json.loads(archive.read("config.json"))
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError):
-        bad = "the archive"
+        bad = ""
     if bad is not None:
-        raise ModelError(f"{what} {path} is cut or damaged ({bad} unreadable); use another "
-                         "checkpoint (checkpoints/epoch-*.keras, last.keras) or train again")
+        part = f" ({bad} unreadable)" if bad else ""
+        raise ModelError(f"{what} {path} is cut or damaged{part}; use another checkpoint "
+                         "(checkpoints/epoch-*.keras, last.keras) or train again")

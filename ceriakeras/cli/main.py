@@ -195,7 +195,33 @@ def _verbose_option(func):
                         help="Show TensorFlow's, absl's and CUDA's own log lines.")(func)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _OneLineGroup(click.Group):
+    """Click's usage errors (an unknown option, ``--count 1e12`` for an integer) as one line
+    ``error: …`` with exit status 2, like every other refusal, instead of the usage text."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as err:
+            if type(err).__name__ == "NoArgsIsHelpError":  # bare `ceriakeras`: the help
+                err.show()
+                sys.exit(err.exit_code)
+            where = f"{err.ctx.command_path}: " if err.ctx is not None else ""
+            click.echo(f"error: {where}{_one_line(err.format_message())} (--help lists the "
+                       "options)", err=True)
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            err.show()
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="ceriakeras")
 @click.option("--verbose", is_flag=True,
               help="Show TensorFlow's, absl's and CUDA's own log lines (hidden by default).")

@@ -281,8 +281,10 @@ def check_train(data_dir, run_dir, *, resume: bool = False, overwrite: bool = Fa
                              "training run folder")
         check_keras_archive(Path(init_from) / "checkpoints" / "last.keras",
                             what="--init-from checkpoint")
-    read_manifests(data_dir)
     run_dir = check_out_dir(run_dir)
+    if resume and (run_dir / "checkpoints" / "last.keras").is_file():
+        check_keras_archive(run_dir / "checkpoints" / "last.keras", what="checkpoint to resume")
+    read_manifests(data_dir)
     exists = run_dir.is_dir() and any(run_dir.iterdir())
     if resume:
         if not (run_dir / "checkpoints" / "last.keras").is_file():
