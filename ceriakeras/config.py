@@ -532,8 +532,6 @@ def from_dict(cls: type[C], data: dict, *, where: str = "") -> C:
         If ``data`` is not a table, a key is unknown (the message names it and lists the valid
         ones) or a value has the wrong type or is not finite (:mod:`ceriakeras.validate`).
     """
-    from .validate import check_types
-
     if not isinstance(data, dict):
         raise ConfigError(f"the {cls.__name__} settings{' of ' + where.rstrip('.') if where else ''} "
                           f"must be a table of keys and values (a JSON object), not "
@@ -553,8 +551,18 @@ def from_dict(cls: type[C], data: dict, *, where: str = "") -> C:
             value = tuple(value)
         kwargs[key] = value
     config = cls(**kwargs)
-    check_types(config, where)
+    _check_types(config, where)
     return config
+
+
+def _check_types(config: Any, where: str = "") -> None:
+    """:func:`ceriakeras.validate.check_types`, its error as this module's :class:`ConfigError`."""
+    from . import validate
+
+    try:
+        validate.check_types(config, where)
+    except validate.ConfigError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _dataclass_by_name(ftype: Any) -> type | None:
@@ -592,13 +600,11 @@ def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) 
             data = tomllib.loads(text.decode()) if path.suffix == ".toml" else json.loads(text)
         except (ValueError, UnicodeDecodeError) as err:
             raise ConfigError(f"config file {path} is not valid {path.suffix[1:] or 'JSON'}: {err}") from None
-    from .validate import check_types
-
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a table of settings (a JSON object or "
                           f"TOML keys), not a {type(data).__name__}")
     config = from_dict(cls, data)
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    check_types(config)
+    _check_types(config)
     config.validate()
     return config

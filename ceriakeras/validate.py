@@ -22,7 +22,11 @@ import types
 import typing
 from typing import Any
 
-from .config import ConfigError
+
+class ConfigError(ValueError):
+    """A config value of the wrong type or not finite; :mod:`ceriakeras.config` re-raises it as
+    its own :class:`ceriakeras.config.ConfigError` (this module imports nothing of the package,
+    so that ``config`` may use it)."""
 
 
 def check_types(config: Any, where: str = "") -> None:
@@ -38,7 +42,8 @@ def check_types(config: Any, where: str = "") -> None:
     Raises
     ------
     ConfigError
-        A value of the wrong type, a NaN or infinite number; the message names the key.
+        (this module's, a ValueError) A value of the wrong type, a NaN or infinite number; the
+        message names the key.
     """
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):

@@ -533,8 +533,8 @@ def calibrate(model_path, datasets, out_dir, version, method, max_images, no_tta
 
     check_out_dir(out_dir)
     source, _ = target_version(model_path, out_dir, version)
-    check_model_files(source, read_info(source))
     check_calibration_data(list(datasets), model_settings(read_info(source))[0])
+    check_model_files(source, read_info(source))
     from ..evaluation.recalibrate import recalibrate
 
     with _locked(out_dir):

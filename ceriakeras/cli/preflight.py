@@ -47,7 +47,6 @@ def model_version(model) -> tuple[Path, dict]:
     version = find_version(path)
     info = read_info(version)
     model_settings(info)
-    check_model_files(version, info)
     return version, info
 
 
@@ -134,7 +133,7 @@ def check_analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = N
         raise InputError(f"--pixel-size {pixel_size_A} must be a positive pixel size in Å "
                          f"({config.min_pixel_size_A:g}–{config.max_pixel_size_A:g} Å)")
     paths = expand_inputs(inputs)
-    _, info = model_version(model)
+    version, info = model_version(model)
     model_px, _, _ = model_settings(info)
     series_given = False
     for path in paths:
@@ -152,6 +151,7 @@ def check_analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = N
         from ..analysis.run import unfinished_progress
 
         check_no_earlier_results(out_dir, resumable=unfinished_progress(out_dir) is not None)
+    check_model_files(version, info)  # integrity last: the argument checks speak first
     check_pixels(paths, pixel_size_A)
     return paths
 
@@ -166,13 +166,14 @@ def check_evaluate(model, data_dir, out_dir, *, split: str = "test",
     ------
     ModelError, DataError, ConfigError
     """
-    _, info = model_version(model)
+    version, info = model_version(model)
     model_px, _, _ = model_settings(info)
     _check_dataset(data_dir, split, model_px, "simulate the test data")
     out_dir = check_out_dir(out_dir)
     if (out_dir / "metrics.json").exists() and not overwrite:
         raise ConfigError(f"{out_dir} already holds an evaluation: pass --overwrite or choose "
                           "another --out")
+    check_model_files(version, info)
 
 
 def check_export(run_dir, out_dir, version: int | None = None, *, calibrate_on=None,
@@ -198,8 +199,6 @@ def check_export(run_dir, out_dir, version: int | None = None, *, calibrate_on=N
             raise ModelError(f"run folder {run} does not exist: train one with "
                              f"`ceriakeras train --out {run}`")
         found.append(_checkpoint(run, which))
-        _check_finite_run(run, found[-1])
-        check_keras_archive(found[-1])
     if len(run_dirs) > 1:  # the same refusal as export_run's, minutes earlier
         ensemble_info(run_dirs, [model_info(r, c) for r, c in zip(run_dirs, found)])
     run_dir = run_dirs[0]
@@ -210,6 +209,9 @@ def check_export(run_dir, out_dir, version: int | None = None, *, calibrate_on=N
         pixel = model.get("pixel_size_A", _read_json(run_dir / "dataset.json").get("pixel_size_A"))
         check_calibration_data(calibrate_on, None if pixel is None else float(pixel),
                                calibration_split)
+    for run, checkpoint in zip(run_dirs, found):  # integrity last: the argument checks speak first
+        _check_finite_run(run, checkpoint)
+        check_keras_archive(checkpoint)
 
 
 def _check_finite_run(run: Path, checkpoint: Path) -> None:
@@ -279,9 +281,10 @@ def check_train(data_dir, run_dir, *, resume: bool = False, overwrite: bool = Fa
         if not (Path(init_from) / "checkpoints" / "last.keras").is_file():
             raise ModelError(f"--init-from {init_from} has no checkpoints/last.keras; name a "
                              "training run folder")
+    run_dir = check_out_dir(run_dir)
+    if init_from is not None:
         check_keras_archive(Path(init_from) / "checkpoints" / "last.keras",
                             what="--init-from checkpoint")
-    run_dir = check_out_dir(run_dir)
     if resume and (run_dir / "checkpoints" / "last.keras").is_file():
         check_keras_archive(run_dir / "checkpoints" / "last.keras", what="checkpoint to resume")
     read_manifests(data_dir)

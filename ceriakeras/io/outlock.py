@@ -58,10 +58,9 @@ def locked_out_dir(out_dir: str | Path, *, fresh_names=(), option: str = "--out"
     fresh = not out.exists() or not any(out.iterdir())
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ConfigError(f"{option} {shown(out)} lies under a file: choose a folder") from None
-    except NotADirectoryError:
-        raise ConfigError(f"{option} {shown(out)} lies under a file: choose a folder") from None
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"{option} {shown(out)} lies under a file: choose a writable "
+                          f"{option} folder") from None
     fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         try:

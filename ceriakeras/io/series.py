@@ -270,26 +270,32 @@ def _open_tiff(path: Path):
 
 
 def _imagej_cut_reader(path: Path, tif, page, declared: int, frame_shape):
-    """Frame reader of an ImageJ stack cut short: its frames are contiguous from the first
-    page's data, so the whole frames still in the file are read; the others are missing frames
-    (skipped with a reason, as the cut pages of any multi-page TIFF)."""
-    dtype = np.dtype(page.dtype).newbyteorder(tif.byteorder)
+    """Frame reader of an ImageJ stack cut short, whose page table lost the later pages: its
+    frames are contiguous from the first page's data (:func:`_contiguous_reader`)."""
     offset = int(page.dataoffsets[0]) if page.dataoffsets else None
-    frame_bytes = int(np.prod(frame_shape)) * dtype.itemsize
-    size = path.stat().st_size
     if offset is None or not page.is_contiguous or int(page.compression) != 1:
         raise InputError(f"{path} is truncated: ImageJ declares {declared} images, the file "
                          "holds fewer")
-    whole = min(declared, (size - offset) // frame_bytes)
+    return _contiguous_reader(path, tif, page.dtype, offset, declared, frame_shape)
+
+
+def _contiguous_reader(path: Path, tif, dtype, offset: int, n_frames: int, frame_shape):
+    """Memory-mapped reader of ``n_frames`` uncompressed frames stored one after the other
+    from byte ``offset``. If the file is cut, the whole frames still in it are read and the
+    others are missing frames (skipped with a reason, as the cut pages of any multi-page TIFF)."""
+    dtype = np.dtype(dtype).newbyteorder(tif.byteorder)
+    frame_bytes = int(np.prod(frame_shape)) * dtype.itemsize
+    size = path.stat().st_size
+    whole = min(n_frames, max(0, size - offset) // frame_bytes)
     if whole < 1:
-        raise InputError(f"{path} is truncated: ImageJ declares {declared} images, the file "
-                         "holds not one whole")
+        raise InputError(f"{path} is truncated: its header declares {n_frames} frame(s) of "
+                         f"{frame_bytes} bytes from byte {offset}, the file has {size} bytes")
     mm = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(whole, *frame_shape))
 
     def read(i):
         if i >= whole:
             raise InputError(f"{path} frame {i} is missing (the file is cut after {whole} whole "
-                             f"frames of the {declared} ImageJ declares)")
+                             f"frames of the {n_frames} declared)")
         return np.array(mm[i])
     return read
 
@@ -338,15 +344,7 @@ def _tiff_reader(path: Path, tif, series, n_frames: int, frame_shape):
         return read
     offset = series.dataoffset
     if offset is not None:  # contiguous, uncompressed: memory-map it (ImageJ hyperstacks)
-        size = path.stat().st_size
-        need = offset + n_frames * frame_bytes
-        if need > size:
-            raise InputError(f"{path} is truncated: its header declares {need} bytes of image "
-                             f"data, the file has {size}")
-        dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
-        mm = np.memmap(path, dtype=dtype, mode="r", offset=offset,
-                       shape=(n_frames, *frame_shape))
-        return lambda i: np.array(mm[i])
+        return _contiguous_reader(path, tif, series.dtype, offset, n_frames, frame_shape)
     if n_frames * frame_bytes > MAX_IN_MEMORY_BYTES:
         raise InputError(f"{path}: a compressed series of this layout is read whole and is too "
                          "large; save it as uncompressed multi-page TIFF")

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from ceriakeras.config import ConfigError, InputError, ModelError
+from ceriakeras.config import SCHEMA_VERSION, ConfigError, InputError, ModelError
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2",
@@ -151,6 +151,10 @@ def build_world(w: Path) -> Path:
         "map": "platt", "dose_e_per_A2": [20.0, 200.0], "slope": [1.0, float("nan")],
         "intercept": [0.0, 0.0], "n_images": 48})))
 
+    (w / "data").mkdir()  # a dataset as the checks see it: its manifest
+    (w / "data" / "manifest.json").write_text(json.dumps(
+        {"schema_version": SCHEMA_VERSION, "splits": {}, "config": {}, "pixel_size_A": 0.2,
+         "counts": {"train": 4, "validation": 4, "test": 4}}))
     configs = {
         "threshold_high.toml": 'threshold = "high"\n',
         "list.json": "[1, 2, 3]\n",
@@ -257,9 +261,9 @@ CASES = [  # id, arguments (``{model}`` = the tiny model), --out, words the one 
     ("export a run that never reached a finite loss", ("export", "--run", "runs/nan"), "o",
      "finite validation loss"),
     ("calibrate a model with tampered max_height",
-     ("calibrate", "--model", M.format("max_height_3"), "--data", "nodata"), "o", "max_height=3"),
+     ("calibrate", "--model", M.format("max_height_3"), "--data", "data"), "o", "max_height=3"),
     ("evaluate a bit-flipped model", ("evaluate", "--model", M.format("pb_flipped"), "--data",
-                                      "."), "o", "differs from the sha256"),
+                                      "data"), "o", "differs from the sha256"),
 ]
 
 

@@ -415,6 +415,12 @@ def test_imagej_truncated_layout_is_memory_mapped(tmp_path):
     for i, f in enumerate(fr):
         np.testing.assert_array_equal(f.image, data[i])
     raw = (tmp_path / "big.tif").read_bytes()
-    (tmp_path / "cut.tif").write_bytes(raw[:-100])
+    (tmp_path / "cut.tif").write_bytes(raw[:-100])  # cut inside the last frame: 4 whole ones
+    s, fr = frames(tmp_path / "cut.tif")
+    assert s.n_frames == 5
+    for i, f in enumerate(fr[:4]):
+        np.testing.assert_array_equal(f.image, data[i])
+    assert fr[4].image is None and "missing" in fr[4].error
+    (tmp_path / "stub.tif").write_bytes(raw[:len(raw) - 5 * 24 * 20 * data.itemsize + 10])
     with pytest.raises(InputError, match="truncated"):
-        open_series(tmp_path / "cut.tif")
+        open_series(tmp_path / "stub.tif")
