@@ -22,6 +22,7 @@ load with a traceback, or load and then use wrongly:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import zipfile
@@ -109,7 +110,7 @@ def check_calibration_table(table, where: str) -> None:
         raise ModelError(f"{where} has an unknown map {kind!r}; {fix}")
     if not doses or len(lengths) != 1:
         raise ModelError(f"{where} needs one slope and intercept per dose; {fix}")
-    if not all(0 < d < math.inf for d in doses) or any(b <= a for a, b in zip(doses, doses[1:])):
+    if not all(0 < d < math.inf for d in doses) or any(b <= a for a, b in itertools.pairwise(doses)):
         raise ModelError(f"{where} has doses that are not positive and increasing; {fix}")
     if not all(math.isfinite(a) and math.isfinite(b) for a, b in pairs):
         raise ModelError(f"{where} has a slope or intercept that is not finite; {fix}")

@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "cli")]
 
-from test_hostile import CASES, build_world, run_cli  # noqa: E402
+from test_hostile import CASES, build_world, run_cli
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ def run_cli(*args, cwd) -> tuple[subprocess.CompletedProcess, float, float]:
     """The CLI in a subprocess: (result, wall seconds, CPU seconds of the child)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    result = subprocess.run([*CLI, *map(os.fsdecode, args)], cwd=cwd, env=ENV,
+    result = subprocess.run([*CLI, *map(os.fsdecode, args)], cwd=cwd, env=ENV, check=False,
                             capture_output=True, timeout=600)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -329,7 +329,7 @@ def test_two_concurrent_analyze_runs_second_refused_first_as_a_lone_run(world, t
     while not (tmp_path / "both" / "progress.json").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     second, _, _ = run_cli(*common, "--out", tmp_path / "both", cwd=tmp_path)
-    first_out, first_err = first.communicate(timeout=600)
+    _, first_err = first.communicate(timeout=600)
     assert first.returncode == 0, first_err.decode()
     assert second.returncode == 2 and "in use by another run" in second.stderr.decode()
     lone, _, _ = run_cli(*common, "--out", tmp_path / "lone", cwd=tmp_path)
@@ -450,7 +450,11 @@ def test_nested_and_list_config_values_are_checked_by_type(tmp_path):
 
 def test_shipped_model_records_its_files_and_passes_the_check():
     from ceriakeras.inference.modelinfo import read_info
-    from ceriakeras.modelcheck import check_model_files, files_sha256, probabilities_depth
+    from ceriakeras.modelcheck import (
+        check_model_files,
+        files_sha256,
+        probabilities_depth,
+    )
 
     version = REPO / "saved_models" / "ceria110" / "6"
     info = read_info(version)
@@ -513,8 +517,9 @@ def test_a_resumed_run_that_analysed_nothing_prints_no_speed():
 
 
 def test_a_refused_simulate_leaves_no_progress_file(tmp_path):
-    from ceriakeras.data.records import PROGRESS_NAME, write_dataset
     from helpers import SMALL
+
+    from ceriakeras.data.records import PROGRESS_NAME, write_dataset
 
     def refusing(particle_id, seed, config):
         raise ConfigError("the particle does not fit the cell")
@@ -525,9 +530,9 @@ def test_a_refused_simulate_leaves_no_progress_file(tmp_path):
 
 
 def test_small_warnings_calibration_on_one_image_and_simulate_without_splits(monkeypatch):
-    from click.testing import CliRunner
-
     import importlib
+
+    from click.testing import CliRunner
 
     cli_main = importlib.import_module("ceriakeras.cli.main")
     runner = CliRunner()
