@@ -221,7 +221,8 @@ class _OneLineGroup(click.Group):
         sys.exit(result if isinstance(result, int) else 0)
 
 
-@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=_OneLineGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="ceriakeras")
 @click.option("--verbose", is_flag=True,
               help="Show TensorFlow's, absl's and CUDA's own log lines (hidden by default).")
@@ -392,8 +393,6 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
     data_dirs = list(data_dir)
     check_train(data_dirs, run_dir, resume=resume, overwrite=overwrite,
                 allow_data_change=allow_data_change, init_from=init_from)
-    import contextlib
-
     lock = (contextlib.nullcontext() if "TF_CONFIG" in os.environ  # workers share the folder
             else _locked(run_dir, fresh_names=("config.json", "dataset.json", "log.csv",
                                                "tensorboard")))

@@ -94,6 +94,45 @@ def page_stack(path: Path, frames: int = 8, side: int = 64, seed: int = 0) -> Pa
     return path
 
 
+def flip(path: Path, at: int) -> None:
+    """Invert the byte at offset ``at`` of ``path``."""
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def cut(path: Path) -> None:
+    """Keep the first half of ``path``."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def edit_info(version: Path, change) -> None:
+    """Apply ``change`` to a model version's ``assets/ceriakeras.json`` (a dict)."""
+    info_path = version / "assets" / "ceriakeras.json"
+    info = json.loads(info_path.read_text())
+    change(info)
+    info_path.write_text(json.dumps(info))
+
+
+def damaged_models(w: Path, model: Path) -> None:
+    """Copies of ``model`` under ``w/models/``, each damaged in one way."""
+    def variant(name, change):
+        target = w / "models" / name
+        shutil.copytree(model, target)
+        change(target)
+
+    variant("pb_flipped", lambda t: flip(t / "saved_model.pb", 200))
+    variant("pb_cut", lambda t: cut(t / "saved_model.pb"))
+    variant("pb_cut_unrecorded", lambda t: (cut(t / "saved_model.pb"),
+                                            edit_info(t, lambda i: i.pop("files_sha256"))))
+    variant("variables_cut", lambda t: cut(next((t / "variables").glob("variables.data-*"))))
+    variant("variables_missing", lambda t: (t / "variables" / "variables.index").unlink())
+    variant("max_height_3", lambda t: edit_info(t, lambda i: i.update(max_height=3)))
+    variant("calibration_nan", lambda t: edit_info(t, lambda i: i.update(confidence_calibration={
+        "map": "platt", "dose_e_per_A2": [20.0, 200.0], "slope": [1.0, float("nan")],
+        "intercept": [0.0, 0.0], "n_images": 48})))
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Inputs, damaged model copies, bad configs and runs, made once for the table."""
@@ -120,37 +159,7 @@ def build_world(w: Path) -> Path:
     os.symlink("gone.tif", w / "dangling.tif")
     (w / "file.txt").write_text("not a folder\n")
 
-    def variant(name, change):
-        target = w / "models" / name
-        shutil.copytree(model, target)
-        change(target)
-        return target
-
-    def flip(path, at):
-        data = bytearray(path.read_bytes())
-        data[at] ^= 0xFF
-        path.write_bytes(bytes(data))
-
-    def cut(path):
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-    def edit_info(target, change):
-        info_path = target / "assets" / "ceriakeras.json"
-        info = json.loads(info_path.read_text())
-        change(info)
-        info_path.write_text(json.dumps(info))
-
-    variant("pb_flipped", lambda t: flip(t / "saved_model.pb", 200))
-    variant("pb_cut", lambda t: cut(t / "saved_model.pb"))
-    variant("pb_cut_unrecorded", lambda t: (cut(t / "saved_model.pb"),
-                                            edit_info(t, lambda i: i.pop("files_sha256"))))
-    variant("variables_cut", lambda t: cut(next((t / "variables").glob("variables.data-*"))))
-    variant("variables_missing", lambda t: (t / "variables" / "variables.index").unlink())
-    variant("max_height_3", lambda t: edit_info(t, lambda i: i.update(max_height=3)))
-    variant("calibration_nan", lambda t: edit_info(t, lambda i: i.update(confidence_calibration={
-        "map": "platt", "dose_e_per_A2": [20.0, 200.0], "slope": [1.0, float("nan")],
-        "intercept": [0.0, 0.0], "n_images": 48})))
-
+    damaged_models(w, model)
     (w / "data").mkdir()  # a dataset as the checks see it: its manifest
     (w / "data" / "manifest.json").write_text(json.dumps(
         {"schema_version": SCHEMA_VERSION, "splits": {}, "config": {}, "pixel_size_A": 0.2,
