@@ -920,7 +920,8 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
                     verbose=(1 if sys.stdout.isatty() else 2) if progress else 0, shuffle=False,
                 ).history
     state = _read_json(out_dir / "state.json") if (out_dir / "state.json").exists() else {}
-    if history and not np.isfinite(float(state.get("best_val_loss", best_val_loss))):
+    if initial_epoch < config.epochs and not np.isfinite(
+            float(state.get("best_val_loss", best_val_loss))):  # trained, never a finite loss
         raise ModelError(f"{run_dir} never reached a finite validation loss (NaN or inf: "
                          "learning_rate too high, or broken data); no best checkpoint was kept, "
                          "start again with a smaller learning_rate and --overwrite")

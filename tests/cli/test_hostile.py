@@ -573,3 +573,33 @@ def test_an_error_after_a_progress_bar_starts_on_its_own_line():
     bar.update(3)
     _end_progress_bars()
     assert log.getvalue().endswith("\n")
+
+
+@pytest.mark.slow
+def test_training_that_never_reaches_a_finite_loss_is_refused_and_not_exported(tmp_path,
+                                                                               monkeypatch):
+    pytest.importorskip("keras")
+    import keras
+
+    from ceriakeras.cli.preflight import check_export
+    from ceriakeras.nn import train as train_module
+    from helpers import TINY, make_synthetic_dataset
+
+    compile_model = train_module.compile_model
+
+    def diverged(y_true, y_pred):  # the loss of a diverged run
+        return keras.ops.mean(y_pred) * np.nan
+
+    def nan_loss(model, config, optimizer=None):
+        model = compile_model(model, config, optimizer)
+        model.compile(optimizer=model.optimizer, loss=diverged)
+        return model
+
+    monkeypatch.setattr(train_module, "compile_model", nan_loss)
+    data = make_synthetic_dataset(tmp_path / "data", count=8)
+    with pytest.raises(ModelError, match="never reached a finite validation loss"):
+        train_module.train(data, tmp_path / "run", TINY, progress=False)
+    assert not (tmp_path / "run" / "checkpoints" / "best.keras").exists()
+    if (tmp_path / "run" / "checkpoints" / "last.keras").exists():
+        with pytest.raises(ModelError, match="finite validation loss"):
+            check_export(tmp_path / "run", tmp_path / "models")
