@@ -580,10 +580,10 @@ def test_training_that_never_reaches_a_finite_loss_is_refused_and_not_exported(t
                                                                                monkeypatch):
     pytest.importorskip("keras")
     import keras
+    from helpers import TINY, make_synthetic_dataset
 
     from ceriakeras.cli.preflight import check_export
     from ceriakeras.nn import train as train_module
-    from helpers import TINY, make_synthetic_dataset
 
     compile_model = train_module.compile_model
 
