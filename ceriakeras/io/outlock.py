@@ -56,6 +56,7 @@ def locked_out_dir(out_dir: str | Path, *, fresh_names=(), option: str = "--out"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{option} {shown(out)} is a file: choose a folder")
     fresh = not out.exists() or not any(out.iterdir())
+    made = [p for p in (out, *out.absolute().parents) if not p.exists()]  # deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -74,24 +75,33 @@ def locked_out_dir(out_dir: str | Path, *, fresh_names=(), option: str = "--out"
         try:
             yield out
         except CeriakerasError:
-            if fresh:
-                _remove_fresh(out, fresh_names)
+            if fresh and _remove_fresh(out, fresh_names):
+                for parent in made[1:]:  # the folders above that this command created
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()
             raise
     finally:
         os.close(fd)  # releases the lock
 
 
-def _remove_fresh(out: Path, fresh_names) -> None:
-    """Remove ``out`` if it holds nothing but ``fresh_names`` (they are removed first)."""
+def _remove_fresh(out: Path, fresh_names) -> bool:
+    """Remove ``out`` if it holds nothing but ``fresh_names`` (they are removed first); whether
+    it was removed."""
     import shutil
 
     entries = list(out.iterdir())
     if any(e.name not in fresh_names for e in entries):
-        return
-    with contextlib.suppress(OSError):
+        return False
+    try:
         for e in entries:
-            shutil.rmtree(e) if e.is_dir() and not e.is_symlink() else e.unlink()
+            if e.is_dir() and not e.is_symlink():
+                shutil.rmtree(e)
+            else:
+                e.unlink()
         out.rmdir()
+    except OSError:
+        return False
+    return True
 
 
 def lock_holder(fd: int) -> str:

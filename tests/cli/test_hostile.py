@@ -319,6 +319,9 @@ def test_lock_creates_no_file_and_a_refused_fresh_run_leaves_no_folder(tmp_path)
         (tmp_path / "b" / "config.json").write_text("{}")
         raise ConfigError("refused after writing the run's config")
     assert not (tmp_path / "b").exists()
+    with pytest.raises(ConfigError), locked_out_dir(tmp_path / "new" / "deeper" / "out"):
+        raise ConfigError("refused")
+    assert not (tmp_path / "new").exists()
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "result.csv").write_text("kept")
     with pytest.raises(ConfigError), locked_out_dir(tmp_path / "c", fresh_names=("config.json",)):
