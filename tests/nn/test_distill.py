@@ -10,14 +10,18 @@ import pytest
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
-from ceriakeras.config import ConfigError, ModelError, TrainConfig, load_config  # noqa: E402
-from ceriakeras.nn.distill import (  # noqa: E402
-    distillation_loss, load_teacher, soft_targets, student_taps,
+from helpers import CONTEXT, make_synthetic_dataset
+
+from ceriakeras.config import ConfigError, ModelError, TrainConfig, load_config
+from ceriakeras.nn.distill import (
+    distillation_loss,
+    load_teacher,
+    soft_targets,
+    student_taps,
 )
-from ceriakeras.nn.export import export_run  # noqa: E402
-from ceriakeras.nn.model import load_checkpoint  # noqa: E402
-from ceriakeras.nn.train import train  # noqa: E402
-from helpers import CONTEXT, make_synthetic_dataset  # noqa: E402
+from ceriakeras.nn.export import export_run
+from ceriakeras.nn.model import load_checkpoint
+from ceriakeras.nn.train import train
 
 STUDENT = dataclasses.replace(CONTEXT, learning_rate=1e-2, warmup_steps=0)
 
