@@ -33,7 +33,6 @@ import tensorflow as tf
 
 from ..config import ModelError, TrainConfig
 from ..io.files import file_sha256, write_text_atomic
-from .train import OpticsLoss
 
 
 # --- the teacher -------------------------------------------------------------------------------
@@ -177,7 +176,8 @@ def attach_teacher(model: keras.Model, teacher, class_weights, config: TrainConf
 
     Replaces the model's ``train_step`` (not saved: checkpoints hold the plain student) by the
     distillation step of the module docstring, with ``λ = config.distill_weight`` and
-    ``T = config.distill_temperature``. Call it after :func:`ceriakeras.nn.train.compile_model`.
+    ``T = config.distill_temperature``. Call it after :func:`ceriakeras.nn.train.compile_model`
+    (whose optics loss it keeps, weighted by ``config.optics_loss_weight``).
 
     Returns
     -------
@@ -186,7 +186,8 @@ def attach_teacher(model: keras.Model, teacher, class_weights, config: TrainConf
     """
     taps = student_taps(model)
     weight, temperature = float(config.distill_weight), float(config.distill_temperature)
-    optics_loss, optics_weight = OpticsLoss(), float(config.optics_loss_weight)
+    optics_loss = model.loss.get("optics") if isinstance(model.loss, dict) else None
+    optics_weight = float(config.optics_loss_weight)
     loss_tracker = next(m for m in model.metrics if m.name == "loss")
     logs = DistillationLogs()
     weights = [float(w) for w in class_weights]
@@ -202,7 +203,7 @@ def attach_teacher(model: keras.Model, teacher, class_weights, config: TrainConf
             ce = weighted_cross_entropy(label, out["logits"], pixel_weight)
             kl = distillation_loss(targets, out["logits"], pixel_weight, temperature)
             loss = (1.0 - weight) * ce + weight * kl
-            if "optics" in out:
+            if optics_loss is not None:  # as compiled: the optics output's own loss
                 loss += optics_weight * optics_loss(y["optics"], out["optics"])
             if model.losses:
                 loss += tf.add_n(model.losses)
