@@ -302,7 +302,9 @@ def init_partial(model: keras.Model, source: dict, run_dir) -> dict:
     record = json.loads(path.read_text())
     record["initialized_from"] = {**record.get("initialized_from", {}), **summary}
     write_text_atomic(path, json.dumps(record, indent=2))
+    rest = ("; the others from a fresh initialisation"
+            if summary["layers_copied"] < summary["layers"] else "")
     print(f"{run_dir}: {summary['layers_copied']} of {summary['layers']} layers "
           f"({summary['parameters_copied']} of {summary['parameters']} weights) start from "
-          f"{source['checkpoint']}; the others from a fresh initialisation", flush=True)
+          f"{source['checkpoint']}{rest}", flush=True)
     return summary
