@@ -4,6 +4,8 @@
     python scripts/benchmarks/bench_model.py --model saved_models/ceria110/6
     python scripts/benchmarks/bench_model.py --config configs/ceria110_v7_student_train.toml
     python scripts/benchmarks/bench_model.py --config configs/ceria110_v3_train.toml --train-step
+    python scripts/benchmarks/bench_model.py --config configs/ceria110_v7_student_train.toml \
+        --train-step --teacher saved_models/ceria110/6 --no-profiler --batches 1
 
 A 512² frame at the model's 0.2 Å is what a 1024² frame at 0.1 Å becomes. For each network:
 
@@ -154,6 +156,9 @@ def bench_config(path, args, peak: float) -> None:
     time_forward(forward, args.size, args.batches, args.repeats, gflop, peak)
     if args.train_step:
         time_train_step(model, config, args.repeats)
+        if args.teacher:
+            time_train_step(build_model(config.model, noise_seed=0), config, args.repeats,
+                            teacher=args.teacher)
     keras.backend.clear_session()
 
 
@@ -182,13 +187,21 @@ def bench_served(path, args, peak: float) -> None:
     time_forward(forward, args.size, args.batches, args.repeats, gflop, peak)
 
 
-def time_train_step(model, config, repeats: int) -> None:
-    """Seconds per training step at the config's crop and batch size."""
+def time_train_step(model, config, repeats: int, teacher=None) -> None:
+    """Seconds per training step at the config's crop and batch size (with ``teacher``, a served
+    model's folder: a distillation step, :mod:`ceriakeras.nn.distill`)."""
     import tensorflow as tf
 
     from ceriakeras.nn.train import compile_model, training_targets_spec
 
     compile_model(model, config)
+    what = "training step"
+    if teacher is not None:
+        from ceriakeras.nn.distill import attach_teacher, load_teacher
+
+        served = load_teacher(teacher, config)
+        attach_teacher(model, served, np.ones(config.model.max_height + 1), config)
+        what = f"distillation step from {served.path}"
     crop, batch = config.pipeline.crop_px, config.pipeline.batch_size
     rng = np.random.default_rng(0)
     image = rng.uniform(50, 100, (batch, crop, crop, 1)).astype(np.float32)
@@ -203,7 +216,7 @@ def time_train_step(model, config, repeats: int) -> None:
     per_step = (time.perf_counter() - start) / steps
     cpu_step = (time.process_time() - start_cpu) / steps
     epoch_min = per_step * config.steps_per_epoch / 60
-    print(f"  training step (batch {batch} of {crop}² crops): {per_step:.2f} s (CPU time "
+    print(f"  {what} (batch {batch} of {crop}² crops): {per_step:.2f} s (CPU time "
           f"{cpu_step:.2f} s, all threads); one epoch of {config.steps_per_epoch} steps ≈ "
           f"{epoch_min:.1f} min, {config.epochs} epochs ≈ {epoch_min * config.epochs / 60:.1f} h "
           "(+ validation)", flush=True)
@@ -225,6 +238,9 @@ def main() -> None:
                         help="skip TensorFlow's profiler count (the layer count stays)")
     parser.add_argument("--train-step", action="store_true",
                         help="also time a training step at a --config's crop and batch size")
+    parser.add_argument("--teacher", metavar="DIR",
+                        help="with --train-step: also time a distillation step from this served "
+                             "model")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
 
