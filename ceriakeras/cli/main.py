@@ -357,11 +357,23 @@ def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell
 @click.option("--allow-data-change", is_flag=True,
               help="With --resume: continue although --data leaves out or replaces datasets the "
                    "run was trained on (recorded in the run's dataset.json).")
+@click.option("--init-partial", type=click.Path(path_type=str), default=None, metavar="runs/NAME",
+              help="Start the new run from this run's last weights where the layer shapes agree "
+                   "(a student narrower in places); the other layers start fresh.")
+@click.option("--teacher", type=click.Path(path_type=str), default=None,
+              metavar="saved_models/NAME/V",
+              help="Distil from this served model: its probabilities on the same noisy crops "
+                   "are soft targets next to the true labels (recorded in the run).")
+@click.option("--distill-weight", type=float, default=None, metavar="λ",
+              help="With --teacher: loss = (1 − λ) · cross-entropy + λ · T² · KL (default 0.5).")
+@click.option("--distill-temperature", type=float, default=None, metavar="T",
+              help="With --teacher: softmax temperature of the KL term (default 1).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_verbose_option
 @_one_line_errors
 def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, resume, overwrite,
-          init_from, allow_data_change, quiet):
+          init_from, allow_data_change, init_partial, teacher, distill_weight,
+          distill_temperature, quiet):
     """Train the U-Net on a simulated dataset.
 
     Example: ceriakeras train --data tfrecords/demo --out runs/demo --epochs 20
@@ -370,6 +382,9 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
 
     Warm restart: ceriakeras train --data tfrecords/demo --out runs/demo-2 --init-from runs/demo
     --epochs 10
+
+    Distillation: ceriakeras train --config student.toml --data tfrecords/demo --out runs/student
+    --teacher saved_models/ceria110/6 --distill-weight 0.5 --init-partial runs/demo
     """
     import dataclasses
     from pathlib import Path
@@ -385,7 +400,9 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
         config_path = str(Path(run_dir) / "config.json")
     elif config_path is None and init_from and (Path(init_from) / "config.json").is_file():
         config_path = str(Path(init_from) / "config.json")
-    config = load_config(TrainConfig, config_path, epochs=epochs, steps_per_epoch=steps_per_epoch)
+    config = load_config(TrainConfig, config_path, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                         teacher=teacher, distill_weight=distill_weight,
+                         distill_temperature=distill_temperature)
     if batch_size is not None:
         config = dataclasses.replace(
             config, pipeline=dataclasses.replace(config.pipeline, batch_size=batch_size))
@@ -393,6 +410,15 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
     data_dirs = list(data_dir)
     check_train(data_dirs, run_dir, resume=resume, overwrite=overwrite,
                 allow_data_change=allow_data_change, init_from=init_from)
+    if config.teacher is not None:  # a served model must be there (JSON only, no TensorFlow)
+        from ..inference.modelinfo import find_version, read_info
+
+        read_info(find_version(config.teacher))
+    if init_partial is not None and not (Path(init_partial) / "checkpoints" / "last.keras").is_file():
+        from ..config import ModelError
+
+        raise ModelError(f"--init-partial {init_partial} has no checkpoints/last.keras; name a "
+                         "training run folder")
     lock = (contextlib.nullcontext() if "TF_CONFIG" in os.environ  # workers share the folder
             else _locked(run_dir, fresh_names=("config.json", "dataset.json", "log.csv",
                                                "tensorboard")))
@@ -401,7 +427,7 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
 
         result = train_run(data_dirs, run_dir, config, resume=resume, overwrite=overwrite,
                            progress=not quiet, allow_data_change=allow_data_change,
-                           init_from=init_from)
+                           init_from=init_from, init_partial=init_partial)
     resumed = f" (resumed after epoch {result['initial_epoch']})" if result["resumed"] else ""
     click.echo(f"{run_dir}: {result['epochs_completed']} epoch(s){resumed}; best validation loss "
                f"{result['best_val_loss']:.4f} at epoch {result['best_epoch']}; "

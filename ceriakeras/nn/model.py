@@ -298,7 +298,7 @@ def build_context_unet(config: ModelConfig, *, noise_seed: int | None = None) ->
           bottleneck (0.2 Å · 2**depth, e.g. 6.4 Å): dilated 3×3 convs (``dilations``)
           global branch: global average (or max) pool → dense(global_units) → dense → added to every
               bottleneck pixel;  → dense(3) → ``optics`` (defocus nm, Cs µm, largest height)
-          decoder: transposed conv up, concatenate the skip, conv block, up to level 1
+          decoder: transposed conv up, concatenate (or add) the skip, conv block, up to level 1
           transposed conv to full resolution + f0 → conv 3×3 → logits → crop → softmax
 
     Almost all work happens at 0.4 Å and coarser; at depth 5 the analytic receptive field
@@ -309,7 +309,7 @@ def build_context_unet(config: ModelConfig, *, noise_seed: int | None = None) ->
     ----------
     config : ModelConfig
         ``architecture='context_unet'``, ``depth``, ``base_filters``, ``max_filters``,
-        ``full_resolution_filters``, ``dilations``, ``global_branch``, ``global_units``,
+        ``full_resolution_filters``, ``dilations``, ``skip_merge``, ``global_branch``, ``global_units``,
         ``normalization``, ``dropout``, ``max_height``, ``detector_correlation_max``.
     noise_seed : int, optional
         Seed of the training-time noise.
@@ -364,7 +364,8 @@ def build_context_unet(config: ModelConfig, *, noise_seed: int | None = None) ->
     for level in reversed(range(1, config.depth)):
         filters = _context_filters(config, level)
         x = keras.layers.Conv2DTranspose(filters, 2, strides=2, padding="same")(x)
-        x = keras.layers.Concatenate()([x, skips[level - 1]])
+        merge = keras.layers.Add if config.skip_merge == "add" else keras.layers.Concatenate
+        x = merge()([x, skips[level - 1]])
         x = _conv_block(x, filters, norm)
 
     x = keras.layers.Conv2DTranspose(config.full_resolution_filters, 2, strides=2,

@@ -724,6 +724,33 @@ def _dataset_record(data_dirs, digests, manifests, weights, previous: dict | Non
     return record
 
 
+def _partial_source(init_partial, run_dir: Path, other_start: bool, digests) -> dict | None:
+    """:func:`ceriakeras.nn.distill.partial_source` of ``--init-partial`` (None without it);
+    the class weights come from this run's datasets (``digests``)."""
+    if init_partial is None:
+        return None
+    if other_start:
+        raise ModelError("pass only one of --resume, --init-from and --init-partial")
+    if Path(init_partial).resolve() == run_dir.resolve():
+        raise ModelError(f"--init-partial {init_partial} is --out itself; give the new run "
+                         "another folder")
+    from .distill import partial_source
+
+    return {**partial_source(init_partial), "class_weights_from": list(digests)}
+
+
+def _load_teacher(config: TrainConfig, multi_worker: bool):
+    """The served teacher of ``config.teacher`` and its record (None, None without one)."""
+    if config.teacher is None:
+        return None, None
+    if multi_worker:
+        raise ModelError("distillation (--teacher) runs on one machine; unset TF_CONFIG")
+    from .distill import load_teacher, teacher_record
+
+    teacher = load_teacher(config.teacher, config)
+    return teacher, teacher_record(teacher)
+
+
 def _warm_start_source(source_run: Path, config: TrainConfig) -> dict:
     """What a new run started from another run's weights needs of it: its checkpoint of the
     last finished epoch, its class weights (the loss must not jump) and where they came from.
@@ -763,7 +790,7 @@ def _warm_start_source(source_run: Path, config: TrainConfig) -> dict:
 
 def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: bool = False,
           overwrite: bool = False, progress: bool = True, allow_data_change: bool = False,
-          init_from=None) -> dict:
+          init_from=None, init_partial=None) -> dict:
     """Train the U-Net on simulated data and keep everything in ``run_dir``.
 
     Parameters
@@ -792,6 +819,14 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
         restart): a fresh optimizer, ``config``'s learning-rate schedule from step 0 and
         ``config``'s seed. The model settings must be the earlier run's; the class weights are
         its too, and ``dataset.json`` records the run and epoch under ``initialized_from``.
+    init_partial : path, optional
+        Start this new run from an earlier run whose layers partly differ: the weights of the
+        layers whose shapes agree are copied (:func:`ceriakeras.nn.distill.copy_matching_weights`),
+        the others start fresh; class weights from the data, as for a new run.
+
+    With ``config.teacher`` (a served model) the run is distilled from it
+    (:mod:`ceriakeras.nn.distill`); ``dataset.json`` records the teacher, and a resume must name
+    the same one.
 
     Returns
     -------
@@ -824,8 +859,10 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
             raise ModelError(f"--init-from {init_from} is --out itself; give the new run "
                              "another folder")
         source = _warm_start_source(Path(init_from), config)
+    partial = _partial_source(init_partial, run_dir, resume or init_from is not None, digests)
     strategy = choose_strategy()  # before any other TensorFlow op (multi-worker needs that)
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    teacher, teacher_record = _load_teacher(config, multi_worker)
     if is_chief(strategy):
         _prepare_run_dir(run_dir, resume, overwrite)
         out_dir = run_dir
@@ -841,6 +878,9 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
     if resume:
         saved = _read_json(run_dir / "dataset.json")
         added, removed = compare_run_datasets(saved, digests)
+        from .distill import check_same_teacher
+
+        check_same_teacher(run_dir, saved, teacher_record)
         if removed and not allow_data_change:
             raise ModelError(data_change_message(run_dir, saved, removed))
         if _saved_model_config(run_dir) != to_dict(config.model):
@@ -871,8 +911,12 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
               f"{', '.join(str(d) for d in data_dirs)}; the class weights stay the run's first "
               "(recorded in dataset.json)", flush=True)
     write_text_atomic(out_dir / "dataset.json", json.dumps(_dataset_record(
-        data_dirs, digests, manifests, weights, saved, initial_epoch, added, removed, source),
-        indent=2))
+        data_dirs, digests, manifests, weights, saved, initial_epoch, added, removed,
+        source or partial), indent=2))
+    if teacher_record is not None:
+        from .distill import add_teacher_record
+
+        add_teacher_record(out_dir, teacher_record)
     optics = config.model.architecture == "context_unet" and config.model.global_branch
     training = make_dataset(data_dirs, "train", config.pipeline, class_weights=weights,
                             training=True, optics=optics)
@@ -899,14 +943,24 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
                 print(f"{run_dir}: starting from the weights of {source['checkpoint']} "
                       f"(epoch {source['initialized_from']['epoch']}), with a new optimizer "
                       "and learning-rate schedule", flush=True)
+            if partial is not None:
+                from .distill import init_partial as copy_partial
+
+                copy_partial(model, partial, out_dir)
             model = compile_model(model, config)
+        extra_callbacks = []
+        if teacher is not None:
+            from .distill import attach_teacher
+
+            extra_callbacks.append(attach_teacher(model, teacher, weights, config))
         if initial_epoch >= config.epochs:
             print(f"{run_dir} already has {initial_epoch} epochs; pass a larger --epochs to "
                   "train further", flush=True)
             history = {}
         else:
             callbacks = make_callbacks(out_dir, config, validation, resume=resume,
-                                       best_val_loss=best_val_loss, best_epoch=best_epoch)
+                                       best_val_loss=best_val_loss,
+                                       best_epoch=best_epoch) + extra_callbacks
             if multi_worker:  # Keras 3's fit fails under this strategy (keras-team/keras#20585)
                 history = fit_multi_worker(model, strategy, training, validation, config,
                                            callbacks, initial_epoch=initial_epoch,

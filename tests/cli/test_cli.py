@@ -146,6 +146,12 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
          "either --resume or --init-from"),
         (["train", "--data", str(data02), "--out", str(run), "--overwrite", "--init-from", str(run)],
          "is --out itself"),
+        (["train", "--data", str(data02), "--out", str(tmp / "runs" / "new"), "--distill-weight",
+          "1.5"], "distill_weight=1.5 must be in [0, 1]"),
+        (["train", "--data", str(data02), "--out", str(tmp / "runs" / "new"), "--teacher",
+          str(tmp / "models" / "empty")], "no SavedModel"),
+        (["train", "--data", str(data02), "--out", str(tmp / "runs" / "new"), "--init-partial",
+          str(untrained)], "--init-partial"),
         (["simulate", "--out", str(tmp / "sim"), "--count", "0"], "at least 1"),
         (["simulate", "--out", str(a_file / "sim"), "--count", "4"], "--out"),
     ]
