@@ -90,6 +90,8 @@ def test_train_killed_after_a_checkpoint_resumes_from_it(tmp_path):
     rows = (run / "log.csv").read_text().strip().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == [str(e) for e in range(epochs)], \
         "each epoch logged exactly once"
+    import ceriakeras.nn.model  # noqa: F401  (registers the custom layers, e.g. PoissonNoise)
+
     last = keras.saving.load_model(run / "checkpoints" / "last.keras", safe_mode=True)
     assert int(last.optimizer.iterations.numpy()) == epochs * steps, "no step lost or repeated"
     assert [p.name for p in (run / "checkpoints").glob("epoch-*.keras")] == \
