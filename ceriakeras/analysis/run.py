@@ -55,6 +55,7 @@ from ..inference.modelinfo import model_settings, with_model_threshold
 from .pictures import (MovieWriter, check_movie_writer, height_colors, overlay_frames,
                        particle_box, render_frame, union_box, write_png)
 from ..inference.recognise import recognise_frame, required_vacuum_fraction, vacuum_fraction
+from . import tracking  # --- hook: tracks (issue 22) ---
 
 DEFAULT_MODEL = "saved_models/ceria110"
 """The shipped model, relative to the repository (or the current folder); newest version used."""
@@ -72,8 +73,9 @@ STAGES = ("read", "resample", "model", "columns", "write", "pictures")
 """Stages timed in ``summary.json``'s ``seconds_by_stage`` (they overlap: see :func:`analyze`)."""
 QUEUE_BATCHES = 2
 """Batches that may wait between two stages of the run."""
-_OUTPUT_NAMES = ("columns.csv", "frames.csv", "progress.json", "summary.json")
-_OUTPUT_DIRS = ("overlays", "xyz")
+_OUTPUT_NAMES = ("columns.csv", "frames.csv", "progress.json", "summary.json",
+                 "events.csv")  # events.csv: hook, tracks (issue 22)
+_OUTPUT_DIRS = ("overlays", "xyz", "tracking")  # tracking: hook, tracks (issue 22)
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -253,13 +255,15 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
              "complete": False, "optics": _previous_optics(progress_path) if start else {},
              "frames": {k: v for k, v in earlier.items() if int(k) < start}}
     write_text_atomic(progress_path, json.dumps(state, indent=1))
+    # --- hook: tracks (issue 22): each column's class probabilities, logged per frame ---
+    probability_log = tracking.ProbabilityLog(out_dir, start) if config.tracks else None
 
     timings = dict.fromkeys(STAGES, 0.0)
     counts = {"analysed": 0, "columns": 0}
     run = _Run(served=served, config=config, out_dir=out_dir, state=state,
                progress_path=progress_path, timings=timings, counts=counts, xyz=xyz,
                details=details, model_px=model_px, max_height=max_height,
-               label_radius_A=label_radius_A)
+               label_radius_A=label_radius_A, probability_log=probability_log)
     bar = _progress_bar(frames_total, start, progress)
     t_start = time.perf_counter()
     with open(csv_path, "a", newline="", encoding="utf-8") as csv_file:
@@ -294,10 +298,19 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
         writer.close()
     bar.close()
     elapsed = time.perf_counter() - t_start
+    if probability_log is not None:  # --- hook: tracks (issue 22) ---
+        probability_log.close()
+        t0 = time.perf_counter()
+        tracking.write_tracks(out_dir, plan, tracking.TrackSettings(min_stretch=config.min_stretch))
+        timings["tracks"] = time.perf_counter() - t0
+        state["csv_bytes"] = csv_path.stat().st_size
+        write_text_atomic(progress_path, json.dumps(state, indent=1))
 
     t0 = time.perf_counter()
     per_frame = _frame_table_and_series_plots(csv_path, out_dir, plan, labels, max_height,
                                               movie=config.movie)
+    if config.tracks:  # --- hook: tracks (issue 22) ---
+        tracking.add_drift_columns(out_dir)
     if config.movie:
         offset = 0
         for item in plan:
@@ -510,6 +523,7 @@ class _Run:
     max_height: int
     label_radius_A: float
     csv_file: object = None
+    probability_log: object = None  # --- hook: tracks (issue 22) ---
 
     def __post_init__(self):
         self._busy = threading.Lock()
@@ -579,6 +593,11 @@ class _Run:
                 if np.isfinite(mark["lattice_fraction"]) else None, "reason": mark["reason"],
                 **({} if vacuum is None else {"vacuum_fraction": round(vacuum, 4)})}
             results[frame.index] = table
+            if self.probability_log is not None:  # --- hook: tracks (issue 22) ---
+                self.probability_log.add(batch.offset + frame.index,
+                                         tracking.column_class_probabilities(
+                                             probabilities[k], table["x_px"], table["y_px"],
+                                             self.label_radius_A / self.model_px))
             k += 1
         timings["columns"] += time.perf_counter() - t0
 
@@ -634,6 +653,8 @@ class _Run:
 
         self.state["frames_done"] = batch.offset + batch.frames[-1][0].index + 1
         self.state["csv_bytes"] = self.csv_file.tell()
+        if self.probability_log is not None:  # --- hook: tracks (issue 22) ---
+            self.probability_log.flush()
         write_text_atomic(self.progress_path, json.dumps(self.state, indent=1))
 
 

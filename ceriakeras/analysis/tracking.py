@@ -1,0 +1,304 @@
+"""Tracks in ``analyze``: per-column class probabilities → tracks, stretches, events, drift.
+
+While frames are analysed, each column's class probabilities (the mean of the model's map over
+its label disk, :func:`column_class_probabilities`) are appended to ``OUT/tracking/
+probabilities.bin`` (:class:`ProbabilityLog`, cut back on resume like ``columns.csv``). When
+every frame is done, :func:`write_tracks` reads ``columns.csv`` and that log once per series
+through a :class:`ceriakeras.analysis.tracks.Tracker`, then writes
+
+- ``columns.csv`` again with ``track`` (unique within a source), ``track_height`` (Ce atoms, read
+  from all the frames of the column's stretch of constant height) and ``track_confidence`` (the
+  probability that ``track_height`` is right);
+- ``events.csv``: ``source, track, frame, x_px, y_px, x_A, y_A, height_before, height_after,
+  probability`` (``frame`` the first frame at the new height, x, y where the column is then);
+- ``tracking/drift.csv``, read by :func:`add_drift_columns` into ``frames.csv``'s
+  ``drift_x_A, drift_y_A`` (Å, relative to the first frame).
+
+A single image (a one-frame input) gets ``track`` = its row's index, ``track_height`` =
+``height``, ``track_confidence`` = ``confidence`` and no events.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import io as _stdio
+import itertools
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..io.files import atomic_path, write_text_atomic
+from .tracks import Tracker, TrackSettings
+
+TRACK_COLUMNS = ("track", "track_height", "track_confidence")
+"""Appended to ``columns.csv`` by :func:`write_tracks`."""
+EVENT_COLUMNS = ("source", "track", "frame", "x_px", "y_px", "x_A", "y_A", "height_before",
+                 "height_after", "probability")
+"""Columns of ``events.csv``."""
+DRIFT_COLUMNS = ("drift_x_A", "drift_y_A")
+"""Appended to ``frames.csv`` by :func:`add_drift_columns`."""
+LOG_NAME = "tracking/probabilities.bin"
+_HEAD = struct.Struct("<qii")  # global frame, columns, classes
+
+
+def column_class_probabilities(probabilities: np.ndarray, x_px: np.ndarray, y_px: np.ndarray,
+                               label_radius_px: float) -> np.ndarray:
+    """Each column's probabilities of heights 1 … C−1 (Ce atoms): the model's map averaged over
+    the disk of the label radius around the column, background left out, renormalised.
+
+    Parameters
+    ----------
+    probabilities : (H, W, C) float
+        The model's class map (class 0 = no column) in the model's pixels.
+    x_px, y_px : (N,) float
+        Column centres in the same pixels.
+    label_radius_px : float
+        Disk radius, px (at least half a pixel is used).
+
+    Returns
+    -------
+    (N, C − 1) float32, rows summing to 1 (uniform where the disk holds no height mass)
+    """
+    p = np.asarray(probabilities)
+    h, w, c = p.shape
+    r = max(float(label_radius_px), 0.5)
+    reach = int(np.ceil(r)) + 1
+    dy, dx = np.mgrid[-reach:reach + 1, -reach:reach + 1]
+    x = np.asarray(x_px, np.float64)
+    y = np.asarray(y_px, np.float64)
+    if len(x) == 0:
+        return np.zeros((0, c - 1), np.float32)
+    yy = np.round(y)[:, None] + dy.ravel()[None, :]
+    xx = np.round(x)[:, None] + dx.ravel()[None, :]
+    inside = ((yy - y[:, None]) ** 2 + (xx - x[:, None]) ** 2 <= r * r) & (yy >= 0) & (
+        yy < h) & (xx >= 0) & (xx < w)
+    yi = np.clip(yy, 0, h - 1).astype(np.int64)
+    xi = np.clip(xx, 0, w - 1).astype(np.int64)
+    mass = (p[yi, xi, 1:].astype(np.float64) * inside[..., None]).sum(axis=1)
+    total = mass.sum(axis=1, keepdims=True)
+    out = np.where(total > 0, mass / np.where(total > 0, total, 1.0), 1.0 / (c - 1))
+    return out.astype(np.float32)
+
+
+class ProbabilityLog:
+    """``OUT/tracking/probabilities.bin``: per analysed frame, its columns' class probabilities
+    (in ``columns.csv``'s row order), appended as frames are written.
+
+    Opening it for a run that starts at global frame ``start`` drops the frames from ``start``
+    on (a resumed run writes them again); ``start`` 0 empties it and removes ``events.csv``.
+    """
+
+    def __init__(self, out_dir, start: int):
+        self.path = Path(out_dir) / LOG_NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if start == 0:
+            (Path(out_dir) / "events.csv").unlink(missing_ok=True)
+            self.path.write_bytes(b"")
+        elif self.path.exists():
+            keep = 0
+            for g, _, _, end in _blocks(self.path):
+                if g >= start:
+                    break
+                keep = end
+            with open(self.path, "r+b") as fh:
+                fh.truncate(keep)
+        self.file = open(self.path, "ab")  # noqa: SIM115 -- open for the whole run, closed by close()
+
+    def add(self, global_frame: int, probabilities: np.ndarray) -> None:
+        """Append one frame's (N, K) class probabilities."""
+        p = np.ascontiguousarray(probabilities, np.float32).reshape(len(probabilities), -1)
+        self.file.write(_HEAD.pack(int(global_frame), p.shape[0], p.shape[1]) + p.tobytes())
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _blocks(path: Path):
+    """``(global frame, n, k, end offset)`` of each whole block of a probability log."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        pos = 0
+        while pos + _HEAD.size <= size:
+            fh.seek(pos)
+            g, n, k = _HEAD.unpack(fh.read(_HEAD.size))
+            end = pos + _HEAD.size + 4 * n * k
+            if end > size:
+                return
+            yield g, n, k, end
+            pos = end
+
+
+def _read_log(path: Path):
+    """Iterate ``(global frame, (n, k) float32)`` over a probability log (empty if absent)."""
+    if not path.exists():
+        return
+    with open(path, "rb") as fh:
+        for g, n, k, end in _blocks(path):
+            fh.seek(end - 4 * n * k)
+            yield g, np.frombuffer(fh.read(4 * n * k), np.float32).reshape(n, k)
+
+
+def _fallback_probabilities(height: np.ndarray, confidence: np.ndarray, k: int) -> np.ndarray:
+    """Class probabilities from a row's height and confidence alone (no logged map)."""
+    p = np.tile(((1 - confidence) / max(k - 1, 1))[:, None], (1, k))
+    p[np.arange(len(height)), np.clip(height - 1, 0, k - 1)] = confidence
+    return p
+
+
+def _frames_of(csv_path: Path, offsets: dict):
+    """Iterate ``(source, frame, global frame, rows)`` over ``columns.csv`` frame by frame."""
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        key, rows = None, []
+        for rec in reader:
+            k = (rec[0], int(rec[1]))
+            if k != key and rows:
+                yield key[0], key[1], offsets[key[0]] + key[1], rows
+                rows = []
+            key = k
+            rows.append(rec)
+        if rows:
+            yield key[0], key[1], offsets[key[0]] + key[1], rows
+    return header
+
+
+def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None) -> dict:
+    """Track every series of a finished run; rewrite ``columns.csv``, write ``events.csv``.
+
+    Parameters
+    ----------
+    out_dir : path
+        The run's folder (``columns.csv``, ``tracking/probabilities.bin``).
+    plan : list of dict
+        The run's inputs in order (``source``, ``n_frames``).
+    settings : TrackSettings, optional
+
+    Returns
+    -------
+    dict
+        ``tracks`` (over all series) and ``events``; ``{}`` if ``columns.csv`` already has
+        tracks (a resumed run that had finished this step).
+    """
+    out_dir = Path(out_dir)
+    settings = settings or TrackSettings()
+    csv_path = out_dir / "columns.csv"
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh))
+    if TRACK_COLUMNS[0] in header:
+        return {}
+    offsets, n_frames, g = {}, {}, 0
+    for item in plan:
+        offsets[item["source"]], n_frames[item["source"]] = g, item["n_frames"]
+        g += item["n_frames"]
+    stretches: dict = {}
+    drift_rows = [("source", "frame") + DRIFT_COLUMNS]
+    ids_all: list = []
+    log = _read_log(out_dir / LOG_NAME)
+    logged = next(log, None)
+    tracker, current = None, None
+
+    def collect(source, tracker):
+        tracker.finish()
+        for s in tracker.pop_stretches():
+            stretches.setdefault(source, {}).setdefault(s["track"], []).append(s)
+
+    for source, frame, gi, rows in _frames_of(csv_path, offsets):
+        while logged is not None and logged[0] < gi:
+            logged = next(log, None)
+        if n_frames[source] < 2:
+            ids_all.append(np.arange(len(rows)))
+            continue
+        if source != current:
+            if tracker is not None:
+                collect(current, tracker)
+            tracker, current = Tracker(settings), source
+        table = np.array([r[2:8] for r in rows], np.float64)
+        if logged is not None and logged[0] == gi and len(logged[1]) == len(rows):
+            probabilities = logged[1]
+        else:  # no logged map for this frame (an older run): from height and confidence
+            probabilities = _fallback_probabilities(table[:, 4].astype(np.int64), table[:, 5],
+                                                    16 if logged is None else logged[1].shape[1])
+        ids, drift = tracker.add_frame(frame, table[:, 2:4], probabilities, table[:, 0:2])
+        ids_all.append(ids)
+        drift_rows.append((source, frame, f"{drift[0]:.4f}", f"{drift[1]:.4f}"))
+        for s in tracker.pop_stretches():
+            stretches.setdefault(source, {}).setdefault(s["track"], []).append(s)
+    if tracker is not None:
+        collect(current, tracker)
+    for by_track in stretches.values():
+        for runs in by_track.values():
+            runs.sort(key=lambda s: s["first"])
+    _write_csv(out_dir / "tracking" / "drift.csv", drift_rows)
+    events = _events(stretches, plan)
+    _write_csv(out_dir / "events.csv", [EVENT_COLUMNS] + events)
+    _rewrite_columns(csv_path, header, offsets, ids_all, stretches)
+    return {"tracks": sum(len(v) for v in stretches.values()), "events": len(events)}
+
+
+def _events(stretches: dict, plan: list) -> list:
+    """Rows of ``events.csv``: the first stretch of each change of height, in input order."""
+    order = {item["source"]: k for k, item in enumerate(plan)}
+    rows = []
+    for source, by_track in stretches.items():
+        for track, runs in by_track.items():
+            for before, after in itertools.pairwise(runs):
+                if after["change_probability"] is None or (
+                        before["height_index"] == after["height_index"]):
+                    continue
+                rows.append((order[source], after["first"], track, (
+                    source, track, after["first"], f"{after['x_px']:.3f}", f"{after['y_px']:.3f}",
+                    f"{after['x_A']:.4f}", f"{after['y_A']:.4f}", before["height_index"] + 1,
+                    after["height_index"] + 1, f"{after['change_probability']:.4f}")))
+    return [row for *_, row in sorted(rows)]
+
+
+def _rewrite_columns(csv_path: Path, header: list, offsets: dict, ids_all: list,
+                     stretches: dict) -> None:
+    """``columns.csv`` again, each row with its track, track height and confidence."""
+    firsts = {(src, t): [s["first"] for s in runs]
+              for src, by_track in stretches.items() for t, runs in by_track.items()}
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as out:
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(header + list(TRACK_COLUMNS))
+        for (source, frame, _, rows), ids in zip(_frames_of(csv_path, offsets), ids_all):
+            for rec, tid in zip(rows, ids):
+                runs = stretches.get(source, {}).get(int(tid))
+                if runs is None:  # a single image: the frame's own reading
+                    writer.writerow(rec + [int(tid), rec[6], rec[7]])
+                    continue
+                k = max(0, bisect.bisect_right(firsts[(source, int(tid))], frame) - 1)
+                run = runs[k]
+                writer.writerow(rec + [int(tid), run["height_index"] + 1,
+                                       f"{run['confidence']:.4f}"])
+
+
+def _write_csv(path: Path, rows: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = _stdio.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    write_text_atomic(path, text.getvalue())
+
+
+def add_drift_columns(out_dir) -> None:
+    """Append ``drift_x_A, drift_y_A`` (Å, from ``tracking/drift.csv``) to ``frames.csv``;
+    blank for a frame without tracked columns."""
+    out_dir = Path(out_dir)
+    drift_path, frames_path = out_dir / "tracking" / "drift.csv", out_dir / "frames.csv"
+    if not (drift_path.exists() and frames_path.exists()):
+        return
+    with open(drift_path, newline="", encoding="utf-8") as fh:
+        drift = {(r["source"], r["frame"]): (r["drift_x_A"], r["drift_y_A"])
+                 for r in csv.DictReader(fh)}
+    with open(frames_path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    if not rows or DRIFT_COLUMNS[0] in rows[0]:
+        return
+    out = [rows[0] + list(DRIFT_COLUMNS)]
+    out += [r + list(drift.get((r[0], r[1]), ("", ""))) for r in rows[1:]]
+    _write_csv(frames_path, out)

@@ -1,0 +1,163 @@
+"""Tracks, stretches and events on synthetic per-frame column tables (no model, fast)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ceriakeras.analysis.changepoints import segment
+from ceriakeras.analysis.linking import link_with_drift
+from ceriakeras.analysis.tracks import Tracker, TrackSettings
+
+K = 16  # heights 1 … 16
+
+
+def lattice(n: int = 5, spacing: float = 3.9) -> np.ndarray:
+    """(n², 2) column positions, Å (a square grid wider than the column spacing of [110])."""
+    g = np.arange(n) * spacing + 10.0
+    return np.array([(x, y) for y in g for x in g], np.float64)
+
+
+def probs(heights, rng, strength: float = 0.6) -> np.ndarray:
+    """Class probabilities that favour ``heights`` (noisy, like one low-dose frame)."""
+    heights = np.asarray(heights)
+    p = rng.dirichlet(np.ones(K), size=len(heights)) * (1 - strength)
+    p[np.arange(len(heights)), heights - 1] += strength
+    return p
+
+
+def run(frames, settings=None):
+    """Feed ``frames`` (list of (xy, probs)) to a tracker; return ids per frame, drifts and the
+    stretches."""
+    tracker = Tracker(settings or TrackSettings())
+    ids, drifts = [], []
+    for f, (xy, p) in enumerate(frames):
+        i, d = tracker.add_frame(f, xy, p)
+        ids.append(i)
+        drifts.append(d)
+    tracker.finish()
+    return ids, np.array(drifts), tracker.pop_stretches()
+
+
+def events(stretches):
+    return sorted((s["track"], s["first"]) for s in stretches if s["change_probability"] is not None)
+
+
+def test_link_with_drift_recovers_a_common_shift():
+    xy = lattice()
+    shifted = xy + [0.9, -0.6]
+    i, j, shift = link_with_drift(xy, shifted[::-1], 1.0, 1.5)
+    assert np.allclose(shift, [0.9, -0.6])
+    assert len(i) == len(xy) and np.all(len(xy) - 1 - j == i)
+
+
+def test_drift_keeps_track_ids_and_is_measured():
+    rng = np.random.default_rng(0)
+    xy, heights = lattice(), rng.integers(1, 8, 25)
+    path = np.cumsum(np.tile([[0.25, 0.15]], (30, 1)), axis=0) - [0.25, 0.15]  # 0 … 7.2 Å
+    frames = [(xy + d + rng.normal(0, 0.1, xy.shape), probs(heights, rng)) for d in path]
+    ids, drifts, _ = run(frames)
+    assert all(np.array_equal(i, ids[0]) for i in ids)
+    assert np.abs(drifts - path).max() < 0.15
+
+
+def test_a_lost_column_is_found_again_on_its_track():
+    rng = np.random.default_rng(1)
+    xy, heights = lattice(), rng.integers(1, 8, 25)
+    frames = []
+    for f in range(20):
+        keep = np.ones(25, bool)
+        if 5 <= f < 9:
+            keep[7] = False  # lost for 4 frames
+        frames.append((xy[keep], probs(heights[keep], rng)))
+    ids, _, stretches = run(frames)
+    assert ids[12][7] == ids[0][7]
+    assert len({s["track"] for s in stretches}) == 25
+    assert events(stretches) == []
+
+
+def test_a_column_that_appears_gets_a_new_track_and_no_event():
+    rng = np.random.default_rng(2)
+    xy, heights = lattice(), rng.integers(1, 8, 25)
+    new = np.array([[30.0, 30.0]])
+    frames = [(xy if f < 10 else np.vstack([xy, new]),
+               probs(heights if f < 10 else np.append(heights, 3), rng)) for f in range(20)]
+    ids, _, stretches = run(frames)
+    assert ids[10][-1] not in ids[0] and ids[19][-1] == ids[10][-1]
+    appeared = [s for s in stretches if s["track"] == ids[10][-1]]
+    assert len(appeared) == 1 and appeared[0]["first"] == 10 and appeared[0]["height_index"] == 2
+    assert events(stretches) == []
+
+
+@pytest.mark.parametrize("change_at", [1, 19])
+def test_an_event_at_the_first_and_at_the_last_frame(change_at):
+    rng = np.random.default_rng(3)
+    xy, heights = lattice(), rng.integers(2, 8, 25)
+    frames = []
+    for f in range(20):
+        h = heights.copy()
+        if f >= change_at:
+            h[12] += 1
+        frames.append((xy, probs(h, rng, strength=0.95)))
+    # one frame alone must carry the change: stretches of 1 frame, its evidence weighed fully
+    settings = TrackSettings(min_stretch=1, temper=1.0)
+    ids, _, stretches = run(frames, settings)
+    assert events(stretches) == [(int(ids[0][12]), change_at)]
+    (event,) = [s for s in stretches if s["change_probability"] is not None]
+    assert event["height_index"] + 1 == heights[12] + 1 and event["change_probability"] > 0.5
+
+
+def test_a_change_is_found_through_noise_and_reads_both_heights():
+    rng = np.random.default_rng(4)
+    xy, heights = lattice(), np.full(25, 4)
+    frames = [(xy, probs(np.where(np.arange(25) == 3, 4 if f < 15 else 5, heights), rng, 0.3))
+              for f in range(30)]
+    ids, _, stretches = run(frames)
+    assert events(stretches) == [(int(ids[0][3]), 15)]
+    track = sorted((s for s in stretches if s["track"] == ids[0][3]), key=lambda s: s["first"])
+    assert [s["height_index"] + 1 for s in track] == [4, 5]
+
+
+def test_a_static_series_reports_no_event():
+    rng = np.random.default_rng(5)
+    xy, heights = lattice(), rng.integers(1, 10, 25)
+    frames = [(xy + rng.normal(0, 0.1, xy.shape), probs(heights, rng, 0.3)) for _ in range(200)]
+    _, _, stretches = run(frames, TrackSettings(window=32))
+    assert events(stretches) == []
+    assert sum(s["height_index"] + 1 == heights[s["track"]] for s in stretches) == 25
+
+
+def test_resume_in_the_middle_gives_the_same_tracks():
+    rng = np.random.default_rng(6)
+    xy, heights = lattice(), rng.integers(2, 8, 25)
+    frames = [(xy + [0.1 * f, 0], probs(np.where(np.arange(25) == 9, heights + (f >= 12), heights),
+                                        rng, 0.5)) for f in range(24)]
+    whole = Tracker(TrackSettings(window=16))
+    ids_whole = [whole.add_frame(f, *fr)[0] for f, fr in enumerate(frames)]
+    whole.finish()
+    first = Tracker(TrackSettings(window=16))
+    ids_resumed = [first.add_frame(f, *fr)[0] for f, fr in enumerate(frames[:13])]
+    second = Tracker.from_state(json.loads(json.dumps(first.state())))
+    ids_resumed += [second.add_frame(f, *fr)[0] for f, fr in enumerate(frames[13:], 13)]
+    second.finish()
+    assert all(np.array_equal(a, b) for a, b in zip(ids_whole, ids_resumed))
+    assert first.pop_stretches() + second.pop_stretches() == whole.pop_stretches()
+
+
+def test_memory_stays_bounded_over_a_long_series():
+    rng = np.random.default_rng(7)
+    xy, heights = lattice(3), rng.integers(1, 8, 9)
+    tracker = Tracker(TrackSettings(window=16))
+    for f in range(400):
+        tracker.add_frame(f, xy, probs(heights, rng))
+    assert max(len(t["units"]) for t in tracker.tracks) <= 16
+
+
+def test_segment_respects_min_stretch():
+    sums = np.tile([0.0, -5.0, -5.0], (10, 1))  # every frame says height 1 …
+    sums[5] = [-5.0, 0.0, -5.0]                 # … but one in the middle says 2
+    assert segment(sums, np.ones(10, int), temper=1.0, penalty=1.0, min_stretch=3) == [(0, 10)]
+    assert segment(sums, np.ones(10, int), temper=1.0, penalty=1.0,
+                   min_stretch=1) == [(0, 5), (5, 6), (6, 10)]
