@@ -243,7 +243,8 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
                      "test_time_augmentation": bool(config.test_time_augmentation)},
     }
 
-    header = ",".join(CSV_HEADER + MARK_COLUMNS + (DETAIL_COLUMNS if details else ())) + "\n"
+    header = ",".join(CSV_HEADER + MARK_COLUMNS + (DETAIL_COLUMNS if details else ())
+                      + (tracking.TRACK_COLUMNS if config.tracks else ())) + "\n"  # hook: tracks
     csv_path, progress_path = out_dir / "columns.csv", out_dir / "progress.json"
     earlier = {} if overwrite else _frame_info(progress_path)
     start, skipped = _prepare_out_dir(out_dir, header.encode(), identity, overwrite, plan)
@@ -301,10 +302,14 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
     if probability_log is not None:  # --- hook: tracks (issue 22) ---
         probability_log.close()
         t0 = time.perf_counter()
-        tracking.write_tracks(out_dir, plan, tracking.TrackSettings(min_stretch=config.min_stretch))
+
+        def commit_size(size):  # the tracked columns.csv's size is committed before it lands
+            state["csv_bytes"] = size
+            write_text_atomic(progress_path, json.dumps(state, indent=1))
+
+        tracking.write_tracks(out_dir, plan, tracking.TrackSettings(min_stretch=config.min_stretch),
+                              before_replace=commit_size)
         timings["tracks"] = time.perf_counter() - t0
-        state["csv_bytes"] = csv_path.stat().st_size
-        write_text_atomic(progress_path, json.dumps(state, indent=1))
 
     t0 = time.perf_counter()
     per_frame = _frame_table_and_series_plots(csv_path, out_dir, plan, labels, max_height,
@@ -624,6 +629,8 @@ class _Run:
                        f"{table['confidence'][j]:.4f}", recognised]
                 if self.details:
                     row += [f"{table['expected_height'][j]:.3f}", f"{table['height_std'][j]:.3f}"]
+                if self.probability_log is not None:  # hook: tracks, filled in at the end
+                    row += ["", "", ""]
                 writer.writerow(row)
         self.csv_file.write(buffer.getvalue())
         self.csv_file.flush()

@@ -108,7 +108,8 @@ class ProbabilityLog:
 
     def add(self, global_frame: int, probabilities: np.ndarray) -> None:
         """Append one frame's (N, K) class probabilities."""
-        p = np.ascontiguousarray(probabilities, np.float32).reshape(len(probabilities), -1)
+        p = np.ascontiguousarray(probabilities, np.float32)
+        p = p.reshape(len(p), -1) if p.ndim != 2 else p
         self.file.write(_HEAD.pack(int(global_frame), p.shape[0], p.shape[1]) + p.tobytes())
 
     def flush(self) -> None:
@@ -133,7 +134,7 @@ def _blocks(path: Path):
             pos = end
 
 
-def _read_log(path: Path):
+def read_probability_log(path: Path):
     """Iterate ``(global frame, (n, k) float32)`` over a probability log (empty if absent)."""
     if not path.exists():
         return
@@ -168,7 +169,8 @@ def _frames_of(csv_path: Path, offsets: dict):
     return header
 
 
-def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None) -> dict:
+def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
+                 before_replace=None) -> dict:
     """Track every series of a finished run; rewrite ``columns.csv``, write ``events.csv``.
 
     Parameters
@@ -178,12 +180,21 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None) -> 
     plan : list of dict
         The run's inputs in order (``source``, ``n_frames``).
     settings : TrackSettings, optional
+    before_replace : callable, optional
+        ``before_replace(size)`` is called with the new ``columns.csv``'s size, bytes, before it
+        replaces the old one (the run commits that size first: a run killed in between then
+        finds a CSV shorter than committed and redoes only its last frame).
 
     Returns
     -------
     dict
-        ``tracks`` (over all series) and ``events``; ``{}`` if ``columns.csv`` already has
-        tracks (a resumed run that had finished this step).
+        ``tracks`` (over all series) and ``events``.
+
+    Notes
+    -----
+    Any earlier ``track, track_height, track_confidence`` values (blank while frames are
+    analysed, or from an earlier pass) are replaced: the result depends only on the columns and
+    the probability log.
     """
     out_dir = Path(out_dir)
     settings = settings or TrackSettings()
@@ -191,7 +202,7 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None) -> 
     with open(csv_path, newline="", encoding="utf-8") as fh:
         header = next(csv.reader(fh))
     if TRACK_COLUMNS[0] in header:
-        return {}
+        header = header[:header.index(TRACK_COLUMNS[0])]
     offsets, n_frames, g = {}, {}, 0
     for item in plan:
         offsets[item["source"]], n_frames[item["source"]] = g, item["n_frames"]
@@ -199,7 +210,7 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None) -> 
     stretches: dict = {}
     drift_rows = [("source", "frame") + DRIFT_COLUMNS]
     ids_all: list = []
-    log = _read_log(out_dir / LOG_NAME)
+    log = read_probability_log(out_dir / LOG_NAME)
     logged = next(log, None)
     tracker, current = None, None
 
@@ -237,7 +248,7 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None) -> 
     _write_csv(out_dir / "tracking" / "drift.csv", drift_rows)
     events = _events(stretches, plan)
     _write_csv(out_dir / "events.csv", [EVENT_COLUMNS] + events)
-    _rewrite_columns(csv_path, header, offsets, ids_all, stretches)
+    _rewrite_columns(csv_path, header, offsets, ids_all, stretches, before_replace)
     return {"tracks": sum(len(v) for v in stretches.values()), "events": len(events)}
 
 
@@ -259,23 +270,28 @@ def _events(stretches: dict, plan: list) -> list:
 
 
 def _rewrite_columns(csv_path: Path, header: list, offsets: dict, ids_all: list,
-                     stretches: dict) -> None:
+                     stretches: dict, before_replace=None) -> None:
     """``columns.csv`` again, each row with its track, track height and confidence."""
     firsts = {(src, t): [s["first"] for s in runs]
               for src, by_track in stretches.items() for t, runs in by_track.items()}
-    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as out:
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(header + list(TRACK_COLUMNS))
-        for (source, frame, _, rows), ids in zip(_frames_of(csv_path, offsets), ids_all):
-            for rec, tid in zip(rows, ids):
-                runs = stretches.get(source, {}).get(int(tid))
-                if runs is None:  # a single image: the frame's own reading
-                    writer.writerow(rec + [int(tid), rec[6], rec[7]])
-                    continue
-                k = max(0, bisect.bisect_right(firsts[(source, int(tid))], frame) - 1)
-                run = runs[k]
-                writer.writerow(rec + [int(tid), run["height_index"] + 1,
-                                       f"{run['confidence']:.4f}"])
+    n = len(header)
+    with atomic_path(csv_path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as out:
+            writer = csv.writer(out, lineterminator="\n")
+            writer.writerow(header + list(TRACK_COLUMNS))
+            for (source, frame, _, rows), ids in zip(_frames_of(csv_path, offsets), ids_all):
+                for rec, tid in zip(rows, ids):
+                    rec = rec[:n]
+                    runs = stretches.get(source, {}).get(int(tid))
+                    if runs is None:  # a single image: the frame's own reading
+                        writer.writerow(rec + [int(tid), rec[6], rec[7]])
+                        continue
+                    k = max(0, bisect.bisect_right(firsts[(source, int(tid))], frame) - 1)
+                    run = runs[k]
+                    writer.writerow(rec + [int(tid), run["height_index"] + 1,
+                                           f"{run['confidence']:.4f}"])
+        if before_replace is not None:
+            before_replace(tmp.stat().st_size)
 
 
 def _write_csv(path: Path, rows: list) -> None:
@@ -286,8 +302,9 @@ def _write_csv(path: Path, rows: list) -> None:
 
 
 def add_drift_columns(out_dir) -> None:
-    """Append ``drift_x_A, drift_y_A`` (Å, from ``tracking/drift.csv``) to ``frames.csv``;
-    blank for a frame without tracked columns."""
+    """Add ``drift_x_A, drift_y_A`` (Å, from ``tracking/drift.csv``) to ``frames.csv``, after
+    ``recognised`` (before any model-specific columns); blank for a frame without tracked
+    columns."""
     out_dir = Path(out_dir)
     drift_path, frames_path = out_dir / "tracking" / "drift.csv", out_dir / "frames.csv"
     if not (drift_path.exists() and frames_path.exists()):
@@ -299,6 +316,7 @@ def add_drift_columns(out_dir) -> None:
         rows = list(csv.reader(fh))
     if not rows or DRIFT_COLUMNS[0] in rows[0]:
         return
-    out = [rows[0] + list(DRIFT_COLUMNS)]
-    out += [r + list(drift.get((r[0], r[1]), ("", ""))) for r in rows[1:]]
+    at = rows[0].index("recognised") + 1 if "recognised" in rows[0] else len(rows[0])
+    out = [rows[0][:at] + list(DRIFT_COLUMNS) + rows[0][at:]]
+    out += [r[:at] + list(drift.get((r[0], r[1]), ("", ""))) + r[at:] for r in rows[1:]]
     _write_csv(frames_path, out)

@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from ceriakeras.analysis import run as analyze_module
 from ceriakeras.analysis.run import CSV_HEADER, analyze
+from ceriakeras.analysis.tracking import TRACK_COLUMNS
 from ceriakeras.cli.main import main
 from ceriakeras.config import AnalyzeConfig, InputError, ModelError
 
@@ -105,7 +106,7 @@ def test_positions_exact_under_resampling(tmp_path, pixel_A):
     summary = analyze([tmp_path / "frame.npy"], tmp_path / "out", model=model,
                       pixel_size_A=pixel_A, progress=False)
     header, rows = read_rows(tmp_path / "out" / "columns.csv")
-    assert header == list(CSV_HEADER) + ["recognised"]
+    assert header == list(CSV_HEADER) + ["recognised"] + list(TRACK_COLUMNS)
     match(rows, truth, pixel_A)
     # the model saw the frame at its own pixel size
     n_in = int(round(16.0 / pixel_A))
@@ -136,7 +137,7 @@ def test_series_with_calibration_bad_frame_and_pictures(tmp_path, series):
     summary = analyze([path], tmp_path / "out", model=StandInModel(), config=cfg, xyz=True,
                       details=True, progress=False)
     header, rows = read_rows(tmp_path / "out" / "columns.csv")
-    assert header == list(CSV_HEADER) + ["recognised", "expected_height_atoms", "height_std_atoms"]
+    assert header == list(CSV_HEADER) + ["recognised", "expected_height_atoms", "height_std_atoms"] + list(TRACK_COLUMNS)
     for i, truth in enumerate(truths):
         frame_rows = [r for r in rows if r[1] == str(i)]
         if i == 3:

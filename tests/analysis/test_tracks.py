@@ -161,3 +161,78 @@ def test_segment_respects_min_stretch():
     assert segment(sums, np.ones(10, int), temper=1.0, penalty=1.0, min_stretch=3) == [(0, 10)]
     assert segment(sums, np.ones(10, int), temper=1.0, penalty=1.0,
                    min_stretch=1) == [(0, 5), (5, 6), (6, 10)]
+
+
+# --- the wiring into analyze: columns.csv, events.csv, frames.csv --------------------------------
+def write_run(out, movies, header_extra=()):
+    """A finished run's columns.csv and probability log: ``movies`` maps a source to a list of
+    frames (xy_A (N, 2), probabilities (N, K)); pixel size 0.1 Å."""
+    from ceriakeras.analysis.tracking import ProbabilityLog
+
+    out.mkdir()
+    lines = ["source,frame,x_px,y_px,x_A,y_A,height,confidence,recognised"]
+    log = ProbabilityLog(out, 0)
+    g = 0
+    for source, frames in movies.items():
+        for f, (xy, p) in enumerate(frames):
+            for (x, y), row in zip(xy, p):
+                lines.append(f"{source},{f},{x * 10:.3f},{y * 10:.3f},{x:.4f},{y:.4f},"
+                             f"{int(np.argmax(row)) + 1},{row.max():.4f},1")
+            log.add(g + f, p)
+        g += len(frames)
+    log.close()
+    (out / "columns.csv").write_text("\n".join(lines) + "\n")
+    (out / "frames.csv").write_text("source,frame,columns\n" + "".join(
+        f"{s},{f},{len(fr[0])}\n" for s, frames in movies.items() for f, fr in enumerate(frames)))
+    return [{"source": s, "n_frames": len(frames)} for s, frames in movies.items()]
+
+
+def test_write_tracks_adds_columns_events_and_drift(tmp_path):
+    import csv
+
+    from ceriakeras.analysis.tracking import EVENT_COLUMNS, add_drift_columns, write_tracks
+
+    rng = np.random.default_rng(8)
+    xy, heights = lattice(), rng.integers(2, 8, 25)
+    movie = [(xy + [0.05 * f, 0.0], probs(np.where(np.arange(25) == 4, heights + (f >= 10),
+                                                   heights), rng, 0.5)) for f in range(20)]
+    single = [(xy[:3], probs(heights[:3], rng))]
+    plan = write_run(tmp_path / "out", {"movie.tif": movie, "image.tif": single})
+    assert write_tracks(tmp_path / "out", plan)["events"] == 1
+    add_drift_columns(tmp_path / "out")
+    rows = list(csv.DictReader(open(tmp_path / "out" / "columns.csv")))
+    image = [r for r in rows if r["source"] == "image.tif"]
+    assert [r["track"] for r in image] == ["0", "1", "2"]
+    assert all(r["track_height"] == r["height"] for r in image)
+    movie_rows = [r for r in rows if r["source"] == "movie.tif"]
+    assert sum(r["track_height"] == str(heights[i % 25] + (i % 25 == 4 and i // 25 >= 10))
+               for i, r in enumerate(movie_rows)) == len(movie_rows)
+    events = list(csv.DictReader(open(tmp_path / "out" / "events.csv")))
+    assert list(events[0]) == list(EVENT_COLUMNS)
+    assert (events[0]["frame"], events[0]["height_before"], events[0]["height_after"]) == (
+        "10", str(heights[4]), str(heights[4] + 1))
+    assert abs(float(events[0]["x_A"]) - (xy[4, 0] + 0.5)) < 1e-3
+    frames = list(csv.DictReader(open(tmp_path / "out" / "frames.csv")))
+    assert abs(float(frames[19]["drift_x_A"]) - 0.95) < 0.05
+    assert frames[20]["drift_x_A"] == ""  # the single image has no drift
+    before = (tmp_path / "out" / "columns.csv").read_bytes()
+    write_tracks(tmp_path / "out", plan)  # again: the same table
+    assert (tmp_path / "out" / "columns.csv").read_bytes() == before
+
+
+def test_probability_log_is_cut_back_on_resume(tmp_path):
+    from ceriakeras.analysis.tracking import LOG_NAME, ProbabilityLog
+
+    log = ProbabilityLog(tmp_path, 0)
+    for g in range(5):
+        log.add(g, np.full((g + 1, 16), g, np.float32))
+    log.file.write(b"\x01\x02")  # half a block: a run killed while writing
+    log.close()
+    resumed = ProbabilityLog(tmp_path, 3)
+    resumed.add(3, np.full((2, 16), 9, np.float32))
+    resumed.close()
+    from ceriakeras.analysis.tracking import read_probability_log
+
+    blocks = list(read_probability_log(tmp_path / LOG_NAME))
+    assert [g for g, _ in blocks] == [0, 1, 2, 3]
+    assert blocks[3][1].shape == (2, 16) and blocks[3][1][0, 0] == 9

@@ -1,0 +1,128 @@
+"""Score tracks on a set of movies (the layout of ``../shared/crossmovie``), tracking settings swept.
+
+usage:
+  python scripts/studies/track_study.py MOVIES RESULTS [RESULTS ...] [--set temper=0.3 penalty=4]
+      [--grid temper=0.2,0.3 penalty=3,4,6] [--out study.json]
+
+``RESULTS`` are ``ceriakeras analyze`` folders of the movies (with ``tracking/probabilities.bin``).
+For each setting, the tracks are made again offline (:func:`ceriakeras.analysis.tracking.
+write_tracks` on a copy of each folder, so the model is not run again) and scored: per dose the
+metrics of ``MOVIES/score.py`` (or ``../shared/crossmovie/score.py``: f1, exact, track_exact,
+event recall / precision) and the ECE of ``track_confidence`` (:func:`ceriakeras.evaluation.
+scoring.calibration`, columns matched within 1 Å). Tune on your own movies only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from ceriakeras.analysis.tracking import TRACK_COLUMNS, write_tracks
+from ceriakeras.analysis.tracks import TrackSettings
+from ceriakeras.evaluation.scoring import calibration, match_columns
+
+SCORE = Path(__file__).resolve().parents[3] / "shared" / "crossmovie" / "score.py"
+
+
+def untracked_copy(result: Path, work: Path) -> list:
+    """Copy an analyze folder's ``columns.csv`` (track columns dropped) and probability log to
+    ``work``; return its plan (``source``, ``n_frames`` per input)."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "tracking").mkdir(exist_ok=True)
+    shutil.copy(result / "tracking" / "probabilities.bin", work / "tracking")
+    with open(result / "columns.csv", newline="") as fh, open(work / "columns.csv", "w",
+                                                              newline="") as out:
+        rows = csv.reader(fh)
+        header = next(rows)
+        cut = header.index(TRACK_COLUMNS[0]) if TRACK_COLUMNS[0] in header else len(header)
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(header[:cut])
+        writer.writerows(r[:cut] for r in rows)
+    summary = json.loads((result / "summary.json").read_text())
+    return [{"source": i["source"], "n_frames": i["frames"]} for i in summary["inputs"]]
+
+
+def confidence_ece(movies: Path, outs: list[Path]) -> dict:
+    """ECE of ``track_confidence`` per dose (columns matched to the truth within 1 Å)."""
+    info = {r["file"]: r for r in csv.DictReader(open(movies / "movies.csv"))}
+    truth = defaultdict(list)
+    for r in csv.DictReader(open(movies / "truth.csv")):
+        truth[(r["file"], int(r["frame"]))].append((float(r["x_px"]), float(r["y_px"]),
+                                                    int(r["height"])))
+    pred = defaultdict(list)
+    for out in outs:
+        for r in csv.DictReader(open(out / "columns.csv")):
+            pred[(Path(r["source"]).name, int(r["frame"]))].append(
+                (float(r["x_px"]), float(r["y_px"]), int(r["track_height"]),
+                 float(r["track_confidence"])))
+    conf, ok = defaultdict(list), defaultdict(list)
+    for key, t in truth.items():
+        if key[0] not in info or key not in pred:
+            continue
+        t, p = np.array(t), np.array(pred[key])
+        i, j = match_columns(p[:, :2], t[:, :2], 1.0 / float(info[key[0]]["pixel_size_A"]))
+        dose = int(float(info[key[0]]["dose"]))
+        conf[dose] += p[i, 3].tolist()
+        ok[dose] += (p[i, 2] == t[j, 2]).tolist()
+    return {d: round(calibration(np.array(conf[d]), np.array(ok[d]))["ece"], 4) for d in conf}
+
+
+def score(movies: Path, outs: list[Path]) -> dict:
+    """score.py's rows per dose, with ``track_confidence_ece`` added."""
+    script = movies / "score.py" if (movies / "score.py").exists() else SCORE
+    text = subprocess.run([sys.executable, str(script), str(movies), *map(str, outs)],
+                          capture_output=True, text=True, check=True).stdout
+    rows = {int(r["dose"]): r for r in map(json.loads, text.splitlines()) if r.startswith("{")}
+    for dose, ece in confidence_ece(movies, outs).items():
+        rows.setdefault(dose, {})["track_confidence_ece"] = ece
+    return rows
+
+
+def parse_settings(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        out[key] = [type(getattr(TrackSettings(), key))(v) for v in value.split(",")]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("movies", type=Path)
+    ap.add_argument("results", type=Path, nargs="+")
+    ap.add_argument("--grid", nargs="*", default=[], help="NAME=v1,v2 of TrackSettings")
+    ap.add_argument("--out", type=Path, default=None, help="JSON of every setting's scores")
+    a = ap.parse_args(argv)
+    grid = parse_settings(a.grid)
+    names = list(grid)
+    report = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for values in itertools.product(*[grid[n] for n in names]) if names else [()]:
+            settings = TrackSettings(**dict(zip(names, values)))
+            outs = []
+            for k, result in enumerate(a.results):
+                work = Path(tmp) / f"r{k}"
+                shutil.rmtree(work, ignore_errors=True)
+                plan = untracked_copy(result, work)
+                write_tracks(work, plan, settings)
+                outs.append(work)
+            rows = score(a.movies, outs)
+            report.append({"settings": dict(zip(names, values)), "scores": rows})
+            print(json.dumps(report[-1]), flush=True)
+    if a.out:
+        a.out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
