@@ -56,6 +56,7 @@ from .pictures import (MovieWriter, check_movie_writer, height_colors, overlay_f
                        particle_box, render_frame, union_box, write_png)
 from ..inference.recognise import recognise_frame, required_vacuum_fraction, vacuum_fraction
 from . import tracking  # --- hook: tracks (issue 22) ---
+from .track_pictures import write_track_series_plots  # --- hook: tracks (issue 22) ---
 
 DEFAULT_MODEL = "saved_models/ceria110"
 """The shipped model, relative to the repository (or the current folder); newest version used."""
@@ -314,8 +315,9 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
     t0 = time.perf_counter()
     per_frame = _frame_table_and_series_plots(csv_path, out_dir, plan, labels, max_height,
                                               movie=config.movie)
-    if config.tracks:  # --- hook: tracks (issue 22) ---
+    if config.tracks:  # --- hook: tracks (issue 22): drift in frames.csv, tracks' series plot ---
         tracking.add_drift_columns(out_dir)
+        write_track_series_plots(out_dir, plan, labels, max_height)
     if config.movie:
         offset = 0
         for item in plan:

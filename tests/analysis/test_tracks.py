@@ -236,3 +236,17 @@ def test_probability_log_is_cut_back_on_resume(tmp_path):
     blocks = list(read_probability_log(tmp_path / LOG_NAME))
     assert [g for g, _ in blocks] == [0, 1, 2, 3]
     assert blocks[3][1].shape == (2, 16) and blocks[3][1][0, 0] == 9
+
+
+def test_the_series_plot_shows_tracks_and_events(tmp_path):
+    from ceriakeras.analysis.track_pictures import write_track_series_plots
+    from ceriakeras.analysis.tracking import write_tracks
+
+    rng = np.random.default_rng(9)
+    xy, heights = lattice(3), rng.integers(2, 8, 9)
+    movie = [(xy, probs(np.where(np.arange(9) == 4, heights + (f >= 6), heights), rng, 0.6))
+             for f in range(12)]
+    plan = write_run(tmp_path / "out", {"movie.tif": movie})
+    write_tracks(tmp_path / "out", plan)
+    assert write_track_series_plots(tmp_path / "out", plan, ["movie"], 16) == 1
+    assert (tmp_path / "out" / "movie_series.png").stat().st_size > 5000
