@@ -32,6 +32,7 @@ from ceriakeras.analysis.tracks import TrackSettings
 from ceriakeras.evaluation.scoring import calibration, match_columns
 
 SCORE = Path(__file__).resolve().parents[3] / "shared" / "crossmovie" / "score.py"
+"""The yardstick's scorer, beside the repository (``../shared``); ``--score`` names another."""
 
 
 def untracked_copy(result: Path, work: Path) -> list:
@@ -52,16 +53,21 @@ def untracked_copy(result: Path, work: Path) -> list:
     return [{"source": i["source"], "n_frames": i["frames"]} for i in summary["inputs"]]
 
 
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def confidence_ece(movies: Path, outs: list[Path]) -> dict:
     """ECE of ``track_confidence`` per dose (columns matched to the truth within 1 Å)."""
-    info = {r["file"]: r for r in csv.DictReader(open(movies / "movies.csv"))}
+    info = {r["file"]: r for r in read_csv(movies / "movies.csv")}
     truth = defaultdict(list)
-    for r in csv.DictReader(open(movies / "truth.csv")):
+    for r in read_csv(movies / "truth.csv"):
         truth[(r["file"], int(r["frame"]))].append((float(r["x_px"]), float(r["y_px"]),
                                                     int(r["height"])))
     pred = defaultdict(list)
     for out in outs:
-        for r in csv.DictReader(open(out / "columns.csv")):
+        for r in read_csv(out / "columns.csv"):
             pred[(Path(r["source"]).name, int(r["frame"]))].append(
                 (float(r["x_px"]), float(r["y_px"]), int(r["track_height"]),
                  float(r["track_confidence"])))
@@ -77,14 +83,45 @@ def confidence_ece(movies: Path, outs: list[Path]) -> dict:
     return {d: round(calibration(np.array(conf[d]), np.array(ok[d]))["ece"], 4) for d in conf}
 
 
-def score(movies: Path, outs: list[Path]) -> dict:
+def quiet_columns(movies: Path, outs: list[Path]) -> dict:
+    """Per dose, over the movies without true events: the share of true columns with no
+    reported event within 1.5 Å of them (the static-series target)."""
+    info = {r["file"]: r for r in read_csv(movies / "movies.csv")}
+    changing = {r["file"] for r in read_csv(movies / "events.csv")}
+    where = defaultdict(dict)
+    for r in read_csv(movies / "truth.csv"):
+        if r["file"] not in changing:
+            where[(r["file"], int(r["frame"]))][int(r["column"])] = (float(r["x_px"]),
+                                                                     float(r["y_px"]))
+    flagged, total = defaultdict(set), defaultdict(int)
+    for (name, frame), cols in where.items():
+        if frame == 0:
+            total[int(float(info[name]["dose"]))] += len(cols)
+    for out in outs:
+        if not (out / "events.csv").exists():
+            continue
+        for r in read_csv(out / "events.csv"):
+            name = Path(r["source"]).name
+            cols = where.get((name, int(r["frame"])))
+            if not cols:
+                continue
+            tol = 1.5 / float(info[name]["pixel_size_A"])
+            x, y = float(r["x_px"]), float(r["y_px"])
+            for c, (cx, cy) in cols.items():
+                if np.hypot(cx - x, cy - y) <= tol:
+                    flagged[int(float(info[name]["dose"]))].add((name, c))
+    return {d: round(1 - len(flagged[d]) / total[d], 4) for d in total if total[d]}
+
+
+def score(movies: Path, outs: list[Path], script: Path = SCORE) -> dict:
     """score.py's rows per dose, with ``track_confidence_ece`` added."""
-    script = movies / "score.py" if (movies / "score.py").exists() else SCORE
     text = subprocess.run([sys.executable, str(script), str(movies), *map(str, outs)],
                           capture_output=True, text=True, check=True).stdout
     rows = {int(r["dose"]): r for r in map(json.loads, text.splitlines()) if r.startswith("{")}
     for dose, ece in confidence_ece(movies, outs).items():
         rows.setdefault(dose, {})["track_confidence_ece"] = ece
+    for dose, share in quiet_columns(movies, outs).items():
+        rows.setdefault(dose, {})["static_columns_without_event"] = share
     return rows
 
 
@@ -102,6 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("results", type=Path, nargs="+")
     ap.add_argument("--grid", nargs="*", default=[], help="NAME=v1,v2 of TrackSettings")
     ap.add_argument("--out", type=Path, default=None, help="JSON of every setting's scores")
+    ap.add_argument("--score", type=Path, default=SCORE, help="the crossmovie score.py")
     a = ap.parse_args(argv)
     grid = parse_settings(a.grid)
     names = list(grid)
@@ -116,7 +154,7 @@ def main(argv=None) -> int:
                 plan = untracked_copy(result, work)
                 write_tracks(work, plan, settings)
                 outs.append(work)
-            rows = score(a.movies, outs)
+            rows = score(a.movies, outs, a.score)
             report.append({"settings": dict(zip(names, values)), "scores": rows})
             print(json.dumps(report[-1]), flush=True)
     if a.out:

@@ -187,10 +187,20 @@ def write_run(out, movies, header_extra=()):
     return [{"source": s, "n_frames": len(frames)} for s, frames in movies.items()]
 
 
-def test_write_tracks_adds_columns_events_and_drift(tmp_path):
+def read_csv(path):
     import csv
 
-    from ceriakeras.analysis.tracking import EVENT_COLUMNS, add_drift_columns, write_tracks
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_write_tracks_adds_columns_events_and_drift(tmp_path):
+
+    from ceriakeras.analysis.tracking import (
+        EVENT_COLUMNS,
+        add_drift_columns,
+        write_tracks,
+    )
 
     rng = np.random.default_rng(8)
     xy, heights = lattice(), rng.integers(2, 8, 25)
@@ -200,19 +210,19 @@ def test_write_tracks_adds_columns_events_and_drift(tmp_path):
     plan = write_run(tmp_path / "out", {"movie.tif": movie, "image.tif": single})
     assert write_tracks(tmp_path / "out", plan)["events"] == 1
     add_drift_columns(tmp_path / "out")
-    rows = list(csv.DictReader(open(tmp_path / "out" / "columns.csv")))
+    rows = read_csv(tmp_path / "out" / "columns.csv")
     image = [r for r in rows if r["source"] == "image.tif"]
     assert [r["track"] for r in image] == ["0", "1", "2"]
     assert all(r["track_height"] == r["height"] for r in image)
     movie_rows = [r for r in rows if r["source"] == "movie.tif"]
     assert sum(r["track_height"] == str(heights[i % 25] + (i % 25 == 4 and i // 25 >= 10))
                for i, r in enumerate(movie_rows)) == len(movie_rows)
-    events = list(csv.DictReader(open(tmp_path / "out" / "events.csv")))
+    events = read_csv(tmp_path / "out" / "events.csv")
     assert list(events[0]) == list(EVENT_COLUMNS)
     assert (events[0]["frame"], events[0]["height_before"], events[0]["height_after"]) == (
         "10", str(heights[4]), str(heights[4] + 1))
     assert abs(float(events[0]["x_A"]) - (xy[4, 0] + 0.5)) < 1e-3
-    frames = list(csv.DictReader(open(tmp_path / "out" / "frames.csv")))
+    frames = read_csv(tmp_path / "out" / "frames.csv")
     assert abs(float(frames[19]["drift_x_A"]) - 0.95) < 0.05
     assert frames[20]["drift_x_A"] == ""  # the single image has no drift
     before = (tmp_path / "out" / "columns.csv").read_bytes()
