@@ -16,7 +16,17 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .changepoints import change_probability, log_probabilities, segment, stretch_height
+from .changepoints import (
+    assign_heights,
+    change_probability,
+    change_statistic,
+    expected_height,
+    frame_variance,
+    log_probabilities,
+    platt,
+    posterior_at,
+    segment,
+)
 from .linking import link_with_drift
 
 
@@ -32,12 +42,23 @@ class TrackSettings:
     """Frames a track may miss before it is closed."""
     min_stretch: int = 3
     """Fewest frames in a stretch of constant height."""
+    method: str = "mean_shift"
+    """Change statistic: ``"mean_shift"`` of the expected height or ``"classes"`` (tempered
+    class log-likelihood); :mod:`ceriakeras.analysis.changepoints`."""
     temper: float = 0.3
-    """Weight τ of one frame's log-probabilities in the change statistic."""
-    penalty: float = 4.0
-    """Cost of one change, tempered nats."""
+    """Weight τ of one frame's class log-probabilities (heights; the ``"classes"`` statistic)."""
+    penalty: float = 10.0
+    """Cost of one change, nats (log-likelihood of the change statistic)."""
     confidence_temper: float = 0.3
     """Weight of one frame's log-probabilities in a stretch's height posterior."""
+    confidence_slope: float = 1.0
+    """Platt map of a stretch's posterior: ``σ(slope · logit(posterior) + intercept)``."""
+    confidence_intercept: float = 0.0
+    """See ``confidence_slope`` (both fitted on our own movies, scripts/studies/track_study.py)."""
+    confidence_frames: int = 8
+    """A stretch's frames beyond this many add no confidence (the model's misreading of a
+    column repeats in every frame of a state): its summed log-probabilities are scaled to
+    this many frames."""
     event_scale: float = 1.0
     """Slope of the logistic that maps a change's statistic to its probability."""
     window: int = 128
@@ -53,13 +74,15 @@ class TrackSettings:
                               f"and window ≥ 4 × min_stretch: choose a smaller --min-stretch")
         if not (0 < self.temper <= 1 and 0 < self.confidence_temper <= 1):
             raise ConfigError("temper and confidence_temper must be in (0, 1]")
+        if self.method not in ("mean_shift", "classes"):
+            raise ConfigError(f"method={self.method!r}: use 'mean_shift' or 'classes'")
         if not 0 < self.max_distance_A <= self.search_A:
             raise ConfigError("max_distance_A must be positive and ≤ search_A (Å)")
 
 
 def _new_track(tid: int, ref: np.ndarray, frame: int) -> dict:
     return {"id": tid, "ref": [float(ref[0]), float(ref[1])], "last": frame,
-            "units": [], "done": []}
+            "units": [], "done": [], "variance": 1.0}
 
 
 class Tracker:
@@ -119,17 +142,19 @@ class Tracker:
         xy_A = np.asarray(xy_A, np.float64).reshape(-1, 2)
         xy_px = xy_A if xy_px is None else np.asarray(xy_px, np.float64).reshape(-1, 2)
         logp = log_probabilities(probabilities) if len(xy_A) else np.zeros((0, 1))
+        height = expected_height(probabilities) if len(xy_A) else np.zeros(0)
         refs = np.array([t["ref"] for t in self.tracks], np.float64).reshape(-1, 2)
         i, j, shift = link_with_drift(refs + self.drift, xy_A, s.max_distance_A, s.search_A)
         self.drift = self.drift + shift
         ids = np.full(len(xy_A), -1, np.int64)
         for a, b in zip(i, j):
-            ids[b] = self._extend(self.tracks[a], frame, xy_A[b], xy_px[b], logp[b])
+            ids[b] = self._extend(self.tracks[a], frame, xy_A[b], xy_px[b], logp[b],
+                                  float(height[b]))
         for b in np.flatnonzero(ids < 0):
             track = _new_track(self.next_id, xy_A[b] - self.drift, frame)
             self.next_id += 1
             self.tracks.append(track)
-            ids[b] = self._extend(track, frame, xy_A[b], xy_px[b], logp[b])
+            ids[b] = self._extend(track, frame, xy_A[b], xy_px[b], logp[b], float(height[b]))
         keep = []
         for track in self.tracks:
             if frame - track["last"] > s.max_gap:
@@ -146,18 +171,21 @@ class Tracker:
         self.tracks = []
 
     def pop_stretches(self) -> list[dict]:
-        """Stretches finished since the last call: ``track, first, last, frames, height_index,
-        confidence, change_probability`` (None for a track's first stretch), ``x_px, y_px,
-        x_A, y_A`` (where the column was in the stretch's first frame)."""
+        """The stretches of the tracks closed since the last call: ``track, first, last, frames,
+        height_index`` (height − 1), ``confidence, change_probability`` (None for a track's
+        first stretch), ``x_px, y_px, x_A, y_A`` (where the column was in the stretch's first
+        frame). A track's stretches are read together when it closes (its heights depend on
+        each other, :func:`ceriakeras.analysis.changepoints.assign_heights`)."""
         out, self.out = self.out, []
         return out
 
     # --- inside -------------------------------------------------------------------------------
-    def _extend(self, track: dict, frame: int, xy_A, xy_px, logp) -> int:
+    def _extend(self, track: dict, frame: int, xy_A, xy_px, logp, height: float) -> int:
         m = self.settings.position_memory
         ref = np.asarray(track["ref"]) * m + (np.asarray(xy_A) - self.drift) * (1 - m)
         track["ref"], track["last"] = [float(ref[0]), float(ref[1])], frame
         track["units"].append({"first": frame, "last": frame, "n": 1, "sum": logp.tolist(),
+                               "s1": height, "s2": height * height,
                                "pos": [float(xy_px[0]), float(xy_px[1]),
                                        float(xy_A[0]), float(xy_A[1])]})
         if len(track["units"]) > self.settings.window:
@@ -165,48 +193,64 @@ class Tracker:
         return track["id"]
 
     def _settle(self, track: dict, final: bool) -> None:
-        """Split the track's units; hand out the stretches that are settled. Unless ``final``,
-        the last stretch stays, its frames older than half the window folded into one unit."""
+        """Split the track's units; keep the settled stretches in ``track['done']``. Unless
+        ``final``, the last stretch stays open, its frames older than half the window folded into
+        one unit; with ``final`` the track's stretches are read and handed out."""
         s = self.settings
         units = track["units"]
-        sums = np.array([u["sum"] for u in units], np.float64)
-        counts = np.array([u["n"] for u in units])
-        parts = segment(sums, counts, temper=s.temper, penalty=s.penalty,
-                        min_stretch=s.min_stretch)
-        settled = parts if final else parts[:-1]
-        for a, b in settled:
-            self._emit(track, units[a:b], sums[a:b].sum(axis=0))
+        singles = [u["s1"] for u in units if u["n"] == 1]
+        if len(singles) >= 4:
+            track["variance"] = frame_variance(singles)
+        arrays = {"sum": np.array([u["sum"] for u in units], np.float64),
+                  **{k: np.array([u[k] for u in units], np.float64) for k in ("s1", "s2", "n")}}
+        parts = segment(arrays, kind=s.method, temper=s.temper, penalty=s.penalty,
+                        min_stretch=s.min_stretch, variance=track.get("variance", 1.0))
+        for a, b in parts if final else parts[:-1]:
+            track["done"].append(_merge(units[a:b]))
         if final:
             track["units"] = []
+            self._hand_out(track)
             return
         a, b = parts[-1]
         rest = units[a:b]
         cut = max(0, len(rest) - s.window // 2)
         if cut >= 2:
-            block = rest[:cut]
-            folded = {"first": block[0]["first"], "last": block[-1]["last"],
-                      "n": int(sum(u["n"] for u in block)),
-                      "sum": np.sum([u["sum"] for u in block], axis=0).tolist(),
-                      "pos": block[0]["pos"]}
-            rest = [folded] + rest[cut:]
+            rest = [_merge(rest[:cut])] + rest[cut:]
         track["units"] = rest
 
-    def _emit(self, track: dict, units: list, total: np.ndarray) -> None:
+    def _hand_out(self, track: dict) -> None:
+        """Heights, confidences and change probabilities of a closed track's stretches."""
         s = self.settings
-        k, confidence = stretch_height(total, s.confidence_temper)
-        previous = track["done"]
-        p = None
-        if previous:
-            p = change_probability(np.asarray(previous[-1]["sum"]), total, temper=s.temper,
-                                   penalty=s.penalty, scale=s.event_scale)
-        record = {"track": track["id"], "first": units[0]["first"], "last": units[-1]["last"],
-                  "frames": int(sum(u["n"] for u in units)), "height_index": k,
-                  "confidence": confidence, "change_probability": p,
-                  "x_px": units[0]["pos"][0], "y_px": units[0]["pos"][1],
-                  "x_A": units[0]["pos"][2], "y_A": units[0]["pos"][3]}
-        track["done"] = [{"sum": total.tolist()}]  # only the last stretch is needed
-        self.out.append(record)
+        done, variance = track["done"], track.get("variance", 1.0)
+        means = np.array([u["s1"] / u["n"] for u in done])
+        heights = assign_heights(np.array([u["sum"] for u in done]) * s.temper,
+                                 np.sign(np.diff(means)).astype(np.int64))
+        for k, u in enumerate(done):
+            p = None
+            if k:
+                stat = change_statistic(s.method, done[k - 1], u, temper=s.temper,
+                                        variance=variance)
+                p = change_probability(stat, s.penalty, s.event_scale)
+            self.out.append({
+                "track": track["id"], "first": u["first"], "last": u["last"],
+                "frames": int(u["n"]), "height_index": int(heights[k]),
+                "confidence": platt(posterior_at(
+                    np.asarray(u["sum"]) * min(1.0, s.confidence_frames / u["n"]),
+                    int(heights[k]), s.confidence_temper),
+                    s.confidence_slope, s.confidence_intercept),
+                "change_probability": p, "x_px": u["pos"][0], "y_px": u["pos"][1],
+                "x_A": u["pos"][2], "y_A": u["pos"][3]})
+        track["done"] = []
 
     def _close(self, track: dict) -> None:
         if track["units"]:
             self._settle(track, final=True)
+
+
+def _merge(units: list) -> dict:
+    """Units of one stretch as one (sums added; the first frame's position)."""
+    return {"first": units[0]["first"], "last": units[-1]["last"],
+            "n": int(sum(u["n"] for u in units)),
+            "sum": np.sum([u["sum"] for u in units], axis=0).tolist(),
+            "s1": float(sum(u["s1"] for u in units)), "s2": float(sum(u["s2"] for u in units)),
+            "pos": units[0]["pos"]}

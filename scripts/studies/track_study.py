@@ -58,8 +58,9 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def confidence_ece(movies: Path, outs: list[Path]) -> dict:
-    """ECE of ``track_confidence`` per dose (columns matched to the truth within 1 Å)."""
+def confidence_ece(movies: Path, outs: list[Path], pairs: dict | None = None) -> dict:
+    """ECE of ``track_confidence`` per dose (columns matched to the truth within 1 Å); with
+    ``pairs`` (a dict), also its ``(confidence, correct)`` arrays per dose."""
     info = {r["file"]: r for r in read_csv(movies / "movies.csv")}
     truth = defaultdict(list)
     for r in read_csv(movies / "truth.csv"):
@@ -80,7 +81,24 @@ def confidence_ece(movies: Path, outs: list[Path]) -> dict:
         dose = int(float(info[key[0]]["dose"]))
         conf[dose] += p[i, 3].tolist()
         ok[dose] += (p[i, 2] == t[j, 2]).tolist()
+    if pairs is not None:
+        pairs.update({d: (np.array(conf[d]), np.array(ok[d])) for d in conf})
     return {d: round(calibration(np.array(conf[d]), np.array(ok[d]))["ece"], 4) for d in conf}
+
+
+def fit_platt(confidence: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
+    """Slope and intercept of ``σ(a · logit(c) + b)`` that minimise the log loss."""
+    from scipy.optimize import minimize
+
+    c = np.clip(confidence, 1e-4, 1 - 1e-4)
+    z, y = np.log(c / (1 - c)), correct.astype(np.float64)
+
+    def loss(ab):
+        q = np.clip(1 / (1 + np.exp(-(ab[0] * z + ab[1]))), 1e-9, 1 - 1e-9)
+        return -np.mean(y * np.log(q) + (1 - y) * np.log(1 - q))
+
+    a, b = minimize(loss, [1.0, 0.0], method="Nelder-Mead").x
+    return float(a), float(b)
 
 
 def quiet_columns(movies: Path, outs: list[Path]) -> dict:
@@ -117,7 +135,8 @@ def score(movies: Path, outs: list[Path], script: Path = SCORE) -> dict:
     """score.py's rows per dose, with ``track_confidence_ece`` added."""
     text = subprocess.run([sys.executable, str(script), str(movies), *map(str, outs)],
                           capture_output=True, text=True, check=True).stdout
-    rows = {int(r["dose"]): r for r in map(json.loads, text.splitlines()) if r.startswith("{")}
+    rows = {int(r["dose"]): r for r in (json.loads(line) for line in text.splitlines()
+                                        if line.startswith("{"))}
     for dose, ece in confidence_ece(movies, outs).items():
         rows.setdefault(dose, {})["track_confidence_ece"] = ece
     for dose, share in quiet_columns(movies, outs).items():
@@ -140,6 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", nargs="*", default=[], help="NAME=v1,v2 of TrackSettings")
     ap.add_argument("--out", type=Path, default=None, help="JSON of every setting's scores")
     ap.add_argument("--score", type=Path, default=SCORE, help="the crossmovie score.py")
+    ap.add_argument("--fit-confidence", action="store_true",
+                    help="fit the Platt map of track_confidence (run with slope 1, intercept 0)")
     a = ap.parse_args(argv)
     grid = parse_settings(a.grid)
     names = list(grid)
@@ -156,6 +177,11 @@ def main(argv=None) -> int:
                 outs.append(work)
             rows = score(a.movies, outs, a.score)
             report.append({"settings": dict(zip(names, values)), "scores": rows})
+            if a.fit_confidence:
+                pairs: dict = {}
+                confidence_ece(a.movies, outs, pairs)
+                report[-1]["platt"] = fit_platt(np.concatenate([c for c, _ in pairs.values()]),
+                                                np.concatenate([o for _, o in pairs.values()]))
             print(json.dumps(report[-1]), flush=True)
     if a.out:
         a.out.write_text(json.dumps(report, indent=1))
