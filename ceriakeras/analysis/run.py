@@ -318,6 +318,7 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
     if config.tracks:  # --- hook: tracks (issue 22): drift in frames.csv, tracks' series plot ---
         tracking.add_drift_columns(out_dir)
         write_track_series_plots(out_dir, plan, labels, max_height)
+        per_frame["positions"] = tracking.movie_track_heights(out_dir, per_frame["positions"])
     if config.movie:
         offset = 0
         for item in plan:

@@ -320,3 +320,27 @@ def add_drift_columns(out_dir) -> None:
     out = [rows[0][:at] + list(DRIFT_COLUMNS) + rows[0][at:]]
     out += [r[:at] + list(drift.get((r[0], r[1]), ("", ""))) + r[at:] for r in rows[1:]]
     _write_csv(frames_path, out)
+
+
+def movie_track_heights(out_dir, positions: dict) -> dict:
+    """``positions`` (``{source: {frame: (x_px, y_px, height)}}``, rows in ``columns.csv``'s
+    order, as the movie draws them) with each column's ``track_height`` for its height, so the
+    movie labels columns with the height read from their stretch."""
+    with open(Path(out_dir) / "columns.csv", newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        if TRACK_COLUMNS[1] not in header:
+            return positions
+        col = header.index(TRACK_COLUMNS[1])
+        heights: dict = {}
+        for rec in reader:
+            if rec[0] in positions and rec[col] != "":
+                heights.setdefault((rec[0], int(rec[1])), []).append(int(rec[col]))
+    out = {}
+    for source, frames in positions.items():
+        out[source] = {}
+        for frame, (x, y, h) in frames.items():
+            new = heights.get((source, frame))
+            out[source][frame] = (x, y, np.asarray(new, np.int32) if new is not None
+                                  and len(new) == len(h) else h)
+    return out

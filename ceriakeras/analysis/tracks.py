@@ -32,7 +32,13 @@ from .linking import link_with_drift
 
 @dataclass
 class TrackSettings:
-    """How columns are linked and tracks split (frames, Å, nats)."""
+    """How columns are linked and tracks split (frames, Å, nats).
+
+    ``method``, ``penalty``, ``confidence_temper`` and ``confidence_frames`` were chosen on our
+    own simulated movies (``scripts/tools/make_movies.py --seed 100``, 4 particles × 50 and 200
+    e⁻/Å² per frame, model version 6; ``scripts/studies/track_study.py``), never on the
+    cross-check movies.
+    """
 
     max_distance_A: float = 1.0
     """Largest distance, Å, between a track's predicted position and its column."""
@@ -49,13 +55,13 @@ class TrackSettings:
     """Weight τ of one frame's class log-probabilities (heights; the ``"classes"`` statistic)."""
     penalty: float = 10.0
     """Cost of one change, nats (log-likelihood of the change statistic)."""
-    confidence_temper: float = 0.3
+    confidence_temper: float = 0.2
     """Weight of one frame's log-probabilities in a stretch's height posterior."""
     confidence_slope: float = 1.0
     """Platt map of a stretch's posterior: ``σ(slope · logit(posterior) + intercept)``."""
     confidence_intercept: float = 0.0
     """See ``confidence_slope`` (both fitted on our own movies, scripts/studies/track_study.py)."""
-    confidence_frames: int = 8
+    confidence_frames: int = 16
     """A stretch's frames beyond this many add no confidence (the model's misreading of a
     column repeats in every frame of a state): its summed log-probabilities are scaled to
     this many frames."""

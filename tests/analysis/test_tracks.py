@@ -274,3 +274,18 @@ def test_the_series_plot_shows_tracks_and_events(tmp_path):
     write_tracks(tmp_path / "out", plan)
     assert write_track_series_plots(tmp_path / "out", plan, ["movie"], 16) == 1
     assert (tmp_path / "out" / "movie_series.png").stat().st_size > 5000
+
+
+def test_the_movie_labels_columns_with_their_track_height(tmp_path):
+    from ceriakeras.analysis.tracking import movie_track_heights, write_tracks
+
+    rng = np.random.default_rng(10)
+    xy, heights = lattice(3), rng.integers(2, 8, 9)
+    movie = [(xy, probs(heights, rng, noise=0.6)) for _ in range(12)]
+    plan = write_run(tmp_path / "out", {"movie.tif": movie})
+    write_tracks(tmp_path / "out", plan)
+    rows = read_csv(tmp_path / "out" / "columns.csv")
+    positions = {"movie.tif": {f: (np.zeros(9), np.zeros(9), np.array(
+        [int(r["height"]) for r in rows if r["frame"] == str(f)])) for f in range(12)}}
+    labelled = movie_track_heights(tmp_path / "out", positions)
+    assert [h.tolist() for *_, h in labelled["movie.tif"].values()] == [heights.tolist()] * 12
