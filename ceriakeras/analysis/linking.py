@@ -34,23 +34,31 @@ def link(predicted: np.ndarray, detected: np.ndarray, max_distance_A: float
         ``predicted[i[k]]`` is linked to ``detected[j[k]]``; the total distance is smallest.
     """
     from scipy.optimize import linear_sum_assignment
+    from scipy.spatial import cKDTree
 
     predicted = np.asarray(predicted, np.float64).reshape(-1, 2)
     detected = np.asarray(detected, np.float64).reshape(-1, 2)
+    none = np.zeros(0, np.int64)
     if len(predicted) == 0 or len(detected) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    d = np.hypot(predicted[:, None, 0] - detected[None, :, 0],
-                 predicted[:, None, 1] - detected[None, :, 1])
-    gated = d <= max_distance_A
-    rows = np.flatnonzero(gated.any(axis=1))
-    cols = np.flatnonzero(gated.any(axis=0))
-    if len(rows) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    sub = d[np.ix_(rows, cols)]
-    cost = np.where(sub <= max_distance_A, sub, 1e6)
-    i, j = linear_sum_assignment(cost)
-    ok = cost[i, j] < 1e6
-    return rows[i[ok]].astype(np.int64), cols[j[ok]].astype(np.int64)
+        return none, none
+    pairs = cKDTree(predicted).sparse_distance_matrix(cKDTree(detected), max_distance_A,
+                                                      output_type="ndarray")
+    if len(pairs) == 0:
+        return none, none
+    rows, cols = pairs["i"].astype(np.int64), pairs["j"].astype(np.int64)
+    # a pair whose two ends have no other candidate is a link; the rest is assigned jointly
+    alone = (np.bincount(rows, minlength=len(predicted))[rows] == 1) & (
+        np.bincount(cols, minlength=len(detected))[cols] == 1)
+    i, j = [rows[alone]], [cols[alone]]
+    if not alone.all():
+        r, c = np.unique(rows[~alone]), np.unique(cols[~alone])
+        cost = np.full((len(r), len(c)), 1e6)
+        cost[np.searchsorted(r, rows[~alone]), np.searchsorted(c, cols[~alone])] = pairs["v"][~alone]
+        a, b = linear_sum_assignment(cost)
+        ok = cost[a, b] < 1e6
+        i.append(r[a[ok]])
+        j.append(c[b[ok]])
+    return np.concatenate(i), np.concatenate(j)
 
 
 def median_shift(predicted: np.ndarray, detected: np.ndarray, i: np.ndarray, j: np.ndarray
