@@ -9,6 +9,9 @@ track into stretches by optimal partitioning (every stretch at least ``min_stret
   ``E_t = Σ_h h p_t(h)``, its variance estimated from the track's own frame-to-frame
   differences. The model misreads a column the same way in every frame of a state, so its bias
   cancels in the difference of two stretches' means;
+- ``"bayes"``: the same Gaussian model with each stretch's mean integrated out (a product
+  partition model: the Bayesian offline counterpart of an online change-point detector; the
+  penalty is then the log prior odds against a change);
 - ``"classes"``: the tempered class log-likelihood ``τ Σ_t log p_t(h)`` of the best height per
   stretch (frames of one state are not independent evidence, hence ``τ ≤ 1``).
 
@@ -24,6 +27,8 @@ import numpy as np
 
 LOG_FLOOR = 1e-3
 """Class probabilities are floored at this before the log (one frame cannot veto a height)."""
+PRIOR_SHIFT_ATOMS = 1.0
+"""``"bayes"``: prior sd of a stretch's mean expected height, atoms (one atom per change)."""
 MIN_VARIANCE = 0.02
 """Smallest per-frame variance of the expected height, atoms² (a track of identical frames)."""
 
@@ -59,7 +64,10 @@ def gains(kind: str, c: dict, i: np.ndarray, j: int, *, temper: float, variance:
     n = c["n"][j] - c["n"][i]
     s1 = c["s1"][j] - c["s1"][i]
     s2 = c["s2"][j] - c["s2"][i]
-    return -(s2 - s1**2 / np.maximum(n, 1)) / (2 * variance)
+    fit = -(s2 - s1**2 / np.maximum(n, 1)) / (2 * variance)
+    if kind == "bayes":  # the stretch's mean integrated out (prior sd PRIOR_SHIFT_ATOMS)
+        return fit - 0.5 * np.log1p(n * PRIOR_SHIFT_ATOMS**2 / variance)
+    return fit
 
 
 def segment(units: dict, *, kind: str = "mean_shift", temper: float = 0.3,
@@ -73,7 +81,7 @@ def segment(units: dict, *, kind: str = "mean_shift", temper: float = 0.3,
         Per unit (a frame, or a block of frames known to share a height): ``sum`` (n, K) its
         frames' summed class log-probabilities, ``s1`` / ``s2`` (n,) the sums of their expected
         heights and of its squares (atoms, atoms²), ``n`` (n,) frames.
-    kind : {"mean_shift", "classes"}
+    kind : {"mean_shift", "bayes", "classes"}
         The change statistic (module doc).
     temper : float
         τ, the weight of one frame's class log-probabilities (``"classes"``).
@@ -123,7 +131,11 @@ def change_statistic(kind: str, before: dict, after: dict, *, temper: float, var
         return float(temper * (a.max() + b.max() - (a + b).max()))
     na, nb = before["n"], after["n"]
     shift = after["s1"] / nb - before["s1"] / na
-    return float(na * nb / (na + nb) * shift**2 / (2 * variance))
+    llr = na * nb / (na + nb) * shift**2 / (2 * variance)
+    if kind == "bayes":  # log Bayes factor: each stretch's mean integrated out
+        r = PRIOR_SHIFT_ATOMS**2 / variance
+        llr += 0.5 * (np.log1p((na + nb) * r) - np.log1p(na * r) - np.log1p(nb * r))
+    return float(llr)
 
 
 def change_probability(statistic: float, penalty: float, scale: float = 1.0) -> float:

@@ -603,9 +603,7 @@ class _Run:
             results[frame.index] = table
             if self.probability_log is not None:  # --- hook: tracks (issue 22) ---
                 self.probability_log.add(batch.offset + frame.index,
-                                         tracking.column_class_probabilities(
-                                             probabilities[k], table["x_px"], table["y_px"],
-                                             self.label_radius_A / self.model_px))
+                                         table["class_probabilities"])
             k += 1
         timings["columns"] += time.perf_counter() - t0
 

@@ -1,8 +1,8 @@
 """Tracks in ``analyze``: per-column class probabilities → tracks, stretches, events, drift.
 
-While frames are analysed, each column's class probabilities (the mean of the model's map over
-its label disk, :func:`column_class_probabilities`) are appended to ``OUT/tracking/
-probabilities.bin`` (:class:`ProbabilityLog`, cut back on resume like ``columns.csv``). When
+While frames are analysed, each column's class probabilities (the model's mass over its label
+disk per height, :func:`ceriakeras.inference.columns.find_columns`' ``class_probabilities``) are
+appended to ``OUT/tracking/probabilities.bin`` (:class:`ProbabilityLog`, cut back on resume like ``columns.csv``). When
 every frame is done, :func:`write_tracks` reads ``columns.csv`` and that log once per series
 through a :class:`ceriakeras.analysis.tracks.Tracker`, then writes
 
@@ -41,45 +41,6 @@ DRIFT_COLUMNS = ("drift_x_A", "drift_y_A")
 """Appended to ``frames.csv`` by :func:`add_drift_columns`."""
 LOG_NAME = "tracking/probabilities.bin"
 _HEAD = struct.Struct("<qii")  # global frame, columns, classes
-
-
-def column_class_probabilities(probabilities: np.ndarray, x_px: np.ndarray, y_px: np.ndarray,
-                               label_radius_px: float) -> np.ndarray:
-    """Each column's probabilities of heights 1 … C−1 (Ce atoms): the model's map averaged over
-    the disk of the label radius around the column, background left out, renormalised.
-
-    Parameters
-    ----------
-    probabilities : (H, W, C) float
-        The model's class map (class 0 = no column) in the model's pixels.
-    x_px, y_px : (N,) float
-        Column centres in the same pixels.
-    label_radius_px : float
-        Disk radius, px (at least half a pixel is used).
-
-    Returns
-    -------
-    (N, C − 1) float32, rows summing to 1 (uniform where the disk holds no height mass)
-    """
-    p = np.asarray(probabilities)
-    h, w, c = p.shape
-    r = max(float(label_radius_px), 0.5)
-    reach = int(np.ceil(r)) + 1
-    dy, dx = np.mgrid[-reach:reach + 1, -reach:reach + 1]
-    x = np.asarray(x_px, np.float64)
-    y = np.asarray(y_px, np.float64)
-    if len(x) == 0:
-        return np.zeros((0, c - 1), np.float32)
-    yy = np.round(y)[:, None] + dy.ravel()[None, :]
-    xx = np.round(x)[:, None] + dx.ravel()[None, :]
-    inside = ((yy - y[:, None]) ** 2 + (xx - x[:, None]) ** 2 <= r * r) & (yy >= 0) & (
-        yy < h) & (xx >= 0) & (xx < w)
-    yi = np.clip(yy, 0, h - 1).astype(np.int64)
-    xi = np.clip(xx, 0, w - 1).astype(np.int64)
-    mass = (p[yi, xi, 1:].astype(np.float64) * inside[..., None]).sum(axis=1)
-    total = mass.sum(axis=1, keepdims=True)
-    out = np.where(total > 0, mass / np.where(total > 0, total, 1.0), 1.0 / (c - 1))
-    return out.astype(np.float32)
 
 
 class ProbabilityLog:

@@ -48,13 +48,14 @@ class TrackSettings:
     """Frames a track may miss before it is closed."""
     min_stretch: int = 3
     """Fewest frames in a stretch of constant height."""
-    method: str = "mean_shift"
-    """Change statistic: ``"mean_shift"`` of the expected height or ``"classes"`` (tempered
-    class log-likelihood); :mod:`ceriakeras.analysis.changepoints`."""
+    method: str = "bayes"
+    """Change statistic (:mod:`ceriakeras.analysis.changepoints`): ``"bayes"`` (mean shift of
+    the expected height, each stretch's mean integrated out), ``"mean_shift"`` (the same,
+    maximum likelihood) or ``"classes"`` (tempered class log-likelihood)."""
     temper: float = 0.3
     """Weight τ of one frame's class log-probabilities (heights; the ``"classes"`` statistic)."""
-    penalty: float = 10.0
-    """Cost of one change, nats (log-likelihood of the change statistic)."""
+    penalty: float = 6.0
+    """Cost of one change, nats (``"bayes"``: the log prior odds against a change)."""
     confidence_temper: float = 0.2
     """Weight of one frame's log-probabilities in a stretch's height posterior."""
     confidence_slope: float = 1.0
@@ -80,8 +81,8 @@ class TrackSettings:
                               f"and window ≥ 4 × min_stretch: choose a smaller --min-stretch")
         if not (0 < self.temper <= 1 and 0 < self.confidence_temper <= 1):
             raise ConfigError("temper and confidence_temper must be in (0, 1]")
-        if self.method not in ("mean_shift", "classes"):
-            raise ConfigError(f"method={self.method!r}: use 'mean_shift' or 'classes'")
+        if self.method not in ("mean_shift", "bayes", "classes"):
+            raise ConfigError(f"method={self.method!r}: use 'mean_shift', 'bayes' or 'classes'")
         if not 0 < self.max_distance_A <= self.search_A:
             raise ConfigError("max_distance_A must be positive and ≤ search_A (Å)")
 
