@@ -56,7 +56,8 @@ from .pictures import (MovieWriter, check_movie_writer, height_colors, overlay_f
                        particle_box, render_frame, union_box, write_png)
 from ..inference.recognise import recognise_frame, required_vacuum_fraction, vacuum_fraction
 from . import tracking  # --- hook: tracks (issue 22) ---
-from .track_pictures import write_track_series_plots  # --- hook: tracks (issue 22) ---
+from .track_pictures import (write_stretch_models,  # --- hook: tracks (issue 22) ---
+                             write_track_series_plots)
 
 DEFAULT_MODEL = "saved_models/ceria110"
 """The shipped model, relative to the repository (or the current folder); newest version used."""
@@ -319,6 +320,8 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
         tracking.add_drift_columns(out_dir)
         write_track_series_plots(out_dir, plan, labels, max_height)
         per_frame["positions"] = tracking.movie_track_heights(out_dir, per_frame["positions"])
+        if xyz:
+            write_stretch_models(out_dir, plan, labels, max_height)
     if config.movie:
         offset = 0
         for item in plan:
@@ -650,7 +653,8 @@ class _Run:
                 write_png(self.out_dir / "overlays" / f"{item['label']}_{frame.index:05d}.png",
                           render_frame(frame.image, x, y, height, pixel_size_A=px,
                                        max_height=self.max_height, caption=caption))
-            if self.xyz:
+            if self.xyz and not (self.probability_log is not None and item["n_frames"] >= 2):
+                # (hook: tracks, issue 22: a tracked series gets one model per stretch instead)
                 h, w = frame.image.shape
                 atoms = columns_to_atoms(x * px, y * px, height,
                                          cell=[w * px, h * px,

@@ -8,6 +8,7 @@ Drawn from ``columns.csv`` (``track``, ``track_height``) and ``events.csv`` afte
 from __future__ import annotations
 
 import csv
+import itertools
 from collections import defaultdict
 from pathlib import Path
 
@@ -100,3 +101,49 @@ def draw(path: Path, grid: np.ndarray, total_ce: np.ndarray, events: list, max_h
     ax2.set_ylabel("total Ce atoms (track heights)")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
+
+
+def write_stretch_models(out_dir, plan: list, labels: list[str], max_height: int) -> int:
+    """``xyz/<label>_frames_<first>-<last>.xyz``: one 3D model of the whole particle per stretch
+    of a series in which no column changed (between two frames of ``events.csv``).
+
+    Each model is the stretch's middle frame's columns (positions, Å) with their track heights
+    (:func:`ceriakeras.inference.columns.columns_to_atoms`); ``info`` names the frames it covers.
+    Returns the models written.
+    """
+    import ase.io
+
+    from ..config import CE_COLUMN_SPACING_A
+    from ..inference.columns import columns_to_atoms
+
+    out_dir = Path(out_dir)
+    series = {it["source"]: (it, label) for it, label in zip(plan, labels) if it["n_frames"] >= 2}
+    cuts = defaultdict(set)
+    if (out_dir / "events.csv").exists():
+        with open(out_dir / "events.csv", newline="", encoding="utf-8") as fh:
+            for r in csv.DictReader(fh):
+                cuts[r["source"]].add(int(r["frame"]))
+    wanted = {}
+    for source, (item, _) in series.items():
+        edges = [0, *sorted(f for f in cuts[source] if 0 < f < item["n_frames"]), item["n_frames"]]
+        for a, b in itertools.pairwise(edges):
+            wanted[(source, (a + b - 1) // 2)] = (a, b - 1)
+    rows = defaultdict(list)
+    with open(out_dir / "columns.csv", newline="", encoding="utf-8") as fh:
+        for r in csv.DictReader(fh):
+            if (r["source"], int(r["frame"])) in wanted and r.get("track_height", "") != "":
+                rows[(r["source"], int(r["frame"]))].append(
+                    (float(r["x_A"]), float(r["y_A"]), int(r["track_height"])))
+    for (source, frame), (first, last) in wanted.items():
+        item, label = series[source]
+        table = np.array(rows.get((source, frame), []), np.float64).reshape(-1, 3)
+        h, w = item["shape"][-2:]
+        px = item["pixel_size_A"]
+        atoms = columns_to_atoms(table[:, 0], table[:, 1], table[:, 2].astype(int),
+                                 cell=[w * px, h * px, (max_height + 2) * CE_COLUMN_SPACING_A])
+        atoms.info.update(source=source, first_frame=first, last_frame=last, drawn_from=frame)
+        path = out_dir / "xyz" / f"{label}_frames_{first:05d}-{last:05d}.xyz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            ase.io.write(tmp, atoms, format="extxyz")
+    return len(wanted)

@@ -133,11 +133,11 @@ def series(tmp_path):
 
 def test_series_with_calibration_bad_frame_and_pictures(tmp_path, series):
     path, truths, pixel_A = series
-    cfg = AnalyzeConfig(batch_size=3, overlay_every=2)
+    cfg = AnalyzeConfig(batch_size=3, overlay_every=2, tracks=False)  # per-frame models
     summary = analyze([path], tmp_path / "out", model=StandInModel(), config=cfg, xyz=True,
                       details=True, progress=False)
     header, rows = read_rows(tmp_path / "out" / "columns.csv")
-    assert header == list(CSV_HEADER) + ["recognised", "expected_height_atoms", "height_std_atoms"] + list(TRACK_COLUMNS)
+    assert header == list(CSV_HEADER) + ["recognised", "expected_height_atoms", "height_std_atoms"]
     for i, truth in enumerate(truths):
         frame_rows = [r for r in rows if r[1] == str(i)]
         if i == 3:
@@ -600,7 +600,9 @@ def test_a_series_gets_tracks_events_and_drift_unless_turned_off(tmp_path):
     write_series(tmp_path / "still.tif", [synthetic_frame(truth, 0.1)] * 6, 0.1)
     cfg = AnalyzeConfig(batch_size=4, movie=False)
     analyze([tmp_path / "still.tif"], tmp_path / "on", model=StandInModel(), config=cfg,
-            progress=False)
+            progress=False, xyz=True)
+    # one 3D model for the one stretch, naming the frames it covers
+    assert [p.name for p in (tmp_path / "on" / "xyz").iterdir()] == ["still_frames_00000-00005.xyz"]
     header, rows = read_rows(tmp_path / "on" / "columns.csv")
     assert header[-3:] == list(TRACK_COLUMNS) and len(rows) == 6 * len(truth)
     assert len({r[-3] for r in rows}) == len(truth)

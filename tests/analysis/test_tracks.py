@@ -290,3 +290,23 @@ def test_the_movie_labels_columns_with_their_track_height(tmp_path):
         [int(r["height"]) for r in rows if r["frame"] == str(f)])) for f in range(12)}}
     labelled = movie_track_heights(tmp_path / "out", positions)
     assert [h.tolist() for *_, h in labelled["movie.tif"].values()] == [heights.tolist()] * 12
+
+
+def test_xyz_gives_one_model_per_stretch_of_the_particle(tmp_path):
+    import ase.io
+
+    from ceriakeras.analysis.track_pictures import write_stretch_models
+    from ceriakeras.analysis.tracking import write_tracks
+
+    rng = np.random.default_rng(11)
+    xy, heights = lattice(3), rng.integers(2, 8, 9)
+    movie = [(xy, probs(np.where(np.arange(9) == 4, heights + (f >= 8), heights), rng))
+             for f in range(16)]
+    plan = write_run(tmp_path / "out", {"movie.tif": movie})
+    plan[0].update(shape=[300, 300], pixel_size_A=0.1)
+    write_tracks(tmp_path / "out", plan)
+    assert write_stretch_models(tmp_path / "out", plan, ["movie"], 16) == 2
+    before = ase.io.read(tmp_path / "out" / "xyz" / "movie_frames_00000-00007.xyz")
+    after = ase.io.read(tmp_path / "out" / "xyz" / "movie_frames_00008-00015.xyz")
+    assert (len(before), len(after)) == (heights.sum(), heights.sum() + 1)
+    assert (after.info["first_frame"], after.info["last_frame"]) == (8, 15)
