@@ -170,7 +170,8 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
         g += item["n_frames"]
     stretches: dict = {}
     drift_rows = [("source", "frame") + DRIFT_COLUMNS]
-    ids_all: list = []
+    ids_path = out_dir / "tracking" / "track_ids.bin"  # each row's track, in row order
+    ids_file = open(ids_path, "wb")  # noqa: SIM115 -- closed below, before the second pass
     log = read_probability_log(out_dir / LOG_NAME)
     logged = next(log, None)
     tracker, current = None, None
@@ -184,7 +185,7 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
         while logged is not None and logged[0] < gi:
             logged = next(log, None)
         if n_frames[source] < 2:
-            ids_all.append(np.arange(len(rows)))
+            ids_file.write(np.arange(len(rows), dtype=np.int64).tobytes())
             continue
         if source != current:
             if tracker is not None:
@@ -197,7 +198,7 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
             probabilities = _fallback_probabilities(table[:, 4].astype(np.int64), table[:, 5],
                                                     16 if logged is None else logged[1].shape[1])
         ids, drift = tracker.add_frame(frame, table[:, 2:4], probabilities, table[:, 0:2])
-        ids_all.append(ids)
+        ids_file.write(np.asarray(ids, np.int64).tobytes())
         drift_rows.append((source, frame, f"{drift[0]:.4f}", f"{drift[1]:.4f}"))
         for s in tracker.pop_stretches():
             stretches.setdefault(source, {}).setdefault(s["track"], []).append(s)
@@ -209,7 +210,9 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
     _write_csv(out_dir / "tracking" / "drift.csv", drift_rows)
     events = _events(stretches, plan)
     _write_csv(out_dir / "events.csv", [EVENT_COLUMNS] + events)
-    _rewrite_columns(csv_path, header, offsets, ids_all, stretches, before_replace)
+    ids_file.close()
+    _rewrite_columns(csv_path, header, offsets, ids_path, stretches, before_replace)
+    ids_path.unlink()
     return {"tracks": sum(len(v) for v in stretches.values()), "events": len(events)}
 
 
@@ -230,17 +233,18 @@ def _events(stretches: dict, plan: list) -> list:
     return [row for *_, row in sorted(rows)]
 
 
-def _rewrite_columns(csv_path: Path, header: list, offsets: dict, ids_all: list,
+def _rewrite_columns(csv_path: Path, header: list, offsets: dict, ids_path: Path,
                      stretches: dict, before_replace=None) -> None:
     """``columns.csv`` again, each row with its track, track height and confidence."""
     firsts = {(src, t): [s["first"] for s in runs]
               for src, by_track in stretches.items() for t, runs in by_track.items()}
     n = len(header)
     with atomic_path(csv_path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as out:
+        with open(tmp, "w", newline="", encoding="utf-8") as out, open(ids_path, "rb") as ids_file:
             writer = csv.writer(out, lineterminator="\n")
             writer.writerow(header + list(TRACK_COLUMNS))
-            for (source, frame, _, rows), ids in zip(_frames_of(csv_path, offsets), ids_all):
+            for source, frame, _, rows in _frames_of(csv_path, offsets):
+                ids = np.frombuffer(ids_file.read(8 * len(rows)), np.int64)
                 for rec, tid in zip(rows, ids):
                     rec = rec[:n]
                     runs = stretches.get(source, {}).get(int(tid))
