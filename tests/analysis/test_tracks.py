@@ -310,3 +310,14 @@ def test_xyz_gives_one_model_per_stretch_of_the_particle(tmp_path):
     after = ase.io.read(tmp_path / "out" / "xyz" / "movie_frames_00008-00015.xyz")
     assert (len(before), len(after)) == (heights.sum(), heights.sum() + 1)
     assert (after.info["first_frame"], after.info["last_frame"]) == (8, 15)
+
+
+def test_cli_options_for_tracks():
+    from click.testing import CliRunner
+
+    from ceriakeras.cli.main import main
+
+    help_text = CliRunner().invoke(main, ["analyze", "--help"]).output
+    assert "--no-tracks" in help_text and "--min-stretch" in help_text
+    bad = CliRunner().invoke(main, ["analyze", "x.tif", "--out", "o", "--min-stretch", "0"])
+    assert bad.exit_code == 2 and "--min-stretch" in bad.output
