@@ -168,16 +168,35 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
     for item in plan:
         offsets[item["source"]], n_frames[item["source"]] = g, item["n_frames"]
         g += item["n_frames"]
+    ids_path = out_dir / "tracking" / "track_ids.bin"  # each row's track, in row order
+    ids_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(ids_path, "wb") as ids_file:
+        stretches, drift_rows = _track_pass(csv_path, offsets, n_frames, settings,
+                                            read_probability_log(out_dir / LOG_NAME), ids_file)
+    for by_track in stretches.values():
+        for runs in by_track.values():
+            runs.sort(key=lambda s: s["first"])
+    _write_csv(out_dir / "tracking" / "drift.csv", drift_rows)
+    events = _events(stretches, plan)
+    _write_csv(out_dir / "events.csv", [EVENT_COLUMNS] + events)
+    _rewrite_columns(csv_path, header, offsets, ids_path, stretches, before_replace)
+    ids_path.unlink()
+    return {"tracks": sum(len(v) for v in stretches.values()), "events": len(events)}
+
+
+def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSettings, log,
+                ids_file) -> tuple[dict, list]:
+    """Stream ``columns.csv`` and the probability log ``log`` once through a tracker per
+    series; write each row's track to ``ids_file``; return the stretches
+    (``{source: {track: [stretch, …]}}``) and the rows of ``tracking/drift.csv``."""
     stretches: dict = {}
     drift_rows = [("source", "frame") + DRIFT_COLUMNS]
-    ids_path = out_dir / "tracking" / "track_ids.bin"  # each row's track, in row order
-    ids_file = open(ids_path, "wb")  # noqa: SIM115 -- closed below, before the second pass
-    log = read_probability_log(out_dir / LOG_NAME)
     logged = next(log, None)
     tracker, current = None, None
 
-    def collect(source, tracker):
-        tracker.finish()
+    def collect(source, tracker, finish=False):
+        if finish:
+            tracker.finish()
         for s in tracker.pop_stretches():
             stretches.setdefault(source, {}).setdefault(s["track"], []).append(s)
 
@@ -189,7 +208,7 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
             continue
         if source != current:
             if tracker is not None:
-                collect(current, tracker)
+                collect(current, tracker, finish=True)
             tracker, current = Tracker(settings), source
         table = np.array([r[2:8] for r in rows], np.float64)
         if logged is not None and logged[0] == gi and len(logged[1]) == len(rows):
@@ -200,20 +219,10 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
         ids, drift = tracker.add_frame(frame, table[:, 2:4], probabilities, table[:, 0:2])
         ids_file.write(np.asarray(ids, np.int64).tobytes())
         drift_rows.append((source, frame, f"{drift[0]:.4f}", f"{drift[1]:.4f}"))
-        for s in tracker.pop_stretches():
-            stretches.setdefault(source, {}).setdefault(s["track"], []).append(s)
+        collect(source, tracker)
     if tracker is not None:
-        collect(current, tracker)
-    for by_track in stretches.values():
-        for runs in by_track.values():
-            runs.sort(key=lambda s: s["first"])
-    _write_csv(out_dir / "tracking" / "drift.csv", drift_rows)
-    events = _events(stretches, plan)
-    _write_csv(out_dir / "events.csv", [EVENT_COLUMNS] + events)
-    ids_file.close()
-    _rewrite_columns(csv_path, header, offsets, ids_path, stretches, before_replace)
-    ids_path.unlink()
-    return {"tracks": sum(len(v) for v in stretches.values()), "events": len(events)}
+        collect(current, tracker, finish=True)
+    return stretches, drift_rows
 
 
 def _events(stretches: dict, plan: list) -> list:
