@@ -337,7 +337,9 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
 
                 write_movie(out_dir / f"{item['label']}_movie.mp4", item, pixel_size_A,
                             per_frame["positions"].get(item["source"], {}), max_height,
-                            dose_of=dose_of, recognised_of=recognised_of)
+                            dose_of=dose_of, recognised_of=recognised_of,
+                            note_of=tracking.event_notes(out_dir, item["source"]).get
+                            if config.tracks else None)  # hook: tracks (issue 22)
             offset += item["n_frames"]
     timings["pictures"] += time.perf_counter() - t0
     state["complete"] = True
@@ -1010,7 +1012,7 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
 
 
 def write_movie(path: Path, item: dict, pixel_size_A, positions: dict, max_height: int,
-                dose_of=None, recognised_of=None) -> int:
+                dose_of=None, recognised_of=None, note_of=None) -> int:
     """The annotated movie of one series: every analysed frame, read again from its file.
 
     Each frame is cropped to the same box (the union of the frames' particle boxes), its columns
@@ -1036,6 +1038,9 @@ def write_movie(path: Path, item: dict, pixel_size_A, positions: dict, max_heigh
     recognised_of : callable, optional
         ``recognised_of(frame_index) -> bool or None``; False adds "NOT RECOGNISED" to the
         caption (:func:`ceriakeras.inference.recognise.recognise_frame`).
+    note_of : callable, optional
+        ``note_of(frame_index) -> str or None``, added to the caption (tracks: the changes of
+        height happening then, :func:`ceriakeras.analysis.tracking.event_notes`).
 
     Returns
     -------
@@ -1056,6 +1061,8 @@ def write_movie(path: Path, item: dict, pixel_size_A, positions: dict, max_heigh
             x, y, h = positions.get(frame.index, empty)
             caption = _caption(item, frame.index, dose_of(frame.index, frame.image), len(x),
                                recognised_of(frame.index) if recognised_of else None)
+            if note_of is not None and note_of(frame.index):  # hook: tracks (issue 22)
+                caption += "   " + note_of(frame.index)
             movie.add(render_frame(frame.image, x, y, h, pixel_size_A=px, max_height=max_height,
                                    box=box or (0, shape[0], 0, shape[1]), caption=caption))
     return movie.frames

@@ -318,3 +318,24 @@ def movie_track_heights(out_dir, positions: dict) -> dict:
             out[source][frame] = (x, y, np.asarray(new, np.int32) if new is not None
                                   and len(new) == len(h) else h)
     return out
+
+
+EVENT_NOTE_FRAMES = 5
+"""Frames of the movie whose caption names a change, from its first frame at the new height."""
+
+
+def event_notes(out_dir, source: str) -> dict[int, str]:
+    """``{frame: "change 3→4 at (x, y) px, …"}`` from ``events.csv`` for one source: the movie's
+    caption names each change for :data:`EVENT_NOTE_FRAMES` frames from when it happens."""
+    path = Path(out_dir) / "events.csv"
+    notes: dict[int, list] = {}
+    if path.exists():
+        with open(path, newline="", encoding="utf-8") as fh:
+            for r in csv.DictReader(fh):
+                if r["source"] != source:
+                    continue
+                text = (f"{r['height_before']}→{r['height_after']} at "
+                        f"({float(r['x_px']):.0f}, {float(r['y_px']):.0f}) px")
+                for f in range(int(r["frame"]), int(r["frame"]) + EVENT_NOTE_FRAMES):
+                    notes.setdefault(f, []).append(text)
+    return {f: "change " + ", ".join(t) for f, t in notes.items()}

@@ -321,3 +321,21 @@ def test_cli_options_for_tracks():
     assert "--no-tracks" in help_text and "--min-stretch" in help_text
     bad = CliRunner().invoke(main, ["analyze", "x.tif", "--out", "o", "--min-stretch", "0"])
     assert bad.exit_code == 2 and "--min-stretch" in bad.output
+
+
+def test_the_movie_caption_names_each_change_when_it_happens(tmp_path):
+    from ceriakeras.analysis.tracking import (
+        EVENT_NOTE_FRAMES,
+        event_notes,
+        write_tracks,
+    )
+
+    rng = np.random.default_rng(12)
+    xy, heights = lattice(3), rng.integers(2, 8, 9)
+    movie = [(xy, probs(np.where(np.arange(9) == 4, heights + (f >= 8), heights), rng))
+             for f in range(16)]
+    plan = write_run(tmp_path / "out", {"movie.tif": movie})
+    write_tracks(tmp_path / "out", plan)
+    notes = event_notes(tmp_path / "out", "movie.tif")
+    assert sorted(notes) == list(range(8, 8 + EVENT_NOTE_FRAMES))
+    assert notes[8].startswith(f"change {heights[4]}→{heights[4] + 1} at (")
