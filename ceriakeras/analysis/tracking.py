@@ -325,7 +325,7 @@ EVENT_NOTE_FRAMES = 5
 
 
 def event_notes(out_dir, source: str) -> dict[int, str]:
-    """``{frame: "change 3→4 at (x, y) px, …"}`` from ``events.csv`` for one source: the movie's
+    """``{frame: "change 3→4, 2→1"}`` (Ce atoms) from ``events.csv`` for one source: the movie's
     caption names each change for :data:`EVENT_NOTE_FRAMES` frames from when it happens."""
     path = Path(out_dir) / "events.csv"
     notes: dict[int, list] = {}
@@ -334,8 +334,7 @@ def event_notes(out_dir, source: str) -> dict[int, str]:
             for r in csv.DictReader(fh):
                 if r["source"] != source:
                     continue
-                text = (f"{r['height_before']}→{r['height_after']} at "
-                        f"({float(r['x_px']):.0f}, {float(r['y_px']):.0f}) px")
+                text = f"{r['height_before']}→{r['height_after']}"
                 for f in range(int(r["frame"]), int(r["frame"]) + EVENT_NOTE_FRAMES):
                     notes.setdefault(f, []).append(text)
-    return {f: "change " + ", ".join(t) for f, t in notes.items()}
+    return {f: "change " + ", ".join(t) + " Ce" for f, t in notes.items()}

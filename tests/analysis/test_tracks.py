@@ -338,4 +338,4 @@ def test_the_movie_caption_names_each_change_when_it_happens(tmp_path):
     write_tracks(tmp_path / "out", plan)
     notes = event_notes(tmp_path / "out", "movie.tif")
     assert sorted(notes) == list(range(8, 8 + EVENT_NOTE_FRAMES))
-    assert notes[8].startswith(f"change {heights[4]}→{heights[4] + 1} at (")
+    assert notes[8] == f"change {heights[4]}→{heights[4] + 1} Ce"
