@@ -507,6 +507,11 @@ class AnalyzeConfig:
     test_time_augmentation: bool = False
     """Average the model's probabilities over the 8 flips and 90° rotations of each frame
     (:func:`ceriakeras.nn.export.dihedral_average`): 8× the model time."""
+    tracks: bool = True
+    """Follow every column of a series (tracks, heights read from each stretch of constant
+    height, change events; :mod:`ceriakeras.analysis.tracking`)."""
+    min_stretch: int = 3
+    """Fewest frames in a stretch of constant height (tracks)."""
 
     def validate(self) -> None:
         if not 0 < self.min_pixel_size_A <= self.max_pixel_size_A:
@@ -528,6 +533,8 @@ class AnalyzeConfig:
             raise ConfigError(f"model_workers={self.model_workers} must be at least 1")
         if self.overlay_samples < 0:
             raise ConfigError(f"overlay_samples={self.overlay_samples} must be ≥ 0 (frames)")
+        if self.min_stretch < 1:
+            raise ConfigError(f"min_stretch={self.min_stretch} must be ≥ 1 (frames)")
 
 
 # --- (de)serialization -------------------------------------------------------------------------

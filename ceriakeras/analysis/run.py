@@ -56,6 +56,9 @@ from ..inference.modelinfo import model_settings, with_model_threshold
 from .pictures import (MovieWriter, check_movie_writer, height_colors, overlay_frames,
                        particle_box, render_frame, union_box, write_png)
 from ..inference.recognise import recognise_frame, required_vacuum_fraction, vacuum_fraction
+from . import tracking  # --- hook: tracks (issue 22) ---
+from .track_pictures import (write_stretch_models,  # --- hook: tracks (issue 22) ---
+                             write_track_series_plots)
 
 DEFAULT_MODEL = "saved_models/ceria110"
 """The shipped model, relative to the repository (or the current folder); newest version used."""
@@ -73,8 +76,9 @@ STAGES = ("read", "resample", "model", "columns", "write", "pictures")
 """Stages timed in ``summary.json``'s ``seconds_by_stage`` (they overlap: see :func:`analyze`)."""
 QUEUE_BATCHES = 2
 """Batches that may wait between two stages of the run."""
-_OUTPUT_NAMES = ("columns.csv", "frames.csv", "progress.json", "summary.json")
-_OUTPUT_DIRS = ("overlays", "xyz")
+_OUTPUT_NAMES = ("columns.csv", "frames.csv", "progress.json", "summary.json",
+                 "events.csv")  # events.csv: hook, tracks (issue 22)
+_OUTPUT_DIRS = ("overlays", "xyz", "tracking")  # tracking: hook, tracks (issue 22)
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -242,7 +246,8 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
                      "test_time_augmentation": bool(config.test_time_augmentation)},
     }
 
-    header = ",".join(CSV_HEADER + MARK_COLUMNS + (DETAIL_COLUMNS if details else ())) + "\n"
+    header = ",".join(CSV_HEADER + MARK_COLUMNS + (DETAIL_COLUMNS if details else ())
+                      + (tracking.TRACK_COLUMNS if config.tracks else ())) + "\n"  # hook: tracks
     csv_path, progress_path = out_dir / "columns.csv", out_dir / "progress.json"
     earlier = {} if overwrite else _frame_info(progress_path)
     start, skipped = _prepare_out_dir(out_dir, header.encode(), identity, overwrite, plan)
@@ -254,13 +259,15 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
              "complete": False, "optics": _previous_optics(progress_path) if start else {},
              "frames": {k: v for k, v in earlier.items() if int(k) < start}}
     write_text_atomic(progress_path, json.dumps(state, indent=1))
+    # --- hook: tracks (issue 22): each column's class probabilities, logged per frame ---
+    probability_log = tracking.ProbabilityLog(out_dir, start) if config.tracks else None
 
     timings = dict.fromkeys(STAGES, 0.0)
     counts = {"analysed": 0, "columns": 0}
     run = _Run(served=served, config=config, out_dir=out_dir, state=state,
                progress_path=progress_path, timings=timings, counts=counts, xyz=xyz,
                details=details, model_px=model_px, max_height=max_height,
-               label_radius_A=label_radius_A)
+               label_radius_A=label_radius_A, probability_log=probability_log)
     bar = _progress_bar(frames_total, start, progress)
     t_start = time.perf_counter()
     with open(csv_path, "a", newline="", encoding="utf-8",
@@ -296,10 +303,27 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
         writer.close()
     bar.close()
     elapsed = time.perf_counter() - t_start
+    if probability_log is not None:  # --- hook: tracks (issue 22) ---
+        probability_log.close()
+        t0 = time.perf_counter()
+
+        def commit_size(size):  # the tracked columns.csv's size is committed before it lands
+            state["csv_bytes"] = size
+            write_text_atomic(progress_path, json.dumps(state, indent=1))
+
+        tracking.write_tracks(out_dir, plan, tracking.TrackSettings(min_stretch=config.min_stretch),
+                              before_replace=commit_size)
+        timings["tracks"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     per_frame = _frame_table_and_series_plots(csv_path, out_dir, plan, labels, max_height,
                                               movie=config.movie)
+    if config.tracks:  # --- hook: tracks (issue 22): drift in frames.csv, tracks' series plot ---
+        tracking.add_drift_columns(out_dir)
+        write_track_series_plots(out_dir, plan, labels, max_height)
+        per_frame["positions"] = tracking.movie_track_heights(out_dir, per_frame["positions"])
+        if xyz:
+            write_stretch_models(out_dir, plan, labels, max_height)
     if config.movie:
         offset = 0
         for item in plan:
@@ -315,7 +339,9 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
 
                 write_movie(out_dir / f"{item['label']}_movie.mp4", item, pixel_size_A,
                             per_frame["positions"].get(item["source"], {}), max_height,
-                            dose_of=dose_of, recognised_of=recognised_of)
+                            dose_of=dose_of, recognised_of=recognised_of,
+                            note_of=tracking.event_notes(out_dir, item["source"]).get
+                            if config.tracks else None)  # hook: tracks (issue 22)
             offset += item["n_frames"]
     timings["pictures"] += time.perf_counter() - t0
     state["complete"] = True
@@ -512,6 +538,7 @@ class _Run:
     max_height: int
     label_radius_A: float
     csv_file: object = None
+    probability_log: object = None  # --- hook: tracks (issue 22) ---
 
     def __post_init__(self):
         self._busy = threading.Lock()
@@ -581,6 +608,9 @@ class _Run:
                 if np.isfinite(mark["lattice_fraction"]) else None, "reason": mark["reason"],
                 **({} if vacuum is None else {"vacuum_fraction": round(vacuum, 4)})}
             results[frame.index] = table
+            if self.probability_log is not None:  # --- hook: tracks (issue 22) ---
+                self.probability_log.add(batch.offset + frame.index,
+                                         table["class_probabilities"])
             k += 1
         timings["columns"] += time.perf_counter() - t0
 
@@ -607,6 +637,8 @@ class _Run:
                        f"{table['confidence'][j]:.4f}", recognised]
                 if self.details:
                     row += [f"{table['expected_height'][j]:.3f}", f"{table['height_std'][j]:.3f}"]
+                if self.probability_log is not None:  # hook: tracks, filled in at the end
+                    row += ["", "", ""]
                 writer.writerow(row)
         self.csv_file.write(buffer.getvalue())
         self.csv_file.flush()
@@ -625,7 +657,8 @@ class _Run:
                 write_png(self.out_dir / "overlays" / f"{item['label']}_{frame.index:05d}.png",
                           render_frame(frame.image, x, y, height, pixel_size_A=px,
                                        max_height=self.max_height, caption=caption))
-            if self.xyz:
+            if self.xyz and not (self.probability_log is not None and item["n_frames"] >= 2):
+                # (hook: tracks, issue 22: a tracked series gets one model per stretch instead)
                 h, w = frame.image.shape
                 atoms = columns_to_atoms(x * px, y * px, height,
                                          cell=[w * px, h * px,
@@ -636,6 +669,8 @@ class _Run:
 
         self.state["frames_done"] = batch.offset + batch.frames[-1][0].index + 1
         self.state["csv_bytes"] = self.csv_file.tell()
+        if self.probability_log is not None:  # --- hook: tracks (issue 22) ---
+            self.probability_log.flush()
         write_text_atomic(self.progress_path, json.dumps(self.state, indent=1))
 
 
@@ -979,7 +1014,7 @@ def _frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, lab
 
 
 def write_movie(path: Path, item: dict, pixel_size_A, positions: dict, max_height: int,
-                dose_of=None, recognised_of=None) -> int:
+                dose_of=None, recognised_of=None, note_of=None) -> int:
     """The annotated movie of one series: every analysed frame, read again from its file.
 
     Each frame is cropped to the same box (the union of the frames' particle boxes), its columns
@@ -1005,6 +1040,9 @@ def write_movie(path: Path, item: dict, pixel_size_A, positions: dict, max_heigh
     recognised_of : callable, optional
         ``recognised_of(frame_index) -> bool or None``; False adds "NOT RECOGNISED" to the
         caption (:func:`ceriakeras.inference.recognise.recognise_frame`).
+    note_of : callable, optional
+        ``note_of(frame_index) -> str or None``, added to the caption (tracks: the changes of
+        height happening then, :func:`ceriakeras.analysis.tracking.event_notes`).
 
     Returns
     -------
@@ -1025,6 +1063,8 @@ def write_movie(path: Path, item: dict, pixel_size_A, positions: dict, max_heigh
             x, y, h = positions.get(frame.index, empty)
             caption = _caption(item, frame.index, dose_of(frame.index, frame.image), len(x),
                                recognised_of(frame.index) if recognised_of else None)
+            if note_of is not None and note_of(frame.index):  # hook: tracks (issue 22)
+                caption += "   " + note_of(frame.index)
             movie.add(render_frame(frame.image, x, y, h, pixel_size_A=px, max_height=max_height,
                                    box=box or (0, shape[0], 0, shape[1]), caption=caption))
     return movie.frames

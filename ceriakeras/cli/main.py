@@ -601,10 +601,17 @@ def calibrate(model_path, datasets, out_dir, version, method, max_images, no_tta
               help="Detector gain: counts (the file's units) per electron, for the dose and the "
                    "confidence calibration; default: the file's, else estimated from the frames' "
                    "noise (series: frame differences; single frame: its vacuum), else 1.")
+@click.option("--tracks/--no-tracks", "tracks", default=None,  # tracks (issue 22)
+              help="Follow every column through a series: track, track_height (Ce atoms) and "
+                   "track_confidence in columns.csv, OUT/events.csv, drift in frames.csv "
+                   "(default on).")
+@click.option("--min-stretch", type=click.IntRange(min=1), default=None, metavar="FRAMES",
+              help="Fewest frames in a stretch of constant height (default 3).")
 @_verbose_option
 @_one_line_errors
 def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every, movie,
-            batch_size, tta, details, config_path, quiet, counts_per_electron):
+            batch_size, tta, details, config_path, quiet, counts_per_electron, tracks,
+            min_stretch):
     """Find Ce columns and their heights (Ce atoms) in images or series: INPUT... are TIFF
     (single, multi-page, ImageJ, OME), .npy, DM3/DM4, EMD or SER files, or folders of them.
 
@@ -617,7 +624,8 @@ def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every,
     from .preflight import check_analyze
 
     config = load_config(AnalyzeConfig, config_path, overlay_every=overlay_every,
-                         batch_size=batch_size, test_time_augmentation=tta or None, movie=movie)
+                         batch_size=batch_size, test_time_augmentation=tta or None, movie=movie,
+                         tracks=tracks, min_stretch=min_stretch)
     check_counts_per_electron(counts_per_electron)
     check_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A, config=config,
                   overwrite=overwrite)

@@ -170,7 +170,9 @@ def find_columns(probabilities: np.ndarray, pixel_size_A: float, *, min_distance
         ``height`` (int32, Ce atoms, ≥ 1), ``confidence`` (float64 in [0, 1]: the reported
         height's share of the column probability mass in the disk; with ``calibration``, that
         share mapped to the probability that the height is right), ``expected_height``
-        (float64, mass-weighted mean height) and ``height_std`` (float64, its standard deviation).
+        (float64, mass-weighted mean height) and ``height_std`` (float64, its standard deviation);
+        also ``class_probabilities`` (N, C − 1) float32, the disk's mass per height 1 … C − 1
+        normalised (uniform where the disk holds none), for tracks across frames.
 
     Notes
     -----
@@ -193,6 +195,7 @@ def find_columns(probabilities: np.ndarray, pixel_size_A: float, *, min_distance
     min_distance_px = max(1, int(round(min_distance_A / pixel_size_A)))
     peaks = local_maxima(column, min_distance_px, threshold)
     empty = {k: np.zeros(0, np.int32 if k == "height" else np.float64) for k in TABLE_KEYS}
+    empty["class_probabilities"] = np.zeros((0, n_classes - 1), np.float32)
     if len(peaks) == 0:
         return empty
 
@@ -249,6 +252,9 @@ def find_columns(probabilities: np.ndarray, pixel_size_A: float, *, min_distance
         "confidence": np.clip(confidence[order], 0.0, 1.0),
         "expected_height": expected[order],
         "height_std": std[order],
+        # each column's share of its disk's mass per height 1 … C−1 (tracks, issue 22)
+        "class_probabilities": np.where(total[:, None] > 0, mass / safe[:, None],
+                                        1.0 / (n_classes - 1))[order].astype(np.float32),
     }
 
 

@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-pictures", action="store_true",
                     help="no overlays and no movie: the analysis alone")
     ap.add_argument("--workdir", default=None, help="folder for the series and results")
+    ap.add_argument("--no-tracks", action="store_true",
+                    help="no tracks (issue 22): compare the columns stage with and without")
     args = ap.parse_args(argv)
 
     if args.stand_in:
@@ -136,7 +138,8 @@ def main(argv=None) -> int:
     config = AnalyzeConfig(batch_size=args.batch_size, model_workers=args.model_workers,
                            overlay_every=args.overlay_every,
                            overlay_samples=0 if args.no_pictures else AnalyzeConfig.overlay_samples,
-                           movie=not (args.no_movie or args.no_pictures))
+                           movie=not (args.no_movie or args.no_pictures),
+                           tracks=not args.no_tracks)
     print(f"cpus: {os.cpu_count()}  pixel size: {args.pixel_size} Å  frames: {args.frames}  "
           f"batch: {args.batch_size}  model workers: {args.model_workers}  overlays: "
           + ("none" if args.no_pictures else f"every {args.overlay_every}" if args.overlay_every
@@ -176,6 +179,9 @@ def main(argv=None) -> int:
                   f"{summary['seconds_analysing']:.1f} s, then tables, movie and series plot); "
                   f"pictures {stages['pictures']:.1f} s = {ratio:.0%} of the model's "
                   f"{stages['model']:.1f} s")
+            if "tracks" in stages:  # tracks (issue 22): linking, stretches, events, tables
+                print(f"       tracks {stages['tracks']:.2f} s = "
+                      f"{stages['tracks'] / stages['model']:.1%} of the model's time")
     return 0
 
 

@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from ceriakeras.analysis import run as analyze_module
 from ceriakeras.analysis.run import CSV_HEADER, analyze
+from ceriakeras.analysis.tracking import TRACK_COLUMNS
 from ceriakeras.cli.main import main
 from ceriakeras.config import AnalyzeConfig, InputError, ModelError
 
@@ -105,7 +106,7 @@ def test_positions_exact_under_resampling(tmp_path, pixel_A):
     summary = analyze([tmp_path / "frame.npy"], tmp_path / "out", model=model,
                       pixel_size_A=pixel_A, progress=False)
     header, rows = read_rows(tmp_path / "out" / "columns.csv")
-    assert header == list(CSV_HEADER) + ["recognised"]
+    assert header == list(CSV_HEADER) + ["recognised"] + list(TRACK_COLUMNS)
     match(rows, truth, pixel_A)
     # the model saw the frame at its own pixel size
     n_in = int(round(16.0 / pixel_A))
@@ -132,7 +133,7 @@ def series(tmp_path):
 
 def test_series_with_calibration_bad_frame_and_pictures(tmp_path, series):
     path, truths, pixel_A = series
-    cfg = AnalyzeConfig(batch_size=3, overlay_every=2)
+    cfg = AnalyzeConfig(batch_size=3, overlay_every=2, tracks=False)  # per-frame models
     summary = analyze([path], tmp_path / "out", model=StandInModel(), config=cfg, xyz=True,
                       details=True, progress=False)
     header, rows = read_rows(tmp_path / "out" / "columns.csv")
@@ -591,3 +592,28 @@ def test_a_vacuum_normalised_model_marks_frames_with_too_little_vacuum(tmp_path)
     header, frames = read_rows(tmp_path / "v2" / "frames.csv")
     assert "vacuum_area_fraction" not in header
     assert [r[header.index("recognised")] for r in frames] == ["1", "1"]
+
+
+def test_a_series_gets_tracks_events_and_drift_unless_turned_off(tmp_path):
+    # tracks (issue 22): a still particle: one track per column, every frame's height, no event
+    truth = random_columns(1)
+    write_series(tmp_path / "still.tif", [synthetic_frame(truth, 0.1)] * 6, 0.1)
+    cfg = AnalyzeConfig(batch_size=4, movie=False)
+    analyze([tmp_path / "still.tif"], tmp_path / "on", model=StandInModel(), config=cfg,
+            progress=False, xyz=True)
+    # one 3D model for the one stretch, naming the frames it covers
+    assert [p.name for p in (tmp_path / "on" / "xyz").iterdir()] == ["still_frames_00000-00005.xyz"]
+    header, rows = read_rows(tmp_path / "on" / "columns.csv")
+    assert header[-3:] == list(TRACK_COLUMNS) and len(rows) == 6 * len(truth)
+    assert len({r[-3] for r in rows}) == len(truth)
+    assert all(r[-2] == r[6] for r in rows)
+    fheader, frames = read_rows(tmp_path / "on" / "frames.csv")
+    at = fheader.index("drift_x_A")
+    assert all(abs(float(f[at])) < 0.05 for f in frames)
+    assert read_rows(tmp_path / "on" / "events.csv") == (
+        ["source", "track", "frame", "x_px", "y_px", "x_A", "y_A", "height_before",
+         "height_after", "probability"], [])
+    analyze([tmp_path / "still.tif"], tmp_path / "off", model=StandInModel(),
+            config=AnalyzeConfig(batch_size=4, movie=False, tracks=False), progress=False)
+    header, _ = read_rows(tmp_path / "off" / "columns.csv")
+    assert "track" not in header and not (tmp_path / "off" / "events.csv").exists()

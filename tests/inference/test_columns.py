@@ -76,6 +76,7 @@ def test_mixed_classes_confidence_expectation_and_std():
     var = 0.2 * (5 - 5.9) ** 2 + 0.7 * (6 - 5.9) ** 2 + 0.1 * (7 - 5.9) ** 2
     assert t["height_std"][0] == pytest.approx(np.sqrt(var), abs=1e-6)
     assert abs(t["x_px"][0] - 40.3) < 0.1 and abs(t["y_px"][0] - 30.7) < 0.1
+    assert t["class_probabilities"][0] == pytest.approx(dist, abs=1e-6)  # tracks (issue 22)
 
 
 def test_threshold_and_min_distance():

@@ -1,0 +1,195 @@
+"""Stretches of constant height in one track: where the height changes, and what it is.
+
+A track's frames each give the model's class probabilities ``p_t(h)`` of the column's height
+(:func:`ceriakeras.analysis.tracking.column_class_probabilities`). Two change statistics split a
+track into stretches by optimal partitioning (every stretch at least ``min_stretch`` frames,
+``penalty`` per change):
+
+- ``"mean_shift"``: a Gaussian mean shift of the per-frame expected height
+  ``E_t = Σ_h h p_t(h)``, its variance estimated from the track's own frame-to-frame
+  differences. The model misreads a column the same way in every frame of a state, so its bias
+  cancels in the difference of two stretches' means;
+- ``"bayes"``: the same Gaussian model with each stretch's mean integrated out (a product
+  partition model: the Bayesian offline counterpart of an online change-point detector; the
+  penalty is then the log prior odds against a change);
+- ``"classes"``: the tempered class log-likelihood ``τ Σ_t log p_t(h)`` of the best height per
+  stretch (frames of one state are not independent evidence, hence ``τ ≤ 1``).
+
+The heights of a track's stretches are then read together (:func:`assign_heights`): each
+stretch's tempered class log-likelihood, subject to every change going the way its mean shifted.
+A stretch's confidence is the posterior ``softmax(τ_c Σ_t log p_t)`` at its height; a change's
+probability the logistic of its statistic less the penalty.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LOG_FLOOR = 1e-3
+"""Class probabilities are floored at this before the log (one frame cannot veto a height)."""
+PRIOR_SHIFT_ATOMS = 1.0
+"""``"bayes"``: prior sd of a stretch's mean expected height, atoms (one atom per change)."""
+MIN_VARIANCE = 0.02
+"""Smallest per-frame variance of the expected height, atoms² (a track of identical frames)."""
+
+
+def log_probabilities(probabilities: np.ndarray, floor: float = LOG_FLOOR) -> np.ndarray:
+    """``log`` of class probabilities (…, K) floored at ``floor`` and renormalised."""
+    p = np.clip(np.asarray(probabilities, np.float64), floor, None)
+    return np.log(p / p.sum(axis=-1, keepdims=True))
+
+
+def expected_height(probabilities: np.ndarray) -> np.ndarray:
+    """Σ_h h p(h), Ce atoms, of class probabilities (…, K) over heights 1 … K."""
+    p = np.asarray(probabilities, np.float64)
+    return p @ np.arange(1, p.shape[-1] + 1, dtype=np.float64)
+
+
+def frame_variance(values: np.ndarray) -> float:
+    """Per-frame variance of a track's expected heights, atoms²: half the mean squared
+    difference of successive frames (von Neumann; a change adds only its one difference), at
+    least :data:`MIN_VARIANCE`."""
+    d = np.diff(np.asarray(values, np.float64))
+    if len(d) == 0:
+        return 1.0
+    return max(float(np.mean(d**2)) / 2, MIN_VARIANCE)
+
+
+def gains(kind: str, c: dict, i: np.ndarray, j: int, *, temper: float, variance: float
+          ) -> np.ndarray:
+    """Log-likelihood of units ``i … j−1`` as one stretch, for each start ``i`` (cumulative sums
+    ``c``: ``sum`` (n+1, K), ``s1``, ``s2``, ``n``)."""
+    if kind == "classes":
+        return temper * (c["sum"][j] - c["sum"][i]).max(axis=1)
+    n = c["n"][j] - c["n"][i]
+    s1 = c["s1"][j] - c["s1"][i]
+    s2 = c["s2"][j] - c["s2"][i]
+    fit = -(s2 - s1**2 / np.maximum(n, 1)) / (2 * variance)
+    if kind == "bayes":  # the stretch's mean integrated out (prior sd PRIOR_SHIFT_ATOMS)
+        return fit - 0.5 * np.log1p(n * PRIOR_SHIFT_ATOMS**2 / variance)
+    return fit
+
+
+def segment(units: dict, *, kind: str = "mean_shift", temper: float = 0.3,
+            penalty: float = 4.0, min_stretch: int = 3, variance: float = 1.0
+            ) -> list[tuple[int, int]]:
+    """Optimal partition of a track's units into stretches of constant height.
+
+    Parameters
+    ----------
+    units : dict of arrays
+        Per unit (a frame, or a block of frames known to share a height): ``sum`` (n, K) its
+        frames' summed class log-probabilities, ``s1`` / ``s2`` (n,) the sums of their expected
+        heights and of its squares (atoms, atoms²), ``n`` (n,) frames.
+    kind : {"mean_shift", "bayes", "classes"}
+        The change statistic (module doc).
+    temper : float
+        τ, the weight of one frame's class log-probabilities (``"classes"``).
+    penalty : float
+        Cost of one change, nats.
+    min_stretch : int
+        Fewest frames in a stretch (≥ 1); a track shorter than twice this is one stretch.
+    variance : float
+        Per-frame variance of the expected height, atoms² (``"mean_shift"``).
+
+    Returns
+    -------
+    list of (start, stop)
+        Unit ranges ``[start, stop)`` of the stretches, in order, covering all units.
+    """
+    n_units = len(units["n"])
+    if n_units == 0:
+        return []
+    c = {k: np.concatenate([np.zeros((1, *np.shape(units[k])[1:])),
+                            np.cumsum(np.asarray(units[k], np.float64), axis=0)])
+         for k in ("sum", "s1", "s2", "n")}
+    best = np.full(n_units + 1, -np.inf)
+    best[0] = 0.0
+    back = np.zeros(n_units + 1, np.int64)
+    for j in range(1, n_units + 1):
+        i = np.arange(j)
+        score = best[i] + gains(kind, c, i, j, temper=temper, variance=variance) - penalty * (i > 0)
+        score[c["n"][j] - c["n"][i] < min_stretch] = -np.inf
+        k = int(np.argmax(score))
+        if np.isfinite(score[k]):
+            best[j], back[j] = score[k], k
+    if not np.isfinite(best[n_units]):  # too short to split: one stretch
+        return [(0, n_units)]
+    cuts, j = [], n_units
+    while j > 0:
+        cuts.append((int(back[j]), j))
+        j = int(back[j])
+    return cuts[::-1]
+
+
+def change_statistic(kind: str, before: dict, after: dict, *, temper: float, variance: float
+                     ) -> float:
+    """Log-likelihood ratio, nats, of two stretches against one (``before``/``after``: ``sum``
+    (K,), ``s1``, ``s2``, ``n``, as :func:`segment`'s units summed)."""
+    if kind == "classes":
+        a, b = np.asarray(before["sum"]), np.asarray(after["sum"])
+        return float(temper * (a.max() + b.max() - (a + b).max()))
+    na, nb = before["n"], after["n"]
+    shift = after["s1"] / nb - before["s1"] / na
+    llr = na * nb / (na + nb) * shift**2 / (2 * variance)
+    if kind == "bayes":  # log Bayes factor: each stretch's mean integrated out
+        r = PRIOR_SHIFT_ATOMS**2 / variance
+        llr += 0.5 * (np.log1p((na + nb) * r) - np.log1p(na * r) - np.log1p(nb * r))
+    return float(llr)
+
+
+def change_probability(statistic: float, penalty: float, scale: float = 1.0) -> float:
+    """``σ(scale · (statistic − penalty))``: a change the partition keeps has p > 0.5."""
+    return float(1.0 / (1.0 + np.exp(-scale * (statistic - penalty))))
+
+
+def assign_heights(sums: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """The heights of a track's stretches, read together (Viterbi over heights).
+
+    Maximises ``Σ_k sums[k, h_k]`` subject to ``sign(h_{k+1} − h_k) = directions[k]`` for a
+    direction ±1 (0: no constraint).
+
+    Parameters
+    ----------
+    sums : (S, K) float
+        Each stretch's summed class log-probabilities (any positive weight).
+    directions : (S − 1,) int
+        Sign of each change (that of the shift of the mean expected height).
+
+    Returns
+    -------
+    (S,) int
+        Class index (height − 1) of each stretch.
+    """
+    sums = np.asarray(sums, np.float64)
+    s, k = sums.shape
+    score = sums[0].copy()
+    back = np.zeros((s, k), np.int64)
+    h = np.arange(k)
+    for t in range(1, s):
+        d = int(directions[t - 1])
+        allowed = np.ones((k, k), bool) if d == 0 else (np.sign(h[None, :] - h[:, None]) == d)
+        cand = np.where(allowed, score[:, None], -np.inf)       # (previous, next)
+        if not np.isfinite(cand).any(axis=0).any():
+            cand = np.broadcast_to(score[:, None], (k, k)).copy()
+        back[t] = np.argmax(cand, axis=0)
+        best_prev = cand[back[t], h]
+        score = np.where(np.isfinite(best_prev), best_prev, -1e300) + sums[t]
+    out = np.zeros(s, np.int64)
+    out[-1] = int(np.argmax(score))
+    for t in range(s - 1, 0, -1):
+        out[t - 1] = back[t, out[t]]
+    return out
+
+
+def posterior_at(total: np.ndarray, index: int, confidence_temper: float) -> float:
+    """``softmax(confidence_temper · total)[index]``: a stretch's confidence in its height."""
+    z = confidence_temper * np.asarray(total, np.float64)
+    z = np.exp(z - z.max())
+    return float(z[index] / z.sum())
+
+
+def platt(probability: float, slope: float, intercept: float) -> float:
+    """``σ(slope · logit(p) + intercept)``, ``p`` clipped to [1e-6, 1 − 1e-6]."""
+    p = min(max(float(probability), 1e-6), 1 - 1e-6)
+    return float(1.0 / (1.0 + np.exp(-(slope * np.log(p / (1 - p)) + intercept))))

@@ -1,0 +1,108 @@
+"""Frame-to-frame linking of columns through drift (SciPy's assignment).
+
+The columns of a new frame are given to the tracks of the earlier frames by a minimum-cost
+one-to-one assignment (:func:`scipy.optimize.linear_sum_assignment`) of the tracks' predicted
+positions to the detections, gated by a largest distance. The drift between frames is the median
+displacement of the columns linked with a wider gate; the link is then made again with the drift
+removed and the tight gate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MIN_COLUMNS_FOR_SHIFT = 3
+"""Linked columns needed to estimate a frame's shift (fewer: the shift is not updated)."""
+
+
+def link(predicted: np.ndarray, detected: np.ndarray, max_distance_A: float
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one links between predicted and detected positions closer than ``max_distance_A``.
+
+    Parameters
+    ----------
+    predicted : (M, 2) float
+        Where the tracks should be in this frame, Å.
+    detected : (N, 2) float
+        Columns found in this frame, Å.
+    max_distance_A : float
+        Largest link, Å.
+
+    Returns
+    -------
+    (i, j) : two (L,) int arrays
+        ``predicted[i[k]]`` is linked to ``detected[j[k]]``; the total distance is smallest.
+    """
+    from scipy.optimize import linear_sum_assignment
+    from scipy.spatial import cKDTree
+
+    predicted = np.asarray(predicted, np.float64).reshape(-1, 2)
+    detected = np.asarray(detected, np.float64).reshape(-1, 2)
+    none = np.zeros(0, np.int64)
+    if len(predicted) == 0 or len(detected) == 0:
+        return none, none
+    pairs = cKDTree(predicted).sparse_distance_matrix(cKDTree(detected), max_distance_A,
+                                                      output_type="ndarray")
+    if len(pairs) == 0:
+        return none, none
+    rows, cols = pairs["i"].astype(np.int64), pairs["j"].astype(np.int64)
+    # a pair whose two ends have no other candidate is a link; the rest is assigned jointly
+    alone = (np.bincount(rows, minlength=len(predicted))[rows] == 1) & (
+        np.bincount(cols, minlength=len(detected))[cols] == 1)
+    i, j = [rows[alone]], [cols[alone]]
+    if not alone.all():
+        r, c = np.unique(rows[~alone]), np.unique(cols[~alone])
+        cost = np.full((len(r), len(c)), 1e6)
+        cost[np.searchsorted(r, rows[~alone]), np.searchsorted(c, cols[~alone])] = pairs["v"][~alone]
+        a, b = linear_sum_assignment(cost)
+        ok = cost[a, b] < 1e6
+        i.append(r[a[ok]])
+        j.append(c[b[ok]])
+    return np.concatenate(i), np.concatenate(j)
+
+
+def median_shift(predicted: np.ndarray, detected: np.ndarray, i: np.ndarray, j: np.ndarray
+                 ) -> np.ndarray | None:
+    """Median displacement (2,), Å, of the linked pairs; None with fewer than
+    :data:`MIN_COLUMNS_FOR_SHIFT` links."""
+    if len(i) < MIN_COLUMNS_FOR_SHIFT:
+        return None
+    return np.median(np.asarray(detected)[j] - np.asarray(predicted)[i], axis=0)
+
+
+def link_with_drift(predicted: np.ndarray, detected: np.ndarray, max_distance_A: float,
+                    search_A: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Link a frame's columns to the tracks, allowing a common shift of up to ``search_A``.
+
+    Parameters
+    ----------
+    predicted : (M, 2) float
+        The tracks' positions with the previous frame's drift, Å.
+    detected : (N, 2) float
+        The frame's columns, Å.
+    max_distance_A : float
+        Largest link once the shift is removed, Å.
+    search_A : float
+        Largest link while the shift is estimated, Å (≥ ``max_distance_A``; it should hold
+        the largest drift per frame plus the position noise, and stay under half the closest
+        column spacing, 3.3 Å along [110]).
+
+    Returns
+    -------
+    i, j : (L,) int
+        Links (as :func:`link`).
+    shift : (2,) float
+        The frame's shift from ``predicted``, Å (zeros if too few columns were linked).
+    """
+    predicted = np.asarray(predicted, np.float64).reshape(-1, 2)
+    detected = np.asarray(detected, np.float64).reshape(-1, 2)
+    shift = np.zeros(2)
+    i, j = link(predicted, detected, search_A)
+    for _ in range(2):  # the wide link gives a first shift, the shifted one refines it
+        estimate = median_shift(predicted + shift, detected, i, j)
+        if estimate is None:
+            break
+        shift = shift + estimate
+        i, j = link(predicted + shift, detected, search_A)
+    i, j = link(predicted + shift, detected, max_distance_A)
+    return i, j, shift

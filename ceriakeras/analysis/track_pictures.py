@@ -1,0 +1,149 @@
+"""The series plot of a tracked series: every track's height over time, its events marked.
+
+Drawn from ``columns.csv`` (``track``, ``track_height``) and ``events.csv`` after
+:func:`ceriakeras.analysis.tracking.write_tracks`; replaces the plot of the first frame's columns
+(:func:`ceriakeras.analysis.run.write_series_plot`) for every series of two frames or more.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from ..io.files import atomic_path
+from .pictures import height_colors
+
+MIN_TRACK_FRAMES = 3
+"""Tracks seen in fewer frames are left out of the plot (a false detection's short track)."""
+
+
+def write_track_series_plots(out_dir, plan: list, labels: list[str], max_height: int) -> int:
+    """Write ``<label>_series.png`` for every series of ``plan`` from the tracked tables.
+
+    Parameters
+    ----------
+    out_dir : path
+        The run's folder (``columns.csv`` with track columns, ``events.csv``).
+    plan : list of dict
+        The run's inputs (``source``, ``n_frames``), in order.
+    labels : list of str
+        File-name label of each input.
+    max_height : int
+        The model's largest height, Ce atoms (colour scale).
+
+    Returns
+    -------
+    int
+        Plots written.
+    """
+    out_dir = Path(out_dir)
+    series = {it["source"]: label for it, label in zip(plan, labels) if it["n_frames"] >= 2}
+    heights: dict = defaultdict(lambda: defaultdict(dict))   # source → track → frame → height
+    total: dict = defaultdict(lambda: defaultdict(int))      # source → frame → Ce atoms
+    with open(out_dir / "columns.csv", newline="", encoding="utf-8") as fh:
+        for r in csv.DictReader(fh):
+            if r["source"] in series and r.get("track", "") != "":
+                frame = int(r["frame"])
+                heights[r["source"]][int(r["track"])][frame] = int(r["track_height"])
+                total[r["source"]][frame] += int(r["track_height"])
+    events = defaultdict(list)
+    if (out_dir / "events.csv").exists():
+        with open(out_dir / "events.csv", newline="", encoding="utf-8") as fh:
+            for r in csv.DictReader(fh):
+                events[r["source"]].append((int(r["track"]), int(r["frame"])))
+    written = 0
+    for source, label in series.items():
+        n = next(it["n_frames"] for it in plan if it["source"] == source)
+        tracks = sorted((t for t, f in heights[source].items() if len(f) >= MIN_TRACK_FRAMES),
+                        key=lambda t: min(heights[source][t]))
+        grid = np.full((len(tracks), n), np.nan)
+        for row, t in enumerate(tracks):
+            for frame, h in heights[source][t].items():
+                grid[row, frame] = h
+        row_of = {t: k for k, t in enumerate(tracks)}
+        marks = [(f, row_of[t]) for t, f in events[source] if t in row_of]
+        ce = np.array([total[source].get(f, np.nan) for f in range(n)], np.float64)
+        draw(out_dir / f"{label}_series.png", grid, ce, marks, max_height, title=source)
+        written += 1
+    return written
+
+
+def draw(path: Path, grid: np.ndarray, total_ce: np.ndarray, events: list, max_height: int,
+         title: str = "") -> None:
+    """Tracks × frames coloured by track height (Ce atoms), events as black triangles, and the
+    total Ce of the tracked heights per frame below."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    n = grid.shape[1]
+    if grid.size:
+        cmap = ListedColormap(height_colors(max_height)[1:] / 255.0)  # the overlays' colours
+        im = ax1.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest",
+                        cmap=cmap, vmin=0.5, vmax=max_height + 0.5,
+                        extent=(-0.5, n - 0.5, grid.shape[0] - 0.5, -0.5))
+        fig.colorbar(im, ax=[ax1], label="track height (Ce atoms)")
+    if events:
+        f, r = np.array(events).T
+        ax1.plot(f - 0.5, r, "k>", ms=5, label="change (first frame at the new height)")
+        ax1.legend(loc="lower right", fontsize=7)
+    ax1.set_ylabel(f"track (seen in ≥ {MIN_TRACK_FRAMES} frames)")
+    ax1.set_title(title, fontsize=8)
+    ax2.plot(np.arange(n), total_ce, "-", lw=1)
+    ax2.set_xlabel("frame")
+    ax2.set_ylabel("total Ce atoms (track heights)")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def write_stretch_models(out_dir, plan: list, labels: list[str], max_height: int) -> int:
+    """``xyz/<label>_frames_<first>-<last>.xyz``: one 3D model of the whole particle per stretch
+    of a series in which no column changed (between two frames of ``events.csv``).
+
+    Each model is the stretch's middle frame's columns (positions, Å) with their track heights
+    (:func:`ceriakeras.inference.columns.columns_to_atoms`); ``info`` names the frames it covers.
+    Returns the models written.
+    """
+    import ase.io
+
+    from ..config import CE_COLUMN_SPACING_A
+    from ..inference.columns import columns_to_atoms
+
+    out_dir = Path(out_dir)
+    series = {it["source"]: (it, label) for it, label in zip(plan, labels) if it["n_frames"] >= 2}
+    cuts = defaultdict(set)
+    if (out_dir / "events.csv").exists():
+        with open(out_dir / "events.csv", newline="", encoding="utf-8") as fh:
+            for r in csv.DictReader(fh):
+                cuts[r["source"]].add(int(r["frame"]))
+    wanted = {}
+    for source, (item, _) in series.items():
+        edges = [0, *sorted(f for f in cuts[source] if 0 < f < item["n_frames"]), item["n_frames"]]
+        for a, b in itertools.pairwise(edges):
+            wanted[(source, (a + b - 1) // 2)] = (a, b - 1)
+    rows = defaultdict(list)
+    with open(out_dir / "columns.csv", newline="", encoding="utf-8") as fh:
+        for r in csv.DictReader(fh):
+            if (r["source"], int(r["frame"])) in wanted and r.get("track_height", "") != "":
+                rows[(r["source"], int(r["frame"]))].append(
+                    (float(r["x_A"]), float(r["y_A"]), int(r["track_height"])))
+    for (source, frame), (first, last) in wanted.items():
+        item, label = series[source]
+        table = np.array(rows.get((source, frame), []), np.float64).reshape(-1, 3)
+        h, w = item["shape"][-2:]
+        px = item["pixel_size_A"]
+        atoms = columns_to_atoms(table[:, 0], table[:, 1], table[:, 2].astype(int),
+                                 cell=[w * px, h * px, (max_height + 2) * CE_COLUMN_SPACING_A])
+        atoms.info.update(source=source, first_frame=first, last_frame=last, drawn_from=frame)
+        path = out_dir / "xyz" / f"{label}_frames_{first:05d}-{last:05d}.xyz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            ase.io.write(tmp, atoms, format="extxyz")
+    return len(wanted)

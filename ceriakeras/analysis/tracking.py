@@ -1,0 +1,340 @@
+"""Tracks in ``analyze``: per-column class probabilities → tracks, stretches, events, drift.
+
+While frames are analysed, each column's class probabilities (the model's mass over its label
+disk per height, :func:`ceriakeras.inference.columns.find_columns`' ``class_probabilities``) are
+appended to ``OUT/tracking/probabilities.bin`` (:class:`ProbabilityLog`, cut back on resume like ``columns.csv``). When
+every frame is done, :func:`write_tracks` reads ``columns.csv`` and that log once per series
+through a :class:`ceriakeras.analysis.tracks.Tracker`, then writes
+
+- ``columns.csv`` again with ``track`` (unique within a source), ``track_height`` (Ce atoms, read
+  from all the frames of the column's stretch of constant height) and ``track_confidence`` (the
+  probability that ``track_height`` is right);
+- ``events.csv``: ``source, track, frame, x_px, y_px, x_A, y_A, height_before, height_after,
+  probability`` (``frame`` the first frame at the new height, x, y where the column is then);
+- ``tracking/drift.csv``, read by :func:`add_drift_columns` into ``frames.csv``'s
+  ``drift_x_A, drift_y_A`` (Å, relative to the first frame).
+
+A single image (a one-frame input) gets ``track`` = its row's index, ``track_height`` =
+``height``, ``track_confidence`` = ``confidence`` and no events.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import io as _stdio
+import itertools
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..io.files import atomic_path, write_text_atomic
+from .tracks import Tracker, TrackSettings
+
+TRACK_COLUMNS = ("track", "track_height", "track_confidence")
+"""Appended to ``columns.csv`` by :func:`write_tracks`."""
+EVENT_COLUMNS = ("source", "track", "frame", "x_px", "y_px", "x_A", "y_A", "height_before",
+                 "height_after", "probability")
+"""Columns of ``events.csv``."""
+DRIFT_COLUMNS = ("drift_x_A", "drift_y_A")
+"""Appended to ``frames.csv`` by :func:`add_drift_columns`."""
+LOG_NAME = "tracking/probabilities.bin"
+_HEAD = struct.Struct("<qii")  # global frame, columns, classes
+
+
+class ProbabilityLog:
+    """``OUT/tracking/probabilities.bin``: per analysed frame, its columns' class probabilities
+    (in ``columns.csv``'s row order), appended as frames are written.
+
+    Opening it for a run that starts at global frame ``start`` drops the frames from ``start``
+    on (a resumed run writes them again); ``start`` 0 empties it and removes ``events.csv``.
+    """
+
+    def __init__(self, out_dir, start: int):
+        self.path = Path(out_dir) / LOG_NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if start == 0:
+            (Path(out_dir) / "events.csv").unlink(missing_ok=True)
+            self.path.write_bytes(b"")
+        elif self.path.exists():
+            keep = 0
+            for g, _, _, end in _blocks(self.path):
+                if g >= start:
+                    break
+                keep = end
+            with open(self.path, "r+b") as fh:
+                fh.truncate(keep)
+        self.file = open(self.path, "ab")  # noqa: SIM115 -- open for the whole run, closed by close()
+
+    def add(self, global_frame: int, probabilities: np.ndarray) -> None:
+        """Append one frame's (N, K) class probabilities."""
+        p = np.ascontiguousarray(probabilities, np.float32)
+        p = p.reshape(len(p), -1) if p.ndim != 2 else p
+        self.file.write(_HEAD.pack(int(global_frame), p.shape[0], p.shape[1]) + p.tobytes())
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _blocks(path: Path):
+    """``(global frame, n, k, end offset)`` of each whole block of a probability log."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        pos = 0
+        while pos + _HEAD.size <= size:
+            fh.seek(pos)
+            g, n, k = _HEAD.unpack(fh.read(_HEAD.size))
+            end = pos + _HEAD.size + 4 * n * k
+            if end > size:
+                return
+            yield g, n, k, end
+            pos = end
+
+
+def read_probability_log(path: Path):
+    """Iterate ``(global frame, (n, k) float32)`` over a probability log (empty if absent)."""
+    if not path.exists():
+        return
+    with open(path, "rb") as fh:
+        for g, n, k, end in _blocks(path):
+            fh.seek(end - 4 * n * k)
+            yield g, np.frombuffer(fh.read(4 * n * k), np.float32).reshape(n, k)
+
+
+def _fallback_probabilities(height: np.ndarray, confidence: np.ndarray, k: int) -> np.ndarray:
+    """Class probabilities from a row's height and confidence alone (no logged map)."""
+    p = np.tile(((1 - confidence) / max(k - 1, 1))[:, None], (1, k))
+    p[np.arange(len(height)), np.clip(height - 1, 0, k - 1)] = confidence
+    return p
+
+
+def _frames_of(csv_path: Path, offsets: dict):
+    """Iterate ``(source, frame, global frame, rows)`` over ``columns.csv`` frame by frame."""
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        key, rows = None, []
+        for rec in reader:
+            k = (rec[0], int(rec[1]))
+            if k != key and rows:
+                yield key[0], key[1], offsets[key[0]] + key[1], rows
+                rows = []
+            key = k
+            rows.append(rec)
+        if rows:
+            yield key[0], key[1], offsets[key[0]] + key[1], rows
+    return header
+
+
+def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
+                 before_replace=None) -> dict:
+    """Track every series of a finished run; rewrite ``columns.csv``, write ``events.csv``.
+
+    Parameters
+    ----------
+    out_dir : path
+        The run's folder (``columns.csv``, ``tracking/probabilities.bin``).
+    plan : list of dict
+        The run's inputs in order (``source``, ``n_frames``).
+    settings : TrackSettings, optional
+    before_replace : callable, optional
+        ``before_replace(size)`` is called with the new ``columns.csv``'s size, bytes, before it
+        replaces the old one (the run commits that size first: a run killed in between then
+        finds a CSV shorter than committed and redoes only its last frame).
+
+    Returns
+    -------
+    dict
+        ``tracks`` (over all series) and ``events``.
+
+    Notes
+    -----
+    Any earlier ``track, track_height, track_confidence`` values (blank while frames are
+    analysed, or from an earlier pass) are replaced: the result depends only on the columns and
+    the probability log.
+    """
+    out_dir = Path(out_dir)
+    settings = settings or TrackSettings()
+    csv_path = out_dir / "columns.csv"
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh))
+    if TRACK_COLUMNS[0] in header:
+        header = header[:header.index(TRACK_COLUMNS[0])]
+    offsets, n_frames, g = {}, {}, 0
+    for item in plan:
+        offsets[item["source"]], n_frames[item["source"]] = g, item["n_frames"]
+        g += item["n_frames"]
+    ids_path = out_dir / "tracking" / "track_ids.bin"  # each row's track, in row order
+    ids_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(ids_path, "wb") as ids_file:
+        stretches, drift_rows = _track_pass(csv_path, offsets, n_frames, settings,
+                                            read_probability_log(out_dir / LOG_NAME), ids_file)
+    for by_track in stretches.values():
+        for runs in by_track.values():
+            runs.sort(key=lambda s: s["first"])
+    _write_csv(out_dir / "tracking" / "drift.csv", drift_rows)
+    events = _events(stretches, plan)
+    _write_csv(out_dir / "events.csv", [EVENT_COLUMNS] + events)
+    _rewrite_columns(csv_path, header, offsets, ids_path, stretches, before_replace)
+    ids_path.unlink()
+    return {"tracks": sum(len(v) for v in stretches.values()), "events": len(events)}
+
+
+def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSettings, log,
+                ids_file) -> tuple[dict, list]:
+    """Stream ``columns.csv`` and the probability log ``log`` once through a tracker per
+    series; write each row's track to ``ids_file``; return the stretches
+    (``{source: {track: [stretch, …]}}``) and the rows of ``tracking/drift.csv``."""
+    stretches: dict = {}
+    drift_rows = [("source", "frame") + DRIFT_COLUMNS]
+    logged = next(log, None)
+    tracker, current = None, None
+
+    def collect(source, tracker, finish=False):
+        if finish:
+            tracker.finish()
+        for s in tracker.pop_stretches():
+            stretches.setdefault(source, {}).setdefault(s["track"], []).append(s)
+
+    for source, frame, gi, rows in _frames_of(csv_path, offsets):
+        while logged is not None and logged[0] < gi:
+            logged = next(log, None)
+        if n_frames[source] < 2:
+            ids_file.write(np.arange(len(rows), dtype=np.int64).tobytes())
+            continue
+        if source != current:
+            if tracker is not None:
+                collect(current, tracker, finish=True)
+            tracker, current = Tracker(settings), source
+        table = np.array([r[2:8] for r in rows], np.float64)
+        if logged is not None and logged[0] == gi and len(logged[1]) == len(rows):
+            probabilities = logged[1]
+        else:  # no logged map for this frame (an older run): from height and confidence
+            probabilities = _fallback_probabilities(table[:, 4].astype(np.int64), table[:, 5],
+                                                    16 if logged is None else logged[1].shape[1])
+        ids, drift = tracker.add_frame(frame, table[:, 2:4], probabilities, table[:, 0:2])
+        ids_file.write(np.asarray(ids, np.int64).tobytes())
+        drift_rows.append((source, frame, f"{drift[0]:.4f}", f"{drift[1]:.4f}"))
+        collect(source, tracker)
+    if tracker is not None:
+        collect(current, tracker, finish=True)
+    return stretches, drift_rows
+
+
+def _events(stretches: dict, plan: list) -> list:
+    """Rows of ``events.csv``: the first stretch of each change of height, in input order."""
+    order = {item["source"]: k for k, item in enumerate(plan)}
+    rows = []
+    for source, by_track in stretches.items():
+        for track, runs in by_track.items():
+            for before, after in itertools.pairwise(runs):
+                if after["change_probability"] is None or (
+                        before["height_index"] == after["height_index"]):
+                    continue
+                rows.append((order[source], after["first"], track, (
+                    source, track, after["first"], f"{after['x_px']:.3f}", f"{after['y_px']:.3f}",
+                    f"{after['x_A']:.4f}", f"{after['y_A']:.4f}", before["height_index"] + 1,
+                    after["height_index"] + 1, f"{after['change_probability']:.4f}")))
+    return [row for *_, row in sorted(rows)]
+
+
+def _rewrite_columns(csv_path: Path, header: list, offsets: dict, ids_path: Path,
+                     stretches: dict, before_replace=None) -> None:
+    """``columns.csv`` again, each row with its track, track height and confidence."""
+    firsts = {(src, t): [s["first"] for s in runs]
+              for src, by_track in stretches.items() for t, runs in by_track.items()}
+    n = len(header)
+    with atomic_path(csv_path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as out, open(ids_path, "rb") as ids_file:
+            writer = csv.writer(out, lineterminator="\n")
+            writer.writerow(header + list(TRACK_COLUMNS))
+            for source, frame, _, rows in _frames_of(csv_path, offsets):
+                ids = np.frombuffer(ids_file.read(8 * len(rows)), np.int64)
+                for rec, tid in zip(rows, ids):
+                    rec = rec[:n]
+                    runs = stretches.get(source, {}).get(int(tid))
+                    if runs is None:  # a single image: the frame's own reading
+                        writer.writerow(rec + [int(tid), rec[6], rec[7]])
+                        continue
+                    k = max(0, bisect.bisect_right(firsts[(source, int(tid))], frame) - 1)
+                    run = runs[k]
+                    writer.writerow(rec + [int(tid), run["height_index"] + 1,
+                                           f"{run['confidence']:.4f}"])
+        if before_replace is not None:
+            before_replace(tmp.stat().st_size)
+
+
+def _write_csv(path: Path, rows: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = _stdio.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    write_text_atomic(path, text.getvalue())
+
+
+def add_drift_columns(out_dir) -> None:
+    """Add ``drift_x_A, drift_y_A`` (Å, from ``tracking/drift.csv``) to ``frames.csv``, after
+    ``recognised`` (before any model-specific columns); blank for a frame without tracked
+    columns."""
+    out_dir = Path(out_dir)
+    drift_path, frames_path = out_dir / "tracking" / "drift.csv", out_dir / "frames.csv"
+    if not (drift_path.exists() and frames_path.exists()):
+        return
+    with open(drift_path, newline="", encoding="utf-8") as fh:
+        drift = {(r["source"], r["frame"]): (r["drift_x_A"], r["drift_y_A"])
+                 for r in csv.DictReader(fh)}
+    with open(frames_path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    if not rows or DRIFT_COLUMNS[0] in rows[0]:
+        return
+    at = rows[0].index("recognised") + 1 if "recognised" in rows[0] else len(rows[0])
+    out = [rows[0][:at] + list(DRIFT_COLUMNS) + rows[0][at:]]
+    out += [r[:at] + list(drift.get((r[0], r[1]), ("", ""))) + r[at:] for r in rows[1:]]
+    _write_csv(frames_path, out)
+
+
+def movie_track_heights(out_dir, positions: dict) -> dict:
+    """``positions`` (``{source: {frame: (x_px, y_px, height)}}``, rows in ``columns.csv``'s
+    order, as the movie draws them) with each column's ``track_height`` for its height, so the
+    movie labels columns with the height read from their stretch."""
+    with open(Path(out_dir) / "columns.csv", newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        if TRACK_COLUMNS[1] not in header:
+            return positions
+        col = header.index(TRACK_COLUMNS[1])
+        heights: dict = {}
+        for rec in reader:
+            if rec[0] in positions and rec[col] != "":
+                heights.setdefault((rec[0], int(rec[1])), []).append(int(rec[col]))
+    out = {}
+    for source, frames in positions.items():
+        out[source] = {}
+        for frame, (x, y, h) in frames.items():
+            new = heights.get((source, frame))
+            out[source][frame] = (x, y, np.asarray(new, np.int32) if new is not None
+                                  and len(new) == len(h) else h)
+    return out
+
+
+EVENT_NOTE_FRAMES = 5
+"""Frames of the movie whose caption names a change, from its first frame at the new height."""
+
+
+def event_notes(out_dir, source: str) -> dict[int, str]:
+    """``{frame: "change 3→4, 2→1"}`` (Ce atoms) from ``events.csv`` for one source: the movie's
+    caption names each change for :data:`EVENT_NOTE_FRAMES` frames from when it happens."""
+    path = Path(out_dir) / "events.csv"
+    notes: dict[int, list] = {}
+    if path.exists():
+        with open(path, newline="", encoding="utf-8") as fh:
+            for r in csv.DictReader(fh):
+                if r["source"] != source:
+                    continue
+                text = f"{r['height_before']}→{r['height_after']}"
+                for f in range(int(r["frame"]), int(r["frame"]) + EVENT_NOTE_FRAMES):
+                    notes.setdefault(f, []).append(text)
+    return {f: "change " + ", ".join(t) + " Ce" for f, t in notes.items()}

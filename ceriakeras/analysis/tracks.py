@@ -1,0 +1,263 @@
+"""One pass over a series' frames: columns → tracks → stretches of constant height.
+
+:class:`Tracker` takes the frames in order (:meth:`Tracker.add_frame`: the columns' positions
+and class probabilities), links them to tracks (:mod:`ceriakeras.analysis.linking`) through the
+drift and through frames where a column is lost, and splits each track into stretches of
+constant height (:mod:`ceriakeras.analysis.changepoints`). Memory is bounded: a track keeps at
+most ``window`` units (a frame each, or a block of older frames of its current stretch folded
+into one sum); a track lost for more than ``max_gap`` frames is closed and its stretches are
+handed out (:meth:`Tracker.pop_stretches`). The whole state is plain JSON
+(:meth:`Tracker.state`, :meth:`Tracker.from_state`), so a run can stop and resume mid-series.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .changepoints import (
+    assign_heights,
+    change_probability,
+    change_statistic,
+    expected_height,
+    frame_variance,
+    log_probabilities,
+    platt,
+    posterior_at,
+    segment,
+)
+from .linking import link_with_drift
+
+
+@dataclass
+class TrackSettings:
+    """How columns are linked and tracks split (frames, Å, nats).
+
+    ``method``, ``penalty``, ``confidence_temper`` and ``confidence_frames`` were chosen on our
+    own simulated movies (``scripts/tools/make_movies.py --seed 100``, 4 particles × 50 and 200
+    e⁻/Å² per frame, model version 6; ``scripts/studies/track_study.py``), never on the
+    cross-check movies.
+    """
+
+    max_distance_A: float = 1.0
+    """Largest distance, Å, between a track's predicted position and its column."""
+    search_A: float = 1.5
+    """Largest link, Å, while a frame's drift is estimated (drift per frame + noise)."""
+    max_gap: int = 10
+    """Frames a track may miss before it is closed."""
+    min_stretch: int = 3
+    """Fewest frames in a stretch of constant height."""
+    method: str = "bayes"
+    """Change statistic (:mod:`ceriakeras.analysis.changepoints`): ``"bayes"`` (mean shift of
+    the expected height, each stretch's mean integrated out), ``"mean_shift"`` (the same,
+    maximum likelihood) or ``"classes"`` (tempered class log-likelihood)."""
+    temper: float = 0.3
+    """Weight τ of one frame's class log-probabilities (heights; the ``"classes"`` statistic)."""
+    penalty: float = 6.0
+    """Cost of one change, nats (``"bayes"``: the log prior odds against a change)."""
+    confidence_temper: float = 0.2
+    """Weight of one frame's log-probabilities in a stretch's height posterior."""
+    confidence_slope: float = 1.0
+    """Platt map of a stretch's posterior: ``σ(slope · logit(posterior) + intercept)``."""
+    confidence_intercept: float = 0.0
+    """See ``confidence_slope`` (both fitted on our own movies, scripts/studies/track_study.py)."""
+    confidence_frames: int = 16
+    """A stretch's frames beyond this many add no confidence (the model's misreading of a
+    column repeats in every frame of a state): its summed log-probabilities are scaled to
+    this many frames."""
+    event_scale: float = 1.0
+    """Slope of the logistic that maps a change's statistic to its probability."""
+    window: int = 128
+    """Units a track keeps; older frames of its current stretch are folded into one."""
+    position_memory: float = 0.7
+    """Weight of a track's old position against a new sighting (drift removed)."""
+
+    def validate(self) -> None:
+        from ..config import ConfigError
+
+        if self.min_stretch < 1 or self.max_gap < 0 or self.window < 4 * self.min_stretch:
+            raise ConfigError(f"min_stretch={self.min_stretch} must be ≥ 1 frame, max_gap ≥ 0 "
+                              f"and window ≥ 4 × min_stretch: choose a smaller --min-stretch")
+        if not (0 < self.temper <= 1 and 0 < self.confidence_temper <= 1):
+            raise ConfigError("temper and confidence_temper must be in (0, 1]")
+        if self.method not in ("mean_shift", "bayes", "classes"):
+            raise ConfigError(f"method={self.method!r}: use 'mean_shift', 'bayes' or 'classes'")
+        if not 0 < self.max_distance_A <= self.search_A:
+            raise ConfigError("max_distance_A must be positive and ≤ search_A (Å)")
+
+
+def _new_track(tid: int, ref: np.ndarray, frame: int) -> dict:
+    return {"id": tid, "ref": [float(ref[0]), float(ref[1])], "last": frame,
+            "units": [], "done": [], "variance": 1.0}
+
+
+class Tracker:
+    """Tracks of one series, built frame by frame.
+
+    Parameters
+    ----------
+    settings : TrackSettings
+    """
+
+    def __init__(self, settings: TrackSettings | None = None):
+        self.settings = settings or TrackSettings()
+        self.settings.validate()
+        self.tracks: list[dict] = []      # open tracks
+        self.next_id = 0
+        self.drift = np.zeros(2)          # Å, of the last frame relative to the first
+        self.out: list[dict] = []         # finished stretches, not yet popped
+
+    # --- state --------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """Everything needed to continue, as JSON-able data."""
+        return {"settings": asdict(self.settings), "tracks": self.tracks,
+                "next_id": self.next_id, "drift": self.drift.tolist(), "out": self.out}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Tracker:
+        """The tracker :meth:`state` described."""
+        tracker = cls(TrackSettings(**state["settings"]))
+        tracker.tracks, tracker.next_id = state["tracks"], int(state["next_id"])
+        tracker.drift, tracker.out = np.asarray(state["drift"], np.float64), state["out"]
+        return tracker
+
+    # --- frames -------------------------------------------------------------------------------
+    def add_frame(self, frame: int, xy_A: np.ndarray, probabilities: np.ndarray,
+                  xy_px: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Link one frame's columns to the tracks.
+
+        Parameters
+        ----------
+        frame : int
+            Frame index (increasing from call to call).
+        xy_A : (N, 2) float
+            Column positions, Å.
+        probabilities : (N, K) float
+            Each column's class probabilities over heights 1 … K, Ce atoms.
+        xy_px : (N, 2) float, optional
+            Positions in the input's pixels (kept for events); default ``xy_A``.
+
+        Returns
+        -------
+        track : (N,) int
+            Each column's track id.
+        drift : (2,) float
+            The frame's drift from the first frame, Å.
+        """
+        s = self.settings
+        xy_A = np.asarray(xy_A, np.float64).reshape(-1, 2)
+        xy_px = xy_A if xy_px is None else np.asarray(xy_px, np.float64).reshape(-1, 2)
+        logp = log_probabilities(probabilities) if len(xy_A) else np.zeros((0, 1))
+        height = expected_height(probabilities) if len(xy_A) else np.zeros(0)
+        refs = np.array([t["ref"] for t in self.tracks], np.float64).reshape(-1, 2)
+        i, j, shift = link_with_drift(refs + self.drift, xy_A, s.max_distance_A, s.search_A)
+        self.drift = self.drift + shift
+        ids = np.full(len(xy_A), -1, np.int64)
+        for a, b in zip(i, j):
+            ids[b] = self._extend(self.tracks[a], frame, xy_A[b], xy_px[b], logp[b],
+                                  float(height[b]))
+        for b in np.flatnonzero(ids < 0):
+            track = _new_track(self.next_id, xy_A[b] - self.drift, frame)
+            self.next_id += 1
+            self.tracks.append(track)
+            ids[b] = self._extend(track, frame, xy_A[b], xy_px[b], logp[b], float(height[b]))
+        keep = []
+        for track in self.tracks:
+            if frame - track["last"] > s.max_gap:
+                self._close(track)
+            else:
+                keep.append(track)
+        self.tracks = keep
+        return ids, self.drift.copy()
+
+    def finish(self) -> None:
+        """Close every open track (the series ended)."""
+        for track in self.tracks:
+            self._close(track)
+        self.tracks = []
+
+    def pop_stretches(self) -> list[dict]:
+        """The stretches of the tracks closed since the last call: ``track, first, last, frames,
+        height_index`` (height − 1), ``confidence, change_probability`` (None for a track's
+        first stretch), ``x_px, y_px, x_A, y_A`` (where the column was in the stretch's first
+        frame). A track's stretches are read together when it closes (its heights depend on
+        each other, :func:`ceriakeras.analysis.changepoints.assign_heights`)."""
+        out, self.out = self.out, []
+        return out
+
+    # --- inside -------------------------------------------------------------------------------
+    def _extend(self, track: dict, frame: int, xy_A, xy_px, logp, height: float) -> int:
+        m = self.settings.position_memory
+        ref = np.asarray(track["ref"]) * m + (np.asarray(xy_A) - self.drift) * (1 - m)
+        track["ref"], track["last"] = [float(ref[0]), float(ref[1])], frame
+        track["units"].append({"first": frame, "last": frame, "n": 1, "sum": logp.tolist(),
+                               "s1": height, "s2": height * height,
+                               "pos": [float(xy_px[0]), float(xy_px[1]),
+                                       float(xy_A[0]), float(xy_A[1])]})
+        if len(track["units"]) > self.settings.window:
+            self._settle(track, final=False)
+        return track["id"]
+
+    def _settle(self, track: dict, final: bool) -> None:
+        """Split the track's units; keep the settled stretches in ``track['done']``. Unless
+        ``final``, the last stretch stays open, its frames older than half the window folded into
+        one unit; with ``final`` the track's stretches are read and handed out."""
+        s = self.settings
+        units = track["units"]
+        singles = [u["s1"] for u in units if u["n"] == 1]
+        if len(singles) >= 4:
+            track["variance"] = frame_variance(singles)
+        arrays = {"sum": np.array([u["sum"] for u in units], np.float64),
+                  **{k: np.array([u[k] for u in units], np.float64) for k in ("s1", "s2", "n")}}
+        parts = segment(arrays, kind=s.method, temper=s.temper, penalty=s.penalty,
+                        min_stretch=s.min_stretch, variance=track.get("variance", 1.0))
+        for a, b in parts if final else parts[:-1]:
+            track["done"].append(_merge(units[a:b]))
+        if final:
+            track["units"] = []
+            self._hand_out(track)
+            return
+        a, b = parts[-1]
+        rest = units[a:b]
+        cut = max(0, len(rest) - s.window // 2)
+        if cut >= 2:
+            rest = [_merge(rest[:cut])] + rest[cut:]
+        track["units"] = rest
+
+    def _hand_out(self, track: dict) -> None:
+        """Heights, confidences and change probabilities of a closed track's stretches."""
+        s = self.settings
+        done, variance = track["done"], track.get("variance", 1.0)
+        means = np.array([u["s1"] / u["n"] for u in done])
+        heights = assign_heights(np.array([u["sum"] for u in done]) * s.temper,
+                                 np.sign(np.diff(means)).astype(np.int64))
+        for k, u in enumerate(done):
+            p = None
+            if k:
+                stat = change_statistic(s.method, done[k - 1], u, temper=s.temper,
+                                        variance=variance)
+                p = change_probability(stat, s.penalty, s.event_scale)
+            self.out.append({
+                "track": track["id"], "first": u["first"], "last": u["last"],
+                "frames": int(u["n"]), "height_index": int(heights[k]),
+                "confidence": platt(posterior_at(
+                    np.asarray(u["sum"]) * min(1.0, s.confidence_frames / u["n"]),
+                    int(heights[k]), s.confidence_temper),
+                    s.confidence_slope, s.confidence_intercept),
+                "change_probability": p, "x_px": u["pos"][0], "y_px": u["pos"][1],
+                "x_A": u["pos"][2], "y_A": u["pos"][3]})
+        track["done"] = []
+
+    def _close(self, track: dict) -> None:
+        if track["units"]:
+            self._settle(track, final=True)
+
+
+def _merge(units: list) -> dict:
+    """Units of one stretch as one (sums added; the first frame's position)."""
+    return {"first": units[0]["first"], "last": units[-1]["last"],
+            "n": int(sum(u["n"] for u in units)),
+            "sum": np.sum([u["sum"] for u in units], axis=0).tolist(),
+            "s1": float(sum(u["s1"] for u in units)), "s2": float(sum(u["s2"] for u in units)),
+            "pos": units[0]["pos"]}

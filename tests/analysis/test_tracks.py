@@ -1,0 +1,341 @@
+"""Tracks, stretches and events on synthetic per-frame column tables (no model, fast)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ceriakeras.analysis.changepoints import segment
+from ceriakeras.analysis.linking import link_with_drift
+from ceriakeras.analysis.tracks import Tracker, TrackSettings
+
+K = 16  # heights 1 … 16
+
+
+def lattice(n: int = 5, spacing: float = 3.9) -> np.ndarray:
+    """(n², 2) column positions, Å (a square grid wider than the column spacing of [110])."""
+    g = np.arange(n) * spacing + 10.0
+    return np.array([(x, y) for y in g for x in g], np.float64)
+
+
+def probs(heights, rng, noise: float = 0.3, width: float = 0.6) -> np.ndarray:
+    """Class probabilities like the model's for one low-dose frame: a bump of ``width`` atoms
+    around each column's height, its centre off by Gaussian noise of ``noise`` atoms."""
+    centre = np.asarray(heights, np.float64) + rng.normal(0, noise, len(heights))
+    p = np.exp(-((np.arange(1, K + 1)[None, :] - centre[:, None]) ** 2) / (2 * width**2)) + 1e-4
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def run(frames, settings=None):
+    """Feed ``frames`` (list of (xy, probs)) to a tracker; return ids per frame, drifts and the
+    stretches."""
+    tracker = Tracker(settings or TrackSettings())
+    ids, drifts = [], []
+    for f, (xy, p) in enumerate(frames):
+        i, d = tracker.add_frame(f, xy, p)
+        ids.append(i)
+        drifts.append(d)
+    tracker.finish()
+    return ids, np.array(drifts), tracker.pop_stretches()
+
+
+def events(stretches):
+    return sorted((s["track"], s["first"]) for s in stretches if s["change_probability"] is not None)
+
+
+def test_link_with_drift_recovers_a_common_shift():
+    xy = lattice()
+    shifted = xy + [0.9, -0.6]
+    i, j, shift = link_with_drift(xy, shifted[::-1], 1.0, 1.5)
+    assert np.allclose(shift, [0.9, -0.6])
+    assert len(i) == len(xy) and np.all(len(xy) - 1 - j == i)
+
+
+def test_drift_keeps_track_ids_and_is_measured():
+    rng = np.random.default_rng(0)
+    xy, heights = lattice(), rng.integers(1, 8, 25)
+    path = np.cumsum(np.tile([[0.25, 0.15]], (30, 1)), axis=0) - [0.25, 0.15]  # 0 … 7.2 Å
+    frames = [(xy + d + rng.normal(0, 0.1, xy.shape), probs(heights, rng)) for d in path]
+    ids, drifts, _ = run(frames)
+    assert all(np.array_equal(i, ids[0]) for i in ids)
+    assert np.abs(drifts - path).max() < 0.15
+
+
+def test_a_lost_column_is_found_again_on_its_track():
+    rng = np.random.default_rng(1)
+    xy, heights = lattice(), rng.integers(1, 8, 25)
+    frames = []
+    for f in range(20):
+        keep = np.ones(25, bool)
+        if 5 <= f < 9:
+            keep[7] = False  # lost for 4 frames
+        frames.append((xy[keep], probs(heights[keep], rng)))
+    ids, _, stretches = run(frames)
+    assert ids[12][7] == ids[0][7]
+    assert len({s["track"] for s in stretches}) == 25
+    assert events(stretches) == []
+
+
+def test_a_column_that_appears_gets_a_new_track_and_no_event():
+    rng = np.random.default_rng(2)
+    xy, heights = lattice(), rng.integers(1, 8, 25)
+    new = np.array([[30.0, 30.0]])
+    frames = [(xy if f < 10 else np.vstack([xy, new]),
+               probs(heights if f < 10 else np.append(heights, 3), rng)) for f in range(20)]
+    ids, _, stretches = run(frames)
+    assert ids[10][-1] not in ids[0] and ids[19][-1] == ids[10][-1]
+    appeared = [s for s in stretches if s["track"] == ids[10][-1]]
+    assert len(appeared) == 1 and appeared[0]["first"] == 10 and appeared[0]["height_index"] == 2
+    # an appearance is a new track, not a change (false alarms: the static-series test)
+    assert not [e for e in events(stretches) if e[0] == ids[10][-1]]
+
+
+@pytest.mark.parametrize("change_at", [1, 19])
+def test_an_event_at_the_first_and_at_the_last_frame(change_at):
+    rng = np.random.default_rng(3)
+    xy, heights = lattice(), rng.integers(2, 8, 25)
+    frames = []
+    for f in range(20):
+        h = heights.copy()
+        if f >= change_at:
+            h[12] += 1
+        frames.append((xy, probs(h, rng, noise=0.1)))
+    # one frame alone must carry the change: stretches of 1 frame, its evidence weighed fully
+    settings = TrackSettings(min_stretch=1, temper=1.0)
+    ids, _, stretches = run(frames, settings)
+    assert events(stretches) == [(int(ids[0][12]), change_at)]
+    (event,) = [s for s in stretches if s["change_probability"] is not None]
+    assert event["height_index"] + 1 == heights[12] + 1 and event["change_probability"] > 0.5
+
+
+def test_a_change_is_found_through_noise_and_reads_both_heights():
+    rng = np.random.default_rng(4)
+    xy, heights = lattice(), np.full(25, 4)
+    frames = [(xy, probs(np.where(np.arange(25) == 3, 4 if f < 15 else 5, heights), rng))
+              for f in range(30)]
+    ids, _, stretches = run(frames)
+    ((track, frame),) = events(stretches)
+    assert track == ids[0][3] and abs(frame - 15) <= 1
+    track = sorted((s for s in stretches if s["track"] == ids[0][3]), key=lambda s: s["first"])
+    assert [s["height_index"] + 1 for s in track] == [4, 5]
+
+
+def test_a_static_series_reports_no_event():
+    rng = np.random.default_rng(5)
+    xy, heights = lattice(), rng.integers(1, 10, 25)
+    frames = [(xy + rng.normal(0, 0.1, xy.shape), probs(heights, rng)) for _ in range(200)]
+    _, _, stretches = run(frames, TrackSettings(window=32))
+    assert events(stretches) == []
+    assert sum(s["height_index"] + 1 == heights[s["track"]] for s in stretches) == 25
+
+
+def test_resume_in_the_middle_gives_the_same_tracks():
+    rng = np.random.default_rng(6)
+    xy, heights = lattice(), rng.integers(2, 8, 25)
+    frames = [(xy + [0.1 * f, 0], probs(np.where(np.arange(25) == 9, heights + (f >= 12), heights),
+                                        rng)) for f in range(24)]
+    whole = Tracker(TrackSettings(window=16))
+    ids_whole = [whole.add_frame(f, *fr)[0] for f, fr in enumerate(frames)]
+    whole.finish()
+    first = Tracker(TrackSettings(window=16))
+    ids_resumed = [first.add_frame(f, *fr)[0] for f, fr in enumerate(frames[:13])]
+    second = Tracker.from_state(json.loads(json.dumps(first.state())))
+    ids_resumed += [second.add_frame(f, *fr)[0] for f, fr in enumerate(frames[13:], 13)]
+    second.finish()
+    assert all(np.array_equal(a, b) for a, b in zip(ids_whole, ids_resumed))
+    assert first.pop_stretches() + second.pop_stretches() == whole.pop_stretches()
+
+
+def test_memory_stays_bounded_over_a_long_series():
+    rng = np.random.default_rng(7)
+    xy, heights = lattice(3), rng.integers(1, 8, 9)
+    tracker = Tracker(TrackSettings(window=16))
+    for f in range(400):
+        tracker.add_frame(f, xy, probs(heights, rng))
+    assert max(len(t["units"]) for t in tracker.tracks) <= 16
+
+
+def test_segment_respects_min_stretch():
+    sums = np.tile([0.0, -5.0, -5.0], (10, 1))  # every frame says height 1 …
+    sums[5] = [-5.0, 0.0, -5.0]                 # … but one in the middle says 2
+    units = {"sum": sums, "s1": np.where(np.arange(10) == 5, 2.0, 1.0), "n": np.ones(10)}
+    units["s2"] = units["s1"] ** 2
+    for kind, penalty in (("classes", 1.0), ("mean_shift", 3.0)):
+        kw = {"kind": kind, "temper": 1.0, "penalty": penalty, "variance": 0.05}
+        assert segment(units, min_stretch=3, **kw) == [(0, 10)]
+        assert segment(units, min_stretch=1, **kw) == [(0, 5), (5, 6), (6, 10)]
+
+
+def test_heights_are_read_together_in_the_direction_of_the_change():
+    from ceriakeras.analysis.changepoints import assign_heights
+
+    # both stretches prefer height 4 (index 3), but the mean went up: 3 then 4 fits best
+    a = np.log([0.01, 0.04, 0.35, 0.55, 0.05])
+    b = np.log([0.01, 0.01, 0.03, 0.60, 0.35])
+    assert assign_heights(np.array([a, b]), np.array([1])).tolist() == [2, 3]
+    assert assign_heights(np.array([a, b]), np.array([0])).tolist() == [3, 3]
+
+
+# --- the wiring into analyze: columns.csv, events.csv, frames.csv --------------------------------
+def write_run(out, movies, header_extra=()):
+    """A finished run's columns.csv and probability log: ``movies`` maps a source to a list of
+    frames (xy_A (N, 2), probabilities (N, K)); pixel size 0.1 Å."""
+    from ceriakeras.analysis.tracking import ProbabilityLog
+
+    out.mkdir()
+    lines = ["source,frame,x_px,y_px,x_A,y_A,height,confidence,recognised"]
+    log = ProbabilityLog(out, 0)
+    g = 0
+    for source, frames in movies.items():
+        for f, (xy, p) in enumerate(frames):
+            for (x, y), row in zip(xy, p):
+                lines.append(f"{source},{f},{x * 10:.3f},{y * 10:.3f},{x:.4f},{y:.4f},"
+                             f"{int(np.argmax(row)) + 1},{row.max():.4f},1")
+            log.add(g + f, p)
+        g += len(frames)
+    log.close()
+    (out / "columns.csv").write_text("\n".join(lines) + "\n")
+    (out / "frames.csv").write_text("source,frame,columns\n" + "".join(
+        f"{s},{f},{len(fr[0])}\n" for s, frames in movies.items() for f, fr in enumerate(frames)))
+    return [{"source": s, "n_frames": len(frames)} for s, frames in movies.items()]
+
+
+def read_csv(path):
+    import csv
+
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_write_tracks_adds_columns_events_and_drift(tmp_path):
+
+    from ceriakeras.analysis.tracking import (
+        EVENT_COLUMNS,
+        add_drift_columns,
+        write_tracks,
+    )
+
+    rng = np.random.default_rng(8)
+    xy, heights = lattice(), rng.integers(2, 8, 25)
+    movie = [(xy + [0.05 * f, 0.0], probs(np.where(np.arange(25) == 4, heights + (f >= 10),
+                                                   heights), rng)) for f in range(20)]
+    single = [(xy[:3], probs(heights[:3], rng))]
+    plan = write_run(tmp_path / "out", {"movie.tif": movie, "image.tif": single})
+    assert write_tracks(tmp_path / "out", plan)["events"] == 1
+    add_drift_columns(tmp_path / "out")
+    rows = read_csv(tmp_path / "out" / "columns.csv")
+    image = [r for r in rows if r["source"] == "image.tif"]
+    assert [r["track"] for r in image] == ["0", "1", "2"]
+    assert all(r["track_height"] == r["height"] for r in image)
+    movie_rows = [r for r in rows if r["source"] == "movie.tif"]
+    assert sum(r["track_height"] == str(heights[i % 25] + (i % 25 == 4 and i // 25 >= 10))
+               for i, r in enumerate(movie_rows)) == len(movie_rows)
+    events = read_csv(tmp_path / "out" / "events.csv")
+    assert list(events[0]) == list(EVENT_COLUMNS)
+    assert (events[0]["frame"], events[0]["height_before"], events[0]["height_after"]) == (
+        "10", str(heights[4]), str(heights[4] + 1))
+    assert abs(float(events[0]["x_A"]) - (xy[4, 0] + 0.5)) < 1e-3
+    frames = read_csv(tmp_path / "out" / "frames.csv")
+    assert abs(float(frames[19]["drift_x_A"]) - 0.95) < 0.05
+    assert frames[20]["drift_x_A"] == ""  # the single image has no drift
+    before = (tmp_path / "out" / "columns.csv").read_bytes()
+    write_tracks(tmp_path / "out", plan)  # again: the same table
+    assert (tmp_path / "out" / "columns.csv").read_bytes() == before
+
+
+def test_probability_log_is_cut_back_on_resume(tmp_path):
+    from ceriakeras.analysis.tracking import LOG_NAME, ProbabilityLog
+
+    log = ProbabilityLog(tmp_path, 0)
+    for g in range(5):
+        log.add(g, np.full((g + 1, 16), g, np.float32))
+    log.file.write(b"\x01\x02")  # half a block: a run killed while writing
+    log.close()
+    resumed = ProbabilityLog(tmp_path, 3)
+    resumed.add(3, np.full((2, 16), 9, np.float32))
+    resumed.close()
+    from ceriakeras.analysis.tracking import read_probability_log
+
+    blocks = list(read_probability_log(tmp_path / LOG_NAME))
+    assert [g for g, _ in blocks] == [0, 1, 2, 3]
+    assert blocks[3][1].shape == (2, 16) and blocks[3][1][0, 0] == 9
+
+
+def test_the_series_plot_shows_tracks_and_events(tmp_path):
+    from ceriakeras.analysis.track_pictures import write_track_series_plots
+    from ceriakeras.analysis.tracking import write_tracks
+
+    rng = np.random.default_rng(9)
+    xy, heights = lattice(3), rng.integers(2, 8, 9)
+    movie = [(xy, probs(np.where(np.arange(9) == 4, heights + (f >= 6), heights), rng))
+             for f in range(12)]
+    plan = write_run(tmp_path / "out", {"movie.tif": movie})
+    write_tracks(tmp_path / "out", plan)
+    assert write_track_series_plots(tmp_path / "out", plan, ["movie"], 16) == 1
+    assert (tmp_path / "out" / "movie_series.png").stat().st_size > 5000
+
+
+def test_the_movie_labels_columns_with_their_track_height(tmp_path):
+    from ceriakeras.analysis.tracking import movie_track_heights, write_tracks
+
+    rng = np.random.default_rng(10)
+    xy, heights = lattice(3), rng.integers(2, 8, 9)
+    movie = [(xy, probs(heights, rng, noise=0.6)) for _ in range(12)]
+    plan = write_run(tmp_path / "out", {"movie.tif": movie})
+    write_tracks(tmp_path / "out", plan)
+    rows = read_csv(tmp_path / "out" / "columns.csv")
+    positions = {"movie.tif": {f: (np.zeros(9), np.zeros(9), np.array(
+        [int(r["height"]) for r in rows if r["frame"] == str(f)])) for f in range(12)}}
+    labelled = movie_track_heights(tmp_path / "out", positions)
+    assert [h.tolist() for *_, h in labelled["movie.tif"].values()] == [heights.tolist()] * 12
+
+
+def test_xyz_gives_one_model_per_stretch_of_the_particle(tmp_path):
+    import ase.io
+
+    from ceriakeras.analysis.track_pictures import write_stretch_models
+    from ceriakeras.analysis.tracking import write_tracks
+
+    rng = np.random.default_rng(11)
+    xy, heights = lattice(3), rng.integers(2, 8, 9)
+    movie = [(xy, probs(np.where(np.arange(9) == 4, heights + (f >= 8), heights), rng))
+             for f in range(16)]
+    plan = write_run(tmp_path / "out", {"movie.tif": movie})
+    plan[0].update(shape=[300, 300], pixel_size_A=0.1)
+    write_tracks(tmp_path / "out", plan)
+    assert write_stretch_models(tmp_path / "out", plan, ["movie"], 16) == 2
+    before = ase.io.read(tmp_path / "out" / "xyz" / "movie_frames_00000-00007.xyz")
+    after = ase.io.read(tmp_path / "out" / "xyz" / "movie_frames_00008-00015.xyz")
+    assert (len(before), len(after)) == (heights.sum(), heights.sum() + 1)
+    assert (after.info["first_frame"], after.info["last_frame"]) == (8, 15)
+
+
+def test_cli_options_for_tracks():
+    from click.testing import CliRunner
+
+    from ceriakeras.cli.main import main
+
+    help_text = CliRunner().invoke(main, ["analyze", "--help"]).output
+    assert "--no-tracks" in help_text and "--min-stretch" in help_text
+    bad = CliRunner().invoke(main, ["analyze", "x.tif", "--out", "o", "--min-stretch", "0"])
+    assert bad.exit_code == 2 and "--min-stretch" in bad.output
+
+
+def test_the_movie_caption_names_each_change_when_it_happens(tmp_path):
+    from ceriakeras.analysis.tracking import (
+        EVENT_NOTE_FRAMES,
+        event_notes,
+        write_tracks,
+    )
+
+    rng = np.random.default_rng(12)
+    xy, heights = lattice(3), rng.integers(2, 8, 9)
+    movie = [(xy, probs(np.where(np.arange(9) == 4, heights + (f >= 8), heights), rng))
+             for f in range(16)]
+    plan = write_run(tmp_path / "out", {"movie.tif": movie})
+    write_tracks(tmp_path / "out", plan)
+    notes = event_notes(tmp_path / "out", "movie.tif")
+    assert sorted(notes) == list(range(8, 8 + EVENT_NOTE_FRAMES))
+    assert notes[8] == f"change {heights[4]}→{heights[4] + 1} Ce"
