@@ -15,7 +15,8 @@ from ceriakeras.data import records
 from ceriakeras.cli.main import main
 from helpers import fake_simulator, shard_bytes
 
-TINY = ["--cell-size", "16", "--optics-per-exit-wave", "2", "--quiet"]
+LEGACY = str(Path(__file__).resolve().parents[2] / "configs" / "legacy_fast.toml")
+TINY = ["--config", LEGACY, "--cell-size", "16", "--optics-per-exit-wave", "2", "--quiet"]
 
 
 @pytest.fixture

@@ -122,7 +122,7 @@ def two_split_dataset(tmp_path_factory):
     from ceriakeras.config import SimulationConfig, StructureConfig
     from ceriakeras.data.records import iter_shard, shard_paths, write_dataset
 
-    config = SimulationConfig(structure=StructureConfig(diameter_range_A=(12.0, 18.0), vacuum_A=6.0),
+    config = SimulationConfig.legacy(structure=StructureConfig(diameter_range_A=(12.0, 18.0), vacuum_A=6.0),
                               cell_size_A=32.0, optics_per_exit_wave=2,
                               split_fractions=(0.0, 0.5, 0.5))
     out = tmp_path_factory.mktemp("data") / "two"
@@ -254,7 +254,7 @@ def test_a_dataset_with_finer_pixels_is_calibrated_through_the_analyze_resamplin
     from ceriakeras.config import SimulationConfig, StructureConfig
     from ceriakeras.data.records import iter_shard, shard_paths, write_dataset
 
-    config = SimulationConfig(structure=StructureConfig(diameter_range_A=(12.0, 18.0), vacuum_A=6.0),
+    config = SimulationConfig.legacy(structure=StructureConfig(diameter_range_A=(12.0, 18.0), vacuum_A=6.0),
                               cell_size_A=32.0, pixel_size_A=0.1, optics_per_exit_wave=2,
                               split_fractions=(0.0, 1.0, 0.0))
     write_dataset(tmp_path / "fine", 2, 1, 4, config, progress=False)

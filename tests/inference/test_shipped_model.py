@@ -33,7 +33,7 @@ def frames():
     Six, not two: the calibration check below compares a mean confidence with a fraction right,
     and over ~300 columns of two particles that fraction alone has a standard error of 0.026
     (over ~900 columns, 0.015). Simulating them takes ≈ 6 s."""
-    config = SimulationConfig(
+    config = SimulationConfig.legacy(
         structure=StructureConfig(diameter_range_A=(20.0, 30.0)),
         cell_size_A=48.0, sampling_A=INPUT_PIXEL_A, pixel_size_A=INPUT_PIXEL_A,
         optics_per_exit_wave=4,

@@ -69,7 +69,7 @@ def test_column_height_accuracy_uses_probability_mass_in_each_disk():
 # --- learning -------------------------------------------------------------------------------------
 def test_a_tiny_set_is_overfitted():
     rng = np.random.default_rng(0)
-    config = SimulationConfig(cell_size_A=16.0, optics_per_exit_wave=4, max_height=MAX_HEIGHT)
+    config = SimulationConfig.legacy(cell_size_A=16.0, optics_per_exit_wave=4, max_height=MAX_HEIGHT)
     examples = synthetic_particle(0, 0, config)
     image = np.stack([e.image[:32, :32] for e in examples])[..., None] * 500.0  # expected counts
     label = np.stack([e.label[:32, :32] for e in examples]).astype(np.int32)
