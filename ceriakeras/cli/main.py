@@ -442,7 +442,7 @@ def calibrate(model_path, datasets, out_dir, version, method, max_images, no_tta
 
     The graph is copied unchanged; the source model is never modified.
 
-    Example: ceriakeras calibrate --model saved_models/ceria110/2 --data tfrecords/mine
+    Example: ceriakeras calibrate --model saved_models/ceria110/6 --data tfrecords/mine
     --out saved_models/ceria110-mine
     """
     from ..inference.modelinfo import model_settings, read_info
