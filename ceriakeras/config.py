@@ -297,10 +297,11 @@ class SimulationConfig:
 
         0.1 Å sampling, 2 Å slices, a 64 Å cell with 7 Å vacuum and no room for the
         delocalisation, the multislice in the whole cell, a fixed 40 mrad aperture, the
-        incoherent focal spread only, no coma (``StructureConfig()``, ``OpticsConfig()``). About
-        30× cheaper per particle than the defaults but measured as wrong for tall columns
-        (docs/model.md): for tests, quick looks and reproducing version 1/2 only. The same
-        settings as a file: ``configs/legacy_fast.toml``.
+        incoherent focal spread only, no coma (``StructureConfig()``, ``OpticsConfig()``).
+        2–6 CPU s per particle of 8 images against 12–13 s for the defaults (two particles,
+        issue 23), and 10–19 % off a converged image (docs/model.md): for tests, quick looks
+        and reproducing version 1/2 only. The same settings as a file:
+        ``configs/legacy_fast.toml``.
         """
         base = cls(structure=StructureConfig(), optics=OpticsConfig(), cell_size_A=64.0,
                    sampling_A=0.1, slice_thickness_A=2.0, vacuum_for_delocalisation=False,
