@@ -119,7 +119,7 @@ def make_synthetic_dataset(out_dir, count=12, seed=0, simulator=synthetic_partic
     from ceriakeras.data.records import write_dataset
 
     config = SimulationConfig.legacy(cell_size_A=16.0, optics_per_exit_wave=1, max_height=MAX_HEIGHT,
-                              split_fractions=(0.5, 0.5, 0.0))
+                                     split_fractions=(0.5, 0.5, 0.0))
     config = dataclasses.replace(config, structure=dataclasses.replace(config.structure,
                                                                        max_height=MAX_HEIGHT))
     write_dataset(out_dir, count, 1, seed, config, progress=False, simulator=simulator)

@@ -332,7 +332,7 @@ def test_sigkill_then_rerun_is_complete(tmp_path):
 def test_end_to_end_with_real_simulator(tmp_path):
     """Two particles through abTEM on a tiny cell; labels sit on their columns, metadata has optics."""
     config = SimulationConfig.legacy(cell_size_A=32.0, optics_per_exit_wave=2,
-                              structure=StructureConfig(diameter_range_A=(12.0, 18.0)))
+                                     structure=StructureConfig(diameter_range_A=(12.0, 18.0)))
     out = tmp_path / "real"
     manifest = records.write_dataset(out, 3, 1, 3, config, progress=False)
     assert sum(manifest["counts"].values()) == 3 and manifest["particles"] == 2
