@@ -98,7 +98,7 @@ def test_done_when_command_with_real_simulator(tmp_path):
     """The issue's check, with the real simulator on a 32 Å cell: shards, manifest, resume."""
     out = tmp_path / "X"
     small = tmp_path / "small.toml"
-    small.write_text("[structure]\ndiameter_range_A = [12.0, 18.0]\n")
+    small.write_text('preset = "legacy"\n[structure]\ndiameter_range_A = [12.0, 18.0]\n')
     cmd = [sys.executable, "-m", "ceriakeras.cli.main", "simulate", "--out", str(out), "--count", "6",
            "--shards", "2", "--seed", "3", "--cell-size", "32", "--optics-per-exit-wave", "4",
            "--config", str(small), "--preview", "1", "--quiet"]
