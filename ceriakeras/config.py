@@ -188,17 +188,38 @@ class OpticsConfig:
         _check_unit("c5_range_mm", self.c5_range_mm, "mm", 0.001, "[0, 5] for 0–5 mm")
 
 
+def _converged_structure() -> StructureConfig:
+    """Structure ranges of the version-3 training data (configs/ceria110_v3_data.toml)."""
+    return StructureConfig(diameter_range_A=(15.0, 60.0), vacuum_A=2.0)
+
+
+def _converged_optics() -> OpticsConfig:
+    """Optics ranges of the version-3 training data (configs/ceria110_v3_data.toml)."""
+    return OpticsConfig(aperture_range_mrad=(25.0, 40.0), focal_spread_models=FOCAL_SPREAD_MODELS,
+                        max_coma_nm=40.0, max_three_fold_astigmatism_nm=40.0)
+
+
 @dataclass(frozen=True)
 class SimulationConfig:
-    """How images and labels are simulated and stored (:mod:`ceriakeras.physics.simulate`)."""
+    """How images and labels are simulated and stored (:mod:`ceriakeras.physics.simulate`).
 
-    structure: StructureConfig = field(default_factory=StructureConfig)
-    optics: OpticsConfig = field(default_factory=OpticsConfig)
-    cell_size_A: float = 64.0
+    The defaults are the converged settings of the shipped model's training data
+    (``configs/ceria110_v3_data.toml``: 0.04 Å sampling, 1 Å slices, a 128 Å cell with room for
+    the delocalisation, the multislice in the particle + 8 Å). The older, cheaper and
+    unconverged settings (0.1 Å sampling, 2 Å slices, 64 Å cell: the version-1/2 data) are
+    reachable only by naming them: :meth:`legacy` or ``configs/legacy_fast.toml``.
+    """
+
+    structure: StructureConfig = field(default_factory=_converged_structure)
+    """Particle ranges; default 1.5–6 nm (caliper) with 2 Å vacuum beyond the delocalisation."""
+    optics: OpticsConfig = field(default_factory=_converged_optics)
+    """Optics ranges; default the operating envelope with a 25–40 mrad aperture, both
+    focal-spread models, and ≤ 40 nm coma and three-fold astigmatism."""
+    cell_size_A: float = 128.0
     """Side of the square simulation cell, Å."""
-    sampling_A: float = 0.1
+    sampling_A: float = 0.04
     """Multislice grid spacing, Å."""
-    slice_thickness_A: float = 2.0
+    slice_thickness_A: float = 1.0
     """Multislice slice thickness, Å."""
     pixel_size_A: float = 0.2
     """Pixel size of the stored image and label, Å (an integer multiple of ``sampling_A``)."""
@@ -210,20 +231,20 @@ class SimulationConfig:
     """Largest label class, Ce atoms; taller columns are an error."""
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     """Fractions of particles in train, validation and test."""
-    vacuum_for_delocalisation: bool = False
+    vacuum_for_delocalisation: bool = True
     """If true, the cell must hold the largest particle plus, on each side, the delocalisation
     of the optics envelope (:func:`ceriakeras.physics.simulate.delocalisation_A`) and
     ``structure.vacuum_A``, so that no image's delocalised contrast wraps around the periodic
     cell onto the particle or its fringes. If false (the version-1/2 datasets), only
-    ``structure.vacuum_A`` on each side."""
-    multislice_margin_A: float | None = None
+    ``structure.vacuum_A`` on each side. Default true."""
+    multislice_margin_A: float | None = 8.0
     """If set, the multislice runs in a smaller square cell that holds the particle's lateral
     extent plus this margin on each side (Å; rounded up to whole pixels and to a grid size that
     FFTs well), and the exit wave is then embedded, on the image grid, in the ``cell_size_A``
     cell with the vacuum wave around it before the lens is applied
     (:func:`ceriakeras.physics.simulate.embed_exit_wave`). The delocalisation then still has the whole
-    cell to spread into, while the multislice costs far less. None (the default): the
-    multislice runs in the whole cell, as in version 1/2."""
+    cell to spread into, while the multislice costs far less. Default 8 Å; None:
+    the multislice runs in the whole cell, as in version 1/2."""
 
     def validate(self) -> None:
         self.structure.validate()
@@ -269,6 +290,23 @@ class SimulationConfig:
     def image_size_px(self) -> int:
         """Side of the stored image, pixels."""
         return int(round(self.cell_size_A / self.pixel_size_A))
+
+    @classmethod
+    def legacy(cls, **changes: Any) -> SimulationConfig:
+        """The old, unconverged defaults of the version-1/2 data, with ``changes`` applied.
+
+        0.1 Å sampling, 2 Å slices, a 64 Å cell with 7 Å vacuum and no room for the
+        delocalisation, the multislice in the whole cell, a fixed 40 mrad aperture, the
+        incoherent focal spread only, no coma (``StructureConfig()``, ``OpticsConfig()``).
+        2–6 CPU s per particle of 8 images against 12–13 s for the defaults (two particles,
+        issue 23), and 10–19 % off a converged image (docs/model.md): for tests, quick looks
+        and reproducing version 1/2 only. The same settings as a file:
+        ``configs/legacy_fast.toml``.
+        """
+        base = cls(structure=StructureConfig(), optics=OpticsConfig(), cell_size_A=64.0,
+                   sampling_A=0.1, slice_thickness_A=2.0, vacuum_for_delocalisation=False,
+                   multislice_margin_A=None)
+        return dataclasses.replace(base, **changes)
 
 
 @dataclass(frozen=True)
@@ -546,8 +584,12 @@ def to_dict(config: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def from_dict(cls: type[C], data: dict, *, where: str = "") -> C:
+def from_dict(cls: type[C], data: dict, *, where: str = "", base: C | None = None) -> C:
     """Build ``cls`` from nested plain data, refusing keys that do not exist.
+
+    Fields missing from ``data`` take their values from ``base`` if given (e.g.
+    ``SimulationConfig.legacy()`` for a manifest written before a field existed), else the
+    class defaults. A nested table given in ``data`` is built from its own class's defaults.
 
     Raises
     ------
@@ -573,7 +615,7 @@ def from_dict(cls: type[C], data: dict, *, where: str = "") -> C:
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[key] = value
-    config = cls(**kwargs)
+    config = cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
     _check_types(config, where)
     return config
 
@@ -608,7 +650,8 @@ def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) 
         The stage's config class, e.g. :class:`SimulationConfig`.
     path : str or Path, optional
         ``.json`` or ``.toml`` file holding a subset of the fields (nested tables for nested
-        configs). Missing fields keep their defaults.
+        configs). Missing fields keep their defaults; a :class:`SimulationConfig` file with
+        ``preset = "legacy"`` starts from :meth:`SimulationConfig.legacy` instead.
     **overrides
         Top-level fields to replace (e.g. from CLI options); ``None`` values are ignored.
     """
@@ -626,7 +669,11 @@ def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) 
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a table of settings (a JSON object or "
                           f"TOML keys), not a {type(data).__name__}")
-    config = from_dict(cls, data)
+    preset = data.pop("preset", None)
+    if preset is not None and (preset != "legacy" or not hasattr(cls, "legacy")):
+        raise ConfigError(f"preset={preset!r} is unknown: the only preset is \"legacy\" "
+                          f"(SimulationConfig's old, unconverged settings); remove the line")
+    config = from_dict(cls, data, base=cls.legacy() if preset else None)
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     _check_types(config)
     config.validate()

@@ -16,7 +16,7 @@ import numpy as np
 from ceriakeras.config import ModelConfig, PipelineConfig, SimulationConfig, TrainConfig
 
 
-SMALL = SimulationConfig(cell_size_A=16.0, pixel_size_A=0.2, optics_per_exit_wave=2)
+SMALL = SimulationConfig.legacy(cell_size_A=16.0, pixel_size_A=0.2, optics_per_exit_wave=2)
 
 
 CALLS: list[int] = []
@@ -118,8 +118,8 @@ def make_synthetic_dataset(out_dir, count=12, seed=0, simulator=synthetic_partic
     """A dataset folder of ``count`` 80×80 px images (0.2 Å pixels, heights 1–4)."""
     from ceriakeras.data.records import write_dataset
 
-    config = SimulationConfig(cell_size_A=16.0, optics_per_exit_wave=1, max_height=MAX_HEIGHT,
-                              split_fractions=(0.5, 0.5, 0.0))
+    config = SimulationConfig.legacy(cell_size_A=16.0, optics_per_exit_wave=1, max_height=MAX_HEIGHT,
+                                     split_fractions=(0.5, 0.5, 0.0))
     config = dataclasses.replace(config, structure=dataclasses.replace(config.structure,
                                                                        max_height=MAX_HEIGHT))
     write_dataset(out_dir, count, 1, seed, config, progress=False, simulator=simulator)

@@ -252,11 +252,11 @@ def main(verbose):
 @click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
               help="Run on an existing dask.distributed cluster instead of local workers.")
 @click.option("--config", "config_path", type=click.Path(path_type=str), default=None, metavar="FILE",
-              help="SimulationConfig as JSON or TOML (nested [structure] and [optics] tables).")
+              help="SimulationConfig as JSON or TOML (nested [structure] and [optics] tables); default the converged settings of the training data (configs/ceria110_v3_data.toml). The old, cheap, unconverged settings only by name: configs/legacy_fast.toml.")
 @click.option("--cell-size", "cell_size_A", type=float, default=None, metavar="Å",
-              help="Side of the square simulation cell, Å (default 64; the image is cell / pixel size px).")
+              help="Side of the square simulation cell, Å (default 128; the image is cell / pixel size px).")
 @click.option("--pixel-size", "pixel_size_A", type=float, default=None, metavar="Å",
-              help="Pixel size of the stored images and labels, Å (default 0.2; a whole multiple of the config's multislice sampling_A, 0.1 Å by default).")
+              help="Pixel size of the stored images and labels, Å (default 0.2; a whole multiple of the config's multislice sampling_A, 0.04 Å by default).")
 @click.option("--optics-per-exit-wave", type=int, default=None, metavar="N",
               help="Images with different optics from one multislice run (default 8).")
 @click.option("--preview", type=int, default=0, show_default=True, metavar="K",
@@ -546,7 +546,7 @@ def calibrate(model_path, datasets, out_dir, version, method, max_images, no_tta
 
     The graph is copied unchanged; the source model is never modified.
 
-    Example: ceriakeras calibrate --model saved_models/ceria110/2 --data tfrecords/mine
+    Example: ceriakeras calibrate --model saved_models/ceria110/6 --data tfrecords/mine
     --out saved_models/ceria110-mine
     """
     from ..inference.modelinfo import model_settings, read_info

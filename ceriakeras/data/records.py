@@ -902,7 +902,8 @@ def dataset_parameters(data_dir: str | Path) -> tuple[int, int, int, SimulationC
             f"{data_dir} holds no ceriakeras dataset (no readable manifest.json or .progress.json); "
             f"give --count (and the other options) to make one"
         )
-    config = from_dict(SimulationConfig, params["config"])
+    # a manifest written before a field existed was made with that field's old default
+    config = from_dict(SimulationConfig, params["config"], base=SimulationConfig.legacy())
     command = (manifest or {}).get("command", "")
     return params["count"], params["shards"], params["seed"], config, command
 

@@ -14,7 +14,9 @@ are only scored, never fitted to.
         --pool S1 --pool S2 --pool S1+S2 --images ../shared/crosscheck --max-images 96
 
 The S1 + S2 Platt row equals what ``ceriakeras calibrate`` then ``ceriakeras evaluate --images``
-report (the end-to-end check in docs/model.md).
+report (the end-to-end check in docs/model.md). Version 2 left the tree with issue 23: first
+``git checkout ceria110-v2 -- saved_models/ceria110/2`` (docs/model.md, "Getting an old version
+back").
 """
 
 from __future__ import annotations

@@ -38,8 +38,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=120)
     parser.add_argument("--repeats", type=int, default=5, help="noise draws per case")
     args = parser.parse_args()
-    config = SimulationConfig(structure=StructureConfig(diameter_range_A=(25.0, 30.0)),
-                              cell_size_A=48.0, pixel_size_A=0.1, optics_per_exit_wave=1)
+    config = SimulationConfig.legacy(structure=StructureConfig(diameter_range_A=(25.0, 30.0)),
+                                     cell_size_A=48.0, pixel_size_A=0.1, optics_per_exit_wave=1)
     image = simulate_particle(0, 2024, config)[0].image[:SHAPE[0], :SHAPE[1]]
     rng = np.random.default_rng(12)
     print("| gain (counts/e⁻) | MTF σ (px) | neighbour corr. | series estimate | vacuum estimate "

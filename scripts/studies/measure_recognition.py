@@ -40,8 +40,8 @@ def simulated_classes(n_images: int, pixel_A: float, seed: int = SEED
     """Noise-free images (vacuum = 1) of each class, at ``pixel_A``."""
     rng = np.random.default_rng(seed)
     out: dict[str, list[np.ndarray]] = {}
-    config = SimulationConfig(structure=StructureConfig(diameter_range_A=(15.0, 32.0)),
-                              cell_size_A=CELL_A, pixel_size_A=pixel_A, optics_per_exit_wave=2)
+    config = SimulationConfig.legacy(structure=StructureConfig(diameter_range_A=(15.0, 32.0)),
+                                     cell_size_A=CELL_A, pixel_size_A=pixel_A, optics_per_exit_wave=2)
     images = []
     for p in range((n_images + 1) // 2):
         images += [ex.image for ex in simulate_particle(p, seed, config)]

@@ -1,9 +1,9 @@
 """One frame of an annotated movie (``OUT/<series>_movie.mp4`` of `ceriakeras analyze`) as a PNG.
 
-    python scripts/tools/movie_frame.py results/demo/ceria_series_movie.mp4 --frame 3 --out frame.png
+    python scripts/tools/movie_frame.py results/demo/ceria_particle_2_movie.mp4 --frame 1 --out frame.png
 
-The README's picture was made this way from `make demo`'s results (the shipped example series,
-the shipped model): ``--frame 3 --out docs/img/movie_frame.png``.
+The README's picture was made this way from `make demo`'s results (an example series, the
+shipped model): ``ceria_particle_2_movie.mp4 --frame 1 --colors 64 --out docs/img/movie_frame.png``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ from ceriakeras.data import records
 from ceriakeras.cli.main import main
 from helpers import fake_simulator, shard_bytes
 
-TINY = ["--cell-size", "16", "--optics-per-exit-wave", "2", "--quiet"]
+LEGACY = str(Path(__file__).resolve().parents[2] / "configs" / "legacy_fast.toml")
+TINY = ["--config", LEGACY, "--cell-size", "16", "--optics-per-exit-wave", "2", "--quiet"]
 
 
 @pytest.fixture
@@ -97,7 +98,7 @@ def test_done_when_command_with_real_simulator(tmp_path):
     """The issue's check, with the real simulator on a 32 Å cell: shards, manifest, resume."""
     out = tmp_path / "X"
     small = tmp_path / "small.toml"
-    small.write_text("[structure]\ndiameter_range_A = [12.0, 18.0]\n")
+    small.write_text('preset = "legacy"\n[structure]\ndiameter_range_A = [12.0, 18.0]\n')
     cmd = [sys.executable, "-m", "ceriakeras.cli.main", "simulate", "--out", str(out), "--count", "6",
            "--shards", "2", "--seed", "3", "--cell-size", "32", "--optics-per-exit-wave", "4",
            "--config", str(small), "--preview", "1", "--quiet"]

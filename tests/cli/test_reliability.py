@@ -178,8 +178,9 @@ def test_disk_full_while_simulate_writes_a_shard_is_one_line_and_leaves_no_shard
 
     monkeypatch.setattr(os, "fsync", full_disk_fsync)
     out = tmp_path / "ds"
+    legacy = Path(__file__).resolve().parents[2] / "configs" / "legacy_fast.toml"  # a 16 Å cell
     args = ["simulate", "--out", str(out), "--count", "8", "--shards", "2", "--cell-size", "16",
-            "--optics-per-exit-wave", "2", "--quiet"]
+            "--config", str(legacy), "--optics-per-exit-wave", "2", "--quiet"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: ") and result.output.count("\n") == 1

@@ -331,8 +331,8 @@ def test_sigkill_then_rerun_is_complete(tmp_path):
 @pytest.mark.slow
 def test_end_to_end_with_real_simulator(tmp_path):
     """Two particles through abTEM on a tiny cell; labels sit on their columns, metadata has optics."""
-    config = SimulationConfig(cell_size_A=32.0, optics_per_exit_wave=2,
-                              structure=StructureConfig(diameter_range_A=(12.0, 18.0)))
+    config = SimulationConfig.legacy(cell_size_A=32.0, optics_per_exit_wave=2,
+                                     structure=StructureConfig(diameter_range_A=(12.0, 18.0)))
     out = tmp_path / "real"
     manifest = records.write_dataset(out, 3, 1, 3, config, progress=False)
     assert sum(manifest["counts"].values()) == 3 and manifest["particles"] == 2
@@ -346,3 +346,16 @@ def test_end_to_end_with_real_simulator(tmp_path):
                     assert rec["label"][int(round(y)), int(round(x))] == h
     assert manifest["parameter_ranges"]["defocus_nm"][0] >= -12.0
     records.verify_dataset(out)
+
+
+def test_manifest_without_the_newer_fields_keeps_its_old_settings(tmp_path):
+    """A manifest written before vacuum_for_delocalisation / multislice_margin_A existed was made
+    without them: --repair reads them as their old values, not as the new defaults (issue 23)."""
+    out = tmp_path / "old"
+    records.write_dataset(out, 4, 1, 3, SMALL, progress=False, simulator=fake_simulator)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in ("vacuum_for_delocalisation", "multislice_margin_A"):
+        del manifest["config"][key]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    config = records.dataset_parameters(out)[3]
+    assert config == SMALL and SimulationConfig().multislice_margin_A is not None

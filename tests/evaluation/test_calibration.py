@@ -122,9 +122,9 @@ def two_split_dataset(tmp_path_factory):
     from ceriakeras.config import SimulationConfig, StructureConfig
     from ceriakeras.data.records import iter_shard, shard_paths, write_dataset
 
-    config = SimulationConfig(structure=StructureConfig(diameter_range_A=(12.0, 18.0), vacuum_A=6.0),
-                              cell_size_A=32.0, optics_per_exit_wave=2,
-                              split_fractions=(0.0, 0.5, 0.5))
+    config = SimulationConfig.legacy(structure=StructureConfig(diameter_range_A=(12.0, 18.0), vacuum_A=6.0),
+                                     cell_size_A=32.0, optics_per_exit_wave=2,
+                                     split_fractions=(0.0, 0.5, 0.5))
     out = tmp_path_factory.mktemp("data") / "two"
     write_dataset(out, 4, 1, 3, config, progress=False)
     records = {s: [r for p in shard_paths(out, s) for r in iter_shard(p)]
@@ -254,9 +254,9 @@ def test_a_dataset_with_finer_pixels_is_calibrated_through_the_analyze_resamplin
     from ceriakeras.config import SimulationConfig, StructureConfig
     from ceriakeras.data.records import iter_shard, shard_paths, write_dataset
 
-    config = SimulationConfig(structure=StructureConfig(diameter_range_A=(12.0, 18.0), vacuum_A=6.0),
-                              cell_size_A=32.0, pixel_size_A=0.1, optics_per_exit_wave=2,
-                              split_fractions=(0.0, 1.0, 0.0))
+    config = SimulationConfig.legacy(structure=StructureConfig(diameter_range_A=(12.0, 18.0), vacuum_A=6.0),
+                                     cell_size_A=32.0, pixel_size_A=0.1, optics_per_exit_wave=2,
+                                     split_fractions=(0.0, 1.0, 0.0))
     write_dataset(tmp_path / "fine", 2, 1, 4, config, progress=False)
     records = [r for p in shard_paths(tmp_path / "fine", "validation") for r in iter_shard(p)]
     info = {"pixel_size_A": 0.2, "max_height": 16, "label_radius_A": 0.5}

@@ -292,8 +292,8 @@ def tiny_dataset(tmp_path_factory):
     from ceriakeras.config import SimulationConfig, StructureConfig
     from ceriakeras.data.records import iter_shard, shard_paths, write_dataset
 
-    config = SimulationConfig(structure=StructureConfig(diameter_range_A=(12.0, 18.0), vacuum_A=6.0),
-                              cell_size_A=32.0, optics_per_exit_wave=2, split_fractions=(0.0, 0.0, 1.0))
+    config = SimulationConfig.legacy(structure=StructureConfig(diameter_range_A=(12.0, 18.0), vacuum_A=6.0),
+                                     cell_size_A=32.0, optics_per_exit_wave=2, split_fractions=(0.0, 0.0, 1.0))
     out = tmp_path_factory.mktemp("data") / "tiny"
     write_dataset(out, 4, 1, 0, config, progress=False)
     records = [r for p in shard_paths(out, "test") for r in iter_shard(p)]

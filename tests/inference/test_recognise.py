@@ -79,8 +79,8 @@ def test_shipped_model_marks_what_it_does_not_know(tmp_path):
     from ceriakeras.physics.structures import build_other_particle
 
     pixel_A, cell_A = 0.2, 48.0
-    config = SimulationConfig(structure=StructureConfig(diameter_range_A=(22.0, 30.0)),
-                              cell_size_A=cell_A, pixel_size_A=pixel_A, optics_per_exit_wave=2)
+    config = SimulationConfig.legacy(structure=StructureConfig(diameter_range_A=(22.0, 30.0)),
+                                     cell_size_A=cell_A, pixel_size_A=pixel_A, optics_per_exit_wave=2)
     known = [ex.image for ex in simulate_particle(0, 5151, config)]
     rng = np.random.default_rng(5)
     others = [image_of_atoms(build_other_particle(m, axis, 26.0, rotation_deg=17.0),

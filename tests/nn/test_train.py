@@ -69,7 +69,7 @@ def test_column_height_accuracy_uses_probability_mass_in_each_disk():
 # --- learning -------------------------------------------------------------------------------------
 def test_a_tiny_set_is_overfitted():
     rng = np.random.default_rng(0)
-    config = SimulationConfig(cell_size_A=16.0, optics_per_exit_wave=4, max_height=MAX_HEIGHT)
+    config = SimulationConfig.legacy(cell_size_A=16.0, optics_per_exit_wave=4, max_height=MAX_HEIGHT)
     examples = synthetic_particle(0, 0, config)
     image = np.stack([e.image[:32, :32] for e in examples])[..., None] * 500.0  # expected counts
     label = np.stack([e.label[:32, :32] for e in examples]).astype(np.int32)
@@ -309,11 +309,28 @@ def test_datasets_that_differ_are_refused_by_name(dataset, tmp_path):
         read_manifests([dataset, dataset])
 
 
-def test_the_dataset_json_of_a_run_of_versions_1_2_still_reads():
+def _run_of_versions_1_2(run: Path) -> Path:
+    """A run folder's records as versions 1–2 wrote them (the fields of run-2, which left the
+    tree with issue 23: ``git checkout ceria110-v2 -- saved_models/ceria110/run-2``): one
+    ``data_dir`` and ``manifest_sha256``, no ``datasets``, a 'unet' without ``architecture``."""
+    run.mkdir()
+    (run / "dataset.json").write_text(json.dumps({
+        "data_dir": "tfrecords/ceria110", "manifest_sha256": "1e07" + "ab" * 30,
+        "pixel_size_A": 0.2, "max_height": 16, "label_radius_A": 0.5,
+        "counts": {"test": 296, "train": 2400, "validation": 304},
+        "class_weights": [0.1] + [1.0] * 16}))
+    (run / "config.json").write_text(json.dumps({
+        "model": {"depth": 3, "base_filters": 16, "max_height": 16, "pixel_size_A": 0.2},
+        "epochs": 50, "steps_per_epoch": 150}))
+    (run / "metrics.json").write_text(json.dumps({"best_epoch": 38, "val_loss": 0.4}))
+    return run
+
+
+def test_the_dataset_json_of_a_run_of_versions_1_2_still_reads(tmp_path):
     from ceriakeras.nn.export import model_info
     from ceriakeras.data.records import compare_run_datasets, run_datasets
 
-    run = Path(__file__).resolve().parents[2] / "saved_models" / "ceria110" / "run-2"
+    run = _run_of_versions_1_2(tmp_path / "run-2")
     record = json.loads((run / "dataset.json").read_text())
     assert "datasets" not in record
     assert run_datasets(record) == [{"data_dir": record["data_dir"],
@@ -322,6 +339,7 @@ def test_the_dataset_json_of_a_run_of_versions_1_2_still_reads():
     assert compare_run_datasets(record, ["cd" * 32]) == (["cd" * 32], [record["manifest_sha256"]])
     info = model_info(run, run / "checkpoints" / "best.keras")
     assert info["manifest_sha256s"] == [info["manifest_sha256"]] == [record["manifest_sha256"]]
+    assert info["data_dirs"] == ["tfrecords/ceria110"] and info["pixel_size_A"] == 0.2
 
 
 @pytest.mark.slow

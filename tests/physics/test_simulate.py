@@ -33,7 +33,7 @@ from ceriakeras.physics.simulate import (
 )
 from ceriakeras.physics.structures import build_particle, column_table
 
-SMALL = SimulationConfig(
+SMALL = SimulationConfig.legacy(
     structure=StructureConfig(diameter_range_A=(12.0, 16.0)),
     optics=OpticsConfig(defocus_range_nm=(-6.0, 6.0), cs_range_um=(-10.0, 10.0)),
     cell_size_A=32.0,
@@ -363,6 +363,33 @@ def test_v3_data_config_holds_its_delocalisation_and_round_trips():
     # 10 Å less cell would let the worst optics wrap around.
     with pytest.raises(ConfigError, match="wrap around"):
         check_simulation_config(dataclasses.replace(config, cell_size_A=config.cell_size_A - 10.0))
+
+
+def test_defaults_are_the_v3_data_and_the_old_settings_need_naming(tmp_path):
+    """SimulationConfig() is configs/ceria110_v3_data.toml; the old, unconverged settings come
+    only from SimulationConfig.legacy() or configs/legacy_fast.toml (issue 23)."""
+    from pathlib import Path
+
+    from ceriakeras.config import load_config
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    default = SimulationConfig()
+    assert default == load_config(SimulationConfig, configs / "ceria110_v3_data.toml")
+    assert (default.sampling_A, default.slice_thickness_A, default.cell_size_A) == (0.04, 1.0, 128.0)
+    check_simulation_config(default)
+    legacy = SimulationConfig.legacy()
+    assert (legacy.sampling_A, legacy.slice_thickness_A, legacy.cell_size_A) == (0.1, 2.0, 64.0)
+    assert not legacy.vacuum_for_delocalisation and legacy.multislice_margin_A is None
+    assert legacy.optics == OpticsConfig() and legacy.structure == StructureConfig()
+    assert load_config(SimulationConfig, configs / "legacy_fast.toml") == legacy
+    assert SimulationConfig.legacy(cell_size_A=32.0).cell_size_A == 32.0
+    named = tmp_path / "named.toml"
+    named.write_text('preset = "legacy"\nsampling_A = 0.05\n[structure]\nvacuum_A = 6.0\n')
+    assert load_config(SimulationConfig, named) == SimulationConfig.legacy(
+        sampling_A=0.05, structure=StructureConfig(vacuum_A=6.0))
+    named.write_text('preset = "fast"\n')
+    with pytest.raises(ConfigError, match="only preset is"):
+        load_config(SimulationConfig, named)
 
 
 # --- multislice in a small cell, lens in the whole cell --------------------------------------
