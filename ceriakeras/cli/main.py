@@ -2,7 +2,7 @@
 
 Every command turns a :class:`ceriakeras.config.CeriakerasError` into one line on stderr
 (``error: …``) and exit status 2. Heavy libraries (TensorFlow, abTEM) are imported inside the
-commands so that ``--help`` is instant, and only after :mod:`ceriakeras.cli.preflight` has checked
+commands so that ``--help`` is instant, and only after the stages' plan functions (``analysis.plan``, ``nn.plan``, ``evaluation.plan``, ``data.plan``) have checked
 the arguments, paths, file headers and the model's JSON, so bad input is refused before
 TensorFlow loads. TensorFlow's, absl's and CUDA's own log lines are hidden unless ``--verbose``
 is given (:func:`_quiet_libraries`).
@@ -311,7 +311,7 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
     from pathlib import Path
 
     from ..config import ConfigError, TrainConfig, load_config
-    from .preflight import check_train
+    from ..nn.plan import check_train
 
     for name, value in (("--epochs", epochs), ("--steps-per-epoch", steps_per_epoch),
                         ("--batch-size", batch_size)):
@@ -383,12 +383,13 @@ def export(run_dir, out_dir, version, calibrate_on, calibration_images, calibrat
 
     Example: ceriakeras export --run runs/demo --out saved_models/demo --calibrate tfrecords/demo
     """
-    from .preflight import check_export
+    from ..nn.plan import check_export
 
     calibrate_on = list(calibrate_on) or None
     run_dir, checkpoint = list(run_dir), list(checkpoint) or ["best"]
     check_export(run_dir, out_dir, version, calibrate_on=calibrate_on, checkpoint=checkpoint)
-    from ..nn.export import export_run, read_info
+    from ..inference.served import read_info
+    from ..nn.export import export_run
 
     path = export_run(run_dir, out_dir, version, calibrate_on=calibrate_on,
                       calibration_images=calibration_images, calibration_map=calibration_map,
@@ -445,8 +446,8 @@ def calibrate(model_path, datasets, out_dir, version, method, max_images, no_tta
     Example: ceriakeras calibrate --model saved_models/ceria110/2 --data tfrecords/mine
     --out saved_models/ceria110-mine
     """
-    from ..inference.modelinfo import model_settings, read_info
-    from .preflight import check_calibration_data
+    from ..inference.served import model_settings, read_info
+    from ..evaluation.plan import check_calibration_data
     from ..evaluation.recalibrate import target_version
 
     source, _ = target_version(model_path, out_dir, version)
@@ -491,10 +492,18 @@ def calibrate(model_path, datasets, out_dir, version, method, max_images, no_tta
               help="Detector gain: counts (the file's units) per electron, for the dose and the "
                    "confidence calibration; default: the file's, else estimated from the frames' "
                    "noise (series: frame differences; single frame: its vacuum), else 1.")
+@click.option("--server", default=None, metavar="URL",
+              help="Run the network on a TF Serving server: http://HOST:8501 (REST) or "
+                   "grpc://HOST:8500; --model is then its local copy (assets and version).")
+@click.option("--model-name", default=None, metavar="NAME",
+              help="Name the --server serves the model under (default: the --model folder's name).")
+@click.option("--server-timeout", "server_timeout_s", type=float, default=120.0, metavar="SECONDS",
+              help="Seconds to wait for each --server answer (s; default 120).")
 @_verbose_option
 @_one_line_errors
 def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every, movie,
-            batch_size, tta, details, config_path, quiet, counts_per_electron):
+            batch_size, tta, details, config_path, quiet, counts_per_electron, server,
+            model_name, server_timeout_s):
     """Find Ce columns and their heights (Ce atoms) in images or series: INPUT... are TIFF
     (single, multi-page, ImageJ, OME), .npy, DM3/DM4, EMD or SER files, or folders of them.
 
@@ -502,16 +511,23 @@ def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every,
     to the particle and, for a series, an annotated movie and heights and total Ce over time.
     An interrupted run resumes when rerun with the same arguments.
     """
-    from ..config import AnalyzeConfig, load_config
+    from ..analysis.plan import check_analyze
+    from ..config import AnalyzeConfig, ConfigError, load_config
     from ..inference.detector import check_counts_per_electron
-    from .preflight import check_analyze
 
     config = load_config(AnalyzeConfig, config_path, overlay_every=overlay_every,
                          batch_size=batch_size, test_time_augmentation=tta or None, movie=movie)
     check_counts_per_electron(counts_per_electron)
     check_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A, config=config,
                   overwrite=overwrite)
-    from ..analysis.run import analyze as run_analyze, format_summary
+    if server is not None:  # the network runs on the server; the rest here, as with --model
+        from ..inference.remote import remote_model
+
+        model = remote_model(server, model, model_name=model_name, timeout_s=server_timeout_s)
+    elif model_name is not None:
+        raise ConfigError("--model-name goes with --server URL")
+    from ..analysis.run import analyze as run_analyze
+    from ..analysis.tables import format_summary
 
     summary = run_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A,
                           config=config, overwrite=overwrite, xyz=xyz, details=details,
@@ -584,10 +600,10 @@ def evaluate(ctx, model_path, data_dir, doses, out_dir, split, max_images, seed,
     from pathlib import Path
 
     from ..config import AnalyzeConfig, ConfigError
-    from .preflight import check_evaluate
+    from ..evaluation.plan import check_evaluate
 
     if model_path is None:
-        from ..analysis.run import default_model_path
+        from ..inference.served import default_model_path
 
         model_path = str(default_model_path())
     if out_dir is None:
@@ -604,7 +620,7 @@ def evaluate(ctx, model_path, data_dir, doses, out_dir, split, max_images, seed,
     check_evaluate(model_path, data_dir, out_dir, split=split, overwrite=overwrite)
     from ..evaluation.evaluate import evaluate as run_evaluation
     from ..evaluation.evaluate import format_table
-    from ..nn.export import load_served_model
+    from ..inference.served import load_served_model
 
     model = load_served_model(model_path)
     result = run_evaluation(

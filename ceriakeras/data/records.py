@@ -38,7 +38,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from ..config import SCHEMA_VERSION, ConfigError, DataError, SimulationConfig, from_dict, to_dict
-from ..io.files import atomic_path, file_sha256, write_text_atomic
+from ..io.files import atomic_path, file_sha256, read_json, write_text_atomic
+from ..noise import poisson_counts
 
 SPLITS = ("train", "validation", "test")
 """The three splits, in the order their particles are assigned."""
@@ -328,16 +329,8 @@ def _versions() -> dict:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as err:
-        raise DataError(
-            f"{path} is unreadable ({_first_line(err)}); rebuild it with "
-            f"`ceriakeras simulate --out {path.parent} --repair`"
-        ) from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path} is not a ceriakeras manifest; rebuild the dataset with `ceriakeras simulate`")
-    return data
+    return read_json(path, error=DataError, advice="rebuild it with "
+                     f"`ceriakeras simulate --out {path.parent} --repair`")
 
 
 def read_manifest(data_dir: str | Path) -> dict:
@@ -381,7 +374,7 @@ def shard_paths(data_dir: str | Path, split: str) -> list[Path]:
     return [Path(data_dir) / s["file"] for s in manifest["splits"].get(split, {}).get("shards", [])]
 
 
-def _check_shard(path: Path, info: dict, *, deep: bool) -> str | None:
+def check_shard(path: Path, info: dict, *, deep: bool) -> str | None:
     """What is wrong with one shard compared with its manifest entry (None if nothing)."""
     if not path.is_file():
         return "is missing"
@@ -433,7 +426,7 @@ def verify_dataset(data_dir: str | Path, *, splits: Sequence[str] = SPLITS, deep
         for info in entry["shards"]:
             path = data_dir / info["file"]
             listed.add(info["file"])
-            problem = _check_shard(path, info, deep=deep)
+            problem = check_shard(path, info, deep=deep)
             if problem:
                 raise DataError(f"shard {path} {problem}; {_repair_hint(data_dir)}")
             total += info["examples"]
@@ -676,7 +669,7 @@ def _write_previews(out: Path, plan: list[ShardPlan], k: int, seed: int) -> None
                 continue
             image, label, px = rec["image"], rec["label"], float(rec["pixel_size"])
             rng = np.random.default_rng([seed, done - 1])
-            noisy = rng.poisson(np.clip(image, 0, None) * PREVIEW_DOSE_E_PER_A2 * px * px)
+            noisy = poisson_counts(rng, image, PREVIEW_DOSE_E_PER_A2, px)
             meta = json.loads(rec["metadata"])
             fig, axes = plt.subplots(1, 3, figsize=(12, 4.3))
             axes[0].imshow(image, cmap="gray")

@@ -45,12 +45,13 @@ from typing import Sequence
 import numpy as np
 from scipy import optimize
 
-from ..inference.columns import calibrate_confidence, find_columns
+from ..inference.columns import calibrate_confidence
 from ..config import (CALIBRATION_MAPS, AnalyzeConfig, ConfigError, DataError,  # noqa: F401
                      InputError)
 from ..io.files import file_sha256
-from ..inference.resample import model_to_input_px, resample_counts, resample_factor
-from ..inference.modelinfo import model_settings, with_model_threshold
+from ..inference.predict import ColumnSettings, frame_columns
+from ..inference.resample import resample_counts, resample_factor
+from ..inference.served import model_settings
 from .scoring import MATCH_DISTANCE_A, Tally, calibration, check_doses, noisy_predictions
 
 CALIBRATION_DOSES_E_PER_A2 = (20.0, 50.0, 200.0, 1000.0, 5000.0, 20000.0)
@@ -254,8 +255,8 @@ def collect_columns(predict, datasets: Sequence, info: dict, *,
 
     doses = check_doses(doses)
     config = config or AnalyzeConfig()
-    pixel_size_A, max_height, label_radius_A = model_settings(info)
-    config = with_model_threshold(config, info)
+    pixel_size_A = model_settings(info)[0]
+    settings = ColumnSettings.for_model(info, config, calibrated=False)
     keys = ("confidence", "height", "height_std", "correct", "matched", "dataset", "image")
     parts = {d: {k: [] for k in keys} for d in doses}
     sources = []
@@ -269,12 +270,7 @@ def collect_columns(predict, datasets: Sequence, info: dict, *,
                 _resampled(predict, factor), data_dir, split, doses, data_px, seed=seed,
                 max_images=max_images, progress=progress, desc=f"{desc} {Path(data_dir).name}"):
             for k, d in enumerate(doses):
-                found = find_columns(probabilities[k], pixel_size_A,
-                                     min_distance_A=config.min_distance_A,
-                                     threshold=config.threshold, label_radius_A=label_radius_A)
-                if factor != 1:  # as analyze: columns back on the input grid
-                    found = {**found, "x_px": model_to_input_px(found["x_px"], factor),
-                             "y_px": model_to_input_px(found["y_px"], factor)}
+                found = frame_columns(probabilities[k], factor, settings)  # as analyze
                 tally = Tally()
                 tally.add(found, true_columns, data_px, MATCH_DISTANCE_A)
                 p = parts[d]
@@ -499,7 +495,7 @@ def fit_model_calibrations(predict, predict_tta, datasets, info: dict, *,
                            split: str = "validation", progress: bool = False) -> dict:
     """The tables a model carries: ``confidence_calibration`` fitted through ``predict`` (plain
     inference) and, unless ``predict_tta`` is None, ``confidence_calibration_tta`` through it
-    (test-time augmentation, :class:`ceriakeras.nn.export.DihedralAveraged`): the consumers' own
+    (test-time augmentation, :class:`ceriakeras.inference.served.DihedralAveraged`): the consumers' own
     paths. Each is :func:`fit_confidence_calibration` plus its ``method`` sentence."""
     method = method or DEFAULT_MAP
     out = {}

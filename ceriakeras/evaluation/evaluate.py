@@ -27,6 +27,7 @@ from scipy import ndimage
 
 from ..config import AnalyzeConfig, ConfigError, InputError, to_dict
 from ..io.files import atomic_path, write_text_atomic
+from ..noise import counts_per_pixel
 from .scoring import (MATCH_DISTANCE_A, Tally, calibration, check_doses, ece_spread,
                       noisy_predictions)
 
@@ -110,8 +111,8 @@ def baseline_columns(
     """
     from skimage.feature import peak_local_max
 
-    counts_per_pixel = dose_e_per_A2 * pixel_size_A ** 2
-    contrast = np.asarray(noisy_counts, np.float64) / counts_per_pixel - 1.0
+    vacuum_counts = counts_per_pixel(dose_e_per_A2, pixel_size_A)
+    contrast = np.asarray(noisy_counts, np.float64) / vacuum_counts - 1.0
     clean_contrast = np.asarray(clean_image, np.float64) - 1.0
     sigma_px = smoothing_A / pixel_size_A
     smooth = ndimage.gaussian_filter(contrast, sigma_px, mode="nearest")
@@ -123,7 +124,7 @@ def baseline_columns(
     sign = 1.0 if np.sum(at_columns) >= 0 else -1.0
     # Shot noise of the smoothed contrast: per-pixel variance 1/counts (vacuum), divided by the
     # Gaussian's effective area 4π σ².
-    noise_std = 1.0 / math.sqrt(counts_per_pixel * 4.0 * math.pi * sigma_px ** 2)
+    noise_std = 1.0 / math.sqrt(vacuum_counts * 4.0 * math.pi * sigma_px ** 2)
     weakest = float(np.min(sign * at_columns)) if len(at_columns) else 0.0
     threshold = max(noise_sigmas * noise_std, 0.5 * weakest)
 
@@ -168,7 +169,7 @@ def evaluate(
     Parameters
     ----------
     model : object with ``.info`` and ``.predict``
-        A served model (:func:`ceriakeras.nn.export.load_served_model`) or anything with the same
+        A served model (:func:`ceriakeras.inference.served.load_served_model`) or anything with the same
         interface: ``info`` with ``pixel_size_A``, ``max_height``, ``label_radius_A``;
         ``predict(images (B, H, W) float32 counts) -> (probabilities (B, H, W, C), height)``.
     data_dir : path
@@ -201,8 +202,9 @@ def evaluate(
     dict
         What ``metrics.json`` holds.
     """
-    from ..inference.columns import estimate_dose, find_columns
-    from ..inference.modelinfo import model_settings, with_model_threshold
+    from ..inference.columns import find_columns
+    from ..noise import estimate_dose
+    from ..inference.served import model_settings, with_model_threshold
 
     doses = check_doses(doses)
     config = config or AnalyzeConfig()
@@ -213,7 +215,7 @@ def evaluate(
     if (out_dir / "metrics.json").exists() and not overwrite:
         raise ConfigError(f"{out_dir} already holds an evaluation: pass --overwrite or choose another --out")
     if config.test_time_augmentation:
-        from ..nn.export import DihedralAveraged
+        from ..inference.served import DihedralAveraged
 
         model = DihedralAveraged(model)
     pixel_size_A, max_height, label_radius_A = model_settings(model.info)
@@ -734,11 +736,10 @@ def evaluate_images(
     import csv
     import io as _stdio
 
-    from ..analysis.run import CSV_HEADER
-    from ..inference.columns import estimate_dose, find_columns
+    from ..analysis.tables import CSV_HEADER
+    from ..inference.served import find_version, model_settings, read_info, with_model_threshold
+    from ..inference.predict import ColumnSettings, predict_columns
     from ..io.series import expand_inputs, open_series
-    from ..inference.resample import model_to_input_px, resample_counts
-    from ..inference.modelinfo import find_version, model_settings, read_info, with_model_threshold
 
     config = config or AnalyzeConfig()
     config.validate()
@@ -764,14 +765,15 @@ def evaluate_images(
                                        pixel_size_A=pixel_size_A, model_pixel_A=model_px,
                                        config=config)
     if isinstance(model, (str, os.PathLike)):
-        from ..nn.export import load_served_model
+        from ..inference.served import load_served_model
 
         model = load_served_model(model)
     if config.test_time_augmentation:
-        from ..nn.export import DihedralAveraged
+        from ..inference.served import DihedralAveraged
 
         model = DihedralAveraged(model)
     calibration_table = model.info.get("confidence_calibration")
+    settings = ColumnSettings.for_model(model.info, config)
 
     tallies: dict[float, Tally] = {}
     n_by_dose: dict[float, int] = {}
@@ -789,16 +791,9 @@ def evaluate_images(
             frame = next(series.frames())
         if frame.error is not None:
             raise InputError(frame.error)
-        px, factor = item["pixel_size_A"], item["factor"]
-        small = resample_counts(frame.image, factor)
-        probabilities, _ = model.predict(small[None].astype(np.float32))
-        estimated = estimate_dose(small, model_px)
-        found = find_columns(np.asarray(probabilities)[0], model_px,
-                             min_distance_A=config.min_distance_A, threshold=config.threshold,
-                             label_radius_A=label_radius_A, calibration=calibration_table,
-                             dose_e_per_A2=estimated)
-        x = model_to_input_px(found["x_px"], factor)
-        y = model_to_input_px(found["y_px"], factor)
+        px = item["pixel_size_A"]
+        found, estimated = predict_columns(model, frame.image, item["factor"], settings)
+        x, y = found["x_px"], found["y_px"]
         pred = {"x_px": x, "y_px": y, "height": found["height"], "confidence": found["confidence"]}
         for j in range(len(x)):
             writer.writerow([item["source"], 0, f"{x[j]:.3f}", f"{y[j]:.3f}", f"{x[j] * px:.4f}",

@@ -25,15 +25,6 @@ def _disk_offsets(radius_px: float) -> np.ndarray:
     return np.stack([dy[inside], dx[inside]], axis=1)
 
 
-def estimate_dose(counts: np.ndarray, pixel_size_A: float) -> float:
-    """Dose of a frame in counts, e⁻/Å²: the mean count per pixel over the pixel area.
-
-    A particle scatters electrons but, in phase contrast, keeps nearly all of them in the image,
-    so the mean is the incident dose to within a few per cent.
-    """
-    return float(np.mean(counts, dtype=np.float64)) / float(pixel_size_A) ** 2
-
-
 def calibrate_confidence(confidence: np.ndarray, dose_e_per_A2: float, table: dict, *,
                          height: np.ndarray | None = None,
                          height_std: np.ndarray | None = None) -> np.ndarray:
@@ -44,7 +35,7 @@ def calibrate_confidence(confidence: np.ndarray, dose_e_per_A2: float, table: di
     confidence : array in [0, 1]
         Raw confidence (the reported height's share of the disk's probability mass).
     dose_e_per_A2 : float
-        Dose of the frame (:func:`estimate_dose`), e⁻/Å².
+        Dose of the frame (:func:`ceriakeras.noise.estimate_dose`), e⁻/Å².
     table : dict
         The model's ``confidence_calibration``, fitted by
         :func:`ceriakeras.evaluation.calibration.fit_confidence_calibration`: ``dose_e_per_A2`` and, by its
@@ -159,7 +150,7 @@ def find_columns(probabilities: np.ndarray, pixel_size_A: float, *, min_distance
         height is taken from the probability mass inside it.
     calibration : dict, optional
         The model's ``confidence_calibration`` (:func:`calibrate_confidence`); then
-        ``dose_e_per_A2`` (of the frame, :func:`estimate_dose`) is needed too.
+        ``dose_e_per_A2`` (of the frame, :func:`ceriakeras.noise.estimate_dose`) is needed too.
     dose_e_per_A2 : float, optional
         Dose of the frame, e⁻/Å².
 

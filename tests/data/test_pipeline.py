@@ -13,7 +13,8 @@ from scipy import stats
 
 from ceriakeras.data import records
 from ceriakeras.config import ConfigError, DataError, PipelineConfig
-from ceriakeras.data.pipeline import draw_dose, expected_counts, make_dataset, poisson_sample
+from ceriakeras.data.pipeline import draw_dose, make_dataset
+from ceriakeras.noise import expected_counts, poisson_sample
 from helpers import SMALL, fake_simulator
 
 PX = SMALL.pixel_size_A
@@ -257,7 +258,7 @@ def test_bad_inputs_name_the_file(tmp_path, data_dir):
 
 # --- detector MTF and the optics targets ---------------------------------------------------------
 def test_detector_blur_gives_the_asked_neighbour_correlation_under_xla():
-    from ceriakeras.data.pipeline import detector_blur
+    from ceriakeras.noise import detector_blur
 
     blur = tf.function(detector_blur, jit_compile=True)
     noise = tf.random.stateless_normal([3, 256, 256, 1], seed=[4, 2])

@@ -285,15 +285,10 @@ def test_a_dataset_with_finer_pixels_is_calibrated_through_the_analyze_resamplin
 
 
 def test_the_holdout_study_draws_one_image_per_particle_and_pools_sets():
-    """scripts/studies/calibration_holdout.py: 12-image draws take each image of another particle; a
+    """evaluation.holdout (scripts/studies/calibration_holdout.py): 12-image draws take each image of another particle; a
     map that is right on average but 0.25 off on every particle scatters above its floor."""
-    import sys
+    from ceriakeras.evaluation.holdout import pooled, subset_ece
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "studies"))
-    try:
-        from calibration_holdout import pooled, subset_ece
-    finally:
-        sys.path.pop(0)
     rng = np.random.default_rng(2)
     n_images, per_image = 64, 200           # 16 particles × 4 optics, as simulate stores them
     image = np.repeat(np.arange(n_images), per_image)

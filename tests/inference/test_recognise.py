@@ -149,15 +149,11 @@ def test_a_vacuum_normalised_model_needs_vacuum_and_the_others_do_not():
 
 
 def test_vacuum_study_frames_leave_the_asked_room_around_the_particle():
-    """scripts/studies/vacuum_study.py cuts frames with the given margin (Å) beyond the outermost true
-    column, clipped by the image, and moves the truth into the frame's pixels."""
-    import sys
+    """evaluation.framing.framings (scripts/studies/vacuum_study.py) cuts frames with the given
+    margin (Å) beyond the outermost true column, clipped by the image, and moves the truth into
+    the frame's pixels."""
+    from ceriakeras.evaluation.framing import framings
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "studies"))
-    try:
-        from vacuum_study import framings
-    finally:
-        sys.path.pop(0)
     image = np.arange(100 * 120, dtype=np.float64).reshape(100, 120)
     columns = np.array([[40.0, 30.0, 3.0], [50.0, 40.0, 4.0], [60.0, 50.0, 5.0]])  # x_px, y_px, h
     out = list(framings(image, columns, 0.2, (1.0, 100.0, -1.0)))

@@ -1,0 +1,59 @@
+"""What ``evaluate`` and a calibration check before the model loads: model, datasets, ``--out``.
+
+No module imported here imports TensorFlow, Keras or abTEM at module level, so the command line
+calls this before TensorFlow loads (``tests/cli/test_cli.py`` checks that a refused command never
+imports TensorFlow).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import ConfigError, DataError
+from ..data.plan import check_dataset
+from ..inference.served import model_settings, model_version
+from ..io.files import check_out_dir
+
+
+def check_evaluate(model, data_dir, out_dir, *, split: str = "test",
+                   overwrite: bool = False) -> None:
+    """What ``ceriakeras evaluate`` checks before the model loads: the model and the dataset
+    exist, the dataset is at the model's pixel size (Å) and its ``split`` is not empty, and
+    ``out_dir`` holds no earlier evaluation (unless ``overwrite``).
+
+    Raises
+    ------
+    ModelError, DataError, ConfigError
+    """
+    _, info = model_version(model)
+    model_px, _, _ = model_settings(info)
+    check_dataset(data_dir, split, model_px, "simulate the test data")
+    out_dir = check_out_dir(out_dir)
+    if (out_dir / "metrics.json").exists() and not overwrite:
+        raise ConfigError(f"{out_dir} already holds an evaluation: pass --overwrite or choose "
+                          "another --out")
+
+
+def check_calibration_data(datasets, pixel_size_A: float | None,
+                           split: str = "validation") -> None:
+    """Every calibration dataset (a path, ``PATH:SPLIT``, or a list of them;
+    :func:`ceriakeras.evaluation.calibration.parse_dataset`) has a non-empty split and pixels the model can
+    use: ``pixel_size_A`` (Å) or finer, down to 0.05 Å (they are resampled as ``analyze`` does).
+
+    Raises
+    ------
+    DataError, ConfigError
+    """
+    from ..evaluation.calibration import dataset_factor, parse_dataset
+
+    specs = [datasets] if isinstance(datasets, (str, Path, tuple)) else list(datasets)
+    if not specs:
+        raise ConfigError("no calibration dataset given: pass at least one folder")
+    for spec in specs:
+        path, which = parse_dataset(spec, split)
+        if not Path(path).is_dir():
+            raise DataError(f"calibration dataset {path} does not exist: simulate it with "
+                            "`ceriakeras simulate`")
+        manifest = check_dataset(path, which, None, "calibrate on data")
+        if pixel_size_A is not None:
+            dataset_factor(path, float(manifest.get("pixel_size_A", pixel_size_A)), pixel_size_A)
