@@ -30,12 +30,12 @@ UPWARD_IMPORTS = {
 """(importer, imported) pairs allowed to point up the layers."""
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
-LONG_MODULES = {"config", "physics.simulate", "data.records", "nn.train", "evaluation.evaluate",
+LONG_MODULES = {"config", "physics.simulate", "data.records", "nn.train",
                 "evaluation.calibration", "io.series", "cli.main"}
 """Modules still over :data:`MAX_MODULE_LINES` lines (to be split; the list can only shrink)."""
 LONG_FUNCTIONS = {
     "nn.model.build_context_unet", "nn.export.export_run", "nn.train.fit_multi_worker",
-    "nn.train.train", "evaluation.evaluate.evaluate", "evaluation.evaluate.evaluate_images",
+    "nn.train.train", "evaluation.evaluate.evaluate",
     "physics.simulate.simulate_particle", "physics.structures.build_particle",
     "inference.columns.find_columns", "data.records.write_dataset", "data.pipeline.make_dataset",
 }

@@ -25,6 +25,9 @@ estimate is the median over the kept tiles and its standard error comes from the
 
 Assumption: zero offset (dark-subtracted counts, as direct-electron and gain-referenced cameras
 give). A CCD's bias must be subtracted first.
+
+The gain policy of one input (:func:`input_gain`, what ``analyze`` uses): the option, else the
+file's own, else these estimates, else 1 with a warning.
 """
 
 from __future__ import annotations
