@@ -34,7 +34,7 @@ class PoissonNoise(keras.layers.Layer):
     its state every step), so every epoch sees fresh noise. At inference it is the identity.
 
     With ``detector_correlation_max > 0`` the counts are then blurred by a detector MTF
-    (:func:`ceriakeras.noise.detector_blur`) whose neighbour-pixel noise correlation is
+    (:func:`ceriakeras.data.pipeline.detector_blur`) whose neighbour-pixel noise correlation is
     drawn per image uniformly in ``[0, detector_correlation_max]``, so the network also sees the
     correlated noise of real cameras. The blur keeps every image's total count.
     """
