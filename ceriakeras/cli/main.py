@@ -518,14 +518,14 @@ def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every,
     config = load_config(AnalyzeConfig, config_path, overlay_every=overlay_every,
                          batch_size=batch_size, test_time_augmentation=tta or None, movie=movie)
     check_counts_per_electron(counts_per_electron)
+    if model_name is not None and server is None:
+        raise ConfigError("--model-name goes with --server URL: give both, or neither")
     check_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A, config=config,
                   overwrite=overwrite)
     if server is not None:  # the network runs on the server; the rest here, as with --model
         from ..inference.remote import remote_model
 
         model = remote_model(server, model, model_name=model_name, timeout_s=server_timeout_s)
-    elif model_name is not None:
-        raise ConfigError("--model-name goes with --server URL")
     from ..analysis.run import analyze as run_analyze
     from ..analysis.tables import format_summary
 

@@ -252,3 +252,15 @@ def test_a_server_url_without_a_known_scheme_is_refused_before_any_call(tmp_path
         {"pixel_size_A": PIXEL_A, "max_height": 16, "label_radius_A": 0.5}))
     with pytest.raises(ServingError, match="http://"):
         remote_model("localhost:8501", version_dir.parent)
+
+
+def test_model_name_without_a_server_is_one_line_and_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from ceriakeras.cli.main import main
+
+    np.save(tmp_path / "f.npy", np.full((32, 32), 40.0, np.float32))
+    res = CliRunner().invoke(main, ["analyze", str(tmp_path / "f.npy"), "--model-name", MODEL_NAME,
+                                    "--out", str(tmp_path / "out"), "--quiet"])
+    assert res.exit_code == 2
+    assert "--model-name goes with --server" in res.output and res.output.count("\n") == 1
