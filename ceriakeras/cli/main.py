@@ -220,7 +220,7 @@ def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell
     import shlex
 
     from ..config import ConfigError, SimulationConfig, load_config
-    from ..data.records import dataset_parameters, write_dataset
+    from ..data.writer import dataset_parameters, write_dataset
 
     if workers is not None and scheduler is not None:
         raise ConfigError("give either --workers or --scheduler, not both")

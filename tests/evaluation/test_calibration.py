@@ -120,7 +120,8 @@ def test_parse_dataset_takes_a_split_suffix_only_when_it_names_a_split():
 def two_split_dataset(tmp_path_factory):
     """Four images of two particles, one in the validation and one in the test split."""
     from ceriakeras.config import SimulationConfig, StructureConfig
-    from ceriakeras.data.records import iter_shard, shard_paths, write_dataset
+    from ceriakeras.data.records import iter_shard, shard_paths
+    from ceriakeras.data.writer import write_dataset
 
     config = SimulationConfig(structure=StructureConfig(diameter_range_A=(12.0, 18.0), vacuum_A=6.0),
                               cell_size_A=32.0, optics_per_exit_wave=2,
@@ -252,7 +253,8 @@ def test_a_dataset_with_finer_pixels_is_calibrated_through_the_analyze_resamplin
     """Counts at 0.1 Å are summed into the model's 0.2 Å pixels before the model sees them, and
     the columns it finds are matched on the dataset's own grid."""
     from ceriakeras.config import SimulationConfig, StructureConfig
-    from ceriakeras.data.records import iter_shard, shard_paths, write_dataset
+    from ceriakeras.data.records import iter_shard, shard_paths
+    from ceriakeras.data.writer import write_dataset
 
     config = SimulationConfig(structure=StructureConfig(diameter_range_A=(12.0, 18.0), vacuum_A=6.0),
                               cell_size_A=32.0, pixel_size_A=0.1, optics_per_exit_wave=2,

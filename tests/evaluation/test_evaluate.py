@@ -288,7 +288,8 @@ class LabelOracle:
 def tiny_dataset(tmp_path_factory):
     """Four test images (two particles × two optics) simulated by the project's own code."""
     from ceriakeras.config import SimulationConfig, StructureConfig
-    from ceriakeras.data.records import iter_shard, shard_paths, write_dataset
+    from ceriakeras.data.records import iter_shard, shard_paths
+    from ceriakeras.data.writer import write_dataset
 
     config = SimulationConfig(structure=StructureConfig(diameter_range_A=(12.0, 18.0), vacuum_A=6.0),
                               cell_size_A=32.0, optics_per_exit_wave=2, split_fractions=(0.0, 0.0, 1.0))
