@@ -50,8 +50,9 @@ from ..config import (CALIBRATION_MAPS, AnalyzeConfig, ConfigError, DataError,  
                      InputError)
 from ..io.files import file_sha256
 from ..inference.predict import ColumnSettings, frame_columns
-from ..inference.resample import resample_counts, resample_factor
+from ..inference.resample import resample_counts
 from ..inference.served import model_settings
+from .plan import dataset_factor, parse_dataset
 from .scoring import MATCH_DISTANCE_A, Tally, calibration, check_doses, noisy_predictions
 
 CALIBRATION_DOSES_E_PER_A2 = (20.0, 50.0, 200.0, 1000.0, 5000.0, 20000.0)
@@ -72,24 +73,6 @@ LOGISTIC_FEATURES = ("logit_confidence", "height_std", "height")
 
 ISOTONIC_MIN_BIN = 150
 """Fewest columns in one bin of the ``isotonic`` map (fewer at a dose → Platt there)."""
-
-SPLITS = ("train", "validation", "test")
-
-
-def parse_dataset(spec: str | os.PathLike | tuple, split: str = "validation") -> tuple[str, str]:
-    """``(folder, split)`` of a calibration dataset given as ``PATH``, ``PATH:SPLIT`` or a pair.
-
-    A suffix ``:train``, ``:validation`` or ``:test`` names the split; anything else is part of
-    the path and the split is ``split``.
-    """
-    if isinstance(spec, tuple):
-        path, which = spec
-        return str(path), str(which)
-    text = os.fspath(spec)
-    head, sep, tail = text.rpartition(":")
-    if sep and head and tail in SPLITS:
-        return head, tail
-    return text, split
 
 
 def _logit(confidence) -> np.ndarray:
@@ -186,23 +169,6 @@ def fit_isotonic(confidence: np.ndarray, correct: np.ndarray, *,
     weight = np.array([len(p) + 1.0 for p in parts])
     fitted = _pava(acc, weight)
     return [float(v) for v in x], [float(v) for v in np.clip(fitted, 1e-4, 1 - 1e-4)]
-
-
-def dataset_factor(data_dir, data_pixel_A: float, model_pixel_A: float) -> float:
-    """``model pixel / dataset pixel`` (≥ 1) of a calibration dataset.
-
-    Raises
-    ------
-    DataError
-        If the dataset's pixels are coarser than the model's or finer than 0.05 Å.
-    """
-    try:
-        return resample_factor(data_pixel_A, model_pixel_A)
-    except InputError:
-        raise DataError(
-            f"{data_dir} has {data_pixel_A:g} Å pixels but the model works at {model_pixel_A:g} Å: "
-            "calibrate on data at the model's pixel size or finer, down to 0.05 Å (--pixel-size "
-            "of `ceriakeras simulate`)") from None
 
 
 def _resampled(predict, factor: float):
