@@ -33,10 +33,9 @@ MAX_FUNCTION_LINES = 80
 LONG_MODULES = {"config", "nn.train", "io.series", "cli.main"}
 """Modules still over :data:`MAX_MODULE_LINES` lines (to be split; the list can only shrink)."""
 LONG_FUNCTIONS = {
-    "nn.model.build_context_unet", "nn.export.export_run", "nn.train.fit_multi_worker",
-    "nn.train.train", "evaluation.evaluate.evaluate",
-    "physics.simulate.simulate_particle", "physics.structures.build_particle",
-    "inference.columns.find_columns", "data.writer.write_dataset", "data.pipeline.make_dataset",
+    "nn.model.build_context_unet", "nn.train.fit_multi_worker",
+    "nn.train.train", "physics.simulate.simulate_particle", "physics.structures.build_particle",
+    "data.writer.write_dataset", "data.pipeline.make_dataset",
 }
 """Functions still over :data:`MAX_FUNCTION_LINES` lines (the list can only shrink)."""
 

@@ -36,22 +36,11 @@ DEFAULT_DOSES_E_PER_A2 = (20.0, 50.0, 200.0, 1000.0, 5000.0)
 """Doses evaluated by default, e⁻/Å² per image."""
 
 
-def evaluate(
-    model: Any,
-    data_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    doses: Sequence[float] = DEFAULT_DOSES_E_PER_A2,
-    split: str = "test",
-    seed: int = 0,
-    max_images: int | None = None,
-    baseline: bool = True,
-    progress: bool = True,
-    config: AnalyzeConfig | None = None,
-    max_distance_A: float = MATCH_DISTANCE_A,
-    overwrite: bool = False,
-    command: str = "",
-) -> dict:
+def evaluate(model: Any, data_dir: str | Path, out_dir: str | Path, *,
+             doses: Sequence[float] = DEFAULT_DOSES_E_PER_A2, split: str = "test", seed: int = 0,
+             max_images: int | None = None, baseline: bool = True, progress: bool = True,
+             config: AnalyzeConfig | None = None, max_distance_A: float = MATCH_DISTANCE_A,
+             overwrite: bool = False, command: str = "") -> dict:
     """Score a model's column heights on a dataset split at fixed doses; write metrics, plots, report.
 
     Parameters
@@ -74,16 +63,11 @@ def evaluate(
         Evaluate only the first N records of the split.
     baseline : bool
         Also score the classical baseline (:func:`baseline_columns`).
-    progress : bool
-        Show a progress bar on stderr.
     config : AnalyzeConfig, optional
         Column extraction settings, as for ``ceriakeras analyze`` (its defaults if omitted).
-    max_distance_A : float
-        Matching distance, Å.
-    overwrite : bool
-        Replace the results of an earlier evaluation in ``out_dir``.
-    command : str
-        The command line, recorded in the report.
+    progress, max_distance_A, overwrite, command
+        A progress bar on stderr; the matching distance (Å); replace the results of an earlier
+        evaluation in ``out_dir``; the command line, recorded in the report.
 
     Returns
     -------
@@ -100,29 +84,12 @@ def evaluate(
         raise ConfigError(f"{out_dir} already holds an evaluation: pass --overwrite or choose another --out")
     if config.test_time_augmentation:
         model = DihedralAveraged(model)
-    pixel_size_A, max_height, label_radius_A = model_settings(model.info)
+    max_height = model_settings(model.info)[1]
     config = with_model_threshold(config, model.info)
     calibration = model.info.get("confidence_calibration")
-
-    network = {d: Tally() for d in doses}
-    classical = {d: Tally() for d in doses}
-    n_images = 0
-    for image, true_columns, noisy, probabilities in noisy_predictions(
-            model.predict, data_dir, split, doses, pixel_size_A, seed=seed, max_images=max_images,
-            progress=progress):
-        for k, d in enumerate(doses):
-            found = find_columns(probabilities[k], pixel_size_A, min_distance_A=config.min_distance_A,
-                                 threshold=config.threshold, label_radius_A=label_radius_A,
-                                 calibration=calibration,
-                                 dose_e_per_A2=estimate_dose(noisy[k], pixel_size_A))
-            network[d].add(found, true_columns, pixel_size_A, max_distance_A)
-            if baseline:
-                base = baseline_columns(noisy[k], image, true_columns, d, pixel_size_A,
-                                        label_radius_A=label_radius_A,
-                                        min_distance_A=config.min_distance_A)
-                classical[d].add(base, true_columns, pixel_size_A, max_distance_A)
-        n_images += 1
-
+    network, classical, n_images = _score_split(model, data_dir, split, doses, config, seed=seed,
+                                                max_images=max_images, progress=progress,
+                                                baseline=baseline, max_distance_A=max_distance_A)
     result = {
         "data_dir": str(data_dir),
         "split": split,
@@ -147,3 +114,32 @@ def evaluate(
     # Last, so that a folder holding metrics.json holds a complete evaluation.
     write_text_atomic(out_dir / "metrics.json", json.dumps(result, indent=1) + "\n")
     return result
+
+
+def _score_split(model, data_dir, split: str, doses, config: AnalyzeConfig, *, seed: int,
+                 max_images, progress: bool, baseline: bool,
+                 max_distance_A: float) -> tuple[dict, dict, int]:
+    """The split's noisy copies at each dose through the model, their columns found as
+    ``analyze`` finds them and matched to the truth: ``(network, baseline)`` tallies per dose
+    (baseline empty without ``baseline``) and the number of images."""
+    pixel_size_A, _, label_radius_A = model_settings(model.info)
+    calibration = model.info.get("confidence_calibration")
+    network = {d: Tally() for d in doses}
+    classical = {d: Tally() for d in doses}
+    n_images = 0
+    for image, true_columns, noisy, probabilities in noisy_predictions(
+            model.predict, data_dir, split, doses, pixel_size_A, seed=seed, max_images=max_images,
+            progress=progress):
+        for k, d in enumerate(doses):
+            found = find_columns(probabilities[k], pixel_size_A, min_distance_A=config.min_distance_A,
+                                 threshold=config.threshold, label_radius_A=label_radius_A,
+                                 calibration=calibration,
+                                 dose_e_per_A2=estimate_dose(noisy[k], pixel_size_A))
+            network[d].add(found, true_columns, pixel_size_A, max_distance_A)
+            if baseline:
+                base = baseline_columns(noisy[k], image, true_columns, d, pixel_size_A,
+                                        label_radius_A=label_radius_A,
+                                        min_distance_A=config.min_distance_A)
+                classical[d].add(base, true_columns, pixel_size_A, max_distance_A)
+        n_images += 1
+    return network, classical, n_images

@@ -207,19 +207,17 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
         ``assets/ceriakeras.json`` as ``confidence_calibration`` and
         ``confidence_calibration_tta`` and applied by :func:`ceriakeras.inference.columns.find_columns`.
         The serving graph is the same either way.
-    calibration_images, calibration_split : int, str
-        How many images of each dataset, and the split of datasets given without one.
+    calibration_images, calibration_split, progress : int, str, bool
+        How many images of each dataset, the split of datasets given without one, and a
+        progress bar while calibrating.
     calibration_map : str, optional
         :data:`ceriakeras.evaluation.calibration.CALIBRATION_MAPS` entry; default
         :data:`ceriakeras.evaluation.calibration.DEFAULT_MAP`.
-    progress : bool
-        Progress bar while calibrating.
     column_threshold : float, optional
         The model's column threshold (column probability ``1 − p(background)``, in (0, 1)),
         recorded as ``column_threshold`` and used by ``analyze``, ``evaluate`` and the calibration
-        unless an :class:`ceriakeras.config.AnalyzeConfig` sets its own. Choose it on our own
-        validation data (``scripts/studies/threshold_study.py``); default: none recorded, so
-        :data:`ceriakeras.config.DEFAULT_COLUMN_THRESHOLD` applies.
+        unless an :class:`ceriakeras.config.AnalyzeConfig` sets its own; chosen on our own
+        validation data (:mod:`ceriakeras.evaluation.threshold`). Default: none recorded.
 
     Returns
     -------
@@ -233,12 +231,6 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
         ensemble, also members that differ in pixels, heights or outputs, or as many
         checkpoints as neither 1 nor the runs (:func:`ensemble_members`, :func:`ensemble_info`).
     """
-    import keras
-    import tensorflow as tf
-
-    from . import train as _registers_custom_metrics  # noqa: F401
-    from .model import OPTICS_OUTPUTS, has_optics, load_checkpoint, split_outputs
-
     if column_threshold is not None and not 0.0 < float(column_threshold) < 1.0:
         raise ModelError(f"column_threshold={column_threshold} must be in (0, 1) (a column "
                          "probability); choose it with scripts/studies/threshold_study.py")
@@ -246,14 +238,44 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
     out_dir = Path(out_dir)
     checkpoints = [run_checkpoint(r, c) for r, c in zip(run_dirs, checkpoints)]
     target = new_version_folder(out_dir, version)
+    models, infos = _load_members(run_dirs, checkpoints)
+    info = ensemble_info(run_dirs, infos)
+    if column_threshold is not None:
+        info["column_threshold"] = float(column_threshold)
+    serve = _serving_function(models, infos)
+    if calibrate_on is not None:
+        from ..evaluation.calibration import fit_model_calibrations
+
+        served = ServedModel(path=target, info=info, signature=serve)  # what consumers will run
+        info.update(fit_model_calibrations(
+            served.predict, DihedralAveraged(served).predict, calibrate_on, info,
+            method=calibration_map, max_images=calibration_images, split=calibration_split,
+            progress=progress))
+
+    _write_version(models, serve, info, out_dir, target, version)
+    return target
+
+
+def _load_members(run_dirs: list[Path], checkpoints: list[Path]) -> tuple[list, list[dict]]:
+    """Each member's Keras model (checkpoints made by ``ceriakeras train`` only) and its info."""
+    from . import train as _registers_custom_metrics  # noqa: F401
+    from .model import has_optics, load_checkpoint
+
     models = [load_checkpoint(c, compile=False,
                               instead="export only checkpoints made by ceriakeras train")
               for c in checkpoints]
     infos = [model_info(r, c, optics=has_optics(m))
              for r, c, m in zip(run_dirs, checkpoints, models)]
-    info = ensemble_info(run_dirs, infos)
-    if column_threshold is not None:
-        info["column_threshold"] = float(column_threshold)
+    return models, infos
+
+
+def _serving_function(models: list, infos: list[dict]):
+    """The ``serving_default`` function of the members: each one's softmax divided by its
+    training class weights and renormalized, averaged; with a global branch, the members'
+    mean per-frame optics."""
+    import tensorflow as tf
+
+    from .model import OPTICS_OUTPUTS, split_outputs
 
     # A loss weighted by w_k is minimized by q_k ∝ w_k p_k, not by the class probabilities p_k:
     # dividing by w and renormalizing gives calibrated probabilities (and fewer false columns).
@@ -277,14 +299,14 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
                 out[name] = optics[:, i]
         return out
 
-    if calibrate_on is not None:
-        from ..evaluation.calibration import fit_model_calibrations
+    return serve
 
-        served = ServedModel(path=target, info=info, signature=serve)  # what consumers will run
-        info.update(fit_model_calibrations(
-            served.predict, DihedralAveraged(served).predict, calibrate_on, info,
-            method=calibration_map, max_images=calibration_images, split=calibration_split,
-            progress=progress))
+
+def _write_version(models: list, serve, info: dict, out_dir: Path, target: Path,
+                   version: int | None) -> None:
+    """Write the SavedModel and its ``assets/ceriakeras.json`` into ``target`` atomically (a
+    temporary folder renamed), never over an existing version."""
+    import keras
 
     archive = keras.export.ExportArchive()
     for model in models:
@@ -304,4 +326,3 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return target
