@@ -33,8 +33,7 @@ MAX_FUNCTION_LINES = 80
 LONG_MODULES = {"config", "nn.train", "io.series", "cli.main"}
 """Modules still over :data:`MAX_MODULE_LINES` lines (to be split; the list can only shrink)."""
 LONG_FUNCTIONS = {
-    "nn.model.build_context_unet", "nn.train.fit_multi_worker",
-    "nn.train.train", "physics.simulate.simulate_particle", "physics.structures.build_particle",
+    "nn.model.build_context_unet", "nn.train.fit_multi_worker", "nn.train.train",
     "data.writer.write_dataset", "data.pipeline.make_dataset",
 }
 """Functions still over :data:`MAX_FUNCTION_LINES` lines (the list can only shrink)."""

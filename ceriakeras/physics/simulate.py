@@ -375,8 +375,33 @@ def simulate_particle(particle_id: int, seed: int, config: SimulationConfig | No
     grid = image_sampling_A(p, config.sampling_A, optics.energy_keV, optics.max_aperture_mrad)
     wave, cell_info = particle_exit_wave(atoms, config, grid)
     rng = np.random.default_rng(optics_seq)
+    common = _particle_metadata(seed, particle_id, particle, atoms, table, config, grid,
+                                cell_info)
+    examples = []
+    for k in range(config.optics_per_exit_wave):
+        optics = draw_optics(rng, config.optics)
+        image = image_from_exit_wave(wave, optics, p)
+        metadata = {**common, **optics, "optics_index": k,
+                    "delocalisation_A": delocalisation_A(optics)}
+        examples.append(Example(
+            image=image,
+            label=label.copy(),
+            columns=columns.astype(np.float32),
+            pixel_size_A=float(p),
+            metadata=metadata,
+            atoms=atoms.copy(),
+        ))
+    return examples
+
+
+def _particle_metadata(seed: int, particle_id: int, particle: Atoms, atoms: Atoms,
+                       table: np.ndarray, config: SimulationConfig, grid: float,
+                       cell_info: dict) -> dict:
+    """The metadata every image of one particle shares: the particle, its columns, the cell,
+    the sampling, the conventions and the software versions."""
+    p = config.pixel_size_A
     info = _jsonable(dict(particle.info))
-    common = {
+    return {
         "seed": int(seed),
         "particle_id": int(particle_id),
         "material": "CeO2",
@@ -412,21 +437,6 @@ def simulate_particle(particle_id: int, seed: int, config: SimulationConfig | No
         },
         "versions": software_versions(),
     }
-    examples = []
-    for k in range(config.optics_per_exit_wave):
-        optics = draw_optics(rng, config.optics)
-        image = image_from_exit_wave(wave, optics, p)
-        metadata = {**common, **optics, "optics_index": k,
-                    "delocalisation_A": delocalisation_A(optics)}
-        examples.append(Example(
-            image=image,
-            label=label.copy(),
-            columns=columns.astype(np.float32),
-            pixel_size_A=float(p),
-            metadata=metadata,
-            atoms=atoms.copy(),
-        ))
-    return examples
 
 
 def image_of_atoms(atoms: Atoms, optics: dict, *, cell_size_A: float = 64.0,
