@@ -34,7 +34,7 @@ LONG_MODULES = {"config", "nn.train", "io.series", "cli.main"}
 """Modules still over :data:`MAX_MODULE_LINES` lines (to be split; the list can only shrink)."""
 LONG_FUNCTIONS = {
     "nn.model.build_context_unet", "nn.train.fit_multi_worker", "nn.train.train",
-    "data.writer.write_dataset", "data.pipeline.make_dataset",
+    "data.pipeline.make_dataset",
 }
 """Functions still over :data:`MAX_FUNCTION_LINES` lines (the list can only shrink)."""
 

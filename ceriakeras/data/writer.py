@@ -1,12 +1,10 @@
 """Writing a sharded dataset: particles → splits → shards, simulated in-process or on dask.
 
 Determinism: the dataset is a function of ``(count, shards, seed, config)`` only. Particle
-``p`` is simulated from ``(seed, p)``; its split follows from ``p`` alone (a golden-ratio
-sequence over ``config.split_fractions``, so any run of consecutive particles is split in the
-right proportions); each split's particles fill its shards in contiguous, particle-ordered
-blocks; shards are written by one process (the client) in particle order with deterministic
-serialization, so the bytes do not depend on the number of workers or on the order in which
-the particles finish. The folder's layout, the schema and reading are
+``p`` is simulated from ``(seed, p)``; the plan of splits and shards is
+:mod:`ceriakeras.data.shards`; shards are written by one process (the client) in particle
+order with deterministic serialization, so the bytes do not depend on the number of workers
+or on the order in which the particles finish. The folder's layout, the schema and reading are
 :mod:`ceriakeras.data.records`.
 
 Heavy libraries (TensorFlow, dask) are imported inside the functions that need them, so that
@@ -43,8 +41,6 @@ def _params(count: int, shards: int, seed: int, config: SimulationConfig) -> dic
             "seed": int(seed), "config": to_dict(config)}
 
 
-
-# --- writing -----------------------------------------------------------------------------------
 def _default_simulator() -> Simulator:
     from ..physics.simulate import simulate_particle
 
@@ -369,18 +365,55 @@ def write_dataset(out_dir: str | Path, count: int, shards: int, seed: int,
     dict
         The manifest (also written to ``out_dir/manifest.json``).
     """
+    _check_arguments(count, shards, workers, seed, preview)
+    config.validate()
+    out = Path(out_dir)
+    _check_writable(out)
+    params = _params(count, shards, seed, config)
+    old, manifest, progress_state = _earlier_dataset(out, params, overwrite)
+    plan = plan_shards(count, shards, config)
+    if manifest is not None and old == params and progress_state is None and not repair:
+        try:
+            verify_dataset(out, deep=False)
+        except DataError as err:
+            raise DataError(f"{err} (the dataset was already finished)") from None
+        _write_previews(out, plan, preview, seed)
+        return manifest
+    state, todo = _shards_to_do(out, plan, config, progress_state, manifest)
+    write_text_atomic(out / PROGRESS_NAME, metadata_json({"params": params, "shards": state}) + "\n")
+    from tqdm.auto import tqdm
+
+    total_done = sum(s.images for s in plan) - sum(s.images for s in todo)
+    tasks = [(p, images_of_particle(p, count, config.optics_per_exit_wave))
+             for s in todo for p in s.particles]
+    writer = _ShardWriter(out, todo, config, state, params, save_structures)
+    with tqdm(total=count, initial=total_done, unit="img", desc=f"simulate {out.name}",
+              disable=not progress, smoothing=0.1, dynamic_ncols=True) as bar:
+        def on_result(pid: int, examples: list) -> None:
+            writer.add(pid, examples)
+            bar.update(len(examples))
+
+        _run_particles(tasks, seed, config, simulator, workers, scheduler, on_result)
+
+    result = _finish(out, params, plan, state, config, command, manifest if repair else None)
+    _write_previews(out, plan, preview, seed)
+    return result
+
+
+def _check_arguments(count, shards, workers, seed, preview) -> None:
+    """Refuse counts that are not whole numbers in range (one-line :class:`ConfigError`)."""
     for name, value, lo in (("count", count, 1), ("shards", shards, 1), ("workers", workers, 1),
                             ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
             raise ConfigError(f"{name}={value!r} must be an integer ≥ {lo}")
     if preview < 0:
         raise ConfigError(f"preview={preview} must be ≥ 0")
-    config.validate()
-    out = Path(out_dir)
-    _check_writable(out)
-    params = _params(count, shards, seed, config)
-    old, manifest, progress_state = _existing_params(out)
 
+
+def _earlier_dataset(out: Path, params: dict, overwrite: bool) -> tuple:
+    """``(params, manifest, progress)`` of what ``out`` already holds (all None once removed
+    with ``overwrite``); a dataset of other parameters, or stray shards, are refused without it."""
+    old, manifest, progress_state = _existing_params(out)
     if old is not None and old != params:
         if not overwrite:
             raise ConfigError(
@@ -396,17 +429,14 @@ def write_dataset(out_dir: str | Path, count: int, shards: int, seed: int,
     if overwrite and (old != params or (old is None and stray)):
         _remove(_our_files(out))
         old = manifest = progress_state = None
+    return old, manifest, progress_state
 
-    plan = plan_shards(count, shards, config)
-    if manifest is not None and old == params and progress_state is None and not repair:
-        try:
-            verify_dataset(out, deep=False)
-        except DataError as err:
-            raise DataError(f"{err} (the dataset was already finished)") from None
-        _write_previews(out, plan, preview, seed)
-        return manifest
 
-    # Which shards are finished?
+def _shards_to_do(out: Path, plan: list[ShardPlan], config: SimulationConfig,
+                  progress_state: dict | None, manifest: dict | None) -> tuple[dict, list]:
+    """Which shards are finished (``state``: file name → manifest entry, checked against their
+    recorded size and sha256, or recovered from a shard renamed before the progress file was
+    updated) and which are still to simulate (``todo``; corrupt ones removed)."""
     state: dict = {}
     if progress_state is not None:
         state.update(progress_state.get("shards", {}))
@@ -435,30 +465,20 @@ def write_dataset(out_dir: str | Path, count: int, shards: int, seed: int,
             path.unlink()
         state.pop(shard.name, None)
         todo.append(shard)
+    return state, todo
 
-    write_text_atomic(out / PROGRESS_NAME, metadata_json({"params": params, "shards": state}) + "\n")
-    from tqdm.auto import tqdm
 
-    total_done = sum(s.images for s in plan) - sum(s.images for s in todo)
-    tasks = [(p, images_of_particle(p, count, config.optics_per_exit_wave))
-             for s in todo for p in s.particles]
-    writer = _ShardWriter(out, todo, config, state, params, save_structures)
-    with tqdm(total=count, initial=total_done, unit="img", desc=f"simulate {out.name}",
-              disable=not progress, smoothing=0.1, dynamic_ncols=True) as bar:
-        def on_result(pid: int, examples: list) -> None:
-            writer.add(pid, examples)
-            bar.update(len(examples))
-
-        _run_particles(tasks, seed, config, simulator, workers, scheduler, on_result)
-
-    versions = (manifest or {}).get("versions") if repair and manifest else None
-    if repair and manifest and manifest.get("command"):
-        command = manifest["command"]
+def _finish(out: Path, params: dict, plan: list[ShardPlan], state: dict, config: SimulationConfig,
+            command: str, repaired: dict | None) -> dict:
+    """Write ``manifest.json`` (last) and drop the progress file. A repaired dataset keeps its
+    manifest's versions and command (``repaired``: the manifest before the repair)."""
+    versions = (repaired or {}).get("versions") if repaired else None
+    if repaired and repaired.get("command"):
+        command = repaired["command"]
     result = _build_manifest(params, plan, state, config, command, versions or software_versions())
     with atomic_path(out / MANIFEST_NAME) as tmp:
         tmp.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     (out / PROGRESS_NAME).unlink(missing_ok=True)
-    _write_previews(out, plan, preview, seed)
     return result
 
 
