@@ -32,8 +32,8 @@ multislice sampling, the quasi-coherent focal-spread envelope, residual aberrati
 particle shapes; docs/model.md, "Calibration off the training generator") moves the fit towards
 what the model delivers off its generator.
 
-Imports only the modules below it (``config``, ``modelinfo``, ``columns``, ``scoring``), so
-``export``, ``evaluate`` and ``analyze`` can all use it.
+Imports only ``config``, ``io``, the inference modules (``served``, ``predict``, ``columns``),
+``scoring`` and ``evaluation.plan``, so ``export`` and ``evaluate`` can both use it.
 """
 
 from __future__ import annotations

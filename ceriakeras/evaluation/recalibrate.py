@@ -7,7 +7,7 @@ calibrate a shipped model on data from one's own simulator, or on a mixture of d
 with other simulator settings than the training data (docs/model.md, "Calibration off the
 training generator"). The source version is never modified, and no version is overwritten.
 
-Imports ``calibration``, ``export`` and ``modelinfo`` (it stands above ``export``).
+Imports ``calibration`` and the served model (:mod:`ceriakeras.inference.served`); not ``nn``.
 """
 
 from __future__ import annotations
