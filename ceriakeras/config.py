@@ -525,7 +525,7 @@ class AnalyzeConfig:
     """Smallest column probability (1 − p(background)) at a column centre, in (0, 1); None: the
     model's own ``column_threshold`` (chosen at export on our own validation data,
     ``scripts/studies/threshold_study.py``), else :data:`DEFAULT_COLUMN_THRESHOLD`
-    (:func:`ceriakeras.inference.modelinfo.with_model_threshold`)."""
+    (:func:`ceriakeras.inference.served.with_model_threshold`)."""
     batch_size: int = 4
     """Frames per inference batch."""
     model_workers: int = 1
@@ -544,7 +544,7 @@ class AnalyzeConfig:
     """Coarsest input pixel size accepted, Å (also never coarser than the model's own)."""
     test_time_augmentation: bool = False
     """Average the model's probabilities over the 8 flips and 90° rotations of each frame
-    (:func:`ceriakeras.nn.export.dihedral_average`): 8× the model time."""
+    (:func:`ceriakeras.inference.served.dihedral_average`): 8× the model time."""
     tracks: bool = True
     """Follow every column of a series (tracks, heights read from each stretch of constant
     height, change events; :mod:`ceriakeras.analysis.tracking`)."""

@@ -116,7 +116,7 @@ def empty_particle(particle_id, seed, config):
 
 def make_synthetic_dataset(out_dir, count=12, seed=0, simulator=synthetic_particle):
     """A dataset folder of ``count`` 80×80 px images (0.2 Å pixels, heights 1–4)."""
-    from ceriakeras.data.records import write_dataset
+    from ceriakeras.data.writer import write_dataset
 
     config = SimulationConfig.legacy(cell_size_A=16.0, optics_per_exit_wave=1, max_height=MAX_HEIGHT,
                                      split_fractions=(0.5, 0.5, 0.0))

@@ -1,45 +1,96 @@
-"""The package's import graph: module imports point one way (docs/architecture.md), no cycles."""
+"""The package's shape: layers that follow the data's path, no cycles, no reaching into another
+module's private names, modules and functions short enough to read (docs/architecture.md).
+
+Layers, lowest first: ``config``, ``io``, ``noise`` (usable by all) → ``physics`` → ``data`` →
+``nn`` → ``inference`` → ``analysis`` → ``evaluation`` → ``cli``. A module imports only its own
+layer and those below it; the exceptions are listed by name below, so the lists can only shrink
+(an entry that is no longer needed fails the test too).
+"""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
+import pytest
+
 import ceriakeras
 
 PACKAGE = Path(ceriakeras.__file__).resolve().parent
+LAYERS = {"config": 0, "io": 0, "noise": 0, "physics": 1, "data": 2, "nn": 3, "inference": 4,
+          "analysis": 5, "evaluation": 6, "cli": 7, "__init__": 0}
+"""Layer of each top-level module or folder of the package."""
+UPWARD_IMPORTS = {
+    # export calibrates the model it writes on the consumers' own path (served model, columns)
+    ("nn.export", "inference.served"),
+    ("nn.export", "evaluation.calibration"),
+    ("nn.plan", "inference.served"),
+    ("nn.plan", "evaluation.plan"),
+}
+"""(importer, imported) pairs allowed to point up the layers."""
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+LONG_MODULES = {"config", "nn.train", "io.series", "cli.main"}
+"""Modules still over :data:`MAX_MODULE_LINES` lines (to be split; the list can only shrink)."""
+LONG_FUNCTIONS = {
+    "nn.model.build_context_unet", "nn.train.fit_multi_worker", "nn.train.train",
+    "data.pipeline.make_dataset",
+}
+"""Functions still over :data:`MAX_FUNCTION_LINES` lines (the list can only shrink)."""
 
 
-def import_graph(package_dir: Path = PACKAGE) -> dict[str, set[str]]:
-    """``{module: modules of the package it imports}`` from every ``*.py`` file's syntax tree,
-    counting imports at module level and inside functions alike (``__init__`` for the package)."""
-    modules = {p.stem for p in package_dir.glob("*.py")}
-    name = package_dir.name
-    graph: dict[str, set[str]] = {m: set() for m in modules}
-    for path in package_dir.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
-            targets: list[str] = []
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                if node.level == 0 and node.module:
-                    base = node.module
-                elif node.level == 1:
-                    base = f"{name}.{node.module}" if node.module else name
-                else:
-                    continue
-                if base == name:  # from . import x / from ceriakeras import x
-                    targets = [f"{name}.{a.name}" for a in node.names]
-                else:
-                    targets = [base]
-            for target in targets:
-                parts = target.split(".")
-                if parts[0] != name:
-                    continue
-                module = parts[1] if len(parts) > 1 and parts[1] in modules else "__init__"
-                if module != path.stem:
-                    graph[path.stem].add(module)
-    return graph
+def package_modules(package_dir: Path = PACKAGE) -> dict[str, Path]:
+    """``{dotted name relative to the package: file}``, e.g. ``analysis.run``; a folder's
+    ``__init__.py`` is named by the folder (``analysis``), the package's own by ``__init__``."""
+    out = {}
+    for path in sorted(package_dir.rglob("*.py")):
+        parts = list(path.relative_to(package_dir).with_suffix("").parts)
+        if parts[-1] == "__init__" and len(parts) > 1:
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(name: str, path: Path, modules: dict) -> list[tuple[str, list[str]]]:
+    """``(imported module, names taken from it)`` for each import of module ``name``,
+    at module level and inside functions alike; only the package's own modules."""
+    root = PACKAGE.name
+    package = name.split(".")[:-1] if path.name != "__init__.py" else name.split(".")
+    if name == "__init__":
+        package = []
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = [root, *package[:len(package) - (node.level - 1)]]
+                base = ".".join(base + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            names = [a.name for a in node.names]
+            # from . import x, from ..analysis import run: x may be a module
+            targets = [(f"{base}.{n}", []) for n in names
+                       if f"{base}.{n}".removeprefix(root + ".") in modules]
+            targets.append((base, [n for n in names
+                                   if f"{base}.{n}".removeprefix(root + ".") not in modules]))
+        else:
+            continue
+        for target, taken in targets:
+            if not (target == root or target.startswith(root + ".")):
+                continue
+            dotted = target.removeprefix(root).lstrip(".") or "__init__"
+            while dotted not in modules and "." in dotted:
+                dotted = dotted.rsplit(".", 1)[0]
+            if dotted != name and (dotted in modules):
+                found.append((dotted, taken))
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """``{module: package modules it imports}``."""
+    modules = package_modules()
+    return {name: {m for m, _ in _imports(name, path, modules)} for name, path in modules.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -65,16 +116,26 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def _layer(module: str) -> int:
+    return LAYERS[module.split(".")[0]]
+
+
 def test_find_cycle_finds_a_cycle_and_only_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
 
 
-def test_import_graph_sees_module_and_function_level_imports():
+def test_import_graph_sees_folders_relative_imports_and_function_level_imports():
     graph = import_graph()
-    assert "config" in graph["io"]                    # module level: from .config import …
-    assert "calibration" in graph["export"]           # inside export_run
-    assert {"scoring", "calibration"} <= set(graph)
+    assert {"analysis.run", "inference.predict", "noise", "io.files"} <= set(graph)
+    assert "inference.predict" in graph["analysis.run"]      # from ..inference.predict import …
+    assert "analysis.resume" in graph["analysis.run"]        # from .resume import …
+    assert "evaluation.calibration" in graph["nn.export"]    # inside export_run
+    assert "config" in graph["io.files"]
+
+
+def test_every_module_has_a_layer():
+    assert not [m for m in package_modules() if m.split(".")[0] not in LAYERS]
 
 
 def test_package_imports_have_no_cycle():
@@ -82,8 +143,44 @@ def test_package_imports_have_no_cycle():
     assert cycle is None, "import cycle: " + " → ".join(cycle)
 
 
-def test_calibration_and_its_data_loop_stay_below_the_stages_that_use_them():
+def test_imports_point_down_the_layers():
+    upward = {(a, b) for a, targets in import_graph().items() for b in targets
+              if _layer(b) > _layer(a)}
+    assert upward - UPWARD_IMPORTS == set(), "imports up the layers"
+    assert UPWARD_IMPORTS - upward == set(), "listed exceptions no longer needed: remove them"
+
+
+def test_inference_never_needs_training_or_evaluation():
     graph = import_graph()
-    below = {"export", "analyze", "evaluate", "cli"}
-    for module in ("calibration", "scoring", "modelinfo", "columns"):
-        assert not graph[module] & below, f"{module} imports {graph[module] & below}"
+    for module, targets in graph.items():
+        if module.startswith("inference"):
+            bad = {t for t in targets if t in ("nn.train", "nn.export") or t.startswith("evaluation")}
+            assert not bad, f"{module} imports {bad}"
+
+
+def test_no_module_imports_another_modules_private_names():
+    modules = package_modules()
+    private = [f"{name} takes {taken} from {target}"
+               for name, path in modules.items()
+               for target, names in _imports(name, path, modules)
+               for taken in names if taken.startswith("_") and not taken.startswith("__")]
+    assert not private
+
+
+@pytest.mark.parametrize("name", sorted(package_modules()))
+def test_modules_and_functions_stay_short(name):
+    path = package_modules()[name]
+    text = path.read_text(encoding="utf-8")
+    n_lines = len(text.splitlines())
+    if name in LONG_MODULES:
+        assert n_lines > MAX_MODULE_LINES, f"{name} is short now: drop it from LONG_MODULES"
+    else:
+        assert n_lines <= MAX_MODULE_LINES, f"{name} has {n_lines} lines"
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            qualified = f"{name}.{node.name}"
+            if qualified in LONG_FUNCTIONS:
+                assert length > MAX_FUNCTION_LINES, f"{qualified} is short now: drop it"
+            else:
+                assert length <= MAX_FUNCTION_LINES, f"{qualified} has {length} lines"

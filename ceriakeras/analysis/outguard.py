@@ -15,11 +15,11 @@ from pathlib import Path
 
 from ..config import InputError
 
-OUTPUT_NAMES = ("columns.csv", "frames.csv", "summary.json", "progress.json")
+OUTPUT_NAMES = ("columns.csv", "frames.csv", "summary.json", "progress.json", "events.csv")
 """Tables and records in ``OUT`` itself."""
 OUTPUT_GLOBS = ("*_movie.mp4", "*_series.png")
 """Per-series pictures in ``OUT`` (``<input>_movie.mp4``, ``<input>_series.png``)."""
-OUTPUT_FOLDERS = {"overlays": "*.png", "xyz": "*.xyz"}
+OUTPUT_FOLDERS = {"overlays": "*.png", "xyz": "*.xyz", "tracking": "*"}
 """Sub-folders and the files ``analyze`` writes in them (``overlays/<input>_<frame>.png``,
 ``xyz/<input>_<frame>.xyz``)."""
 

@@ -1,4 +1,4 @@
-"""Pictures of analysed frames: overlays cropped to the particle and an annotated movie per series.
+"""Pictures of analysed frames: overlays cropped to the particle, an annotated movie and a plot per series, 3D models.
 
 Everything is drawn with NumPy and Pillow (no matplotlib figure per frame), so a picture costs a
 few milliseconds: :func:`render_frame` crops a frame to the particle (:func:`particle_box`),
@@ -8,7 +8,9 @@ saves one picture; :class:`MovieWriter` streams pictures into an H.264 MP4 throu
 libraries inside the wheel; no ``ffmpeg`` program is needed), one frame in memory at a time.
 
 Which frames get an overlay is :func:`overlay_frames`: by default an evenly spaced sample of a
-series (the first and last included), or every K-th frame.
+series (the first and last included), or every K-th frame. :func:`write_movie` draws a series'
+movie from its file, :func:`write_series_plot` its tracked column heights, :func:`write_xyz` a
+frame's 3D model (ASE extxyz).
 
 Coordinates are those of :mod:`ceriakeras.inference.columns` and ``columns.csv``: ``x_px`` is the column
 index, ``y_px`` the row index, pixel centres at integers, in the input image's grid.
@@ -24,6 +26,9 @@ import numpy as np
 
 from ..config import CEO2_LATTICE_A, ConfigError
 from ..io.files import atomic_path
+from ..io.inputpaths import shown
+from ..io.series import open_series
+from ..noise import estimate_dose
 
 PROJECTED_COLUMN_SPACING_A = CEO2_LATTICE_A * math.sqrt(3.0 / 8.0)
 """Nearest Ce–Ce column distance in the [110] projection, Å (≈ 3.31 Å)."""
@@ -363,3 +368,110 @@ class MovieWriter:
             self._ctx.__exit__(ValueError, ValueError("no frames"), None)
             return False
         return self._ctx.__exit__(exc_type, exc, tb)
+
+
+# --- captions, movies, series plots, 3D models -------------------------------------------------
+def frame_caption(item: dict, index: int, dose_e_per_A2: float, n_columns: int,
+             recognised: bool | None = None) -> str:
+    """The text above a picture: source, frame, dose, columns, and a frame not recognised."""
+    where = f"frame {index}/{item['n_frames'] - 1}" if item["n_frames"] > 1 else "image"
+    return (f"{shown(Path(item['source']).name)}   {where}   {dose_e_per_A2:.0f} e⁻/Å²   "
+            f"{n_columns} columns" + ("   NOT RECOGNISED" if recognised is False else ""))
+
+
+def write_movie(path: Path, item: dict, pixel_size_A, positions: dict, max_height: int,
+                dose_of=None, recognised_of=None, note_of=None) -> int:
+    """The annotated movie of one series: every analysed frame, read again from its file.
+
+    Each frame is cropped to the same box (the union of the frames' particle boxes), its columns
+    drawn as rings coloured by height, captioned with the frame number, the dose and the number
+    of columns (:func:`ceriakeras.analysis.pictures.render_frame`), and streamed into an MP4.
+
+    Parameters
+    ----------
+    path : Path
+        The ``.mp4`` file.
+    item : dict
+        The input (``path``, ``source``, ``n_frames``, ``shape``, ``pixel_size_A``).
+    pixel_size_A : float or None
+        The ``--pixel-size`` override, as the run was given it.
+    positions : dict
+        ``{frame: (x_px (N,), y_px (N,), height (N,))}`` of the analysed frames that have
+        columns (frames.csv's frames without columns are drawn without rings).
+    max_height : int
+        The model's largest height, Ce atoms (the legend).
+    dose_of : callable, optional
+        ``dose_of(frame_index, image (H, W) counts) -> e⁻/Å²``, the dose in the caption;
+        default :func:`ceriakeras.noise.estimate_dose` of the image at the input's pixel size.
+    recognised_of : callable, optional
+        ``recognised_of(frame_index) -> bool or None``; False adds "NOT RECOGNISED" to the
+        caption (:func:`ceriakeras.inference.recognise.recognise_frame`).
+    note_of : callable, optional
+        ``note_of(frame_index) -> str or None``, added to the caption (tracks: the changes of
+        height happening then, :func:`ceriakeras.analysis.tracking.event_notes`).
+
+    Returns
+    -------
+    int
+        Frames in the movie.
+    """
+    px = item["pixel_size_A"]
+    if dose_of is None:
+        def dose_of(index, image):
+            return estimate_dose(image, px)
+    shape = tuple(item["shape"])
+    box = union_box(particle_box(x, y, shape, px) for x, y, _ in positions.values())
+    empty = (np.zeros(0), np.zeros(0), np.zeros(0, np.int32))
+    with MovieWriter(path) as movie, open_series(item["path"], pixel_size_A) as series:
+        for frame in series.frames():
+            if frame.image is None:
+                continue
+            x, y, h = positions.get(frame.index, empty)
+            text = frame_caption(item, frame.index, dose_of(frame.index, frame.image), len(x),
+                                 recognised_of(frame.index) if recognised_of else None)
+            if note_of is not None and note_of(frame.index):
+                text += "   " + note_of(frame.index)
+            movie.add(render_frame(frame.image, x, y, h, pixel_size_A=px, max_height=max_height,
+                                   box=box or (0, shape[0], 0, shape[1]), caption=text))
+    return movie.frames
+
+
+def write_series_plot(path: Path, frames: np.ndarray, heights: np.ndarray, total_ce: np.ndarray,
+                      max_height: int, title: str = "") -> None:
+    """Column heights over time (tracked columns × frames) and the total Ce count per frame.
+
+    Parameters
+    ----------
+    frames : (T,) int
+    heights : (T, M) float, NaN where a tracked column was not found
+    total_ce : (T,) int, Ce atoms in all columns of each frame
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    if heights.size:
+        extent = (frames[0] - 0.5, frames[-1] + 0.5, heights.shape[1] - 0.5, -0.5)
+        cmap = ListedColormap(height_colors(max_height)[1:] / 255.0)  # the overlays' colours
+        im = ax1.imshow(np.ma.masked_invalid(heights.T), aspect="auto", interpolation="nearest",
+                        cmap=cmap, vmin=0.5, vmax=max_height + 0.5, extent=extent)
+        fig.colorbar(im, ax=[ax1], label="height (Ce atoms)")
+    ax1.set_ylabel("column (tracked from first frame)")
+    ax1.set_title(title, fontsize=8)
+    ax2.plot(frames, total_ce, "-", lw=1)
+    ax2.set_xlabel("frame")
+    ax2.set_ylabel("total Ce atoms")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def write_xyz(path: Path, atoms) -> None:
+    """Write ``atoms`` (a frame's 3D model) as ASE extxyz, atomically."""
+    import ase.io
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        ase.io.write(tmp, atoms, format="extxyz")

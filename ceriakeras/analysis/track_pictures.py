@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io.files import atomic_path
+from ..io.inputpaths import shown
 from .pictures import height_colors
 
 MIN_TRACK_FRAMES = 3
@@ -44,7 +45,8 @@ def write_track_series_plots(out_dir, plan: list, labels: list[str], max_height:
     series = {it["source"]: label for it, label in zip(plan, labels) if it["n_frames"] >= 2}
     heights: dict = defaultdict(lambda: defaultdict(dict))   # source → track → frame → height
     total: dict = defaultdict(lambda: defaultdict(int))      # source → frame → Ce atoms
-    with open(out_dir / "columns.csv", newline="", encoding="utf-8") as fh:
+    with open(out_dir / "columns.csv", newline="", encoding="utf-8",
+              errors="surrogateescape") as fh:
         for r in csv.DictReader(fh):
             if r["source"] in series and r.get("track", "") != "":
                 frame = int(r["frame"])
@@ -52,7 +54,8 @@ def write_track_series_plots(out_dir, plan: list, labels: list[str], max_height:
                 total[r["source"]][frame] += int(r["track_height"])
     events = defaultdict(list)
     if (out_dir / "events.csv").exists():
-        with open(out_dir / "events.csv", newline="", encoding="utf-8") as fh:
+        with open(out_dir / "events.csv", newline="", encoding="utf-8",
+                  errors="surrogateescape") as fh:
             for r in csv.DictReader(fh):
                 events[r["source"]].append((int(r["track"]), int(r["frame"])))
     written = 0
@@ -67,7 +70,7 @@ def write_track_series_plots(out_dir, plan: list, labels: list[str], max_height:
         row_of = {t: k for k, t in enumerate(tracks)}
         marks = [(f, row_of[t]) for t, f in events[source] if t in row_of]
         ce = np.array([total[source].get(f, np.nan) for f in range(n)], np.float64)
-        draw(out_dir / f"{label}_series.png", grid, ce, marks, max_height, title=source)
+        draw(out_dir / f"{label}_series.png", grid, ce, marks, max_height, title=shown(source))
         written += 1
     return written
 
@@ -120,7 +123,8 @@ def write_stretch_models(out_dir, plan: list, labels: list[str], max_height: int
     series = {it["source"]: (it, label) for it, label in zip(plan, labels) if it["n_frames"] >= 2}
     cuts = defaultdict(set)
     if (out_dir / "events.csv").exists():
-        with open(out_dir / "events.csv", newline="", encoding="utf-8") as fh:
+        with open(out_dir / "events.csv", newline="", encoding="utf-8",
+                  errors="surrogateescape") as fh:
             for r in csv.DictReader(fh):
                 cuts[r["source"]].add(int(r["frame"]))
     wanted = {}
@@ -129,7 +133,8 @@ def write_stretch_models(out_dir, plan: list, labels: list[str], max_height: int
         for a, b in itertools.pairwise(edges):
             wanted[(source, (a + b - 1) // 2)] = (a, b - 1)
     rows = defaultdict(list)
-    with open(out_dir / "columns.csv", newline="", encoding="utf-8") as fh:
+    with open(out_dir / "columns.csv", newline="", encoding="utf-8",
+              errors="surrogateescape") as fh:
         for r in csv.DictReader(fh):
             if (r["source"], int(r["frame"])) in wanted and r.get("track_height", "") != "":
                 rows[(r["source"], int(r["frame"]))].append(

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.files import atomic_path, write_text_atomic
+from ..io.files import atomic_path, write_bytes_atomic
 from .tracks import Tracker, TrackSettings
 
 TRACK_COLUMNS = ("track", "track_height", "track_confidence")
@@ -114,7 +114,7 @@ def _fallback_probabilities(height: np.ndarray, confidence: np.ndarray, k: int) 
 
 def _frames_of(csv_path: Path, offsets: dict):
     """Iterate ``(source, frame, global frame, rows)`` over ``columns.csv`` frame by frame."""
-    with open(csv_path, newline="", encoding="utf-8") as fh:
+    with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         reader = csv.reader(fh)
         header = next(reader)
         key, rows = None, []
@@ -160,7 +160,7 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
     out_dir = Path(out_dir)
     settings = settings or TrackSettings()
     csv_path = out_dir / "columns.csv"
-    with open(csv_path, newline="", encoding="utf-8") as fh:
+    with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         header = next(csv.reader(fh))
     if TRACK_COLUMNS[0] in header:
         header = header[:header.index(TRACK_COLUMNS[0])]
@@ -249,7 +249,8 @@ def _rewrite_columns(csv_path: Path, header: list, offsets: dict, ids_path: Path
               for src, by_track in stretches.items() for t, runs in by_track.items()}
     n = len(header)
     with atomic_path(csv_path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as out, open(ids_path, "rb") as ids_file:
+        with (open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as out,
+              open(ids_path, "rb") as ids_file):
             writer = csv.writer(out, lineterminator="\n")
             writer.writerow(header + list(TRACK_COLUMNS))
             for source, frame, _, rows in _frames_of(csv_path, offsets):
@@ -272,7 +273,7 @@ def _write_csv(path: Path, rows: list) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = _stdio.StringIO()
     csv.writer(text, lineterminator="\n").writerows(rows)
-    write_text_atomic(path, text.getvalue())
+    write_bytes_atomic(path, text.getvalue().encode("utf-8", "surrogateescape"))  # names as given
 
 
 def add_drift_columns(out_dir) -> None:
@@ -283,10 +284,10 @@ def add_drift_columns(out_dir) -> None:
     drift_path, frames_path = out_dir / "tracking" / "drift.csv", out_dir / "frames.csv"
     if not (drift_path.exists() and frames_path.exists()):
         return
-    with open(drift_path, newline="", encoding="utf-8") as fh:
+    with open(drift_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         drift = {(r["source"], r["frame"]): (r["drift_x_A"], r["drift_y_A"])
                  for r in csv.DictReader(fh)}
-    with open(frames_path, newline="", encoding="utf-8") as fh:
+    with open(frames_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         rows = list(csv.reader(fh))
     if not rows or DRIFT_COLUMNS[0] in rows[0]:
         return
@@ -300,7 +301,8 @@ def movie_track_heights(out_dir, positions: dict) -> dict:
     """``positions`` (``{source: {frame: (x_px, y_px, height)}}``, rows in ``columns.csv``'s
     order, as the movie draws them) with each column's ``track_height`` for its height, so the
     movie labels columns with the height read from their stretch."""
-    with open(Path(out_dir) / "columns.csv", newline="", encoding="utf-8") as fh:
+    with open(Path(out_dir) / "columns.csv", newline="", encoding="utf-8",
+              errors="surrogateescape") as fh:
         reader = csv.reader(fh)
         header = next(reader)
         if TRACK_COLUMNS[1] not in header:
@@ -330,7 +332,7 @@ def event_notes(out_dir, source: str) -> dict[int, str]:
     path = Path(out_dir) / "events.csv"
     notes: dict[int, list] = {}
     if path.exists():
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
             for r in csv.DictReader(fh):
                 if r["source"] != source:
                     continue

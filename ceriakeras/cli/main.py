@@ -2,7 +2,7 @@
 
 Every command turns a :class:`ceriakeras.config.CeriakerasError` into one line on stderr
 (``error: …``) and exit status 2. Heavy libraries (TensorFlow, abTEM) are imported inside the
-commands so that ``--help`` is instant, and only after :mod:`ceriakeras.cli.preflight` has checked
+commands so that ``--help`` is instant, and only after the stages' plan functions (``analysis.plan``, ``nn.plan``, ``evaluation.plan``, ``data.plan``) have checked
 the arguments, paths, file headers and the model's JSON, so bad input is refused before
 TensorFlow loads. TensorFlow's, absl's and CUDA's own log lines are hidden unless ``--verbose``
 is given (:func:`_quiet_libraries`).
@@ -277,7 +277,7 @@ def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell
     import shlex
 
     from ..config import ConfigError, SimulationConfig, load_config
-    from ..data.records import dataset_parameters, write_dataset
+    from ..data.writer import dataset_parameters, write_dataset
 
     if workers is not None and scheduler is not None:
         raise ConfigError("give either --workers or --scheduler, not both")
@@ -390,7 +390,7 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
     from pathlib import Path
 
     from ..config import ConfigError, TrainConfig, load_config
-    from .preflight import check_train
+    from ..nn.plan import check_train
 
     for name, value in (("--epochs", epochs), ("--steps-per-epoch", steps_per_epoch),
                         ("--batch-size", batch_size)):
@@ -477,12 +477,13 @@ def export(run_dir, out_dir, version, calibrate_on, calibration_images, calibrat
 
     Example: ceriakeras export --run runs/demo --out saved_models/demo --calibrate tfrecords/demo
     """
-    from .preflight import check_export
+    from ..nn.plan import check_export
 
     calibrate_on = list(calibrate_on) or None
     run_dir, checkpoint = list(run_dir), list(checkpoint) or ["best"]
     check_export(run_dir, out_dir, version, calibrate_on=calibrate_on, checkpoint=checkpoint)
-    from ..nn.export import export_run, read_info
+    from ..inference.served import read_info
+    from ..nn.export import export_run
 
     with _locked(out_dir):
         path = export_run(run_dir, out_dir, version, calibrate_on=calibrate_on,
@@ -549,12 +550,12 @@ def calibrate(model_path, datasets, out_dir, version, method, max_images, no_tta
     Example: ceriakeras calibrate --model saved_models/ceria110/6 --data tfrecords/mine
     --out saved_models/ceria110-mine
     """
-    from ..inference.modelinfo import model_settings, read_info
-    from .preflight import check_calibration_data
+    from ..inference.served import model_settings, read_info
+    from ..evaluation.plan import check_calibration_data
     from ..evaluation.recalibrate import target_version
 
     from ..modelcheck import check_model_files
-    from .preflight import check_out_dir
+    from ..io.files import check_out_dir
 
     check_out_dir(out_dir)
     source, _ = target_version(model_path, out_dir, version)
@@ -607,11 +608,18 @@ def calibrate(model_path, datasets, out_dir, version, method, max_images, no_tta
                    "(default on).")
 @click.option("--min-stretch", type=click.IntRange(min=1), default=None, metavar="FRAMES",
               help="Fewest frames in a stretch of constant height (default 3).")
+@click.option("--server", default=None, metavar="URL",
+              help="Run the network on a TF Serving server: http://HOST:8501 (REST) or "
+                   "grpc://HOST:8500; --model is then its local copy (assets and version).")
+@click.option("--model-name", default=None, metavar="NAME",
+              help="Name the --server serves the model under (default: the --model folder's name).")
+@click.option("--server-timeout", "server_timeout_s", type=float, default=120.0, metavar="SECONDS",
+              help="Seconds to wait for each --server answer (s; default 120).")
 @_verbose_option
 @_one_line_errors
 def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every, movie,
             batch_size, tta, details, config_path, quiet, counts_per_electron, tracks,
-            min_stretch):
+            min_stretch, server, model_name, server_timeout_s):
     """Find Ce columns and their heights (Ce atoms) in images or series: INPUT... are TIFF
     (single, multi-page, ImageJ, OME), .npy, DM3/DM4, EMD or SER files, or folders of them.
 
@@ -619,14 +627,16 @@ def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every,
     to the particle and, for a series, an annotated movie and heights and total Ce over time.
     An interrupted run resumes when rerun with the same arguments.
     """
-    from ..config import AnalyzeConfig, load_config
+    from ..analysis.plan import check_analyze
+    from ..config import AnalyzeConfig, ConfigError, load_config
     from ..inference.detector import check_counts_per_electron
-    from .preflight import check_analyze
 
     config = load_config(AnalyzeConfig, config_path, overlay_every=overlay_every,
                          batch_size=batch_size, test_time_augmentation=tta or None, movie=movie,
                          tracks=tracks, min_stretch=min_stretch)
     check_counts_per_electron(counts_per_electron)
+    if model_name is not None and server is None:
+        raise ConfigError("--model-name goes with --server URL: give both, or neither")
     check_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A, config=config,
                   overwrite=overwrite)
     from ..io.inputpaths import duplicate_note, find_inputs
@@ -635,8 +645,13 @@ def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every,
     note = duplicate_note(find_inputs(list(inputs), SUPPORTED_SUFFIXES))
     if note:
         click.echo(_one_line(note), err=True)
+    if server is not None:  # the network runs on the server; the rest here, as with --model
+        from ..inference.remote import remote_model
+
+        model = remote_model(server, model, model_name=model_name, timeout_s=server_timeout_s)
     from ..analysis.outguard import remove_stale_temporaries
-    from ..analysis.run import analyze as run_analyze, format_summary
+    from ..analysis.run import analyze as run_analyze
+    from ..analysis.tables import format_summary
 
     with _locked(out_dir):
         remove_stale_temporaries(out_dir)
@@ -711,10 +726,10 @@ def evaluate(ctx, model_path, data_dir, doses, out_dir, split, max_images, seed,
     from pathlib import Path
 
     from ..config import AnalyzeConfig, ConfigError
-    from .preflight import check_evaluate
+    from ..evaluation.plan import check_evaluate
 
     if model_path is None:
-        from ..analysis.run import default_model_path
+        from ..inference.served import default_model_path
 
         model_path = str(default_model_path())
     if out_dir is None:
@@ -731,7 +746,7 @@ def evaluate(ctx, model_path, data_dir, doses, out_dir, split, max_images, seed,
     check_evaluate(model_path, data_dir, out_dir, split=split, overwrite=overwrite)
     from ..evaluation.evaluate import evaluate as run_evaluation
     from ..evaluation.evaluate import format_table
-    from ..nn.export import load_served_model
+    from ..inference.served import load_served_model
 
     model = load_served_model(model_path)
     result = run_evaluation(

@@ -32,8 +32,8 @@ multislice sampling, the quasi-coherent focal-spread envelope, residual aberrati
 particle shapes; docs/model.md, "Calibration off the training generator") moves the fit towards
 what the model delivers off its generator.
 
-Imports only the modules below it (``config``, ``modelinfo``, ``columns``, ``scoring``), so
-``export``, ``evaluate`` and ``analyze`` can all use it.
+Imports only ``config``, ``io``, the inference modules (``served``, ``predict``, ``columns``),
+``scoring`` and ``evaluation.plan``, so ``export`` and ``evaluate`` can both use it.
 """
 
 from __future__ import annotations
@@ -45,12 +45,14 @@ from typing import Sequence
 import numpy as np
 from scipy import optimize
 
-from ..inference.columns import calibrate_confidence, find_columns
+from ..inference.columns import calibrate_confidence
 from ..config import (CALIBRATION_MAPS, AnalyzeConfig, ConfigError, DataError,  # noqa: F401
                      InputError)
 from ..io.files import file_sha256
-from ..inference.resample import model_to_input_px, resample_counts, resample_factor
-from ..inference.modelinfo import model_settings, with_model_threshold
+from ..inference.predict import ColumnSettings, frame_columns
+from ..inference.resample import resample_counts
+from ..inference.served import model_settings
+from .plan import dataset_factor, parse_dataset
 from .scoring import MATCH_DISTANCE_A, Tally, calibration, check_doses, noisy_predictions
 
 CALIBRATION_DOSES_E_PER_A2 = (20.0, 50.0, 200.0, 1000.0, 5000.0, 20000.0)
@@ -71,24 +73,6 @@ LOGISTIC_FEATURES = ("logit_confidence", "height_std", "height")
 
 ISOTONIC_MIN_BIN = 150
 """Fewest columns in one bin of the ``isotonic`` map (fewer at a dose → Platt there)."""
-
-SPLITS = ("train", "validation", "test")
-
-
-def parse_dataset(spec: str | os.PathLike | tuple, split: str = "validation") -> tuple[str, str]:
-    """``(folder, split)`` of a calibration dataset given as ``PATH``, ``PATH:SPLIT`` or a pair.
-
-    A suffix ``:train``, ``:validation`` or ``:test`` names the split; anything else is part of
-    the path and the split is ``split``.
-    """
-    if isinstance(spec, tuple):
-        path, which = spec
-        return str(path), str(which)
-    text = os.fspath(spec)
-    head, sep, tail = text.rpartition(":")
-    if sep and head and tail in SPLITS:
-        return head, tail
-    return text, split
 
 
 def _logit(confidence) -> np.ndarray:
@@ -187,23 +171,6 @@ def fit_isotonic(confidence: np.ndarray, correct: np.ndarray, *,
     return [float(v) for v in x], [float(v) for v in np.clip(fitted, 1e-4, 1 - 1e-4)]
 
 
-def dataset_factor(data_dir, data_pixel_A: float, model_pixel_A: float) -> float:
-    """``model pixel / dataset pixel`` (≥ 1) of a calibration dataset.
-
-    Raises
-    ------
-    DataError
-        If the dataset's pixels are coarser than the model's or finer than 0.05 Å.
-    """
-    try:
-        return resample_factor(data_pixel_A, model_pixel_A)
-    except InputError:
-        raise DataError(
-            f"{data_dir} has {data_pixel_A:g} Å pixels but the model works at {model_pixel_A:g} Å: "
-            "calibrate on data at the model's pixel size or finer, down to 0.05 Å (--pixel-size "
-            "of `ceriakeras simulate`)") from None
-
-
 def _resampled(predict, factor: float):
     """``predict`` behind ``analyze``'s input path: counts on a finer grid are summed into the
     model's pixels (:func:`ceriakeras.inference.resample.resample_counts`, area-shared for a non-integer
@@ -254,8 +221,8 @@ def collect_columns(predict, datasets: Sequence, info: dict, *,
 
     doses = check_doses(doses)
     config = config or AnalyzeConfig()
-    pixel_size_A, max_height, label_radius_A = model_settings(info)
-    config = with_model_threshold(config, info)
+    pixel_size_A = model_settings(info)[0]
+    settings = ColumnSettings.for_model(info, config, calibrated=False)
     keys = ("confidence", "height", "height_std", "correct", "matched", "dataset", "image")
     parts = {d: {k: [] for k in keys} for d in doses}
     sources = []
@@ -269,12 +236,7 @@ def collect_columns(predict, datasets: Sequence, info: dict, *,
                 _resampled(predict, factor), data_dir, split, doses, data_px, seed=seed,
                 max_images=max_images, progress=progress, desc=f"{desc} {Path(data_dir).name}"):
             for k, d in enumerate(doses):
-                found = find_columns(probabilities[k], pixel_size_A,
-                                     min_distance_A=config.min_distance_A,
-                                     threshold=config.threshold, label_radius_A=label_radius_A)
-                if factor != 1:  # as analyze: columns back on the input grid
-                    found = {**found, "x_px": model_to_input_px(found["x_px"], factor),
-                             "y_px": model_to_input_px(found["y_px"], factor)}
+                found = frame_columns(probabilities[k], factor, settings)  # as analyze
                 tally = Tally()
                 tally.add(found, true_columns, data_px, MATCH_DISTANCE_A)
                 p = parts[d]
@@ -499,7 +461,7 @@ def fit_model_calibrations(predict, predict_tta, datasets, info: dict, *,
                            split: str = "validation", progress: bool = False) -> dict:
     """The tables a model carries: ``confidence_calibration`` fitted through ``predict`` (plain
     inference) and, unless ``predict_tta`` is None, ``confidence_calibration_tta`` through it
-    (test-time augmentation, :class:`ceriakeras.nn.export.DihedralAveraged`): the consumers' own
+    (test-time augmentation, :class:`ceriakeras.inference.served.DihedralAveraged`): the consumers' own
     paths. Each is :func:`fit_confidence_calibration` plus its ``method`` sentence."""
     method = method or DEFAULT_MAP
     out = {}

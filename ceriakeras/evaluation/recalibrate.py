@@ -7,7 +7,7 @@ calibrate a shipped model on data from one's own simulator, or on a mixture of d
 with other simulator settings than the training data (docs/model.md, "Calibration off the
 training generator"). The source version is never modified, and no version is overwritten.
 
-Imports ``calibration``, ``export`` and ``modelinfo`` (it stands above ``export``).
+Imports ``calibration`` and the served model (:mod:`ceriakeras.inference.served`); not ``nn``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .calibration import DEFAULT_MAP, fit_model_calibrations
 from ..config import ModelError
-from ..inference.modelinfo import ASSET_NAME, find_version, new_version_folder, read_info
+from ..inference.served import ASSET_NAME, find_version, new_version_folder, read_info
 
 
 def target_version(model_dir, out_dir, version: int | None = None) -> tuple[Path, Path]:
@@ -72,7 +72,7 @@ def recalibrate(model_dir, out_dir, datasets, *, version: int | None = None,
     ModelError
         No model at ``model_dir``, or the target version exists.
     """
-    from ..nn.export import DihedralAveraged, load_served_model
+    from ..inference.served import DihedralAveraged, load_served_model
     from ..io.files import give_ordinary_permissions
 
     source, target = target_version(model_dir, out_dir, version)

@@ -323,7 +323,7 @@ def check_doses(doses: Iterable[float]) -> tuple[float, ...]:
     return out
 
 
-def _records(data_dir: str | Path, split: str, max_images: int | None) -> Iterator[dict]:
+def split_records(data_dir: str | Path, split: str, max_images: int | None) -> Iterator[dict]:
     """The split's records in file order as dicts of NumPy values (at most ``max_images``)."""
     from ..data.records import iter_shard, shard_paths
 
@@ -366,7 +366,7 @@ def noisy_predictions(predict, data_dir: str | Path, split: str, doses: Sequence
     DataError
         The dataset's pixel size differs from the model's, or the split is empty.
     """
-    from ..data.pipeline import poisson_sample
+    from ..noise import counts_per_pixel, poisson_sample
     from ..data.records import read_manifest
 
     manifest = read_manifest(data_dir)
@@ -377,7 +377,7 @@ def noisy_predictions(predict, data_dir: str | Path, split: str, doses: Sequence
             "simulate the test data at the model's pixel size (--pixel-size of `ceriakeras simulate`)"
         )
     available = int(manifest["counts"].get(split, 0))
-    records = _records(data_dir, split, max_images)
+    records = split_records(data_dir, split, max_images)
     if progress:
         from tqdm import tqdm
 
@@ -388,7 +388,7 @@ def noisy_predictions(predict, data_dir: str | Path, split: str, doses: Sequence
         image = np.asarray(rec["image"], np.float32)
         true_columns = np.asarray(rec["columns"], np.float64).reshape(-1, 3)
         noisy = np.stack([
-            np.asarray(poisson_sample(image * (d * pixel_size_A ** 2), noise_seed(seed, index, d)))
+            np.asarray(poisson_sample(image * counts_per_pixel(d, pixel_size_A), noise_seed(seed, index, d)))
             for d in doses
         ]).astype(np.float32)
         probabilities, _ = predict(noisy)

@@ -25,15 +25,6 @@ def _disk_offsets(radius_px: float) -> np.ndarray:
     return np.stack([dy[inside], dx[inside]], axis=1)
 
 
-def estimate_dose(counts: np.ndarray, pixel_size_A: float) -> float:
-    """Dose of a frame in counts, e⁻/Å²: the mean count per pixel over the pixel area.
-
-    A particle scatters electrons but, in phase contrast, keeps nearly all of them in the image,
-    so the mean is the incident dose to within a few per cent.
-    """
-    return float(np.mean(counts, dtype=np.float64)) / float(pixel_size_A) ** 2
-
-
 def calibrate_confidence(confidence: np.ndarray, dose_e_per_A2: float, table: dict, *,
                          height: np.ndarray | None = None,
                          height_std: np.ndarray | None = None) -> np.ndarray:
@@ -44,7 +35,7 @@ def calibrate_confidence(confidence: np.ndarray, dose_e_per_A2: float, table: di
     confidence : array in [0, 1]
         Raw confidence (the reported height's share of the disk's probability mass).
     dose_e_per_A2 : float
-        Dose of the frame (:func:`estimate_dose`), e⁻/Å².
+        Dose of the frame (:func:`ceriakeras.noise.estimate_dose`), e⁻/Å².
     table : dict
         The model's ``confidence_calibration``, fitted by
         :func:`ceriakeras.evaluation.calibration.fit_confidence_calibration`: ``dose_e_per_A2`` and, by its
@@ -137,6 +128,74 @@ def local_maxima(image: np.ndarray, min_distance: int, threshold: float) -> np.n
     return coord
 
 
+class _Window:
+    """The pixels around each peak that the centre and height are taken from.
+
+    ``offsets`` (K, 2) within ``reach`` px; ``yy``, ``xx`` (N, K) their rows and columns;
+    ``valid`` (N, K) inside the image; ``yy_c``, ``xx_c`` clipped to it; ``dist2`` (1, K) the
+    squared offsets.
+    """
+
+    def __init__(self, peaks: np.ndarray, reach: float, shape: tuple[int, int]):
+        h_img, w_img = shape
+        self.offsets = _disk_offsets(reach)                              # (K, 2)
+        self.yy = peaks[:, :1] + self.offsets[None, :, 0]                 # (N, K)
+        self.xx = peaks[:, 1:] + self.offsets[None, :, 1]
+        self.valid = (self.yy >= 0) & (self.yy < h_img) & (self.xx >= 0) & (self.xx < w_img)
+        self.yy_c = np.clip(self.yy, 0, h_img - 1)
+        self.xx_c = np.clip(self.xx, 0, w_img - 1)
+        self.dist2 = (self.offsets**2).sum(axis=1)[None, :]
+
+
+def _refine_centres(column: np.ndarray, peaks: np.ndarray, window: _Window,
+                    centroid_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-pixel centres ``(y, x)``: the weighted centroid of the column probability in the
+    centroid disk, recentred once on the first estimate (removes most of the bias of a disk cut
+    off-centre)."""
+    yy, xx = window.yy, window.xx
+    values = np.where(window.valid, column[window.yy_c, window.xx_c], 0.0)
+    y, x = peaks[:, 0].astype(np.float64), peaks[:, 1].astype(np.float64)
+    inside = window.dist2 <= centroid_px**2 + 1e-9
+    for _ in range(2):
+        w = np.where(inside, values, 0.0)
+        w_sum = np.where(w.sum(axis=1) > 0, w.sum(axis=1), 1.0)
+        y_new = (w * yy).sum(axis=1) / w_sum
+        x_new = (w * xx).sum(axis=1) / w_sum
+        # keep the estimate within a pixel of the peak (a lopsided window cannot run away)
+        y = np.clip(y_new, peaks[:, 0] - 1.0, peaks[:, 0] + 1.0)
+        x = np.clip(x_new, peaks[:, 1] - 1.0, peaks[:, 1] + 1.0)
+        inside = (yy - y[:, None]) ** 2 + (xx - x[:, None]) ** 2 <= centroid_px**2 + 1e-9
+    return y, x
+
+
+def _heights(p: np.ndarray, y: np.ndarray, x: np.ndarray, window: _Window,
+             label_r: float) -> tuple[np.ndarray, ...]:
+    """Per column, from the class mass in the label disk (radius ``label_r`` px) around the
+    refined centre: the most probable height class index, its share of the mass (the raw
+    confidence), the mass-weighted mean height and its standard deviation; and each height's
+    share of the mass, (N, C − 1) float32 (uniform where the disk holds none).
+
+    The mass is gathered only from the offsets that can be in the disk: the centre is within
+    1 px of the peak along x and y, so within √2 px.
+    """
+    n_classes = p.shape[-1]
+    near = window.dist2[0] <= (label_r + 1.5) ** 2
+    yl, xl = window.yy[:, near], window.xx[:, near]
+    in_label = window.valid[:, near] & ((yl - y[:, None]) ** 2 + (xl - x[:, None]) ** 2
+                                        <= label_r**2)
+    mass = (p[window.yy_c[:, near], window.xx_c[:, near], 1:].astype(np.float64)
+            * in_label[..., None]).sum(axis=1)                                  # (N, C-1)
+    total = mass.sum(axis=1)
+    safe = np.where(total > 0, total, 1.0)
+    heights = np.arange(1, n_classes, dtype=np.float64)
+    best = mass.argmax(axis=1)
+    confidence = np.where(total > 0, mass[np.arange(len(best)), best] / safe, 0.0)
+    expected = (mass * heights).sum(axis=1) / safe
+    std = np.sqrt(np.clip((mass * (heights - expected[:, None]) ** 2).sum(axis=1) / safe, 0, None))
+    shares = np.where(total[:, None] > 0, mass / safe[:, None], 1.0 / (n_classes - 1))
+    return best, confidence, expected, std, shares.astype(np.float32)
+
+
 def find_columns(probabilities: np.ndarray, pixel_size_A: float, *, min_distance_A: float = 2.0,
                  threshold: float = 0.3, label_radius_A: float = 0.5,
                  calibration: dict | None = None,
@@ -159,7 +218,7 @@ def find_columns(probabilities: np.ndarray, pixel_size_A: float, *, min_distance
         height is taken from the probability mass inside it.
     calibration : dict, optional
         The model's ``confidence_calibration`` (:func:`calibrate_confidence`); then
-        ``dose_e_per_A2`` (of the frame, :func:`estimate_dose`) is needed too.
+        ``dose_e_per_A2`` (of the frame, :func:`ceriakeras.noise.estimate_dose`) is needed too.
     dose_e_per_A2 : float, optional
         Dose of the frame, e⁻/Å².
 
@@ -189,57 +248,21 @@ def find_columns(probabilities: np.ndarray, pixel_size_A: float, *, min_distance
         raise ValueError(f"pixel_size_A={pixel_size_A} must be positive")
     if not min_distance_A > 0 or not 0 < threshold < 1 or not label_radius_A > 0:
         raise ValueError("min_distance_A and label_radius_A must be positive, threshold in (0, 1)")
-    h_img, w_img, n_classes = p.shape
+    h_img, w_img = p.shape[:2]
     column = 1.0 - p[..., 0].astype(np.float64)
 
     min_distance_px = max(1, int(round(min_distance_A / pixel_size_A)))
     peaks = local_maxima(column, min_distance_px, threshold)
     empty = {k: np.zeros(0, np.int32 if k == "height" else np.float64) for k in TABLE_KEYS}
-    empty["class_probabilities"] = np.zeros((0, n_classes - 1), np.float32)
+    empty["class_probabilities"] = np.zeros((0, p.shape[-1] - 1), np.float32)
     if len(peaks) == 0:
         return empty
 
     label_px = label_radius_A / pixel_size_A
     centroid_px = min(2.0 * label_px + 1.0, max(1.0, 0.5 * min_distance_A / pixel_size_A))
-    reach = max(centroid_px, label_px) + 1.0
-    offsets = _disk_offsets(reach)                                  # (K, 2)
-    yy = peaks[:, :1] + offsets[None, :, 0]                          # (N, K)
-    xx = peaks[:, 1:] + offsets[None, :, 1]
-    valid = (yy >= 0) & (yy < h_img) & (xx >= 0) & (xx < w_img)
-    yy_c, xx_c = np.clip(yy, 0, h_img - 1), np.clip(xx, 0, w_img - 1)
-    dist2 = (offsets**2).sum(axis=1)[None, :]
-
-    # sub-pixel centre: weighted centroid of the column probability in the centroid disk,
-    # recentred once on the first estimate (removes most of the bias of a disk cut off-centre)
-    values = np.where(valid, column[yy_c, xx_c], 0.0)
-    y, x = peaks[:, 0].astype(np.float64), peaks[:, 1].astype(np.float64)
-    inside = dist2 <= centroid_px**2 + 1e-9
-    for _ in range(2):
-        w = np.where(inside, values, 0.0)
-        w_sum = np.where(w.sum(axis=1) > 0, w.sum(axis=1), 1.0)
-        y_new = (w * yy).sum(axis=1) / w_sum
-        x_new = (w * xx).sum(axis=1) / w_sum
-        # keep the estimate within a pixel of the peak (a lopsided window cannot run away)
-        y = np.clip(y_new, peaks[:, 0] - 1.0, peaks[:, 0] + 1.0)
-        x = np.clip(x_new, peaks[:, 1] - 1.0, peaks[:, 1] + 1.0)
-        inside = (yy - y[:, None]) ** 2 + (xx - x[:, None]) ** 2 <= centroid_px**2 + 1e-9
-
-    # height: class mass in the label disk around the refined centre
-    # (gathered only from the offsets that can be in it: the centre is within 1 px of the peak
-    # along x and y, so within √2 px)
-    label_r = max(label_px, 0.5)
-    near = dist2[0] <= (label_r + 1.5) ** 2
-    yl, xl = yy[:, near], xx[:, near]
-    in_label = valid[:, near] & ((yl - y[:, None]) ** 2 + (xl - x[:, None]) ** 2 <= label_r**2)
-    mass = (p[yy_c[:, near], xx_c[:, near], 1:].astype(np.float64)
-            * in_label[..., None]).sum(axis=1)                                  # (N, C-1)
-    total = mass.sum(axis=1)
-    safe = np.where(total > 0, total, 1.0)
-    heights = np.arange(1, n_classes, dtype=np.float64)
-    best = mass.argmax(axis=1)
-    confidence = np.where(total > 0, mass[np.arange(len(best)), best] / safe, 0.0)
-    expected = (mass * heights).sum(axis=1) / safe
-    std = np.sqrt(np.clip((mass * (heights - expected[:, None]) ** 2).sum(axis=1) / safe, 0, None))
+    window = _Window(peaks, max(centroid_px, label_px) + 1.0, (h_img, w_img))
+    y, x = _refine_centres(column, peaks, window, centroid_px)
+    best, confidence, expected, std, shares = _heights(p, y, x, window, max(label_px, 0.5))
     if calibration is not None:
         confidence = calibrate_confidence(confidence, dose_e_per_A2, calibration,
                                           height=best + 1.0, height_std=std)
@@ -253,8 +276,7 @@ def find_columns(probabilities: np.ndarray, pixel_size_A: float, *, min_distance
         "expected_height": expected[order],
         "height_std": std[order],
         # each column's share of its disk's mass per height 1 … C−1 (tracks, issue 22)
-        "class_probabilities": np.where(total[:, None] > 0, mass / safe[:, None],
-                                        1.0 / (n_classes - 1))[order].astype(np.float32),
+        "class_probabilities": shares[order],
     }
 
 

@@ -25,6 +25,9 @@ estimate is the median over the kept tiles and its standard error comes from the
 
 Assumption: zero offset (dark-subtracted counts, as direct-electron and gain-referenced cameras
 give). A CCD's bias must be subtracted first.
+
+The gain policy of one input (:func:`input_gain`, what ``analyze`` uses): the option, else the
+file's own, else these estimates, else 1 with a warning.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from ..io.series import file_counts_per_electron, open_series
 
 MAX_LAG_PX = 3
 """Half-width of the lag window summed for the total noise power, px (the detector's reach)."""
@@ -346,3 +351,61 @@ def estimate_gain_vacuum(frame, *, max_lag_px: int = MAX_LAG_PX,
         return _estimate(tiles[None], means, max_lag_px, "vacuum estimate", 1, clip=True)
     except ValueError as err:
         raise ValueError(f"no vacuum to measure the gain on: {err}") from None
+
+
+# --- the gain policy of one input --------------------------------------------------------------
+GAIN_FRAMES_PIXELS = 8_000_000
+"""Pixels of the input read for a series' gain estimate (at least 2 frames, at most 32)."""
+
+
+def input_gain(path, pixel_size_A: float | None = None,
+               counts_per_electron: float | None = None) -> dict:
+    """The detector gain of one input, counts per electron, and where it came from.
+
+    In this order: ``counts_per_electron`` (``'option'``); the file's own
+    (:func:`ceriakeras.io.series.file_counts_per_electron`, ``'file'``); estimated from the noise,
+    from the differences of the first frames of a series (``'series estimate'``) or else from
+    the vacuum of its first frame (``'vacuum estimate'``, the estimators above); failing
+    all, 1 (``'assumed'``: the frames are taken to be in electrons, as before this estimate
+    existed) with ``gain_warning`` saying why.
+
+    Returns
+    -------
+    dict
+        ``counts_per_electron`` (float), ``counts_per_electron_from`` (str),
+        ``counts_per_electron_standard_error`` (float or None), ``gain_estimate`` (dict of
+        :class:`GainEstimate` or None), ``gain_warning`` (str, '' if none).
+    """
+    def result(value, origin, se=None, estimate=None, warning=""):
+        return {"counts_per_electron": float(value), "counts_per_electron_from": origin,
+                "counts_per_electron_standard_error": se, "gain_estimate": estimate,
+                "gain_warning": warning}
+
+    if counts_per_electron is not None:
+        return result(counts_per_electron, "option")
+    from_file = file_counts_per_electron(path)
+    if from_file is not None:
+        return result(from_file, "file")
+    with open_series(path, pixel_size_A) as series:
+        h, w = series.shape
+        limit = int(np.clip(GAIN_FRAMES_PIXELS // max(1, h * w), 2, MAX_SERIES_FRAMES))
+        frames = []
+        for frame in series.frames():
+            if frame.image is not None:
+                frames.append(frame.image)
+            if len(frames) >= limit:
+                break
+    problems = []
+    estimators = ([("series", lambda: estimate_gain_series(frames))] if len(frames) >= 2 else [])
+    estimators += [("vacuum", lambda: estimate_gain_vacuum(frames[0]))] if frames else []
+    for name, estimator in estimators:
+        try:
+            est = estimator()
+        except ValueError as err:
+            problems.append(f"{name}: {err}")
+            continue
+        return result(est.counts_per_electron, est.method, round(est.standard_error, 6),
+                      est.to_dict())
+    reason = "; ".join(problems) or "no readable frame"
+    return result(1.0, "assumed", warning=f"gain not measurable ({reason}); counts are taken "
+                  "as electrons: give --counts-per-electron for a right dose and confidence")

@@ -1,16 +1,72 @@
-"""Writing files safely: atomic writes, ordinary permissions, sha256."""
+"""Project files: reading JSON (one place), writing safely (atomic writes, ordinary permissions), sha256."""
 
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from ..config import ConfigError
 
+_RAISE = object()
+
+
+def read_json(path: str | Path, *, error: type[Exception] = ValueError, advice: str = "",
+              missing=_RAISE) -> dict:
+    """The JSON object in one of the project's files (manifest, progress, run record, model info).
+
+    Parameters
+    ----------
+    path : path
+        The file (UTF-8 JSON holding an object).
+    error : exception class
+        Raised, with one line naming the file, the reason and ``advice``, for a file that is
+        missing, unreadable, not JSON, or not a JSON object.
+    advice : str
+        What to do about it (e.g. ``"re-export the model"``).
+    missing : optional
+        Returned instead of raising when the file does not exist.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if missing is not _RAISE:
+            return missing
+        reason = "missing"
+    except (OSError, ValueError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+    else:
+        if isinstance(data, dict):
+            return data
+        reason = "not a JSON object"
+    raise error(f"{path} is unreadable ({reason})" + (f"; {advice}" if advice else ""))
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` as a Path, refused if it or a folder above it is a file (results go in a folder).
+
+    Raises
+    ------
+    ConfigError
+    """
+    from .inputpaths import shown
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {shown(out_dir)} is a file: choose a folder")
+    for parent in out_dir.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--out {shown(out_dir)} lies under the file {shown(parent)}: "
+                                  "choose a folder")
+            break
+    return out_dir
 
 
 def give_ordinary_permissions(path: str | Path) -> None:

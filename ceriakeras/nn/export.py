@@ -24,14 +24,14 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..config import ModelError
-from ..io.files import give_ordinary_permissions
-from ..inference.modelinfo import ASSET_NAME, find_version, new_version_folder, read_info
+from ..io.files import give_ordinary_permissions, read_json
+from ..inference.served import (ASSET_NAME, OPTICS_DESCRIPTIONS, DihedralAveraged, ServedModel,
+                                new_version_folder)
 from ..data.records import run_datasets
 
 
@@ -39,7 +39,7 @@ CHECKPOINTS = ("best", "last")
 """Which checkpoint of a run :func:`export_run` exports: the lowest validation loss, or the end."""
 
 
-def _checkpoint(run_dir: Path, which: str = "best") -> Path:
+def run_checkpoint(run_dir: Path, which: str = "best") -> Path:
     """The run's ``checkpoints/best.keras`` (else ``last.keras``), or with ``which='last'`` the
     checkpoint of its last finished epoch (``state.json``; else ``last.keras``)."""
     if which not in CHECKPOINTS:
@@ -48,8 +48,8 @@ def _checkpoint(run_dir: Path, which: str = "best") -> Path:
     if which == "last":
         names = ["last.keras"]
         try:
-            names.insert(0, json.loads((run_dir / "state.json").read_text())["checkpoint"])
-        except (OSError, ValueError, KeyError, TypeError):
+            names.insert(0, read_json(run_dir / "state.json", error=ModelError)["checkpoint"])
+        except (ModelError, KeyError, TypeError):
             pass
     for name in names:
         path = run_dir / "checkpoints" / name
@@ -114,13 +114,11 @@ def ensemble_info(run_dirs, infos: list[dict]) -> dict:
     return info
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as err:
-        raise ModelError(f"cannot read {path}: {err}") from None
+def read_run_json(path: Path) -> dict:
+    """A run folder's JSON record (``config.json``, ``dataset.json``, ``metrics.json``); {} if
+    the run has none (an older run)."""
+    return read_json(path, error=ModelError, missing={},
+                     advice="train the run again or export another")
 
 
 def _versions() -> dict:
@@ -135,24 +133,15 @@ def _versions() -> dict:
     return out
 
 
-OPTICS_DESCRIPTIONS = {
-    "defocus_nm": "float32 [batch], estimated defocus of each frame, nm (abTEM sign, = -C10)",
-    "cs_um": "float32 [batch], estimated spherical aberration C30 of each frame, µm",
-    "max_column_height_atoms": "float32 [batch], estimated largest Ce column height in the "
-                               "frame, Ce atoms (a thickness scale)",
-}
-"""The optional per-frame outputs of a model with a global branch, as the signature lists them."""
-
-
 def model_info(run_dir: Path, checkpoint: Path, optics: bool | None = None) -> dict:
     """The contents of ``assets/ceriakeras.json`` for a run (see the module docstring).
 
     ``optics``: whether the model has the per-frame optics outputs (default: from the run's
     config, a context U-Net with a global branch)."""
-    config = _read_json(run_dir / "config.json")
-    dataset = _read_json(run_dir / "dataset.json")
+    config = read_run_json(run_dir / "config.json")
+    dataset = read_run_json(run_dir / "dataset.json")
     model = config.get("model", {})
-    metrics = _read_json(run_dir / "metrics.json")
+    metrics = read_run_json(run_dir / "metrics.json")
     if optics is None:
         optics = model.get("architecture") == "context_unet" and model.get("global_branch", True)
     outputs = {"probabilities": "float32 [batch, H, W, max_height + 1]",
@@ -218,19 +207,17 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
         ``assets/ceriakeras.json`` as ``confidence_calibration`` and
         ``confidence_calibration_tta`` and applied by :func:`ceriakeras.inference.columns.find_columns`.
         The serving graph is the same either way.
-    calibration_images, calibration_split : int, str
-        How many images of each dataset, and the split of datasets given without one.
+    calibration_images, calibration_split, progress : int, str, bool
+        How many images of each dataset, the split of datasets given without one, and a
+        progress bar while calibrating.
     calibration_map : str, optional
         :data:`ceriakeras.evaluation.calibration.CALIBRATION_MAPS` entry; default
         :data:`ceriakeras.evaluation.calibration.DEFAULT_MAP`.
-    progress : bool
-        Progress bar while calibrating.
     column_threshold : float, optional
         The model's column threshold (column probability ``1 − p(background)``, in (0, 1)),
         recorded as ``column_threshold`` and used by ``analyze``, ``evaluate`` and the calibration
-        unless an :class:`ceriakeras.config.AnalyzeConfig` sets its own. Choose it on our own
-        validation data (``scripts/studies/threshold_study.py``); default: none recorded, so
-        :data:`ceriakeras.config.DEFAULT_COLUMN_THRESHOLD` applies.
+        unless an :class:`ceriakeras.config.AnalyzeConfig` sets its own; chosen on our own
+        validation data (:mod:`ceriakeras.evaluation.threshold`). Default: none recorded.
 
     Returns
     -------
@@ -244,30 +231,55 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
         ensemble, also members that differ in pixels, heights or outputs, or as many
         checkpoints as neither 1 nor the runs (:func:`ensemble_members`, :func:`ensemble_info`).
     """
-    import keras
-    import tensorflow as tf
-
-    from ..modelcheck import check_keras_archive, files_sha256
-    from . import train as _registers_custom_metrics  # noqa: F401
-    from .model import OPTICS_OUTPUTS, has_optics, load_checkpoint, split_outputs
-
     if column_threshold is not None and not 0.0 < float(column_threshold) < 1.0:
         raise ModelError(f"column_threshold={column_threshold} must be in (0, 1) (a column "
                          "probability); choose it with scripts/studies/threshold_study.py")
     run_dirs, checkpoints = ensemble_members(run_dir, checkpoint)
     out_dir = Path(out_dir)
-    checkpoints = [_checkpoint(r, c) for r, c in zip(run_dirs, checkpoints)]
+    checkpoints = [run_checkpoint(r, c) for r, c in zip(run_dirs, checkpoints)]
     target = new_version_folder(out_dir, version)
+    from ..modelcheck import check_keras_archive
+
     for c in checkpoints:
         check_keras_archive(c)
+    models, infos = _load_members(run_dirs, checkpoints)
+    info = ensemble_info(run_dirs, infos)
+    if column_threshold is not None:
+        info["column_threshold"] = float(column_threshold)
+    serve = _serving_function(models, infos)
+    if calibrate_on is not None:
+        from ..evaluation.calibration import fit_model_calibrations
+
+        served = ServedModel(path=target, info=info, signature=serve)  # what consumers will run
+        info.update(fit_model_calibrations(
+            served.predict, DihedralAveraged(served).predict, calibrate_on, info,
+            method=calibration_map, max_images=calibration_images, split=calibration_split,
+            progress=progress))
+
+    _write_version(models, serve, info, out_dir, target, version)
+    return target
+
+
+def _load_members(run_dirs: list[Path], checkpoints: list[Path]) -> tuple[list, list[dict]]:
+    """Each member's Keras model (checkpoints made by ``ceriakeras train`` only) and its info."""
+    from . import train as _registers_custom_metrics  # noqa: F401
+    from .model import has_optics, load_checkpoint
+
     models = [load_checkpoint(c, compile=False,
                               instead="export only checkpoints made by ceriakeras train")
               for c in checkpoints]
     infos = [model_info(r, c, optics=has_optics(m))
              for r, c, m in zip(run_dirs, checkpoints, models)]
-    info = ensemble_info(run_dirs, infos)
-    if column_threshold is not None:
-        info["column_threshold"] = float(column_threshold)
+    return models, infos
+
+
+def _serving_function(models: list, infos: list[dict]):
+    """The ``serving_default`` function of the members: each one's softmax divided by its
+    training class weights and renormalized, averaged; with a global branch, the members'
+    mean per-frame optics."""
+    import tensorflow as tf
+
+    from .model import OPTICS_OUTPUTS, split_outputs
 
     # A loss weighted by w_k is minimized by q_k ∝ w_k p_k, not by the class probabilities p_k:
     # dividing by w and renormalizing gives calibrated probabilities (and fewer false columns).
@@ -291,14 +303,16 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
                 out[name] = optics[:, i]
         return out
 
-    if calibrate_on is not None:
-        from ..evaluation.calibration import fit_model_calibrations
+    return serve
 
-        served = ServedModel(path=target, info=info, signature=serve)  # what consumers will run
-        info.update(fit_model_calibrations(
-            served.predict, DihedralAveraged(served).predict, calibrate_on, info,
-            method=calibration_map, max_images=calibration_images, split=calibration_split,
-            progress=progress))
+
+def _write_version(models: list, serve, info: dict, out_dir: Path, target: Path,
+                   version: int | None) -> None:
+    """Write the SavedModel and its ``assets/ceriakeras.json`` into ``target`` atomically (a
+    temporary folder renamed), never over an existing version."""
+    import keras
+
+    from ..modelcheck import files_sha256
 
     archive = keras.export.ExportArchive()
     for model in models:
@@ -319,175 +333,3 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return target
-
-
-@dataclass
-class ServedModel:
-    """A loaded SavedModel version: ``info`` (its ``assets/ceriakeras.json``) and ``predict``."""
-
-    path: Path
-    info: dict
-    signature: object
-
-    @property
-    def optics_names(self) -> tuple[str, ...]:
-        """Names of the per-frame optics outputs (``defocus_nm``, ``cs_um``, …); () for models
-        without them (versions 1–2)."""
-        outputs = self.info.get("signature", {}).get("outputs", {})
-        return tuple(name for name in OPTICS_DESCRIPTIONS if name in outputs)
-
-    @property
-    def has_optics(self) -> bool:
-        """Whether the model estimates the optics of each frame."""
-        return bool(self.optics_names)
-
-    def predict(self, images, *, optics: bool = False):
-        """Height probabilities for raw frames (and, when asked, the per-frame optics).
-
-        Parameters
-        ----------
-        images : (B, H, W) or (B, H, W, 1) or (H, W) array
-            Raw counts or any linear intensity, at the model's ``info['pixel_size_A']``.
-        optics : bool
-            Also return the optics estimates as a third value.
-
-        Returns
-        -------
-        probabilities : (B, H, W, max_height + 1) float32
-        height : (B, H, W) int32
-        optics : dict of (B,) float32, only with ``optics=True``
-            ``{name: value per frame}`` for :attr:`optics_names` (empty for a model without).
-        """
-        import tensorflow as tf
-
-        x = np.asarray(images, np.float32)
-        if x.ndim == 2:
-            x = x[None]
-        if x.ndim == 3:
-            x = x[..., None]
-        out = self.signature(image=tf.constant(x))
-        if not optics:
-            return out["probabilities"].numpy(), out["height"].numpy()
-        estimates = {name: np.asarray(out[name], np.float32) for name in OPTICS_DESCRIPTIONS
-                     if name in out}
-        return out["probabilities"].numpy(), out["height"].numpy(), estimates
-
-    def predict_optics(self, images) -> dict:
-        """The per-frame optics estimates alone: ``{name: (B,) float32}`` (empty without)."""
-        return self.predict(images, optics=True)[2]
-
-
-DIHEDRAL = tuple((transpose, flip) for transpose in (False, True)
-                 for flip in ((), (1,), (2,), (1, 2)))
-"""The 8 symmetries of the square (the dihedral group D4) as (transpose, flipped axes) of a
-(B, H, W) batch: the identity, 3 flips, the transpose and its 3 flips (= the 90° and 270°
-rotations and the anti-transpose)."""
-
-
-def dihedral_average(predict, images) -> tuple[np.ndarray, np.ndarray]:
-    """Test-time augmentation: the mean of the probabilities of the 8 flipped and rotated copies.
-
-    Each copy is transformed, predicted and transformed back before averaging, so the result is
-    on the input's pixel grid. Ceria along [110] has mirror symmetry but the network, trained on
-    flipped and rotated crops, is only approximately equivariant; the average removes the part
-    of its error that is not.
-
-    Parameters
-    ----------
-    predict : callable
-        ``predict(images (B, H, W) float32) -> (probabilities (B, H, W, C), height)``, such as
-        :meth:`ServedModel.predict`.
-    images : (B, H, W) or (H, W) array
-        Frames at the model's pixel size. H ≠ W is fine (transposed copies are predicted apart).
-
-    Returns
-    -------
-    probabilities : (B, H, W, C) float32
-        Mean over the 8 copies.
-    height : (B, H, W) int32
-        Their most probable class.
-    """
-    x = np.asarray(images, np.float32)
-    if x.ndim == 4 and x.shape[-1] == 1:
-        x = x[..., 0]
-    if x.ndim == 2:
-        x = x[None]
-    if x.ndim != 3:
-        raise ValueError(f"images must be (B, H, W) or (H, W), got shape {np.shape(images)}")
-    total = None
-    for transpose, flip in DIHEDRAL:
-        copy = x.transpose(0, 2, 1) if transpose else x
-        copy = np.flip(copy, flip) if flip else copy
-        probabilities, _ = predict(np.ascontiguousarray(copy))
-        back = np.asarray(probabilities, np.float32)
-        back = np.flip(back, flip) if flip else back  # axes 1, 2 of (B, H, W, C)
-        back = back.transpose(0, 2, 1, 3) if transpose else back
-        total = back.copy() if total is None else total + back
-    total /= len(DIHEDRAL)
-    return total, total.argmax(axis=-1).astype(np.int32)
-
-
-@dataclass
-class DihedralAveraged:
-    """A model (``.info``, ``.predict``) whose ``predict`` is :func:`dihedral_average` of the
-    wrapped one's; ``info`` gains ``test_time_augmentation``."""
-
-    model: object
-
-    @property
-    def info(self) -> dict:
-        """The wrapped model's info; its ``confidence_calibration`` is the one fitted with
-        test-time augmentation (none if there is none: averaging changes the confidences)."""
-        info = {**self.model.info, "test_time_augmentation": "dihedral (8 flips and rotations)"}
-        info["confidence_calibration"] = info.pop("confidence_calibration_tta", None)
-        return info
-
-    @property
-    def optics_names(self) -> tuple[str, ...]:
-        return tuple(getattr(self.model, "optics_names", ()))
-
-    @property
-    def has_optics(self) -> bool:
-        return bool(self.optics_names)
-
-    def predict(self, images, *, optics: bool = False):
-        """:func:`dihedral_average` of the wrapped model's probabilities; with ``optics=True``
-        a third value, the per-frame optics averaged over the 8 copies (scalars per frame do
-        not change under flips and rotations, so their mean is the plain average)."""
-        if not optics:
-            return dihedral_average(self.model.predict, images)
-        estimates = []
-
-        def one(x):
-            probabilities, height, values = self.model.predict(x, optics=True)
-            estimates.append(values)
-            return probabilities, height
-
-        probabilities, height = dihedral_average(one, images)
-        mean = {name: np.mean([e[name] for e in estimates], axis=0).astype(np.float32)
-                for name in (estimates[0] if estimates else {})}
-        return probabilities, height, mean
-
-    def predict_optics(self, images) -> dict:
-        return self.predict(images, optics=True)[2]
-
-
-def load_served_model(path) -> ServedModel:
-    """Load ``saved_models/NAME`` (newest version) or a version folder for inference.
-
-    Raises
-    ------
-    ModelError
-        If there is no SavedModel there or its ``assets/ceriakeras.json`` is missing.
-    """
-    import tensorflow as tf
-
-    version = find_version(path)
-    info = read_info(version)
-    loaded = tf.saved_model.load(str(version))
-    if "serving_default" not in loaded.signatures:
-        raise ModelError(f"{version} has no serving_default signature; re-export it")
-    served = ServedModel(path=version, info=info, signature=loaded.signatures["serving_default"])
-    served._loaded = loaded  # keep the variables alive
-    return served

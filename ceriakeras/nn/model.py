@@ -20,7 +20,7 @@ import keras
 import tensorflow as tf
 
 from ..config import ModelConfig, ModelError
-from ..data.pipeline import detector_blur, poisson_sample
+from ..noise import detector_blur, poisson_sample
 
 _PACKAGE = "ceriakeras"
 

@@ -239,6 +239,31 @@ def _orient(rng: np.random.Generator, config: StructureConfig) -> tuple[np.ndarr
     return matrix, info
 
 
+def _scale_to_nominal(shape: dict) -> bool:
+    """Scale the facet distances of ``shape`` so its clean cut is ``nominal_diameter_A`` across
+    (caliper); False if the clean cut holds fewer than 2 Ce atoms."""
+    clean = _cut(shape)
+    if len(clean) < 2:
+        return False
+    for _ in range(4):
+        across = _caliper(clean)
+        if abs(across - shape["nominal_diameter_A"]) < 1.0 or across == 0.0:
+            break
+        shape["distances"] = shape["distances"] * shape["nominal_diameter_A"] / across
+        clean = _cut(shape)
+    return True
+
+
+def _facet_info(shape: dict) -> dict:
+    """``facet_distances_A`` (per family), ``family_ratio`` and ``origin_offset_A`` of a shape."""
+    by_family: dict[str, list[float]] = {}
+    for fam, d in zip(shape["families"], shape["distances"]):
+        by_family.setdefault(fam, []).append(round(float(d), 4))
+    return {"facet_distances_A": by_family,
+            "family_ratio": {k: float(v) for k, v in shape["family_ratio"].items()},
+            "origin_offset_A": [float(v) for v in shape["origin"]]}
+
+
 def build_particle(seed: int, config: StructureConfig | None = None) -> Atoms:
     """Build one CeO2 nanoparticle with [110] along z, centred at the origin.
 
@@ -256,17 +281,16 @@ def build_particle(seed: int, config: StructureConfig | None = None) -> Atoms:
         ``atoms.info`` holds JSON-able shape metadata: ``diameter_A`` (largest Ce–Ce distance,
         the size "across", never above ``diameter_range_A[1]``), ``nominal_diameter_A`` (the
         size drawn, to which the clean cut is scaled), ``equivalent_diameter_A`` (sphere of the
-        same Ce volume),
-        ``extent_A`` (x, y, z size), ``facet_distances_A`` (per family, list of plane distances),
-        ``family_ratio`` (family distance / {111} distance), ``origin_offset_A``, ``defects``
-        (counts), ``rotation_deg``, ``tilt_deg``, ``tilt_azimuth_deg``, ``zone_axis_lab``,
-        ``n_ce``, ``n_o``, ``max_height``, ``attempts``, ``o_rule``.
+        same Ce volume), ``extent_A`` (x, y, z size), ``facet_distances_A`` (per family, list of
+        plane distances), ``family_ratio`` (family distance / {111} distance),
+        ``origin_offset_A``, ``defects`` (counts), ``rotation_deg``, ``tilt_deg``,
+        ``tilt_azimuth_deg``, ``zone_axis_lab``, ``n_ce``, ``n_o``, ``max_height``, ``attempts``,
+        ``o_rule``.
 
     Raises
     ------
     ConfigError
-        If no particle with columns of at most ``config.max_height`` Ce is found in
-        :data:`MAX_ATTEMPTS` draws (lower ``diameter_range_A`` or raise ``max_height``).
+        No particle with columns of at most ``config.max_height`` Ce in :data:`MAX_ATTEMPTS`.
 
     Notes
     -----
@@ -283,16 +307,8 @@ def build_particle(seed: int, config: StructureConfig | None = None) -> Atoms:
     d_max = config.diameter_range_A[1]
     for attempt in range(MAX_ATTEMPTS):
         shape = _draw_shape(rng, config, scale=0.95**attempt)
-        # Scale the facet distances so the clean cut is `nominal_diameter_A` across (caliper).
-        clean = _cut(shape)
-        if len(clean) < 2:
+        if not _scale_to_nominal(shape):
             continue
-        for _ in range(4):
-            across = _caliper(clean)
-            if abs(across - shape["nominal_diameter_A"]) < 1.0 or across == 0.0:
-                break
-            shape["distances"] = shape["distances"] * shape["nominal_diameter_A"] / across
-            clean = _cut(shape)
         ce, o, defects = _carve(rng, config, shape)
         matrix, orient = _orient(rng, config)
         if len(ce) < 2:
@@ -308,17 +324,12 @@ def build_particle(seed: int, config: StructureConfig | None = None) -> Atoms:
         if max_h > config.max_height or across > d_max:
             continue
         volume = len(ce) * CEO2_LATTICE_A**3 / 4.0
-        by_family: dict[str, list[float]] = {}
-        for fam, d in zip(shape["families"], shape["distances"]):
-            by_family.setdefault(fam, []).append(round(float(d), 4))
         atoms.info.update({
             "diameter_A": float(across),
             "nominal_diameter_A": float(shape["nominal_diameter_A"]),
             "equivalent_diameter_A": float((6.0 * volume / math.pi) ** (1.0 / 3.0)),
             "extent_A": [float(v) for v in hi - lo],
-            "facet_distances_A": by_family,
-            "family_ratio": {k: float(v) for k, v in shape["family_ratio"].items()},
-            "origin_offset_A": [float(v) for v in shape["origin"]],
+            **_facet_info(shape),
             "defects": defects,
             **orient,
             "n_ce": int(len(ce)),

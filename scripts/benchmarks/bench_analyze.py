@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ceriakeras.analysis.run import analyze  # noqa: E402
 from ceriakeras.config import CEO2_LATTICE_A, AnalyzeConfig  # noqa: E402
+from ceriakeras.noise import counts_per_pixel  # noqa: E402
 
 
 class StandInModel:
@@ -70,7 +71,7 @@ def lattice_frame(n_px: int, pixel_A: float, dose_e_per_A2: float, rng) -> np.nd
     gx = np.exp(-x**2 / (2 * 0.3**2))
     gy = np.exp(-y**2 / (2 * 0.3**2))
     mean = 1.0 - 0.5 * gy[:, None] * gx[None, :]  # dark columns on bright vacuum
-    counts = dose_e_per_A2 * pixel_A**2 * mean
+    counts = counts_per_pixel(dose_e_per_A2, pixel_A) * mean
     return rng.poisson(counts).astype(np.uint16)
 
 
@@ -130,7 +131,8 @@ def main(argv=None) -> int:
         model = StandInModel()
         print("model: NumPy STAND-IN (not the network; times the rest of the chain only)")
     else:
-        from ceriakeras.analysis.run import load_model, share_cores
+        from ceriakeras.analysis.run import share_cores
+        from ceriakeras.inference.served import load_model
 
         share_cores(args.model_workers)  # before TensorFlow starts, as analyze does
         model, ident = load_model(args.model)

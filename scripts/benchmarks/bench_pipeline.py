@@ -61,7 +61,8 @@ def main() -> int:
                                          "configs/ceria110_v3_train.toml")
     args = parser.parse_args()
 
-    from ceriakeras.data.records import read_manifest, write_dataset
+    from ceriakeras.data.records import read_manifest
+    from ceriakeras.data.writer import write_dataset
 
     data = args.data
     if data is None:

@@ -31,15 +31,15 @@ import numpy as np
 def image_columns(model, folder: Path) -> list[dict]:
     """Per labelled image: the dose (e⁻/Å², from images.csv) and estimated dose, and the raw
     columns (confidence, height, height_std) with ``correct`` over the matched ones."""
-    from ceriakeras.inference.columns import estimate_dose, find_columns
     from ceriakeras.config import AnalyzeConfig
     from ceriakeras.evaluation.evaluate import labelled_image_plan, read_image_table, read_truth
-    from ceriakeras.io.series import expand_inputs, open_series
-    from ceriakeras.inference.resample import model_to_input_px, resample_counts
-    from ceriakeras.inference.modelinfo import model_settings, with_model_threshold
     from ceriakeras.evaluation.scoring import Tally
+    from ceriakeras.inference.served import model_settings
+    from ceriakeras.inference.predict import ColumnSettings, predict_columns
+    from ceriakeras.io.series import expand_inputs, open_series
 
-    model_px, _, label_radius_A = model_settings(model.info)
+    model_px = model_settings(model.info)[0]
+    settings = ColumnSettings.for_model(model.info, calibrated=False)
     table = read_image_table(folder / "images.csv") if (folder / "images.csv").is_file() else {}
     plan, _ = labelled_image_plan(expand_inputs([folder]), read_truth(folder / "truth.csv"), folder,
                                   table, pixel_size_A=None, model_pixel_A=model_px,
@@ -48,16 +48,11 @@ def image_columns(model, folder: Path) -> list[dict]:
     for item in plan:
         with open_series(item["path"], item["pixel_size_A"]) as series:
             frame = next(series.frames())
-        small = resample_counts(frame.image, item["factor"])
-        probabilities, _ = model.predict(small[None].astype(np.float32))
-        found = find_columns(np.asarray(probabilities)[0], model_px, label_radius_A=label_radius_A,
-                             threshold=with_model_threshold(AnalyzeConfig(), model.info).threshold)
-        pred = dict(found, x_px=model_to_input_px(found["x_px"], item["factor"]),
-                    y_px=model_to_input_px(found["y_px"], item["factor"]))
+        found, estimated = predict_columns(model, frame.image, item["factor"], settings)
         tally = Tally()
-        tally.add(pred, item["truth"], item["pixel_size_A"], 1.0)
+        tally.add(found, item["truth"], item["pixel_size_A"], 1.0)
         keep = tally.matched[0]
-        out.append({"dose": item["dose_e_per_A2"], "estimated": estimate_dose(small, model_px),
+        out.append({"dose": item["dose_e_per_A2"], "estimated": estimated,
                     **{k: found[k][keep] for k in ("confidence", "height", "height_std")},
                     "correct": tally.correct[0][keep]})
     return out
@@ -96,7 +91,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from ceriakeras.evaluation.calibration import collect_columns, fit_map
-    from ceriakeras.nn.export import load_served_model
+    from ceriakeras.inference.served import load_served_model
 
     model = load_served_model(args.model)
     sets = dict(spec.split("=", 1) for spec in args.data)

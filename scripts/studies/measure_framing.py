@@ -17,81 +17,14 @@ Validation only: nothing is fitted to the images.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
-import tifffile
 
-
-def reframe(src: Path, out: Path, doses: set[str], grow: float, *, noise: bool = True,
-            seed: int = 0) -> None:
-    """Copy the images of ``doses`` (as written in ``images.csv``) from ``src`` into ``out``,
-    grown (``grow`` > 0) or trimmed (``grow`` < 0) by that share of the side on every edge, with
-    ``images.csv`` and ``truth.csv`` moved along (columns outside the new frame dropped). Grown
-    frames are filled with the vacuum of the image's outermost 4 px ring: Poisson counts of its
-    mean (``noise``), or the mean itself."""
-    rng = np.random.default_rng(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(src / "images.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["dose"] in doses]
-    with open(src / "truth.csv", newline="") as f:
-        truth = list(csv.DictReader(f))
-    shift, size = {}, {}
-    for r in rows:
-        a = tifffile.imread(src / r["file"])
-        n = a.shape[0]
-        p = int(round(abs(grow) * n))
-        if grow > 0:
-            ring = np.ones(a.shape, bool)
-            ring[4:-4, 4:-4] = False
-            vacuum = float(a[ring].mean())
-            shape = (a.shape[0] + 2 * p, a.shape[1] + 2 * p)
-            b = (rng.poisson(vacuum, shape) if noise else np.full(shape, round(vacuum))).astype(a.dtype)
-            b[p:p + a.shape[0], p:p + a.shape[1]] = a
-            shift[r["file"]] = p
-        else:
-            b = a[p:a.shape[0] - p, p:a.shape[1] - p] if p else a
-            shift[r["file"]] = -p
-        size[r["file"]] = b.shape
-        tifffile.imwrite(out / r["file"], b)
-    with open(out / "images.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    with open(out / "truth.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(truth[0]))
-        w.writeheader()
-        for t in truth:
-            if t["file"] not in shift:
-                continue
-            x, y = float(t["x_px"]) + shift[t["file"]], float(t["y_px"]) + shift[t["file"]]
-            h, wd = size[t["file"]]
-            if 0 <= x <= wd - 1 and 0 <= y <= h - 1:
-                w.writerow({**t, "x_px": x, "y_px": y})
-
-
-def vacuum_shares(folder: Path, columns_csv: Path) -> list[float]:
-    """Each image's share of vacuum (:func:`ceriakeras.inference.recognise.vacuum_fraction`) from the
-    columns the model found in it, as ``analyze`` measures it."""
-    from ceriakeras.inference.recognise import vacuum_fraction
-
-    with open(folder / "images.csv", newline="") as f:
-        pixel = {r["file"]: float(r["pixel_size_A"]) for r in csv.DictReader(f)}
-    found: dict[str, list] = {name: [] for name in pixel}
-    with open(columns_csv, newline="") as f:
-        for r in csv.DictReader(f):
-            found.setdefault(Path(r["source"]).name, []).append((float(r["x_A"]), float(r["y_A"])))
-    shares = []
-    for name, px in pixel.items():
-        h, w = tifffile.imread(folder / name).shape[:2]
-        xy = np.asarray(found[name], np.float64).reshape(-1, 2)
-        shares.append(vacuum_fraction(xy[:, 0], xy[:, 1], w * px, h * px))
-    return shares
-
+from ceriakeras.evaluation.framing import reframe, vacuum_shares
 
 FRAMINGS = (("as given", "given"), ("padded", "padded"), ("tight", "tight"))
 """Label in the printed table and sub-folder of ``--out`` of each framing."""
@@ -109,7 +42,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")   # TensorFlow's C++ start-up lines
     from ceriakeras.evaluation.evaluate import evaluate_images
-    from ceriakeras.nn.export import load_served_model
+    from ceriakeras.inference.served import load_served_model
 
     src, out = Path(args.images), Path(args.out)
     doses = {d.strip() for d in args.doses.split(",")}

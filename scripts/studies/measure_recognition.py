@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ceriakeras.analysis.run import load_model, model_settings
+from ceriakeras.inference.served import load_model, model_settings
 from ceriakeras.inference.columns import find_columns
 from ceriakeras.config import AnalyzeConfig, OpticsConfig, SimulationConfig, StructureConfig
 from ceriakeras.io.series import open_series
 from ceriakeras.inference.resample import resample_counts, resample_factor
-from ceriakeras.inference.modelinfo import with_model_threshold
+from ceriakeras.inference.served import with_model_threshold
 from ceriakeras.inference.recognise import recognise_frame
 from ceriakeras.physics.simulate import draw_optics, image_of_atoms, simulate_particle
 from ceriakeras.physics.structures import build_other_particle

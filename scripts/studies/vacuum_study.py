@@ -23,45 +23,12 @@ import sys
 
 import numpy as np
 
+from ceriakeras.evaluation.framing import framings
+
 SHARE_BINS = (0.0, 0.05, 0.10, 0.15, 0.20, 0.30, 0.40, 0.60, 1.0)
 """Edges of the vacuum-share bins of the printed table (share of the frame's area)."""
 MIN_FRAME_PX = 64
 """Frames narrower than this (px; 12.8 Å at 0.2 Å) are skipped: too small to analyse."""
-
-
-def framings(image: np.ndarray, true_columns: np.ndarray, pixel_size_A: float, margins_A):
-    """Square frames cut from ``image`` around its particle, one per margin.
-
-    Parameters
-    ----------
-    image : (H, W) array
-        Noise-free image (relative intensity).
-    true_columns : (M, 3) array
-        ``x_px, y_px, height`` of the true columns.
-    pixel_size_A : float
-        Pixel size, Å.
-    margins_A : sequence of float
-        Room between the outermost true column and the frame's edge, Å (clipped by the image);
-        a negative margin cuts that much off the particle on every side.
-
-    Yields
-    ------
-    margin_A : float
-    frame : (h, w) array
-    columns : (K, 3) array
-        The true columns inside the frame, in its pixels.
-    """
-    h, w = image.shape
-    x0, y0 = true_columns[:, 0].min(), true_columns[:, 1].min()
-    x1, y1 = true_columns[:, 0].max(), true_columns[:, 1].max()
-    for margin in margins_A:
-        m = margin / pixel_size_A
-        left, top = max(0, int(np.floor(x0 - m))), max(0, int(np.floor(y0 - m)))
-        right, bottom = min(w, int(np.ceil(x1 + m)) + 1), min(h, int(np.ceil(y1 + m)) + 1)
-        shifted = true_columns - np.array([left, top, 0.0])
-        inside = ((shifted[:, 0] >= 0) & (shifted[:, 0] <= right - left - 1)
-                  & (shifted[:, 1] >= 0) & (shifted[:, 1] <= bottom - top - 1))
-        yield margin, image[top:bottom, left:right], shifted[inside]
 
 
 def vacuum_table(model, data_dirs, doses, margins_A, *, split="validation", max_images=None,
@@ -77,11 +44,11 @@ def vacuum_table(model, data_dirs, doses, margins_A, *, split="validation", max_
     """
     from ceriakeras.inference.columns import find_columns
     from ceriakeras.config import AnalyzeConfig
-    from ceriakeras.inference.modelinfo import model_settings, with_model_threshold
-    from ceriakeras.data.pipeline import poisson_sample
+    from ceriakeras.inference.served import model_settings, with_model_threshold
+    from ceriakeras.noise import counts_per_pixel, poisson_sample
     from ceriakeras.data.records import read_manifest
     from ceriakeras.inference.recognise import vacuum_fraction
-    from ceriakeras.evaluation.scoring import MATCH_DISTANCE_A, Tally, _records, noise_seed
+    from ceriakeras.evaluation.scoring import MATCH_DISTANCE_A, Tally, noise_seed, split_records
 
     config = with_model_threshold(AnalyzeConfig(), model.info)   # as analyze
     pixel_size_A, max_height, label_radius_A = model_settings(model.info)
@@ -90,7 +57,7 @@ def vacuum_table(model, data_dirs, doses, margins_A, *, split="validation", max_
     frames = {d: {b: 0 for b in bins} for d in doses}
     # streamed, one record in memory at a time (the progress bar's total from the manifests)
     work = ((index, rec) for data_dir in data_dirs
-            for index, rec in enumerate(_records(data_dir, split, max_images)))
+            for index, rec in enumerate(split_records(data_dir, split, max_images)))
     if progress:
         from tqdm import tqdm
 
@@ -107,7 +74,7 @@ def vacuum_table(model, data_dirs, doses, margins_A, *, split="validation", max_
             if min(frame.shape) < MIN_FRAME_PX or len(columns) == 0:
                 continue
             counts = np.stack([  # every dose of this framing in one model call
-                np.asarray(poisson_sample(frame * (d * pixel_size_A ** 2),
+                np.asarray(poisson_sample(frame * counts_per_pixel(d, pixel_size_A),
                                           noise_seed(seed, index, d + margin)), np.float32)
                 for d in doses])
             probabilities, _ = model.predict(counts)
@@ -139,7 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-images", type=int, default=48, help="records per folder (images)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")   # TensorFlow's C++ start-up lines
-    from ceriakeras.nn.export import load_served_model
+    from ceriakeras.inference.served import load_served_model
     from ceriakeras.inference.recognise import required_vacuum_fraction
     from ceriakeras.evaluation.scoring import check_doses
 

@@ -17,6 +17,7 @@ from scipy import ndimage
 from ceriakeras.analysis import run as analyze_module
 from ceriakeras.analysis.run import CSV_HEADER, analyze
 from ceriakeras.analysis.tracking import TRACK_COLUMNS
+from ceriakeras.inference import served as served_module
 from ceriakeras.cli.main import main
 from ceriakeras.config import AnalyzeConfig, InputError, ModelError
 
@@ -320,10 +321,10 @@ def test_missing_calibration_asks_for_pixel_size(tmp_path):
 
 
 def test_missing_default_model_is_a_one_line_model_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(analyze_module, "DEFAULT_MODEL", "saved_models/does-not-exist")
+    monkeypatch.setattr(served_module, "DEFAULT_MODEL", "saved_models/does-not-exist")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelError, match="--model") as err:
-        analyze_module.load_model(None)
+        served_module.load_model(None)
     assert "\n" not in str(err.value)
 
 
@@ -380,7 +381,7 @@ def test_cli_one_line_errors(tmp_path, monkeypatch, args, message):
 
 def test_cli_without_shipped_model(tmp_path, monkeypatch):
     np.save(tmp_path / "f.npy", synthetic_frame(random_columns(0, 2), 0.1))
-    monkeypatch.setattr(analyze_module, "DEFAULT_MODEL", "saved_models/does-not-exist")
+    monkeypatch.setattr(served_module, "DEFAULT_MODEL", "saved_models/does-not-exist")
     monkeypatch.chdir(tmp_path)
     res = invoke([str(tmp_path / "f.npy"), "--pixel-size", "0.1", "--out", "out", "--quiet"])
     assert res.exit_code == 2
@@ -541,13 +542,13 @@ def test_frames_csv_has_the_optics_estimates_of_models_that_have_them_across_a_r
 
 
 def test_picture_captions_name_frame_dose_columns_and_an_unrecognised_frame():
-    from ceriakeras.analysis.run import _caption
+    from ceriakeras.analysis.pictures import frame_caption
 
     item = {"source": "/data/run/series.tif", "n_frames": 120}
-    text = _caption(item, 7, 512.4, 31, recognised=True)
+    text = frame_caption(item, 7, 512.4, 31, recognised=True)
     assert text.split() == ["series.tif", "frame", "7/119", "512", "e⁻/Å²", "31", "columns"]
-    assert _caption(item, 7, 512.4, 31, recognised=False).endswith("NOT RECOGNISED")
-    assert "image" in _caption({"source": "a.npy", "n_frames": 1}, 0, 20.0, 0)
+    assert frame_caption(item, 7, 512.4, 31, recognised=False).endswith("NOT RECOGNISED")
+    assert "image" in frame_caption({"source": "a.npy", "n_frames": 1}, 0, 20.0, 0)
 
 
 def ceo2_particle(centre_A, radius_A=7.0, height=2):

@@ -233,7 +233,7 @@ def test_help_imports_no_heavy_library():
 
 @pytest.mark.slow
 def test_tensorflow_log_lines_appear_only_with_verbose(tmp_path):
-    from ceriakeras.analysis.run import default_model_path
+    from ceriakeras.inference.served import default_model_path
 
     try:
         default_model_path()

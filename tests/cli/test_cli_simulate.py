@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ceriakeras.data import records
+from ceriakeras.data import records, writer
 from ceriakeras.cli.main import main
 from helpers import fake_simulator, shard_bytes
 
@@ -22,7 +22,7 @@ TINY = ["--config", LEGACY, "--cell-size", "16", "--optics-per-exit-wave", "2", 
 @pytest.fixture
 def fake(monkeypatch):
     """Run the command on the fast fake simulator (in this process)."""
-    monkeypatch.setattr(records, "_default_simulator", lambda: fake_simulator)
+    monkeypatch.setattr(writer, "_default_simulator", lambda: fake_simulator)
 
 
 def run(*args):

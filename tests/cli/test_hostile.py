@@ -548,7 +548,7 @@ def test_small_warnings_calibration_on_one_image_and_simulate_without_splits(mon
 
     cli_main = importlib.import_module("ceriakeras.cli.main")
     runner = CliRunner()
-    monkeypatch.setattr("ceriakeras.data.records.write_dataset", lambda *a, **k: {
+    monkeypatch.setattr("ceriakeras.data.writer.write_dataset", lambda *a, **k: {
         "counts": {"train": 2, "validation": 0, "test": 0}, "particles": 1,
         "splits": {"train": {"shards": [{}]}}})
     with runner.isolated_filesystem():

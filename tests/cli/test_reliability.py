@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ceriakeras.data import records
+from ceriakeras.data import records, writer
 from ceriakeras.cli.main import main
 from ceriakeras.config import AnalyzeConfig, ModelError, OpticsConfig, to_dict
 from ceriakeras.io.files import atomic_path, write_text_atomic
@@ -90,7 +90,7 @@ def test_train_killed_after_a_checkpoint_resumes_from_it(tmp_path):
     rows = (run / "log.csv").read_text().strip().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == [str(e) for e in range(epochs)], \
         "each epoch logged exactly once"
-    import ceriakeras.nn.model  # noqa: F401  (registers the custom layers, e.g. PoissonNoise)
+    import ceriakeras.nn.train  # noqa: F401  (registers the layers and metrics load_model needs)
 
     last = keras.saving.load_model(run / "checkpoints" / "last.keras", safe_mode=True)
     assert int(last.optimizer.iterations.numpy()) == epochs * steps, "no step lost or repeated"
@@ -167,7 +167,7 @@ def test_disk_full_while_simulate_writes_a_shard_is_one_line_and_leaves_no_shard
     """``fsync`` of a finished shard's temporary file fails with ENOSPC (how a full disk shows
     up with delayed allocation): one line, exit 2, no shard or manifest under a final name;
     the same command afterwards completes the dataset."""
-    monkeypatch.setattr(records, "_default_simulator", lambda: fake_simulator)
+    monkeypatch.setattr(writer, "_default_simulator", lambda: fake_simulator)
     real_fsync = os.fsync
 
     def full_disk_fsync(fd):
@@ -227,7 +227,7 @@ def test_unwritable_output_of_analyze_is_one_line(tmp_path, monkeypatch, tiny_mo
 def test_simulate_config_physics_is_checked(tmp_path, monkeypatch, toml, message):
     import re
 
-    monkeypatch.setattr(records, "_default_simulator", lambda: fake_simulator)
+    monkeypatch.setattr(writer, "_default_simulator", lambda: fake_simulator)
     path = tmp_path / "c.toml"
     path.write_text(toml)
     result = CliRunner().invoke(main, ["simulate", "--out", str(tmp_path / "x"), "--count", "4",

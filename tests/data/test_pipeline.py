@@ -11,9 +11,10 @@ import pytest
 import tensorflow as tf
 from scipy import stats
 
-from ceriakeras.data import records
+from ceriakeras.data import records, writer
 from ceriakeras.config import ConfigError, DataError, PipelineConfig
-from ceriakeras.data.pipeline import draw_dose, expected_counts, make_dataset, poisson_sample
+from ceriakeras.data.pipeline import draw_dose, make_dataset
+from ceriakeras.noise import expected_counts, poisson_sample
 from helpers import SMALL, fake_simulator
 
 PX = SMALL.pixel_size_A
@@ -99,7 +100,7 @@ def label_coded_simulator(particle_id, seed, config):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "ds"
-    records.write_dataset(out, 40, 3, 1, SMALL, simulator=label_coded_simulator, progress=False)
+    writer.write_dataset(out, 40, 3, 1, SMALL, simulator=label_coded_simulator, progress=False)
     return out
 
 
@@ -233,7 +234,7 @@ def test_bad_inputs_name_the_file(tmp_path, data_dir):
     with pytest.raises(DataError, match="larger than the 80×80"):
         make_dataset(data_dir, "train", dataclasses.replace(CONFIG, crop_px=96))
     small = tmp_path / "small"
-    records.write_dataset(small, 2, 1, 0, SMALL, simulator=fake_simulator, progress=False)
+    writer.write_dataset(small, 2, 1, 0, SMALL, simulator=fake_simulator, progress=False)
     with pytest.raises(DataError, match="no validation examples.*--count"):
         make_dataset(small, "validation", CONFIG)
     shard = records.shard_paths(small, "train")[0]
@@ -257,7 +258,7 @@ def test_bad_inputs_name_the_file(tmp_path, data_dir):
 
 # --- detector MTF and the optics targets ---------------------------------------------------------
 def test_detector_blur_gives_the_asked_neighbour_correlation_under_xla():
-    from ceriakeras.data.pipeline import detector_blur
+    from ceriakeras.noise import detector_blur
 
     blur = tf.function(detector_blur, jit_compile=True)
     noise = tf.random.stateless_normal([3, 256, 256, 1], seed=[4, 2])

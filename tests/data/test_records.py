@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ceriakeras.data import records
+from ceriakeras.data import records, shards, writer
 from ceriakeras.config import ConfigError, DataError, SimulationConfig, StructureConfig
 from helpers import CALLS, SMALL, fake_simulator, shard_bytes, slow_simulator
 
@@ -28,7 +28,7 @@ from helpers import CALLS, SMALL, fake_simulator, shard_bytes, slow_simulator
 def write(out, count=20, shards=3, seed=5, config=SMALL, **kw):
     kw.setdefault("simulator", fake_simulator)
     kw.setdefault("progress", False)
-    return records.write_dataset(out, count, shards, seed, config, **kw)
+    return writer.write_dataset(out, count, shards, seed, config, **kw)
 
 
 # --- schema ------------------------------------------------------------------------------------
@@ -75,14 +75,14 @@ def test_serialization_is_deterministic_and_refuses_bad_labels():
 # --- the plan ----------------------------------------------------------------------------------
 def test_plan_splits_by_particle_and_counts_images():
     config = dataclasses.replace(SMALL, optics_per_exit_wave=3)
-    plan = records.plan_shards(301, 4, config)
+    plan = shards.plan_shards(301, 4, config)
     particles = [p for s in plan for p in s.particles]
     assert sorted(particles) == list(range(101))          # ceil(301 / 3), each exactly once
     assert sum(s.images for s in plan) == 301
-    assert records.images_of_particle(100, 301, 3) == 1    # the last particle gives the remainder
+    assert shards.images_of_particle(100, 301, 3) == 1    # the last particle gives the remainder
     split_of = {p: s.split for s in plan for p in s.particles}
     for p, split in split_of.items():                      # the split depends on the particle only
-        assert split == records.split_of_particle(p, config.split_fractions)
+        assert split == shards.split_of_particle(p, config.split_fractions)
     n = {sp: sum(1 for v in split_of.values() if v == sp) for sp in records.SPLITS}
     assert abs(n["train"] - 80.8) <= 2 and abs(n["validation"] - 10.1) <= 2 and abs(n["test"] - 10.1) <= 2
     train = [s for s in plan if s.split == "train"]
@@ -91,7 +91,7 @@ def test_plan_splits_by_particle_and_counts_images():
     assert all(list(s.particles) == sorted(s.particles) for s in plan)
     assert [s.name for s in plan if s.split == "validation"] == ["validation-00000-of-00001.tfrecord.gz"]
     # a larger dataset keeps every earlier particle in the same split
-    bigger = records.plan_shards(900, 4, config)
+    bigger = shards.plan_shards(900, 4, config)
     split_big = {p: s.split for s in bigger for p in s.particles}
     assert all(split_big[p] == split_of[p] for p in split_of)
 
@@ -152,7 +152,7 @@ def test_rerun_resumes_and_never_leaves_partial_shards(tmp_path):
     assert not (out / "manifest.json").exists()
     CALLS.clear()
     write(out)
-    done = {p for name in finished for s in records.plan_shards(20, 3, SMALL) if s.name == name
+    done = {p for name in finished for s in shards.plan_shards(20, 3, SMALL) if s.name == name
             for p in s.particles}
     assert CALLS and not done & set(CALLS)     # finished shards were not simulated again
     assert shard_bytes(out) == shard_bytes(clean)
@@ -201,7 +201,7 @@ def test_truncated_shard_is_named_and_repaired(tmp_path):
     CALLS.clear()
     write(out, repair=True)
     assert shard_bytes(out) == good
-    plan = {s.name: s for s in records.plan_shards(20, 3, SMALL)}
+    plan = {s.name: s for s in shards.plan_shards(20, 3, SMALL)}
     assert sorted(CALLS) == sorted(plan[victim.name].particles)   # only the bad shard redone
     records.verify_dataset(out)
 
@@ -334,7 +334,7 @@ def test_end_to_end_with_real_simulator(tmp_path):
     config = SimulationConfig.legacy(cell_size_A=32.0, optics_per_exit_wave=2,
                                      structure=StructureConfig(diameter_range_A=(12.0, 18.0)))
     out = tmp_path / "real"
-    manifest = records.write_dataset(out, 3, 1, 3, config, progress=False)
+    manifest = writer.write_dataset(out, 3, 1, 3, config, progress=False)
     assert sum(manifest["counts"].values()) == 3 and manifest["particles"] == 2
     for split in records.SPLITS:
         for path in records.shard_paths(out, split):
@@ -352,10 +352,10 @@ def test_manifest_without_the_newer_fields_keeps_its_old_settings(tmp_path):
     """A manifest written before vacuum_for_delocalisation / multislice_margin_A existed was made
     without them: --repair reads them as their old values, not as the new defaults (issue 23)."""
     out = tmp_path / "old"
-    records.write_dataset(out, 4, 1, 3, SMALL, progress=False, simulator=fake_simulator)
+    writer.write_dataset(out, 4, 1, 3, SMALL, progress=False, simulator=fake_simulator)
     manifest = json.loads((out / "manifest.json").read_text())
     for key in ("vacuum_for_delocalisation", "multislice_margin_A"):
         del manifest["config"][key]
     (out / "manifest.json").write_text(json.dumps(manifest))
-    config = records.dataset_parameters(out)[3]
+    config = writer.dataset_parameters(out)[3]
     assert config == SMALL and SimulationConfig().multislice_margin_A is not None

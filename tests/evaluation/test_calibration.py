@@ -120,7 +120,8 @@ def test_parse_dataset_takes_a_split_suffix_only_when_it_names_a_split():
 def two_split_dataset(tmp_path_factory):
     """Four images of two particles, one in the validation and one in the test split."""
     from ceriakeras.config import SimulationConfig, StructureConfig
-    from ceriakeras.data.records import iter_shard, shard_paths, write_dataset
+    from ceriakeras.data.records import iter_shard, shard_paths
+    from ceriakeras.data.writer import write_dataset
 
     config = SimulationConfig.legacy(structure=StructureConfig(diameter_range_A=(12.0, 18.0), vacuum_A=6.0),
                                      cell_size_A=32.0, optics_per_exit_wave=2,
@@ -252,7 +253,8 @@ def test_a_dataset_with_finer_pixels_is_calibrated_through_the_analyze_resamplin
     """Counts at 0.1 Å are summed into the model's 0.2 Å pixels before the model sees them, and
     the columns it finds are matched on the dataset's own grid."""
     from ceriakeras.config import SimulationConfig, StructureConfig
-    from ceriakeras.data.records import iter_shard, shard_paths, write_dataset
+    from ceriakeras.data.records import iter_shard, shard_paths
+    from ceriakeras.data.writer import write_dataset
 
     config = SimulationConfig.legacy(structure=StructureConfig(diameter_range_A=(12.0, 18.0), vacuum_A=6.0),
                                      cell_size_A=32.0, pixel_size_A=0.1, optics_per_exit_wave=2,
@@ -285,15 +287,10 @@ def test_a_dataset_with_finer_pixels_is_calibrated_through_the_analyze_resamplin
 
 
 def test_the_holdout_study_draws_one_image_per_particle_and_pools_sets():
-    """scripts/studies/calibration_holdout.py: 12-image draws take each image of another particle; a
+    """evaluation.holdout (scripts/studies/calibration_holdout.py): 12-image draws take each image of another particle; a
     map that is right on average but 0.25 off on every particle scatters above its floor."""
-    import sys
+    from ceriakeras.evaluation.holdout import pooled, subset_ece
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "studies"))
-    try:
-        from calibration_holdout import pooled, subset_ece
-    finally:
-        sys.path.pop(0)
     rng = np.random.default_rng(2)
     n_images, per_image = 64, 200           # 16 particles × 4 optics, as simulate stores them
     image = np.repeat(np.arange(n_images), per_image)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -290,7 +288,8 @@ class LabelOracle:
 def tiny_dataset(tmp_path_factory):
     """Four test images (two particles × two optics) simulated by the project's own code."""
     from ceriakeras.config import SimulationConfig, StructureConfig
-    from ceriakeras.data.records import iter_shard, shard_paths, write_dataset
+    from ceriakeras.data.records import iter_shard, shard_paths
+    from ceriakeras.data.writer import write_dataset
 
     config = SimulationConfig.legacy(structure=StructureConfig(diameter_range_A=(12.0, 18.0), vacuum_A=6.0),
                                      cell_size_A=32.0, optics_per_exit_wave=2, split_fractions=(0.0, 0.0, 1.0))
@@ -551,7 +550,8 @@ def test_fitted_calibration_fixes_an_under_confident_model(tiny_dataset, tmp_pat
 def test_export_records_calibrations_for_plain_and_augmented_inference(tiny_dataset, tmp_path):
     import keras
 
-    from ceriakeras.nn.export import DihedralAveraged, export_run, load_served_model
+    from ceriakeras.inference.served import DihedralAveraged, load_served_model
+    from ceriakeras.nn.export import export_run
 
     data, records, info = tiny_dataset
     run = _untrained_run(tmp_path / "run", info)
@@ -582,12 +582,9 @@ class FaintExtras(LabelOracle):
 
 @pytest.mark.slow
 def test_threshold_study_trades_false_columns_against_the_threshold(tiny_dataset):
-    """scripts/studies/threshold_study.py: a 0.35 false column counts below a 0.35 threshold, not above."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "studies"))
-    try:
-        from threshold_study import threshold_table
-    finally:
-        sys.path.pop(0)
+    """evaluation.threshold (scripts/studies/threshold_study.py): a 0.35 false column counts below a 0.35 threshold, not above."""
+    from ceriakeras.evaluation.threshold import threshold_table
+
     data, records, info = tiny_dataset
     assert all(np.all(r["label"][6:9, 6:9] == 0) for r in records), "the corner must be vacuum"
     n_true = sum(len(r["columns"]) for r in records)

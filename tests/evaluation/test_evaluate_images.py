@@ -334,14 +334,11 @@ def test_a_calibrated_file_needs_no_pixel_size(tmp_path):
 
 
 def test_measure_framing_moves_the_truth_with_the_frame(labelled, tmp_path):
-    """scripts/studies/measure_framing.py: a padded copy keeps every column on its disk (a reader that
+    """evaluation.framing (scripts/studies/measure_framing.py): a padded copy keeps every column on its disk (a reader that
     takes the vacuum as its reference scores it perfectly), a trimmed one drops the columns
     outside it."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "studies"))
-    try:
-        from measure_framing import reframe, vacuum_shares
-    finally:
-        sys.path.pop(0)
+    from ceriakeras.evaluation.framing import reframe, vacuum_shares
+
     folder, _ = labelled
     sides = {name: int(round(FIELD_A / px)) for name, px, _ in FILES}
     shares = {}

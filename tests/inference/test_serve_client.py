@@ -1,4 +1,5 @@
-"""End-to-end test of scripts/tools/serve_client.py against a loopback stand-in for TF Serving.
+"""End-to-end test of ``ceriakeras analyze --server URL`` (:mod:`ceriakeras.inference.remote`)
+against a loopback stand-in for TF Serving.
 
 The TF Serving binary (``tensorflow_model_server`` / the ``tensorflow/serving`` container) is
 not on PyPI, so it cannot run here. In its place, a small HTTP server on 127.0.0.1 (a thread,
@@ -25,7 +26,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-CLIENT = REPO / "scripts" / "tools" / "serve_client.py"
+CLI = "import sys; from ceriakeras.cli import main; sys.argv[0] = 'ceriakeras'; main()"
 MODEL_NAME = "tiny"
 PIXEL_A = 0.2
 
@@ -149,9 +150,11 @@ def frames(tmp_path_factory):
 
 
 def _run_client(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, str(CLIENT), *args], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=REPO)
+    """``ceriakeras analyze --quiet ARGS`` in a fresh process (this checkout's package)."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=path)
+    return subprocess.run([sys.executable, "-c", CLI, "analyze", "--quiet", *args],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
 
 
 def _error_lines(stderr: str) -> list[str]:
@@ -167,7 +170,7 @@ def test_client_csv_equals_analyze_with_the_local_model(served_model, stand_in_s
     url, server = stand_in_server
     model_dir = version_dir.parent
     remote_out, local_out = tmp_path / "remote", tmp_path / "local"
-    done = _run_client(str(frames), "--url", url, "--model-name", MODEL_NAME, "--model-dir",
+    done = _run_client(str(frames), "--server", url, "--model-name", MODEL_NAME, "--model",
                        str(model_dir), "--out", str(remote_out), "--pixel-size", str(PIXEL_A),
                        "--batch-size", "1")
     assert done.returncode == 0, done.stderr
@@ -210,7 +213,7 @@ def test_stand_in_answers_columnar_requests_like_row_requests(served_model, stan
 def test_an_error_answer_is_one_line_and_a_non_zero_exit(served_model, stand_in_server, frames, tmp_path):
     version_dir, _ = served_model
     url, _ = stand_in_server
-    done = _run_client(str(frames), "--url", url, "--model-name", "no_such_model", "--model-dir",
+    done = _run_client(str(frames), "--server", url, "--model-name", "no_such_model", "--model",
                        str(version_dir.parent), "--out", str(tmp_path / "out"), "--pixel-size", str(PIXEL_A))
     assert done.returncode != 0
     lines = _error_lines(done.stderr)
@@ -231,9 +234,33 @@ def test_a_server_that_is_down_is_one_line_and_a_non_zero_exit(tmp_path):
         {"pixel_size_A": PIXEL_A, "max_height": 16, "label_radius_A": 0.5}))
     frame = tmp_path / "frame.tif"
     tifffile.imwrite(frame, np.full((32, 32), 40, np.float32))
-    done = _run_client(str(frame), "--url", f"http://127.0.0.1:{port}", "--model-name", MODEL_NAME,
-                       "--model-dir", str(version_dir.parent), "--out", str(tmp_path / "out"),
+    done = _run_client(str(frame), "--server", f"http://127.0.0.1:{port}", "--model-name", MODEL_NAME,
+                       "--model", str(version_dir.parent), "--out", str(tmp_path / "out"),
                        "--pixel-size", str(PIXEL_A))
     assert done.returncode != 0
     lines = _error_lines(done.stderr)
     assert len(lines) == 1 and "cannot reach TF Serving" in lines[0], done.stderr
+
+
+def test_a_server_url_without_a_known_scheme_is_refused_before_any_call(tmp_path):
+    from ceriakeras.inference.remote import ServingError, remote_model
+
+    version_dir = tmp_path / "saved_models" / MODEL_NAME / "3"
+    (version_dir / "assets").mkdir(parents=True)
+    (version_dir / "saved_model.pb").write_bytes(b"")
+    (version_dir / "assets" / "ceriakeras.json").write_text(json.dumps(
+        {"pixel_size_A": PIXEL_A, "max_height": 16, "label_radius_A": 0.5}))
+    with pytest.raises(ServingError, match="http://"):
+        remote_model("localhost:8501", version_dir.parent)
+
+
+def test_model_name_without_a_server_is_one_line_and_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from ceriakeras.cli.main import main
+
+    np.save(tmp_path / "f.npy", np.full((32, 32), 40.0, np.float32))
+    res = CliRunner().invoke(main, ["analyze", str(tmp_path / "f.npy"), "--model-name", MODEL_NAME,
+                                    "--out", str(tmp_path / "out"), "--quiet"])
+    assert res.exit_code == 2
+    assert "--model-name goes with --server" in res.output and res.output.count("\n") == 1

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ceriakeras.analysis.run import analyze, default_model_path
+from ceriakeras.analysis.run import analyze
+from ceriakeras.inference.served import default_model_path
 from ceriakeras.config import AnalyzeConfig, SimulationConfig, StructureConfig
 from ceriakeras.evaluation.scoring import match_columns
 from ceriakeras.physics.simulate import simulate_particle
@@ -109,7 +110,7 @@ def test_shipped_models_confidence_is_calibrated(frames, rows):
 
 
 def test_shipped_model_assets_describe_it():
-    from ceriakeras.inference.modelinfo import find_version, read_info
+    from ceriakeras.inference.served import find_version, read_info
 
     info = read_info(find_version(default_model_path()))
     assert info["pixel_size_A"] == pytest.approx(0.2)
@@ -158,7 +159,7 @@ def test_evaluate_images_without_model_scores_the_shipped_model(frames, tmp_path
     from click.testing import CliRunner
 
     from ceriakeras.cli.main import main
-    from ceriakeras.inference.modelinfo import find_version, read_info
+    from ceriakeras.inference.served import find_version, read_info
 
     folder = tmp_path / "labelled"
     folder.mkdir()

@@ -9,7 +9,8 @@ keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
 from ceriakeras.config import ModelConfig, ModelError, TrainConfig, to_dict  # noqa: E402
-from ceriakeras.nn.export import export_run, load_served_model  # noqa: E402
+from ceriakeras.inference.served import load_served_model  # noqa: E402
+from ceriakeras.nn.export import export_run  # noqa: E402
 from ceriakeras.nn.model import build_unet  # noqa: E402
 from ceriakeras.nn.train import compile_model  # noqa: E402
 
@@ -96,7 +97,7 @@ def test_versions_count_up_and_are_never_overwritten(run, exported):
 
 def test_a_column_threshold_is_recorded_for_analyze_and_a_bad_one_refused(run, tmp_path):
     from ceriakeras.config import AnalyzeConfig
-    from ceriakeras.inference.modelinfo import with_model_threshold
+    from ceriakeras.inference.served import with_model_threshold
 
     version = export_run(run, tmp_path / "models", column_threshold=0.45)
     info = load_served_model(version).info
@@ -139,7 +140,7 @@ def _trained_on(run, dest, seed):
 
 def test_the_last_epoch_can_be_exported_instead_of_the_best(run, tmp_path):
     """--checkpoint last: the checkpoint state.json names (the last finished epoch), not best.keras."""
-    from ceriakeras.nn.export import _checkpoint
+    from ceriakeras.nn.export import run_checkpoint
 
     later, model = _trained_on(run, tmp_path / "later", seed=3)
     rng = np.random.default_rng(3)
@@ -154,9 +155,9 @@ def test_the_last_epoch_can_be_exported_instead_of_the_best(run, tmp_path):
     # without state.json, 'last' is last.keras; a run with neither is refused; a typo too
     (later / "state.json").unlink()
     with pytest.raises(ModelError, match="no checkpoints/last.keras"):
-        _checkpoint(later, "last")
+        run_checkpoint(later, "last")
     with pytest.raises(ModelError, match="best, last"):
-        _checkpoint(later, "newest")
+        run_checkpoint(later, "newest")
 
 
 def test_class_weight_prior_is_undone_in_the_serving_graph(run, tmp_path):
@@ -213,7 +214,7 @@ def _biased(images):
 
 
 def test_dihedral_average_of_an_equivariant_model_is_the_model():
-    from ceriakeras.nn.export import dihedral_average
+    from ceriakeras.inference.served import dihedral_average
 
     images = np.random.default_rng(1).uniform(0, 50, (2, 24, 40)).astype(np.float32)  # H ≠ W
     probs, height = dihedral_average(_pointwise, images)
@@ -224,7 +225,7 @@ def test_dihedral_average_of_an_equivariant_model_is_the_model():
 
 
 def test_dihedral_average_makes_any_model_equivariant():
-    from ceriakeras.nn.export import dihedral_average
+    from ceriakeras.inference.served import dihedral_average
 
     image = np.random.default_rng(2).uniform(0, 50, (32, 32)).astype(np.float32)
     assert not np.allclose(_biased(np.rot90(image)[None])[0][0], np.rot90(_biased(image[None])[0][0]))
@@ -237,7 +238,7 @@ def test_dihedral_average_makes_any_model_equivariant():
 
 
 def test_dihedral_average_of_the_served_model(exported):
-    from ceriakeras.nn.export import DihedralAveraged
+    from ceriakeras.inference.served import DihedralAveraged
 
     served = load_served_model(exported[1])
     wrapped = DihedralAveraged(served)
@@ -262,7 +263,7 @@ CONTEXT = TrainConfig(model=ModelConfig(
 
 
 def test_optics_outputs_are_additive_and_old_callers_still_get_two_values(tmp_path, exported):
-    from ceriakeras.nn.export import DihedralAveraged
+    from ceriakeras.inference.served import DihedralAveraged
     from ceriakeras.nn.model import build_model
 
     run = tmp_path / "runs" / "context"
@@ -346,7 +347,7 @@ def test_an_ensemble_of_unlike_runs_or_unmatched_checkpoints_is_refused(run, tmp
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="differ in pixel_size_A"):
         export_run([run, other], tmp_path / "models")
-    from ceriakeras.cli.preflight import check_export
+    from ceriakeras.nn.plan import check_export
 
     with pytest.raises(ModelError, match="differ in pixel_size_A"):   # before Keras loads
         check_export([run, other], tmp_path / "models")

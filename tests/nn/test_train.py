@@ -345,7 +345,7 @@ def test_the_dataset_json_of_a_run_of_versions_1_2_still_reads(tmp_path):
 @pytest.mark.slow
 def test_a_run_grows_its_data_on_resume_and_records_it(dataset, tmp_path, capsys):
     from ceriakeras.nn.export import model_info
-    from ceriakeras.cli.preflight import check_train
+    from ceriakeras.nn.plan import check_train
     from ceriakeras.data.records import read_manifest
 
     other = make_synthetic_dataset(tmp_path / "chunk-b", seed=7)

@@ -1,41 +1,29 @@
-#!/usr/bin/env python
-"""Send TIFF frames to a TF Serving model and write the same ``columns.csv`` as ``ceriakeras analyze``.
+"""The served model over the network: a TF Serving client with the interface ``analyze`` expects.
 
-The network runs on the server; everything else (reading frames, resampling to the model's pixel
-size, column extraction, tables, overlays) is ``ceriakeras.analysis.run.analyze`` itself, given a
-:class:`RemoteModel` in place of the local model. The model's needs (pixel size, ``max_height``,
-label radius) are read from the same SavedModel's ``assets/ceriakeras.json`` on this machine
-(``--model-dir``), and the request names that version, so the server answers with the graph
-those assets describe.
+``ceriakeras analyze --server URL`` runs the network on a TF Serving server; everything else
+(reading frames, resampling to the model's pixel size, column extraction, tables, overlays) is
+:func:`ceriakeras.analysis.run.analyze` itself, given a :class:`RemoteModel` in place of the
+local model, so its ``columns.csv`` equals the local model's. The model's needs (pixel size,
+``max_height``, label radius) are read from the same SavedModel's ``assets/ceriakeras.json`` on
+this machine (``--model``), and each request names that version, so the server answers with the
+graph those assets describe.
 
-Examples
---------
-REST (TF Serving's port 8501)::
-
-    python scripts/tools/serve_client.py frames.tif --url http://localhost:8501 \\
-        --model-name ceria --model-dir saved_models/ceria --out results/served
-
-gRPC (port 8500; needs ``pip install tensorflow-serving-api``)::
-
-    python scripts/tools/serve_client.py frames.tif --grpc localhost:8500 \\
-        --model-name ceria --model-dir saved_models/ceria --out results/served
-
-A server that is down, or answers an error, gives one line on stderr and exit status 2.
+``--server http://HOST:8501`` speaks TF Serving's REST API; ``--server grpc://HOST:8500`` its
+gRPC ``PredictionService`` (needs ``pip install tensorflow-serving-api``). A server that is down,
+or answers an error, is a one-line :class:`ServingError`.
 """
 
 from __future__ import annotations
 
 import json
 import socket
-import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 
-import click
 import numpy as np
 
-from ceriakeras.config import AnalyzeConfig, CeriakerasError, ModelError
+from ..config import ModelError
+from .served import model_version
 
 SIGNATURE = "serving_default"
 """The serving signature every ceriakeras SavedModel has (see docs/design.md)."""
@@ -88,7 +76,7 @@ class RemoteModel:
         states = [s.get("state") for s in answer.get("model_version_status", [])]
         if "AVAILABLE" not in states:
             raise ServingError(f"{status_url} is not available (state {', '.join(map(str, states)) or 'unknown'}): "
-                               "wait for the server to load it, or check --model-name and --version")
+                               "wait for the server to load it, or check --model-name and the --model version")
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run the served ``serving_default`` on a batch of frames.
@@ -117,7 +105,7 @@ class RemoteModel:
         expected = images.shape + (int(self.info["max_height"]) + 1,)
         if probabilities.shape != expected or height.shape != images.shape:
             raise ServingError(f"{self.endpoint} answered probabilities {probabilities.shape}, height "
-                               f"{height.shape} for frames {images.shape}: is --model-dir the served model?")
+                               f"{height.shape} for frames {images.shape}: is --model the served model?")
         return probabilities, height
 
     def _post(self, data: bytes) -> dict:
@@ -134,10 +122,10 @@ class RemoteModel:
             raise ServingError(f"{where} answered HTTP {err.code}: {_error_message(err)}") from None
         except urllib.error.URLError as err:
             raise ServingError(f"cannot reach TF Serving at {self.url} ({err.reason}): is the server "
-                               "running and the --url right?") from None
+                               "running and the --server right?") from None
         except (socket.timeout, TimeoutError):
             raise ServingError(f"{where} did not answer within {self.timeout_s:g} s: "
-                               "raise --timeout or send smaller frames") from None
+                               "raise --server-timeout or send smaller frames") from None
         try:
             return json.loads(text)
         except ValueError:
@@ -163,8 +151,8 @@ class GrpcModel(RemoteModel):
             import grpc
             from tensorflow_serving.apis import prediction_service_pb2_grpc
         except ImportError:
-            raise ServingError("--grpc needs the tensorflow-serving-api package "
-                               "(pip install tensorflow-serving-api); or use --url for REST") from None
+            raise ServingError("a grpc:// --server needs the tensorflow-serving-api package "
+                               "(pip install tensorflow-serving-api); or use http:// for REST") from None
         # Probability maps exceed gRPC's default 4 MB message limit.
         channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", -1),
                                                          ("grpc.max_receive_message_length", -1)])
@@ -198,50 +186,38 @@ class GrpcModel(RemoteModel):
                 tf.make_ndarray(response.outputs["height"]).astype(np.int32))
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--url", default=None, help="TF Serving REST root, e.g. http://localhost:8501.")
-@click.option("--grpc", "grpc_target", default=None,
-              help="TF Serving gRPC HOST:PORT instead of --url (needs tensorflow-serving-api).")
-@click.option("--model-name", required=True, help="Name the server serves the model under.")
-@click.option("--model-dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Local copy of the served SavedModel (saved_models/NAME or saved_models/NAME/VERSION); "
-                   "its assets give the pixel size and heights.")
-@click.option("--version", "version", type=click.IntRange(min=1), default=None,
-              help="Model version to ask the server for [default: the --model-dir version].")
-@click.option("--pixel-size", "pixel_size_A", type=float, default=None,
-              help="Pixel size of the input frames, Å (default: from the file's calibration).")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Output folder (columns.csv, overlays), as for `ceriakeras analyze`.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=AnalyzeConfig.batch_size,
-              show_default=True, help="Frames per request (count).")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=120.0,
-              show_default=True, help="Seconds to wait for each answer.")
-@click.option("--overwrite", is_flag=True, help="Replace earlier results in --out.")
-def main(inputs, url, grpc_target, model_name, model_dir, version, pixel_size_A, out_dir,
-         batch_size, timeout_s, overwrite):
-    """Analyse TIFF frames with a model served by TF Serving; write columns.csv like `ceriakeras analyze`."""
-    try:
-        if (url is None) == (grpc_target is None):
-            raise click.UsageError("give exactly one of --url (REST) and --grpc (gRPC)")
-        from ceriakeras.analysis.run import analyze
-        from ceriakeras.inference.modelinfo import find_version, read_info
+def remote_model(server: str, model=None, *, model_name: str | None = None,
+                 timeout_s: float = 120.0) -> RemoteModel:
+    """The model served at ``server``, described by its local copy ``model``, checked available.
 
-        version_dir = find_version(model_dir)
-        info = read_info(version_dir)
-        if version is None:
-            version = int(version_dir.name) if version_dir.name.isdigit() else None
-        cls, where = (RemoteModel, url) if url is not None else (GrpcModel, grpc_target)
-        model = cls(where, model_name, info, version=version, timeout_s=timeout_s)
-        model.check()
-        analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A,
-                config=AnalyzeConfig(batch_size=batch_size), overwrite=overwrite,
-                progress=sys.stderr.isatty())
-    except CeriakerasError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
-    click.echo(f"wrote {Path(out_dir) / 'columns.csv'}")
+    Parameters
+    ----------
+    server : str
+        ``http://HOST:PORT`` (REST) or ``grpc://HOST:PORT`` (gRPC).
+    model : path or None
+        Local copy of the served SavedModel (``saved_models/NAME`` or a version folder; None =
+        the shipped model): its assets give the pixel size and heights, its version folder the
+        version asked for.
+    model_name : str, optional
+        Name the server serves the model under; default: the model's folder name (``NAME``).
+    timeout_s : float
+        Seconds to wait for each answer.
 
-
-if __name__ == "__main__":
-    main()
+    Raises
+    ------
+    ServingError
+        The server is down, does not know the model or version, or answers an error.
+    """
+    version_dir, info = model_version(model)
+    name = model_name or version_dir.parent.name
+    version = int(version_dir.name) if version_dir.name.isdigit() else None
+    if server.startswith("grpc://"):
+        remote: RemoteModel = GrpcModel(server.removeprefix("grpc://"), name, info,
+                                        version=version, timeout_s=timeout_s)
+    elif server.startswith(("http://", "https://")):
+        remote = RemoteModel(server, name, info, version=version, timeout_s=timeout_s)
+    else:
+        raise ServingError(f"--server {server} must start with http:// (REST) or grpc:// (gRPC), "
+                           "e.g. http://localhost:8501")
+    remote.check()
+    return remote
