@@ -31,7 +31,6 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,11 +45,12 @@ from ..inference.recognise import recognise_frame, required_vacuum_fraction, vac
 from ..inference.resample import resample_counts
 from ..inference.served import DihedralAveraged, load_model, model_settings, with_model_threshold
 from ..io.files import write_text_atomic
-from ..io.series import expand_inputs, open_series
+from ..io.series import expand_inputs
 from ..noise import estimate_dose
 from .pictures import frame_caption, render_frame, write_movie, write_png, write_xyz
 from . import tracking
 from .plan import plan_inputs
+from .reading import Batch, read_batches
 from .resume import PROGRESS_VERSION, earlier_frames, prepare_out_dir, previous_optics
 from .tables import (CSV_HEADER, OPTICS_COLUMNS, column_rows, columns_header,  # noqa: F401
                      format_summary, frame_table_and_series_plots, reason_counts)
@@ -171,7 +171,7 @@ class _Run:
     def progress_path(self) -> Path:
         return self.out_dir / "progress.json"
 
-    def predict(self, batch: _Batch) -> tuple[np.ndarray, dict | None] | None:
+    def predict(self, batch: Batch) -> tuple[np.ndarray, dict | None] | None:
         """The model's answer for the good frames of ``batch`` (None if there are none).
 
         Returns ``(probabilities (B, h, w, C), optics)``: ``optics`` is the model's per-frame
@@ -195,7 +195,7 @@ class _Run:
                 if self._running == 0:
                     self.timings["model"] += time.perf_counter() - self._since
 
-    def write_batch(self, batch: _Batch, prediction) -> None:
+    def write_batch(self, batch: Batch, prediction) -> None:
         """The batch writer: columns, CSV rows, pictures of one batch (``prediction`` from
         :meth:`predict`); then commit it in progress.json."""
         t0 = time.perf_counter()
@@ -213,7 +213,7 @@ class _Run:
             self.probability_log.flush()
         write_text_atomic(self.progress_path, json.dumps(self.state, indent=1))
 
-    def _batch_columns(self, batch: _Batch, prediction) -> tuple[dict, dict]:
+    def _batch_columns(self, batch: Batch, prediction) -> tuple[dict, dict]:
         """Each good frame's columns (on the input grid) and dose; its recognition in the state."""
         item = batch.item
         probabilities, optics = prediction if prediction is not None else (None, None)
@@ -246,7 +246,7 @@ class _Run:
             k += 1
         return results, doses
 
-    def _write_rows(self, batch: _Batch, results: dict) -> None:
+    def _write_rows(self, batch: Batch, results: dict) -> None:
         """Append the batch's rows to ``columns.csv`` (flushed and synced); note skipped frames."""
         buffer = _stdio.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
@@ -268,7 +268,7 @@ class _Run:
         self.csv_file.flush()
         os.fsync(self.csv_file.fileno())
 
-    def _draw_batch(self, batch: _Batch, results: dict, doses: dict) -> None:
+    def _draw_batch(self, batch: Batch, results: dict, doses: dict) -> None:
         """The batch's overlays (the sampled frames) and, with ``xyz``, its 3D models."""
         item, px = batch.item, batch.item["pixel_size_A"]
         for frame, small in batch.frames:
@@ -342,7 +342,7 @@ def _run_batches(run: _Run, bar) -> None:
                 if config.model_workers > 1 else None)
         pending: deque = deque()  # (batch, future) in input order
         try:
-            for batch in in_thread(lambda: _read_batches(run.plan, run.start, run.pixel_size_A,
+            for batch in in_thread(lambda: read_batches(run.plan, run.start, run.pixel_size_A,
                                                          config, run.frames_total == 1,
                                                          run.timings),
                                    maxsize=QUEUE_BATCHES):
@@ -464,50 +464,6 @@ def _summary(run: _Run, per_frame: dict, elapsed: float) -> dict:
         "out_dir": str(run.out_dir),
         "columns_csv": str(run.csv_path),
     }
-
-
-# --- reading -----------------------------------------------------------------------------------
-@dataclass
-class _Batch:
-    """Consecutive frames of one input: ``frames`` is a list of ``(Frame, small)``, ``small`` the
-    frame resampled to the model's pixel size (None for a bad frame)."""
-
-    item: dict
-    offset: int
-    frames: list
-
-
-def _read_batches(plan: list, start: int, pixel_size_A, config: AnalyzeConfig, single: bool,
-                  timings: dict) -> Iterator[_Batch]:
-    """Read and resample the frames from global frame ``start`` on, in batches (one input each)."""
-    offset = 0
-    for item in plan:
-        n = item["n_frames"]
-        if offset + n <= start:
-            offset += n
-            continue
-        batch: list = []
-        with open_series(item["path"], pixel_size_A) as series:
-            frames = series.frames(max(0, start - offset))
-            while True:
-                t0 = time.perf_counter()
-                frame = next(frames, None)
-                timings["read"] += time.perf_counter() - t0
-                if frame is not None:
-                    if frame.error is not None and single:
-                        raise InputError(frame.error)
-                    t0 = time.perf_counter()
-                    small = (None if frame.image is None
-                             else resample_counts(frame.image, item["factor"]))
-                    timings["resample"] += time.perf_counter() - t0
-                    batch.append((frame, small))
-                ready = sum(small is not None for _, small in batch)
-                if batch and (frame is None or ready >= config.batch_size):
-                    yield _Batch(item, offset, batch)
-                    batch = []
-                if frame is None:
-                    break
-        offset += n
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

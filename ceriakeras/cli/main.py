@@ -411,7 +411,7 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
     check_train(data_dirs, run_dir, resume=resume, overwrite=overwrite,
                 allow_data_change=allow_data_change, init_from=init_from)
     if config.teacher is not None:  # a served model must be there (JSON only, no TensorFlow)
-        from ..inference.modelinfo import find_version, read_info
+        from ..inference.served import find_version, read_info
 
         read_info(find_version(config.teacher))
     if init_partial is not None and not (Path(init_partial) / "checkpoints" / "last.keras").is_file():

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 
-from ..config import DataError
+import numpy as np
+
+from ..config import ConfigError, DataError
+from .records import MAX_COUNT, MAX_COUNT_WHY, MAX_SHARDS, MAX_SHARDS_WHY
 
 
 def check_dataset(data_dir, split: str, pixel_size_A: float | None, what: str) -> dict:
@@ -27,3 +30,17 @@ def check_dataset(data_dir, split: str, pixel_size_A: float | None, what: str) -
     if int(manifest["counts"].get(split, 0)) < 1:
         raise DataError(f"the {split} split of {data_dir} is empty: simulate more particles")
     return manifest
+
+
+def check_write_arguments(count, shards, workers, seed, preview) -> None:
+    """Refuse counts that are not whole numbers in range (one-line :class:`ConfigError`)."""
+    for name, value, lo in (("count", count, 1), ("shards", shards, 1), ("workers", workers, 1),
+                            ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+            raise ConfigError(f"{name}={value!r} must be an integer ≥ {lo}")
+    for name, value, hi, why in (("count", count, MAX_COUNT, MAX_COUNT_WHY),
+                                 ("shards", shards, MAX_SHARDS, MAX_SHARDS_WHY)):
+        if value > hi:
+            raise ConfigError(f"{name}={value} is more than {hi:,}: {why}")
+    if preview < 0:
+        raise ConfigError(f"preview={preview} must be ≥ 0")

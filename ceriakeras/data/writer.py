@@ -22,15 +22,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from ..config import (SCHEMA_VERSION, CeriakerasError, ConfigError, DataError, SimulationConfig,
                       from_dict, to_dict)
 from ..io.files import atomic_path, file_sha256, write_text_atomic
-from ..noise import poisson_counts
-from .records import (MANIFEST_NAME, MAX_COUNT, MAX_COUNT_WHY, MAX_SHARDS, MAX_SHARDS_WHY,
-                      PREVIEW_DOSE_E_PER_A2, PROGRESS_NAME, SHARD_SUFFIX, SPLITS,
-                      first_line, iter_shard, metadata_json, read_dataset_json, serialize_example,
+from .plan import check_write_arguments
+from .preview import write_previews
+from .records import (MANIFEST_NAME, PROGRESS_NAME, SHARD_SUFFIX, SPLITS,
+                      first_line, metadata_json, read_dataset_json, serialize_example,
                       software_versions, verify_dataset)
 from .shards import (ShardPlan, ShardStats, images_of_particle, merge_stats, plan_shards,
                      stats_of_shard_file)
@@ -243,49 +242,6 @@ def _run_particles(tasks: list[tuple[int, int]], seed: int, config: SimulationCo
             submit_next()
 
 
-def _write_previews(out: Path, plan: list[ShardPlan], k: int, seed: int) -> None:
-    if k <= 0:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pdir = out / "preview"
-    done = 0
-    for shard in plan:
-        if done >= k:
-            break
-        for rec in iter_shard(out / shard.name):
-            if done >= k:
-                break
-            path = pdir / f"example-{done:05d}.png"
-            done += 1
-            if path.exists():
-                continue
-            image, label, px = rec["image"], rec["label"], float(rec["pixel_size"])
-            rng = np.random.default_rng([seed, done - 1])
-            noisy = poisson_counts(rng, image, PREVIEW_DOSE_E_PER_A2, px)
-            meta = json.loads(rec["metadata"])
-            fig, axes = plt.subplots(1, 3, figsize=(12, 4.3))
-            axes[0].imshow(image, cmap="gray")
-            axes[0].set_title("image (noise-free, vacuum = 1)")
-            axes[1].imshow(noisy, cmap="gray")
-            axes[1].set_title(f"noisy, {PREVIEW_DOSE_E_PER_A2:g} e⁻/Å²")
-            im = axes[2].imshow(label, cmap="viridis", vmin=0, interpolation="nearest")
-            axes[2].set_title("label (column height, atoms)")
-            fig.colorbar(im, ax=axes[2], fraction=0.046)
-            for ax in axes:
-                ax.set_axis_off()
-            facts = [f"{key}={meta[key]:.3g}" for key in ("defocus_nm", "cs_um", "diameter_A")
-                     if isinstance(meta.get(key), (int, float))]
-            fig.suptitle(f"{shard.split} · particle {meta.get('particle_id', '?')} · pixel {px:g} Å  "
-                         + "  ".join(facts), fontsize=9)
-            fig.tight_layout()
-            with atomic_path(path) as tmp:
-                fig.savefig(tmp, format="png", dpi=80)
-            plt.close(fig)
-
 
 def _build_manifest(params: dict, plan: list[ShardPlan], state: dict, config: SimulationConfig,
                     command: str, versions: dict) -> dict:
@@ -367,7 +323,7 @@ def write_dataset(out_dir: str | Path, count: int, shards: int, seed: int,
     dict
         The manifest (also written to ``out_dir/manifest.json``).
     """
-    _check_arguments(count, shards, workers, seed, preview)
+    check_write_arguments(count, shards, workers, seed, preview)
     config.validate()
     out = Path(out_dir)
     _check_writable(out)
@@ -379,46 +335,42 @@ def write_dataset(out_dir: str | Path, count: int, shards: int, seed: int,
             verify_dataset(out, deep=False)
         except DataError as err:
             raise DataError(f"{err} (the dataset was already finished)") from None
-        _write_previews(out, plan, preview, seed)
+        write_previews(out, plan, preview, seed)
         return manifest
     state, todo = _shards_to_do(out, plan, config, progress_state, manifest)
     write_text_atomic(out / PROGRESS_NAME, metadata_json({"params": params, "shards": state}) + "\n")
-    from tqdm.auto import tqdm
-
-    total_done = sum(s.images for s in plan) - sum(s.images for s in todo)
-    tasks = [(p, images_of_particle(p, count, config.optics_per_exit_wave))
-             for s in todo for p in s.particles]
-    writer = _ShardWriter(out, todo, config, state, params, save_structures)
     try:
-        with tqdm(total=count, initial=total_done, unit="img", desc=f"simulate {out.name}",
-                  disable=not progress, smoothing=0.1, dynamic_ncols=True) as bar:
-            def on_result(pid: int, examples: list) -> None:
-                writer.add(pid, examples)
-                bar.update(len(examples))
-
-            _run_particles(tasks, seed, config, simulator, workers, scheduler, on_result)
+        _simulate_shards(out, plan, todo, count, seed, config, state, params, save_structures,
+                         simulator=simulator, workers=workers, scheduler=scheduler,
+                         progress=progress)
     except CeriakerasError:  # refused before a shard was finished: leave no trace
         if not state and progress_state is None:
             (out / PROGRESS_NAME).unlink(missing_ok=True)
         raise
 
     result = _finish(out, params, plan, state, config, command, manifest if repair else None)
-    _write_previews(out, plan, preview, seed)
+    write_previews(out, plan, preview, seed)
     return result
 
 
-def _check_arguments(count, shards, workers, seed, preview) -> None:
-    """Refuse counts that are not whole numbers in range (one-line :class:`ConfigError`)."""
-    for name, value, lo in (("count", count, 1), ("shards", shards, 1), ("workers", workers, 1),
-                            ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-            raise ConfigError(f"{name}={value!r} must be an integer ≥ {lo}")
-    for name, value, hi, why in (("count", count, MAX_COUNT, MAX_COUNT_WHY),
-                                 ("shards", shards, MAX_SHARDS, MAX_SHARDS_WHY)):
-        if value > hi:
-            raise ConfigError(f"{name}={value} is more than {hi:,}: {why}")
-    if preview < 0:
-        raise ConfigError(f"preview={preview} must be ≥ 0")
+def _simulate_shards(out: Path, plan: list[ShardPlan], todo: list[ShardPlan], count: int,
+                     seed: int, config: SimulationConfig, state: dict, params: dict,
+                     save_structures: bool, *, simulator, workers: int, scheduler,
+                     progress: bool) -> None:
+    """Simulate the particles of the shards still to do, writing each shard when it is whole."""
+    from tqdm.auto import tqdm
+
+    total_done = sum(s.images for s in plan) - sum(s.images for s in todo)
+    tasks = [(p, images_of_particle(p, count, config.optics_per_exit_wave))
+             for s in todo for p in s.particles]
+    writer = _ShardWriter(out, todo, config, state, params, save_structures)
+    with tqdm(total=count, initial=total_done, unit="img", desc=f"simulate {out.name}",
+              disable=not progress, smoothing=0.1, dynamic_ncols=True) as bar:
+        def on_result(pid: int, examples: list) -> None:
+            writer.add(pid, examples)
+            bar.update(len(examples))
+
+        _run_particles(tasks, seed, config, simulator, workers, scheduler, on_result)
 
 
 def _earlier_dataset(out: Path, params: dict, overwrite: bool) -> tuple:

@@ -229,15 +229,13 @@ def find_columns(probabilities: np.ndarray, pixel_size_A: float, *, min_distance
         ``height`` (int32, Ce atoms, ≥ 1), ``confidence`` (float64 in [0, 1]: the reported
         height's share of the column probability mass in the disk; with ``calibration``, that
         share mapped to the probability that the height is right), ``expected_height``
-        (float64, mass-weighted mean height) and ``height_std`` (float64, its standard deviation);
-        also ``class_probabilities`` (N, C − 1) float32, the disk's mass per height 1 … C − 1
-        normalised (uniform where the disk holds none), for tracks across frames.
+        (float64, mass-weighted mean height), ``height_std`` (float64, its standard deviation);
+        ``class_probabilities`` (N, C − 1) float32: each height's share of the disk's mass.
 
     Notes
     -----
     The centroid disk has radius ``2·label_radius + 1`` px, at most half ``min_distance_A``, so
-    it holds a whole column's probability blob but not its neighbours'. All per-column work is
-    vectorized (one gather of ``N × K`` pixels).
+    it holds a whole column's probability blob but not its neighbours' (vectorized per column).
     """
     p = np.asarray(probabilities)
     if p.ndim != 3 or p.shape[-1] < 2:

@@ -45,7 +45,7 @@ def load_teacher(path, config: TrainConfig):
         No served model there, or one made for another pixel size or number of height classes
         than the student's ``config.model``.
     """
-    from .export import load_served_model
+    from ..inference.served import load_served_model
 
     served = load_served_model(path)
     pixel, heights = served.info.get("pixel_size_A"), served.info.get("max_height")

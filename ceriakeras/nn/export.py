@@ -238,10 +238,6 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
     out_dir = Path(out_dir)
     checkpoints = [run_checkpoint(r, c) for r, c in zip(run_dirs, checkpoints)]
     target = new_version_folder(out_dir, version)
-    from ..modelcheck import check_keras_archive
-
-    for c in checkpoints:
-        check_keras_archive(c)
     models, infos = _load_members(run_dirs, checkpoints)
     info = ensemble_info(run_dirs, infos)
     if column_threshold is not None:
@@ -262,9 +258,12 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
 
 def _load_members(run_dirs: list[Path], checkpoints: list[Path]) -> tuple[list, list[dict]]:
     """Each member's Keras model (checkpoints made by ``ceriakeras train`` only) and its info."""
+    from ..modelcheck import check_keras_archive
     from . import train as _registers_custom_metrics  # noqa: F401
     from .model import has_optics, load_checkpoint
 
+    for c in checkpoints:
+        check_keras_archive(c)
     models = [load_checkpoint(c, compile=False,
                               instead="export only checkpoints made by ceriakeras train")
               for c in checkpoints]

@@ -165,7 +165,7 @@ def bench_config(path, args, peak: float) -> None:
 def bench_served(path, args, peak: float) -> None:
     """A served model (a version folder or a model base folder: its newest version)."""
     from ceriakeras.config import ModelConfig, from_dict
-    from ceriakeras.nn.export import load_served_model
+    from ceriakeras.inference.served import load_served_model
 
     served = load_served_model(path)
     info = served.info

@@ -461,7 +461,7 @@ def test_nested_and_list_config_values_are_checked_by_type(tmp_path):
 
 
 def test_shipped_model_records_its_files_and_passes_the_check():
-    from ceriakeras.inference.modelinfo import read_info
+    from ceriakeras.inference.served import read_info
     from ceriakeras.modelcheck import (
         check_model_files,
         files_sha256,
