@@ -74,7 +74,8 @@ def unique_labels(paths: list[Path]) -> list[str]:
 
 
 def check_analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
-                  config: AnalyzeConfig | None = None, overwrite: bool = False) -> list[Path]:
+                  config: AnalyzeConfig | None = None, overwrite: bool = False,
+                  model_files: bool = True) -> list[Path]:
     """What ``ceriakeras analyze`` checks before the model loads (the CLI calls it before TensorFlow).
 
     Every input exists and has a readable header and a pixel size (Å, ``pixel_size_A`` if
@@ -82,7 +83,9 @@ def check_analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = N
     ``pixel_size_A`` and the config's limits); the model exists and its files are whole
     (:func:`ceriakeras.modelcheck.check_model_files`); ``out_dir`` is not under a file and holds
     none of ``analyze``'s outputs (:mod:`ceriakeras.analysis.outguard`; unless ``overwrite``);
-    the pixels are usable (:func:`check_pixels`). An unfinished run is left to
+    the pixels are usable (:func:`check_pixels`). With ``model_files=False`` (``--server``: the
+    network runs elsewhere, the local copy needs only its assets) the weights are not checked.
+    An unfinished run is left to
     :func:`ceriakeras.analysis.run.analyze` to resume or refuse.
 
     Returns
@@ -106,7 +109,8 @@ def check_analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = N
     out_dir = check_out_dir(out_dir)
     if not overwrite:
         check_no_earlier_results(out_dir, resumable=unfinished_progress(out_dir) is not None)
-    check_model_files(version, info)  # integrity last: the argument checks speak first
+    if model_files:  # integrity last: the argument checks speak first
+        check_model_files(version, info)
     check_pixels(paths, pixel_size_A)
     return paths
 

@@ -638,7 +638,7 @@ def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every,
     if model_name is not None and server is None:
         raise ConfigError("--model-name goes with --server URL: give both, or neither")
     check_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A, config=config,
-                  overwrite=overwrite)
+                  overwrite=overwrite, model_files=server is None)
     from ..io.inputpaths import duplicate_note, find_inputs
     from ..io.series import SUPPORTED_SUFFIXES
 

@@ -531,7 +531,8 @@ def test_a_resumed_run_that_analysed_nothing_prints_no_speed():
 def test_a_refused_simulate_leaves_no_progress_file(tmp_path):
     from helpers import SMALL
 
-    from ceriakeras.data.records import PROGRESS_NAME, write_dataset
+    from ceriakeras.data.records import PROGRESS_NAME
+    from ceriakeras.data.writer import write_dataset
 
     def refusing(particle_id, seed, config):
         raise ConfigError("the particle does not fit the cell")
