@@ -216,7 +216,8 @@ def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSe
         else:  # no logged map for this frame (an older run): from height and confidence
             probabilities = _fallback_probabilities(table[:, 4].astype(np.int64), table[:, 5],
                                                     16 if logged is None else logged[1].shape[1])
-        ids, drift = tracker.add_frame(frame, table[:, 2:4], probabilities, table[:, 0:2])
+        ids, drift = tracker.add_frame(frame, table[:, 2:4], probabilities, table[:, 0:2],
+                                       table[:, 5])
         ids_file.write(np.asarray(ids, np.int64).tobytes())
         drift_rows.append((source, frame, f"{drift[0]:.4f}", f"{drift[1]:.4f}"))
         collect(source, tracker)
