@@ -131,7 +131,7 @@ def _frames_of(csv_path: Path, offsets: dict):
 
 
 def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
-                 before_replace=None) -> dict:
+                 before_replace=None, on_stretches=None) -> dict:
     """Track every series of a finished run; rewrite ``columns.csv``, write ``events.csv``.
 
     Parameters
@@ -145,6 +145,9 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
         ``before_replace(size)`` is called with the new ``columns.csv``'s size, bytes, before it
         replaces the old one (the run commits that size first: a run killed in between then
         finds a CSV shorter than committed and redoes only its last frame).
+    on_stretches : callable, optional
+        ``on_stretches(stretches)`` gets every series' stretches (``{source: {track: [stretch,
+        …]}}``, each with its ``evidence``) before the tables are written (calibration studies).
 
     Returns
     -------
@@ -176,6 +179,8 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
     for by_track in stretches.values():
         for runs in by_track.values():
             runs.sort(key=lambda s: s["first"])
+    if on_stretches is not None:
+        on_stretches(stretches)
     _write_csv(out_dir / "tracking" / "drift.csv", drift_rows)
     events = _events(stretches, plan)
     _write_csv(out_dir / "events.csv", [EVENT_COLUMNS] + events)

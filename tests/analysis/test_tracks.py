@@ -277,8 +277,14 @@ def test_write_tracks_adds_columns_events_and_drift(tmp_path):
     assert abs(float(frames[19]["drift_x_A"]) - 0.95) < 0.05
     assert frames[20]["drift_x_A"] == ""  # the single image has no drift
     before = (tmp_path / "out" / "columns.csv").read_bytes()
-    write_tracks(tmp_path / "out", plan)  # again: the same table
+    seen: dict = {}
+    write_tracks(tmp_path / "out", plan, on_stretches=seen.update)  # again: the same table
     assert (tmp_path / "out" / "columns.csv").read_bytes() == before
+    runs = [s for by_track in seen["movie.tif"].values() for s in by_track]
+    assert sum(s["frames"] for s in runs) == len(movie_rows)
+    assert all(len(s["evidence"]) == len(EVIDENCE) for s in runs)
+    confidence = {(r["track"], r["track_confidence"]) for r in movie_rows if r["frame"] == "0"}
+    assert len(confidence) == 25 and all(0 < float(c) < 1 for _, c in confidence)
 
 
 def test_probability_log_is_cut_back_on_resume(tmp_path):
