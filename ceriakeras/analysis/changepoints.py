@@ -138,9 +138,11 @@ def change_statistic(kind: str, before: dict, after: dict, *, temper: float, var
     return float(llr)
 
 
-def change_probability(statistic: float, penalty: float, scale: float = 1.0) -> float:
-    """``σ(scale · (statistic − penalty))``: a change the partition keeps has p > 0.5."""
-    return float(1.0 / (1.0 + np.exp(-scale * (statistic - penalty))))
+def change_probability(statistic: float, penalty: float, scale: float = 1.0,
+                       offset: float = 0.0) -> float:
+    """``σ(scale · (statistic − penalty) + offset)``: the probability that a change is real
+    (with ``offset`` 0, a change the partition keeps has p > 0.5)."""
+    return float(1.0 / (1.0 + np.exp(-(scale * (statistic - penalty) + offset))))
 
 
 def assign_heights(sums: np.ndarray, directions: np.ndarray) -> np.ndarray:

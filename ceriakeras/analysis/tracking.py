@@ -131,7 +131,7 @@ def _frames_of(csv_path: Path, offsets: dict):
 
 
 def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
-                 before_replace=None) -> dict:
+                 before_replace=None, on_stretches=None) -> dict:
     """Track every series of a finished run; rewrite ``columns.csv``, write ``events.csv``.
 
     Parameters
@@ -145,6 +145,9 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
         ``before_replace(size)`` is called with the new ``columns.csv``'s size, bytes, before it
         replaces the old one (the run commits that size first: a run killed in between then
         finds a CSV shorter than committed and redoes only its last frame).
+    on_stretches : callable, optional
+        ``on_stretches(stretches)`` gets every series' stretches (``{source: {track: [stretch,
+        …]}}``, each with its ``evidence``) before the tables are written (calibration studies).
 
     Returns
     -------
@@ -176,6 +179,8 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
     for by_track in stretches.values():
         for runs in by_track.values():
             runs.sort(key=lambda s: s["first"])
+    if on_stretches is not None:
+        on_stretches(stretches)
     _write_csv(out_dir / "tracking" / "drift.csv", drift_rows)
     events = _events(stretches, plan)
     _write_csv(out_dir / "events.csv", [EVENT_COLUMNS] + events)
@@ -216,7 +221,8 @@ def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSe
         else:  # no logged map for this frame (an older run): from height and confidence
             probabilities = _fallback_probabilities(table[:, 4].astype(np.int64), table[:, 5],
                                                     16 if logged is None else logged[1].shape[1])
-        ids, drift = tracker.add_frame(frame, table[:, 2:4], probabilities, table[:, 0:2])
+        ids, drift = tracker.add_frame(frame, table[:, 2:4], probabilities, table[:, 0:2],
+                                       table[:, 5])
         ids_file.write(np.asarray(ids, np.int64).tobytes())
         drift_rows.append((source, frame, f"{drift[0]:.4f}", f"{drift[1]:.4f}"))
         collect(source, tracker)

@@ -66,8 +66,16 @@ class TrackSettings:
     """A stretch's frames beyond this many add no confidence (the model's misreading of a
     column repeats in every frame of a state): its summed log-probabilities are scaled to
     this many frames."""
-    event_scale: float = 1.0
-    """Slope of the logistic that maps a change's statistic to its probability."""
+    confidence_weights: tuple = (0.7509, 0.0, 0.0, 0.0, 0.2726, 0.0, -0.5589)
+    """Logistic map of a stretch's evidence (:func:`stretch_evidence`, ``EVIDENCE``) to its
+    confidence, ``σ(w · evidence + b)`` as ``(*w, b)``; empty: the Platt map above. Fitted on
+    our own ``tune`` and ``tune2`` movies (8 particles; posterior logit and frame scatter: the
+    lowest ECE with one particle left out; docs/tracks.md)."""
+    event_scale: float = 0.0808
+    """Slope of the logistic that maps a change's statistic to its probability (fitted with
+    ``event_offset`` on the events found in our own ``tune`` and ``tune2`` movies)."""
+    event_offset: float = 1.7766
+    """Offset of that logistic: ``p = σ(event_scale · (statistic − penalty) + event_offset)``."""
     window: int = 128
     """Units a track keeps; older frames of its current stretch are folded into one."""
     position_memory: float = 0.7
@@ -85,6 +93,56 @@ class TrackSettings:
             raise ConfigError(f"method={self.method!r}: use 'mean_shift', 'bayes' or 'classes'")
         if not 0 < self.max_distance_A <= self.search_A:
             raise ConfigError("max_distance_A must be positive and ≤ search_A (Å)")
+        if len(self.confidence_weights) not in (0, len(EVIDENCE) + 1):
+            raise ConfigError(f"confidence_weights needs {len(EVIDENCE) + 1} numbers "
+                              f"({', '.join(EVIDENCE)}, intercept) or none")
+
+
+EVIDENCE = ("posterior_logit", "mean_log_probability", "coverage", "log_frames",
+            "frame_scatter_atoms", "frame_confidence_logit")
+"""What :func:`stretch_evidence` returns, in order."""
+
+
+def stretch_evidence(unit: dict, index: int, variance: float, settings: TrackSettings
+                     ) -> np.ndarray:
+    """The evidence behind a stretch's height (``index`` = height − 1), one value per
+    :data:`EVIDENCE` name.
+
+    ``posterior_logit``: logit of the tempered height posterior (:func:`posterior_at`, the sum
+    scaled to ``confidence_frames``), clipped to ±12; ``mean_log_probability``: the mean
+    per-frame log-probability of that height (nats, ≥ −10); ``coverage``: the share of the
+    stretch's frames in which the column was found; ``log_frames``: log of that number of frames;
+    ``frame_scatter_atoms``: the track's per-frame scatter of the expected height (Ce atoms);
+    ``frame_confidence_logit``: logit of the mean per-frame (calibrated) confidence of the
+    column over the stretch, clipped to ±6 (0 when the frames gave none).
+    """
+    total = np.asarray(unit["sum"], np.float64)
+    n = float(unit["n"])
+    post = posterior_at(total * min(1.0, settings.confidence_frames / n), index,
+                        settings.confidence_temper)
+    return np.array([
+        _logit(post, 12.0),
+        max(float(total[index]) / n, -10.0),
+        n / (unit["last"] - unit["first"] + 1),
+        float(np.log(n)),
+        float(np.sqrt(max(variance, 0.0))),
+        _logit(unit.get("c1", 0.5 * n) / n, 6.0),
+    ])
+
+
+def _logit(p: float, clip: float) -> float:
+    p = min(max(float(p), 1e-9), 1 - 1e-9)
+    return float(np.clip(np.log(p / (1 - p)), -clip, clip))
+
+
+def stretch_confidence(evidence: np.ndarray, settings: TrackSettings) -> float:
+    """The calibrated confidence of a stretch's height from its :func:`stretch_evidence`."""
+    w = np.asarray(settings.confidence_weights, np.float64)
+    if not len(w):
+        return platt(1.0 / (1.0 + np.exp(-evidence[0])), settings.confidence_slope,
+                     settings.confidence_intercept)
+    z = float(np.dot(w[:-1], evidence) + w[-1])
+    return float(1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0))))
 
 
 def _new_track(tid: int, ref: np.ndarray, frame: int) -> dict:
@@ -124,7 +182,8 @@ class Tracker:
 
     # --- frames -------------------------------------------------------------------------------
     def add_frame(self, frame: int, xy_A: np.ndarray, probabilities: np.ndarray,
-                  xy_px: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  xy_px: np.ndarray | None = None, confidence: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
         """Link one frame's columns to the tracks.
 
         Parameters
@@ -137,6 +196,9 @@ class Tracker:
             Each column's class probabilities over heights 1 … K, Ce atoms.
         xy_px : (N, 2) float, optional
             Positions in the input's pixels (kept for events); default ``xy_A``.
+        confidence : (N,) float, optional
+            Each column's calibrated per-frame confidence (evidence for the stretch's
+            confidence); default 0.5.
 
         Returns
         -------
@@ -150,18 +212,21 @@ class Tracker:
         xy_px = xy_A if xy_px is None else np.asarray(xy_px, np.float64).reshape(-1, 2)
         logp = log_probabilities(probabilities) if len(xy_A) else np.zeros((0, 1))
         height = expected_height(probabilities) if len(xy_A) else np.zeros(0)
+        conf = (np.full(len(xy_A), 0.5) if confidence is None
+                else np.asarray(confidence, np.float64).reshape(-1))
         refs = np.array([t["ref"] for t in self.tracks], np.float64).reshape(-1, 2)
         i, j, shift = link_with_drift(refs + self.drift, xy_A, s.max_distance_A, s.search_A)
         self.drift = self.drift + shift
         ids = np.full(len(xy_A), -1, np.int64)
         for a, b in zip(i, j):
             ids[b] = self._extend(self.tracks[a], frame, xy_A[b], xy_px[b], logp[b],
-                                  float(height[b]))
+                                  float(height[b]), float(conf[b]))
         for b in np.flatnonzero(ids < 0):
             track = _new_track(self.next_id, xy_A[b] - self.drift, frame)
             self.next_id += 1
             self.tracks.append(track)
-            ids[b] = self._extend(track, frame, xy_A[b], xy_px[b], logp[b], float(height[b]))
+            ids[b] = self._extend(track, frame, xy_A[b], xy_px[b], logp[b], float(height[b]),
+                                  float(conf[b]))
         keep = []
         for track in self.tracks:
             if frame - track["last"] > s.max_gap:
@@ -187,12 +252,13 @@ class Tracker:
         return out
 
     # --- inside -------------------------------------------------------------------------------
-    def _extend(self, track: dict, frame: int, xy_A, xy_px, logp, height: float) -> int:
+    def _extend(self, track: dict, frame: int, xy_A, xy_px, logp, height: float,
+                confidence: float = 0.5) -> int:
         m = self.settings.position_memory
         ref = np.asarray(track["ref"]) * m + (np.asarray(xy_A) - self.drift) * (1 - m)
         track["ref"], track["last"] = [float(ref[0]), float(ref[1])], frame
         track["units"].append({"first": frame, "last": frame, "n": 1, "sum": logp.tolist(),
-                               "s1": height, "s2": height * height,
+                               "s1": height, "s2": height * height, "c1": confidence,
                                "pos": [float(xy_px[0]), float(xy_px[1]),
                                        float(xy_A[0]), float(xy_A[1])]})
         if len(track["units"]) > self.settings.window:
@@ -237,14 +303,12 @@ class Tracker:
             if k:
                 stat = change_statistic(s.method, done[k - 1], u, temper=s.temper,
                                         variance=variance)
-                p = change_probability(stat, s.penalty, s.event_scale)
+                p = change_probability(stat, s.penalty, s.event_scale, s.event_offset)
+            evidence = stretch_evidence(u, int(heights[k]), variance, s)
             self.out.append({
                 "track": track["id"], "first": u["first"], "last": u["last"],
                 "frames": int(u["n"]), "height_index": int(heights[k]),
-                "confidence": platt(posterior_at(
-                    np.asarray(u["sum"]) * min(1.0, s.confidence_frames / u["n"]),
-                    int(heights[k]), s.confidence_temper),
-                    s.confidence_slope, s.confidence_intercept),
+                "confidence": stretch_confidence(evidence, s), "evidence": evidence.tolist(),
                 "change_probability": p, "x_px": u["pos"][0], "y_px": u["pos"][1],
                 "x_A": u["pos"][2], "y_A": u["pos"][3]})
         track["done"] = []
@@ -260,4 +324,5 @@ def _merge(units: list) -> dict:
             "n": int(sum(u["n"] for u in units)),
             "sum": np.sum([u["sum"] for u in units], axis=0).tolist(),
             "s1": float(sum(u["s1"] for u in units)), "s2": float(sum(u["s2"] for u in units)),
+            "c1": float(sum(u.get("c1", 0.5 * u["n"]) for u in units)),
             "pos": units[0]["pos"]}

@@ -15,6 +15,7 @@ import numpy as np
 from ase import Atoms
 
 from ..config import CE_COLUMN_SPACING_A, ConfigError, SimulationConfig
+from .multislice import Z_MARGIN_A
 from .simulate import (
     draw_optics,
     image_from_exit_wave,
@@ -53,7 +54,8 @@ def change_column(atoms: Atoms, xy_A: tuple[float, float], sign: int) -> Atoms:
 
     −1 removes the column's top Ce atom (largest z) and the O atoms bonded to it alone
     (:data:`O_BOND_A`); +1 puts a Ce adatom one Ce spacing (:data:`CE_COLUMN_SPACING_A`) above
-    the column's top atom.
+    the column's top atom, and the cell grows in z to keep :data:`Z_MARGIN_A` above it (abTEM's
+    periodic potential would otherwise wrap an adatom above the cell to the particle's bottom).
     """
     out = atoms.copy()
     symbols = np.asarray(out.get_chemical_symbols())
@@ -66,6 +68,9 @@ def change_column(atoms: Atoms, xy_A: tuple[float, float], sign: int) -> Atoms:
     if sign > 0:
         position = out.positions[top] + [0.0, 0.0, CE_COLUMN_SPACING_A]
         out += Atoms("Ce", positions=[position])
+        cell = out.cell.array.copy()
+        cell[2, 2] = max(cell[2, 2], position[2] + Z_MARGIN_A)
+        out.cell = cell
         return out
     o = np.flatnonzero(symbols == "O")
     d_top = np.linalg.norm(out.positions[o] - out.positions[top], axis=1)

@@ -9,7 +9,7 @@ import pytest
 
 from ceriakeras.analysis.changepoints import segment
 from ceriakeras.analysis.linking import link_with_drift
-from ceriakeras.analysis.tracks import Tracker, TrackSettings
+from ceriakeras.analysis.tracks import EVIDENCE, Tracker, TrackSettings
 
 K = 16  # heights 1 … 16
 
@@ -131,6 +131,42 @@ def test_a_static_series_reports_no_event():
     assert sum(s["height_index"] + 1 == heights[s["track"]] for s in stretches) == 25
 
 
+def test_confidence_follows_the_evidence_and_its_fitted_map():
+    """A long, clean stretch is more certain than a short, noisy one; the logistic map of the
+    evidence (``confidence_weights``) replaces the Platt map and a wrong length is refused."""
+    rng = np.random.default_rng(8)
+    xy, heights = lattice(), np.full(25, 4)
+    frames = [(xy, probs(heights, rng, noise=0.05 if f < 40 else 0.8)) for f in range(44)]
+    settings = TrackSettings(max_gap=0)
+    tracker = Tracker(settings)
+    for f, (x, p) in enumerate(frames):
+        tracker.add_frame(f, x if f < 40 or f % 2 else x[:1], p if f < 40 or f % 2 else p[:1])
+    tracker.finish()
+    stretches = tracker.pop_stretches()
+    assert all(len(s["evidence"]) == len(EVIDENCE) for s in stretches)
+    long = [s for s in stretches if s["frames"] >= 40]
+    short = [s for s in stretches if s["frames"] <= 4]
+    assert long and short
+    assert min(s["confidence"] for s in long) > max(s["confidence"] for s in short)
+    assert all(s["evidence"][EVIDENCE.index("coverage")] == 1.0 for s in long)
+    # a map that ignores all but the intercept gives σ(b) everywhere
+    flat = Tracker(TrackSettings(confidence_weights=(0.0,) * len(EVIDENCE) + (1.0,)))
+    for f, (x, p) in enumerate(frames[:10]):
+        flat.add_frame(f, x, p)
+    flat.finish()
+    assert all(np.isclose(s["confidence"], 1 / (1 + np.exp(-1.0))) for s in flat.pop_stretches())
+    with pytest.raises(Exception, match="confidence_weights"):
+        TrackSettings(confidence_weights=(1.0, 0.0)).validate()
+
+
+def test_event_probability_offset_shifts_the_logistic():
+    from ceriakeras.analysis.changepoints import change_probability
+
+    assert np.isclose(change_probability(6.0, 6.0), 0.5)
+    assert np.isclose(change_probability(6.0, 6.0, 2.0, 1.0), 1 / (1 + np.exp(-1.0)))
+    assert change_probability(8.0, 6.0, 0.5, -1.0) == pytest.approx(0.5)
+
+
 def test_resume_in_the_middle_gives_the_same_tracks():
     rng = np.random.default_rng(6)
     xy, heights = lattice(), rng.integers(2, 8, 25)
@@ -241,8 +277,14 @@ def test_write_tracks_adds_columns_events_and_drift(tmp_path):
     assert abs(float(frames[19]["drift_x_A"]) - 0.95) < 0.05
     assert frames[20]["drift_x_A"] == ""  # the single image has no drift
     before = (tmp_path / "out" / "columns.csv").read_bytes()
-    write_tracks(tmp_path / "out", plan)  # again: the same table
+    seen: dict = {}
+    write_tracks(tmp_path / "out", plan, on_stretches=seen.update)  # again: the same table
     assert (tmp_path / "out" / "columns.csv").read_bytes() == before
+    runs = [s for by_track in seen["movie.tif"].values() for s in by_track]
+    assert sum(s["frames"] for s in runs) == len(movie_rows)
+    assert all(len(s["evidence"]) == len(EVIDENCE) for s in runs)
+    confidence = {(r["track"], r["track_confidence"]) for r in movie_rows if r["frame"] == "0"}
+    assert len(confidence) == 25 and all(0 < float(c) < 1 for _, c in confidence)
 
 
 def test_probability_log_is_cut_back_on_resume(tmp_path):

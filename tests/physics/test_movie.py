@@ -6,11 +6,13 @@ import numpy as np
 
 from ceriakeras.config import StructureConfig
 from ceriakeras.physics.movie import (
+    Z_MARGIN_A,
     change_column,
     drift_path,
     fourier_shift,
     plan_states,
 )
+from ceriakeras.physics.multislice import place_in_cell
 from ceriakeras.physics.structures import build_particle, column_table
 
 
@@ -39,6 +41,18 @@ def test_a_change_moves_one_ce_atom_on_the_chosen_column():
         k = np.hypot(*(after[:, :2] - table[j, :2]).T).argmin()
         assert after[k, 2] == table[j, 2] + sign
         assert after[:, 2].sum() == table[:, 2].sum() + sign
+
+
+def test_an_adatom_on_the_tallest_column_stays_inside_the_cell():
+    """abTEM's periodic potential would wrap an adatom above the cell to the particle's bottom."""
+    atoms = place_in_cell(build_particle(3, StructureConfig(diameter_range_A=(15.0, 18.0))), 40.0)
+    ce = np.flatnonzero(np.asarray(atoms.get_chemical_symbols()) == "Ce")
+    top = int(ce[np.argmax(atoms.positions[ce, 2])])
+    landed = change_column(atoms, tuple(atoms.positions[top, :2]), 1)
+    assert landed.positions[:, 2].max() + Z_MARGIN_A <= landed.cell[2, 2] + 1e-9
+    assert landed.cell[2, 2] > atoms.cell[2, 2] - 1e-9
+    left = change_column(atoms, tuple(atoms.positions[top, :2]), -1)
+    assert left.cell[2, 2] == atoms.cell[2, 2]
 
 
 def test_plan_states_changes_distinct_surface_columns():
