@@ -55,7 +55,8 @@ def reason(err: BaseException) -> str:
 
 def open_file(path: Path):
     """The reader of ``path`` by its suffix: ``(n_frames, (H, W), pixel size Å or None, where the
-    calibration came from, read(i) -> (H, W) array, close or None)``.
+    calibration came from, read(i) -> (H, W) array, close or None, the gain its header states in
+    counts per electron or None)``.
 
     Raises
     ------
@@ -65,9 +66,9 @@ def open_file(path: Path):
     suffix = path.suffix.lower()
     try:
         if suffix in TIFF_SUFFIXES:
-            return _open_tiff(path)
+            return (*_open_tiff(path), None)  # TIFF and .npy files record no gain
         if suffix in NUMPY_SUFFIXES:
-            return _open_npy(path)
+            return (*_open_npy(path), None)
         if suffix in VENDOR_SUFFIXES:
             return _open_vendor(path, VENDOR_SUFFIXES[suffix])
         raise InputError(f"{path}: unknown file type {path.suffix!r}; give one of "
@@ -352,6 +353,7 @@ def _open_vendor(path: Path, plugin: str):
             images.append(sig)
     if not images:
         raise InputError(f"{path} holds no 2D image (spectra or other data only)")
+    gain = _recorded_gain(signals)
     sig = images[0]
     data = sig["data"]
     axes = sorted(sig["axes"], key=lambda a: a.get("index_in_array", 0))
@@ -372,7 +374,8 @@ def _open_vendor(path: Path, plugin: str):
     else:
         n_frames = int(data.shape[0])
         read = lambda i: np.asarray(data[i].compute() if hasattr(data, "compute") else data[i])  # noqa
-    return n_frames, tuple(int(n) for n in data.shape[-2:]), calib, f"{plugin} calibration", read, None
+    return (n_frames, tuple(int(n) for n in data.shape[-2:]), calib, f"{plugin} calibration", read,
+            None, gain)
 
 
 def file_counts_per_electron(path: str | Path) -> float | None:
@@ -395,8 +398,16 @@ def file_counts_per_electron(path: str | Path) -> float | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             signals = module.file_reader(str(path), lazy=True)
+    except (ImportError, KeyError, IndexError, TypeError, ValueError):  # the file records no gain
+        return None
+    return _recorded_gain(signals)
+
+
+def _recorded_gain(signals) -> float | None:
+    """The gain (counts per electron) rosettasciio's ``signals`` of a file record, or None."""
+    try:
         model = signals[0]["metadata"]["Signal"]["Noise_properties"]["Variance_linear_model"]
         gain = float(model["gain_factor"])
-    except (ImportError, KeyError, IndexError, TypeError, ValueError):  # the file records no gain
+    except (KeyError, IndexError, TypeError, ValueError):  # the file records no gain
         return None
     return gain if math.isfinite(gain) and gain > 0 else None

@@ -33,12 +33,21 @@ class Frame:
         Counts (or any linear intensity ≥ 0); None when the frame is bad.
     error : str or None
         One line saying what is wrong with a bad frame.
+    pixel_size_A : float or None
+        Pixel size, Å, as its series resolved it (``--pixel-size`` or the file's calibration).
+    counts_per_electron : float or None
+        The detector gain the file states, counts per electron; None where it states none.
+    dose_e_per_A2 : float or None
+        The dose of the frame, e⁻/Å², where it is known (files do not state it: None).
     """
 
     source: str
     index: int
     image: np.ndarray | None
     error: str | None = None
+    pixel_size_A: float | None = None
+    counts_per_electron: float | None = None
+    dose_e_per_A2: float | None = None
 
 
 @dataclass
@@ -55,25 +64,28 @@ class ImageSeries:
     pixel_size_A: float
     pixel_size_from: str
     """Where the pixel size came from: ``'--pixel-size'`` or the file's calibration kind."""
+    counts_per_electron: float | None = None
+    """The detector gain the file's header states, counts per electron (None: it states none)."""
     _read: object = field(repr=False, default=None)
     _close: object = field(repr=False, default=None)
 
     def frames(self, start: int = 0) -> Iterator[Frame]:
         """Yield frames ``start, start + 1, …`` as :class:`Frame` (bad frames carry an error)."""
+        known = {"pixel_size_A": self.pixel_size_A, "counts_per_electron": self.counts_per_electron}
         for i in range(start, self.n_frames):
             try:
                 raw = self._read(i)
             except InputError as err:
-                yield Frame(self.source, i, None, str(err))
+                yield Frame(self.source, i, None, str(err), **known)
                 continue
             except Exception as err:  # a damaged page inside a readable file
                 yield Frame(self.source, i, None, f"{self.source} frame {i} is unreadable "
-                            f"({reason(err)})")
+                            f"({reason(err)})", **known)
                 continue
             try:
-                yield Frame(self.source, i, check_frame(raw, f"{self.source} frame {i}"))
+                yield Frame(self.source, i, check_frame(raw, f"{self.source} frame {i}"), **known)
             except InputError as err:
-                yield Frame(self.source, i, None, str(err))
+                yield Frame(self.source, i, None, str(err), **known)
 
     def close(self) -> None:
         if self._close is not None:
@@ -126,7 +138,7 @@ def open_series(path: str | Path, pixel_size_A: float | None = None) -> ImageSer
         if not (math.isfinite(pixel_size_A) and pixel_size_A > 0):
             raise InputError(f"--pixel-size {pixel_size_A} Å must be a positive number of Å")
     opened = open_file(path)
-    n_frames, shape, calib, calib_from, read, close = opened
+    n_frames, shape, calib, calib_from, read, close, gain = opened
     try:
         check_shape(path, n_frames, shape)
         if pixel_size_A is not None:
@@ -139,7 +151,8 @@ def open_series(path: str | Path, pixel_size_A: float | None = None) -> ImageSer
         if close is not None:
             close()
         raise
-    return ImageSeries(source, n_frames, shape, float(size), origin, read, close)
+    return ImageSeries(source, n_frames, shape, float(size), origin, counts_per_electron=gain,
+                       _read=read, _close=close)
 
 
 def check_frame(image, where: str = "image") -> np.ndarray:
