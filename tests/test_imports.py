@@ -32,12 +32,9 @@ UPWARD_IMPORTS = {
 """(importer, imported) pairs allowed to point up the layers."""
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
-LONG_MODULES = {"config", "nn.train", "io.series", "cli.main"}
+LONG_MODULES: set[str] = set()
 """Modules still over :data:`MAX_MODULE_LINES` lines (to be split; the list can only shrink)."""
-LONG_FUNCTIONS = {
-    "nn.model.build_context_unet", "nn.train.fit_multi_worker", "nn.train.train",
-    "data.pipeline.make_dataset",
-}
+LONG_FUNCTIONS: set[str] = set()
 """Functions still over :data:`MAX_FUNCTION_LINES` lines (the list can only shrink)."""
 
 

@@ -40,7 +40,8 @@ def plan_inputs(paths: list[Path], pixel_size_A: float | None, model_pixel_A: fl
     -------
     list of dict
         ``path``, ``source``, ``n_frames``, ``shape`` (H, W), ``pixel_size_A``,
-        ``pixel_size_from``, ``factor`` (model pixel / input pixel), ``label`` (its name in the
+        ``pixel_size_from``, ``factor`` (model pixel / input pixel), ``counts_per_electron_file``
+        (the gain its header states, counts per electron, or None), ``label`` (its name in the
         outputs) and ``overlays`` (the frames that get an overlay).
 
     Raises
@@ -57,7 +58,8 @@ def plan_inputs(paths: list[Path], pixel_size_A: float | None, model_pixel_A: fl
                                      max_pixel_A=config.max_pixel_size_A)
             plan.append({"path": path, "source": series.source, "n_frames": series.n_frames,
                          "shape": list(series.shape), "pixel_size_A": series.pixel_size_A,
-                         "pixel_size_from": series.pixel_size_from, "factor": factor})
+                         "pixel_size_from": series.pixel_size_from, "factor": factor,
+                         "counts_per_electron_file": series.counts_per_electron})
     if config.movie and any(item["n_frames"] >= 2 for item in plan):
         check_movie_writer()
     for item, label in zip(plan, unique_labels([item["path"] for item in plan])):

@@ -316,7 +316,8 @@ def _start_run(paths: list[Path], out_dir: Path, served, model_id: dict, config:
     start, skipped = prepare_out_dir(out_dir, columns_header(details, track_columns).encode(),
                                      identity, overwrite, plan)
     for item in plan:  # detector gain per input: option, file, estimate from the noise, or 1
-        item["gain"] = input_gain(item["path"], pixel_size_A, counts_per_electron)
+        item["gain"] = input_gain(item["path"], pixel_size_A, counts_per_electron,
+                                  file_gain=item["counts_per_electron_file"])
     state = {"version": PROGRESS_VERSION, "identity": identity,
              "frames_total": sum(item["n_frames"] for item in plan),
              "frames_done": start, "csv_bytes": csv_path.stat().st_size, "skipped": skipped,

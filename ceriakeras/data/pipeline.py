@@ -192,12 +192,34 @@ def make_dataset(data_dir: str | Path | Sequence[str | Path], split: str, config
     """
     config.validate()
     training = (split == "train") if training is None else bool(training)
+    groups, (height, width), weights = _checked_split(data_dir, split, config, class_weights, verify)
+    repeat = training if repeat is None else repeat
+    deterministic = bool(config.deterministic or not training)
+    ds = _records(groups, training, repeat, int(config.seed), deterministic)
+    ds = ds.enumerate().batch(max(1, min(config.batch_size, 32)))
+    parse_chunk = _chunk_parser(config, height, width, training, bool(optics))
+    ds = ds.map(parse_chunk, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    ds = ds.unbatch()
+    ds = _examples(ds, config, weights, training, bool(optics), deterministic)
+    ds = ds.batch(config.batch_size, drop_remainder=training,
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    ds = ds.with_options(options)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _checked_split(data_dir, split: str, config: PipelineConfig, class_weights: Any,
+                   verify: bool) -> tuple[list[list[Path]], tuple[int, int], tf.Tensor]:
+    """The shards of ``split`` per dataset (checked), the image size (px) and the class weights
+    (one per class, 1 if None); :class:`DataError` for a crop larger than the images or too few
+    weights."""
     data_dirs = as_data_dirs(data_dir)
     manifests = read_manifests(data_dirs)
     data_dir, manifest = data_dirs[0], manifests[0]
     shard_paths(data_dir, split)  # checks the split name
     groups = [_check_split(d, split, m, verify) for d, m in zip(data_dirs, manifests)]
-    paths = [path for group in groups for path in group]
     height, width = (int(v) for v in manifest.get("image_size_px", [0, 0]))
     crop = config.crop_px
     if crop > min(height, width):
@@ -215,12 +237,12 @@ def make_dataset(data_dir: str | Path | Sequence[str | Path], split: str, config
                 f"class_weights has {weights.shape[0]} entries but {data_dir} has labels up to "
                 f"{n_classes - 1}; give one weight per class 0..{n_classes - 1}"
             )
-    repeat = training if repeat is None else repeat
-    deterministic = bool(config.deterministic or not training)
-    spec = feature_spec(bool(optics))
-    chunk = max(1, min(config.batch_size, 32))
-    crops = max(1, min(config.crops_per_image, (height // crop) * (width // crop)))
-    seed = int(config.seed)
+    return groups, (height, width), weights
+
+
+def _records(groups: list[list[Path]], training: bool, repeat: bool, seed: int,
+             deterministic: bool) -> tf.data.Dataset:
+    """The serialized records of the shards in ``groups`` (one list per dataset)."""
 
     def records_of(group: list[Path], repeat_files: bool) -> tf.data.Dataset:
         files = tf.data.Dataset.from_tensor_slices([str(p) for p in group])
@@ -236,14 +258,22 @@ def make_dataset(data_dir: str | Path | Sequence[str | Path], split: str, config
     # Training shuffles and interleaves the shards of all datasets as one list; otherwise each
     # dataset's records come in the order they would alone, one dataset after the other.
     if training or len(groups) == 1:
-        ds = records_of(paths, repeat)
-    else:
-        ds = records_of(groups[0], False)
-        for group in groups[1:]:
-            ds = ds.concatenate(records_of(group, False))
-        if repeat:
-            ds = ds.repeat()
-    ds = ds.enumerate().batch(chunk)
+        return records_of([path for group in groups for path in group], repeat)
+    ds = records_of(groups[0], False)
+    for group in groups[1:]:
+        ds = ds.concatenate(records_of(group, False))
+    return ds.repeat() if repeat else ds
+
+
+def _chunk_parser(config: PipelineConfig, height: int, width: int, training: bool,
+                  optics: bool):
+    """``parse_chunk(index, serialized)`` of a chunk of enumerated records: images, labels,
+    pixel sizes and optics targets, randomly cropped, flipped and dosed for training, centre
+    crops otherwise."""
+    spec = feature_spec(optics)
+    crop = config.crop_px
+    crops = max(1, min(config.crops_per_image, (height // crop) * (width // crop)))
+    seed = int(config.seed)
 
     def parse_chunk(index, serialized):
         f = tf.io.parse_example(serialized, spec)
@@ -277,15 +307,21 @@ def make_dataset(data_dir: str | Path | Sequence[str | Path], split: str, config
         return {"index": index, "image": image, "label": tf.cast(label, tf.int32),
                 "pixel_size": px[:, 0, 0], "optics": targets}
 
+    return parse_chunk
+
+
+def _examples(ds: tf.data.Dataset, config: PipelineConfig, weights: tf.Tensor, training: bool,
+              optics: bool, deterministic: bool) -> tf.data.Dataset:
+    """Parsed examples → ``(image, label, sample_weight)``: shuffled for training; for
+    validation each example at every validation dose with Poisson noise of a fixed seed."""
+    seed = int(config.seed)
+
     def _pack(image, label, weight, targets):
         if not optics:
             return image, label, weight
         ones = tf.ones(tf.shape(targets)[:-1], tf.float32)
         return image, {"probabilities": label, "optics": targets}, {"probabilities": weight,
                                                                     "optics": ones}
-
-    ds = ds.map(parse_chunk, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-    ds = ds.unbatch()
 
     if training:
         ds = ds.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
@@ -294,26 +330,18 @@ def make_dataset(data_dir: str | Path | Sequence[str | Path], split: str, config
             return _pack(ex["image"][..., None], ex["label"], tf.gather(weights, ex["label"]),
                          ex["optics"])
 
-        ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-    else:
-        doses = tf.constant(config.validation_doses_e_per_A2, tf.float32)
-        n_doses = len(config.validation_doses_e_per_A2)
+        return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    doses = tf.constant(config.validation_doses_e_per_A2, tf.float32)
+    n_doses = len(config.validation_doses_e_per_A2)
 
-        def noisy(ex):
-            mean = expected_counts(ex["image"][None], tf.reshape(doses, [-1, 1, 1]), ex["pixel_size"])
-            counts = poisson_sample(mean, _seed_pair(seed, ex["index"], _VALIDATION_SEED_SALT))
-            label = tf.repeat(ex["label"][None], n_doses, axis=0)
-            targets = tf.repeat(ex["optics"][None], n_doses, axis=0)
-            return _pack(counts[..., None], label, tf.gather(weights, label), targets)
+    def noisy(ex):
+        mean = expected_counts(ex["image"][None], tf.reshape(doses, [-1, 1, 1]), ex["pixel_size"])
+        counts = poisson_sample(mean, _seed_pair(seed, ex["index"], _VALIDATION_SEED_SALT))
+        label = tf.repeat(ex["label"][None], n_doses, axis=0)
+        targets = tf.repeat(ex["optics"][None], n_doses, axis=0)
+        return _pack(counts[..., None], label, tf.gather(weights, label), targets)
 
-        ds = ds.map(noisy, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
-    ds = ds.batch(config.batch_size, drop_remainder=training,
-                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-    options = tf.data.Options()
-    options.deterministic = deterministic
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    ds = ds.with_options(options)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.map(noisy, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
 
 
 __all__ = ["draw_dose", "make_dataset", "optics_targets"]

@@ -358,8 +358,12 @@ GAIN_FRAMES_PIXELS = 8_000_000
 """Pixels of the input read for a series' gain estimate (at least 2 frames, at most 32)."""
 
 
+_READ_THE_FILE = object()
+"""``file_gain`` of :func:`input_gain` when the caller has not read the file's header."""
+
+
 def input_gain(path, pixel_size_A: float | None = None,
-               counts_per_electron: float | None = None) -> dict:
+               counts_per_electron: float | None = None, *, file_gain=_READ_THE_FILE) -> dict:
     """The detector gain of one input, counts per electron, and where it came from.
 
     In this order: ``counts_per_electron`` (``'option'``); the file's own
@@ -367,7 +371,9 @@ def input_gain(path, pixel_size_A: float | None = None,
     from the differences of the first frames of a series (``'series estimate'``) or else from
     the vacuum of its first frame (``'vacuum estimate'``, the estimators above); failing
     all, 1 (``'assumed'``: the frames are taken to be in electrons, as before this estimate
-    existed) with ``gain_warning`` saying why.
+    existed) with ``gain_warning`` saying why. ``file_gain``: the gain the file's header states
+    (counts per electron, or None), where the caller has read it already
+    (:attr:`ceriakeras.io.series.ImageSeries.counts_per_electron`); else the header is read here.
 
     Returns
     -------
@@ -383,7 +389,7 @@ def input_gain(path, pixel_size_A: float | None = None,
 
     if counts_per_electron is not None:
         return result(counts_per_electron, "option")
-    from_file = file_counts_per_electron(path)
+    from_file = file_counts_per_electron(path) if file_gain is _READ_THE_FILE else file_gain
     if from_file is not None:
         return result(from_file, "file")
     with open_series(path, pixel_size_A) as series:

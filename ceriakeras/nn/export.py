@@ -259,7 +259,7 @@ def export_run(run_dir, out_dir, version: int | None = None, *, calibrate_on=Non
 def _load_members(run_dirs: list[Path], checkpoints: list[Path]) -> tuple[list, list[dict]]:
     """Each member's Keras model (checkpoints made by ``ceriakeras train`` only) and its info."""
     from ..modelcheck import check_keras_archive
-    from . import train as _registers_custom_metrics  # noqa: F401
+    from . import losses as _registers_custom_metrics  # noqa: F401
     from .model import has_optics, load_checkpoint
 
     for c in checkpoints:

@@ -322,63 +322,80 @@ def build_context_unet(config: ModelConfig, *, noise_seed: int | None = None) ->
         the units of :data:`OPTICS_OUTPUTS`), without it the probabilities alone.
     """
     config.validate()
-    norm = config.normalization
     image = keras.Input(shape=(None, None, 1), dtype="float32", name="image")
     x = PoissonNoise(seed=noise_seed, detector_correlation_max=config.detector_correlation_max,
                      name="poisson_noise")(image)
     x = intensity_normalization(config)(x)
     x = PadToMultiple(2**config.depth, name="pad")(x)
+    full, x, skips = _context_encoder(x, config)
+    optics = None
+    if config.global_branch:
+        x, optics = _global_branch(x, config)
+    x = keras.layers.Dropout(config.dropout)(x)
+    probabilities = _context_decoder(x, full, skips, image, config)
+    if optics is None:
+        return keras.Model(image, probabilities, name="ceriakeras_context_unet")
+    return keras.Model(image, {"probabilities": probabilities, "optics": optics},
+                       name="ceriakeras_context_unet")
 
-    def conv(x, filters, *, dilation=1, strides=1):
-        x = keras.layers.Conv2D(filters, 3, strides=strides, dilation_rate=dilation,
-                                padding="same", use_bias=norm == "none")(x)
-        x = _normalization(norm, filters)(x)
-        return keras.layers.Activation("relu")(x)
 
-    full = conv(x, config.full_resolution_filters)
-    x = conv(full, _context_filters(config, 1), strides=2)  # the strided stem
+def _context_conv(x, filters: int, normalization: str, *, dilation: int = 1, strides: int = 1):
+    """Conv 3×3 (bias only without normalization), normalization, ReLU."""
+    x = keras.layers.Conv2D(filters, 3, strides=strides, dilation_rate=dilation,
+                            padding="same", use_bias=normalization == "none")(x)
+    x = _normalization(normalization, filters)(x)
+    return keras.layers.Activation("relu")(x)
+
+
+def _context_encoder(x, config: ModelConfig):
+    """Full-resolution features ``f0``, the bottleneck (after its dilated convs) and the skips
+    of levels 1 … depth − 1 of :func:`build_context_unet`."""
+    norm = config.normalization
+    full = _context_conv(x, config.full_resolution_filters, norm)
+    x = _context_conv(full, _context_filters(config, 1), norm, strides=2)  # the strided stem
     skips = []
     for level in range(1, config.depth + 1):
         if level > 1:
             x = keras.layers.MaxPooling2D(2)(x)
-        filters = _context_filters(config, level)
-        x = _conv_block(x, filters, norm)
+        x = _conv_block(x, _context_filters(config, level), norm)
         skips.append(x)
     skips.pop()  # the bottleneck is not a skip
-    bottleneck = _context_filters(config, config.depth)
     for rate in config.dilations:
-        x = conv(x, bottleneck, dilation=int(rate))
+        x = _context_conv(x, _context_filters(config, config.depth), norm, dilation=int(rate))
+    return full, x, skips
 
-    optics = None
-    if config.global_branch:
-        pool = (keras.layers.GlobalMaxPooling2D if config.global_pool == "max"
-                else keras.layers.GlobalAveragePooling2D)
-        g = pool(name="global_pool")(x)
-        g = keras.layers.Dense(config.global_units, activation="relu", name="global_dense")(g)
-        x = AddGlobal(name="global_add")(x, keras.layers.Dense(bottleneck, name="global_back")(g))
-        z = keras.layers.Dense(len(OPTICS_OUTPUTS), dtype="float32", name="optics_normalised")(g)
-        optics = Affine([c for _, c, _ in OPTICS_OUTPUTS], [s for _, _, s in OPTICS_OUTPUTS],
-                        name="optics")(z)
-    x = keras.layers.Dropout(config.dropout)(x)
 
+def _global_branch(x, config: ModelConfig):
+    """The bottleneck with the frame's global features added to every pixel, and the
+    ``optics`` output (:data:`OPTICS_OUTPUTS`)."""
+    pool = (keras.layers.GlobalMaxPooling2D if config.global_pool == "max"
+            else keras.layers.GlobalAveragePooling2D)
+    g = pool(name="global_pool")(x)
+    g = keras.layers.Dense(config.global_units, activation="relu", name="global_dense")(g)
+    bottleneck = _context_filters(config, config.depth)
+    x = AddGlobal(name="global_add")(x, keras.layers.Dense(bottleneck, name="global_back")(g))
+    z = keras.layers.Dense(len(OPTICS_OUTPUTS), dtype="float32", name="optics_normalised")(g)
+    optics = Affine([c for _, c, _ in OPTICS_OUTPUTS], [s for _, _, s in OPTICS_OUTPUTS],
+                    name="optics")(z)
+    return x, optics
+
+
+def _context_decoder(x, full, skips: list, image, config: ModelConfig):
+    """Up from the bottleneck through the skips to full resolution: the probabilities."""
+    norm = config.normalization
     for level in reversed(range(1, config.depth)):
         filters = _context_filters(config, level)
         x = keras.layers.Conv2DTranspose(filters, 2, strides=2, padding="same")(x)
         merge = keras.layers.Add if config.skip_merge == "add" else keras.layers.Concatenate
         x = merge()([x, skips[level - 1]])
         x = _conv_block(x, filters, norm)
-
     x = keras.layers.Conv2DTranspose(config.full_resolution_filters, 2, strides=2,
                                      padding="same")(x)
     x = keras.layers.Add()([x, full])
-    x = conv(x, config.full_resolution_filters)
+    x = _context_conv(x, config.full_resolution_filters, norm)
     x = CropTo(name="crop")(x, image)
     logits = keras.layers.Conv2D(config.max_height + 1, 1, name="logits")(x)
-    probabilities = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
-    if optics is None:
-        return keras.Model(image, probabilities, name="ceriakeras_context_unet")
-    return keras.Model(image, {"probabilities": probabilities, "optics": optics},
-                       name="ceriakeras_context_unet")
+    return keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
 
 
 def build_model(config: ModelConfig = ModelConfig(), *, noise_seed: int | None = None) -> keras.Model:

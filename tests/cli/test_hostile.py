@@ -548,6 +548,7 @@ def test_small_warnings_calibration_on_one_image_and_simulate_without_splits(mon
     from click.testing import CliRunner
 
     cli_main = importlib.import_module("ceriakeras.cli.main")
+    cli_training = importlib.import_module("ceriakeras.cli.training")
     runner = CliRunner()
     monkeypatch.setattr("ceriakeras.data.writer.write_dataset", lambda *a, **k: {
         "counts": {"train": 2, "validation": 0, "test": 0}, "particles": 1,
@@ -557,8 +558,8 @@ def test_small_warnings_calibration_on_one_image_and_simulate_without_splits(mon
     assert result.exit_code == 0, result.output
     assert "no validation and no test split" in result.output
     calls = []
-    monkeypatch.setattr(cli_main.click, "echo", lambda msg="", err=False: calls.append((msg, err)))
-    cli_main._echo_calibration({"confidence_calibration": {
+    monkeypatch.setattr(cli_training.click, "echo", lambda msg="", err=False: calls.append((msg, err)))
+    cli_training.echo_calibration({"confidence_calibration": {
         "map": "platt", "split": "validation", "n_images": 1, "data_dir": "d",
         "dose_e_per_A2": [200.0], "slope": [1.0], "intercept": [0.0], "ece_before": [0.0],
         "ece_after": [0.0]}})
@@ -570,12 +571,12 @@ def test_an_error_after_a_progress_bar_starts_on_its_own_line():
 
     from tqdm.auto import tqdm
 
-    from ceriakeras.cli.main import _end_progress_bars
+    from ceriakeras.cli.startup import end_progress_bars
 
     log = io.StringIO()
     bar = tqdm(total=10, file=log)
     bar.update(3)
-    _end_progress_bars()
+    end_progress_bars()
     assert log.getvalue().endswith("\n")
 
 

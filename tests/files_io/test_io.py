@@ -70,6 +70,19 @@ def test_multipage_series_streams_pages_and_pixel_size_option_wins(tmp_path):
         assert [f.index for f in s.frames(start=3)] == [3, 4]  # resume mid-series
 
 
+def test_a_frame_carries_its_pixel_size_and_what_the_file_says_of_gain_and_dose(tmp_path):
+    data = counts((3, 24, 28))
+    np.save(tmp_path / "s.npy", data)
+    s, fr = frames(tmp_path / "s.npy", pixel_size_A=0.1)
+    assert s.counts_per_electron is None  # .npy files state no gain
+    for f in fr:
+        assert (f.pixel_size_A, f.counts_per_electron, f.dose_e_per_A2) == (0.1, None, None)
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.full((24, 28), np.nan, np.float32))
+    _, (f,) = frames(bad, pixel_size_A=0.125)
+    assert f.image is None and f.error and f.pixel_size_A == 0.125
+
+
 @pytest.mark.parametrize("unit, scale_A", [("nm", 10.0), ("micron", 1e4), ("\\u00B5m", 1e4),
                                            ("\\u00C5", 1.0), ("pm", 0.01)])
 def test_imagej_hyperstack_calibration(tmp_path, unit, scale_A):

@@ -103,3 +103,17 @@ def test_mtf_noise_factor_and_autocovariance():
     assert c.shape == (5, 5)
     assert np.allclose(c, c[::-1, ::-1])                       # c(τ) = c(−τ)
     assert c[2, 2] == pytest.approx(blurred.var(), rel=1e-3)
+
+
+def test_input_gain_takes_the_header_gain_the_caller_read_and_does_not_read_it_again(
+        tmp_path, monkeypatch):
+    from ceriakeras.inference import detector
+
+    def no_second_read(path):
+        raise AssertionError("the header was read again")
+
+    monkeypatch.setattr(detector, "file_counts_per_electron", no_second_read)
+    gain = detector.input_gain(tmp_path / "a.dm4", 0.1, None, file_gain=3.5)
+    assert (gain["counts_per_electron"], gain["counts_per_electron_from"]) == (3.5, "file")
+    assert detector.input_gain(tmp_path / "a.dm4", 0.1, 2.0, file_gain=None)[
+        "counts_per_electron_from"] == "option"

@@ -259,7 +259,7 @@ def test_one_training_step_under_mirrored_strategy_on_two_cpus():
 
 def test_a_run_of_versions_1_2_without_the_new_model_fields_still_resumes(tmp_path):
     from ceriakeras.config import to_dict
-    from ceriakeras.nn.train import _saved_model_config
+    from ceriakeras.nn.rundir import saved_model_config as _saved_model_config
 
     old = to_dict(TINY.model)
     for key in ("architecture", "max_filters", "full_resolution_filters", "dilations",
