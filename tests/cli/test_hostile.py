@@ -587,7 +587,7 @@ def test_training_that_never_reaches_a_finite_loss_is_refused_and_not_exported(t
     import keras
     from helpers import TINY, make_synthetic_dataset
 
-    from ceriakeras.cli.preflight import check_export
+    from ceriakeras.nn.plan import check_export
     from ceriakeras.nn import train as train_module
 
     compile_model = train_module.compile_model

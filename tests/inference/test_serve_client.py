@@ -178,7 +178,8 @@ def test_client_csv_equals_analyze_with_the_local_model(served_model, stand_in_s
     analyze([str(frames)], local_out, model=str(model_dir), pixel_size_A=PIXEL_A, progress=False)
     remote_csv = (remote_out / "columns.csv").read_text()
     local_csv = (local_out / "columns.csv").read_text()
-    assert remote_csv.splitlines()[0] == "source,frame,x_px,y_px,x_A,y_A,height,confidence,recognised"
+    assert remote_csv.splitlines()[0] == ("source,frame,x_px,y_px,x_A,y_A,height,confidence,recognised,"
+                                          "track,track_height,track_confidence")
     assert len(remote_csv.splitlines()) > 2          # columns found in both frames' rows
     assert {row.split(",")[1] for row in remote_csv.splitlines()[1:]} == {"0", "1"}
     assert remote_csv == local_csv
