@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ceriakeras.config import AnalyzeConfig, ConfigError
+from ceriakeras.config import AnalyzeConfig, ConfigError, ModelError
 from ceriakeras.inference import cluster
 
 TABLES = ("columns.csv", "frames.csv", "events.csv")
@@ -54,17 +54,17 @@ def setup(tmp_path_factory):
     return model, series, root
 
 
-def config(tracks: bool) -> AnalyzeConfig:
-    return AnalyzeConfig(batch_size=2, movie=False, tracks=tracks)
+def config(tracks: bool, tta: bool = False) -> AnalyzeConfig:
+    return AnalyzeConfig(batch_size=2, movie=False, tracks=tracks, test_time_augmentation=tta)
 
 
-def run(setup, out, *, tracks=True, **kwargs) -> dict:
+def run(setup, out, *, tracks=True, tta=False, **kwargs) -> dict:
     from ceriakeras.analysis.run import analyze
 
     model, series, _ = setup
     kwargs.setdefault("model", model)
-    return analyze([series], out, pixel_size_A=PIXEL_A, config=config(tracks), progress=False,
-                   **kwargs)
+    return analyze([series], out, pixel_size_A=PIXEL_A, config=config(tracks, tta),
+                   progress=False, **kwargs)
 
 
 def tables(out: Path) -> dict[str, bytes]:
@@ -73,12 +73,12 @@ def tables(out: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def local_tables(setup):
-    """The local run's tables, with tracks (True) and without (False)."""
+    """The local run's tables, with tracks (True), without (False), with --tta ("tta")."""
     _, _, root = setup
     result = {}
-    for tracks in (True, False):
+    for tracks in (True, False, "tta"):
         out = root / f"local-{tracks}"
-        run(setup, out, tracks=tracks)
+        run(setup, out, tracks=tracks is True, tta=tracks == "tta")
         result[tracks] = tables(out)
     assert result[True]["columns.csv"].count(b"\n") > 12 * 10  # columns found in every frame
     return result
@@ -91,25 +91,34 @@ def local_cluster():
                         dashboard_address=None, host="127.0.0.1", silence_logs=logging.ERROR)
 
 
+@pytest.fixture(scope="module")
+def scheduler():
+    """The address of a LocalCluster of 2 worker processes, shared by the tests that kill none."""
+    with local_cluster() as lc:
+        yield lc.scheduler_address
+
+
 @pytest.mark.slow
-def test_two_workers_give_the_local_tables_byte_for_byte(setup, local_tables, tmp_path):
+def test_two_workers_give_the_local_tables_byte_for_byte(setup, local_tables, scheduler,
+                                                         tmp_path):
     from ceriakeras.inference.served import load_served_model
 
     model, series, _ = setup
-    with local_cluster() as lc:
-        for tracks in (True, False):
-            summary = run(setup, tmp_path / f"cluster-{tracks}", tracks=tracks,
-                          scheduler=lc.scheduler_address)
-            assert summary["frames_analysed"] == 12
-            assert tables(tmp_path / f"cluster-{tracks}") == local_tables[tracks]
-        # the probabilities themselves are bit-identical to the local model's
-        frames = np.load(series)[:2].reshape(2, 128, 2, 128, 2).sum(axis=(2, 4))
-        with cluster.cluster_model(lc.scheduler_address, model) as remote:
-            assert remote.concurrent_calls == 4
-            remote_p, remote_h = remote.predict(frames)
-        local_p, local_h = load_served_model(model).predict(frames)
+    for tracks in (True, False, "tta"):
+        summary = run(setup, tmp_path / f"cluster-{tracks}", tracks=tracks is True,
+                      tta=tracks == "tta", scheduler=scheduler)
+        assert summary["frames_analysed"] == 12
+        assert tables(tmp_path / f"cluster-{tracks}") == local_tables[tracks]
+    # the probabilities themselves are bit-identical to the local model's
+    frames = np.load(series)[:2].reshape(2, 128, 2, 128, 2).sum(axis=(2, 4))
+    with cluster.cluster_model(scheduler, model) as remote:
+        assert remote.concurrent_calls == 4
+        remote_p, remote_h = remote.predict(frames)
+    local_p, local_h = load_served_model(model).predict(frames)
     assert remote_p.dtype == local_p.dtype and np.array_equal(remote_p, local_p)
     assert np.array_equal(remote_h, local_h)
+    with pytest.raises(ModelError, match="differs from this machine's"):
+        cluster._worker_model(str(model), "0" * 64)  # what a worker with another model says
 
 
 @pytest.mark.slow
@@ -143,7 +152,8 @@ def test_a_killed_worker_loses_nothing(setup, local_tables, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_local_run_interrupted_halfway_resumes_on_the_cluster(setup, local_tables, tmp_path):
+def test_a_local_run_interrupted_halfway_resumes_on_the_cluster(setup, local_tables, scheduler,
+                                                                tmp_path):
     from ceriakeras.inference.served import load_model
 
     model, _, _ = setup
@@ -164,8 +174,7 @@ def test_a_local_run_interrupted_halfway_resumes_on_the_cluster(setup, local_tab
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         run(setup, out, model=Interrupted())
-    with local_cluster() as lc:
-        summary = run(setup, out, scheduler=lc.scheduler_address)
+    summary = run(setup, out, scheduler=scheduler)
     assert 0 < summary["resumed_at_frame"] < 12
     assert tables(out) == local_tables[True]
 
@@ -211,3 +220,8 @@ def test_a_cluster_runs_a_model_folder_not_a_model_object():
 
     with pytest.raises(ConfigError, match="give --model a folder"):
         cluster.cluster_model("tcp://127.0.0.1:9", Remote())
+
+
+def test_a_worker_without_the_model_folder_says_where_it_must_be(tmp_path):
+    with pytest.raises(ModelError, match="same path"):
+        cluster._worker_model(str(tmp_path / "nowhere" / "1"), "0" * 64)
