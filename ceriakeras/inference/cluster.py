@@ -103,11 +103,28 @@ class ClusterModel:
         probabilities : (B, H, W, C) float32
         height : (B, H, W) int32
         optics : dict of (B,) float32, only with ``optics=True``
+
+        Raises
+        ------
+        ModelError
+            The batch killed the workers that ran it (dask's ``allowed-failures``), or the
+            cluster cancelled it (a lost scheduler): rerun the command to resume.
         """
+        from concurrent.futures import CancelledError
+
+        from distributed import KilledWorker
+
         future = self.client.submit(_predict_on_worker, str(self.version_dir), self.info_sha256,
                                     np.asarray(images, np.float32), optics, pure=False)
         try:
             return future.result()
+        except KilledWorker:
+            raise ModelError("a batch of frames killed every dask worker that ran it (out of "
+                             "memory?): give the workers more memory or use a smaller "
+                             "--batch-size, then rerun to resume") from None
+        except CancelledError:
+            raise ModelError(f"the dask cluster at {self.client.scheduler.address} dropped a "
+                             "batch (scheduler lost?): rerun the same command to resume") from None
         finally:
             future.release()
 

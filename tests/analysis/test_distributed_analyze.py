@@ -225,3 +225,28 @@ def test_a_cluster_runs_a_model_folder_not_a_model_object():
 def test_a_worker_without_the_model_folder_says_where_it_must_be(tmp_path):
     with pytest.raises(ModelError, match="same path"):
         cluster._worker_model(str(tmp_path / "nowhere" / "1"), "0" * 64)
+
+
+@pytest.mark.parametrize("failure", ["killed", "cancelled"])
+def test_a_batch_the_cluster_cannot_finish_is_one_line(failure):
+    from distributed import KilledWorker
+    from distributed.client import FutureCancelledError
+
+    class Future:
+        def result(self):
+            if failure == "killed":
+                raise KilledWorker("predict-1", None, 3)
+            raise FutureCancelledError("predict-1", "lost")
+
+        def release(self):
+            pass
+
+    class Client:
+        scheduler = type("Rpc", (), {"address": "tcp://127.0.0.1:8786"})()
+
+        def submit(self, *args, **kwargs):
+            return Future()
+
+    remote = cluster.ClusterModel(Client(), "saved_models/m/1", {}, n_workers=1)
+    with pytest.raises(ModelError, match="rerun"):
+        remote.predict(np.zeros((1, 8, 8)))
