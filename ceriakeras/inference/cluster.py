@@ -38,6 +38,8 @@ CALLS_PER_WORKER = 2
 _MODELS: dict = {}
 """On a worker: ``{(version folder, info sha256): ServedModel}``, the model loaded once."""
 _LOADING = threading.Lock()
+LOADS = {"count": 0}
+"""On a worker: how many times this process loaded a model (once, unless the model changes)."""
 
 
 class ClusterModel:
@@ -211,6 +213,7 @@ def _worker_model(path: str, sha256: str):
                                  "machine's (assets/ceriakeras.json): copy the same folder there")
             _MODELS.clear()  # one model per worker process
             _MODELS[key] = served
+            LOADS["count"] += 1
     return served
 
 

@@ -117,6 +117,10 @@ def test_two_workers_give_the_local_tables_byte_for_byte(setup, local_tables, sc
     local_p, local_h = load_served_model(model).predict(frames)
     assert remote_p.dtype == local_p.dtype and np.array_equal(remote_p, local_p)
     assert np.array_equal(remote_h, local_h)
+    from distributed import Client
+
+    with Client(scheduler) as client:  # each worker process loaded the model once, for all 4 connections
+        assert list(client.run(lambda: cluster.LOADS["count"]).values()) == [1, 1]
     with pytest.raises(ModelError, match="differs from this machine's"):
         cluster._worker_model(str(model), "0" * 64)  # what a worker with another model says
 
