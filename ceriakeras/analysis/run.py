@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import CE_COLUMN_SPACING_A, AnalyzeConfig, InputError
+from ..inference.cluster import cluster_model
 from ..inference.columns import columns_to_atoms
 from ..inference.detector import check_counts_per_electron, input_gain
 from ..inference.predict import ColumnSettings, frame_columns, run_model
@@ -67,7 +68,7 @@ QUEUE_BATCHES = 2
 def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
             config: AnalyzeConfig | None = None, overwrite: bool = False, xyz: bool = False,
             details: bool = False, progress: bool = True,
-            counts_per_electron: float | None = None) -> dict:
+            counts_per_electron: float | None = None, scheduler: str | None = None) -> dict:
     """Find the Ce columns and their heights in every frame of ``inputs``; write tables and pictures.
 
     Parameters
@@ -92,6 +93,9 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
     counts_per_electron : float, optional
         Detector gain, counts (the files' units) per electron, for every input; default: the
         file's own, else estimated from the frames' noise (:func:`input_gain`).
+    scheduler : str, optional
+        ``tcp://HOST:PORT`` of a dask scheduler: the model (a folder) runs on its workers
+        (:mod:`ceriakeras.inference.cluster`), the rest here; the same tables as a local run.
 
     Returns
     -------
@@ -117,15 +121,22 @@ def analyze(inputs, out_dir, *, model=None, pixel_size_A: float | None = None,
     config = config or AnalyzeConfig()
     config.validate()
     check_counts_per_electron(counts_per_electron)
+    if scheduler is not None:  # connected before TensorFlow loads; closed at the end
+        with cluster_model(scheduler, model) as remote:
+            return analyze(inputs, out_dir, model=remote, pixel_size_A=pixel_size_A, config=config,
+                           overwrite=overwrite, xyz=xyz, details=details, progress=progress,
+                           counts_per_electron=counts_per_electron)
     if model is None or isinstance(model, (str, os.PathLike)):
         share_cores(config.model_workers)
     served, model_id = load_model(model)
+    model_calls = getattr(served, "concurrent_calls", config.model_workers)
     if config.test_time_augmentation:
         served = DihedralAveraged(served)
     run = _start_run(expand_inputs(inputs), Path(out_dir), served, model_id,
                      with_model_threshold(config, served.info), pixel_size_A=pixel_size_A,
                      overwrite=overwrite, xyz=xyz, details=details,
                      counts_per_electron=counts_per_electron)
+    run.model_calls = model_calls  # model calls at once (a cluster's: two per worker)
     bar = _progress_bar(run.frames_total, run.start, progress)
     t_start = time.perf_counter()
     _run_batches(run, bar)
@@ -150,6 +161,7 @@ class _Run:
     counts: dict = field(default_factory=lambda: {"analysed": 0, "columns": 0})
     csv_file: object = None
     probability_log: object = None  # tracks: each column's class probabilities per frame
+    model_calls: int = 1  # batches given to the model at once, answers taken in input order
 
     def __post_init__(self):
         self._busy = threading.Lock()
@@ -332,15 +344,15 @@ def _start_run(paths: list[Path], out_dir: Path, served, model_id: dict, config:
 
 def _run_batches(run: _Run, bar) -> None:
     """Read, predict and write every batch from ``run.start`` on: the reader in a thread, the
-    model here (or in ``model_workers`` threads), the batch writer in a thread."""
-    config = run.config
+    model here (or in ``run.model_calls`` threads), the batch writer in a thread."""
+    config, calls = run.config, run.model_calls
     with open(run.csv_path, "a", newline="", encoding="utf-8",
               errors="surrogateescape") as csv_file:  # file names as the OS gives them
         run.csv_file = csv_file
         writer = Worker(lambda job: (run.write_batch(*job), bar.update(len(job[0].frames))),
                         maxsize=QUEUE_BATCHES)
-        pool = (ThreadPoolExecutor(config.model_workers, thread_name_prefix="analyze-model")
-                if config.model_workers > 1 else None)
+        pool = (ThreadPoolExecutor(calls, thread_name_prefix="analyze-model")
+                if calls > 1 else None)
         pending: deque = deque()  # (batch, future) in input order
         try:
             for batch in in_thread(lambda: read_batches(run.plan, run.start, run.pixel_size_A,
@@ -351,7 +363,7 @@ def _run_batches(run: _Run, bar) -> None:
                     writer.submit((batch, run.predict(batch)))
                     continue
                 pending.append((batch, pool.submit(run.predict, batch)))
-                while len(pending) > config.model_workers:
+                while len(pending) > calls:
                     done, future = pending.popleft()
                     writer.submit((done, future.result()))
             while pending:

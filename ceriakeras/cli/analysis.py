@@ -55,11 +55,14 @@ from .startup import escaped, locked, one_line, one_line_errors, verbose_option
               help="Name the --server serves the model under (default: the --model folder's name).")
 @click.option("--server-timeout", "server_timeout_s", type=float, default=120.0, metavar="SECONDS",
               help="Seconds to wait for each --server answer (s; default 120).")
+@click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
+              help="Run the network on the workers of this dask scheduler (the model folder at "
+                   "the same path on each); the rest here, with the same tables.")
 @verbose_option
 @one_line_errors
 def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every, movie,
             batch_size, tta, details, config_path, quiet, counts_per_electron, tracks,
-            min_stretch, server, model_name, server_timeout_s):
+            min_stretch, server, model_name, server_timeout_s, scheduler):
     """Find Ce columns and their heights (Ce atoms) in images or series: INPUT... are TIFF
     (single, multi-page, ImageJ, OME), .npy, DM3/DM4, EMD or SER files, or folders of them.
 
@@ -97,7 +100,8 @@ def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every,
         remove_stale_temporaries(out_dir)
         summary = run_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A,
                               config=config, overwrite=overwrite, xyz=xyz, details=details,
-                              progress=not quiet, counts_per_electron=counts_per_electron)
+                              progress=not quiet, counts_per_electron=counts_per_electron,
+                              scheduler=scheduler)
     click.echo(escaped(format_summary(summary)))
 
 

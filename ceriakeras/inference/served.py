@@ -366,7 +366,8 @@ def load_model(model) -> tuple[object, dict]:
     ``model`` may be None (the shipped model), a path (``saved_models/NAME`` or a version
     folder, loaded with :func:`load_served_model`), or any object with
     ``.info`` (dict with ``pixel_size_A``, ``max_height``, ``label_radius_A``) and
-    ``.predict(images (B, H, W) float32) -> (probabilities (B, H, W, C), height (B, H, W))``.
+    ``.predict(images (B, H, W) float32) -> (probabilities (B, H, W, C), height (B, H, W))``;
+    an object's ``identity`` dict, if it has one, is its identity.
     """
     if model is None or isinstance(model, (str, os.PathLike)):
         path = default_model_path() if model is None else Path(model)
@@ -378,6 +379,9 @@ def load_model(model) -> tuple[object, dict]:
         return served, identity
     if not (hasattr(model, "info") and callable(getattr(model, "predict", None))):
         raise ModelError("model must be a path or an object with .info and .predict")
+    identity = getattr(model, "identity", None)  # a model that runs a folder elsewhere
+    if isinstance(identity, dict):
+        return model, identity
     return model, {"path": None, "object": type(model).__name__, "info_sha256": info_sha256(model.info)}
 
 
