@@ -32,7 +32,7 @@ import keras
 import tensorflow as tf
 
 from ..config import ModelError, TrainConfig
-from ..io.files import file_sha256, write_text_atomic
+from ..io.files import file_sha256, read_json, write_text_atomic
 
 
 # --- the teacher -------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def check_same_teacher(run_dir, previous: dict, record: dict | None) -> None:
 def add_teacher_record(run_dir, record: dict) -> None:
     """Add the teacher to the run's ``dataset.json`` (written just before)."""
     path = Path(run_dir) / "dataset.json"
-    write_text_atomic(path, json.dumps({**json.loads(path.read_text()), "teacher": record},
+    write_text_atomic(path, json.dumps({**read_json(path, error=ModelError), "teacher": record},
                                        indent=2))
 
 
@@ -239,8 +239,8 @@ def partial_source(run_dir) -> dict:
     """
     run_dir = Path(run_dir)
     try:
-        state = json.loads((run_dir / "state.json").read_text())
-    except (OSError, ValueError):
+        state = read_json(run_dir / "state.json", error=ModelError, missing={})
+    except ModelError:  # a broken state.json: the last checkpoint
         state = {}
     checkpoint = run_dir / "checkpoints" / state.get("checkpoint", "last.keras")
     if not checkpoint.is_file():
@@ -299,7 +299,7 @@ def init_partial(model: keras.Model, source: dict, run_dir) -> dict:
                             instead="name another --init-partial run")
     summary = copy_matching_weights(model, donor)
     path = Path(run_dir) / "dataset.json"
-    record = json.loads(path.read_text())
+    record = read_json(path, error=ModelError)
     record["initialized_from"] = {**record.get("initialized_from", {}), **summary}
     write_text_atomic(path, json.dumps(record, indent=2))
     rest = ("; the others from a fresh initialisation"

@@ -4,7 +4,6 @@ cut back on a resume, and what a warm restart (``--init-from``) takes from an ea
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from ..config import (
     from_dict,
     to_dict,
 )
-from ..io.files import file_sha256, write_text_atomic
+from ..io.files import file_sha256, read_json, write_text_atomic
 
 
 def drop_log_rows(path: Path, first_epoch: int) -> None:
@@ -68,10 +67,7 @@ RUN_ADVICE = "start again with --overwrite"
 
 def read_run_file(path: Path, advice: str = RUN_ADVICE) -> dict:
     """A run's JSON file; a missing or broken one is a :class:`ModelError` with ``advice``."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ModelError(f"cannot read {path} ({err}); {advice}") from None
+    return read_json(path, error=ModelError, advice=advice)
 
 
 SOURCE_ADVICE = "name another --init-from run"
