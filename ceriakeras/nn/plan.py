@@ -51,12 +51,9 @@ def check_train(data_dir, run_dir, *, resume: bool = False, overwrite: bool = Fa
     if resume and (run_dir / "checkpoints" / "last.keras").is_file():
         check_keras_archive(run_dir / "checkpoints" / "last.keras", what="checkpoint to resume")
     read_manifests(data_dir)
-    exists = run_dir.is_dir() and any(run_dir.iterdir())
+    check_run_folder(run_dir, resume=resume, overwrite=overwrite,
+                     shared="TF_CONFIG" in os.environ)
     if resume:
-        if not (run_dir / "checkpoints" / "last.keras").is_file():
-            fix = ("start it again with --overwrite instead of --resume" if exists
-                   else "drop --resume to start a new run")
-            raise ModelError(f"nothing to resume in {run_dir} (no checkpoints/last.keras); {fix}")
         record = run_dir / "dataset.json"
         if not allow_data_change and record.is_file():
             from ..io.files import file_sha256
@@ -70,15 +67,38 @@ def check_train(data_dir, run_dir, *, resume: bool = False, overwrite: bool = Fa
             _, removed = compare_run_datasets(saved, digests)
             if removed:
                 raise ModelError(data_change_message(run_dir, saved, removed))
-        return
-    if "TF_CONFIG" in os.environ or not exists:
-        return
+
+
+def check_run_folder(run_dir: Path, *, resume: bool, overwrite: bool,
+                     shared: bool = False) -> bool:
+    """Whether the run folder can be resumed, started or overwritten as asked; used by
+    :func:`check_train` before TensorFlow loads and by the stage when it prepares the folder.
+
+    ``shared``: the folder belongs to several workers (``TF_CONFIG``), so an existing one is the
+    chief's and is not refused. Returns whether the folder exists with something in it.
+
+    Raises
+    ------
+    ModelError
+    """
+    if resume and overwrite:
+        raise ModelError("pass either --resume or --overwrite, not both")
+    exists = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume:
+        if not (run_dir / "checkpoints" / "last.keras").is_file():
+            fix = ("start it again with --overwrite instead of --resume" if exists
+                   else "drop --resume to start a new run")
+            raise ModelError(f"nothing to resume in {run_dir} (no checkpoints/last.keras); {fix}")
+        return exists
+    if shared or not exists:
+        return exists
     if not overwrite:
         raise ModelError(f"run folder {run_dir} already exists; pass --resume to continue it "
                          "or --overwrite to start again")
     if not ((run_dir / "config.json").is_file() or (run_dir / "checkpoints").is_dir()):
         raise ModelError(f"{run_dir} is not empty and does not look like a training run; "
                          "refusing to overwrite it, choose another --out")
+    return exists
 
 
 def check_export(run_dir, out_dir, version: int | None = None, *, calibrate_on=None,

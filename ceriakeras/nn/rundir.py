@@ -37,22 +37,14 @@ def manifest_sha256(data_dir) -> str:
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    if resume and overwrite:
-        raise ModelError("pass either --resume or --overwrite, not both")
-    exists = run_dir.exists() and any(run_dir.iterdir())
+    """The run folder checked (:func:`ceriakeras.nn.plan.check_run_folder`), then emptied for
+    ``overwrite`` (the folder itself stays) or made."""
+    from .plan import check_run_folder
+
+    exists = check_run_folder(run_dir, resume=resume, overwrite=overwrite)
     if resume:
-        if not (run_dir / "checkpoints" / "last.keras").is_file():
-            fix = ("start it again with --overwrite instead of --resume" if exists
-                   else "drop --resume to start a new run")
-            raise ModelError(f"nothing to resume in {run_dir} (no checkpoints/last.keras); {fix}")
         return
-    if exists and not overwrite:
-        raise ModelError(f"run folder {run_dir} already exists; pass --resume to continue it "
-                         "or --overwrite to start again")
     if exists:
-        if not ((run_dir / "config.json").is_file() or (run_dir / "checkpoints").is_dir()):
-            raise ModelError(f"{run_dir} is not empty and does not look like a training run; "
-                             "refusing to overwrite it, choose another --out")
         for entry in run_dir.iterdir():  # the folder itself stays: it holds the --out lock
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
