@@ -66,9 +66,11 @@ def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every,
     """Find Ce columns and their heights (Ce atoms) in images or series: INPUT... are TIFF
     (single, multi-page, ImageJ, OME), .npy, DM3/DM4, EMD or SER files, or folders of them.
 
-    Writes OUT/columns.csv (source,frame,x_px,y_px,x_A,y_A,height,confidence), overlays cropped
-    to the particle and, for a series, an annotated movie and heights and total Ce over time.
-    An interrupted run resumes when rerun with the same arguments.
+    Writes OUT/columns.csv (one row per Ce column: position in px and Å, height in Ce atoms,
+    confidence; for a series also its track, the track's height and confidence), frames.csv,
+    overlays cropped to the particle and, for a series, events.csv (changes of height), an
+    annotated movie and the tracks' heights over time. An interrupted run resumes when rerun
+    with the same arguments.
     """
     from ..analysis.plan import check_analyze
     from ..config import AnalyzeConfig, ConfigError, load_config
@@ -80,6 +82,8 @@ def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every,
     check_counts_per_electron(counts_per_electron)
     if model_name is not None and server is None:
         raise ConfigError("--model-name goes with --server URL: give both, or neither")
+    if server is not None and scheduler is not None:
+        raise ConfigError("give --server URL (TF Serving) or --scheduler ADDRESS (dask), not both")
     check_analyze(list(inputs), out_dir, model=model, pixel_size_A=pixel_size_A, config=config,
                   overwrite=overwrite, model_files=server is None)
     from ..io.inputpaths import duplicate_note, find_inputs
@@ -103,7 +107,6 @@ def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every,
                               progress=not quiet, counts_per_electron=counts_per_electron,
                               scheduler=scheduler)
     click.echo(escaped(format_summary(summary)))
-
 
 
 # --- evaluate ----------------------------------------------------------------------------------
