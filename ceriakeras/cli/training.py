@@ -13,7 +13,6 @@ from .startup import locked, one_line_errors, verbose_option
 
 
 # --- simulate ----------------------------------------------------------------------------------
-# (section owned by the records/simulate work)
 @click.command()
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), metavar="tfrecords/NAME",
               help="Dataset folder (created). Rerunning the same command resumes an interrupted run.")
@@ -105,7 +104,6 @@ def simulate(out_dir, count, shards, seed, workers, scheduler, config_path, cell
 
 
 # --- train -------------------------------------------------------------------------------------
-# (section owned by the train work)
 @click.command()
 @click.option("--data", "data_dir", required=True, multiple=True, type=click.Path(path_type=str),
               metavar="tfrecords/NAME",
@@ -210,7 +208,6 @@ def train(data_dir, run_dir, config_path, epochs, steps_per_epoch, batch_size, r
 
 
 # --- export ------------------------------------------------------------------------------------
-# (section owned by the export work)
 @click.command()
 @click.option("--run", "run_dir", required=True, multiple=True, type=click.Path(path_type=str),
               metavar="runs/NAME",
