@@ -23,7 +23,8 @@ TensorFlow's on the same frames (for ``height``: also the share of pixels whose 
 Then the column table of the first frame (:func:`ceriakeras.inference.predict.frame_columns`, the
 model's own threshold) from each runtime's probabilities against TensorFlow's. A runtime that is
 not installed is reported as such. On a machine that others share the wall times vary with their
-load; the process CPU time per frame is the fairer figure (the load is printed).
+load; the process CPU time per frame is the fairer figure (the load is printed). Results on the
+2-core development machine: docs/scaling.md, "Other runtimes: ONNX Runtime and OpenVINO".
 
 The frames are synthetic: :func:`bench_analyze.lattice_frame`'s Poisson counts of a CeO2 [110]
 Ce lattice at the model's pixel size (``--dose``, e⁻/Å², default 2000 as bench_analyze's), so
