@@ -33,12 +33,12 @@ the column tables are not empty.
 The optional runtimes live in a separate environment that sees the project's (nothing of the
 project's own environment changes)::
 
-    python -m venv /work/scratch/h9/rt-venv          # the same Python as .venv (3.11)
+    python -m venv .rt-venv          # the same Python as .venv (3.11)
     .venv/bin/python -c "import site; print(site.getsitepackages()[0])" \
-        > /work/scratch/h9/rt-venv/lib/python3.11/site-packages/mainvenv.pth
-    /work/scratch/h9/rt-venv/bin/pip install onnxruntime openvino onnx
-    /work/scratch/h9/rt-venv/bin/pip install --no-deps tf2onnx
-    PYTHONPATH=. /work/scratch/h9/rt-venv/bin/python scripts/benchmarks/bench_runtime.py ...
+        > .rt-venv/lib/python3.11/site-packages/mainvenv.pth
+    .rt-venv/bin/pip install onnxruntime openvino onnx
+    .rt-venv/bin/pip install --no-deps tf2onnx
+    PYTHONPATH=. .rt-venv/bin/python scripts/benchmarks/bench_runtime.py ...
 
 (onnx 1.23.2, onnxruntime 1.32.0, openvino 2026.4.1, tf2onnx 1.17.0 with TensorFlow 2.21,
 Keras 3.15, NumPy 2.4.6: nothing of .venv was downgraded; tf2onnx's own dependencies, numpy,
