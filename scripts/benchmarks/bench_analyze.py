@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up notices
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ceriakeras.analysis.run import analyze  # noqa: E402
@@ -152,6 +153,8 @@ def main(argv=None) -> int:
         f"{k + ' ms':>11}" for k in stage_names
     ) + f" {'pict/model':>10} {'RSS@10% MB':>11} {'RSS@end MB':>11} {'peak MB':>8}"
     print(header)
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for size in (int(s) for s in args.sizes.split(",")):
             series = Path(tmp) / f"series_{size}.tif"
