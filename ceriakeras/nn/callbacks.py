@@ -159,16 +159,53 @@ class TensorBoardScalars(keras.callbacks.Callback):
         self.val_writer.flush()
 
 
+class RunEarlyStopping(keras.callbacks.EarlyStopping):
+    """Early stopping on the validation loss that counts over the whole run, resumes included.
+
+    Keras' ``EarlyStopping`` starts each ``fit`` with no best and no wait, so a run resumed
+    every session would count its patience from each resume and could never stop, or stop
+    late. This one starts from the run's best validation loss and its epoch (``state.json``):
+    after a resume at ``initial_epoch`` it has waited ``initial_epoch − best_epoch`` epochs.
+
+    Parameters
+    ----------
+    patience : int
+        Epochs without a lower validation loss before the run stops.
+    best_val_loss : float
+        The run's lowest validation loss so far (``inf`` for a new run).
+    best_epoch : int
+        Its epoch, counted from 1 (0 for a new run).
+    initial_epoch : int
+        Epochs already done when this ``fit`` starts.
+    """
+
+    def __init__(self, patience: int, best_val_loss: float = np.inf, best_epoch: int = 0,
+                 initial_epoch: int = 0):
+        super().__init__(monitor="val_loss", patience=patience)
+        self.run_best = (float(best_val_loss), int(best_epoch), int(initial_epoch))
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        best_val_loss, best_epoch, initial_epoch = self.run_best
+        if np.isfinite(best_val_loss) and best_epoch > 0:
+            self.best, self.best_epoch = best_val_loss, best_epoch - 1  # Keras counts from 0
+            self.wait = max(0, initial_epoch - best_epoch)
+
+
 def make_callbacks(run_dir: Path, config: TrainConfig, validation, *, resume: bool,
-                   best_val_loss: float = np.inf, best_epoch: int = 0) -> list:
-    """The callbacks of a run, in the order they must run (the validation report first)."""
+                   best_val_loss: float = np.inf, best_epoch: int = 0,
+                   initial_epoch: int = 0) -> list:
+    """The callbacks of a run, in the order they must run (the validation report first).
+
+    ``best_val_loss`` and ``best_epoch`` (from 1) are the run's so far and ``initial_epoch`` the
+    epochs it has done (a resume), for the best checkpoint and early stopping."""
     return [
         ValidationReport(validation, config.validation_steps, run_dir / "tensorboard" / "panels",
                          config.model.max_height),
         keras.callbacks.CSVLogger(str(run_dir / "log.csv"), append=resume),
         RunCheckpoints(run_dir, best_val_loss, best_epoch),
         TensorBoardScalars(run_dir / "tensorboard"),
-        keras.callbacks.EarlyStopping(monitor="val_loss",
-                                      patience=config.early_stopping_patience),
+        RunEarlyStopping(config.early_stopping_patience, best_val_loss, best_epoch,
+                         initial_epoch),
         keras.callbacks.TerminateOnNaN(),  # a NaN loss never recovers: stop, refused below
     ]

@@ -330,7 +330,8 @@ def _fit(model, strategy, training, validation, config: TrainConfig, out_dir: Pa
         return {}
     callbacks = make_callbacks(out_dir, config, validation, resume=start.checkpoint is not None,
                                best_val_loss=start.best_val_loss,
-                               best_epoch=start.best_epoch) + extra_callbacks
+                               best_epoch=start.best_epoch,
+                               initial_epoch=start.initial_epoch) + extra_callbacks
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         # Keras 3's fit fails under this strategy (keras-team/keras#20585)
         return fit_multi_worker(model, strategy, training, validation, config, callbacks,
