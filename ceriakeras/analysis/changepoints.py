@@ -55,12 +55,13 @@ def frame_variance(values: np.ndarray) -> float:
     return max(float(np.mean(d**2)) / 2, MIN_VARIANCE)
 
 
-def gains(kind: str, c: dict, i: np.ndarray, j: int, *, temper: float, variance: float
+def gains(kind: str, c: dict, i: np.ndarray, j, *, temper: float, variance: float
           ) -> np.ndarray:
     """Log-likelihood of units ``i … j−1`` as one stretch, for each start ``i`` (cumulative sums
-    ``c``: ``sum`` (n+1, K), ``s1``, ``s2``, ``n``)."""
+    ``c``: ``sum`` (n+1, K), ``s1``, ``s2``, ``n``); ``i`` and ``j`` broadcast (one ``j``, or a
+    (n+1, 1) column of them against a row of ``i``: the matrix of all stretches)."""
     if kind == "classes":
-        return temper * (c["sum"][j] - c["sum"][i]).max(axis=1)
+        return temper * (c["sum"][j] - c["sum"][i]).max(axis=-1)
     n = c["n"][j] - c["n"][i]
     s1 = c["s1"][j] - c["s1"][i]
     s2 = c["s2"][j] - c["s2"][i]
@@ -103,13 +104,20 @@ def segment(units: dict, *, kind: str = "mean_shift", temper: float = 0.3,
     c = {k: np.concatenate([np.zeros((1, *np.shape(units[k])[1:])),
                             np.cumsum(np.asarray(units[k], np.float64), axis=0)])
          for k in ("sum", "s1", "s2", "n")}
+    idx = np.arange(n_units + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):  # i > j: never read
+        gain = gains(kind, c, idx[None, :], idx[:, None], temper=temper, variance=variance)
+    cost = penalty * (idx > 0)  # gain[j, i]: units i … j−1 as one stretch
+    # the starts i with at least min_stretch frames up to j: a prefix (frames only add up)
+    starts = np.minimum(np.searchsorted(c["n"], c["n"] - min_stretch, side="right"), idx)
     best = np.full(n_units + 1, -np.inf)
     best[0] = 0.0
     back = np.zeros(n_units + 1, np.int64)
     for j in range(1, n_units + 1):
-        i = np.arange(j)
-        score = best[i] + gains(kind, c, i, j, temper=temper, variance=variance) - penalty * (i > 0)
-        score[c["n"][j] - c["n"][i] < min_stretch] = -np.inf
+        m = starts[j]
+        if m == 0:
+            continue
+        score = best[:m] + gain[j, :m] - cost[:m]
         k = int(np.argmax(score))
         if np.isfinite(score[k]):
             best[j], back[j] = score[k], k

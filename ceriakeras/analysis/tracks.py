@@ -145,9 +145,16 @@ def stretch_confidence(evidence: np.ndarray, settings: TrackSettings) -> float:
     return float(1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0))))
 
 
-def _new_track(tid: int, ref: np.ndarray, frame: int) -> dict:
-    return {"id": tid, "ref": [float(ref[0]), float(ref[1])], "last": frame,
-            "units": [], "done": [], "variance": 1.0}
+def _frame_units(frame: int, logp: np.ndarray, height: np.ndarray, confidence: np.ndarray,
+                 xy_px: np.ndarray, xy_A: np.ndarray) -> list[dict]:
+    """One unit per column of a frame (a track's record of one frame, plain JSON): ``sum`` its
+    class log-probabilities, ``s1`` / ``s2`` its expected height (atoms) and its square, ``c1``
+    its confidence, ``pos`` (x, y in pixels, x, y in Å)."""
+    pos = np.concatenate([xy_px, xy_A], axis=1).tolist()
+    return [{"first": frame, "last": frame, "n": 1, "sum": p, "s1": h, "s2": h2, "c1": c,
+             "pos": xy}
+            for p, h, h2, c, xy in zip(logp.tolist(), height.tolist(), (height * height).tolist(),
+                                       confidence.tolist(), pos)]
 
 
 class Tracker:
@@ -218,15 +225,21 @@ class Tracker:
         i, j, shift = link_with_drift(refs + self.drift, xy_A, s.max_distance_A, s.search_A)
         self.drift = self.drift + shift
         ids = np.full(len(xy_A), -1, np.int64)
-        for a, b in zip(i, j):
-            ids[b] = self._extend(self.tracks[a], frame, xy_A[b], xy_px[b], logp[b],
-                                  float(height[b]), float(conf[b]))
-        for b in np.flatnonzero(ids < 0):
-            track = _new_track(self.next_id, xy_A[b] - self.drift, frame)
-            self.next_id += 1
+        ids[j] = [self.tracks[a]["id"] for a in i.tolist()]
+        new = np.flatnonzero(ids < 0)
+        ids[new] = np.arange(self.next_id, self.next_id + len(new))
+        self.next_id += len(new)
+        # each track's position (drift removed) moves towards its sighting, all at once
+        m, seen = s.position_memory, xy_A - self.drift
+        refs = np.concatenate([refs[i] * m + seen[j] * (1 - m), seen[new] * m + seen[new] * (1 - m)])
+        units = _frame_units(frame, logp, height, conf, xy_px, xy_A)
+        for k, (a, b) in enumerate(zip(i.tolist(), j.tolist())):
+            self._extend(self.tracks[a], frame, refs[k], units[b])
+        for k, b in enumerate(new.tolist(), len(i)):
+            track = {"id": int(ids[b]), "ref": [], "last": frame, "units": [], "done": [],
+                     "variance": 1.0}
             self.tracks.append(track)
-            ids[b] = self._extend(track, frame, xy_A[b], xy_px[b], logp[b], float(height[b]),
-                                  float(conf[b]))
+            self._extend(track, frame, refs[k], units[b])
         keep = []
         for track in self.tracks:
             if frame - track["last"] > s.max_gap:
@@ -252,18 +265,12 @@ class Tracker:
         return out
 
     # --- inside -------------------------------------------------------------------------------
-    def _extend(self, track: dict, frame: int, xy_A, xy_px, logp, height: float,
-                confidence: float = 0.5) -> int:
-        m = self.settings.position_memory
-        ref = np.asarray(track["ref"]) * m + (np.asarray(xy_A) - self.drift) * (1 - m)
-        track["ref"], track["last"] = [float(ref[0]), float(ref[1])], frame
-        track["units"].append({"first": frame, "last": frame, "n": 1, "sum": logp.tolist(),
-                               "s1": height, "s2": height * height, "c1": confidence,
-                               "pos": [float(xy_px[0]), float(xy_px[1]),
-                                       float(xy_A[0]), float(xy_A[1])]})
+    def _extend(self, track: dict, frame: int, ref: np.ndarray, unit: dict) -> None:
+        """One frame's ``unit`` added to ``track``, now at ``ref`` (Å, drift removed)."""
+        track["ref"], track["last"] = ref.tolist(), frame
+        track["units"].append(unit)
         if len(track["units"]) > self.settings.window:
             self._settle(track, final=False)
-        return track["id"]
 
     def _settle(self, track: dict, final: bool) -> None:
         """Split the track's units; keep the settled stretches in ``track['done']``. Unless
