@@ -98,36 +98,90 @@ def segment(units: dict, *, kind: str = "mean_shift", temper: float = 0.3,
     list of (start, stop)
         Unit ranges ``[start, stop)`` of the stretches, in order, covering all units.
     """
-    n_units = len(units["n"])
-    if n_units == 0:
-        return []
-    c = {k: np.concatenate([np.zeros((1, *np.shape(units[k])[1:])),
-                            np.cumsum(np.asarray(units[k], np.float64), axis=0)])
-         for k in ("sum", "s1", "s2", "n")}
-    idx = np.arange(n_units + 1)
-    with np.errstate(invalid="ignore", divide="ignore"):  # i > j: never read
+    return segment_tracks([units], kind=kind, temper=temper, penalty=penalty,
+                          min_stretch=min_stretch, variances=[variance])[0]
+
+
+BATCH_VALUES = 2**20
+"""Most entries of the gain matrices of a batch of tracks (:func:`segment_tracks`; 8 MB each)."""
+
+
+def segment_tracks(tracks: list[dict], *, kind: str = "mean_shift", temper: float = 0.3,
+                   penalty: float = 4.0, min_stretch: int = 3, variances=None
+                   ) -> list[list[tuple[int, int]]]:
+    """:func:`segment` of several tracks at once (the same stretches, in batches of tracks of
+    similar length: one pass of the optimal partitioning for all of them).
+
+    Parameters
+    ----------
+    tracks : list of dict of arrays
+        Each track's units, as :func:`segment` takes them.
+    kind, temper, penalty, min_stretch
+        As :func:`segment`.
+    variances : sequence of float, optional
+        Each track's per-frame variance of the expected height, atoms² (default 1).
+
+    Returns
+    -------
+    list of list of (start, stop)
+        Each track's stretches, as :func:`segment` returns them.
+    """
+    variances = [1.0] * len(tracks) if variances is None else list(variances)
+    sizes = [len(u["n"]) for u in tracks]
+    out: list = [[] for _ in tracks]
+    order = [t for t in sorted(range(len(tracks)), key=sizes.__getitem__) if sizes[t]]
+    per_value = int(np.shape(tracks[order[0]]["sum"])[-1]) if order and kind == "classes" else 1
+    while order:  # the longest tracks first: a batch as large as BATCH_VALUES allows
+        n = sizes[order[-1]] + 1
+        take = max(1, min(len(order), BATCH_VALUES // (n * n * per_value)))
+        batch, order = order[-take:], order[:-take]
+        parts = _segment_batch([tracks[t] for t in batch], [sizes[t] for t in batch],
+                               np.array([variances[t] for t in batch], np.float64),
+                               kind=kind, temper=temper, penalty=penalty, min_stretch=min_stretch)
+        for t, p in zip(batch, parts):
+            out[t] = p
+    return out
+
+
+def _segment_batch(tracks: list[dict], sizes: list[int], variance: np.ndarray, *, kind: str,
+                   temper: float, penalty: float, min_stretch: int) -> list:
+    """The optimal partitioning of a batch of tracks (track along the last axis)."""
+    n_max = max(sizes)
+    c = {}
+    for key in ("sum", "s1", "s2", "n"):
+        tail = np.shape(tracks[0][key])[1:]
+        c[key] = np.zeros((n_max + 1, len(tracks), *tail))
+        for t, units in enumerate(tracks):  # cumulative sums, the last repeated past the end
+            c[key][1:sizes[t] + 1, t] = np.cumsum(np.asarray(units[key], np.float64), axis=0)
+            c[key][sizes[t] + 1:, t] = c[key][sizes[t], t]
+    idx = np.arange(n_max + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):  # i ≥ j: never read
         gain = gains(kind, c, idx[None, :], idx[:, None], temper=temper, variance=variance)
-    cost = penalty * (idx > 0)  # gain[j, i]: units i … j−1 as one stretch
-    # the starts i with at least min_stretch frames up to j: a prefix (frames only add up)
-    starts = np.minimum(np.searchsorted(c["n"], c["n"] - min_stretch, side="right"), idx)
-    best = np.full(n_units + 1, -np.inf)
+    # gain[j, i, t]: units i … j−1 of track t as one stretch, if it holds min_stretch frames
+    gain[c["n"][:, None] - c["n"][None, :] < min_stretch] = -np.inf
+    cost = (penalty * (idx > 0))[:, None]
+    best = np.full((n_max + 1, len(tracks)), -np.inf)
     best[0] = 0.0
-    back = np.zeros(n_units + 1, np.int64)
-    for j in range(1, n_units + 1):
-        m = starts[j]
-        if m == 0:
+    back = np.zeros((n_max + 1, len(tracks)), np.int64)
+    columns = np.arange(len(tracks))
+    for j in range(1, n_max + 1):
+        score = best[:j] + gain[j, :j] - cost[:j]
+        k = np.argmax(score, axis=0)
+        value = score[k, columns]
+        found = np.isfinite(value)
+        best[j] = np.where(found, value, -np.inf)
+        back[j] = np.where(found, k, 0)
+    out = []
+    for t, n_units in enumerate(sizes):
+        if not np.isfinite(best[n_units, t]):  # too short to split: one stretch
+            out.append([(0, n_units)])
             continue
-        score = best[:m] + gain[j, :m] - cost[:m]
-        k = int(np.argmax(score))
-        if np.isfinite(score[k]):
-            best[j], back[j] = score[k], k
-    if not np.isfinite(best[n_units]):  # too short to split: one stretch
-        return [(0, n_units)]
-    cuts, j = [], n_units
-    while j > 0:
-        cuts.append((int(back[j]), j))
-        j = int(back[j])
-    return cuts[::-1]
+        cuts, j = [], n_units
+        while j > 0:
+            cuts.append((int(back[j, t]), j))
+            j = int(back[j, t])
+        out.append(cuts[::-1])
+    return out
 
 
 def change_statistic(kind: str, before: dict, after: dict, *, temper: float, variance: float

@@ -25,7 +25,7 @@ from .changepoints import (
     log_probabilities,
     platt,
     posterior_at,
-    segment,
+    segment_tracks,
 )
 from .linking import link_with_drift
 
@@ -231,28 +231,26 @@ class Tracker:
         self.next_id += len(new)
         # each track's position (drift removed) moves towards its sighting, all at once
         m, seen = s.position_memory, xy_A - self.drift
-        refs = np.concatenate([refs[i] * m + seen[j] * (1 - m), seen[new] * m + seen[new] * (1 - m)])
+        refs = np.concatenate([refs[i] * m + seen[j] * (1 - m),
+                               seen[new] * m + seen[new] * (1 - m)]).tolist()
         units = _frame_units(frame, logp, height, conf, xy_px, xy_A)
-        for k, (a, b) in enumerate(zip(i.tolist(), j.tolist())):
-            self._extend(self.tracks[a], frame, refs[k], units[b])
-        for k, b in enumerate(new.tolist(), len(i)):
-            track = {"id": int(ids[b]), "ref": [], "last": frame, "units": [], "done": [],
-                     "variance": 1.0}
-            self.tracks.append(track)
-            self._extend(track, frame, refs[k], units[b])
-        keep = []
-        for track in self.tracks:
-            if frame - track["last"] > s.max_gap:
-                self._close(track)
-            else:
-                keep.append(track)
-        self.tracks = keep
+        extended = [self.tracks[a] for a in i.tolist()]
+        for b in new.tolist():
+            extended.append({"id": int(ids[b]), "ref": [], "last": frame, "units": [],
+                             "done": [], "variance": 1.0})
+        self.tracks += extended[len(i):]
+        for track, ref, b in zip(extended, refs, j.tolist() + new.tolist()):
+            track["ref"], track["last"] = ref, frame
+            track["units"].append(units[b])
+        self._settle([t for t in extended if len(t["units"]) > s.window], final=False)
+        self._settle([t for t in self.tracks if frame - t["last"] > s.max_gap and t["units"]],
+                     final=True)
+        self.tracks = [t for t in self.tracks if frame - t["last"] <= s.max_gap]
         return ids, self.drift.copy()
 
     def finish(self) -> None:
         """Close every open track (the series ended)."""
-        for track in self.tracks:
-            self._close(track)
+        self._settle([t for t in self.tracks if t["units"]], final=True)
         self.tracks = []
 
     def pop_stretches(self) -> list[dict]:
@@ -265,38 +263,38 @@ class Tracker:
         return out
 
     # --- inside -------------------------------------------------------------------------------
-    def _extend(self, track: dict, frame: int, ref: np.ndarray, unit: dict) -> None:
-        """One frame's ``unit`` added to ``track``, now at ``ref`` (Å, drift removed)."""
-        track["ref"], track["last"] = ref.tolist(), frame
-        track["units"].append(unit)
-        if len(track["units"]) > self.settings.window:
-            self._settle(track, final=False)
-
-    def _settle(self, track: dict, final: bool) -> None:
-        """Split the track's units; keep the settled stretches in ``track['done']``. Unless
-        ``final``, the last stretch stays open, its frames older than half the window folded into
-        one unit; with ``final`` the track's stretches are read and handed out."""
+    def _settle(self, tracks: list[dict], final: bool) -> None:
+        """Split each track's units (all tracks in one :func:`segment_tracks`); keep the settled
+        stretches in ``track['done']``. Unless ``final``, the last stretch stays open, its frames
+        older than half the window folded into one unit; with ``final`` the tracks' stretches
+        are read and handed out, in order."""
         s = self.settings
-        units = track["units"]
-        singles = [u["s1"] for u in units if u["n"] == 1]
-        if len(singles) >= 4:
-            track["variance"] = frame_variance(singles)
-        arrays = {"sum": np.array([u["sum"] for u in units], np.float64),
-                  **{k: np.array([u[k] for u in units], np.float64) for k in ("s1", "s2", "n")}}
-        parts = segment(arrays, kind=s.method, temper=s.temper, penalty=s.penalty,
-                        min_stretch=s.min_stretch, variance=track.get("variance", 1.0))
-        for a, b in parts if final else parts[:-1]:
-            track["done"].append(_merge(units[a:b]))
-        if final:
-            track["units"] = []
-            self._hand_out(track)
-            return
-        a, b = parts[-1]
-        rest = units[a:b]
-        cut = max(0, len(rest) - s.window // 2)
-        if cut >= 2:
-            rest = [_merge(rest[:cut])] + rest[cut:]
-        track["units"] = rest
+        arrays = []
+        for track in tracks:
+            units = track["units"]
+            singles = [u["s1"] for u in units if u["n"] == 1]
+            if len(singles) >= 4:
+                track["variance"] = frame_variance(singles)
+            arrays.append({"sum": np.array([u["sum"] for u in units], np.float64),
+                           **{k: np.array([u[k] for u in units], np.float64)
+                              for k in ("s1", "s2", "n")}})
+        all_parts = segment_tracks(arrays, kind=s.method, temper=s.temper, penalty=s.penalty,
+                                   min_stretch=s.min_stretch,
+                                   variances=[t.get("variance", 1.0) for t in tracks])
+        for track, parts in zip(tracks, all_parts):
+            units = track["units"]
+            for a, b in parts if final else parts[:-1]:
+                track["done"].append(_merge(units[a:b]))
+            if final:
+                track["units"] = []
+                self._hand_out(track)
+                continue
+            a, b = parts[-1]
+            rest = units[a:b]
+            cut = max(0, len(rest) - s.window // 2)
+            if cut >= 2:
+                rest = [_merge(rest[:cut])] + rest[cut:]
+            track["units"] = rest
 
     def _hand_out(self, track: dict) -> None:
         """Heights, confidences and change probabilities of a closed track's stretches."""
@@ -319,10 +317,6 @@ class Tracker:
                 "change_probability": p, "x_px": u["pos"][0], "y_px": u["pos"][1],
                 "x_A": u["pos"][2], "y_A": u["pos"][3]})
         track["done"] = []
-
-    def _close(self, track: dict) -> None:
-        if track["units"]:
-            self._settle(track, final=True)
 
 
 def _merge(units: list) -> dict:
