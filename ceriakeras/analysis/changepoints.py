@@ -55,16 +55,22 @@ def frame_variance(values: np.ndarray) -> float:
     return max(float(np.mean(d**2)) / 2, MIN_VARIANCE)
 
 
-def gains(kind: str, c: dict, i: np.ndarray, j, *, temper: float, variance: float
+def gains(kind: str, c: dict, i: np.ndarray, j: int, *, temper: float, variance: float
           ) -> np.ndarray:
     """Log-likelihood of units ``i … j−1`` as one stretch, for each start ``i`` (cumulative sums
-    ``c``: ``sum`` (n+1, K), ``s1``, ``s2``, ``n``); ``i`` and ``j`` broadcast (one ``j``, or a
-    (n+1, 1) column of them against a row of ``i``: the matrix of all stretches)."""
+    ``c``: ``sum`` (n+1, K), ``s1``, ``s2``, ``n``)."""
+    return stretch_gains(kind, c["n"][j] - c["n"][i], c["s1"][j] - c["s1"][i],
+                         c["s2"][j] - c["s2"][i],
+                         c["sum"][j] - c["sum"][i] if kind == "classes" else None,
+                         temper=temper, variance=variance)
+
+
+def stretch_gains(kind: str, n, s1, s2, sums, *, temper: float, variance) -> np.ndarray:
+    """Log-likelihood of stretches as one (any shape) from their frames ``n``, the sums ``s1``,
+    ``s2`` of their expected heights and of its squares (atoms, atoms²), and (``"classes"``)
+    ``sums`` (…, K) of their class log-probabilities; ``variance`` broadcasts."""
     if kind == "classes":
-        return temper * (c["sum"][j] - c["sum"][i]).max(axis=-1)
-    n = c["n"][j] - c["n"][i]
-    s1 = c["s1"][j] - c["s1"][i]
-    s2 = c["s2"][j] - c["s2"][i]
+        return temper * sums.max(axis=-1)
     fit = -(s2 - s1**2 / np.maximum(n, 1)) / (2 * variance)
     if kind == "bayes":  # the stretch's mean integrated out (prior sd PRIOR_SHIFT_ATOMS)
         return fit - 0.5 * np.log1p(n * PRIOR_SHIFT_ATOMS**2 / variance)
@@ -102,8 +108,8 @@ def segment(units: dict, *, kind: str = "mean_shift", temper: float = 0.3,
                           min_stretch=min_stretch, variances=[variance])[0]
 
 
-BATCH_VALUES = 2**20
-"""Most entries of the gain matrices of a batch of tracks (:func:`segment_tracks`; 8 MB each)."""
+BATCH_VALUES = 2**16
+"""Most gains of one step of a batch of tracks (:func:`segment_tracks`; 0.5 MB)."""
 
 
 def segment_tracks(tracks: list[dict], *, kind: str = "mean_shift", temper: float = 0.3,
@@ -133,7 +139,7 @@ def segment_tracks(tracks: list[dict], *, kind: str = "mean_shift", temper: floa
     per_value = int(np.shape(tracks[order[0]]["sum"])[-1]) if order and kind == "classes" else 1
     while order:  # the longest tracks first: a batch as large as BATCH_VALUES allows
         n = sizes[order[-1]] + 1
-        take = max(1, min(len(order), BATCH_VALUES // (n * n * per_value)))
+        take = max(1, min(len(order), BATCH_VALUES // (n * per_value)))
         batch, order = order[-take:], order[:-take]
         parts = _segment_batch([tracks[t] for t in batch], [sizes[t] for t in batch],
                                np.array([variances[t] for t in batch], np.float64),
@@ -145,41 +151,44 @@ def segment_tracks(tracks: list[dict], *, kind: str = "mean_shift", temper: floa
 
 def _segment_batch(tracks: list[dict], sizes: list[int], variance: np.ndarray, *, kind: str,
                    temper: float, penalty: float, min_stretch: int) -> list:
-    """The optimal partitioning of a batch of tracks (track along the last axis)."""
-    n_max = max(sizes)
+    """The optimal partitioning of a batch of tracks (one row each), a unit ``j`` at a time."""
+    n_max, n_tracks = max(sizes), len(tracks)
     c = {}
     for key in ("sum", "s1", "s2", "n"):
         tail = np.shape(tracks[0][key])[1:]
-        c[key] = np.zeros((n_max + 1, len(tracks), *tail))
+        c[key] = np.zeros((n_tracks, n_max + 1, *tail))
         for t, units in enumerate(tracks):  # cumulative sums, the last repeated past the end
-            c[key][1:sizes[t] + 1, t] = np.cumsum(np.asarray(units[key], np.float64), axis=0)
-            c[key][sizes[t] + 1:, t] = c[key][sizes[t], t]
-    idx = np.arange(n_max + 1)
-    with np.errstate(invalid="ignore", divide="ignore"):  # i ≥ j: never read
-        gain = gains(kind, c, idx[None, :], idx[:, None], temper=temper, variance=variance)
-    # gain[j, i, t]: units i … j−1 of track t as one stretch, if it holds min_stretch frames
-    gain[c["n"][:, None] - c["n"][None, :] < min_stretch] = -np.inf
-    cost = (penalty * (idx > 0))[:, None]
-    best = np.full((n_max + 1, len(tracks)), -np.inf)
-    best[0] = 0.0
-    back = np.zeros((n_max + 1, len(tracks)), np.int64)
-    columns = np.arange(len(tracks))
-    for j in range(1, n_max + 1):
-        score = best[:j] + gain[j, :j] - cost[:j]
-        k = np.argmax(score, axis=0)
-        value = score[k, columns]
+            c[key][t, 1:sizes[t] + 1] = np.cumsum(np.asarray(units[key], np.float64), axis=0)
+            c[key][t, sizes[t] + 1:] = c[key][t, sizes[t]]
+    cost = penalty * (np.arange(n_max + 1) > 0)
+    variance = variance[:, None]
+    best = np.full((n_tracks, n_max + 1), -np.inf)
+    best[:, 0] = 0.0
+    back = np.zeros((n_tracks, n_max + 1), np.int64)
+    rows = np.arange(n_tracks)
+    for j in range(1, n_max + 1):  # units i … j−1 as one stretch, for every start i < j
+        n = c["n"][:, j:j + 1] - c["n"][:, :j]
+        with np.errstate(invalid="ignore", divide="ignore"):  # past a track's end: not read
+            gain = stretch_gains(kind, n, c["s1"][:, j:j + 1] - c["s1"][:, :j],
+                                 c["s2"][:, j:j + 1] - c["s2"][:, :j],
+                                 c["sum"][:, j:j + 1] - c["sum"][:, :j] if kind == "classes"
+                                 else None, temper=temper, variance=variance)
+        gain[n < min_stretch] = -np.inf
+        score = best[:, :j] + gain - cost[:j]
+        k = np.argmax(score, axis=1)
+        value = score[rows, k]
         found = np.isfinite(value)
-        best[j] = np.where(found, value, -np.inf)
-        back[j] = np.where(found, k, 0)
+        best[:, j] = np.where(found, value, -np.inf)
+        back[:, j] = np.where(found, k, 0)
     out = []
     for t, n_units in enumerate(sizes):
-        if not np.isfinite(best[n_units, t]):  # too short to split: one stretch
+        if not np.isfinite(best[t, n_units]):  # too short to split: one stretch
             out.append([(0, n_units)])
             continue
         cuts, j = [], n_units
         while j > 0:
-            cuts.append((int(back[j, t]), j))
-            j = int(back[j, t])
+            cuts.append((int(back[t, j]), j))
+            j = int(back[t, j])
         out.append(cuts[::-1])
     return out
 

@@ -147,14 +147,22 @@ def stretch_confidence(evidence: np.ndarray, settings: TrackSettings) -> float:
 
 def _frame_units(frame: int, logp: np.ndarray, height: np.ndarray, confidence: np.ndarray,
                  xy_px: np.ndarray, xy_A: np.ndarray) -> list[dict]:
-    """One unit per column of a frame (a track's record of one frame, plain JSON): ``sum`` its
-    class log-probabilities, ``s1`` / ``s2`` its expected height (atoms) and its square, ``c1``
-    its confidence, ``pos`` (x, y in pixels, x, y in Å)."""
+    """One unit per column of a frame (a track's record of one frame): ``sum`` its class
+    log-probabilities (a row of ``logp``, a list once in :meth:`Tracker.state`), ``s1`` / ``s2``
+    its expected height (atoms) and its square, ``c1`` its confidence, ``pos`` (x, y in pixels,
+    x, y in Å)."""
     pos = np.concatenate([xy_px, xy_A], axis=1).tolist()
     return [{"first": frame, "last": frame, "n": 1, "sum": p, "s1": h, "s2": h2, "c1": c,
              "pos": xy}
-            for p, h, h2, c, xy in zip(logp.tolist(), height.tolist(), (height * height).tolist(),
+            for p, h, h2, c, xy in zip(list(logp), height.tolist(), (height * height).tolist(),
                                        confidence.tolist(), pos)]
+
+
+def _plain_track(track: dict) -> dict:
+    """``track`` as plain JSON data (its units' ``sum`` rows as lists)."""
+    units = [{**u, "sum": u["sum"].tolist()} if isinstance(u["sum"], np.ndarray) else u
+             for u in track["units"]]
+    return {**track, "units": units}
 
 
 class Tracker:
@@ -176,7 +184,8 @@ class Tracker:
     # --- state --------------------------------------------------------------------------------
     def state(self) -> dict:
         """Everything needed to continue, as JSON-able data."""
-        return {"settings": asdict(self.settings), "tracks": self.tracks,
+        return {"settings": asdict(self.settings),
+                "tracks": [_plain_track(t) for t in self.tracks],
                 "next_id": self.next_id, "drift": self.drift.tolist(), "out": self.out}
 
     @classmethod
