@@ -20,7 +20,6 @@ A single image (a one-frame input) gets ``track`` = its row's index, ``track_hei
 
 from __future__ import annotations
 
-import bisect
 import csv
 import io as _stdio
 import itertools
@@ -130,6 +129,15 @@ def _frames_of(csv_path: Path, offsets: dict):
     return header
 
 
+def _numbers(rows: list) -> np.ndarray:
+    """Columns 3–8 of ``columns.csv`` rows (``x_px … confidence``) as an (N, 6) float array."""
+    text = ",".join([",".join(r[2:8]) for r in rows])
+    values = np.fromstring(text, sep=",") if text else np.zeros(0)  # as float() reads them
+    if values.size != 6 * len(rows):  # not six plain numbers a row: let NumPy say what
+        values = np.array([r[2:8] for r in rows], np.float64)
+    return values.reshape(len(rows), 6)
+
+
 def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
                  before_replace=None, on_stretches=None) -> dict:
     """Track every series of a finished run; rewrite ``columns.csv``, write ``events.csv``.
@@ -215,7 +223,7 @@ def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSe
             if tracker is not None:
                 collect(current, tracker, finish=True)
             tracker, current = Tracker(settings), source
-        table = np.array([r[2:8] for r in rows], np.float64)
+        table = _numbers(rows)
         if logged is not None and logged[0] == gi and len(logged[1]) == len(rows):
             probabilities = logged[1]
         else:  # no logged map for this frame (an older run): from height and confidence
@@ -251,8 +259,7 @@ def _events(stretches: dict, plan: list) -> list:
 def _rewrite_columns(csv_path: Path, header: list, offsets: dict, ids_path: Path,
                      stretches: dict, before_replace=None) -> None:
     """``columns.csv`` again, each row with its track, track height and confidence."""
-    firsts = {(src, t): [s["first"] for s in runs]
-              for src, by_track in stretches.items() for t, runs in by_track.items()}
+    lookup = {source: _StretchLookup(by_track) for source, by_track in stretches.items()}
     n = len(header)
     with atomic_path(csv_path) as tmp:
         with (open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as out,
@@ -261,18 +268,47 @@ def _rewrite_columns(csv_path: Path, header: list, offsets: dict, ids_path: Path
             writer.writerow(header + list(TRACK_COLUMNS))
             for source, frame, _, rows in _frames_of(csv_path, offsets):
                 ids = np.frombuffer(ids_file.read(8 * len(rows)), np.int64)
-                for rec, tid in zip(rows, ids):
-                    rec = rec[:n]
-                    runs = stretches.get(source, {}).get(int(tid))
-                    if runs is None:  # a single image: the frame's own reading
-                        writer.writerow(rec + [int(tid), rec[6], rec[7]])
-                        continue
-                    k = max(0, bisect.bisect_right(firsts[(source, int(tid))], frame) - 1)
-                    run = runs[k]
-                    writer.writerow(rec + [int(tid), run["height_index"] + 1,
-                                           f"{run['confidence']:.4f}"])
+                tails = (lookup[source].tails(ids, frame) if source in lookup
+                         else [None] * len(rows))
+                tails = [f"{tid},{rec[6]},{rec[7]}" if tail is None else tail  # a single image
+                         for rec, tid, tail in zip(rows, ids.tolist(), tails)]
+                if any(c in source for c in ',"\r\n'):  # a name the CSV quotes
+                    writer.writerows(rec[:n] + tail.split(",") for rec, tail in zip(rows, tails))
+                    continue
+                out.write("".join([",".join(rec[:n]) + "," + tail + "\n"
+                                   for rec, tail in zip(rows, tails)]))
         if before_replace is not None:
             before_replace(tmp.stat().st_size)
+
+
+class _StretchLookup:
+    """The stretches of one series' tracks, found by track and frame at once."""
+
+    def __init__(self, by_track: dict):
+        tracks = sorted(by_track)
+        runs = [run for t in tracks for run in by_track[t]]  # by track, then first frame
+        self.span = max((run["first"] for run in runs), default=0) + 1
+        self.keys = np.array([run["track"] * self.span + run["first"] for run in runs], np.int64)
+        self.track = np.array([run["track"] for run in runs], np.int64)
+        counts = [len(by_track[t]) for t in tracks]
+        self.start = dict(zip(tracks, np.cumsum([0] + counts[:-1]).tolist()))
+        self.text = [f"{run['track']},{run['height_index'] + 1},{run['confidence']:.4f}"
+                     for run in runs]
+
+    def tails(self, ids: np.ndarray, frame: int) -> list:
+        """``track,track_height,track_confidence`` of each column (its stretch in ``frame``,
+        else its track's first; None for a track without stretches)."""
+        if not len(self.keys):
+            return [None] * len(ids)
+        k = np.searchsorted(self.keys, ids * self.span + min(frame, self.span - 1),
+                            side="right") - 1
+        at = np.maximum(k, 0)
+        found = (k >= 0) & (self.track[at] == ids)
+        if not found.all():  # before its first stretch (or none): the track's first, if any
+            at = [a if ok else self.start.get(tid)
+                  for a, ok, tid in zip(at.tolist(), found.tolist(), ids.tolist())]
+            return [None if a is None else self.text[a] for a in at]
+        return [self.text[a] for a in at.tolist()]
 
 
 def _write_csv(path: Path, rows: list) -> None:

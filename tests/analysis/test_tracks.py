@@ -225,9 +225,11 @@ def write_run(out, movies, header_extra=()):
     log = ProbabilityLog(out, 0)
     g = 0
     for source, frames in movies.items():
+        name = ('"' + source.replace('"', '""') + '"' if any(c in source for c in ',"\n')
+                else source)  # as csv.writer writes it
         for f, (xy, p) in enumerate(frames):
             for (x, y), row in zip(xy, p):
-                lines.append(f"{source},{f},{x * 10:.3f},{y * 10:.3f},{x:.4f},{y:.4f},"
+                lines.append(f"{name},{f},{x * 10:.3f},{y * 10:.3f},{x:.4f},{y:.4f},"
                              f"{int(np.argmax(row)) + 1},{row.max():.4f},1")
             log.add(g + f, p)
         g += len(frames)
@@ -285,6 +287,26 @@ def test_write_tracks_adds_columns_events_and_drift(tmp_path):
     assert all(len(s["evidence"]) == len(EVIDENCE) for s in runs)
     confidence = {(r["track"], r["track_confidence"]) for r in movie_rows if r["frame"] == "0"}
     assert len(confidence) == 25 and all(0 < float(c) < 1 for _, c in confidence)
+
+
+def test_write_tracks_keeps_a_source_name_the_csv_quotes(tmp_path):
+    from ceriakeras.analysis.tracking import write_tracks
+
+    rng = np.random.default_rng(9)
+    xy, heights = lattice(3), rng.integers(2, 8, 9)
+    movie = [(xy + [0.05 * f, 0.0], probs(np.where(np.arange(9) == 4, heights + (f >= 8),
+                                                   heights), rng)) for f in range(16)]
+    single = [(xy[:3], probs(heights[:3], rng))]
+    odd = 'a, "b"\nc.tif'
+    tables = {}
+    for name in ("plain.tif", odd):
+        plan = write_run(tmp_path / str(len(tables)), {name: movie, name + ".png": single})
+        write_tracks(tmp_path / str(len(tables)), plan)
+        tables[name] = read_csv(tmp_path / str(len(tables)) / "columns.csv")
+    assert [r["source"] for r in tables[odd]] == [odd] * 144 + [odd + ".png"] * 3
+    assert [list(r.values())[1:] for r in tables[odd]] == [
+        list(r.values())[1:] for r in tables["plain.tif"]]
+    assert {r["track_height"] for r in tables[odd][:144]} >= {str(heights[4] + 1)}
 
 
 def test_probability_log_is_cut_back_on_resume(tmp_path):
