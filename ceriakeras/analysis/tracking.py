@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io as _stdio
 import itertools
+import operator
 import struct
 from pathlib import Path
 
@@ -116,16 +117,9 @@ def _frames_of(csv_path: Path, offsets: dict):
     with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         reader = csv.reader(fh)
         header = next(reader)
-        key, rows = None, []
-        for rec in reader:
-            k = (rec[0], int(rec[1]))
-            if k != key and rows:
-                yield key[0], key[1], offsets[key[0]] + key[1], rows
-                rows = []
-            key = k
-            rows.append(rec)
-        if rows:
-            yield key[0], key[1], offsets[key[0]] + key[1], rows
+        for (source, frame), rows in itertools.groupby(reader, operator.itemgetter(0, 1)):
+            frame = int(frame)
+            yield source, frame, offsets[source] + frame, list(rows)
     return header
 
 
