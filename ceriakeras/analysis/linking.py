@@ -45,8 +45,6 @@ def link(predicted: np.ndarray, detected: np.ndarray, max_distance_A: float
 def _link_trees(predicted, detected, max_distance_A: float) -> tuple[np.ndarray, np.ndarray]:
     """:func:`link` between two non-empty ``cKDTree`` (a frame's detections' tree is built
     once for all the links of :func:`link_with_drift`)."""
-    from scipy.optimize import linear_sum_assignment
-
     none = np.zeros(0, np.int64)
     pairs = predicted.sparse_distance_matrix(detected, max_distance_A, output_type="ndarray")
     if len(pairs) == 0:
@@ -56,7 +54,9 @@ def _link_trees(predicted, detected, max_distance_A: float) -> tuple[np.ndarray,
     alone = (np.bincount(rows, minlength=predicted.n)[rows] == 1) & (
         np.bincount(cols, minlength=detected.n)[cols] == 1)
     i, j = [rows[alone]], [cols[alone]]
-    if not alone.all():
+    if not alone.all():  # (SciPy's optimize, 0.1 s to import, only when needed)
+        from scipy.optimize import linear_sum_assignment
+
         r, c = np.unique(rows[~alone]), np.unique(cols[~alone])
         cost = np.full((len(r), len(c)), 1e6)
         cost[np.searchsorted(r, rows[~alone]), np.searchsorted(c, cols[~alone])] = pairs["v"][~alone]

@@ -4,7 +4,8 @@ For each RESULT folder (an ``analyze`` output with ``tracking/probabilities.bin`
 ``columns.csv`` (track columns dropped), ``frames.csv`` (drift columns dropped) and probability
 log to ``WORK/<n>``, runs exactly what analyze's tracks stage runs
 (:func:`ceriakeras.analysis.tracking.write_tracks`), then :func:`add_drift_columns`, and prints
-the wall and CPU time per frame of the stage, ms. With ``--compare``, every output
+the wall and CPU time per frame of the stage, ms (SciPy's spatial imported first, as
+analyze's column finding has by then). With ``--compare``, every output
 (``columns.csv``, ``events.csv``, ``frames.csv``, ``tracking/``) must be byte-identical to the
 RESULT folder's own; ``--profile N`` prints cProfile's N most costly functions; ``--against BASE`` compares with
 the outputs of an earlier run's ``--work BASE`` instead (made by the code before a change).
@@ -28,6 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import scipy.spatial  # noqa: F401 -- analyze has it by then (column finding), as here
 
 from ceriakeras.analysis import tracking
 
