@@ -290,10 +290,10 @@ class Tracker:
         all_parts = segment_tracks(arrays, kind=s.method, temper=s.temper, penalty=s.penalty,
                                    min_stretch=s.min_stretch,
                                    variances=[t.get("variance", 1.0) for t in tracks])
-        for track, parts in zip(tracks, all_parts):
-            units = track["units"]
+        for track, parts, unit_arrays in zip(tracks, all_parts, arrays):
+            units, sums = track["units"], unit_arrays["sum"]
             for a, b in parts if final else parts[:-1]:
-                track["done"].append(_merge(units[a:b]))
+                track["done"].append(_merge(units[a:b], sums[a:b]))
             if final:
                 track["units"] = []
                 self._hand_out(track)
@@ -302,7 +302,7 @@ class Tracker:
             rest = units[a:b]
             cut = max(0, len(rest) - s.window // 2)
             if cut >= 2:
-                rest = [_merge(rest[:cut])] + rest[cut:]
+                rest = [_merge(rest[:cut], sums[a:a + cut])] + rest[cut:]
             track["units"] = rest
 
     def _hand_out(self, track: dict) -> None:
@@ -328,11 +328,13 @@ class Tracker:
         track["done"] = []
 
 
-def _merge(units: list) -> dict:
-    """Units of one stretch as one (sums added; the first frame's position)."""
+def _merge(units: list, sums: np.ndarray) -> dict:
+    """Units of one stretch as one (sums added, in order; the first frame's position);
+    ``sums`` (len(units), K) their class log-probabilities."""
     return {"first": units[0]["first"], "last": units[-1]["last"],
-            "n": int(sum(u["n"] for u in units)),
-            "sum": np.sum([u["sum"] for u in units], axis=0).tolist(),
-            "s1": float(sum(u["s1"] for u in units)), "s2": float(sum(u["s2"] for u in units)),
-            "c1": float(sum(u.get("c1", 0.5 * u["n"]) for u in units)),
+            "n": int(sum([u["n"] for u in units])),
+            "sum": np.sum(sums, axis=0).tolist(),
+            "s1": float(sum([u["s1"] for u in units])),
+            "s2": float(sum([u["s2"] for u in units])),
+            "c1": float(sum([u.get("c1", 0.5 * u["n"]) for u in units])),
             "pos": units[0]["pos"]}
