@@ -176,8 +176,9 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
     ids_path = out_dir / "tracking" / "track_ids.bin"  # each row's track, in row order
     ids_path.parent.mkdir(parents=True, exist_ok=True)
     with open(ids_path, "wb") as ids_file:
-        stretches, drift_rows = _track_pass(csv_path, offsets, n_frames, settings,
-                                            read_probability_log(out_dir / LOG_NAME), ids_file)
+        stretches, drift_rows, layout = _track_pass(
+            csv_path, offsets, n_frames, settings, read_probability_log(out_dir / LOG_NAME),
+            ids_file)
     for by_track in stretches.values():
         for runs in by_track.values():
             runs.sort(key=lambda s: s["first"])
@@ -186,17 +187,19 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
     _write_csv(out_dir / "tracking" / "drift.csv", drift_rows)
     events = _events(stretches, plan)
     _write_csv(out_dir / "events.csv", [EVENT_COLUMNS] + events)
-    _rewrite_columns(csv_path, header, offsets, ids_path, stretches, before_replace)
+    _rewrite_columns(csv_path, header, layout, ids_path, stretches, before_replace)
     ids_path.unlink()
     return {"tracks": sum(len(v) for v in stretches.values()), "events": len(events)}
 
 
 def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSettings, log,
-                ids_file) -> tuple[dict, list]:
+                ids_file) -> tuple[dict, list, list]:
     """Stream ``columns.csv`` and the probability log ``log`` once through a tracker per
     series; write each row's track to ``ids_file``; return the stretches
-    (``{source: {track: [stretch, …]}}``) and the rows of ``tracking/drift.csv``."""
+    (``{source: {track: [stretch, …]}}``), the rows of ``tracking/drift.csv`` and the table's
+    layout (``(source, frame, rows)`` per frame)."""
     stretches: dict = {}
+    layout = []
     drift_rows = [("source", "frame") + DRIFT_COLUMNS]
     logged = next(log, None)
     tracker, current = None, None
@@ -208,6 +211,7 @@ def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSe
             stretches.setdefault(source, {}).setdefault(s["track"], []).append(s)
 
     for source, frame, gi, rows in _frames_of(csv_path, offsets):
+        layout.append((source, frame, len(rows)))
         while logged is not None and logged[0] < gi:
             logged = next(log, None)
         if n_frames[source] < 2:
@@ -230,7 +234,7 @@ def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSe
         collect(source, tracker)
     if tracker is not None:
         collect(current, tracker, finish=True)
-    return stretches, drift_rows
+    return stretches, drift_rows, layout
 
 
 def _events(stretches: dict, plan: list) -> list:
@@ -250,29 +254,42 @@ def _events(stretches: dict, plan: list) -> list:
     return [row for *_, row in sorted(rows)]
 
 
-def _rewrite_columns(csv_path: Path, header: list, offsets: dict, ids_path: Path,
+def _rewrite_columns(csv_path: Path, header: list, layout: list, ids_path: Path,
                      stretches: dict, before_replace=None) -> None:
-    """``columns.csv`` again, each row with its track, track height and confidence."""
+    """``columns.csv`` again, each row with its track, track height and confidence.
+
+    ``layout`` holds ``(source, frame, rows)`` of each frame in the table's order: a frame's rows
+    are copied as lines without their old track columns (parsed only when the CSV quotes their
+    source's name)."""
     lookup = {source: _StretchLookup(by_track) for source, by_track in stretches.items()}
     n = len(header)
     with atomic_path(csv_path) as tmp:
         with (open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as out,
+              open(csv_path, newline="\n", encoding="utf-8", errors="surrogateescape") as src,
               open(ids_path, "rb") as ids_file):
             writer = csv.writer(out, lineterminator="\n")
             writer.writerow(header + list(TRACK_COLUMNS))
-            for source, frame, _, rows in _frames_of(csv_path, offsets):
-                ids = np.frombuffer(ids_file.read(8 * len(rows)), np.int64)
+            next(csv.reader(src))
+            for source, frame, n_rows in layout:
+                ids = np.frombuffer(ids_file.read(8 * n_rows), np.int64)
                 tails = (lookup[source].tails(ids, frame) if source in lookup
-                         else [None] * len(rows))
-                tails = [f"{tid},{rec[6]},{rec[7]}" if tail is None else tail  # a single image
-                         for rec, tid, tail in zip(rows, ids.tolist(), tails)]
+                         else [None] * n_rows)
                 if any(c in source for c in ',"\r\n'):  # a name the CSV quotes
-                    writer.writerows(rec[:n] + tail.split(",") for rec, tail in zip(rows, tails))
+                    rows = list(itertools.islice(csv.reader(src), n_rows))
+                    writer.writerows(rec[:n] + _tail(tail, tid, rec).split(",")
+                                     for rec, tid, tail in zip(rows, ids.tolist(), tails))
                     continue
-                out.write("".join([",".join(rec[:n]) + "," + tail + "\n"
-                                   for rec, tail in zip(rows, tails)]))
+                lines = [src.readline().rstrip("\r\n").split(",", n) for _ in range(n_rows)]
+                out.write("".join([",".join(rec[:n]) + "," + _tail(tail, tid, rec) + "\n"
+                                   for rec, tid, tail in zip(lines, ids.tolist(), tails)]))
         if before_replace is not None:
             before_replace(tmp.stat().st_size)
+
+
+def _tail(tail: str | None, tid: int, rec: list) -> str:
+    """A row's ``track,track_height,track_confidence``: its stretch's, or (a single image, no
+    stretch) its own index, height and confidence."""
+    return f"{tid},{rec[6]},{rec[7]}" if tail is None else tail
 
 
 class _StretchLookup:
