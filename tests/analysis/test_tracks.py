@@ -262,6 +262,9 @@ def test_write_tracks_adds_columns_events_and_drift(tmp_path):
     single = [(xy[:3], probs(heights[:3], rng))]
     plan = write_run(tmp_path / "out", {"movie.tif": movie, "image.tif": single})
     assert write_tracks(tmp_path / "out", plan)["events"] == 1
+    import gc
+
+    assert gc.isenabled()  # paused for the stage only
     add_drift_columns(tmp_path / "out")
     rows = read_csv(tmp_path / "out" / "columns.csv")
     image = [r for r in rows if r["source"] == "image.tif"]
