@@ -153,13 +153,15 @@ def _segment_batch(tracks: list[dict], sizes: list[int], variance: np.ndarray, *
                    temper: float, penalty: float, min_stretch: int) -> list:
     """The optimal partitioning of a batch of tracks (one row each), a unit ``j`` at a time."""
     n_max, n_tracks = max(sizes), len(tracks)
+    row = np.repeat(np.arange(n_tracks), sizes)  # each unit's track and place in it
+    place = np.arange(len(row)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     c = {}
-    for key in ("sum", "s1", "s2", "n"):
-        tail = np.shape(tracks[0][key])[1:]
-        c[key] = np.zeros((n_tracks, n_max + 1, *tail))
-        for t, units in enumerate(tracks):  # cumulative sums, the last repeated past the end
-            c[key][t, 1:sizes[t] + 1] = np.cumsum(np.asarray(units[key], np.float64), axis=0)
-            c[key][t, sizes[t] + 1:] = c[key][t, sizes[t]]
+    for key in ("sum", "s1", "s2", "n"):  # cumulative sums (the last repeated past the end)
+        flat = np.concatenate([np.asarray(units[key], np.float64) for units in tracks])
+        padded = np.zeros((n_tracks, n_max, *flat.shape[1:]))
+        padded[row, place] = flat
+        c[key] = np.zeros((n_tracks, n_max + 1, *flat.shape[1:]))
+        np.cumsum(padded, axis=1, out=c[key][:, 1:])
     cost = penalty * (np.arange(n_max + 1) > 0)
     variance = variance[:, None]
     best = np.full((n_tracks, n_max + 1), -np.inf)

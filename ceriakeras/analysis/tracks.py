@@ -278,15 +278,18 @@ class Tracker:
         older than half the window folded into one unit; with ``final`` the tracks' stretches
         are read and handed out, in order."""
         s = self.settings
+        if not tracks:
+            return
+        flat = [u for track in tracks for u in track["units"]]  # all tracks' units at once
+        columns = {k: np.array([u[k] for u in flat], np.float64) for k in ("sum", "s1", "s2", "n")}
+        ends = np.cumsum([len(track["units"]) for track in tracks]).tolist()
         arrays = []
-        for track in tracks:
-            units = track["units"]
-            singles = [u["s1"] for u in units if u["n"] == 1]
+        for track, a, b in zip(tracks, [0] + ends[:-1], ends):
+            unit_arrays = {k: v[a:b] for k, v in columns.items()}
+            singles = unit_arrays["s1"][unit_arrays["n"] == 1]
             if len(singles) >= 4:
                 track["variance"] = frame_variance(singles)
-            arrays.append({"sum": np.array([u["sum"] for u in units], np.float64),
-                           **{k: np.array([u[k] for u in units], np.float64)
-                              for k in ("s1", "s2", "n")}})
+            arrays.append(unit_arrays)
         all_parts = segment_tracks(arrays, kind=s.method, temper=s.temper, penalty=s.penalty,
                                    min_stretch=s.min_stretch,
                                    variances=[t.get("variance", 1.0) for t in tracks])
