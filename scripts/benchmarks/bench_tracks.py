@@ -1,14 +1,17 @@
 """The tracks stage of ``analyze`` alone, offline, on finished analyze outputs (issue 22).
 
-For each RESULT folder (an ``analyze`` output with ``tracking/probabilities.bin``), copies its
-``columns.csv`` (track columns dropped), ``frames.csv`` (drift columns dropped) and probability
-log to ``WORK/<n>``, runs exactly what analyze's tracks stage runs
-(:func:`ceriakeras.analysis.tracking.write_tracks`), then :func:`add_drift_columns`, and prints
-the wall and CPU time per frame of the stage, ms (SciPy's spatial imported first, as
-analyze's column finding has by then). With ``--compare``, every output
-(``columns.csv``, ``events.csv``, ``frames.csv``, ``tracking/``) must be byte-identical to the
-RESULT folder's own; ``--profile N`` prints cProfile's N most costly functions; ``--against BASE`` compares with
-the outputs of an earlier run's ``--work BASE`` instead (made by the code before a change).
+For each RESULT folder (an ``analyze`` output with ``tracking/probabilities.bin``), copies to
+``WORK/<n>`` its ``columns.csv`` with the track columns blank (as analyze leaves them until the
+tracks stage), ``frames.csv`` without the drift columns and the probability log; runs exactly
+what analyze's tracks stage runs (:func:`ceriakeras.analysis.tracking.write_tracks`), then
+:func:`add_drift_columns`; prints the wall and CPU time per frame of the stage, ms (SciPy's
+spatial imported first, as analyze's column finding has by then; ``--repeat`` shows the best).
+
+``--compare``: every output (``columns.csv``, ``events.csv``, ``frames.csv``, ``tracking/``)
+must be byte-identical to the RESULT folder's own, or with ``--against BASE`` to those of an
+earlier run's ``--work BASE`` (made by the code before a change). ``--profile N`` prints
+cProfile's N most costly functions; ``--window`` sets ``TrackSettings.window`` (small: tracks
+folded often).
 
     python scripts/benchmarks/bench_tracks.py OUT/ref OUT/ref6 --work /tmp/tracks --compare
     python scripts/benchmarks/bench_tracks.py OUT/ref --work /tmp/tracks --profile 25
@@ -38,25 +41,28 @@ OUTPUTS = ("columns.csv", "events.csv", "frames.csv", "tracking/drift.csv",
            "tracking/probabilities.bin")
 
 
-def _strip(src: Path, dst: Path, drop: tuple) -> None:
-    """``src`` as CSV without the columns named in ``drop``."""
-    with open(src, newline="") as fh, open(dst, "w", newline="") as out:
+def _strip(src: Path, dst: Path, drop: tuple, blank: bool = False) -> None:
+    """``src`` as CSV without the columns named in ``drop`` (``blank``: kept, their values
+    blank)."""
+    with (open(src, newline="", encoding="utf-8", errors="surrogateescape") as fh,
+          open(dst, "w", newline="", encoding="utf-8", errors="surrogateescape") as out):
         rows = csv.reader(fh)
         header = next(rows)
         keep = [k for k, name in enumerate(header) if name not in drop]
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow([header[k] for k in keep])
-        writer.writerows([r[k] for k in keep] for r in rows)
+        writer.writerow(header if blank else [header[k] for k in keep])
+        extra = [""] * (len(header) - len(keep)) if blank else []
+        writer.writerows([r[k] for k in keep] + extra for r in rows)
 
 
 def untracked_copy(result: Path, work: Path) -> list:
-    """``result``'s tables without their track and drift columns, and its probability log, in
-    ``work``; return the run's plan (``source``, ``n_frames`` per input)."""
+    """``result``'s tables as analyze leaves them for the tracks stage, and its probability
+    log, in ``work``; return the run's plan (``source``, ``n_frames`` per input)."""
     if work.exists():
         shutil.rmtree(work)
     (work / "tracking").mkdir(parents=True)
     shutil.copy(result / "tracking" / "probabilities.bin", work / "tracking")
-    _strip(result / "columns.csv", work / "columns.csv", tracking.TRACK_COLUMNS)
+    _strip(result / "columns.csv", work / "columns.csv", tracking.TRACK_COLUMNS, blank=True)
     _strip(result / "frames.csv", work / "frames.csv", tracking.DRIFT_COLUMNS)
     summary = json.loads((result / "summary.json").read_text())
     return [{"source": i["source"], "n_frames": i["frames"]} for i in summary["inputs"]]

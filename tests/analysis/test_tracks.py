@@ -406,3 +406,29 @@ def test_the_movie_caption_names_each_change_when_it_happens(tmp_path):
     notes = event_notes(tmp_path / "out", "movie.tif")
     assert sorted(notes) == list(range(8, 8 + EVENT_NOTE_FRAMES))
     assert notes[8] == f"change {heights[4]}→{heights[4] + 1} Ce"
+
+
+def test_bench_tracks_redoes_the_stage_offline_and_finds_the_same_bytes(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    from ceriakeras.analysis.tracking import add_drift_columns, write_tracks
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "benchmarks"))
+    import bench_tracks
+
+    rng = np.random.default_rng(10)
+    xy, heights = lattice(3), rng.integers(2, 8, 9)
+    movie = [(xy + [0.05 * f, 0.0], probs(np.where(np.arange(9) == 4, heights + (f >= 8),
+                                                   heights), rng)) for f in range(16)]
+    plan = write_run(tmp_path / "out", {"movie.tif": movie})
+    write_tracks(tmp_path / "out", plan)
+    add_drift_columns(tmp_path / "out")
+    (tmp_path / "out" / "summary.json").write_text(json.dumps(
+        {"inputs": [{"source": "movie.tif", "frames": 16}]}))
+    assert bench_tracks.main([str(tmp_path / "out"), "--work", str(tmp_path / "w"),
+                              "--compare"]) == 0
+    assert "16 frames" in capsys.readouterr().out
+    (tmp_path / "out" / "events.csv").write_text("changed\n")
+    assert bench_tracks.main([str(tmp_path / "out"), "--work", str(tmp_path / "w"),
+                              "--compare"]) == 1
