@@ -156,7 +156,8 @@ def _segment_batch(tracks: list[dict], sizes: list[int], variance: np.ndarray, *
     row = np.repeat(np.arange(n_tracks), sizes)  # each unit's track and place in it
     place = np.arange(len(row)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     c = {}
-    for key in ("sum", "s1", "s2", "n"):  # cumulative sums (the last repeated past the end)
+    keys = ("s1", "s2", "n") + (("sum",) if kind == "classes" else ())  # what the gains use
+    for key in keys:  # cumulative sums, the last repeated past the end
         flat = np.concatenate([np.asarray(units[key], np.float64) for units in tracks])
         padded = np.zeros((n_tracks, n_max, *flat.shape[1:]))
         padded[row, place] = flat
