@@ -59,11 +59,18 @@ def gains(kind: str, c: dict, i: np.ndarray, j: int, *, temper: float, variance:
           ) -> np.ndarray:
     """Log-likelihood of units ``i … j−1`` as one stretch, for each start ``i`` (cumulative sums
     ``c``: ``sum`` (n+1, K), ``s1``, ``s2``, ``n``)."""
+    return stretch_gains(kind, c["n"][j] - c["n"][i], c["s1"][j] - c["s1"][i],
+                         c["s2"][j] - c["s2"][i],
+                         c["sum"][j] - c["sum"][i] if kind == "classes" else None,
+                         temper=temper, variance=variance)
+
+
+def stretch_gains(kind: str, n, s1, s2, sums, *, temper: float, variance) -> np.ndarray:
+    """Log-likelihood of stretches as one (any shape) from their frames ``n``, the sums ``s1``,
+    ``s2`` of their expected heights and of its squares (atoms, atoms²), and (``"classes"``)
+    ``sums`` (…, K) of their class log-probabilities; ``variance`` broadcasts."""
     if kind == "classes":
-        return temper * (c["sum"][j] - c["sum"][i]).max(axis=1)
-    n = c["n"][j] - c["n"][i]
-    s1 = c["s1"][j] - c["s1"][i]
-    s2 = c["s2"][j] - c["s2"][i]
+        return temper * sums.max(axis=-1)
     fit = -(s2 - s1**2 / np.maximum(n, 1)) / (2 * variance)
     if kind == "bayes":  # the stretch's mean integrated out (prior sd PRIOR_SHIFT_ATOMS)
         return fit - 0.5 * np.log1p(n * PRIOR_SHIFT_ATOMS**2 / variance)
@@ -97,29 +104,96 @@ def segment(units: dict, *, kind: str = "mean_shift", temper: float = 0.3,
     list of (start, stop)
         Unit ranges ``[start, stop)`` of the stretches, in order, covering all units.
     """
-    n_units = len(units["n"])
-    if n_units == 0:
-        return []
-    c = {k: np.concatenate([np.zeros((1, *np.shape(units[k])[1:])),
-                            np.cumsum(np.asarray(units[k], np.float64), axis=0)])
-         for k in ("sum", "s1", "s2", "n")}
-    best = np.full(n_units + 1, -np.inf)
-    best[0] = 0.0
-    back = np.zeros(n_units + 1, np.int64)
-    for j in range(1, n_units + 1):
-        i = np.arange(j)
-        score = best[i] + gains(kind, c, i, j, temper=temper, variance=variance) - penalty * (i > 0)
-        score[c["n"][j] - c["n"][i] < min_stretch] = -np.inf
-        k = int(np.argmax(score))
-        if np.isfinite(score[k]):
-            best[j], back[j] = score[k], k
-    if not np.isfinite(best[n_units]):  # too short to split: one stretch
-        return [(0, n_units)]
-    cuts, j = [], n_units
-    while j > 0:
-        cuts.append((int(back[j]), j))
-        j = int(back[j])
-    return cuts[::-1]
+    return segment_tracks([units], kind=kind, temper=temper, penalty=penalty,
+                          min_stretch=min_stretch, variances=[variance])[0]
+
+
+BATCH_VALUES = 2**16
+"""Most gains of one step of a batch of tracks (:func:`segment_tracks`; 0.5 MB)."""
+
+
+def segment_tracks(tracks: list[dict], *, kind: str = "mean_shift", temper: float = 0.3,
+                   penalty: float = 4.0, min_stretch: int = 3, variances=None
+                   ) -> list[list[tuple[int, int]]]:
+    """:func:`segment` of several tracks at once (the same stretches, in batches of tracks of
+    similar length: one pass of the optimal partitioning for all of them).
+
+    Parameters
+    ----------
+    tracks : list of dict of arrays
+        Each track's units, as :func:`segment` takes them.
+    kind, temper, penalty, min_stretch
+        As :func:`segment`.
+    variances : sequence of float, optional
+        Each track's per-frame variance of the expected height, atoms² (default 1).
+
+    Returns
+    -------
+    list of list of (start, stop)
+        Each track's stretches, as :func:`segment` returns them.
+    """
+    variances = [1.0] * len(tracks) if variances is None else list(variances)
+    sizes = [len(u["n"]) for u in tracks]
+    out: list = [[] for _ in tracks]
+    order = [t for t in sorted(range(len(tracks)), key=sizes.__getitem__) if sizes[t]]
+    per_value = int(np.shape(tracks[order[0]]["sum"])[-1]) if order and kind == "classes" else 1
+    while order:  # the longest tracks first: a batch as large as BATCH_VALUES allows
+        n = sizes[order[-1]] + 1
+        take = max(1, min(len(order), BATCH_VALUES // (n * per_value)))
+        batch, order = order[-take:], order[:-take]
+        parts = _segment_batch([tracks[t] for t in batch], [sizes[t] for t in batch],
+                               np.array([variances[t] for t in batch], np.float64),
+                               kind=kind, temper=temper, penalty=penalty, min_stretch=min_stretch)
+        for t, p in zip(batch, parts):
+            out[t] = p
+    return out
+
+
+def _segment_batch(tracks: list[dict], sizes: list[int], variance: np.ndarray, *, kind: str,
+                   temper: float, penalty: float, min_stretch: int) -> list:
+    """The optimal partitioning of a batch of tracks (one row each), a unit ``j`` at a time."""
+    n_max, n_tracks = max(sizes), len(tracks)
+    row = np.repeat(np.arange(n_tracks), sizes)  # each unit's track and place in it
+    place = np.arange(len(row)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    c = {}
+    keys = ("s1", "s2", "n") + (("sum",) if kind == "classes" else ())  # what the gains use
+    for key in keys:  # cumulative sums, the last repeated past the end
+        flat = np.concatenate([np.asarray(units[key], np.float64) for units in tracks])
+        padded = np.zeros((n_tracks, n_max, *flat.shape[1:]))
+        padded[row, place] = flat
+        c[key] = np.zeros((n_tracks, n_max + 1, *flat.shape[1:]))
+        np.cumsum(padded, axis=1, out=c[key][:, 1:])
+    cost = penalty * (np.arange(n_max + 1) > 0)
+    variance = variance[:, None]
+    best = np.full((n_tracks, n_max + 1), -np.inf)
+    best[:, 0] = 0.0
+    back = np.zeros((n_tracks, n_max + 1), np.int64)
+    rows = np.arange(n_tracks)
+    for j in range(1, n_max + 1):  # units i … j−1 as one stretch, for every start i < j
+        n = c["n"][:, j:j + 1] - c["n"][:, :j]
+        with np.errstate(invalid="ignore", divide="ignore"):  # past a track's end: not read
+            gain = stretch_gains(kind, n, c["s1"][:, j:j + 1] - c["s1"][:, :j],
+                                 c["s2"][:, j:j + 1] - c["s2"][:, :j],
+                                 c["sum"][:, j:j + 1] - c["sum"][:, :j] if kind == "classes"
+                                 else None, temper=temper, variance=variance)
+        gain[n < min_stretch] = -np.inf
+        score = best[:, :j] + gain - cost[:j]
+        k = np.argmax(score, axis=1)
+        value = score[rows, k]
+        found = np.isfinite(value)
+        best[:, j] = np.where(found, value, -np.inf)
+        back[:, j] = np.where(found, k, 0)
+    out = []
+    for t, n_units in enumerate(sizes):
+        if not np.isfinite(best[t, n_units]):  # too short to split: one stretch
+            out.append([(0, n_units)])
+            continue
+        cuts, j = [], n_units
+        while j > 0:
+            cuts.append((int(back[t, j]), j))
+            j = int(back[t, j])
+        out.append(cuts[::-1])
+    return out
 
 
 def change_statistic(kind: str, before: dict, after: dict, *, temper: float, variance: float

@@ -33,24 +33,30 @@ def link(predicted: np.ndarray, detected: np.ndarray, max_distance_A: float
     (i, j) : two (L,) int arrays
         ``predicted[i[k]]`` is linked to ``detected[j[k]]``; the total distance is smallest.
     """
-    from scipy.optimize import linear_sum_assignment
     from scipy.spatial import cKDTree
 
     predicted = np.asarray(predicted, np.float64).reshape(-1, 2)
     detected = np.asarray(detected, np.float64).reshape(-1, 2)
-    none = np.zeros(0, np.int64)
     if len(predicted) == 0 or len(detected) == 0:
-        return none, none
-    pairs = cKDTree(predicted).sparse_distance_matrix(cKDTree(detected), max_distance_A,
-                                                      output_type="ndarray")
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return _link_trees(cKDTree(predicted), cKDTree(detected), max_distance_A)
+
+
+def _link_trees(predicted, detected, max_distance_A: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`link` between two non-empty ``cKDTree`` (a frame's detections' tree is built
+    once for all the links of :func:`link_with_drift`)."""
+    none = np.zeros(0, np.int64)
+    pairs = predicted.sparse_distance_matrix(detected, max_distance_A, output_type="ndarray")
     if len(pairs) == 0:
         return none, none
     rows, cols = pairs["i"].astype(np.int64), pairs["j"].astype(np.int64)
     # a pair whose two ends have no other candidate is a link; the rest is assigned jointly
-    alone = (np.bincount(rows, minlength=len(predicted))[rows] == 1) & (
-        np.bincount(cols, minlength=len(detected))[cols] == 1)
+    alone = (np.bincount(rows, minlength=predicted.n)[rows] == 1) & (
+        np.bincount(cols, minlength=detected.n)[cols] == 1)
     i, j = [rows[alone]], [cols[alone]]
-    if not alone.all():
+    if not alone.all():  # (SciPy's optimize, 0.1 s to import, only when needed)
+        from scipy.optimize import linear_sum_assignment
+
         r, c = np.unique(rows[~alone]), np.unique(cols[~alone])
         cost = np.full((len(r), len(c)), 1e6)
         cost[np.searchsorted(r, rows[~alone]), np.searchsorted(c, cols[~alone])] = pairs["v"][~alone]
@@ -94,15 +100,22 @@ def link_with_drift(predicted: np.ndarray, detected: np.ndarray, max_distance_A:
     shift : (2,) float
         The frame's shift from ``predicted``, Å (zeros if too few columns were linked).
     """
+    from scipy.spatial import cKDTree
+
     predicted = np.asarray(predicted, np.float64).reshape(-1, 2)
     detected = np.asarray(detected, np.float64).reshape(-1, 2)
     shift = np.zeros(2)
-    i, j = link(predicted, detected, search_A)
+    if len(predicted) == 0 or len(detected) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), shift
+    found = cKDTree(detected)
+    tree = cKDTree(predicted)
+    i, j = _link_trees(tree, found, search_A)
     for _ in range(2):  # the wide link gives a first shift, the shifted one refines it
         estimate = median_shift(predicted + shift, detected, i, j)
         if estimate is None:
             break
         shift = shift + estimate
-        i, j = link(predicted + shift, detected, search_A)
-    i, j = link(predicted + shift, detected, max_distance_A)
+        tree = cKDTree(predicted + shift)
+        i, j = _link_trees(tree, found, search_A)
+    i, j = _link_trees(tree, found, max_distance_A)  # the tree of predicted + shift
     return i, j, shift

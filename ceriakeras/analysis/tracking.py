@@ -20,10 +20,12 @@ A single image (a one-frame input) gets ``track`` = its row's index, ``track_hei
 
 from __future__ import annotations
 
-import bisect
+import contextlib
 import csv
+import gc
 import io as _stdio
 import itertools
+import operator
 import struct
 from pathlib import Path
 
@@ -117,17 +119,19 @@ def _frames_of(csv_path: Path, offsets: dict):
     with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         reader = csv.reader(fh)
         header = next(reader)
-        key, rows = None, []
-        for rec in reader:
-            k = (rec[0], int(rec[1]))
-            if k != key and rows:
-                yield key[0], key[1], offsets[key[0]] + key[1], rows
-                rows = []
-            key = k
-            rows.append(rec)
-        if rows:
-            yield key[0], key[1], offsets[key[0]] + key[1], rows
+        for (source, frame), rows in itertools.groupby(reader, operator.itemgetter(0, 1)):
+            frame = int(frame)
+            yield source, frame, offsets[source] + frame, list(rows)
     return header
+
+
+def _numbers(rows: list) -> np.ndarray:
+    """Columns 3–8 of ``columns.csv`` rows (``x_px … confidence``) as an (N, 6) float array."""
+    text = ",".join([",".join(r[2:8]) for r in rows])
+    values = np.fromstring(text, sep=",") if text else np.zeros(0)  # as float() reads them
+    if values.size != 6 * len(rows):  # not six plain numbers a row: let NumPy say what
+        values = np.array([r[2:8] for r in rows], np.float64)
+    return values.reshape(len(rows), 6)
 
 
 def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
@@ -160,8 +164,28 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
     analysed, or from an earlier pass) are replaced: the result depends only on the columns and
     the probability log.
     """
-    out_dir = Path(out_dir)
-    settings = settings or TrackSettings()
+    with _collector_paused():
+        return _write_tracks(Path(out_dir), plan, settings or TrackSettings(), before_replace,
+                             on_stretches)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off for a while (as it was after): the tracks make no
+    reference cycles, and its passes over their 10⁵ live records and every other object of the
+    process cost 10–20 % of the tracks stage."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _write_tracks(out_dir: Path, plan: list, settings: TrackSettings, before_replace,
+                  on_stretches) -> dict:
+    """:func:`write_tracks`, with the cyclic garbage collector paused."""
     csv_path = out_dir / "columns.csv"
     with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         header = next(csv.reader(fh))
@@ -174,8 +198,9 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
     ids_path = out_dir / "tracking" / "track_ids.bin"  # each row's track, in row order
     ids_path.parent.mkdir(parents=True, exist_ok=True)
     with open(ids_path, "wb") as ids_file:
-        stretches, drift_rows = _track_pass(csv_path, offsets, n_frames, settings,
-                                            read_probability_log(out_dir / LOG_NAME), ids_file)
+        stretches, drift_rows, layout = _track_pass(
+            csv_path, offsets, n_frames, settings, read_probability_log(out_dir / LOG_NAME),
+            ids_file)
     for by_track in stretches.values():
         for runs in by_track.values():
             runs.sort(key=lambda s: s["first"])
@@ -184,17 +209,19 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
     _write_csv(out_dir / "tracking" / "drift.csv", drift_rows)
     events = _events(stretches, plan)
     _write_csv(out_dir / "events.csv", [EVENT_COLUMNS] + events)
-    _rewrite_columns(csv_path, header, offsets, ids_path, stretches, before_replace)
+    _rewrite_columns(csv_path, header, layout, ids_path, stretches, before_replace)
     ids_path.unlink()
     return {"tracks": sum(len(v) for v in stretches.values()), "events": len(events)}
 
 
 def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSettings, log,
-                ids_file) -> tuple[dict, list]:
+                ids_file) -> tuple[dict, list, list]:
     """Stream ``columns.csv`` and the probability log ``log`` once through a tracker per
     series; write each row's track to ``ids_file``; return the stretches
-    (``{source: {track: [stretch, …]}}``) and the rows of ``tracking/drift.csv``."""
+    (``{source: {track: [stretch, …]}}``), the rows of ``tracking/drift.csv`` and the table's
+    layout (``(source, frame, rows)`` per frame)."""
     stretches: dict = {}
+    layout = []
     drift_rows = [("source", "frame") + DRIFT_COLUMNS]
     logged = next(log, None)
     tracker, current = None, None
@@ -206,6 +233,7 @@ def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSe
             stretches.setdefault(source, {}).setdefault(s["track"], []).append(s)
 
     for source, frame, gi, rows in _frames_of(csv_path, offsets):
+        layout.append((source, frame, len(rows)))
         while logged is not None and logged[0] < gi:
             logged = next(log, None)
         if n_frames[source] < 2:
@@ -215,7 +243,7 @@ def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSe
             if tracker is not None:
                 collect(current, tracker, finish=True)
             tracker, current = Tracker(settings), source
-        table = np.array([r[2:8] for r in rows], np.float64)
+        table = _numbers(rows)
         if logged is not None and logged[0] == gi and len(logged[1]) == len(rows):
             probabilities = logged[1]
         else:  # no logged map for this frame (an older run): from height and confidence
@@ -228,7 +256,7 @@ def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSe
         collect(source, tracker)
     if tracker is not None:
         collect(current, tracker, finish=True)
-    return stretches, drift_rows
+    return stretches, drift_rows, layout
 
 
 def _events(stretches: dict, plan: list) -> list:
@@ -248,31 +276,72 @@ def _events(stretches: dict, plan: list) -> list:
     return [row for *_, row in sorted(rows)]
 
 
-def _rewrite_columns(csv_path: Path, header: list, offsets: dict, ids_path: Path,
+def _rewrite_columns(csv_path: Path, header: list, layout: list, ids_path: Path,
                      stretches: dict, before_replace=None) -> None:
-    """``columns.csv`` again, each row with its track, track height and confidence."""
-    firsts = {(src, t): [s["first"] for s in runs]
-              for src, by_track in stretches.items() for t, runs in by_track.items()}
+    """``columns.csv`` again, each row with its track, track height and confidence.
+
+    ``layout`` holds ``(source, frame, rows)`` of each frame in the table's order: a frame's rows
+    are copied as lines without their old track columns (parsed only when the CSV quotes their
+    source's name)."""
+    lookup = {source: _StretchLookup(by_track) for source, by_track in stretches.items()}
     n = len(header)
     with atomic_path(csv_path) as tmp:
         with (open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as out,
+              open(csv_path, newline="\n", encoding="utf-8", errors="surrogateescape") as src,
               open(ids_path, "rb") as ids_file):
             writer = csv.writer(out, lineterminator="\n")
             writer.writerow(header + list(TRACK_COLUMNS))
-            for source, frame, _, rows in _frames_of(csv_path, offsets):
-                ids = np.frombuffer(ids_file.read(8 * len(rows)), np.int64)
-                for rec, tid in zip(rows, ids):
-                    rec = rec[:n]
-                    runs = stretches.get(source, {}).get(int(tid))
-                    if runs is None:  # a single image: the frame's own reading
-                        writer.writerow(rec + [int(tid), rec[6], rec[7]])
-                        continue
-                    k = max(0, bisect.bisect_right(firsts[(source, int(tid))], frame) - 1)
-                    run = runs[k]
-                    writer.writerow(rec + [int(tid), run["height_index"] + 1,
-                                           f"{run['confidence']:.4f}"])
+            next(csv.reader(src))
+            for source, frame, n_rows in layout:
+                ids = np.frombuffer(ids_file.read(8 * n_rows), np.int64)
+                tails = (lookup[source].tails(ids, frame) if source in lookup
+                         else [None] * n_rows)
+                if any(c in source for c in ',"\r\n'):  # a name the CSV quotes
+                    rows = list(itertools.islice(csv.reader(src), n_rows))
+                    writer.writerows(rec[:n] + _tail(tail, tid, rec).split(",")
+                                     for rec, tid, tail in zip(rows, ids.tolist(), tails))
+                    continue
+                lines = [src.readline().rstrip("\r\n").split(",", n) for _ in range(n_rows)]
+                out.write("".join([",".join(rec[:n]) + "," + _tail(tail, tid, rec) + "\n"
+                                   for rec, tid, tail in zip(lines, ids.tolist(), tails)]))
         if before_replace is not None:
             before_replace(tmp.stat().st_size)
+
+
+def _tail(tail: str | None, tid: int, rec: list) -> str:
+    """A row's ``track,track_height,track_confidence``: its stretch's, or (a single image, no
+    stretch) its own index, height and confidence."""
+    return f"{tid},{rec[6]},{rec[7]}" if tail is None else tail
+
+
+class _StretchLookup:
+    """The stretches of one series' tracks, found by track and frame at once."""
+
+    def __init__(self, by_track: dict):
+        tracks = sorted(by_track)
+        runs = [run for t in tracks for run in by_track[t]]  # by track, then first frame
+        self.span = max((run["first"] for run in runs), default=0) + 1
+        self.keys = np.array([run["track"] * self.span + run["first"] for run in runs], np.int64)
+        self.track = np.array([run["track"] for run in runs], np.int64)
+        counts = [len(by_track[t]) for t in tracks]
+        self.start = dict(zip(tracks, np.cumsum([0] + counts[:-1]).tolist()))
+        self.text = [f"{run['track']},{run['height_index'] + 1},{run['confidence']:.4f}"
+                     for run in runs]
+
+    def tails(self, ids: np.ndarray, frame: int) -> list:
+        """``track,track_height,track_confidence`` of each column (its stretch in ``frame``,
+        else its track's first; None for a track without stretches)."""
+        if not len(self.keys):
+            return [None] * len(ids)
+        k = np.searchsorted(self.keys, ids * self.span + min(frame, self.span - 1),
+                            side="right") - 1
+        at = np.maximum(k, 0)
+        found = (k >= 0) & (self.track[at] == ids)
+        if not found.all():  # before its first stretch (or none): the track's first, if any
+            at = [a if ok else self.start.get(tid)
+                  for a, ok, tid in zip(at.tolist(), found.tolist(), ids.tolist())]
+            return [None if a is None else self.text[a] for a in at]
+        return [self.text[a] for a in at.tolist()]
 
 
 def _write_csv(path: Path, rows: list) -> None:

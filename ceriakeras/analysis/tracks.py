@@ -25,7 +25,7 @@ from .changepoints import (
     log_probabilities,
     platt,
     posterior_at,
-    segment,
+    segment_tracks,
 )
 from .linking import link_with_drift
 
@@ -145,9 +145,24 @@ def stretch_confidence(evidence: np.ndarray, settings: TrackSettings) -> float:
     return float(1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0))))
 
 
-def _new_track(tid: int, ref: np.ndarray, frame: int) -> dict:
-    return {"id": tid, "ref": [float(ref[0]), float(ref[1])], "last": frame,
-            "units": [], "done": [], "variance": 1.0}
+def _frame_units(frame: int, logp: np.ndarray, height: np.ndarray, confidence: np.ndarray,
+                 xy_px: np.ndarray, xy_A: np.ndarray) -> list[dict]:
+    """One unit per column of a frame (a track's record of one frame): ``sum`` its class
+    log-probabilities (a row of ``logp``, a list once in :meth:`Tracker.state`), ``s1`` / ``s2``
+    its expected height (atoms) and its square, ``c1`` its confidence, ``pos`` (x, y in pixels,
+    x, y in Å)."""
+    pos = np.concatenate([xy_px, xy_A], axis=1).tolist()
+    return [{"first": frame, "last": frame, "n": 1, "sum": p, "s1": h, "s2": h2, "c1": c,
+             "pos": xy}
+            for p, h, h2, c, xy in zip(list(logp), height.tolist(), (height * height).tolist(),
+                                       confidence.tolist(), pos)]
+
+
+def _plain_track(track: dict) -> dict:
+    """``track`` as plain JSON data (its units' ``sum`` rows as lists)."""
+    units = [{**u, "sum": u["sum"].tolist()} if isinstance(u["sum"], np.ndarray) else u
+             for u in track["units"]]
+    return {**track, "units": units}
 
 
 class Tracker:
@@ -169,7 +184,8 @@ class Tracker:
     # --- state --------------------------------------------------------------------------------
     def state(self) -> dict:
         """Everything needed to continue, as JSON-able data."""
-        return {"settings": asdict(self.settings), "tracks": self.tracks,
+        return {"settings": asdict(self.settings),
+                "tracks": [_plain_track(t) for t in self.tracks],
                 "next_id": self.next_id, "drift": self.drift.tolist(), "out": self.out}
 
     @classmethod
@@ -218,28 +234,32 @@ class Tracker:
         i, j, shift = link_with_drift(refs + self.drift, xy_A, s.max_distance_A, s.search_A)
         self.drift = self.drift + shift
         ids = np.full(len(xy_A), -1, np.int64)
-        for a, b in zip(i, j):
-            ids[b] = self._extend(self.tracks[a], frame, xy_A[b], xy_px[b], logp[b],
-                                  float(height[b]), float(conf[b]))
-        for b in np.flatnonzero(ids < 0):
-            track = _new_track(self.next_id, xy_A[b] - self.drift, frame)
-            self.next_id += 1
-            self.tracks.append(track)
-            ids[b] = self._extend(track, frame, xy_A[b], xy_px[b], logp[b], float(height[b]),
-                                  float(conf[b]))
-        keep = []
-        for track in self.tracks:
-            if frame - track["last"] > s.max_gap:
-                self._close(track)
-            else:
-                keep.append(track)
-        self.tracks = keep
+        ids[j] = [self.tracks[a]["id"] for a in i.tolist()]
+        new = np.flatnonzero(ids < 0)
+        ids[new] = np.arange(self.next_id, self.next_id + len(new))
+        self.next_id += len(new)
+        # each track's position (drift removed) moves towards its sighting, all at once
+        m, seen = s.position_memory, xy_A - self.drift
+        refs = np.concatenate([refs[i] * m + seen[j] * (1 - m),
+                               seen[new] * m + seen[new] * (1 - m)]).tolist()
+        units = _frame_units(frame, logp, height, conf, xy_px, xy_A)
+        extended = [self.tracks[a] for a in i.tolist()]
+        for b in new.tolist():
+            extended.append({"id": int(ids[b]), "ref": [], "last": frame, "units": [],
+                             "done": [], "variance": 1.0})
+        self.tracks += extended[len(i):]
+        for track, ref, b in zip(extended, refs, j.tolist() + new.tolist()):
+            track["ref"], track["last"] = ref, frame
+            track["units"].append(units[b])
+        self._settle([t for t in extended if len(t["units"]) > s.window], final=False)
+        self._settle([t for t in self.tracks if frame - t["last"] > s.max_gap and t["units"]],
+                     final=True)
+        self.tracks = [t for t in self.tracks if frame - t["last"] <= s.max_gap]
         return ids, self.drift.copy()
 
     def finish(self) -> None:
         """Close every open track (the series ended)."""
-        for track in self.tracks:
-            self._close(track)
+        self._settle([t for t in self.tracks if t["units"]], final=True)
         self.tracks = []
 
     def pop_stretches(self) -> list[dict]:
@@ -252,44 +272,41 @@ class Tracker:
         return out
 
     # --- inside -------------------------------------------------------------------------------
-    def _extend(self, track: dict, frame: int, xy_A, xy_px, logp, height: float,
-                confidence: float = 0.5) -> int:
-        m = self.settings.position_memory
-        ref = np.asarray(track["ref"]) * m + (np.asarray(xy_A) - self.drift) * (1 - m)
-        track["ref"], track["last"] = [float(ref[0]), float(ref[1])], frame
-        track["units"].append({"first": frame, "last": frame, "n": 1, "sum": logp.tolist(),
-                               "s1": height, "s2": height * height, "c1": confidence,
-                               "pos": [float(xy_px[0]), float(xy_px[1]),
-                                       float(xy_A[0]), float(xy_A[1])]})
-        if len(track["units"]) > self.settings.window:
-            self._settle(track, final=False)
-        return track["id"]
-
-    def _settle(self, track: dict, final: bool) -> None:
-        """Split the track's units; keep the settled stretches in ``track['done']``. Unless
-        ``final``, the last stretch stays open, its frames older than half the window folded into
-        one unit; with ``final`` the track's stretches are read and handed out."""
+    def _settle(self, tracks: list[dict], final: bool) -> None:
+        """Split each track's units (all tracks in one :func:`segment_tracks`); keep the settled
+        stretches in ``track['done']``. Unless ``final``, the last stretch stays open, its frames
+        older than half the window folded into one unit; with ``final`` the tracks' stretches
+        are read and handed out, in order."""
         s = self.settings
-        units = track["units"]
-        singles = [u["s1"] for u in units if u["n"] == 1]
-        if len(singles) >= 4:
-            track["variance"] = frame_variance(singles)
-        arrays = {"sum": np.array([u["sum"] for u in units], np.float64),
-                  **{k: np.array([u[k] for u in units], np.float64) for k in ("s1", "s2", "n")}}
-        parts = segment(arrays, kind=s.method, temper=s.temper, penalty=s.penalty,
-                        min_stretch=s.min_stretch, variance=track.get("variance", 1.0))
-        for a, b in parts if final else parts[:-1]:
-            track["done"].append(_merge(units[a:b]))
-        if final:
-            track["units"] = []
-            self._hand_out(track)
+        if not tracks:
             return
-        a, b = parts[-1]
-        rest = units[a:b]
-        cut = max(0, len(rest) - s.window // 2)
-        if cut >= 2:
-            rest = [_merge(rest[:cut])] + rest[cut:]
-        track["units"] = rest
+        flat = [u for track in tracks for u in track["units"]]  # all tracks' units at once
+        columns = {k: np.array([u[k] for u in flat], np.float64) for k in ("sum", "s1", "s2", "n")}
+        ends = np.cumsum([len(track["units"]) for track in tracks]).tolist()
+        arrays = []
+        for track, a, b in zip(tracks, [0] + ends[:-1], ends):
+            unit_arrays = {k: v[a:b] for k, v in columns.items()}
+            singles = unit_arrays["s1"][unit_arrays["n"] == 1]
+            if len(singles) >= 4:
+                track["variance"] = frame_variance(singles)
+            arrays.append(unit_arrays)
+        all_parts = segment_tracks(arrays, kind=s.method, temper=s.temper, penalty=s.penalty,
+                                   min_stretch=s.min_stretch,
+                                   variances=[t.get("variance", 1.0) for t in tracks])
+        for track, parts, unit_arrays in zip(tracks, all_parts, arrays):
+            units, sums = track["units"], unit_arrays["sum"]
+            for a, b in parts if final else parts[:-1]:
+                track["done"].append(_merge(units[a:b], sums[a:b]))
+            if final:
+                track["units"] = []
+                self._hand_out(track)
+                continue
+            a, b = parts[-1]
+            rest = units[a:b]
+            cut = max(0, len(rest) - s.window // 2)
+            if cut >= 2:
+                rest = [_merge(rest[:cut], sums[a:a + cut])] + rest[cut:]
+            track["units"] = rest
 
     def _hand_out(self, track: dict) -> None:
         """Heights, confidences and change probabilities of a closed track's stretches."""
@@ -313,16 +330,14 @@ class Tracker:
                 "x_A": u["pos"][2], "y_A": u["pos"][3]})
         track["done"] = []
 
-    def _close(self, track: dict) -> None:
-        if track["units"]:
-            self._settle(track, final=True)
 
-
-def _merge(units: list) -> dict:
-    """Units of one stretch as one (sums added; the first frame's position)."""
+def _merge(units: list, sums: np.ndarray) -> dict:
+    """Units of one stretch as one (sums added, in order; the first frame's position);
+    ``sums`` (len(units), K) their class log-probabilities."""
     return {"first": units[0]["first"], "last": units[-1]["last"],
-            "n": int(sum(u["n"] for u in units)),
-            "sum": np.sum([u["sum"] for u in units], axis=0).tolist(),
-            "s1": float(sum(u["s1"] for u in units)), "s2": float(sum(u["s2"] for u in units)),
-            "c1": float(sum(u.get("c1", 0.5 * u["n"]) for u in units)),
+            "n": int(sum([u["n"] for u in units])),
+            "sum": np.sum(sums, axis=0).tolist(),
+            "s1": float(sum([u["s1"] for u in units])),
+            "s2": float(sum([u["s2"] for u in units])),
+            "c1": float(sum([u.get("c1", 0.5 * u["n"]) for u in units])),
             "pos": units[0]["pos"]}

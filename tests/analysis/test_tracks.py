@@ -225,9 +225,11 @@ def write_run(out, movies, header_extra=()):
     log = ProbabilityLog(out, 0)
     g = 0
     for source, frames in movies.items():
+        name = ('"' + source.replace('"', '""') + '"' if any(c in source for c in ',"\n')
+                else source)  # as csv.writer writes it
         for f, (xy, p) in enumerate(frames):
             for (x, y), row in zip(xy, p):
-                lines.append(f"{source},{f},{x * 10:.3f},{y * 10:.3f},{x:.4f},{y:.4f},"
+                lines.append(f"{name},{f},{x * 10:.3f},{y * 10:.3f},{x:.4f},{y:.4f},"
                              f"{int(np.argmax(row)) + 1},{row.max():.4f},1")
             log.add(g + f, p)
         g += len(frames)
@@ -260,6 +262,9 @@ def test_write_tracks_adds_columns_events_and_drift(tmp_path):
     single = [(xy[:3], probs(heights[:3], rng))]
     plan = write_run(tmp_path / "out", {"movie.tif": movie, "image.tif": single})
     assert write_tracks(tmp_path / "out", plan)["events"] == 1
+    import gc
+
+    assert gc.isenabled()  # paused for the stage only
     add_drift_columns(tmp_path / "out")
     rows = read_csv(tmp_path / "out" / "columns.csv")
     image = [r for r in rows if r["source"] == "image.tif"]
@@ -285,6 +290,26 @@ def test_write_tracks_adds_columns_events_and_drift(tmp_path):
     assert all(len(s["evidence"]) == len(EVIDENCE) for s in runs)
     confidence = {(r["track"], r["track_confidence"]) for r in movie_rows if r["frame"] == "0"}
     assert len(confidence) == 25 and all(0 < float(c) < 1 for _, c in confidence)
+
+
+def test_write_tracks_keeps_a_source_name_the_csv_quotes(tmp_path):
+    from ceriakeras.analysis.tracking import write_tracks
+
+    rng = np.random.default_rng(9)
+    xy, heights = lattice(3), rng.integers(2, 8, 9)
+    movie = [(xy + [0.05 * f, 0.0], probs(np.where(np.arange(9) == 4, heights + (f >= 8),
+                                                   heights), rng)) for f in range(16)]
+    single = [(xy[:3], probs(heights[:3], rng))]
+    odd = 'a, "b"\nc.tif'
+    tables = {}
+    for name in ("plain.tif", odd):
+        plan = write_run(tmp_path / str(len(tables)), {name: movie, name + ".png": single})
+        write_tracks(tmp_path / str(len(tables)), plan)
+        tables[name] = read_csv(tmp_path / str(len(tables)) / "columns.csv")
+    assert [r["source"] for r in tables[odd]] == [odd] * 144 + [odd + ".png"] * 3
+    assert [list(r.values())[1:] for r in tables[odd]] == [
+        list(r.values())[1:] for r in tables["plain.tif"]]
+    assert {r["track_height"] for r in tables[odd][:144]} >= {str(heights[4] + 1)}
 
 
 def test_probability_log_is_cut_back_on_resume(tmp_path):
@@ -381,3 +406,29 @@ def test_the_movie_caption_names_each_change_when_it_happens(tmp_path):
     notes = event_notes(tmp_path / "out", "movie.tif")
     assert sorted(notes) == list(range(8, 8 + EVENT_NOTE_FRAMES))
     assert notes[8] == f"change {heights[4]}→{heights[4] + 1} Ce"
+
+
+def test_bench_tracks_redoes_the_stage_offline_and_finds_the_same_bytes(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    from ceriakeras.analysis.tracking import add_drift_columns, write_tracks
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "benchmarks"))
+    import bench_tracks
+
+    rng = np.random.default_rng(10)
+    xy, heights = lattice(3), rng.integers(2, 8, 9)
+    movie = [(xy + [0.05 * f, 0.0], probs(np.where(np.arange(9) == 4, heights + (f >= 8),
+                                                   heights), rng)) for f in range(16)]
+    plan = write_run(tmp_path / "out", {"movie.tif": movie})
+    write_tracks(tmp_path / "out", plan)
+    add_drift_columns(tmp_path / "out")
+    (tmp_path / "out" / "summary.json").write_text(json.dumps(
+        {"inputs": [{"source": "movie.tif", "frames": 16}]}))
+    assert bench_tracks.main([str(tmp_path / "out"), "--work", str(tmp_path / "w"),
+                              "--compare"]) == 0
+    assert "16 frames" in capsys.readouterr().out
+    (tmp_path / "out" / "events.csv").write_text("changed\n")
+    assert bench_tracks.main([str(tmp_path / "out"), "--work", str(tmp_path / "w"),
+                              "--compare"]) == 1
