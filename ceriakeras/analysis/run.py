@@ -388,7 +388,8 @@ def _finish_run(run: _Run, elapsed: float) -> dict:
     t0 = time.perf_counter()
     labels = [item["label"] for item in run.plan]
     per_frame = frame_table_and_series_plots(run.csv_path, run.out_dir, run.plan, labels,
-                                             run.max_height, movie=run.config.movie)
+                                             run.max_height, movie=run.config.movie,
+                                             series_plots=not run.config.tracks)
     if run.config.tracks:  # drift in frames.csv, the tracks' series plot, track heights
         tracking.add_drift_columns(run.out_dir)
         write_track_series_plots(run.out_dir, run.plan, labels, run.max_height)

@@ -128,8 +128,12 @@ class _SeriesTracks:
 
 
 def frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, labels: list[str],
-                                 max_height: int, movie: bool = False) -> dict:
+                                 max_height: int, movie: bool = False,
+                                 series_plots: bool = True) -> dict:
     """Stream ``columns.csv`` once: per-frame counts to ``frames.csv``, tracks to series plots.
+
+    With ``series_plots=False`` no ``<label>_series.png`` is drawn and no per-frame heights are
+    kept (a tracked run draws its own, :mod:`ceriakeras.analysis.track_pictures`).
 
     Returns
     -------
@@ -159,7 +163,8 @@ def frame_table_and_series_plots(csv_path: Path, out_dir: Path, plan: list, labe
         if movie:
             per_frame["positions"].setdefault(source, {})[frame] = (
                 np.asarray(px, np.float64), np.asarray(py, np.float64), np.asarray(hs, np.int32))
-        tracks.add(source, frame, xs, ys, hs, total)
+        if series_plots:
+            tracks.add(source, frame, xs, ys, hs, total)
 
     seen = set()
     for key, *cols in _csv_frames(csv_path):

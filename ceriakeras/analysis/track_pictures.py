@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+from array import array
 from collections import defaultdict
 from pathlib import Path
 
@@ -43,15 +44,7 @@ def write_track_series_plots(out_dir, plan: list, labels: list[str], max_height:
     """
     out_dir = Path(out_dir)
     series = {it["source"]: label for it, label in zip(plan, labels) if it["n_frames"] >= 2}
-    heights: dict = defaultdict(lambda: defaultdict(dict))   # source → track → frame → height
-    total: dict = defaultdict(lambda: defaultdict(int))      # source → frame → Ce atoms
-    with open(out_dir / "columns.csv", newline="", encoding="utf-8",
-              errors="surrogateescape") as fh:
-        for r in csv.DictReader(fh):
-            if r["source"] in series and r.get("track", "") != "":
-                frame = int(r["frame"])
-                heights[r["source"]][int(r["track"])][frame] = int(r["track_height"])
-                total[r["source"]][frame] += int(r["track_height"])
+    rows = _track_rows(out_dir / "columns.csv", set(series))
     events = defaultdict(list)
     if (out_dir / "events.csv").exists():
         with open(out_dir / "events.csv", newline="", encoding="utf-8",
@@ -61,18 +54,74 @@ def write_track_series_plots(out_dir, plan: list, labels: list[str], max_height:
     written = 0
     for source, label in series.items():
         n = next(it["n_frames"] for it in plan if it["source"] == source)
-        tracks = sorted((t for t, f in heights[source].items() if len(f) >= MIN_TRACK_FRAMES),
-                        key=lambda t: min(heights[source][t]))
-        grid = np.full((len(tracks), n), np.nan)
-        for row, t in enumerate(tracks):
-            for frame, h in heights[source][t].items():
-                grid[row, frame] = h
-        row_of = {t: k for k, t in enumerate(tracks)}
+        tracks, grid, ce = track_grid(*(np.asarray(a) for a in rows[source]), n)
+        row_of = {t: k for k, t in enumerate(tracks.tolist())}
         marks = [(f, row_of[t]) for t, f in events[source] if t in row_of]
-        ce = np.array([total[source].get(f, np.nan) for f in range(n)], np.float64)
         draw(out_dir / f"{label}_series.png", grid, ce, marks, max_height, title=shown(source))
         written += 1
     return written
+
+
+def _track_rows(csv_path: Path, sources: set) -> dict:
+    """``{source: (track, frame, track_height)}`` of ``columns.csv``'s tracked rows, each an
+    ``array('i')`` (12 bytes a row: no row is kept as text or dict)."""
+    rows = {source: (array("i"), array("i"), array("i")) for source in sources}
+    with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, [])
+        if "track" not in header or "track_height" not in header:
+            return rows
+        at_track, at_height = header.index("track"), header.index("track_height")
+        for rec in reader:
+            if not rec or rec[0] not in rows or len(rec) <= at_track or rec[at_track] == "":
+                continue
+            track, frame, height = rows[rec[0]]
+            track.append(int(rec[at_track]))
+            frame.append(int(rec[1]))
+            height.append(int(rec[at_height]))
+    return rows
+
+
+def track_grid(track: np.ndarray, frame: np.ndarray, height: np.ndarray,
+               n_frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The series plot's data from a series' tracked rows, aggregated in arrays.
+
+    Parameters
+    ----------
+    track, frame, height : (R,) int arrays
+        Each tracked row of ``columns.csv`` in the table's order: its ``track``, ``frame`` and
+        ``track_height`` (Ce atoms).
+    n_frames : int
+        Frames of the series.
+
+    Returns
+    -------
+    tracks : (T,) int64
+        The tracks seen in at least :data:`MIN_TRACK_FRAMES` frames, by their first frame (ties:
+        by their first row).
+    grid : (T, n_frames) float64
+        Each track's height per frame, Ce atoms; NaN where it was not seen.
+    total_ce : (n_frames,) float64
+        The sum of every tracked row's height per frame (short tracks too), Ce atoms; NaN for a
+        frame without tracked rows.
+    """
+    track, frame, height = (np.asarray(a, np.int64).ravel() for a in (track, frame, height))
+    ids, first_row, inverse = np.unique(track, return_index=True, return_inverse=True)
+    inverse = inverse.ravel()
+    span = max(n_frames, int(frame.max()) + 1 if frame.size else 1)
+    seen = np.unique(inverse * span + frame) // span  # distinct frames of each track
+    enough = np.flatnonzero(np.bincount(seen, minlength=len(ids)) >= MIN_TRACK_FRAMES)
+    first_frame = np.full(len(ids), span, np.int64)
+    np.minimum.at(first_frame, inverse, frame)
+    order = enough[np.lexsort((first_row[enough], first_frame[enough]))]
+    row = np.full(len(ids), -1, np.int64)
+    row[order] = np.arange(len(order))
+    grid = np.full((len(order), n_frames), np.nan)
+    kept = row[inverse] >= 0
+    grid[row[inverse[kept]], frame[kept]] = height[kept]
+    present = np.bincount(frame, minlength=n_frames)[:n_frames] > 0
+    total = np.bincount(frame, weights=height, minlength=n_frames)[:n_frames]
+    return ids[order], grid, np.where(present, total, np.nan)
 
 
 def draw(path: Path, grid: np.ndarray, total_ce: np.ndarray, events: list, max_height: int,

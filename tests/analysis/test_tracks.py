@@ -432,3 +432,33 @@ def test_bench_tracks_redoes_the_stage_offline_and_finds_the_same_bytes(tmp_path
     (tmp_path / "out" / "events.csv").write_text("changed\n")
     assert bench_tracks.main([str(tmp_path / "out"), "--work", str(tmp_path / "w"),
                               "--compare"]) == 1
+
+
+def test_the_series_plot_grid_is_aggregated_in_arrays_as_the_rows_say(tmp_path):
+    """track_grid (arrays, no row kept) gives the grid the plot drew from per-row dicts: tracks
+    seen in ≥ 3 frames by first frame then first row, heights per frame, total Ce per frame."""
+    from collections import defaultdict
+
+    from ceriakeras.analysis.track_pictures import MIN_TRACK_FRAMES, track_grid
+
+    rng = np.random.default_rng(11)
+    n = 40
+    rows = [(int(t), f, int(rng.integers(1, 9))) for f in range(n) if f % 7 != 3
+            for t in rng.choice(30, size=rng.integers(0, 12), replace=False)]
+    rows += [(99, 5, 2), (99, 9, 3)]  # a short track: in the total, not in the grid
+    heights, total = defaultdict(dict), defaultdict(int)  # the dicts it replaces
+    for t, f, h in rows:
+        heights[t][f] = h
+        total[f] += h
+    tracks = sorted((t for t, fs in heights.items() if len(fs) >= MIN_TRACK_FRAMES),
+                    key=lambda t: min(heights[t]))
+    expected = np.full((len(tracks), n), np.nan)
+    for k, t in enumerate(tracks):
+        for f, h in heights[t].items():
+            expected[k, f] = h
+    got_tracks, grid, ce = track_grid(*np.array(rows).T, n)
+    assert got_tracks.tolist() == tracks and 0 < len(tracks) < len(heights)
+    np.testing.assert_array_equal(grid, expected)
+    np.testing.assert_array_equal(ce, [total.get(f, np.nan) for f in range(n)])
+    empty_tracks, empty_grid, empty_ce = track_grid([], [], [], 5)
+    assert empty_tracks.size == 0 and empty_grid.shape == (0, 5) and np.isnan(empty_ce).all()
