@@ -52,7 +52,8 @@ from .pictures import frame_caption, render_frame, write_movie, write_png, write
 from . import tracking
 from .plan import plan_inputs
 from .reading import Batch, read_batches
-from .resume import PROGRESS_VERSION, earlier_frames, prepare_out_dir, previous_optics
+from .resume import (PROGRESS_VERSION, ProgressJson, earlier_frames, prepare_out_dir,
+                     previous_optics)
 from .tables import (CSV_HEADER, OPTICS_COLUMNS, column_rows, columns_header,  # noqa: F401
                      format_summary, frame_table_and_series_plots, reason_counts)
 from .threads import Worker, in_thread, share_cores
@@ -162,6 +163,7 @@ class _Run:
     csv_file: object = None
     probability_log: object = None  # tracks: each column's class probabilities per frame
     model_calls: int = 1  # batches given to the model at once, answers taken in input order
+    progress_json: ProgressJson = field(default_factory=ProgressJson)  # each frame dumped once
 
     def __post_init__(self):
         self._busy = threading.Lock()
@@ -223,7 +225,7 @@ class _Run:
         self.state["csv_bytes"] = self.csv_file.tell()
         if self.probability_log is not None:
             self.probability_log.flush()
-        write_text_atomic(self.progress_path, json.dumps(self.state, indent=1))
+        write_text_atomic(self.progress_path, self.progress_json.dumps(self.state))
 
     def _batch_columns(self, batch: Batch, prediction) -> tuple[dict, dict]:
         """Each good frame's columns (on the input grid) and dose; its recognition in the state."""
@@ -400,7 +402,7 @@ def _finish_run(run: _Run, elapsed: float) -> dict:
         _write_movies(run, per_frame["positions"])
     run.timings["pictures"] += time.perf_counter() - t0
     run.state["complete"] = True
-    write_text_atomic(run.progress_path, json.dumps(run.state, indent=1))
+    write_text_atomic(run.progress_path, run.progress_json.dumps(run.state))
     summary = _summary(run, per_frame, elapsed)
     write_text_atomic(run.out_dir / "summary.json", json.dumps(summary, indent=1, default=float))
     return summary
@@ -415,7 +417,7 @@ def _write_tracks(run: _Run) -> None:
 
     def commit_size(size):
         run.state["csv_bytes"] = size
-        write_text_atomic(run.progress_path, json.dumps(run.state, indent=1))
+        write_text_atomic(run.progress_path, run.progress_json.dumps(run.state))
 
     tracking.write_tracks(run.out_dir, run.plan,
                           tracking.TrackSettings(min_stretch=run.config.min_stretch),

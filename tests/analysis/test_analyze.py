@@ -618,3 +618,25 @@ def test_a_series_gets_tracks_events_and_drift_unless_turned_off(tmp_path):
             config=AnalyzeConfig(batch_size=4, movie=False, tracks=False), progress=False)
     header, _ = read_rows(tmp_path / "off" / "columns.csv")
     assert "track" not in header and not (tmp_path / "off" / "events.csv").exists()
+
+
+def test_progress_json_is_json_dumps_text_with_each_frame_serialized_once():
+    """progress.json's text, written after every batch, is json.dumps(state, indent=1)'s own,
+    frame entries and optics added, replaced, and odd names (quotes, non-ASCII, newlines) too."""
+    from ceriakeras.analysis.resume import ProgressJson
+
+    progress = ProgressJson()
+    state = {"version": 1, "identity": {"inputs": [{"source": 'é/"a",b.tif', "n": 3}], "e": []},
+             "frames_done": 0, "skipped": [{"frame": 1, "reason": "cut\nhere"}],
+             "complete": False, "optics": {}, "frames": {}, "nan": [float("nan"), None]}
+    assert progress.dumps(state) == json.dumps(state, indent=1)
+    for g in range(30):
+        state["frames"][str(g)] = {"dose_e_per_A2": g / 7, "recognised": g % 3 > 0,
+                                   "lattice_fraction": None, "reason": ""}
+        state["optics"].setdefault(f"s{g % 2}.tif", {})[str(g)] = {"defocus_nm": -g / 3}
+        state["frames_done"] = g + 1
+        assert progress.dumps(state) == json.dumps(state, indent=1)
+    state["frames"]["4"] = {"dose_e_per_A2": 1.5}  # a new entry for a frame: its new text
+    assert progress.dumps(state) == json.dumps(state, indent=1)
+    state["optics"][7] = {}  # a key JSON converts: JSON's own text
+    assert progress.dumps(state) == json.dumps(state, indent=1)
