@@ -31,7 +31,7 @@ class ProgressJson:
     The state is written after every batch and holds an entry per frame: dumped whole each time
     (by the pure-Python encoder that ``indent`` takes), a 10 000-frame run spent about 0.2 s a
     batch and a few MB of short-lived strings on it. An entry is not changed once added (a new
-    dict replaces it); the cache keeps its line of text, about 150 bytes a frame.
+    dict replaces it); the cache keeps its line of text, about 300 bytes a frame.
     """
 
     def __init__(self):
