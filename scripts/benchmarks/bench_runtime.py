@@ -3,6 +3,7 @@
     python scripts/benchmarks/bench_runtime.py                                  # the shipped model
     python scripts/benchmarks/bench_runtime.py --model saved_models/ceria110/4 \
         --model saved_models/ceria110/6 --repeats 5 --threads 2
+    # version 4 left the tree: git checkout ceria110-v4 -- saved_models/ceria110/4 first
 
 For each served version folder (TF Serving layout, ``saved_models/NAME/VERSION``) and runtime:
 
