@@ -394,25 +394,61 @@ def summed_label_histogram(manifests: Sequence[dict]) -> list[int]:
 def run_datasets(record: dict) -> list[dict]:
     """The datasets a training run was trained on, from its ``dataset.json``.
 
-    A run since chunked data records ``datasets``: a list of ``{data_dir, manifest_sha256}``;
-    a run of versions 1–2 has only the single ``data_dir`` and ``manifest_sha256`` fields (still
-    written too, for the first dataset). Both read as a list of ``{data_dir, manifest_sha256}``
-    (empty if the record names none).
+    A run since chunked data records ``datasets``: a list of ``{data_dir, manifest_sha256}``
+    (and, since 2026-12, ``data_sha256``: :func:`manifest_data_sha256`); a run of versions 1–2
+    has only the single ``data_dir`` and ``manifest_sha256`` fields (still written too, for the
+    first dataset). Both read as a list of ``{data_dir, manifest_sha256}``, with ``data_sha256``
+    where the record has it (empty if the record names none).
     """
     if isinstance(record.get("datasets"), list) and record["datasets"]:
-        return [{"data_dir": d.get("data_dir"), "manifest_sha256": d.get("manifest_sha256")}
-                for d in record["datasets"]]
+        out = []
+        for d in record["datasets"]:
+            entry = {"data_dir": d.get("data_dir"), "manifest_sha256": d.get("manifest_sha256")}
+            if d.get("data_sha256"):
+                entry["data_sha256"] = d["data_sha256"]
+            out.append(entry)
+        return out
     if record.get("manifest_sha256") or record.get("data_dir"):
         return [{"data_dir": record.get("data_dir"),
                  "manifest_sha256": record.get("manifest_sha256")}]
     return []
 
 
-def compare_run_datasets(record: dict, digests: Sequence[str]) -> tuple[list[str], list[str]]:
+PROVENANCE_KEYS = ("command", "versions")
+"""Manifest fields that say how a dataset was made (the command line, the package versions),
+not what it holds: a dataset simulated again bit for bit in another environment differs there."""
+
+
+def manifest_data_sha256(manifest: dict) -> str:
+    """sha256 (hex) of a manifest without its :data:`PROVENANCE_KEYS`: the identity of the images
+    and labels a dataset holds (its config, seed, counts, histograms), whatever made it.
+
+    A resume compares it as well as the manifest file's sha256, so that a chunk simulated again
+    with the same command and seed in a fresh environment is the run's data still."""
+    import hashlib
+
+    body = {k: v for k, v in manifest.items() if k not in PROVENANCE_KEYS}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def compare_run_datasets(record: dict, digests: Sequence[str],
+                         data_digests: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
     """``(added, removed)``: the manifest sha256s in ``digests`` (the datasets given now) that
-    the run's ``dataset.json`` ``record`` lacks, and those it has that are not given now."""
-    saved = [d["manifest_sha256"] for d in run_datasets(record)]
-    return ([d for d in digests if d not in saved], [d for d in saved if d not in digests])
+    the run's ``dataset.json`` ``record`` lacks, and those it has that are not given now.
+
+    ``data_digests`` (:func:`manifest_data_sha256` of the datasets given now, in the order of
+    ``digests``): a dataset whose manifest changed only in its provenance is the same dataset,
+    neither added nor removed (only for runs that recorded ``data_sha256``)."""
+    saved = run_datasets(record)
+    data_digests = list(data_digests) if data_digests is not None else [None] * len(digests)
+    saved_full = {d["manifest_sha256"] for d in saved}
+    saved_data = {d["data_sha256"] for d in saved if d.get("data_sha256")}
+    added = [h for h, dh in zip(digests, data_digests)
+             if h not in saved_full and (dh is None or dh not in saved_data)]
+    removed = [d["manifest_sha256"] for d in saved
+               if d["manifest_sha256"] not in digests
+               and not (d.get("data_sha256") and d["data_sha256"] in data_digests)]
+    return added, removed
 
 
 def data_change_message(run_dir, record: dict, removed) -> str:

@@ -50,21 +50,22 @@ def check_train(data_dir, run_dir, *, resume: bool = False, overwrite: bool = Fa
                             what="--init-from checkpoint")
     if resume and (run_dir / "checkpoints" / "last.keras").is_file():
         check_keras_archive(run_dir / "checkpoints" / "last.keras", what="checkpoint to resume")
-    read_manifests(data_dir)
+    manifests = read_manifests(data_dir)
     check_run_folder(run_dir, resume=resume, overwrite=overwrite,
                      shared="TF_CONFIG" in os.environ)
     if resume:
         record = run_dir / "dataset.json"
         if not allow_data_change and record.is_file():
             from ..io.files import file_sha256
-            from ..data.records import as_data_dirs, data_change_message
+            from ..data.records import as_data_dirs, data_change_message, manifest_data_sha256
 
             try:
                 saved = read_json(record, error=ModelError)
             except ModelError:
                 return  # the stage refuses it with its own message
             digests = [file_sha256(Path(d) / "manifest.json") for d in as_data_dirs(data_dir)]
-            _, removed = compare_run_datasets(saved, digests)
+            _, removed = compare_run_datasets(saved, digests,
+                                              [manifest_data_sha256(m) for m in manifests])
             if removed:
                 raise ModelError(data_change_message(run_dir, saved, removed))
 

@@ -78,8 +78,10 @@ def saved_model_config(run_dir: Path, advice: str = RUN_ADVICE) -> dict:
 
 
 def _dataset_entry(data_dir: Path, digest: str, manifest: dict) -> dict:
+    from ..data.records import manifest_data_sha256
+
     return {"data_dir": str(data_dir.resolve()), "manifest_sha256": digest,
-            "counts": manifest.get("counts")}
+            "data_sha256": manifest_data_sha256(manifest), "counts": manifest.get("counts")}
 
 
 def dataset_record(data_dirs, digests, manifests, weights, previous: dict | None,

@@ -157,7 +157,7 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     teacher, teacher_record = _load_teacher(config, multi_worker)
     out_dir = _open_run_dir(strategy, run_dir, resume, overwrite)
-    start = _resume_point(run_dir, out_dir, config, digests, teacher_record,
+    start = _resume_point(run_dir, out_dir, config, digests, manifests, teacher_record,
                           allow_data_change) if resume else _RunStart()
     write_text_atomic(out_dir / "config.json", json.dumps(to_dict(config), indent=2))
     weights = _write_dataset_record(out_dir, run_dir, config, data_dirs, digests, manifests,
@@ -229,14 +229,15 @@ def _open_run_dir(strategy, run_dir: Path, resume: bool, overwrite: bool) -> Pat
     return out_dir
 
 
-def _resume_point(run_dir: Path, out_dir: Path, config: TrainConfig, digests, teacher_record,
-                  allow_data_change: bool) -> _RunStart:
+def _resume_point(run_dir: Path, out_dir: Path, config: TrainConfig, digests, manifests,
+                  teacher_record, allow_data_change: bool) -> _RunStart:
     """The state a resumed run continues from, checked against its data, teacher and model."""
-    from ..data.records import compare_run_datasets, data_change_message
+    from ..data.records import compare_run_datasets, data_change_message, manifest_data_sha256
     from .distill import check_same_teacher
 
     saved = read_run_file(run_dir / "dataset.json")
-    added, removed = compare_run_datasets(saved, digests)
+    added, removed = compare_run_datasets(saved, digests,
+                                          [manifest_data_sha256(m) for m in manifests])
     check_same_teacher(run_dir, saved, teacher_record)
     if removed and not allow_data_change:
         raise ModelError(data_change_message(run_dir, saved, removed))

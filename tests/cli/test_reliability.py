@@ -66,7 +66,10 @@ def test_train_killed_after_a_checkpoint_resumes_from_it(tmp_path):
     data = make_synthetic_dataset(tmp_path / "data", count=12)
     config = tmp_path / "tiny.json"
     epochs, steps = 8, 3
-    config.write_text(json.dumps({**to_dict(TINY), "epochs": epochs, "steps_per_epoch": steps}))
+    # patience ≥ epochs: early stopping counts over resumes (RunEarlyStopping), and a tiny
+    # model whose best epoch is early would otherwise stop before the last epoch
+    config.write_text(json.dumps({**to_dict(TINY), "epochs": epochs, "steps_per_epoch": steps,
+                                  "early_stopping_patience": epochs}))
     run = tmp_path / "run"
     args = ["train", "--data", str(data), "--out", str(run), "--config", str(config), "--quiet"]
     proc = subprocess.Popen(cli(*args), env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,

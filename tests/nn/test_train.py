@@ -342,6 +342,59 @@ def test_the_dataset_json_of_a_run_of_versions_1_2_still_reads(tmp_path):
     assert info["data_dirs"] == ["tfrecords/ceria110"] and info["pixel_size_A"] == 0.2
 
 
+def test_a_manifest_that_differs_only_in_provenance_is_the_same_dataset():
+    from ceriakeras.data.records import compare_run_datasets, manifest_data_sha256
+
+    manifest = {"seed": 311, "count": 3000, "label_histogram": [9, 3, 2],
+                "command": "ceriakeras simulate --seed 311", "versions": {"numpy": "2.4.6"}}
+    again = {**manifest, "command": "ceriakeras simulate --seed 311 --workers 2",
+             "versions": {"numpy": "2.5.0"}}
+    other = {**manifest, "seed": 312}
+    assert manifest_data_sha256(again) == manifest_data_sha256(manifest)
+    assert manifest_data_sha256(other) != manifest_data_sha256(manifest)
+    record = {"datasets": [{"data_dir": "a", "manifest_sha256": "aa" * 32,
+                            "data_sha256": manifest_data_sha256(manifest)}]}
+    # simulated again elsewhere: another file hash, the same data
+    assert compare_run_datasets(record, ["bb" * 32], [manifest_data_sha256(again)]) == ([], [])
+    # other data under the same name: added and removed
+    assert compare_run_datasets(record, ["cc" * 32], [manifest_data_sha256(other)]) == (
+        ["cc" * 32], ["aa" * 32])
+    # without the data digests (or for a run that did not record them) the file hash decides
+    assert compare_run_datasets(record, ["bb" * 32]) == (["bb" * 32], ["aa" * 32])
+
+
+@pytest.mark.slow
+def test_a_resume_accepts_its_data_simulated_again_in_another_environment(dataset, tmp_path,
+                                                                          capsys):
+    import shutil
+
+    from ceriakeras.nn.plan import check_train
+
+    data = tmp_path / "chunk-a"
+    shutil.copytree(dataset, data)
+    run = tmp_path / "run"
+    train(data, run, TINY, progress=False)
+    first = json.loads((run / "dataset.json").read_text())
+    manifest_path = data / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "versions": {"numpy": "0.0.1"},
+                                         "command": "ceriakeras simulate (again)"}))
+    assert manifest_sha256(data) != first["datasets"][0]["manifest_sha256"]
+
+    check_train([data], run, resume=True)                # no --allow-data-change needed
+    result = train(data, run, dataclasses.replace(TINY, epochs=2), resume=True, progress=False)
+    assert result["epochs_completed"] == 2
+    assert "dataset(s) added" not in capsys.readouterr().out
+    record = json.loads((run / "dataset.json").read_text())
+    assert "changes" not in record
+    assert record["datasets"][0]["manifest_sha256"] == manifest_sha256(data)
+    assert record["datasets"][0]["data_sha256"] == first["datasets"][0]["data_sha256"]
+
+    manifest_path.write_text(json.dumps({**manifest, "seed": manifest.get("seed", 0) + 1}))
+    with pytest.raises(ModelError, match="--allow-data-change"):   # other data: refused
+        check_train([data], run, resume=True)
+
+
 @pytest.mark.slow
 def test_a_run_grows_its_data_on_resume_and_records_it(dataset, tmp_path, capsys):
     from ceriakeras.nn.export import model_info
