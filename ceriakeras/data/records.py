@@ -23,6 +23,7 @@ Writing a dataset (the plan of particles, splits and shards; in-process or on da
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -425,22 +426,21 @@ def manifest_data_sha256(manifest: dict) -> str:
 
     A resume compares it as well as the manifest file's sha256, so that a chunk simulated again
     with the same command and seed in a fresh environment is the run's data still."""
-    import hashlib
-
     body = {k: v for k, v in manifest.items() if k not in PROVENANCE_KEYS}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def compare_run_datasets(record: dict, digests: Sequence[str],
-                         data_digests: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+                         manifests: Sequence[dict] | None = None) -> tuple[list[str], list[str]]:
     """``(added, removed)``: the manifest sha256s in ``digests`` (the datasets given now) that
     the run's ``dataset.json`` ``record`` lacks, and those it has that are not given now.
 
-    ``data_digests`` (:func:`manifest_data_sha256` of the datasets given now, in the order of
-    ``digests``): a dataset whose manifest changed only in its provenance is the same dataset,
-    neither added nor removed (only for runs that recorded ``data_sha256``)."""
+    ``manifests`` (of the datasets given now, in the order of ``digests``): a dataset whose
+    manifest changed only in its provenance (same :func:`manifest_data_sha256`) is the same
+    dataset, neither added nor removed (only for runs that recorded ``data_sha256``)."""
     saved = run_datasets(record)
-    data_digests = list(data_digests) if data_digests is not None else [None] * len(digests)
+    data_digests = ([manifest_data_sha256(m) for m in manifests] if manifests is not None
+                    else [None] * len(digests))
     saved_full = {d["manifest_sha256"] for d in saved}
     saved_data = {d["data_sha256"] for d in saved if d.get("data_sha256")}
     added = [h for h, dh in zip(digests, data_digests)

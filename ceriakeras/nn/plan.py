@@ -57,15 +57,14 @@ def check_train(data_dir, run_dir, *, resume: bool = False, overwrite: bool = Fa
         record = run_dir / "dataset.json"
         if not allow_data_change and record.is_file():
             from ..io.files import file_sha256
-            from ..data.records import as_data_dirs, data_change_message, manifest_data_sha256
+            from ..data.records import as_data_dirs, data_change_message
 
             try:
                 saved = read_json(record, error=ModelError)
             except ModelError:
                 return  # the stage refuses it with its own message
             digests = [file_sha256(Path(d) / "manifest.json") for d in as_data_dirs(data_dir)]
-            _, removed = compare_run_datasets(saved, digests,
-                                              [manifest_data_sha256(m) for m in manifests])
+            _, removed = compare_run_datasets(saved, digests, manifests)
             if removed:
                 raise ModelError(data_change_message(run_dir, saved, removed))
 

@@ -232,12 +232,11 @@ def _open_run_dir(strategy, run_dir: Path, resume: bool, overwrite: bool) -> Pat
 def _resume_point(run_dir: Path, out_dir: Path, config: TrainConfig, digests, manifests,
                   teacher_record, allow_data_change: bool) -> _RunStart:
     """The state a resumed run continues from, checked against its data, teacher and model."""
-    from ..data.records import compare_run_datasets, data_change_message, manifest_data_sha256
+    from ..data.records import compare_run_datasets, data_change_message
     from .distill import check_same_teacher
 
     saved = read_run_file(run_dir / "dataset.json")
-    added, removed = compare_run_datasets(saved, digests,
-                                          [manifest_data_sha256(m) for m in manifests])
+    added, removed = compare_run_datasets(saved, digests, manifests)
     check_same_teacher(run_dir, saved, teacher_record)
     if removed and not allow_data_change:
         raise ModelError(data_change_message(run_dir, saved, removed))

@@ -355,11 +355,11 @@ def test_a_manifest_that_differs_only_in_provenance_is_the_same_dataset():
     record = {"datasets": [{"data_dir": "a", "manifest_sha256": "aa" * 32,
                             "data_sha256": manifest_data_sha256(manifest)}]}
     # simulated again elsewhere: another file hash, the same data
-    assert compare_run_datasets(record, ["bb" * 32], [manifest_data_sha256(again)]) == ([], [])
+    assert compare_run_datasets(record, ["bb" * 32], [again]) == ([], [])
     # other data under the same name: added and removed
-    assert compare_run_datasets(record, ["cc" * 32], [manifest_data_sha256(other)]) == (
+    assert compare_run_datasets(record, ["cc" * 32], [other]) == (
         ["cc" * 32], ["aa" * 32])
-    # without the data digests (or for a run that did not record them) the file hash decides
+    # without the manifests (or for a run that did not record data_sha256) the file hash decides
     assert compare_run_datasets(record, ["bb" * 32]) == (["bb" * 32], ["aa" * 32])
 
 
