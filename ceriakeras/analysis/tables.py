@@ -231,7 +231,7 @@ def format_summary(summary: dict) -> str:
         (f"speed           {summary['frames_per_second']:.2f} frames/s"
          if summary["frames_analysed_now"] else
          "speed           - (every frame was analysed before; this run drew the pictures)"),
-        *[_gain_line(it) for it in summary["inputs"]],
+        *gain_lines(summary["inputs"]),
         f"results         {summary['out_dir']}",
     ]
     for s in summary["skipped"][:10]:
@@ -248,11 +248,29 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+GAIN_LINES_MAX = 5
+"""Inputs up to which the terminal summary gives each one's gain; above, one line of their range."""
+
+
+def gain_lines(inputs: list[dict], limit: int = GAIN_LINES_MAX) -> list[str]:
+    """Terminal lines of the inputs' detector gains: one per input up to ``limit`` inputs, else
+    one line with their range and how many came from each method (each is in summary.json)."""
+    known = [it for it in inputs if it.get("counts_per_electron") is not None]
+    if len(known) <= limit:
+        return [_gain_line(it) for it in known]
+    gains = [it["counts_per_electron"] for it in known]
+    methods: dict[str, int] = {}
+    for it in known:
+        methods[str(it.get("counts_per_electron_from"))] = methods.get(
+            str(it.get("counts_per_electron_from")), 0) + 1
+    how = ", ".join(f"{m}: {n}" for m, n in methods.items())
+    return [f"gain            {min(gains):.3g}–{max(gains):.3g} counts/e⁻ over {len(known)} "
+            f"inputs ({how}; each input's in summary.json)"]
+
+
 def _gain_line(item: dict) -> str:
     """One terminal line: an input's detector gain and where it came from."""
-    g, se = item.get("counts_per_electron"), item.get("counts_per_electron_standard_error")
-    if g is None:
-        return ""
+    g, se = item["counts_per_electron"], item.get("counts_per_electron_standard_error")
     value = f"{g:.3g} ± {se:.2g}" if se else f"{g:.4g}"
     return (f"gain            {value} counts/e⁻ ({item.get('counts_per_electron_from')}) "
             f"{item['source']}")

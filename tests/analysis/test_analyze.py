@@ -640,3 +640,19 @@ def test_progress_json_is_json_dumps_text_with_each_frame_serialized_once():
     assert progress.dumps(state) == json.dumps(state, indent=1)
     state["optics"][7] = {}  # a key JSON converts: JSON's own text
     assert progress.dumps(state) == json.dumps(state, indent=1)
+
+
+def test_many_inputs_share_one_gain_line_few_get_one_each():
+    from ceriakeras.analysis.tables import gain_lines
+
+    def item(k, how="series estimate"):
+        return {"source": f"s{k}.tif", "counts_per_electron": 1.0 + k / 100,
+                "counts_per_electron_standard_error": 0.02, "counts_per_electron_from": how}
+
+    few = gain_lines([item(k) for k in range(3)], limit=5)
+    assert len(few) == 3 and all(f"s{k}.tif" in line for k, line in enumerate(few))
+    many = gain_lines([item(k) for k in range(39)] + [item(39, "option")], limit=5)
+    assert len(many) == 1
+    assert "1–1.39 counts/e⁻ over 40 inputs" in many[0]
+    assert "series estimate: 39" in many[0] and "option: 1" in many[0]
+    assert gain_lines([{"source": "x", "counts_per_electron": None}]) == []
