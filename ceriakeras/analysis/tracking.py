@@ -25,7 +25,9 @@ import csv
 import gc
 import io as _stdio
 import itertools
+import json
 import operator
+import shutil
 import struct
 from pathlib import Path
 
@@ -168,6 +170,43 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
         return _write_tracks(Path(out_dir), plan, settings or TrackSettings(), before_replace,
                              on_stretches)
 
+
+
+def untracked_copy(result, work) -> list:
+    """A finished ``analyze`` folder ``result`` as the tracks stage finds it, in ``work``.
+
+    Copies the probability log, ``columns.csv`` with the track columns blank (as analyze leaves
+    them until that stage) and ``frames.csv`` without the drift columns, so that
+    :func:`write_tracks` and :func:`add_drift_columns` can run again on ``work`` (other
+    settings, studies, benchmarks) without running the model. ``work`` is emptied first.
+
+    Returns
+    -------
+    list of dict
+        The run's plan: ``source`` and ``n_frames`` of each input, from ``summary.json``.
+    """
+    result, work = Path(result), Path(work)
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "tracking").mkdir(parents=True)
+    shutil.copy(result / LOG_NAME, work / LOG_NAME)
+    _strip_csv(result / "columns.csv", work / "columns.csv", TRACK_COLUMNS, blank=True)
+    _strip_csv(result / "frames.csv", work / "frames.csv", DRIFT_COLUMNS)
+    summary = json.loads((result / "summary.json").read_text())
+    return [{"source": i["source"], "n_frames": i["frames"]} for i in summary["inputs"]]
+
+
+def _strip_csv(src: Path, dst: Path, drop: tuple, blank: bool = False) -> None:
+    """``src`` as CSV without the columns named in ``drop`` (``blank``: kept, values blank)."""
+    with (open(src, newline="", encoding="utf-8", errors="surrogateescape") as fh,
+          open(dst, "w", newline="", encoding="utf-8", errors="surrogateescape") as out):
+        rows = csv.reader(fh)
+        header = next(rows)
+        keep = [k for k, name in enumerate(header) if name not in drop]
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(header if blank else [header[k] for k in keep])
+        extra = [""] * (len(header) - len(keep)) if blank else []
+        writer.writerows([r[k] for k in keep] + extra for r in rows)
 
 @contextlib.contextmanager
 def _collector_paused():

@@ -56,14 +56,14 @@ def check_train(data_dir, run_dir, *, resume: bool = False, overwrite: bool = Fa
     if resume:
         record = run_dir / "dataset.json"
         if not allow_data_change and record.is_file():
-            from ..io.files import file_sha256
             from ..data.records import as_data_dirs, data_change_message
+            from .rundir import manifest_sha256
 
             try:
                 saved = read_json(record, error=ModelError)
             except ModelError:
                 return  # the stage refuses it with its own message
-            digests = [file_sha256(Path(d) / "manifest.json") for d in as_data_dirs(data_dir)]
+            digests = [manifest_sha256(d) for d in as_data_dirs(data_dir)]
             _, removed = compare_run_datasets(saved, digests, manifests)
             if removed:
                 raise ModelError(data_change_message(run_dir, saved, removed))

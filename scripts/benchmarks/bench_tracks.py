@@ -2,7 +2,8 @@
 
 For each RESULT folder (an ``analyze`` output with ``tracking/probabilities.bin``), copies to
 ``WORK/<n>`` its ``columns.csv`` with the track columns blank (as analyze leaves them until the
-tracks stage), ``frames.csv`` without the drift columns and the probability log; runs exactly
+tracks stage), ``frames.csv`` without the drift columns and the probability log
+(:func:`ceriakeras.analysis.tracking.untracked_copy`); runs exactly
 what analyze's tracks stage runs (:func:`ceriakeras.analysis.tracking.write_tracks`), then
 :func:`add_drift_columns`; prints the wall and CPU time per frame of the stage, ms (SciPy's
 spatial imported first, as analyze's column finding has by then; ``--repeat`` shows the best).
@@ -22,11 +23,8 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import csv
 import filecmp
-import json
 import pstats
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,33 +37,6 @@ from ceriakeras.analysis import tracking
 
 OUTPUTS = ("columns.csv", "events.csv", "frames.csv", "tracking/drift.csv",
            "tracking/probabilities.bin")
-
-
-def _strip(src: Path, dst: Path, drop: tuple, blank: bool = False) -> None:
-    """``src`` as CSV without the columns named in ``drop`` (``blank``: kept, their values
-    blank)."""
-    with (open(src, newline="", encoding="utf-8", errors="surrogateescape") as fh,
-          open(dst, "w", newline="", encoding="utf-8", errors="surrogateescape") as out):
-        rows = csv.reader(fh)
-        header = next(rows)
-        keep = [k for k, name in enumerate(header) if name not in drop]
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(header if blank else [header[k] for k in keep])
-        extra = [""] * (len(header) - len(keep)) if blank else []
-        writer.writerows([r[k] for k in keep] + extra for r in rows)
-
-
-def untracked_copy(result: Path, work: Path) -> list:
-    """``result``'s tables as analyze leaves them for the tracks stage, and its probability
-    log, in ``work``; return the run's plan (``source``, ``n_frames`` per input)."""
-    if work.exists():
-        shutil.rmtree(work)
-    (work / "tracking").mkdir(parents=True)
-    shutil.copy(result / "tracking" / "probabilities.bin", work / "tracking")
-    _strip(result / "columns.csv", work / "columns.csv", tracking.TRACK_COLUMNS, blank=True)
-    _strip(result / "frames.csv", work / "frames.csv", tracking.DRIFT_COLUMNS)
-    summary = json.loads((result / "summary.json").read_text())
-    return [{"source": i["source"], "n_frames": i["frames"]} for i in summary["inputs"]]
 
 
 def main(argv=None) -> int:
@@ -88,7 +59,7 @@ def main(argv=None) -> int:
         best = None
         for _ in range(args.repeat):
             work = args.work / str(n)
-            plan = untracked_copy(result, work)
+            plan = tracking.untracked_copy(result, work)
             profiler = cProfile.Profile() if args.profile else None
             t0, c0 = time.perf_counter(), time.process_time()
             if profiler:

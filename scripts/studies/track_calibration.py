@@ -31,13 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ceriakeras.analysis.tracking import write_tracks
+from ceriakeras.analysis.tracking import untracked_copy, write_tracks
 from ceriakeras.analysis.tracks import EVIDENCE, TrackSettings
 from ceriakeras.evaluation.calibration import fit_logistic
 from ceriakeras.evaluation.scoring import calibration, match_columns
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from track_study import read_csv, untracked_copy
+from track_study import read_csv
 
 CANDIDATES = (("posterior_logit",), ("posterior_logit", "frame_scatter_atoms"),
               ("posterior_logit", "frame_confidence_logit"),

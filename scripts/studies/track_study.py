@@ -18,7 +18,6 @@ import argparse
 import csv
 import itertools
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,30 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ceriakeras.analysis.tracking import TRACK_COLUMNS, write_tracks
+from ceriakeras.analysis.tracking import untracked_copy, write_tracks
 from ceriakeras.analysis.tracks import TrackSettings
 from ceriakeras.evaluation.scoring import calibration, match_columns
 
 SCORE = Path(__file__).resolve().parents[3] / "shared" / "crossmovie" / "score.py"
 """The yardstick's scorer, beside the repository (``../shared``); ``--score`` names another."""
-
-
-def untracked_copy(result: Path, work: Path) -> list:
-    """Copy an analyze folder's ``columns.csv`` (track columns dropped) and probability log to
-    ``work``; return its plan (``source``, ``n_frames`` per input)."""
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "tracking").mkdir(exist_ok=True)
-    shutil.copy(result / "tracking" / "probabilities.bin", work / "tracking")
-    with open(result / "columns.csv", newline="") as fh, open(work / "columns.csv", "w",
-                                                              newline="") as out:
-        rows = csv.reader(fh)
-        header = next(rows)
-        cut = header.index(TRACK_COLUMNS[0]) if TRACK_COLUMNS[0] in header else len(header)
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(header[:cut])
-        writer.writerows(r[:cut] for r in rows)
-    summary = json.loads((result / "summary.json").read_text())
-    return [{"source": i["source"], "n_frames": i["frames"]} for i in summary["inputs"]]
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -171,7 +152,6 @@ def main(argv=None) -> int:
             outs = []
             for k, result in enumerate(a.results):
                 work = Path(tmp) / f"r{k}"
-                shutil.rmtree(work, ignore_errors=True)
                 plan = untracked_copy(result, work)
                 write_tracks(work, plan, settings)
                 outs.append(work)

@@ -463,3 +463,27 @@ def test_the_series_plot_grid_is_aggregated_in_arrays_as_the_rows_say(tmp_path):
     np.testing.assert_array_equal(ce, [total.get(f, np.nan) for f in range(n)])
     empty_tracks, empty_grid, empty_ce = track_grid([], [], [], 5)
     assert empty_tracks.size == 0 and empty_grid.shape == (0, 5) and np.isnan(empty_ce).all()
+
+
+def test_untracked_copy_leaves_what_the_tracks_stage_finds(tmp_path):
+    from ceriakeras.analysis.tracking import (DRIFT_COLUMNS, TRACK_COLUMNS, add_drift_columns,
+                                              untracked_copy, write_tracks)
+
+    rng = np.random.default_rng(11)
+    xy, heights = lattice(3), rng.integers(2, 8, 9)
+    plan = write_run(tmp_path / "out", {"movie.tif": [(xy, probs(heights, rng)) for _ in range(6)]})
+    write_tracks(tmp_path / "out", plan)
+    add_drift_columns(tmp_path / "out")
+    (tmp_path / "out" / "summary.json").write_text(json.dumps(
+        {"inputs": [{"source": "movie.tif", "frames": 6}]}))
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "stale.csv").write_text("old\n")
+    assert untracked_copy(tmp_path / "out", tmp_path / "w") == [
+        {"source": "movie.tif", "n_frames": 6}]
+    assert not (tmp_path / "w" / "stale.csv").exists()
+    rows, tracked = read_csv(tmp_path / "w" / "columns.csv"), read_csv(tmp_path / "out" / "columns.csv")
+    assert list(rows[0]) == list(tracked[0]) and len(rows) == len(tracked) == 54
+    assert all(r[c] == "" for r in rows for c in TRACK_COLUMNS)
+    assert all(r[c] != "" for r in tracked for c in TRACK_COLUMNS)
+    assert not set(DRIFT_COLUMNS) & set(read_csv(tmp_path / "w" / "frames.csv")[0])
+    assert set(DRIFT_COLUMNS) <= set(read_csv(tmp_path / "out" / "frames.csv")[0])
