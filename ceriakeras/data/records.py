@@ -420,6 +420,11 @@ PROVENANCE_KEYS = ("command", "versions")
 not what it holds: a dataset simulated again bit for bit in another environment differs there."""
 
 
+def manifest_sha256(data_dir) -> str:
+    """sha256 (hex) of ``data_dir/manifest.json``, the identity of a dataset's file."""
+    return file_sha256(Path(data_dir) / "manifest.json")
+
+
 def manifest_data_sha256(manifest: dict) -> str:
     """sha256 (hex) of a manifest without its :data:`PROVENANCE_KEYS`: the identity of the images
     and labels a dataset holds (its config, seed, counts, histograms), whatever made it.

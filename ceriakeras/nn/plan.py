@@ -56,8 +56,7 @@ def check_train(data_dir, run_dir, *, resume: bool = False, overwrite: bool = Fa
     if resume:
         record = run_dir / "dataset.json"
         if not allow_data_change and record.is_file():
-            from ..data.records import as_data_dirs, data_change_message
-            from .rundir import manifest_sha256
+            from ..data.records import as_data_dirs, data_change_message, manifest_sha256
 
             try:
                 saved = read_json(record, error=ModelError)

@@ -15,7 +15,7 @@ from ..config import (
     from_dict,
     to_dict,
 )
-from ..io.files import file_sha256, read_json, write_text_atomic
+from ..io.files import read_json, write_text_atomic
 
 
 def drop_log_rows(path: Path, first_epoch: int) -> None:
@@ -29,11 +29,6 @@ def drop_log_rows(path: Path, first_epoch: int) -> None:
                         and int(row.split(",", 1)[0]) < first_epoch]
     if keep != lines:
         write_text_atomic(path, "".join(keep))
-
-
-def manifest_sha256(data_dir) -> str:
-    """sha256 (hex) of ``data_dir/manifest.json``, the identity of a dataset."""
-    return file_sha256(Path(data_dir) / "manifest.json")
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:

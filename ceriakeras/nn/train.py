@@ -46,7 +46,6 @@ from .model import build_model, load_checkpoint
 from .rundir import (
     dataset_record,
     drop_log_rows,
-    manifest_sha256,
     prepare_run_dir,
     read_run_file,
     saved_model_config,
@@ -145,7 +144,7 @@ def train(data_dir, run_dir, config: TrainConfig = TrainConfig(), *, resume: boo
     DataError
         From the pipeline: a missing, empty or corrupt dataset, or crops larger than the images.
     """
-    from ..data.records import as_data_dirs, read_manifests
+    from ..data.records import as_data_dirs, manifest_sha256, read_manifests
 
     config.validate()
     data_dirs, run_dir = as_data_dirs(data_dir), Path(run_dir)

@@ -21,8 +21,9 @@ from ceriakeras.nn.model import build_unet  # noqa: E402
 from helpers import (  # noqa: E402
     CONTEXT, MAX_HEIGHT, TINY, empty_particle, make_synthetic_dataset, synthetic_particle,
 )
+from ceriakeras.data.records import manifest_sha256  # noqa: E402
 from ceriakeras.nn.train import (  # noqa: E402
-    class_weights_from_histogram, column_height_accuracy, compile_model, manifest_sha256, train,
+    class_weights_from_histogram, column_height_accuracy, compile_model, train,
 )
 
 
