@@ -171,14 +171,14 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
                              on_stretches)
 
 
-
 def untracked_copy(result, work) -> list:
     """A finished ``analyze`` folder ``result`` as the tracks stage finds it, in ``work``.
 
     Copies the probability log, ``columns.csv`` with the track columns blank (as analyze leaves
     them until that stage) and ``frames.csv`` without the drift columns, so that
     :func:`write_tracks` and :func:`add_drift_columns` can run again on ``work`` (other
-    settings, studies, benchmarks) without running the model. ``work`` is emptied first.
+    settings, studies, benchmarks) without running the model. ``work`` is emptied first; it
+    may not be ``result`` or inside it.
 
     Returns
     -------
@@ -186,6 +186,8 @@ def untracked_copy(result, work) -> list:
         The run's plan: ``source`` and ``n_frames`` of each input, from ``summary.json``.
     """
     result, work = Path(result), Path(work)
+    if work.resolve() == result.resolve() or result.resolve() in work.resolve().parents:
+        raise ValueError(f"{work} is {result} or inside it: give another folder to copy into")
     if work.exists():
         shutil.rmtree(work)
     (work / "tracking").mkdir(parents=True)
@@ -207,6 +209,7 @@ def _strip_csv(src: Path, dst: Path, drop: tuple, blank: bool = False) -> None:
         writer.writerow(header if blank else [header[k] for k in keep])
         extra = [""] * (len(header) - len(keep)) if blank else []
         writer.writerows([r[k] for k in keep] + extra for r in rows)
+
 
 @contextlib.contextmanager
 def _collector_paused():

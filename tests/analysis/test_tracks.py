@@ -481,6 +481,9 @@ def test_untracked_copy_leaves_what_the_tracks_stage_finds(tmp_path):
     assert untracked_copy(tmp_path / "out", tmp_path / "w") == [
         {"source": "movie.tif", "n_frames": 6}]
     assert not (tmp_path / "w" / "stale.csv").exists()
+    with pytest.raises(ValueError, match="another folder"):
+        untracked_copy(tmp_path / "out", tmp_path / "out" / "copy")
+    assert (tmp_path / "out" / "columns.csv").is_file()
     rows, tracked = read_csv(tmp_path / "w" / "columns.csv"), read_csv(tmp_path / "out" / "columns.csv")
     assert list(rows[0]) == list(tracked[0]) and len(rows) == len(tracked) == 54
     assert all(r[c] == "" for r in rows for c in TRACK_COLUMNS)
