@@ -1,6 +1,6 @@
 """What every command runs inside: user errors as one line and exit status 2, the ``--out``
 lock, ``--verbose``, and the quiet start-up that keeps TensorFlow's, absl's and CUDA's own log
-lines off the terminal unless ``--verbose`` is given (:func:`_quiet_libraries`)."""
+lines off the terminal unless ``--verbose`` is given (:func:`quiet_libraries`)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 
 def one_line_errors(func):
     """Report user errors as one line and a non-zero exit instead of a traceback; library log
-    lines stay off the terminal meanwhile (:func:`_quiet_libraries`)."""
+    lines stay off the terminal meanwhile (:func:`quiet_libraries`)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        finder = _quiet_libraries()
+        finder = quiet_libraries()
         try:
             return func(*args, **kwargs)
         except CeriakerasError as err:
@@ -148,7 +148,7 @@ class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
         return None
 
 
-def _quiet_libraries() -> importlib.abc.MetaPathFinder | None:
+def quiet_libraries() -> importlib.abc.MetaPathFinder | None:
     """Library log lines that are not errors stay off the terminal unless ``--verbose``.
 
     TensorFlow prints lines before its logging is set up (``All log messages before

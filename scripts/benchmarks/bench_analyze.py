@@ -36,8 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up notices
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from ceriakeras.cli.startup import quiet_libraries  # noqa: E402
+
+quiet_libraries()  # TensorFlow's, absl's and CUDA's start-up lines off the terminal, as in the CLI
 
 from ceriakeras.analysis.run import analyze  # noqa: E402
 from ceriakeras.config import CEO2_LATTICE_A, AnalyzeConfig  # noqa: E402

@@ -17,7 +17,9 @@ import os
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from ceriakeras.cli.startup import quiet_libraries  # noqa: E402
+
+quiet_libraries()  # TensorFlow's, absl's and CUDA's start-up lines off the terminal, as in the CLI
 
 import tensorflow as tf  # noqa: E402
 

@@ -59,9 +59,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ceriakeras.cli.startup import quiet_libraries  # noqa: E402
+
+quiet_libraries()  # TensorFlow's, absl's and CUDA's start-up lines off the terminal, as in the CLI
 
 import numpy as np
 from bench_analyze import lattice_frame
