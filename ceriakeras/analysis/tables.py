@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io as _stdio
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -259,10 +260,7 @@ def gain_lines(inputs: list[dict], limit: int = GAIN_LINES_MAX) -> list[str]:
     if len(known) <= limit:
         return [_gain_line(it) for it in known]
     gains = [it["counts_per_electron"] for it in known]
-    methods: dict[str, int] = {}
-    for it in known:
-        methods[str(it.get("counts_per_electron_from"))] = methods.get(
-            str(it.get("counts_per_electron_from")), 0) + 1
+    methods = Counter(str(it.get("counts_per_electron_from")) for it in known)
     how = ", ".join(f"{m}: {n}" for m, n in methods.items())
     return [f"gain            {min(gains):.3g}–{max(gains):.3g} counts/e⁻ over {len(known)} "
             f"inputs ({how}; each input's in summary.json)"]
