@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io.files import atomic_path, write_bytes_atomic
+from .stacking import StackSettings, epochs, restack
 from .tracks import Tracker, TrackSettings
 
 TRACK_COLUMNS = ("track", "track_height", "track_confidence")
@@ -137,7 +138,8 @@ def _numbers(rows: list) -> np.ndarray:
 
 
 def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
-                 before_replace=None, on_stretches=None) -> dict:
+                 before_replace=None, on_stretches=None, stack_reader=None,
+                 stack: StackSettings | None = None) -> dict:
     """Track every series of a finished run; rewrite ``columns.csv``, write ``events.csv``.
 
     Parameters
@@ -158,7 +160,8 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
     Returns
     -------
     dict
-        ``tracks`` (over all series) and ``events``.
+        ``tracks`` (over all series), ``events`` and ``stacked`` (stretches whose height was
+        read from summed frames).
 
     Notes
     -----
@@ -168,7 +171,7 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
     """
     with _collector_paused():
         return _write_tracks(Path(out_dir), plan, settings or TrackSettings(), before_replace,
-                             on_stretches)
+                             on_stretches, stack_reader, stack or StackSettings())
 
 
 def untracked_copy(result, work) -> list:
@@ -226,7 +229,7 @@ def _collector_paused():
 
 
 def _write_tracks(out_dir: Path, plan: list, settings: TrackSettings, before_replace,
-                  on_stretches) -> dict:
+                  on_stretches, stack_reader, stack: StackSettings) -> dict:
     """:func:`write_tracks`, with the cyclic garbage collector paused."""
     csv_path = out_dir / "columns.csv"
     with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
@@ -246,6 +249,8 @@ def _write_tracks(out_dir: Path, plan: list, settings: TrackSettings, before_rep
     for by_track in stretches.values():
         for runs in by_track.values():
             runs.sort(key=lambda s: s["first"])
+    stacked = 0 if stack_reader is None else _restack_all(stretches, drift_rows, plan,
+                                                          stack_reader, stack, settings.temper)
     if on_stretches is not None:
         on_stretches(stretches)
     _write_csv(out_dir / "tracking" / "drift.csv", drift_rows)
@@ -253,7 +258,30 @@ def _write_tracks(out_dir: Path, plan: list, settings: TrackSettings, before_rep
     _write_csv(out_dir / "events.csv", [EVENT_COLUMNS] + events)
     _rewrite_columns(csv_path, header, layout, ids_path, stretches, before_replace)
     ids_path.unlink()
-    return {"tracks": sum(len(v) for v in stretches.values()), "events": len(events)}
+    return {"tracks": sum(len(v) for v in stretches.values()), "events": len(events),
+            "stacked": stacked}
+
+
+def _restack_all(stretches: dict, drift_rows: list, plan: list, reader, stack: StackSettings,
+                 temper: float) -> int:
+    """Every series' stretches read again from its epochs' summed frames
+    (:func:`ceriakeras.analysis.stacking.restack`); the number of stretches so read."""
+    drift: dict = {}
+    for source, frame, dx, dy in drift_rows[1:]:
+        drift.setdefault(source, {})[frame] = (float(dx), float(dy))
+    read = 0
+    for item in plan:
+        by_track = stretches.get(item["source"])
+        if not by_track or item["n_frames"] < 2:
+            continue
+        cuts = {run["first"] for runs in by_track.values() for run in runs[1:]}
+        spans = epochs(item["n_frames"], cuts, stack)
+        if not spans:
+            continue
+        drift_A = drift.get(item["source"], {})
+        readings = reader(item, spans, drift_A)
+        read += restack(by_track, spans, readings, drift_A, stack, temper)
+    return read
 
 
 def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSettings, log,

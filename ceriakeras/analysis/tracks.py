@@ -266,7 +266,8 @@ class Tracker:
         """The stretches of the tracks closed since the last call: ``track, first, last, frames,
         height_index`` (height − 1), ``confidence, change_probability`` (None for a track's
         first stretch), ``x_px, y_px, x_A, y_A`` (where the column was in the stretch's first
-        frame). A track's stretches are read together when it closes (its heights depend on
+        frame), ``sum`` (its frames' summed class log-probabilities) and ``mean`` (their mean
+        expected height, Ce atoms). A track's stretches are read together when it closes (its heights depend on
         each other, :func:`ceriakeras.analysis.changepoints.assign_heights`)."""
         out, self.out = self.out, []
         return out
@@ -327,7 +328,8 @@ class Tracker:
                 "frames": int(u["n"]), "height_index": int(heights[k]),
                 "confidence": stretch_confidence(evidence, s), "evidence": evidence.tolist(),
                 "change_probability": p, "x_px": u["pos"][0], "y_px": u["pos"][1],
-                "x_A": u["pos"][2], "y_A": u["pos"][3]})
+                "x_A": u["pos"][2], "y_A": u["pos"][3], "sum": list(u["sum"]),
+                "mean": float(means[k])})
         track["done"] = []
 
 

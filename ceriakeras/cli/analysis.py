@@ -48,6 +48,9 @@ from .startup import escaped, locked, one_line, one_line_errors, verbose_option
                    "(default on).")
 @click.option("--min-stretch", type=click.IntRange(min=1), default=None, metavar="FRAMES",
               help="Fewest frames in a stretch of constant height (default 3).")
+@click.option("--stack-frames", type=click.IntRange(min=0), default=None, metavar="FRAMES",
+              help="Read the tracks' heights from sums of up to this many frames, drift "
+                   "removed (one more model call per sum; default 32; 0: from single frames).")
 @click.option("--server", default=None, metavar="URL",
               help="Run the network on a TF Serving server: http://HOST:8501 (REST) or "
                    "grpc://HOST:8500; --model is then its local copy (assets and version).")
@@ -62,7 +65,7 @@ from .startup import escaped, locked, one_line, one_line_errors, verbose_option
 @one_line_errors
 def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every, movie,
             batch_size, tta, details, config_path, quiet, counts_per_electron, tracks,
-            min_stretch, server, model_name, server_timeout_s, scheduler):
+            min_stretch, stack_frames, server, model_name, server_timeout_s, scheduler):
     """Find Ce columns and their heights (Ce atoms) in images or series: INPUT... are TIFF
     (single, multi-page, ImageJ, OME), .npy, DM3/DM4, EMD or SER files, or folders of them.
 
@@ -78,7 +81,7 @@ def analyze(inputs, model, pixel_size_A, out_dir, overwrite, xyz, overlay_every,
 
     config = load_config(AnalyzeConfig, config_path, overlay_every=overlay_every,
                          batch_size=batch_size, test_time_augmentation=tta or None, movie=movie,
-                         tracks=tracks, min_stretch=min_stretch)
+                         tracks=tracks, min_stretch=min_stretch, stack_frames=stack_frames)
     check_counts_per_electron(counts_per_electron)
     if model_name is not None and server is None:
         raise ConfigError("--model-name goes with --server URL: give both, or neither")

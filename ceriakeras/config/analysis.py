@@ -47,6 +47,10 @@ class AnalyzeConfig:
     height, change events; :mod:`ceriakeras.analysis.tracking`)."""
     min_stretch: int = 3
     """Fewest frames in a stretch of constant height (tracks)."""
+    stack_frames: int = 32
+    """Longest run of frames added up (drift removed) and read once more by the model, to read
+    the tracks' heights (:mod:`ceriakeras.analysis.stacking`; one model call per run, at most
+    ``1 / stack_frames`` of the per-frame model time); 0: heights from the frames alone."""
 
     def validate(self) -> None:
         if not 0 < self.min_pixel_size_A <= self.max_pixel_size_A:
@@ -70,3 +74,5 @@ class AnalyzeConfig:
             raise ConfigError(f"overlay_samples={self.overlay_samples} must be ≥ 0 (frames)")
         if self.min_stretch < 1:
             raise ConfigError(f"min_stretch={self.min_stretch} must be ≥ 1 (frames)")
+        if self.stack_frames < 0:
+            raise ConfigError(f"stack_frames={self.stack_frames} must be ≥ 0 (frames; 0: off)")
