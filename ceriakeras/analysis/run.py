@@ -41,18 +41,18 @@ from ..config import CE_COLUMN_SPACING_A, AnalyzeConfig, InputError
 from ..inference.cluster import cluster_model
 from ..inference.columns import columns_to_atoms
 from ..inference.detector import check_counts_per_electron, input_gain
-from ..inference.predict import ColumnSettings, frame_columns, predict_columns, run_model
+from ..inference.predict import ColumnSettings, frame_columns, run_model
 from ..inference.recognise import recognise_frame, required_vacuum_fraction, vacuum_fraction
 from ..inference.resample import resample_counts
 from ..inference.served import DihedralAveraged, load_model, model_settings, with_model_threshold
 from ..io.files import write_text_atomic
-from ..io.series import expand_inputs, open_series
+from ..io.series import expand_inputs
 from ..noise import estimate_dose
 from .pictures import frame_caption, render_frame, write_movie, write_png, write_xyz
 from . import tracking
 from .plan import plan_inputs
 from .reading import Batch, read_batches
-from .stacking import StackSettings, stack_readings
+from .stacking import StackSettings, model_reader
 from .resume import (PROGRESS_VERSION, ProgressJson, earlier_frames, prepare_out_dir,
                      previous_optics)
 from .tables import (CSV_HEADER, OPTICS_COLUMNS, column_rows, columns_header,  # noqa: F401
@@ -421,22 +421,12 @@ def _write_tracks(run: _Run) -> None:
         write_text_atomic(run.progress_path, run.progress_json.dumps(run.state))
 
     run.timings["stacks"] = 0.0
-
-    def read_stacks(item, spans, drift_A):  # each epoch's summed frames, read by the model
-        t1 = time.perf_counter()
-        gain = item["gain"]["counts_per_electron"]
-        with open_series(item["path"], run.pixel_size_A) as series:
-            frames = ((frame.index, frame.image) for frame in series.frames())
-            found = stack_readings(
-                frames, spans, drift_A, item["pixel_size_A"],
-                lambda image: predict_columns(run.served, image, item["factor"], run.settings,
-                                              counts_per_electron=gain)[0])
-        run.timings["stacks"] += time.perf_counter() - t1
-        return found
-
+    reader = model_reader(run.served, run.settings, run.timings)
     tracking.write_tracks(run.out_dir, run.plan,
                           tracking.TrackSettings(min_stretch=run.config.min_stretch),
-                          before_replace=commit_size, stack_reader=read_stacks,
+                          before_replace=commit_size,
+                          stack_reader=lambda item, spans, drift: reader(
+                              {**item, **item["gain"]}, spans, drift),
                           stack=StackSettings(max_frames=run.config.stack_frames))
     run.timings["tracks"] = time.perf_counter() - t0 - run.timings["stacks"]
 

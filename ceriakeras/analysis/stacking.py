@@ -21,6 +21,7 @@ height veto a change lost a third of the true changes on our own movies at 200 e
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from .changepoints import assign_heights, log_probabilities
+from .tracks import TrackSettings, reread_confidence
 
 
 @dataclass(frozen=True)
@@ -144,8 +146,49 @@ def stack_readings(frames: Iterator, spans: list[tuple[int, int]], drift_A: dict
     return [found.get(span) for span in spans]
 
 
+def model_reader(model, settings, timings: dict | None = None):
+    """The ``stack_reader`` of :func:`ceriakeras.analysis.tracking.write_tracks` for a model.
+
+    Parameters
+    ----------
+    model : object with ``.predict``
+        The model that read the frames.
+    settings : ceriakeras.inference.predict.ColumnSettings
+        How its columns are found (as for the frames).
+    timings : dict, optional
+        ``timings['stacks']`` gets the seconds spent (reading the files again included).
+
+    Returns
+    -------
+    callable
+        ``read(item, spans, drift_A)``: the series ``item['path']`` (``item`` a plan entry with
+        ``pixel_size_A``, ``counts_per_electron`` and, optionally, ``factor``) read again, each
+        epoch's drift-free sum read once by :func:`ceriakeras.inference.predict.predict_columns`;
+        see :func:`stack_readings`.
+    """
+    from ..inference.predict import predict_columns
+    from ..inference.resample import resample_factor
+    from ..io.series import open_series
+
+    def read(item, spans, drift_A):
+        t0 = time.perf_counter()
+        px = item["pixel_size_A"]
+        factor = item.get("factor") or resample_factor(px, settings.model_pixel_A)
+        with open_series(item["path"], px) as series:  # the pixel size the frames were read at
+            frames = ((frame.index, frame.image) for frame in series.frames())
+            found = stack_readings(
+                frames, spans, drift_A, px,
+                lambda image: predict_columns(model, image, factor, settings,
+                                              counts_per_electron=item["counts_per_electron"])[0])
+        if timings is not None:
+            timings["stacks"] = timings.get("stacks", 0.0) + time.perf_counter() - t0
+        return found
+
+    return read
+
+
 def restack(by_track: dict, spans: list[tuple[int, int]], readings: list, drift_A: dict,
-            settings: StackSettings, temper: float) -> int:
+            settings: StackSettings, tracks: TrackSettings) -> int:
     """Read the heights of one series' stretches again from the epochs' readings.
 
     Parameters
@@ -153,7 +196,9 @@ def restack(by_track: dict, spans: list[tuple[int, int]], readings: list, drift_
     by_track : dict
         ``{track: [stretch, …]}`` (in order; each with ``first``, ``last``, ``x_A``, ``y_A``,
         ``sum`` its frames' summed class log-probabilities, ``mean`` its mean expected height),
-        changed in place: ``height_index`` and ``stacked`` (frames of the epochs read).
+        changed in place: ``height_index``, ``evidence`` and ``confidence``
+        (:func:`ceriakeras.analysis.tracks.reread_confidence`) and ``stacked`` (frames of the
+        epochs read).
     spans : list of (a, b)
         The epochs read.
     readings : list
@@ -162,8 +207,9 @@ def restack(by_track: dict, spans: list[tuple[int, int]], readings: list, drift_
     drift_A : dict
         ``{frame: (dx, dy)}``, Å.
     settings : StackSettings
-    temper : float
-        Weight of one frame's log-probabilities, for stretches without a stacked reading.
+    tracks : TrackSettings
+        The tracks' settings (``temper``: the weight of one frame's log-probabilities, for
+        stretches without a stacked reading).
 
     Returns
     -------
@@ -198,10 +244,12 @@ def restack(by_track: dict, spans: list[tuple[int, int]], readings: list, drift_
         read += sum(t is not None for t in stacked)
         if not any(t is not None for t in stacked):
             continue
-        sums = np.array([t if t is not None else temper * np.asarray(run["sum"])
+        sums = np.array([t if t is not None else tracks.temper * np.asarray(run["sum"])
                          for t, run in zip(stacked, runs)])
         means = np.array([run["mean"] for run in runs])
         directions = np.sign(np.diff(means)).astype(np.int64)  # each change as the frames say
-        for run, h in zip(runs, assign_heights(sums, directions).tolist()):
-            run["height_index"] = int(h)
+        for run, h, total in zip(runs, assign_heights(sums, directions).tolist(), stacked):
+            if run["height_index"] != h or total is not None:
+                run["height_index"] = int(h)
+                reread_confidence(run, tracks, total)
     return read

@@ -186,7 +186,9 @@ def untracked_copy(result, work) -> list:
     Returns
     -------
     list of dict
-        The run's plan: ``source`` and ``n_frames`` of each input, from ``summary.json``.
+        The run's plan, from ``summary.json``: ``source``, ``n_frames``, ``path`` (the source
+        as given), ``pixel_size_A`` and ``counts_per_electron`` of each input (what
+        :func:`ceriakeras.analysis.stacking.model_reader` needs).
     """
     result, work = Path(result), Path(work)
     if work.resolve() == result.resolve() or result.resolve() in work.resolve().parents:
@@ -198,7 +200,9 @@ def untracked_copy(result, work) -> list:
     _strip_csv(result / "columns.csv", work / "columns.csv", TRACK_COLUMNS, blank=True)
     _strip_csv(result / "frames.csv", work / "frames.csv", DRIFT_COLUMNS)
     summary = json.loads((result / "summary.json").read_text())
-    return [{"source": i["source"], "n_frames": i["frames"]} for i in summary["inputs"]]
+    return [{"source": i["source"], "n_frames": i["frames"], "path": i["source"],
+             "pixel_size_A": i["pixel_size_A"], "counts_per_electron": i["counts_per_electron"]}
+            for i in summary["inputs"]]
 
 
 def _strip_csv(src: Path, dst: Path, drop: tuple, blank: bool = False) -> None:
@@ -250,7 +254,7 @@ def _write_tracks(out_dir: Path, plan: list, settings: TrackSettings, before_rep
         for runs in by_track.values():
             runs.sort(key=lambda s: s["first"])
     stacked = 0 if stack_reader is None else _restack_all(stretches, drift_rows, plan,
-                                                          stack_reader, stack, settings.temper)
+                                                          stack_reader, stack, settings)
     if on_stretches is not None:
         on_stretches(stretches)
     _write_csv(out_dir / "tracking" / "drift.csv", drift_rows)
@@ -263,7 +267,7 @@ def _write_tracks(out_dir: Path, plan: list, settings: TrackSettings, before_rep
 
 
 def _restack_all(stretches: dict, drift_rows: list, plan: list, reader, stack: StackSettings,
-                 temper: float) -> int:
+                 settings: TrackSettings) -> int:
     """Every series' stretches read again from its epochs' summed frames
     (:func:`ceriakeras.analysis.stacking.restack`); the number of stretches so read."""
     drift: dict = {}
@@ -280,7 +284,7 @@ def _restack_all(stretches: dict, drift_rows: list, plan: list, reader, stack: S
             continue
         drift_A = drift.get(item["source"], {})
         readings = reader(item, spans, drift_A)
-        read += restack(by_track, spans, readings, drift_A, stack, temper)
+        read += restack(by_track, spans, readings, drift_A, stack, settings)
     return read
 
 

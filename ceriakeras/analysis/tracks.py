@@ -66,11 +66,12 @@ class TrackSettings:
     """A stretch's frames beyond this many add no confidence (the model's misreading of a
     column repeats in every frame of a state): its summed log-probabilities are scaled to
     this many frames."""
-    confidence_weights: tuple = (0.7509, 0.0, 0.0, 0.0, 0.2726, 0.0, -0.5589)
+    confidence_weights: tuple = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.7557, 0.2698)
     """Logistic map of a stretch's evidence (:func:`stretch_evidence`, ``EVIDENCE``) to its
     confidence, ``σ(w · evidence + b)`` as ``(*w, b)``; empty: the Platt map above. Fitted on
-    our own ``tune`` and ``tune2`` movies (8 particles; posterior logit and frame scatter: the
-    lowest ECE with one particle left out; docs/tracks.md)."""
+    our own ``tune`` and ``tune2`` movies with stacked readings (8 particles; the stacked
+    posterior alone: the lowest ECE with one particle left out and the lowest log loss;
+    ``scripts/studies/track_calibration.py``, docs/tracks.md)."""
     event_scale: float = 0.0808
     """Slope of the logistic that maps a change's statistic to its probability (fitted with
     ``event_offset`` on the events found in our own ``tune`` and ``tune2`` movies)."""
@@ -99,7 +100,7 @@ class TrackSettings:
 
 
 EVIDENCE = ("posterior_logit", "mean_log_probability", "coverage", "log_frames",
-            "frame_scatter_atoms", "frame_confidence_logit")
+            "frame_scatter_atoms", "frame_confidence_logit", "stacked_posterior_logit")
 """What :func:`stretch_evidence` returns, in order."""
 
 
@@ -114,7 +115,10 @@ def stretch_evidence(unit: dict, index: int, variance: float, settings: TrackSet
     stretch's frames in which the column was found; ``log_frames``: log of that number of frames;
     ``frame_scatter_atoms``: the track's per-frame scatter of the expected height (Ce atoms);
     ``frame_confidence_logit``: logit of the mean per-frame (calibrated) confidence of the
-    column over the stretch, clipped to ±6 (0 when the frames gave none).
+    column over the stretch, clipped to ±6 (0 when the frames gave none);
+    ``stacked_posterior_logit``: logit of the height's probability in the stretch's readings of
+    summed frames (:func:`reread_confidence`), clipped to ±12; until then (and without them)
+    ``posterior_logit``.
     """
     total = np.asarray(unit["sum"], np.float64)
     n = float(unit["n"])
@@ -127,7 +131,28 @@ def stretch_evidence(unit: dict, index: int, variance: float, settings: TrackSet
         float(np.log(n)),
         float(np.sqrt(max(variance, 0.0))),
         _logit(unit.get("c1", 0.5 * n) / n, 6.0),
+        _logit(post, 12.0),
     ])
+
+
+def reread_confidence(stretch: dict, settings: TrackSettings,
+                      stacked: np.ndarray | None = None) -> None:
+    """A handed-out stretch's ``evidence`` and ``confidence`` again, for its ``height_index``
+    as it is now (read again from summed frames, :mod:`ceriakeras.analysis.stacking`).
+
+    ``stacked``: the stretch's readings of summed frames, their class log-probabilities summed
+    with each reading weighted by its frames, and ``stretch['stacked']`` those frames (None:
+    not read so)."""
+    total, n = np.asarray(stretch["sum"], np.float64), float(stretch["frames"])
+    index = stretch["height_index"]
+    evidence = np.asarray(stretch["evidence"], np.float64).copy()
+    evidence[0] = _logit(posterior_at(total * min(1.0, settings.confidence_frames / n), index,
+                                      settings.confidence_temper), 12.0)
+    evidence[1] = max(float(total[index]) / n, -10.0)
+    evidence[6] = evidence[0] if stacked is None else _logit(
+        posterior_at(np.asarray(stacked, np.float64) / stretch["stacked"], index, 1.0), 12.0)
+    stretch["evidence"], stretch["confidence"] = evidence.tolist(), stretch_confidence(
+        evidence, settings)
 
 
 def _logit(p: float, clip: float) -> float:

@@ -37,17 +37,19 @@ from ceriakeras.evaluation.calibration import fit_logistic
 from ceriakeras.evaluation.scoring import calibration, match_columns
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from track_study import read_csv
+from track_study import read_csv, stack_reader
 
 CANDIDATES = (("posterior_logit",), ("posterior_logit", "frame_scatter_atoms"),
               ("posterior_logit", "frame_confidence_logit"),
-              ("posterior_logit", "mean_log_probability", "frame_confidence_logit"), EVIDENCE)
+              ("posterior_logit", "mean_log_probability", "frame_confidence_logit"),
+              ("stacked_posterior_logit",), ("stacked_posterior_logit", "frame_scatter_atoms"),
+              ("posterior_logit", "stacked_posterior_logit", "frame_scatter_atoms"), EVIDENCE)
 """Feature sets compared (names of :data:`EVIDENCE`)."""
 RAW = TrackSettings(confidence_weights=(), event_scale=1.0, event_offset=0.0)
 """The default tracking with the identity maps: confidence = posterior, p = σ(stat − penalty)."""
 
 
-def collect(movies: Path, result: Path, group: int) -> tuple[list, list]:
+def collect(movies: Path, result: Path, group: int, reader=None) -> tuple[list, list]:
     """Rows ``(group + particle, dose, *evidence, right)`` of one set's matched columns and
     ``(dose, statistic − penalty, real)`` of its reported events."""
     info = {r["file"]: r for r in read_csv(movies / "movies.csv")}
@@ -58,7 +60,7 @@ def collect(movies: Path, result: Path, group: int) -> tuple[list, list]:
     got: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         plan = untracked_copy(result, Path(tmp))
-        write_tracks(Path(tmp), plan, RAW, on_stretches=got.update)
+        write_tracks(Path(tmp), plan, RAW, on_stretches=got.update, stack_reader=reader)
         columns = read_csv(Path(tmp) / "columns.csv")
         events = read_csv(Path(tmp) / "events.csv")
     rows, frames = [], defaultdict(list)
@@ -118,11 +120,15 @@ def compare(rows: np.ndarray, sets) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pairs", nargs="+", help="MOVIES:RESULTS")
+    ap.add_argument("--model", default=None,
+                    help="model that reads the stacked frames (default: the shipped one)")
+    ap.add_argument("--no-stack", action="store_true", help="heights from the frames alone")
     a = ap.parse_args(argv)
+    reader = None if a.no_stack else stack_reader(a.model)
     rows, found = [], []
     for k, pair in enumerate(a.pairs):
         movies, result = pair.split(":", 1)
-        r, f = collect(Path(movies), Path(result), 1000 * k)
+        r, f = collect(Path(movies), Path(result), 1000 * k, reader)
         rows += r
         found += f
     for line in compare(np.array(rows, np.float64), CANDIDATES):

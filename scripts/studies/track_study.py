@@ -34,6 +34,17 @@ SCORE = Path(__file__).resolve().parents[3] / "shared" / "crossmovie" / "score.p
 """The yardstick's scorer, beside the repository (``../shared``); ``--score`` names another."""
 
 
+def stack_reader(model=None):
+    """The stack reader ``analyze`` uses (:func:`ceriakeras.analysis.stacking.model_reader`),
+    for the model at ``model`` (default: the shipped one)."""
+    from ceriakeras.analysis.stacking import model_reader
+    from ceriakeras.inference.predict import ColumnSettings
+    from ceriakeras.inference.served import load_model
+
+    served, _ = load_model(model)
+    return model_reader(served, ColumnSettings.for_model(served.info))
+
+
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
@@ -140,12 +151,17 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", nargs="*", default=[], help="NAME=v1,v2 of TrackSettings")
     ap.add_argument("--out", type=Path, default=None, help="JSON of every setting's scores")
     ap.add_argument("--score", type=Path, default=SCORE, help="the crossmovie score.py")
+    ap.add_argument("--model", default=None,
+                    help="model that reads the stacked frames (default: the shipped one)")
+    ap.add_argument("--no-stack", action="store_true",
+                    help="heights from the frames alone (analyze --stack-frames 0)")
     ap.add_argument("--fit-confidence", action="store_true",
                     help="fit the Platt map of track_confidence (run with slope 1, intercept 0)")
     a = ap.parse_args(argv)
     grid = parse_settings(a.grid)
     names = list(grid)
     report = []
+    reader = None if a.no_stack else stack_reader(a.model)
     with tempfile.TemporaryDirectory() as tmp:
         for values in itertools.product(*[grid[n] for n in names]) if names else [()]:
             settings = TrackSettings(**dict(zip(names, values)))
@@ -153,7 +169,7 @@ def main(argv=None) -> int:
             for k, result in enumerate(a.results):
                 work = Path(tmp) / f"r{k}"
                 plan = untracked_copy(result, work)
-                write_tracks(work, plan, settings)
+                write_tracks(work, plan, settings, stack_reader=reader)
                 outs.append(work)
             rows = score(a.movies, outs, a.score)
             report.append({"settings": dict(zip(names, values)), "scores": rows})
