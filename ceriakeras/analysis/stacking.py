@@ -69,6 +69,8 @@ def shift_back(image: np.ndarray, dx_px: int, dy_px: int) -> np.ndarray:
     filled with the image's median (the vacuum level of a particle in vacuum)."""
     out = np.full(image.shape, np.median(image), np.float64)
     h, w = image.shape
+    if abs(dx_px) >= w or abs(dy_px) >= h:  # drifted out of the field
+        return out
     ys, yd = (slice(dy_px, h), slice(0, h - dy_px)) if dy_px >= 0 else (
         slice(0, h + dy_px), slice(-dy_px, h))
     xs, xd = (slice(dx_px, w), slice(0, w - dx_px)) if dx_px >= 0 else (

@@ -201,7 +201,8 @@ def untracked_copy(result, work) -> list:
     _strip_csv(result / "frames.csv", work / "frames.csv", DRIFT_COLUMNS)
     summary = json.loads((result / "summary.json").read_text())
     return [{"source": i["source"], "n_frames": i["frames"], "path": i["source"],
-             "pixel_size_A": i["pixel_size_A"], "counts_per_electron": i["counts_per_electron"]}
+             "pixel_size_A": i.get("pixel_size_A"),
+             "counts_per_electron": i.get("counts_per_electron", 1.0)}
             for i in summary["inputs"]]
 
 

@@ -66,12 +66,16 @@ class TrackSettings:
     """A stretch's frames beyond this many add no confidence (the model's misreading of a
     column repeats in every frame of a state): its summed log-probabilities are scaled to
     this many frames."""
-    confidence_weights: tuple = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.7557, 0.2698)
+    confidence_weights: tuple = (0.7509, 0.0, 0.0, 0.0, 0.2726, 0.0, 0.0, -0.5589)
     """Logistic map of a stretch's evidence (:func:`stretch_evidence`, ``EVIDENCE``) to its
-    confidence, ``σ(w · evidence + b)`` as ``(*w, b)``; empty: the Platt map above. Fitted on
-    our own ``tune`` and ``tune2`` movies with stacked readings (8 particles; the stacked
-    posterior alone: the lowest ECE with one particle left out and the lowest log loss;
-    ``scripts/studies/track_calibration.py``, docs/tracks.md)."""
+    confidence, ``σ(w · evidence + b)`` as ``(*w, b)``, for a height read from the frames alone;
+    empty: the Platt map above. Fitted on our own ``tune`` and ``tune2`` movies (8 particles;
+    posterior logit and frame scatter: the lowest ECE with one particle left out;
+    docs/tracks.md)."""
+    stacked_confidence_weights: tuple = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.7557, 0.2698)
+    """The same for a height read from summed frames (:mod:`ceriakeras.analysis.stacking`);
+    fitted on the same movies so read (the stacked posterior alone: the lowest ECE with one
+    particle left out and the lowest log loss; ``scripts/studies/track_calibration.py``)."""
     event_scale: float = 0.0808
     """Slope of the logistic that maps a change's statistic to its probability (fitted with
     ``event_offset`` on the events found in our own ``tune`` and ``tune2`` movies)."""
@@ -94,9 +98,10 @@ class TrackSettings:
             raise ConfigError(f"method={self.method!r}: use 'mean_shift', 'bayes' or 'classes'")
         if not 0 < self.max_distance_A <= self.search_A:
             raise ConfigError("max_distance_A must be positive and ≤ search_A (Å)")
-        if len(self.confidence_weights) not in (0, len(EVIDENCE) + 1):
-            raise ConfigError(f"confidence_weights needs {len(EVIDENCE) + 1} numbers "
-                              f"({', '.join(EVIDENCE)}, intercept) or none")
+        for weights in (self.confidence_weights, self.stacked_confidence_weights):
+            if len(weights) not in (0, len(EVIDENCE) + 1):
+                raise ConfigError(f"confidence weights need {len(EVIDENCE) + 1} numbers "
+                                  f"({', '.join(EVIDENCE)}, intercept) or none")
 
 
 EVIDENCE = ("posterior_logit", "mean_log_probability", "coverage", "log_frames",
@@ -152,7 +157,7 @@ def reread_confidence(stretch: dict, settings: TrackSettings,
     evidence[6] = evidence[0] if stacked is None else _logit(
         posterior_at(np.asarray(stacked, np.float64) / stretch["stacked"], index, 1.0), 12.0)
     stretch["evidence"], stretch["confidence"] = evidence.tolist(), stretch_confidence(
-        evidence, settings)
+        evidence, settings, stacked is not None)
 
 
 def _logit(p: float, clip: float) -> float:
@@ -160,9 +165,12 @@ def _logit(p: float, clip: float) -> float:
     return float(np.clip(np.log(p / (1 - p)), -clip, clip))
 
 
-def stretch_confidence(evidence: np.ndarray, settings: TrackSettings) -> float:
-    """The calibrated confidence of a stretch's height from its :func:`stretch_evidence`."""
-    w = np.asarray(settings.confidence_weights, np.float64)
+def stretch_confidence(evidence: np.ndarray, settings: TrackSettings, stacked: bool = False
+                       ) -> float:
+    """The calibrated confidence of a stretch's height from its :func:`stretch_evidence`
+    (``stacked``: a height read from summed frames, with ``stacked_confidence_weights``)."""
+    w = np.asarray(settings.stacked_confidence_weights if stacked
+                   else settings.confidence_weights, np.float64)
     if not len(w):
         return platt(1.0 / (1.0 + np.exp(-evidence[0])), settings.confidence_slope,
                      settings.confidence_intercept)

@@ -45,7 +45,8 @@ CANDIDATES = (("posterior_logit",), ("posterior_logit", "frame_scatter_atoms"),
               ("stacked_posterior_logit",), ("stacked_posterior_logit", "frame_scatter_atoms"),
               ("posterior_logit", "stacked_posterior_logit", "frame_scatter_atoms"), EVIDENCE)
 """Feature sets compared (names of :data:`EVIDENCE`)."""
-RAW = TrackSettings(confidence_weights=(), event_scale=1.0, event_offset=0.0)
+RAW = TrackSettings(confidence_weights=(), stacked_confidence_weights=(), event_scale=1.0,
+                    event_offset=0.0)
 """The default tracking with the identity maps: confidence = posterior, p = σ(stat − penalty)."""
 
 

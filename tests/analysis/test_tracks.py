@@ -1,4 +1,5 @@
-"""Tracks, stretches and events on synthetic per-frame column tables (no model, fast)."""
+"""Tracks, stretches and events on synthetic per-frame column tables (no model, fast); the
+stretches read again from drift-free sums of their frames (analysis/stacking.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 
 from ceriakeras.analysis.changepoints import segment
 from ceriakeras.analysis.linking import link_with_drift
+from ceriakeras.analysis.stacking import (StackSettings, aligned_sums, epochs, restack,
+                                          shift_back, stack_readings)
 from ceriakeras.analysis.tracks import EVIDENCE, Tracker, TrackSettings
 
 K = 16  # heights 1 … 16
@@ -155,7 +158,7 @@ def test_confidence_follows_the_evidence_and_its_fitted_map():
         flat.add_frame(f, x, p)
     flat.finish()
     assert all(np.isclose(s["confidence"], 1 / (1 + np.exp(-1.0))) for s in flat.pop_stretches())
-    with pytest.raises(Exception, match="confidence_weights"):
+    with pytest.raises(Exception, match="confidence weights need 8"):
         TrackSettings(confidence_weights=(1.0, 0.0)).validate()
 
 
@@ -386,8 +389,11 @@ def test_cli_options_for_tracks():
 
     help_text = CliRunner().invoke(main, ["analyze", "--help"]).output
     assert "--no-tracks" in help_text and "--min-stretch" in help_text
+    assert "--stack-frames" in help_text
     bad = CliRunner().invoke(main, ["analyze", "x.tif", "--out", "o", "--min-stretch", "0"])
     assert bad.exit_code == 2 and "--min-stretch" in bad.output
+    bad = CliRunner().invoke(main, ["analyze", "x.tif", "--out", "o", "--stack-frames", "-1"])
+    assert bad.exit_code == 2 and "--stack-frames" in bad.output
 
 
 def test_the_movie_caption_names_each_change_when_it_happens(tmp_path):
@@ -475,11 +481,13 @@ def test_untracked_copy_leaves_what_the_tracks_stage_finds(tmp_path):
     write_tracks(tmp_path / "out", plan)
     add_drift_columns(tmp_path / "out")
     (tmp_path / "out" / "summary.json").write_text(json.dumps(
-        {"inputs": [{"source": "movie.tif", "frames": 6}]}))
+        {"inputs": [{"source": "movie.tif", "frames": 6, "pixel_size_A": 0.1,
+                     "counts_per_electron": 2.0}]}))
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "stale.csv").write_text("old\n")
     assert untracked_copy(tmp_path / "out", tmp_path / "w") == [
-        {"source": "movie.tif", "n_frames": 6}]
+        {"source": "movie.tif", "n_frames": 6, "path": "movie.tif", "pixel_size_A": 0.1,
+         "counts_per_electron": 2.0}]
     assert not (tmp_path / "w" / "stale.csv").exists()
     with pytest.raises(ValueError, match="another folder"):
         untracked_copy(tmp_path / "out", tmp_path / "out" / "copy")
@@ -490,3 +498,98 @@ def test_untracked_copy_leaves_what_the_tracks_stage_finds(tmp_path):
     assert all(r[c] != "" for r in tracked for c in TRACK_COLUMNS)
     assert not set(DRIFT_COLUMNS) & set(read_csv(tmp_path / "w" / "frames.csv")[0])
     assert set(DRIFT_COLUMNS) <= set(read_csv(tmp_path / "out" / "frames.csv")[0])
+
+def test_epochs_are_cut_where_stretches_start_and_split_evenly():
+    s = StackSettings(max_frames=10, min_frames=3)
+    assert epochs(48, [16, 32], s) == [(0, 8), (8, 16), (16, 24), (24, 32), (32, 40), (40, 48)]
+    assert epochs(20, [2, 0, 20, 99], s) == [(2, 11), (11, 20)]  # [0, 2) too short to read
+    assert epochs(5, [], s) == [(0, 5)]
+    assert epochs(48, [16], StackSettings(max_frames=0)) == []
+
+
+def test_shift_back_moves_the_content_and_fills_with_the_median():
+    image = np.ones((6, 7))
+    image[2, 3] = 9.0
+    moved = shift_back(image, 2, -1)  # content at x − 2, y + 1
+    assert moved[3, 1] == 9.0 and moved.sum() == image.sum()  # the strip in is the median, 1
+    assert np.array_equal(shift_back(image, 0, 0), image)
+    assert np.array_equal(shift_back(image, 7, 0), np.ones((6, 7)))  # drifted out of the field
+
+
+def test_aligned_sums_take_the_drift_out_in_whole_pixels():
+    frames, drift = [], {}
+    for t in range(8):
+        image = np.zeros((20, 20))
+        image[5 + t // 2, 4 + t] = 1.0  # a spot drifting 1 px a frame in x, ½ in y
+        frames.append((t, image))
+        drift[t] = (float(t), t / 2)
+    drift.pop(6)  # a frame without a drift (no columns found): left out
+    frames[7] = (7, None)  # a frame that could not be read: left out
+    out = list(aligned_sums(iter(frames), [(0, 4), (4, 8)], drift))
+    assert [(span, n) for span, _, n in out] == [((0, 4), 4), ((4, 8), 2)]
+    first, second = out[0][1], out[1][1]
+    assert first[5, 4] >= 3 and first.sum() == 4  # round(½), round(1½) put two at y 5 or 6
+    assert second[5, 4] + second[4, 4] + second[6, 4] == 2
+
+
+def test_restack_reads_heights_from_the_sums_in_the_direction_of_the_change():
+    settings = TrackSettings()
+    lp = np.log(np.full(K, 1e-3) + np.eye(K)[2])  # the frames say 3 atoms
+    runs = {7: [{"first": 0, "last": 15, "frames": 16, "x_A": 5.0, "y_A": 5.0,
+                 "sum": (16 * lp).tolist(), "mean": 3.0, "height_index": 2,
+                 "evidence": [0.0] * 7, "confidence": 0.5},
+                {"first": 16, "last": 31, "frames": 16, "x_A": 5.3, "y_A": 5.0,
+                 "sum": (16 * np.log(np.full(K, 1e-3) + np.eye(K)[3])).tolist(), "mean": 3.6,
+                 "height_index": 3, "evidence": [0.0] * 7, "confidence": 0.5}]}
+    spans = [(0, 16), (16, 32)]
+    hot = lambda h: np.full((1, K), 1e-3) + np.eye(K)[h - 1]  # noqa: E731
+    far = np.array([[20.0, 20.0]])
+    # the sums say 4 then 5 atoms; the second stretch's column drifted by 0.3 Å
+    readings = [(np.array([[5.0, 5.0]]), hot(4)),
+                (np.concatenate([[[5.0, 5.0]], far]), np.concatenate([hot(5), hot(1)]))]
+    assert restack(runs, spans, readings, {0: (0.0, 0.0), 16: (0.3, 0.0)}, StackSettings(),
+                   settings) == 2
+    first, second = runs[7]
+    assert (first["height_index"], second["height_index"]) == (3, 4)
+    assert first["stacked"] == second["stacked"] == 16
+    assert first["confidence"] > 0.9 and first["evidence"][6] > 3  # the sums agree: sure
+    # a sum that reads the same height on both sides cannot undo the frames' change upwards
+    runs[7][1]["height_index"] = 3
+    same = [readings[0], (np.array([[5.0, 5.0]]), hot(4))]
+    restack(runs, spans, same, {0: (0.0, 0.0), 16: (0.3, 0.0)}, StackSettings(), settings)
+    assert runs[7][1]["height_index"] > runs[7][0]["height_index"]
+    # nothing within max_distance_A: the frames' heights stay, not read
+    lone = {1: [dict(runs[7][0], x_A=50.0, height_index=2)]}
+    assert restack(lone, spans, readings, {0: (0.0, 0.0)}, StackSettings(), settings) == 0
+    assert lone[1][0]["height_index"] == 2
+
+
+def test_write_tracks_with_a_stack_reader_reads_the_misread_column_right(tmp_path):
+    """Every frame misreads column 4 one atom low (as the model does at low dose); the sums of
+    frames read it right: its track height follows the sums, the others stay."""
+    from ceriakeras.analysis.tracking import write_tracks
+
+    rng = np.random.default_rng(3)
+    xy, heights = lattice(), rng.integers(2, 8, 25)
+    seen = heights - (np.arange(25) == 4)
+    movie = [(xy + [0.1 * f, 0.0], probs(seen, rng)) for f in range(20)]
+    plan = write_run(tmp_path / "out", {"movie.tif": movie})
+    calls = []
+
+    def reader(item, spans, drift_A):
+        calls.append((item["source"], spans, drift_A))
+        frames = ((t, np.zeros((40, 40))) for t in range(20))
+        return stack_readings(frames, spans, drift_A, 0.1, lambda image: {
+            "x_px": xy[:, 0] / 0.1, "y_px": xy[:, 1] / 0.1,
+            "class_probabilities": np.full((25, K), 1e-3) + np.eye(K)[heights - 1]})
+
+    counts = write_tracks(tmp_path / "out", plan, stack_reader=reader,
+                          stack=StackSettings(max_frames=8))
+    assert counts["stacked"] == 25 and counts["events"] == 0
+    (source, spans, drift_A), = calls
+    assert source == "movie.tif" and spans == [(0, 7), (7, 13), (13, 20)]
+    assert abs(drift_A[19][0] - 1.9) < 0.05
+    rows = read_csv(tmp_path / "out" / "columns.csv")
+    assert all(r["track_height"] == str(heights[i % 25]) for i, r in enumerate(rows))
+    frames_say = [r["height"] for i, r in enumerate(rows) if i % 25 == 4]
+    assert max(set(frames_say), key=frames_say.count) == str(seen[4])  # the frames: one low
