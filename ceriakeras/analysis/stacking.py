@@ -66,8 +66,9 @@ def epochs(n_frames: int, cuts: Iterable[int], settings: StackSettings) -> list[
 
 def shift_back(image: np.ndarray, dx_px: int, dy_px: int) -> np.ndarray:
     """``image`` with its content moved by (−dx, −dy) whole pixels; the strip that comes in is
-    filled with the image's median (the vacuum level of a particle in vacuum)."""
-    out = np.full(image.shape, np.median(image), np.float64)
+    filled with the image's mean (near the vacuum level of a particle in vacuum; the median
+    would be closer, and cost 10 times the rest of this stage on a 1024² frame)."""
+    out = np.full(image.shape, image.mean(), np.float64)
     h, w = image.shape
     if abs(dx_px) >= w or abs(dy_px) >= h:  # drifted out of the field
         return out

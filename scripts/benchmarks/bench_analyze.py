@@ -219,6 +219,9 @@ def main(argv=None) -> int:
             if "tracks" in stages:  # tracks (issue 22): linking, stretches, events, tables
                 print(f"       tracks {stages['tracks']:.2f} s = "
                       f"{stages['tracks'] / stages['model']:.1%} of the model's time")
+            if "stacks" in stages:  # heights from summed frames: second read and model calls
+                print(f"       stacks {stages['stacks']:.2f} s = "
+                      f"{stages['stacks'] / stages['model']:.1%} of the model's time")
     return 0
 
 
