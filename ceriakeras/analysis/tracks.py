@@ -125,19 +125,28 @@ def stretch_evidence(unit: dict, index: int, variance: float, settings: TrackSet
     summed frames (:func:`reread_confidence`), clipped to ±12; until then (and without them)
     ``posterior_logit``.
     """
-    total = np.asarray(unit["sum"], np.float64)
     n = float(unit["n"])
-    post = posterior_at(total * min(1.0, settings.confidence_frames / n), index,
-                        settings.confidence_temper)
+    posterior_logit, mean_log_probability = _frames_evidence(unit["sum"], n, index, settings)
     return np.array([
-        _logit(post, 12.0),
-        max(float(total[index]) / n, -10.0),
+        posterior_logit,
+        mean_log_probability,
         n / (unit["last"] - unit["first"] + 1),
         float(np.log(n)),
         float(np.sqrt(max(variance, 0.0))),
         _logit(unit.get("c1", 0.5 * n) / n, 6.0),
-        _logit(post, 12.0),
+        posterior_logit,
     ])
+
+
+def _frames_evidence(total, n: float, index: int, settings: TrackSettings
+                     ) -> tuple[float, float]:
+    """``posterior_logit`` and ``mean_log_probability`` of :func:`stretch_evidence`, from
+    ``total`` (a stretch's ``n`` frames' summed class log-probabilities) for height − 1 =
+    ``index``."""
+    total = np.asarray(total, np.float64)
+    post = posterior_at(total * min(1.0, settings.confidence_frames / n), index,
+                        settings.confidence_temper)
+    return _logit(post, 12.0), max(float(total[index]) / n, -10.0)
 
 
 def reread_confidence(stretch: dict, settings: TrackSettings,
@@ -148,12 +157,10 @@ def reread_confidence(stretch: dict, settings: TrackSettings,
     ``stacked``: the stretch's readings of summed frames, their class log-probabilities summed
     with each reading weighted by its frames, and ``stretch['stacked']`` those frames (None:
     not read so)."""
-    total, n = np.asarray(stretch["sum"], np.float64), float(stretch["frames"])
     index = stretch["height_index"]
     evidence = np.asarray(stretch["evidence"], np.float64).copy()
-    evidence[0] = _logit(posterior_at(total * min(1.0, settings.confidence_frames / n), index,
-                                      settings.confidence_temper), 12.0)
-    evidence[1] = max(float(total[index]) / n, -10.0)
+    evidence[0], evidence[1] = _frames_evidence(stretch["sum"], float(stretch["frames"]), index,
+                                                settings)
     evidence[6] = evidence[0] if stacked is None else _logit(
         posterior_at(np.asarray(stacked, np.float64) / stretch["stacked"], index, 1.0), 12.0)
     stretch["evidence"], stretch["confidence"] = evidence.tolist(), stretch_confidence(
