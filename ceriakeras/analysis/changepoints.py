@@ -55,31 +55,62 @@ def frame_variance(values: np.ndarray) -> float:
     return max(float(np.mean(d**2)) / 2, MIN_VARIANCE)
 
 
-def gains(kind: str, c: dict, i: np.ndarray, j: int, *, temper: float, variance: float
-          ) -> np.ndarray:
-    """Log-likelihood of units ``i … j−1`` as one stretch, for each start ``i`` (cumulative sums
-    ``c``: ``sum`` (n+1, K), ``s1``, ``s2``, ``n``)."""
-    return stretch_gains(kind, c["n"][j] - c["n"][i], c["s1"][j] - c["s1"][i],
-                         c["s2"][j] - c["s2"][i],
-                         c["sum"][j] - c["sum"][i] if kind == "classes" else None,
-                         temper=temper, variance=variance)
+def ring_gain(counts, frames) -> np.ndarray:
+    """Poisson log-likelihood (up to terms that cancel between partitions) of stretches'
+    ring counts: ``Σ_r S_r log(S_r / m) − S_r`` for ``S`` (…, R) the electrons each ring
+    received over the stretch's ``m`` frames (:mod:`ceriakeras.analysis.rings`)."""
+    counts = np.maximum(np.asarray(counts, np.float64), 0.0)
+    m = np.asarray(frames, np.float64)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate = np.where(m > 0, counts / np.maximum(m, 1e-300), 1.0)
+        return np.sum(np.where(counts > 0, counts * np.log(np.maximum(rate, 1e-300)), 0.0)
+                      - counts, axis=-1)
 
 
-def stretch_gains(kind: str, n, s1, s2, sums, *, temper: float, variance) -> np.ndarray:
+def ring_dispersion(counts: np.ndarray) -> float:
+    """How much more a track's ring counts scatter from frame to frame than Poisson counts
+    would: half the mean squared difference of successive frames over the mean count, averaged
+    over the rings (von Neumann, as :func:`frame_variance`), at least 1. Shifts of the column
+    against its ring centre (the drift's and the centre's errors) add to the shot noise; the
+    ring counts' log-likelihood is divided by this (a quasi-Poisson model).
+
+    Parameters
+    ----------
+    counts : (m, R) float
+        The track's single frames' electrons per ring, in order.
+    """
+    c = np.asarray(counts, np.float64)
+    if len(c) < 3:
+        return 1.0
+    mean = c.mean(axis=0)
+    keep = mean > 0
+    if not keep.any():
+        return 1.0
+    ratio = np.mean(np.diff(c[:, keep], axis=0) ** 2, axis=0) / 2 / mean[keep]
+    return max(float(np.mean(ratio)), 1.0)
+
+
+def stretch_gains(kind: str, n, s1, s2, sums, *, temper: float, variance, rings=None,
+                  ring_frames=None, ring_weight: float = 0.0) -> np.ndarray:
     """Log-likelihood of stretches as one (any shape) from their frames ``n``, the sums ``s1``,
     ``s2`` of their expected heights and of its squares (atoms, atoms²), and (``"classes"``)
-    ``sums`` (…, K) of their class log-probabilities; ``variance`` broadcasts."""
+    ``sums`` (…, K) of their class log-probabilities; ``variance`` broadcasts. With
+    ``rings`` (…, R), the electrons around the column over its ``ring_frames`` frames with
+    counts, plus ``ring_weight`` (broadcasts) times their :func:`ring_gain`."""
     if kind == "classes":
-        return temper * sums.max(axis=-1)
-    fit = -(s2 - s1**2 / np.maximum(n, 1)) / (2 * variance)
-    if kind == "bayes":  # the stretch's mean integrated out (prior sd PRIOR_SHIFT_ATOMS)
-        return fit - 0.5 * np.log1p(n * PRIOR_SHIFT_ATOMS**2 / variance)
+        fit = temper * sums.max(axis=-1)
+    else:
+        fit = -(s2 - s1**2 / np.maximum(n, 1)) / (2 * variance)
+        if kind == "bayes":  # the stretch's mean integrated out (prior sd PRIOR_SHIFT_ATOMS)
+            fit = fit - 0.5 * np.log1p(n * PRIOR_SHIFT_ATOMS**2 / variance)
+    if rings is not None:
+        fit = fit + ring_weight * ring_gain(rings, ring_frames)
     return fit
 
 
 def segment(units: dict, *, kind: str = "mean_shift", temper: float = 0.3,
-            penalty: float = 4.0, min_stretch: int = 3, variance: float = 1.0
-            ) -> list[tuple[int, int]]:
+            penalty: float = 4.0, min_stretch: int = 3, variance: float = 1.0,
+            ring_weight: float = 0.0) -> list[tuple[int, int]]:
     """Optimal partition of a track's units into stretches of constant height.
 
     Parameters
@@ -87,7 +118,9 @@ def segment(units: dict, *, kind: str = "mean_shift", temper: float = 0.3,
     units : dict of arrays
         Per unit (a frame, or a block of frames known to share a height): ``sum`` (n, K) its
         frames' summed class log-probabilities, ``s1`` / ``s2`` (n,) the sums of their expected
-        heights and of its squares (atoms, atoms²), ``n`` (n,) frames.
+        heights and of its squares (atoms, atoms²), ``n`` (n,) frames; optionally ``rings``
+        (n, R) the electrons around the column (:mod:`ceriakeras.analysis.rings`) and ``ni``
+        (n,) the frames they were counted in.
     kind : {"mean_shift", "bayes", "classes"}
         The change statistic (module doc).
     temper : float
@@ -98,6 +131,9 @@ def segment(units: dict, *, kind: str = "mean_shift", temper: float = 0.3,
         Fewest frames in a stretch (≥ 1); a track shorter than twice this is one stretch.
     variance : float
         Per-frame variance of the expected height, atoms² (``"mean_shift"``).
+    ring_weight : float
+        Weight of the ring counts' Poisson log-likelihood (0: the model's readings alone;
+        :func:`ring_dispersion` tells how much less than 1 it should be).
 
     Returns
     -------
@@ -105,7 +141,8 @@ def segment(units: dict, *, kind: str = "mean_shift", temper: float = 0.3,
         Unit ranges ``[start, stop)`` of the stretches, in order, covering all units.
     """
     return segment_tracks([units], kind=kind, temper=temper, penalty=penalty,
-                          min_stretch=min_stretch, variances=[variance])[0]
+                          min_stretch=min_stretch, variances=[variance],
+                          ring_weight=ring_weight)[0]
 
 
 BATCH_VALUES = 2**16
@@ -113,8 +150,8 @@ BATCH_VALUES = 2**16
 
 
 def segment_tracks(tracks: list[dict], *, kind: str = "mean_shift", temper: float = 0.3,
-                   penalty: float = 4.0, min_stretch: int = 3, variances=None
-                   ) -> list[list[tuple[int, int]]]:
+                   penalty: float = 4.0, min_stretch: int = 3, variances=None,
+                   ring_weight=0.0) -> list[list[tuple[int, int]]]:
     """:func:`segment` of several tracks at once (the same stretches, in batches of tracks of
     similar length: one pass of the optimal partitioning for all of them).
 
@@ -124,6 +161,8 @@ def segment_tracks(tracks: list[dict], *, kind: str = "mean_shift", temper: floa
         Each track's units, as :func:`segment` takes them.
     kind, temper, penalty, min_stretch
         As :func:`segment`.
+    ring_weight : float or sequence of float
+        As :func:`segment`, or one per track; used only where every track has ``rings``.
     variances : sequence of float, optional
         Each track's per-frame variance of the expected height, atoms² (default 1).
 
@@ -133,6 +172,9 @@ def segment_tracks(tracks: list[dict], *, kind: str = "mean_shift", temper: floa
         Each track's stretches, as :func:`segment` returns them.
     """
     variances = [1.0] * len(tracks) if variances is None else list(variances)
+    weights = np.broadcast_to(np.asarray(ring_weight, np.float64), (len(tracks),))
+    if not all("rings" in units for units in tracks) or not (weights > 0).any():
+        weights = np.zeros(len(tracks))
     sizes = [len(u["n"]) for u in tracks]
     out: list = [[] for _ in tracks]
     order = [t for t in sorted(range(len(tracks)), key=sizes.__getitem__) if sizes[t]]
@@ -143,20 +185,23 @@ def segment_tracks(tracks: list[dict], *, kind: str = "mean_shift", temper: floa
         batch, order = order[-take:], order[:-take]
         parts = _segment_batch([tracks[t] for t in batch], [sizes[t] for t in batch],
                                np.array([variances[t] for t in batch], np.float64),
-                               kind=kind, temper=temper, penalty=penalty, min_stretch=min_stretch)
+                               kind=kind, temper=temper, penalty=penalty, min_stretch=min_stretch,
+                               ring_weight=weights[batch])
         for t, p in zip(batch, parts):
             out[t] = p
     return out
 
 
 def _segment_batch(tracks: list[dict], sizes: list[int], variance: np.ndarray, *, kind: str,
-                   temper: float, penalty: float, min_stretch: int) -> list:
+                   temper: float, penalty: float, min_stretch: int, ring_weight: np.ndarray
+                   ) -> list:
     """The optimal partitioning of a batch of tracks (one row each), a unit ``j`` at a time."""
     n_max, n_tracks = max(sizes), len(tracks)
     row = np.repeat(np.arange(n_tracks), sizes)  # each unit's track and place in it
     place = np.arange(len(row)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     c = {}
-    keys = ("s1", "s2", "n") + (("sum",) if kind == "classes" else ())  # what the gains use
+    keys = (("s1", "s2", "n") + (("sum",) if kind == "classes" else ())
+            + (("rings", "ni") if (ring_weight > 0).any() else ()))  # what the gains use
     for key in keys:  # cumulative sums, the last repeated past the end
         flat = np.concatenate([np.asarray(units[key], np.float64) for units in tracks])
         padded = np.zeros((n_tracks, n_max, *flat.shape[1:]))
@@ -175,7 +220,11 @@ def _segment_batch(tracks: list[dict], sizes: list[int], variance: np.ndarray, *
             gain = stretch_gains(kind, n, c["s1"][:, j:j + 1] - c["s1"][:, :j],
                                  c["s2"][:, j:j + 1] - c["s2"][:, :j],
                                  c["sum"][:, j:j + 1] - c["sum"][:, :j] if kind == "classes"
-                                 else None, temper=temper, variance=variance)
+                                 else None, temper=temper, variance=variance,
+                                 rings=c["rings"][:, j:j + 1] - c["rings"][:, :j]
+                                 if "rings" in c else None,
+                                 ring_frames=c["ni"][:, j:j + 1] - c["ni"][:, :j]
+                                 if "rings" in c else None, ring_weight=ring_weight[:, None])
         gain[n < min_stretch] = -np.inf
         score = best[:, :j] + gain - cost[:j]
         k = np.argmax(score, axis=1)
@@ -196,10 +245,22 @@ def _segment_batch(tracks: list[dict], sizes: list[int], variance: np.ndarray, *
     return out
 
 
-def change_statistic(kind: str, before: dict, after: dict, *, temper: float, variance: float
-                     ) -> float:
+def change_statistic(kind: str, before: dict, after: dict, *, temper: float, variance: float,
+                     ring_weight: float = 0.0) -> float:
     """Log-likelihood ratio, nats, of two stretches against one (``before``/``after``: ``sum``
-    (K,), ``s1``, ``s2``, ``n``, as :func:`segment`'s units summed)."""
+    (K,), ``s1``, ``s2``, ``n`` and, optionally, ``rings``, ``ni``, as :func:`segment`'s units
+    summed), the ring counts' share weighted by ``ring_weight``."""
+    llr = 0.0
+    if ring_weight > 0 and "rings" in before and "rings" in after:
+        a, b = np.asarray(before["rings"], np.float64), np.asarray(after["rings"], np.float64)
+        na, nb = float(before["ni"]), float(after["ni"])
+        llr = ring_weight * float(ring_gain(a, na) + ring_gain(b, nb) - ring_gain(a + b, na + nb))
+    return llr + _model_statistic(kind, before, after, temper=temper, variance=variance)
+
+
+def _model_statistic(kind: str, before: dict, after: dict, *, temper: float, variance: float
+                     ) -> float:
+    """:func:`change_statistic`'s share from the model's readings."""
     if kind == "classes":
         a, b = np.asarray(before["sum"]), np.asarray(after["sum"])
         return float(temper * (a.max() + b.max() - (a + b).max()))

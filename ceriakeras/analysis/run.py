@@ -52,6 +52,7 @@ from .pictures import frame_caption, render_frame, write_movie, write_png, write
 from . import tracking
 from .plan import plan_inputs
 from .reading import Batch, read_batches
+from .rings import series_counts
 from .stacking import StackSettings, model_reader
 from .resume import (PROGRESS_VERSION, ProgressJson, earlier_frames, prepare_out_dir,
                      previous_optics)
@@ -421,13 +422,13 @@ def _write_tracks(run: _Run) -> None:
         write_text_atomic(run.progress_path, run.progress_json.dumps(run.state))
 
     run.timings["stacks"] = 0.0
-    reader = model_reader(run.served, run.settings, run.timings)
-    tracking.write_tracks(run.out_dir, run.plan,
+    plan = [{**item, **item["gain"]} for item in run.plan]  # counts_per_electron at the top
+    tracking.write_tracks(run.out_dir, plan,
                           tracking.TrackSettings(min_stretch=run.config.min_stretch),
                           before_replace=commit_size,
-                          stack_reader=lambda item, spans, drift: reader(
-                              {**item, **item["gain"]}, spans, drift),
-                          stack=StackSettings(max_frames=run.config.stack_frames))
+                          stack_reader=model_reader(run.served, run.settings, run.timings),
+                          stack=StackSettings(max_frames=run.config.stack_frames),
+                          frame_reader=series_counts)
     run.timings["tracks"] = time.perf_counter() - t0 - run.timings["stacks"]
 
 

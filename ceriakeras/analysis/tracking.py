@@ -25,15 +25,14 @@ import csv
 import gc
 import io as _stdio
 import itertools
-import json
 import operator
-import shutil
 import struct
 from pathlib import Path
 
 import numpy as np
 
 from ..io.files import atomic_path, write_bytes_atomic
+from .rings import FrameCursor
 from .stacking import StackSettings, epochs, restack
 from .tracks import Tracker, TrackSettings
 
@@ -139,7 +138,7 @@ def _numbers(rows: list) -> np.ndarray:
 
 def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
                  before_replace=None, on_stretches=None, stack_reader=None,
-                 stack: StackSettings | None = None) -> dict:
+                 stack: StackSettings | None = None, frame_reader=None) -> dict:
     """Track every series of a finished run; rewrite ``columns.csv``, write ``events.csv``.
 
     Parameters
@@ -156,6 +155,13 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
     on_stretches : callable, optional
         ``on_stretches(stretches)`` gets every series' stretches (``{source: {track: [stretch,
         …]}}``, each with its ``evidence``) before the tables are written (calibration studies).
+    stack_reader, stack : callable, StackSettings, optional
+        ``stack_reader(item, spans, drift_A)``: the epochs' summed frames read by the model
+        (:func:`.stacking.model_reader`); None: heights from the frames' readings alone.
+    frame_reader : callable, optional
+        ``frame_reader(item)`` → ``(index, image)`` of the series' frames, counts per pixel
+        (:func:`.rings.series_counts`; ``item['counts_per_electron']`` converts): the electrons
+        around each column join the change statistic. None: the model's readings alone.
 
     Returns
     -------
@@ -171,52 +177,7 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
     """
     with _collector_paused():
         return _write_tracks(Path(out_dir), plan, settings or TrackSettings(), before_replace,
-                             on_stretches, stack_reader, stack or StackSettings())
-
-
-def untracked_copy(result, work) -> list:
-    """A finished ``analyze`` folder ``result`` as the tracks stage finds it, in ``work``.
-
-    Copies the probability log, ``columns.csv`` with the track columns blank (as analyze leaves
-    them until that stage) and ``frames.csv`` without the drift columns, so that
-    :func:`write_tracks` and :func:`add_drift_columns` can run again on ``work`` (other
-    settings, studies, benchmarks) without running the model. ``work`` is emptied first; it
-    may not be ``result`` or inside it.
-
-    Returns
-    -------
-    list of dict
-        The run's plan, from ``summary.json``: ``source``, ``n_frames``, ``path`` (the source
-        as given), ``pixel_size_A`` and ``counts_per_electron`` of each input (what
-        :func:`ceriakeras.analysis.stacking.model_reader` needs).
-    """
-    result, work = Path(result), Path(work)
-    if work.resolve() == result.resolve() or result.resolve() in work.resolve().parents:
-        raise ValueError(f"{work} is {result} or inside it: give another folder to copy into")
-    if work.exists():
-        shutil.rmtree(work)
-    (work / "tracking").mkdir(parents=True)
-    shutil.copy(result / LOG_NAME, work / LOG_NAME)
-    _strip_csv(result / "columns.csv", work / "columns.csv", TRACK_COLUMNS, blank=True)
-    _strip_csv(result / "frames.csv", work / "frames.csv", DRIFT_COLUMNS)
-    summary = json.loads((result / "summary.json").read_text())
-    return [{"source": i["source"], "n_frames": i["frames"], "path": i["source"],
-             "pixel_size_A": i.get("pixel_size_A"),
-             "counts_per_electron": i.get("counts_per_electron", 1.0)}
-            for i in summary["inputs"]]
-
-
-def _strip_csv(src: Path, dst: Path, drop: tuple, blank: bool = False) -> None:
-    """``src`` as CSV without the columns named in ``drop`` (``blank``: kept, values blank)."""
-    with (open(src, newline="", encoding="utf-8", errors="surrogateescape") as fh,
-          open(dst, "w", newline="", encoding="utf-8", errors="surrogateescape") as out):
-        rows = csv.reader(fh)
-        header = next(rows)
-        keep = [k for k, name in enumerate(header) if name not in drop]
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(header if blank else [header[k] for k in keep])
-        extra = [""] * (len(header) - len(keep)) if blank else []
-        writer.writerows([r[k] for k in keep] + extra for r in rows)
+                             on_stretches, stack_reader, stack or StackSettings(), frame_reader)
 
 
 @contextlib.contextmanager
@@ -234,7 +195,7 @@ def _collector_paused():
 
 
 def _write_tracks(out_dir: Path, plan: list, settings: TrackSettings, before_replace,
-                  on_stretches, stack_reader, stack: StackSettings) -> dict:
+                  on_stretches, stack_reader, stack: StackSettings, frame_reader) -> dict:
     """:func:`write_tracks`, with the cyclic garbage collector paused."""
     csv_path = out_dir / "columns.csv"
     with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
@@ -250,7 +211,7 @@ def _write_tracks(out_dir: Path, plan: list, settings: TrackSettings, before_rep
     with open(ids_path, "wb") as ids_file:
         stretches, drift_rows, layout = _track_pass(
             csv_path, offsets, n_frames, settings, read_probability_log(out_dir / LOG_NAME),
-            ids_file)
+            ids_file, {item["source"]: item for item in plan}, frame_reader)
     for by_track in stretches.values():
         for runs in by_track.values():
             runs.sort(key=lambda s: s["first"])
@@ -290,16 +251,16 @@ def _restack_all(stretches: dict, drift_rows: list, plan: list, reader, stack: S
 
 
 def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSettings, log,
-                ids_file) -> tuple[dict, list, list]:
+                ids_file, items: dict, frame_reader) -> tuple[dict, list, list]:
     """Stream ``columns.csv`` and the probability log ``log`` once through a tracker per
-    series; write each row's track to ``ids_file``; return the stretches
-    (``{source: {track: [stretch, …]}}``), the rows of ``tracking/drift.csv`` and the table's
-    layout (``(source, frame, rows)`` per frame)."""
+    series (with each series' frames from ``frame_reader``, if given); write each row's track
+    to ``ids_file``; return the stretches (``{source: {track: [stretch, …]}}``), the rows of
+    ``tracking/drift.csv`` and the table's layout (``(source, frame, rows)`` per frame)."""
     stretches: dict = {}
     layout = []
     drift_rows = [("source", "frame") + DRIFT_COLUMNS]
     logged = next(log, None)
-    tracker, current = None, None
+    tracker, current, images = None, None, FrameCursor(None)
 
     def collect(source, tracker, finish=False):
         if finish:
@@ -318,6 +279,9 @@ def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSe
             if tracker is not None:
                 collect(current, tracker, finish=True)
             tracker, current = Tracker(settings), source
+            images.close()
+            images = FrameCursor(frame_reader(items[source]) if frame_reader is not None
+                             and source in items else None)
         table = _numbers(rows)
         if logged is not None and logged[0] == gi and len(logged[1]) == len(rows):
             probabilities = logged[1]
@@ -325,12 +289,15 @@ def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSe
             probabilities = _fallback_probabilities(table[:, 4].astype(np.int64), table[:, 5],
                                                     16 if logged is None else logged[1].shape[1])
         ids, drift = tracker.add_frame(frame, table[:, 2:4], probabilities, table[:, 0:2],
-                                       table[:, 5])
+                                       table[:, 5], images.get(frame),
+                                       items.get(source, {}).get("pixel_size_A"),
+                                       items.get(source, {}).get("counts_per_electron") or 1.0)
         ids_file.write(np.asarray(ids, np.int64).tobytes())
         drift_rows.append((source, frame, f"{drift[0]:.4f}", f"{drift[1]:.4f}"))
         collect(source, tracker)
     if tracker is not None:
         collect(current, tracker, finish=True)
+    images.close()
     return stretches, drift_rows, layout
 
 

@@ -3,7 +3,9 @@
 :class:`Tracker` takes the frames in order (:meth:`Tracker.add_frame`: the columns' positions
 and class probabilities), links them to tracks (:mod:`ceriakeras.analysis.linking`) through the
 drift and through frames where a column is lost, and splits each track into stretches of
-constant height (:mod:`ceriakeras.analysis.changepoints`). Memory is bounded: a track keeps at
+constant height (:mod:`ceriakeras.analysis.changepoints`), from the model's class probabilities
+and, when the frames are given, the electrons in rings around each column
+(:mod:`ceriakeras.analysis.rings`). Memory is bounded: a track keeps at
 most ``window`` units (a frame each, or a block of older frames of its current stretch folded
 into one sum); a track lost for more than ``max_gap`` frames is closed and its stretches are
 handed out (:meth:`Tracker.pop_stretches`). The whole state is plain JSON
@@ -22,12 +24,17 @@ from .changepoints import (
     change_statistic,
     expected_height,
     frame_variance,
+    ring_dispersion,
     log_probabilities,
     platt,
     posterior_at,
     segment_tracks,
 )
 from .linking import link_with_drift
+from .rings import RINGS_A, ring_counts
+
+RINGS = len(RINGS_A) - 1
+"""Rings counted around each column (:mod:`ceriakeras.analysis.rings`)."""
 
 
 @dataclass
@@ -55,7 +62,8 @@ class TrackSettings:
     temper: float = 0.3
     """Weight τ of one frame's class log-probabilities (heights; the ``"classes"`` statistic)."""
     penalty: float = 6.0
-    """Cost of one change, nats (``"bayes"``: the log prior odds against a change)."""
+    """Cost of one change, nats (``"bayes"``: the log prior odds against a change), when the
+    model's readings alone split a track (no frames given to the tracker)."""
     confidence_temper: float = 0.2
     """Weight of one frame's log-probabilities in a stretch's height posterior."""
     confidence_slope: float = 1.0
@@ -72,7 +80,7 @@ class TrackSettings:
     empty: the Platt map above. Fitted on our own ``tune`` and ``tune2`` movies (8 particles;
     posterior logit and frame scatter: the lowest ECE with one particle left out;
     docs/tracks.md)."""
-    stacked_confidence_weights: tuple = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.7557, 0.2698)
+    stacked_confidence_weights: tuple = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.857, 0.2789)
     """The same for a height read from summed frames (:mod:`ceriakeras.analysis.stacking`);
     fitted on the same movies so read (the stacked posterior alone: the lowest ECE with one
     particle left out and the lowest log loss; ``scripts/studies/track_calibration.py``)."""
@@ -85,6 +93,20 @@ class TrackSettings:
     """Units a track keeps; older frames of its current stretch are folded into one."""
     position_memory: float = 0.7
     """Weight of a track's old position against a new sighting (drift removed)."""
+    ring_weight: float = 1.0
+    """Weight of the ring counts' Poisson log-likelihood in the change statistic (0: the
+    model's readings alone; :mod:`ceriakeras.analysis.rings`), divided by each track's
+    :func:`ceriakeras.analysis.changepoints.ring_dispersion`."""
+    ring_penalty: float = 16.0
+    """Cost of one change, nats, when the ring counts join the statistic (the frames given to
+    the tracker; chosen with ``ring_weight`` on our own ``tune`` and ``tune2`` movies,
+    docs/tracks.md)."""
+    ring_event_map: tuple = (0.2169, -0.4627)
+    """``(event_scale, event_offset)`` with the ring counts (fitted on the events found in
+    ``tune`` and ``tune2`` so; ``scripts/studies/track_calibration.py``)."""
+    ring_memory: float = 0.95
+    """Weight of a track's old ring centre against a new sighting (drift removed): a running
+    mean of its first sightings, then this slow average."""
 
     def validate(self) -> None:
         from ..config import ConfigError
@@ -96,6 +118,8 @@ class TrackSettings:
             raise ConfigError("temper and confidence_temper must be in (0, 1]")
         if self.method not in ("mean_shift", "bayes", "classes"):
             raise ConfigError(f"method={self.method!r}: use 'mean_shift', 'bayes' or 'classes'")
+        if self.ring_weight < 0 or not 0 <= self.ring_memory < 1:
+            raise ConfigError("ring_weight must be ≥ 0 and ring_memory in [0, 1)")
         if not 0 < self.max_distance_A <= self.search_A:
             raise ConfigError("max_distance_A must be positive and ≤ search_A (Å)")
         for weights in (self.confidence_weights, self.stacked_confidence_weights):
@@ -186,16 +210,20 @@ def stretch_confidence(evidence: np.ndarray, settings: TrackSettings, stacked: b
 
 
 def _frame_units(frame: int, logp: np.ndarray, height: np.ndarray, confidence: np.ndarray,
-                 xy_px: np.ndarray, xy_A: np.ndarray) -> list[dict]:
+                 xy_px: np.ndarray, xy_A: np.ndarray, rings: np.ndarray) -> list[dict]:
     """One unit per column of a frame (a track's record of one frame): ``sum`` its class
     log-probabilities (a row of ``logp``, a list once in :meth:`Tracker.state`), ``s1`` / ``s2``
     its expected height (atoms) and its square, ``c1`` its confidence, ``pos`` (x, y in pixels,
-    x, y in Å)."""
+    x, y in Å), ``rings`` the electrons around it (zeros where not counted) and ``ni`` (1 where
+    counted)."""
     pos = np.concatenate([xy_px, xy_A], axis=1).tolist()
+    counted = np.isfinite(rings).all(axis=1)
+    rings = np.where(counted[:, None], rings, 0.0)
     return [{"first": frame, "last": frame, "n": 1, "sum": p, "s1": h, "s2": h2, "c1": c,
-             "pos": xy}
-            for p, h, h2, c, xy in zip(list(logp), height.tolist(), (height * height).tolist(),
-                                       confidence.tolist(), pos)]
+             "pos": xy, "rings": r, "ni": int(k)}
+            for p, h, h2, c, xy, r, k in zip(list(logp), height.tolist(),
+                                             (height * height).tolist(), confidence.tolist(),
+                                             pos, rings.tolist(), counted.tolist())]
 
 
 def _plain_track(track: dict) -> dict:
@@ -220,13 +248,15 @@ class Tracker:
         self.next_id = 0
         self.drift = np.zeros(2)          # Å, of the last frame relative to the first
         self.out: list[dict] = []         # finished stretches, not yet popped
+        self.counted = False              # frames given: ring counts in the statistic
 
     # --- state --------------------------------------------------------------------------------
     def state(self) -> dict:
         """Everything needed to continue, as JSON-able data."""
         return {"settings": asdict(self.settings),
                 "tracks": [_plain_track(t) for t in self.tracks],
-                "next_id": self.next_id, "drift": self.drift.tolist(), "out": self.out}
+                "next_id": self.next_id, "drift": self.drift.tolist(), "out": self.out,
+                "counted": self.counted}
 
     @classmethod
     def from_state(cls, state: dict) -> Tracker:
@@ -234,12 +264,14 @@ class Tracker:
         tracker = cls(TrackSettings(**state["settings"]))
         tracker.tracks, tracker.next_id = state["tracks"], int(state["next_id"])
         tracker.drift, tracker.out = np.asarray(state["drift"], np.float64), state["out"]
+        tracker.counted = bool(state.get("counted", False))
         return tracker
 
     # --- frames -------------------------------------------------------------------------------
     def add_frame(self, frame: int, xy_A: np.ndarray, probabilities: np.ndarray,
-                  xy_px: np.ndarray | None = None, confidence: np.ndarray | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+                  xy_px: np.ndarray | None = None, confidence: np.ndarray | None = None,
+                  image: np.ndarray | None = None, pixel_size_A: float | None = None,
+                  counts_per_electron: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """Link one frame's columns to the tracks.
 
         Parameters
@@ -255,6 +287,14 @@ class Tracker:
         confidence : (N,) float, optional
             Each column's calibrated per-frame confidence (evidence for the stretch's
             confidence); default 0.5.
+        image : (H, W) array, optional
+            The frame, counts per pixel: the electrons in rings around each column
+            (:mod:`ceriakeras.analysis.rings`), centred where its track says it is, join the
+            change statistic. Positions in Å are then ``pixel_size_A`` × pixels.
+        pixel_size_A : float, optional
+            The frame's pixel size, Å (with ``image``).
+        counts_per_electron : float
+            The detector's counts per electron (with ``image``).
 
         Returns
         -------
@@ -282,20 +322,64 @@ class Tracker:
         m, seen = s.position_memory, xy_A - self.drift
         refs = np.concatenate([refs[i] * m + seen[j] * (1 - m),
                                seen[new] * m + seen[new] * (1 - m)]).tolist()
-        units = _frame_units(frame, logp, height, conf, xy_px, xy_A)
+        scale = (pixel_size_A, counts_per_electron)
+        centres, rings = self._rings(i, j, new, seen, image, scale)
+        units = _frame_units(frame, logp, height, conf, xy_px, xy_A, rings)
         extended = [self.tracks[a] for a in i.tolist()]
         for b in new.tolist():
             extended.append({"id": int(ids[b]), "ref": [], "last": frame, "units": [],
                              "done": [], "variance": 1.0})
         self.tracks += extended[len(i):]
-        for track, ref, b in zip(extended, refs, j.tolist() + new.tolist()):
+        for track, ref, b, centre in zip(extended, refs, j.tolist() + new.tolist(), centres):
             track["ref"], track["last"] = ref, frame
+            track["centre"] = centre
+            track["sightings"] = track.get("sightings", 0) + 1
             track["units"].append(units[b])
+        if image is not None and pixel_size_A and s.ring_weight > 0:
+            self.counted = True
+            self._count_missed(frame, image, scale)
         self._settle([t for t in extended if len(t["units"]) > s.window], final=False)
         self._settle([t for t in self.tracks if frame - t["last"] > s.max_gap and t["units"]],
                      final=True)
         self.tracks = [t for t in self.tracks if frame - t["last"] <= s.max_gap]
         return ids, self.drift.copy()
+
+    def _count_missed(self, frame: int, image: np.ndarray, scale: tuple) -> None:
+        """A unit of ring counts alone (no reading: ``n`` 0) for each open track whose column
+        was not found in this frame, counted where the track says the column is: at low dose
+        the model loses a column in some frames, its electrons are still there."""
+        missed = [t for t in self.tracks if t["last"] < frame and t["units"] and t.get("centre")]
+        if not missed:
+            return
+        where = np.array([t["centre"] for t in missed], np.float64) + self.drift
+        pixel_size_A = scale[0]
+        rings = ring_counts(image, where / pixel_size_A, *scale)
+        for track, at, r in zip(missed, where.tolist(), rings):
+            if not np.isfinite(r).all():
+                continue
+            k = len(track["units"][-1]["sum"])
+            track["units"].append({"first": frame, "last": frame, "n": 0, "sum": [0.0] * k,
+                                   "s1": 0.0, "s2": 0.0, "c1": 0.0, "rings": r.tolist(),
+                                   "ni": 1, "pos": [at[0] / pixel_size_A, at[1] / pixel_size_A,
+                                                    at[0], at[1]]})
+
+    def _rings(self, i: np.ndarray, j: np.ndarray, new: np.ndarray, seen: np.ndarray, image,
+               scale: tuple) -> tuple[list, np.ndarray]:
+        """The ring centres (Å, drift removed) of the linked tracks ``i`` and the new columns,
+        updated with their sightings ``seen``; the electrons in rings around each column of
+        the frame (rows of ``seen``; NaN without ``image``), counted at its track's centre as
+        it stood before this frame (a new column: where it was found)."""
+        n_rings = np.full((len(seen), RINGS), np.nan)
+        old = np.array([self.tracks[a].get("centre") or self.tracks[a]["ref"]
+                        for a in i.tolist()], np.float64).reshape(-1, 2)
+        k = np.array([self.tracks[a].get("sightings", 1) for a in i.tolist()], np.float64)
+        if image is not None and scale[0] and self.settings.ring_weight > 0:
+            where = np.empty((len(seen), 2))
+            where[j], where[new] = old + self.drift, seen[new] + self.drift
+            n_rings = ring_counts(image, where / scale[0], *scale)
+        w = np.maximum(1.0 / (k + 1), 1 - self.settings.ring_memory)[:, None]
+        centres = np.concatenate([old * (1 - w) + seen[j] * w, seen[new]]).tolist()
+        return centres, n_rings
 
     def finish(self) -> None:
         """Close every open track (the series ended)."""
@@ -321,8 +405,14 @@ class Tracker:
         s = self.settings
         if not tracks:
             return
+        if final:  # ring counts after the column was last found tell nothing about it
+            for track in tracks:
+                while len(track["units"]) > 1 and track["units"][-1]["n"] == 0:
+                    track["units"].pop()
         flat = [u for track in tracks for u in track["units"]]  # all tracks' units at once
         columns = {k: np.array([u[k] for u in flat], np.float64) for k in ("sum", "s1", "s2", "n")}
+        columns["rings"] = np.array([u.get("rings", [0.0] * RINGS) for u in flat], np.float64)
+        columns["ni"] = np.array([u.get("ni", 0) for u in flat], np.float64)
         ends = np.cumsum([len(track["units"]) for track in tracks]).tolist()
         arrays = []
         for track, a, b in zip(tracks, [0] + ends[:-1], ends):
@@ -330,10 +420,16 @@ class Tracker:
             singles = unit_arrays["s1"][unit_arrays["n"] == 1]
             if len(singles) >= 4:
                 track["variance"] = frame_variance(singles)
+            counted = unit_arrays["rings"][(unit_arrays["n"] <= 1) & (unit_arrays["ni"] == 1)]
+            if len(counted) >= 4:
+                track["dispersion"] = ring_dispersion(counted)
             arrays.append(unit_arrays)
-        all_parts = segment_tracks(arrays, kind=s.method, temper=s.temper, penalty=s.penalty,
+        all_parts = segment_tracks(arrays, kind=s.method, temper=s.temper,
+                                   penalty=s.ring_penalty if self.counted else s.penalty,
                                    min_stretch=s.min_stretch,
-                                   variances=[t.get("variance", 1.0) for t in tracks])
+                                   variances=[t.get("variance", 1.0) for t in tracks],
+                                   ring_weight=[s.ring_weight / t.get("dispersion", 1.0)
+                                                for t in tracks])
         for track, parts, unit_arrays in zip(tracks, all_parts, arrays):
             units, sums = track["units"], unit_arrays["sum"]
             for a, b in parts if final else parts[:-1]:
@@ -360,8 +456,10 @@ class Tracker:
             p = None
             if k:
                 stat = change_statistic(s.method, done[k - 1], u, temper=s.temper,
-                                        variance=variance)
-                p = change_probability(stat, s.penalty, s.event_scale, s.event_offset)
+                                        variance=variance,
+                                        ring_weight=s.ring_weight / track.get("dispersion", 1.0))
+                p = (change_probability(stat, s.ring_penalty, *s.ring_event_map) if self.counted
+                     else change_probability(stat, s.penalty, s.event_scale, s.event_offset))
             evidence = stretch_evidence(u, int(heights[k]), variance, s)
             self.out.append({
                 "track": track["id"], "first": u["first"], "last": u["last"],
@@ -382,4 +480,6 @@ def _merge(units: list, sums: np.ndarray) -> dict:
             "s1": float(sum([u["s1"] for u in units])),
             "s2": float(sum([u["s2"] for u in units])),
             "c1": float(sum([u.get("c1", 0.5 * u["n"]) for u in units])),
+            "rings": np.sum([u.get("rings", [0.0] * RINGS) for u in units], axis=0).tolist(),
+            "ni": int(sum([u.get("ni", 0) for u in units])),
             "pos": units[0]["pos"]}

@@ -3,8 +3,9 @@
 For each RESULT folder (an ``analyze`` output with ``tracking/probabilities.bin``), copies to
 ``WORK/<n>`` its ``columns.csv`` with the track columns blank (as analyze leaves them until the
 tracks stage), ``frames.csv`` without the drift columns and the probability log
-(:func:`ceriakeras.analysis.tracking.untracked_copy`); runs exactly
-what analyze's tracks stage runs (:func:`ceriakeras.analysis.tracking.write_tracks`), then
+(:func:`ceriakeras.analysis.offline.untracked_copy`); runs exactly
+what analyze's tracks stage runs (:func:`ceriakeras.analysis.tracking.write_tracks`, the
+frames read again for the ring counts unless ``--no-rings``; no stacked readings), then
 :func:`add_drift_columns`; prints the wall and CPU time per frame of the stage, ms (SciPy's
 spatial imported first, as analyze's column finding has by then; ``--repeat`` shows the best).
 
@@ -34,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import scipy.spatial  # noqa: F401 -- analyze has it by then (column finding), as here
 
 from ceriakeras.analysis import tracking
+from ceriakeras.analysis.offline import untracked_copy
+from ceriakeras.analysis.rings import series_counts
 
 OUTPUTS = ("columns.csv", "events.csv", "frames.csv", "tracking/drift.csv",
            "tracking/probabilities.bin")
@@ -51,6 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=None,
                     help="TrackSettings.window (units; default analyze's): small to test folding")
     ap.add_argument("--profile", type=int, default=0, help="print the N most costly functions")
+    ap.add_argument("--no-rings", action="store_true",
+                    help="no ring counts (the frames not read again; analyze counts them)")
     args = ap.parse_args(argv)
     failed = 0
     settings = tracking.TrackSettings() if args.window is None else tracking.TrackSettings(
@@ -59,12 +64,14 @@ def main(argv=None) -> int:
         best = None
         for _ in range(args.repeat):
             work = args.work / str(n)
-            plan = tracking.untracked_copy(result, work)
+            plan = untracked_copy(result, work)
             profiler = cProfile.Profile() if args.profile else None
             t0, c0 = time.perf_counter(), time.process_time()
             if profiler:
                 profiler.enable()
-            counts = tracking.write_tracks(work, plan, settings)
+            counts = tracking.write_tracks(work, plan, settings,
+                                           frame_reader=None if args.no_rings
+                                           else series_counts)
             if profiler:
                 profiler.disable()
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0

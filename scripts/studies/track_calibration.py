@@ -31,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ceriakeras.analysis.tracking import untracked_copy, write_tracks
+from ceriakeras.analysis.rings import series_counts
+from ceriakeras.analysis.offline import untracked_copy
+from ceriakeras.analysis.tracking import write_tracks
 from ceriakeras.analysis.tracks import EVIDENCE, TrackSettings
 from ceriakeras.evaluation.calibration import fit_logistic
 from ceriakeras.evaluation.scoring import calibration, match_columns
@@ -61,7 +63,8 @@ def collect(movies: Path, result: Path, group: int, reader=None) -> tuple[list, 
     got: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         plan = untracked_copy(result, Path(tmp))
-        write_tracks(Path(tmp), plan, RAW, on_stretches=got.update, stack_reader=reader)
+        write_tracks(Path(tmp), plan, RAW, on_stretches=got.update, stack_reader=reader,
+                     frame_reader=series_counts)
         columns = read_csv(Path(tmp) / "columns.csv")
         events = read_csv(Path(tmp) / "events.csv")
     rows, frames = [], defaultdict(list)

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ceriakeras.analysis.tracking import untracked_copy, write_tracks
+from ceriakeras.analysis.rings import series_counts
+from ceriakeras.analysis.offline import untracked_copy
+from ceriakeras.analysis.tracking import write_tracks
 from ceriakeras.analysis.tracks import TrackSettings
 from ceriakeras.evaluation.scoring import calibration, match_columns
 
@@ -155,6 +157,8 @@ def main(argv=None) -> int:
                     help="model that reads the stacked frames (default: the shipped one)")
     ap.add_argument("--no-stack", action="store_true",
                     help="heights from the frames alone (analyze --stack-frames 0)")
+    ap.add_argument("--no-rings", action="store_true",
+                    help="changes from the model's readings alone (no ring counts)")
     ap.add_argument("--fit-confidence", action="store_true",
                     help="fit the Platt map of track_confidence (run with slope 1, intercept 0)")
     a = ap.parse_args(argv)
@@ -169,7 +173,8 @@ def main(argv=None) -> int:
             for k, result in enumerate(a.results):
                 work = Path(tmp) / f"r{k}"
                 plan = untracked_copy(result, work)
-                write_tracks(work, plan, settings, stack_reader=reader)
+                write_tracks(work, plan, settings, stack_reader=reader,
+                             frame_reader=None if a.no_rings else series_counts)
                 outs.append(work)
             rows = score(a.movies, outs, a.score)
             report.append({"settings": dict(zip(names, values)), "scores": rows})

@@ -1,0 +1,201 @@
+"""Change detection from a column's own pixels (analysis/rings.py): ring counts, their Poisson
+statistic, and the tracker that adds them to the model's readings (synthetic frames, fast)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ceriakeras.analysis.changepoints import change_statistic, ring_dispersion, ring_gain
+from ceriakeras.analysis.rings import RINGS_A, ring_counts
+from ceriakeras.analysis.tracks import Tracker, TrackSettings
+
+PX = 0.1  # Å per pixel
+K = 16
+
+
+def lattice3() -> np.ndarray:
+    """9 column positions, Å, 3.9 Å apart."""
+    g = np.arange(3) * 3.9 + 10.0
+    return np.array([(x, y) for y in g for x in g], np.float64)
+
+
+def image(xy_A, amplitude, rng, background=2.0, sigma_A=0.4, side=300) -> np.ndarray:
+    """A Poisson frame, electrons per pixel: ``background`` with a Gaussian bump of relative
+    height ``amplitude`` per column."""
+    yy, xx = np.mgrid[:side, :side] * PX
+    mean = np.ones((side, side))
+    for (x, y), a in zip(xy_A, amplitude):
+        mean += a * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma_A**2))
+    return rng.poisson(background * mean).astype(np.uint16)
+
+
+def probs(centre, rng, noise=0.3, width=0.6) -> np.ndarray:
+    c = np.asarray(centre, np.float64) + rng.normal(0, noise, len(centre))
+    p = np.exp(-((np.arange(1, K + 1)[None, :] - c[:, None]) ** 2) / (2 * width**2)) + 1e-4
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def movie(seed=0, n=40, change_at=20, changed=4, gain=1):
+    """Frames of 9 columns whose model readings barely move (+0.2 atoms on column ``changed``
+    from ``change_at``) while its image changes clearly (bump 0.5 → 0.9)."""
+    rng = np.random.default_rng(seed)
+    xy = lattice3()
+    out = []
+    for f in range(n):
+        after = (np.arange(9) == changed) & (f >= change_at)
+        amp = np.where(after, 0.9, 0.5)
+        out.append((xy, probs(3.0 + 0.2 * after, rng), gain * image(xy, amp, rng)))
+    return out
+
+
+def run(frames, settings=None, with_images=True, gain=1.0):
+    tracker = Tracker(settings or TrackSettings())
+    ids = []
+    for f, (xy, p, img) in enumerate(frames):
+        i, _ = tracker.add_frame(f, xy, p, xy / PX, None, img if with_images else None, PX, gain)
+        ids.append(i)
+    tracker.finish()
+    return ids, tracker.pop_stretches()
+
+
+def events(stretches):
+    return sorted((s["track"], s["first"]) for s in stretches if s["change_probability"] is not None)
+
+
+def brute_force(img, x, y, edges=RINGS_A):
+    yy, xx = np.mgrid[:img.shape[0], :img.shape[1]]
+    d = np.hypot(xx - x, yy - y) * PX
+    return np.array([img[(d >= a) & (d < b)].sum() for a, b in zip(edges[:-1], edges[1:])])
+
+
+def test_ring_counts_are_the_electrons_in_each_ring():
+    rng = np.random.default_rng(1)
+    img = rng.poisson(5.0, (80, 80)).astype(np.uint16)
+    xy = np.array([[40.0, 40.0], [33.37, 45.81], [47.5, 31.25]])
+    got = ring_counts(img, xy, PX)
+    want = np.array([brute_force(img, x, y) for x, y in xy])
+    assert got.shape == (3, len(RINGS_A) - 1)
+    # the centre is placed to 1/8 pixel: only pixels at a ring's edge may change ring
+    assert np.all(np.abs(got - want) <= 0.03 * want + 15)
+    assert np.array_equal(got[0], want[0])  # on a pixel centre: exact
+    # a flat frame: each ring holds its pixels' electrons (close to its area); counts per
+    # electron divide
+    flat = ring_counts(np.full((80, 80), 6.0), xy[:1], PX, counts_per_electron=2.0)[0]
+    assert np.array_equal(flat / 3.0, brute_force(np.ones((80, 80)), 40.0, 40.0))
+    area = np.pi * np.diff(np.square(RINGS_A)) / PX**2
+    assert np.allclose(flat / 3.0, area, rtol=0.12)
+
+
+def test_ring_counts_leave_out_columns_whose_rings_leave_the_frame():
+    img = np.ones((60, 60))
+    got = ring_counts(img, np.array([[2.0, 30.0], [30.0, 58.5], [np.nan, 3.0], [30.0, 30.0]]), PX)
+    assert np.isnan(got[:3]).all() and np.isfinite(got[3]).all()
+    assert ring_counts(img, np.zeros((0, 2)), PX).shape == (0, len(RINGS_A) - 1)
+
+
+def test_ring_statistic_is_the_poisson_likelihood_ratio_of_two_stretches():
+    a, b = np.array([1000.0, 2000.0]), np.array([1200.0, 2000.0])
+    both = a + b
+    want = sum(s * np.log(s / 10) - s for s in (*a, *b)) - sum(s * np.log(s / 20) - s
+                                                             for s in both)
+    assert ring_gain(a, 10) + ring_gain(b, 10) - ring_gain(both, 20) == pytest.approx(want)
+    assert want > 9  # 200 more electrons in ring 0 over 10 frames: ≈ 4.3 sd
+    unit = {"sum": np.zeros(K), "s1": 30.0, "s2": 90.0, "n": 10}
+    stat = change_statistic("mean_shift", {**unit, "rings": a, "ni": 10},
+                            {**unit, "rings": b, "ni": 10}, temper=0.3, variance=0.1,
+                            ring_weight=0.5)
+    assert stat == pytest.approx(0.5 * want)
+    same = change_statistic("mean_shift", {**unit, "rings": a, "ni": 10},
+                            {**unit, "rings": a, "ni": 10}, temper=0.3, variance=0.1,
+                            ring_weight=1.0)
+    assert same == pytest.approx(0.0, abs=1e-9)
+    assert ring_gain(np.zeros(3), 0) == 0.0  # a stretch never counted adds nothing
+
+
+def test_ring_dispersion_is_one_for_poisson_counts_and_more_for_extra_scatter():
+    rng = np.random.default_rng(2)
+    poisson = rng.poisson(400.0, (200, 4))
+    assert 1.0 <= ring_dispersion(poisson) < 1.15
+    jitter = rng.poisson(400.0 * rng.gamma(25.0, 1 / 25.0, (200, 1)), (200, 4))  # ±20 %
+    assert ring_dispersion(jitter) > 5
+    assert ring_dispersion(poisson[:2]) == 1.0
+
+
+def test_a_change_the_model_barely_sees_is_found_in_the_rings():
+    frames = movie()
+    ids, stretches = run(frames)
+    assert events(stretches) == [(int(ids[0][4]), 20)]
+    change = next(s for s in stretches if s["change_probability"] is not None)
+    assert change["change_probability"] > 0.5
+    before = [s for s in stretches if s["track"] == int(ids[0][4])]
+    assert before[1]["height_index"] > before[0]["height_index"]  # the way the model moved
+    _, without = run(frames, with_images=False)
+    assert events(without) == []  # the model's readings alone: too weak
+
+
+def test_a_static_series_with_images_reports_no_event():
+    for seed in (3, 4):
+        _, stretches = run(movie(seed, change_at=10**6))
+        assert events(stretches) == []
+
+
+def test_counts_per_electron_converts_the_frames():
+    one = movie(5)
+    two = [(xy, p, 2 * img) for xy, p, img in one]
+    assert run(one)[1] == run(two, gain=2.0)[1]
+
+
+def test_a_lost_column_is_still_counted_where_its_track_is():
+    frames = movie(6, change_at=10**6)
+    tracker = Tracker(TrackSettings())
+    for f, (xy, p, img) in enumerate(frames[:12]):
+        keep = np.ones(9, bool)
+        if 5 <= f < 8:
+            keep[4] = False
+        tracker.add_frame(f, xy[keep], p[keep], xy[keep] / PX, None, img, PX)
+    track = next(t for t in tracker.tracks if abs(t["ref"][0] - 13.9) < 0.5
+                 and abs(t["ref"][1] - 13.9) < 0.5)
+    lost = [u for u in track["units"] if 5 <= u["first"] < 8]
+    assert [u["n"] for u in lost] == [0, 0, 0] and [u["ni"] for u in lost] == [1, 1, 1]
+    found = np.mean([u["rings"] for u in track["units"] if u["n"]], axis=0)
+    assert np.allclose(np.mean([u["rings"] for u in lost], axis=0), found, rtol=0.25)
+
+
+def test_resume_with_ring_counts_gives_the_same_stretches():
+    frames = movie(7, n=30, change_at=14)
+    settings = TrackSettings(window=16)
+    whole = Tracker(settings)
+    for f, (xy, p, img) in enumerate(frames):
+        whole.add_frame(f, xy, p, xy / PX, None, img, PX)
+    whole.finish()
+    first = Tracker(settings)
+    for f, (xy, p, img) in enumerate(frames[:13]):
+        first.add_frame(f, xy, p, xy / PX, None, img, PX)
+    second = Tracker.from_state(json.loads(json.dumps(first.state())))
+    for f, (xy, p, img) in enumerate(frames[13:], 13):
+        second.add_frame(f, xy, p, xy / PX, None, img, PX)
+    second.finish()
+    assert first.pop_stretches() + second.pop_stretches() == whole.pop_stretches()
+
+
+def test_write_tracks_reads_the_frames_for_the_rings(tmp_path):
+    from ceriakeras.analysis.tracking import write_tracks
+    from test_tracks import read_csv, write_run
+
+    frames = movie(8)
+    plan = write_run(tmp_path / "out", {"movie.tif": [(xy, p) for xy, p, _ in frames]})
+    plan = [{**item, "pixel_size_A": PX, "counts_per_electron": 2.0} for item in plan]
+    read = []
+
+    def frame_reader(item):
+        read.append(item["source"])
+        return ((f, 2 * img) for f, (_, _, img) in enumerate(frames))
+
+    assert write_tracks(tmp_path / "out", plan, frame_reader=frame_reader)["events"] == 1
+    assert read == ["movie.tif"]
+    event = read_csv(tmp_path / "out" / "events.csv")[0]
+    assert (event["frame"], event["height_before"], event["height_after"]) == ("20", "3", "4")
+    assert write_tracks(tmp_path / "out", plan)["events"] == 0  # without the frames
