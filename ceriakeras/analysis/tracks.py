@@ -53,8 +53,8 @@ class TrackSettings:
     """Largest link, Å, while a frame's drift is estimated (drift per frame + noise)."""
     max_gap: int = 10
     """Frames a track may miss before it is closed."""
-    min_stretch: int = 3
-    """Fewest frames in a stretch of constant height."""
+    min_stretch: int = 5
+    """Fewest frames in a stretch of constant height (chosen with ``ring_penalty``)."""
     method: str = "bayes"
     """Change statistic (:mod:`ceriakeras.analysis.changepoints`): ``"bayes"`` (mean shift of
     the expected height, each stretch's mean integrated out), ``"mean_shift"`` (the same,
@@ -80,7 +80,7 @@ class TrackSettings:
     empty: the Platt map above. Fitted on our own ``tune`` and ``tune2`` movies (8 particles;
     posterior logit and frame scatter: the lowest ECE with one particle left out;
     docs/tracks.md)."""
-    stacked_confidence_weights: tuple = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.857, 0.2789)
+    stacked_confidence_weights: tuple = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.957, 0.2592)
     """The same for a height read from summed frames (:mod:`ceriakeras.analysis.stacking`);
     fitted on the same movies so read (the stacked posterior alone: the lowest ECE with one
     particle left out and the lowest log loss; ``scripts/studies/track_calibration.py``)."""
@@ -97,11 +97,11 @@ class TrackSettings:
     """Weight of the ring counts' Poisson log-likelihood in the change statistic (0: the
     model's readings alone; :mod:`ceriakeras.analysis.rings`), divided by each track's
     :func:`ceriakeras.analysis.changepoints.ring_dispersion`."""
-    ring_penalty: float = 16.0
+    ring_penalty: float = 12.0
     """Cost of one change, nats, when the ring counts join the statistic (the frames given to
     the tracker; chosen with ``ring_weight`` on our own ``tune`` and ``tune2`` movies,
     docs/tracks.md)."""
-    ring_event_map: tuple = (0.2169, -0.4627)
+    ring_event_map: tuple = (0.1521, -0.0218)
     """``(event_scale, event_offset)`` with the ring counts (fitted on the events found in
     ``tune`` and ``tune2`` so; ``scripts/studies/track_calibration.py``)."""
     ring_memory: float = 0.95

@@ -47,7 +47,7 @@ from .startup import escaped, locked, one_line, one_line_errors, verbose_option
                    "track_confidence in columns.csv, OUT/events.csv, drift in frames.csv "
                    "(default on).")
 @click.option("--min-stretch", type=click.IntRange(min=1), default=None, metavar="FRAMES",
-              help="Fewest frames in a stretch of constant height (default 3).")
+              help="Fewest frames in a stretch of constant height (default 5).")
 @click.option("--stack-frames", type=click.IntRange(min=0), default=None, metavar="FRAMES",
               help="Read the tracks' heights from sums of up to this many frames, drift "
                    "removed (one more model call per sum; default 32; 0: from single frames).")

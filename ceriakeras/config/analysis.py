@@ -45,8 +45,9 @@ class AnalyzeConfig:
     tracks: bool = True
     """Follow every column of a series (tracks, heights read from each stretch of constant
     height, change events; :mod:`ceriakeras.analysis.tracking`)."""
-    min_stretch: int = 3
-    """Fewest frames in a stretch of constant height (tracks)."""
+    min_stretch: int = 5
+    """Fewest frames in a stretch of constant height (tracks; 5: chosen with the change
+    statistic on our own movies, docs/tracks.md)."""
     stack_frames: int = 32
     """Longest run of frames added up (drift removed) and read once more by the model, to read
     the tracks' heights (:mod:`ceriakeras.analysis.stacking`; one model call per run, at most

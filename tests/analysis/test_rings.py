@@ -166,7 +166,7 @@ def test_a_lost_column_is_still_counted_where_its_track_is():
 
 def test_resume_with_ring_counts_gives_the_same_stretches():
     frames = movie(7, n=30, change_at=14)
-    settings = TrackSettings(window=16)
+    settings = TrackSettings(window=20)
     whole = Tracker(settings)
     for f, (xy, p, img) in enumerate(frames):
         whole.add_frame(f, xy, p, xy / PX, None, img, PX)

@@ -175,10 +175,10 @@ def test_resume_in_the_middle_gives_the_same_tracks():
     xy, heights = lattice(), rng.integers(2, 8, 25)
     frames = [(xy + [0.1 * f, 0], probs(np.where(np.arange(25) == 9, heights + (f >= 12), heights),
                                         rng)) for f in range(24)]
-    whole = Tracker(TrackSettings(window=16))
+    whole = Tracker(TrackSettings(window=20))
     ids_whole = [whole.add_frame(f, *fr)[0] for f, fr in enumerate(frames)]
     whole.finish()
-    first = Tracker(TrackSettings(window=16))
+    first = Tracker(TrackSettings(window=20))
     ids_resumed = [first.add_frame(f, *fr)[0] for f, fr in enumerate(frames[:13])]
     second = Tracker.from_state(json.loads(json.dumps(first.state())))
     ids_resumed += [second.add_frame(f, *fr)[0] for f, fr in enumerate(frames[13:], 13)]
@@ -190,10 +190,10 @@ def test_resume_in_the_middle_gives_the_same_tracks():
 def test_memory_stays_bounded_over_a_long_series():
     rng = np.random.default_rng(7)
     xy, heights = lattice(3), rng.integers(1, 8, 9)
-    tracker = Tracker(TrackSettings(window=16))
+    tracker = Tracker(TrackSettings(window=20))
     for f in range(400):
         tracker.add_frame(f, xy, probs(heights, rng))
-    assert max(len(t["units"]) for t in tracker.tracks) <= 16
+    assert max(len(t["units"]) for t in tracker.tracks) <= 20
 
 
 def test_segment_respects_min_stretch():
