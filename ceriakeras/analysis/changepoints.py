@@ -67,17 +67,26 @@ def ring_gain(counts, frames) -> np.ndarray:
                       - counts, axis=-1)
 
 
-def ring_dispersion(counts: np.ndarray) -> float:
-    """How much more a track's ring counts scatter from frame to frame than Poisson counts
-    would: half the mean squared difference of successive frames over the mean count, averaged
-    over the rings (von Neumann, as :func:`frame_variance`), at least 1. Shifts of the column
-    against its ring centre (the drift's and the centre's errors) add to the shot noise; the
-    ring counts' log-likelihood is divided by this (a quasi-Poisson model).
+def ring_dispersion(counts: np.ndarray, systematic: float = 0.0, frames: int = 16) -> float:
+    """How much more a track's ring counts scatter than Poisson counts would, averaged over
+    the rings (at least 1); the ring counts' log-likelihood is divided by it (quasi-Poisson).
+
+    Two parts, the larger taken per ring: the frame-to-frame scatter (half the mean squared
+    difference of successive frames over the mean count, von Neumann, as
+    :func:`frame_variance`: centre and drift errors from frame to frame), and a floor for errors
+    that do not average out over a stretch (the drift's slow wander, a ring edge crossing a
+    pixel): a relative error ``systematic`` of the mean count, over ``frames`` frames of a
+    stretch, ``1 + systematic² · mean · frames``. The floor matters only where the counts are
+    large (a bright, high-dose series), where they would otherwise call any such wander a change.
 
     Parameters
     ----------
     counts : (m, R) float
         The track's single frames' electrons per ring, in order.
+    systematic : float
+        Relative error of a ring's mean count that more frames do not reduce.
+    frames : int
+        Frames of a typical stretch.
     """
     c = np.asarray(counts, np.float64)
     if len(c) < 3:
@@ -87,7 +96,8 @@ def ring_dispersion(counts: np.ndarray) -> float:
     if not keep.any():
         return 1.0
     ratio = np.mean(np.diff(c[:, keep], axis=0) ** 2, axis=0) / 2 / mean[keep]
-    return max(float(np.mean(ratio)), 1.0)
+    floor = 1.0 + systematic**2 * mean[keep] * frames
+    return max(float(np.mean(np.maximum(ratio, floor))), 1.0)
 
 
 def stretch_gains(kind: str, n, s1, s2, sums, *, temper: float, variance, rings=None,

@@ -80,7 +80,7 @@ class TrackSettings:
     empty: the Platt map above. Fitted on our own ``tune`` and ``tune2`` movies (8 particles;
     posterior logit and frame scatter: the lowest ECE with one particle left out;
     docs/tracks.md)."""
-    stacked_confidence_weights: tuple = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.957, 0.2592)
+    stacked_confidence_weights: tuple = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.8739, 0.2763)
     """The same for a height read from summed frames (:mod:`ceriakeras.analysis.stacking`);
     fitted on the same movies so read (the stacked posterior alone: the lowest ECE with one
     particle left out and the lowest log loss; ``scripts/studies/track_calibration.py``)."""
@@ -101,9 +101,16 @@ class TrackSettings:
     """Cost of one change, nats, when the ring counts join the statistic (the frames given to
     the tracker; chosen with ``ring_weight`` on our own ``tune`` and ``tune2`` movies,
     docs/tracks.md)."""
-    ring_event_map: tuple = (0.1521, -0.0218)
+    ring_event_map: tuple = (0.858, 2.1887)
     """``(event_scale, event_offset)`` with the ring counts (fitted on the events found in
     ``tune`` and ``tune2`` so; ``scripts/studies/track_calibration.py``)."""
+    ring_systematic: float = 0.01
+    """Relative error of a ring's count that more frames do not average out (drift wander, ring
+    edges crossing pixels; :func:`ceriakeras.analysis.changepoints.ring_dispersion`): it tempers
+    the rings of bright series only (at 2000 e⁻/Å² a frame; 1.2–1.6× at 50–200)."""
+    ring_after: int = 3
+    """Sightings of a track before its rings are counted: its centre settles first (the
+    first sightings move it most)."""
     ring_memory: float = 0.95
     """Weight of a track's old ring centre against a new sighting (drift removed): a running
     mean of its first sightings, then this slow average."""
@@ -348,7 +355,8 @@ class Tracker:
         """A unit of ring counts alone (no reading: ``n`` 0) for each open track whose column
         was not found in this frame, counted where the track says the column is: at low dose
         the model loses a column in some frames, its electrons are still there."""
-        missed = [t for t in self.tracks if t["last"] < frame and t["units"] and t.get("centre")]
+        missed = [t for t in self.tracks if t["last"] < frame and t["units"]
+                  and t.get("sightings", 0) >= self.settings.ring_after]
         if not missed:
             return
         where = np.array([t["centre"] for t in missed], np.float64) + self.drift
@@ -367,16 +375,16 @@ class Tracker:
                scale: tuple) -> tuple[list, np.ndarray]:
         """The ring centres (Å, drift removed) of the linked tracks ``i`` and the new columns,
         updated with their sightings ``seen``; the electrons in rings around each column of
-        the frame (rows of ``seen``; NaN without ``image``), counted at its track's centre as
-        it stood before this frame (a new column: where it was found)."""
+        the frame (rows of ``seen``), counted at its track's centre as it stood before this
+        frame; NaN without ``image`` and for tracks seen fewer than ``ring_after`` times."""
         n_rings = np.full((len(seen), RINGS), np.nan)
         old = np.array([self.tracks[a].get("centre") or self.tracks[a]["ref"]
                         for a in i.tolist()], np.float64).reshape(-1, 2)
         k = np.array([self.tracks[a].get("sightings", 1) for a in i.tolist()], np.float64)
-        if image is not None and scale[0] and self.settings.ring_weight > 0:
-            where = np.empty((len(seen), 2))
-            where[j], where[new] = old + self.drift, seen[new] + self.drift
-            n_rings = ring_counts(image, where / scale[0], *scale)
+        settled = k >= self.settings.ring_after
+        if image is not None and scale[0] and self.settings.ring_weight > 0 and settled.any():
+            n_rings[j[settled]] = ring_counts(image, (old[settled] + self.drift) / scale[0],
+                                              *scale)
         w = np.maximum(1.0 / (k + 1), 1 - self.settings.ring_memory)[:, None]
         centres = np.concatenate([old * (1 - w) + seen[j] * w, seen[new]]).tolist()
         return centres, n_rings
@@ -422,7 +430,8 @@ class Tracker:
                 track["variance"] = frame_variance(singles)
             counted = unit_arrays["rings"][(unit_arrays["n"] <= 1) & (unit_arrays["ni"] == 1)]
             if len(counted) >= 4:
-                track["dispersion"] = ring_dispersion(counted)
+                track["dispersion"] = ring_dispersion(counted, s.ring_systematic,
+                                                      s.confidence_frames)
             arrays.append(unit_arrays)
         all_parts = segment_tracks(arrays, kind=s.method, temper=s.temper,
                                    penalty=s.ring_penalty if self.counted else s.penalty,
