@@ -24,6 +24,7 @@ probability the logistic of its statistic less the penalty.
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import xlogy
 
 LOG_FLOOR = 1e-3
 """Class probabilities are floored at this before the log (one frame cannot veto a height)."""
@@ -60,11 +61,11 @@ def ring_gain(counts, frames) -> np.ndarray:
     ring counts: ``Σ_r S_r log(S_r / m) − S_r`` for ``S`` (…, R) the electrons each ring
     received over the stretch's ``m`` frames (:mod:`ceriakeras.analysis.rings`)."""
     counts = np.maximum(np.asarray(counts, np.float64), 0.0)
-    m = np.asarray(frames, np.float64)[..., None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rate = np.where(m > 0, counts / np.maximum(m, 1e-300), 1.0)
-        return np.sum(np.where(counts > 0, counts * np.log(np.maximum(rate, 1e-300)), 0.0)
-                      - counts, axis=-1)
+    m = np.asarray(frames, np.float64)
+    total = counts.sum(axis=-1)
+    with np.errstate(divide="ignore"):
+        log_m = np.where(m > 0, np.log(np.where(m > 0, m, 1.0)), 0.0)
+    return xlogy(counts, counts).sum(axis=-1) - total * log_m - total
 
 
 def ring_dispersion(counts: np.ndarray, systematic: float = 0.0, frames: int = 16) -> float:

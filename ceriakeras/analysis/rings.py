@@ -62,9 +62,10 @@ def ring_counts(image: np.ndarray, xy_px: np.ndarray, pixel_size_A: float,
     c = centre[inside]
     phase = np.clip(np.rint((xy[inside] - c) * PHASES) + PHASES // 2, 0, PHASES).astype(np.int64)
     ring = table[phase[:, 1] * (PHASES + 1) + phase[:, 0]]     # (n, M): 0 … k (k: outside)
-    index = (np.arange(n)[:, None] * (k + 1) + ring).ravel()
-    values = image[c[:, 1:] + oy, c[:, :1] + ox].ravel().astype(np.float64)
-    counts = np.bincount(index, weights=values, minlength=n * (k + 1)).reshape(n, k + 1)
+    ring += (np.arange(n, dtype=np.int32) * (k + 1))[:, None]
+    pixel = (c[:, 1] * w + c[:, 0])[:, None] + (oy * w + ox)[None, :]
+    values = np.ravel(image)[pixel.ravel()]
+    counts = np.bincount(ring.ravel(), weights=values, minlength=n * (k + 1)).reshape(n, k + 1)
     out[inside] = counts[:, :k] / counts_per_electron
     return out
 
@@ -90,7 +91,7 @@ def _ring_table(pixel_size_A: float, rings_A: tuple) -> tuple:
     d = np.hypot(ox[None, :] - fx[:, None], oy[None, :] - fy[:, None]) * pixel_size_A
     table = np.minimum(np.searchsorted(edges, d, side="right") - 1, k)
     table[d >= edges[-1]] = k
-    return oy, ox, table.astype(np.int64)
+    return oy, ox, table.astype(np.int32)
 
 
 def series_counts(item: dict):
@@ -100,7 +101,7 @@ def series_counts(item: dict):
     from ..io.series import open_series
 
     with open_series(item["path"], item["pixel_size_A"]) as series:
-        for frame in series.frames():
+        for frame in series.frames(checked=False):  # checked in the frames' pass
             yield frame.index, frame.image
 
 

@@ -68,16 +68,27 @@ def shift_back(image: np.ndarray, dx_px: int, dy_px: int) -> np.ndarray:
     """``image`` with its content moved by (−dx, −dy) whole pixels; the strip that comes in is
     filled with the image's mean (near the vacuum level of a particle in vacuum; the median
     would be closer, and cost 10 times the rest of this stage on a 1024² frame)."""
-    out = np.full(image.shape, image.mean(), np.float64)
+    out = np.zeros(image.shape, np.float64)
+    add_shifted_back(out, image, dx_px, dy_px)
+    return out
+
+
+def add_shifted_back(total: np.ndarray, image: np.ndarray, dx_px: int, dy_px: int) -> None:
+    """``total += shift_back(image, dx_px, dy_px)``, in place, without the shifted copy."""
     h, w = image.shape
+    mean = float(image.mean())
     if abs(dx_px) >= w or abs(dy_px) >= h:  # drifted out of the field
-        return out
+        total += mean
+        return
     ys, yd = (slice(dy_px, h), slice(0, h - dy_px)) if dy_px >= 0 else (
         slice(0, h + dy_px), slice(-dy_px, h))
     xs, xd = (slice(dx_px, w), slice(0, w - dx_px)) if dx_px >= 0 else (
         slice(0, w + dx_px), slice(-dx_px, w))
-    out[yd, xd] = image[ys, xs]
-    return out
+    total[yd, xd] += image[ys, xs]
+    rows = slice(h - dy_px, h) if dy_px >= 0 else slice(0, -dy_px)  # the strips that came in
+    cols = slice(w - dx_px, w) if dx_px >= 0 else slice(0, -dx_px)
+    total[rows, :] += mean
+    total[yd, cols] += mean
 
 
 def aligned_sums(frames: Iterator, spans: list[tuple[int, int]], drift_px: dict
@@ -115,8 +126,10 @@ def aligned_sums(frames: Iterator, spans: list[tuple[int, int]], drift_px: dict
         if index < span[0] or image is None or index not in drift_px:
             continue
         dx, dy = (int(round(v)) for v in drift_px[index])
-        moved = shift_back(np.asarray(image, np.float64), dx, dy)
-        total, n = (moved, 1) if total is None else (total + moved, n + 1)
+        if total is None:
+            total, n = np.zeros(np.shape(image), np.float64), 0
+        add_shifted_back(total, np.asarray(image), dx, dy)
+        n += 1
     if span is not None and n:
         yield span, total, n
 
@@ -178,7 +191,8 @@ def model_reader(model, settings, timings: dict | None = None):
         px = item["pixel_size_A"]
         factor = item.get("factor") or resample_factor(px, settings.model_pixel_A)
         with open_series(item["path"], px) as series:  # the pixel size the frames were read at
-            frames = ((frame.index, frame.image) for frame in series.frames())
+            frames = ((frame.index, frame.image)  # checked in the frames' pass
+                      for frame in series.frames(checked=False))
             found = stack_readings(
                 frames, spans, drift_A, px,
                 lambda image: predict_columns(model, image, factor, settings,

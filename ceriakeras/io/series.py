@@ -69,8 +69,12 @@ class ImageSeries:
     _read: object = field(repr=False, default=None)
     _close: object = field(repr=False, default=None)
 
-    def frames(self, start: int = 0) -> Iterator[Frame]:
-        """Yield frames ``start, start + 1, …`` as :class:`Frame` (bad frames carry an error)."""
+    def frames(self, start: int = 0, checked: bool = True) -> Iterator[Frame]:
+        """Yield frames ``start, start + 1, …`` as :class:`Frame` (bad frames carry an error).
+
+        ``checked=False``: each frame as the file holds it, without :func:`check_frame`'s
+        conversion and checks (for a second read of frames that were checked once already).
+        """
         known = {"pixel_size_A": self.pixel_size_A, "counts_per_electron": self.counts_per_electron}
         for i in range(start, self.n_frames):
             try:
@@ -81,6 +85,9 @@ class ImageSeries:
             except Exception as err:  # a damaged page inside a readable file
                 yield Frame(self.source, i, None, f"{self.source} frame {i} is unreadable "
                             f"({reason(err)})", **known)
+                continue
+            if not checked:
+                yield Frame(self.source, i, np.asarray(raw), **known)
                 continue
             try:
                 yield Frame(self.source, i, check_frame(raw, f"{self.source} frame {i}"), **known)

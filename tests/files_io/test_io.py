@@ -222,6 +222,10 @@ def test_bad_frame_inside_a_series_is_reported_and_skipped(tmp_path):
     assert [f.error is None for f in fr] == [True, False, False, True]
     assert "frame 1" in fr[1].error and "NaN" in fr[1].error
     assert "frame 2" in fr[2].error and "all zero" in fr[2].error
+    with open_series(tmp_path / "s.npy", 0.1) as series:  # a second read, as the file holds it
+        raw = list(series.frames(checked=False))
+    assert all(f.error is None for f in raw) and np.isnan(raw[1].image[2, 2])
+    assert np.array_equal(raw[3].image, data[3]) and raw[3].image.dtype == data.dtype
 
 
 def test_huge_declared_size_is_refused_before_reading(tmp_path):
