@@ -15,6 +15,10 @@ track into stretches by optimal partitioning (every stretch at least ``min_stret
 - ``"classes"``: the tempered class log-likelihood ``τ Σ_t log p_t(h)`` of the best height per
   stretch (frames of one state are not independent evidence, hence ``τ ≤ 1``).
 
+Where the frames were counted (:mod:`ceriakeras.analysis.rings`), each of these gains the
+Poisson log-likelihood of the electrons in rings around the column (:func:`ring_gain`), weighted
+by ``ring_weight`` over the track's :func:`ring_dispersion`.
+
 The heights of a track's stretches are then read together (:func:`assign_heights`): each
 stretch's tempered class log-likelihood, subject to every change going the way its mean shifted.
 A stretch's confidence is the posterior ``softmax(τ_c Σ_t log p_t)`` at its height; a change's

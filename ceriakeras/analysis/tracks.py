@@ -125,8 +125,10 @@ class TrackSettings:
             raise ConfigError("temper and confidence_temper must be in (0, 1]")
         if self.method not in ("mean_shift", "bayes", "classes"):
             raise ConfigError(f"method={self.method!r}: use 'mean_shift', 'bayes' or 'classes'")
-        if self.ring_weight < 0 or not 0 <= self.ring_memory < 1:
-            raise ConfigError("ring_weight must be ≥ 0 and ring_memory in [0, 1)")
+        if (self.ring_weight < 0 or self.ring_systematic < 0 or self.ring_after < 0
+                or not 0 <= self.ring_memory < 1):
+            raise ConfigError("ring_weight, ring_systematic and ring_after must be ≥ 0 and "
+                              "ring_memory in [0, 1)")
         if not 0 < self.max_distance_A <= self.search_A:
             raise ConfigError("max_distance_A must be positive and ≤ search_A (Å)")
         for weights in (self.confidence_weights, self.stacked_confidence_weights):

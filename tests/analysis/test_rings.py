@@ -218,3 +218,12 @@ def test_a_bright_series_whose_drift_wanders_reports_no_event():
     assert events(stretches) == []
     _, bare = run(frames, TrackSettings(ring_systematic=0.0))
     assert len(events(bare)) > 0  # without the floor, the wander reads as changes
+
+
+@pytest.mark.parametrize("bad", [{"ring_weight": -1.0}, {"ring_systematic": -0.1},
+                                 {"ring_after": -1}, {"ring_memory": 1.0}])
+def test_ring_settings_are_checked(bad):
+    from ceriakeras.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ring_"):
+        Tracker(TrackSettings(**bad))
