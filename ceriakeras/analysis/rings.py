@@ -3,10 +3,10 @@
 At 50 e⁻/Å² per frame the model reads a column's height right one time in two, and it misreads
 a column the same way in every frame of a state: the per-frame expected height then barely
 moves when one Ce atom leaves or lands (docs/tracks.md). The electrons that land around the
-column do move: a one-atom change alters the column's contrast by several per cent, whatever the
-model makes of it. Counted in a few rings around the column's position (known from its track to
-a few hundredths of an Å), they are Poisson counts, and a change of their means between two
-stretches is a plain likelihood ratio (:func:`ceriakeras.analysis.changepoints.ring_gain`).
+column do move, whatever the model makes of them. Counted in a few rings around the column's
+position (from its track: a slow average of its sightings), they are Poisson counts, and a
+change of their means between two stretches is a plain likelihood ratio
+(:func:`ceriakeras.analysis.changepoints.ring_gain`).
 
 The sign of that change depends on the optics (defocus turns a heavier column brighter or
 darker), so the rings say *when* a column changed; which way it changed is still read by the
