@@ -19,6 +19,8 @@ import functools
 
 import numpy as np
 
+from ..config import InputError
+
 RINGS_A = (0.0, 0.4, 0.8, 1.2, 1.6)
 """Ring edges, Å, around a column's centre: a disk and three rings (chosen on our own ``tune``
 and ``tune2`` movies; nearest Ce neighbours in [110] lie ≥ 1.9 Å away)."""
@@ -107,14 +109,18 @@ def series_counts(item: dict):
 
 class FrameCursor:
     """A series' frames taken in increasing order (``frames``: an iterator of ``(index,
-    image)`` or None): :meth:`get` skips to a frame, None where there is none."""
+    image)`` or None): :meth:`get` skips to a frame, None where there is none; a source that
+    cannot be read ends the frames, ``error`` says why."""
 
     def __init__(self, frames):
-        self.frames, self.head = frames, None
+        self.frames, self.head, self.error = frames, None, None
 
     def get(self, index: int):
         while self.frames is not None and (self.head is None or self.head[0] < index):
-            self.head = next(self.frames, None)
+            try:
+                self.head = next(self.frames, None)
+            except (InputError, OSError) as err:  # moved or damaged since the frames' pass
+                self.head, self.error = None, str(err)
             if self.head is None:
                 self.frames = None
         return self.head[1] if self.head is not None and self.head[0] == index else None

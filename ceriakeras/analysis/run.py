@@ -411,9 +411,8 @@ def _finish_run(run: _Run, elapsed: float) -> dict:
 
 
 def _write_tracks(run: _Run) -> None:
-    """Tracks, stretches and events from the logged probabilities (:mod:`.tracking`): the track
-    columns of ``columns.csv`` filled in, ``events.csv``; the new table's size is committed in
-    ``progress.json`` before it replaces ``columns.csv``."""
+    """Tracks, stretches and events (:mod:`.tracking`): ``columns.csv``'s track columns, whose new
+    table's size is committed in ``progress.json`` before it replaces the old, ``events.csv``."""
     run.probability_log.close()
     t0 = time.perf_counter()
 
@@ -423,12 +422,13 @@ def _write_tracks(run: _Run) -> None:
 
     run.timings["stacks"] = 0.0
     plan = [{**item, **item["gain"]} for item in run.plan]  # counts_per_electron at the top
-    tracking.write_tracks(run.out_dir, plan,
-                          tracking.TrackSettings(min_stretch=run.config.min_stretch),
-                          before_replace=commit_size,
-                          stack_reader=model_reader(run.served, run.settings, run.timings),
-                          stack=StackSettings(max_frames=run.config.stack_frames),
-                          frame_reader=series_counts)
+    done = tracking.write_tracks(
+        run.out_dir, plan, tracking.TrackSettings(min_stretch=run.config.min_stretch),
+        before_replace=commit_size, stack=StackSettings(max_frames=run.config.stack_frames),
+        stack_reader=model_reader(run.served, run.settings, run.timings),
+        frame_reader=series_counts)
+    for item in (i for i in run.plan if i["source"] in done["unread"]):  # moved mid-run
+        item["tracks_warning"] = done["unread"][item["source"]]
     run.timings["tracks"] = time.perf_counter() - t0 - run.timings["stacks"]
 
 
@@ -482,7 +482,7 @@ def _summary(run: _Run, per_frame: dict, elapsed: float) -> dict:
         "model_pixel_size_A": run.model_px,
         "inputs": [{"source": it["source"], "frames": it["n_frames"],
                     "pixel_size_A": it["pixel_size_A"], "pixel_size_from": it["pixel_size_from"],
-                    **it["gain"]}
+                    **it["gain"], **{k: it[k] for k in ("tracks_warning",) if k in it}}
                    for it in plan],
         "out_dir": str(run.out_dir),
         "columns_csv": str(run.csv_path),

@@ -238,8 +238,9 @@ def format_summary(summary: dict) -> str:
     for s in summary["skipped"][:10]:
         lines.append(f"skipped         {s['reason']}")
     for it in summary["inputs"]:
-        if it.get("gain_warning"):
-            lines.append(f"warning         {it['source']}: {it['gain_warning']}")
+        for key in ("gain_warning", "tracks_warning"):
+            if it.get(key):
+                lines.append(f"warning         {it['source']}: {it[key]}")
     if summary.get("frames_not_recognised"):
         why = ", ".join(f"{k}: {n}" for k, n in summary.get("not_recognised_reasons", {}).items())
         lines.append(f"warning         {summary['frames_not_recognised']} of "

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import InputError
 from ..io.files import atomic_path, write_bytes_atomic
 from .rings import FrameCursor
 from .stacking import StackSettings, epochs, restack
@@ -166,8 +167,9 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
     Returns
     -------
     dict
-        ``tracks`` (over all series), ``events`` and ``stacked`` (stretches whose height was
-        read from summed frames).
+        ``tracks`` (over all series), ``events``, ``stacked`` (stretches whose height was
+        read from summed frames) and ``unread`` (``{source: warning}``, :func:`unread_warning`:
+        series that could not be read again, tracked from the model's readings alone).
 
     Notes
     -----
@@ -208,15 +210,16 @@ def _write_tracks(out_dir: Path, plan: list, settings: TrackSettings, before_rep
         g += item["n_frames"]
     ids_path = out_dir / "tracking" / "track_ids.bin"  # each row's track, in row order
     ids_path.parent.mkdir(parents=True, exist_ok=True)
+    unread: dict = {}  # source: why it could not be read again (model's readings alone)
     with open(ids_path, "wb") as ids_file:
         stretches, drift_rows, layout = _track_pass(
             csv_path, offsets, n_frames, settings, read_probability_log(out_dir / LOG_NAME),
-            ids_file, {item["source"]: item for item in plan}, frame_reader)
+            ids_file, {item["source"]: item for item in plan}, frame_reader, unread)
     for by_track in stretches.values():
         for runs in by_track.values():
             runs.sort(key=lambda s: s["first"])
     stacked = 0 if stack_reader is None else _restack_all(stretches, drift_rows, plan,
-                                                          stack_reader, stack, settings)
+                                                          stack_reader, stack, settings, unread)
     if on_stretches is not None:
         on_stretches(stretches)
     _write_csv(out_dir / "tracking" / "drift.csv", drift_rows)
@@ -225,11 +228,12 @@ def _write_tracks(out_dir: Path, plan: list, settings: TrackSettings, before_rep
     _rewrite_columns(csv_path, header, layout, ids_path, stretches, before_replace)
     ids_path.unlink()
     return {"tracks": sum(len(v) for v in stretches.values()), "events": len(events),
+            "unread": unread,
             "stacked": stacked}
 
 
 def _restack_all(stretches: dict, drift_rows: list, plan: list, reader, stack: StackSettings,
-                 settings: TrackSettings) -> int:
+                 settings: TrackSettings, unread: dict) -> int:
     """Every series' stretches read again from its epochs' summed frames
     (:func:`ceriakeras.analysis.stacking.restack`); the number of stretches so read."""
     drift: dict = {}
@@ -245,13 +249,17 @@ def _restack_all(stretches: dict, drift_rows: list, plan: list, reader, stack: S
         if not spans:
             continue
         drift_A = drift.get(item["source"], {})
-        readings = reader(item, spans, drift_A)
+        try:
+            readings = reader(item, spans, drift_A)
+        except (InputError, OSError) as err:  # moved or damaged since: frames' heights stay
+            unread.setdefault(item["source"], unread_warning(str(err)))
+            continue
         read += restack(by_track, spans, readings, drift_A, stack, settings)
     return read
 
 
 def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSettings, log,
-                ids_file, items: dict, frame_reader) -> tuple[dict, list, list]:
+                ids_file, items: dict, frame_reader, unread: dict) -> tuple[dict, list, list]:
     """Stream ``columns.csv`` and the probability log ``log`` once through a tracker per
     series (with each series' frames from ``frame_reader``, if given); write each row's track
     to ``ids_file``; return the stretches (``{source: {track: [stretch, …]}}``), the rows of
@@ -279,7 +287,7 @@ def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSe
             if tracker is not None:
                 collect(current, tracker, finish=True)
             tracker, current = Tracker(settings), source
-            images.close()
+            _close(images, current, unread)
             images = FrameCursor(frame_reader(items[source]) if frame_reader is not None
                              and source in items else None)
         table = _numbers(rows)
@@ -297,8 +305,22 @@ def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSe
         collect(source, tracker)
     if tracker is not None:
         collect(current, tracker, finish=True)
-    images.close()
+    _close(images, current, unread)
     return stretches, drift_rows, layout
+
+
+def _close(images: FrameCursor, source, unread: dict) -> None:
+    """Close a series' frames; note in ``unread`` why they could not be read, if so."""
+    if images.error is not None:
+        unread.setdefault(source, unread_warning(images.error))
+    images.close()
+
+
+def unread_warning(reason: str) -> str:
+    """What to tell of a series that could not be read again for its tracks (``reason``)."""
+    return (f"could not be read again for the tracks ({reason}): its changes and heights come "
+            "from the model's per-frame readings alone; put the file back and run again with "
+            "--overwrite for the full tracks")
 
 
 def _events(stretches: dict, plan: list) -> list:

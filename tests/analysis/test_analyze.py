@@ -657,3 +657,24 @@ def test_many_inputs_share_one_gain_line_few_get_one_each():
     assert "1–1.39 counts/e⁻ over 40 inputs" in many[0]
     assert "series estimate: 39" in many[0] and "option: 1" in many[0]
     assert gain_lines([{"source": "x", "counts_per_electron": None}]) == []
+
+
+def test_a_series_gone_before_the_tracks_stage_is_tracked_from_the_readings(tmp_path, series,
+                                                                             monkeypatch):
+    """The frames cannot be read a second time (moved mid-run): the run still ends, with the
+    tracks from the model's readings and a warning that says what to do."""
+    path, _, _ = series
+
+    def gone(item):
+        raise InputError(f"{item['source']} does not exist")
+        yield  # a generator, as series_counts
+
+    monkeypatch.setattr(analyze_module, "series_counts", gone)
+    summary = analyze([path], tmp_path / "out", model=StandInModel(), progress=False)
+    warning = summary["inputs"][0]["tracks_warning"]
+    assert "does not exist" in warning and "--overwrite" in warning
+    header, rows = read_rows(tmp_path / "out" / "columns.csv")
+    track = header.index("track")
+    assert rows and all(r[track] != "" for r in rows)
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["inputs"][0]["tracks_warning"] == warning

@@ -227,3 +227,34 @@ def test_ring_settings_are_checked(bad):
 
     with pytest.raises(ConfigError, match="ring_"):
         Tracker(TrackSettings(**bad))
+
+
+def test_a_series_that_cannot_be_read_again_keeps_the_models_readings(tmp_path):
+    """The file moved between the frames' pass and the tracks stage: the tracks, heights and
+    events come from the model's readings alone, and the result says why."""
+    from ceriakeras.analysis.tables import format_summary
+    from ceriakeras.analysis.tracking import write_tracks
+    from ceriakeras.config import InputError
+    from test_tracks import read_csv, write_run
+
+    frames = movie(10)
+    plan = write_run(tmp_path / "out", {"movie.tif": [(xy, p) for xy, p, _ in frames]})
+    plan = [{**item, "pixel_size_A": PX, "counts_per_electron": 1.0} for item in plan]
+
+    def gone(*_):
+        raise InputError("movie.tif does not exist")
+
+    def frames_gone(item):
+        yield from gone()
+
+    done = write_tracks(tmp_path / "out", plan, frame_reader=frames_gone, stack_reader=gone)
+    assert list(done["unread"]) == ["movie.tif"] and "does not exist" in done["unread"]["movie.tif"]
+    alone = (tmp_path / "out" / "columns.csv").read_bytes()
+    assert write_tracks(tmp_path / "out", plan)["unread"] == {}
+    assert (tmp_path / "out" / "columns.csv").read_bytes() == alone  # as without the frames
+    assert len(read_csv(tmp_path / "out" / "columns.csv")) == 9 * len(frames)
+    summary = {"frames_analysed": 40, "frames_total": 40, "frames_skipped": 0,
+               "resumed_at_frame": 0, "columns_per_frame": 9.0, "mean_height": 3.0,
+               "frames_per_second": 1.0, "frames_analysed_now": 40, "out_dir": "out",
+               "skipped": [], "inputs": [{"source": "movie.tif", "tracks_warning": "read alone"}]}
+    assert "warning         movie.tif: read alone" in format_summary(summary)
