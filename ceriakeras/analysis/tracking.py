@@ -268,7 +268,7 @@ def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSe
     layout = []
     drift_rows = [("source", "frame") + DRIFT_COLUMNS]
     logged = next(log, None)
-    tracker, current, images = None, None, FrameCursor(None)
+    tracker, current, item, images = None, None, {}, FrameCursor(None)
 
     def collect(source, tracker, finish=False):
         if finish:
@@ -286,10 +286,10 @@ def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSe
         if source != current:
             if tracker is not None:
                 collect(current, tracker, finish=True)
-            tracker, current = Tracker(settings), source
-            _close(images, current, unread)
-            images = FrameCursor(frame_reader(items[source]) if frame_reader is not None
-                             and source in items else None)
+            _close(images, current, unread)  # the series just ended
+            tracker, current, item = Tracker(settings), source, items.get(source, {})
+            images = FrameCursor(frame_reader(item) if frame_reader is not None and item
+                                 else None)
         table = _numbers(rows)
         if logged is not None and logged[0] == gi and len(logged[1]) == len(rows):
             probabilities = logged[1]
@@ -297,9 +297,8 @@ def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSe
             probabilities = _fallback_probabilities(table[:, 4].astype(np.int64), table[:, 5],
                                                     16 if logged is None else logged[1].shape[1])
         ids, drift = tracker.add_frame(frame, table[:, 2:4], probabilities, table[:, 0:2],
-                                       table[:, 5], images.get(frame),
-                                       items.get(source, {}).get("pixel_size_A"),
-                                       items.get(source, {}).get("counts_per_electron") or 1.0)
+                                       table[:, 5], images.get(frame), item.get("pixel_size_A"),
+                                       item.get("counts_per_electron") or 1.0)
         ids_file.write(np.asarray(ids, np.int64).tobytes())
         drift_rows.append((source, frame, f"{drift[0]:.4f}", f"{drift[1]:.4f}"))
         collect(source, tracker)

@@ -258,3 +258,23 @@ def test_a_series_that_cannot_be_read_again_keeps_the_models_readings(tmp_path):
                "frames_per_second": 1.0, "frames_analysed_now": 40, "out_dir": "out",
                "skipped": [], "inputs": [{"source": "movie.tif", "tracks_warning": "read alone"}]}
     assert "warning         movie.tif: read alone" in format_summary(summary)
+
+
+def test_an_unreadable_series_is_named_and_the_next_one_still_read(tmp_path):
+    from ceriakeras.analysis.tracking import write_tracks
+    from ceriakeras.config import InputError
+    from test_tracks import write_run
+
+    frames = movie(11)
+    tables = [(xy, p) for xy, p, _ in frames]
+    plan = write_run(tmp_path / "out", {"gone.tif": tables, "here.tif": tables})
+    plan = [{**item, "pixel_size_A": PX, "counts_per_electron": 1.0} for item in plan]
+
+    def frame_reader(item):
+        if item["source"] == "gone.tif":
+            raise InputError("gone.tif does not exist")
+        yield from ((f, img) for f, (_, _, img) in enumerate(frames))
+
+    done = write_tracks(tmp_path / "out", plan, frame_reader=frame_reader)
+    assert list(done["unread"]) == ["gone.tif"]
+    assert done["events"] == 1  # here.tif's change, found in its rings
