@@ -94,20 +94,17 @@ class TrackSettings:
     position_memory: float = 0.7
     """Weight of a track's old position against a new sighting (drift removed)."""
     ring_weight: float = 1.0
-    """Weight of the ring counts' Poisson log-likelihood in the change statistic (0: the
-    model's readings alone; :mod:`ceriakeras.analysis.rings`), divided by each track's
-    :func:`ceriakeras.analysis.changepoints.ring_dispersion`."""
+    """Weight of the ring counts' Poisson log-likelihood in the change statistic (0: none;
+    :mod:`.rings`), divided by each track's :func:`.changepoints.ring_dispersion`."""
     ring_penalty: float = 12.0
-    """Cost of one change, nats, when the ring counts join the statistic (the frames given to
-    the tracker; chosen with ``ring_weight`` on our own ``tune`` and ``tune2`` movies,
-    docs/tracks.md)."""
+    """Cost of one change, nats, when the ring counts join the statistic (frames given to the
+    tracker; chosen on our own ``tune`` and ``tune2`` movies, docs/tracks.md)."""
     ring_event_map: tuple = (0.858, 2.1887)
     """``(event_scale, event_offset)`` with the ring counts (fitted on the events found in
     ``tune`` and ``tune2`` so; ``scripts/studies/track_calibration.py``)."""
     ring_systematic: float = 0.01
     """Relative error of a ring's count that more frames do not average out (drift wander, ring
-    edges crossing pixels; :func:`ceriakeras.analysis.changepoints.ring_dispersion`): it tempers
-    the rings of bright series only (at 2000 e⁻/Å² a frame; 1.2–1.6× at 50–200)."""
+    edges crossing pixels; :func:`.changepoints.ring_dispersion`): tempers bright series."""
     ring_after: int = 3
     """Sightings of a track before its rings are counted: its centre settles first (the
     first sightings move it most)."""
@@ -331,8 +328,10 @@ class Tracker:
         m, seen = s.position_memory, xy_A - self.drift
         refs = np.concatenate([refs[i] * m + seen[j] * (1 - m),
                                seen[new] * m + seen[new] * (1 - m)]).tolist()
-        scale = (pixel_size_A, counts_per_electron)
-        centres, rings = self._rings(i, j, new, seen, image, scale)
+        counted = self._count_rings(image, pixel_size_A, counts_per_electron)
+        rings = np.full((len(xy_A), RINGS), np.nan)
+        rings[j] = counted[i]
+        centres = self._centres(i, j, new, seen)
         units = _frame_units(frame, logp, height, conf, xy_px, xy_A, rings)
         extended = [self.tracks[a] for a in i.tolist()]
         for b in new.tolist():
@@ -344,52 +343,50 @@ class Tracker:
             track["centre"] = centre
             track["sightings"] = track.get("sightings", 0) + 1
             track["units"].append(units[b])
-        if image is not None and pixel_size_A and s.ring_weight > 0:
-            self.counted = True
-            self._count_missed(frame, image, scale)
+        self._add_missed(frame, set(i.tolist()), counted, pixel_size_A)
         self._settle([t for t in extended if len(t["units"]) > s.window], final=False)
         self._settle([t for t in self.tracks if frame - t["last"] > s.max_gap and t["units"]],
                      final=True)
         self.tracks = [t for t in self.tracks if frame - t["last"] <= s.max_gap]
         return ids, self.drift.copy()
 
-    def _count_missed(self, frame: int, image: np.ndarray, scale: tuple) -> None:
-        """A unit of ring counts alone (no reading: ``n`` 0) for each open track whose column
-        was not found in this frame, counted where the track says the column is: at low dose
-        the model loses a column in some frames, its electrons are still there."""
-        missed = [t for t in self.tracks if t["last"] < frame and t["units"]
-                  and t.get("sightings", 0) >= self.settings.ring_after]
-        if not missed:
-            return
-        where = np.array([t["centre"] for t in missed], np.float64) + self.drift
-        pixel_size_A = scale[0]
-        rings = ring_counts(image, where / pixel_size_A, *scale)
-        for track, at, r in zip(missed, where.tolist(), rings):
-            if not np.isfinite(r).all():
+    def _count_rings(self, image, pixel_size_A, counts_per_electron: float) -> np.ndarray:
+        """The electrons in rings (:mod:`.rings`) around each open track's centre (before this
+        frame, drift added): (tracks, RINGS), NaN without ``image`` or ``ring_after`` sightings."""
+        out = np.full((len(self.tracks), RINGS), np.nan)
+        if image is None or not pixel_size_A or self.settings.ring_weight <= 0:
+            return out
+        self.counted = True
+        settled = np.array([t.get("sightings", 0) >= self.settings.ring_after for t in self.tracks])
+        if settled.any():
+            where = np.array([_centre(t) for t, ok in zip(self.tracks, settled) if ok],
+                             np.float64) + self.drift
+            out[settled] = ring_counts(image, where / pixel_size_A, pixel_size_A,
+                                       counts_per_electron)
+        return out
+
+    def _add_missed(self, frame: int, found: set, counted: np.ndarray, pixel_size_A) -> None:
+        """A unit of ring counts alone (no reading: ``n`` 0) for each track open before this
+        frame whose column was not ``found`` in it but whose rings were ``counted``
+        (:meth:`_count_rings`): the model loses a column in some frames, its electrons stay."""
+        for a, (track, r) in enumerate(zip(self.tracks, counted)):  # new tracks come after
+            if a in found or not track["units"] or not np.isfinite(r).all():
                 continue
+            at = (np.asarray(_centre(track)) + self.drift).tolist()
             k = len(track["units"][-1]["sum"])
             track["units"].append({"first": frame, "last": frame, "n": 0, "sum": [0.0] * k,
                                    "s1": 0.0, "s2": 0.0, "c1": 0.0, "rings": r.tolist(),
                                    "ni": 1, "pos": [at[0] / pixel_size_A, at[1] / pixel_size_A,
                                                     at[0], at[1]]})
 
-    def _rings(self, i: np.ndarray, j: np.ndarray, new: np.ndarray, seen: np.ndarray, image,
-               scale: tuple) -> tuple[list, np.ndarray]:
+    def _centres(self, i: np.ndarray, j: np.ndarray, new: np.ndarray, seen: np.ndarray) -> list:
         """The ring centres (Å, drift removed) of the linked tracks ``i`` and the new columns,
-        updated with their sightings ``seen``; the electrons in rings around each column of
-        the frame (rows of ``seen``), counted at its track's centre as it stood before this
-        frame; NaN without ``image`` and for tracks seen fewer than ``ring_after`` times."""
-        n_rings = np.full((len(seen), RINGS), np.nan)
-        old = np.array([self.tracks[a].get("centre") or self.tracks[a]["ref"]
-                        for a in i.tolist()], np.float64).reshape(-1, 2)
+        moved towards their sightings ``seen`` (a running mean of the first ones, then a slow
+        average: ``ring_memory``)."""
+        old = np.array([_centre(self.tracks[a]) for a in i.tolist()], np.float64).reshape(-1, 2)
         k = np.array([self.tracks[a].get("sightings", 1) for a in i.tolist()], np.float64)
-        settled = k >= self.settings.ring_after
-        if image is not None and scale[0] and self.settings.ring_weight > 0 and settled.any():
-            n_rings[j[settled]] = ring_counts(image, (old[settled] + self.drift) / scale[0],
-                                              *scale)
         w = np.maximum(1.0 / (k + 1), 1 - self.settings.ring_memory)[:, None]
-        centres = np.concatenate([old * (1 - w) + seen[j] * w, seen[new]]).tolist()
-        return centres, n_rings
+        return np.concatenate([old * (1 - w) + seen[j] * w, seen[new]]).tolist()
 
     def finish(self) -> None:
         """Close every open track (the series ended)."""
@@ -480,6 +477,11 @@ class Tracker:
                 "x_A": u["pos"][2], "y_A": u["pos"][3], "sum": list(u["sum"]),
                 "mean": float(means[k])})
         track["done"] = []
+
+
+def _centre(track: dict) -> list:
+    """A track's ring centre, Å, drift removed (its position until it has one)."""
+    return track.get("centre") or track["ref"]
 
 
 def _merge(units: list, sums: np.ndarray) -> dict:
