@@ -1,4 +1,5 @@
-"""Reading an analysis's inputs: frames read and resampled to the model's pixel size, in batches."""
+"""Reading an analysis's inputs: frames read and resampled to the model's pixel size, in batches;
+read again, as the file holds them, for the tracks stage (:func:`series_counts`)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,38 @@ def read_batches(plan: list, start: int, pixel_size_A, config: AnalyzeConfig, si
                 if frame is None:
                     break
         offset += n
+
+
+def series_counts(item: dict):
+    """The frames of the series ``item['path']`` (a plan entry with ``pixel_size_A``) as
+    ``(index, image)``, ``image`` in the file's counts (None for a frame that cannot be read):
+    the ``frame_reader`` of :func:`ceriakeras.analysis.tracking.write_tracks` and what the
+    stacked readings add up (:func:`ceriakeras.analysis.stacking.model_reader`)."""
+    with open_series(item["path"], item["pixel_size_A"]) as series:
+        for frame in series.frames(checked=False):  # checked in the frames' pass
+            yield frame.index, frame.image
+
+
+class FrameCursor:
+    """A series' frames taken in increasing order (``frames``: an iterator of ``(index,
+    image)`` or None): :meth:`get` skips to a frame, None where there is none; a source that
+    cannot be read ends the frames, ``error`` says why."""
+
+    def __init__(self, frames):
+        self.frames, self.head, self.error = frames, None, None
+
+    def get(self, index: int):
+        while self.frames is not None and (self.head is None or self.head[0] < index):
+            try:
+                self.head = next(self.frames, None)
+            except (InputError, OSError) as err:  # moved or damaged since the frames' pass
+                self.head, self.error = None, str(err)
+            if self.head is None:
+                self.frames = None
+        return self.head[1] if self.head is not None and self.head[0] == index else None
+
+    def close(self):
+        if self.frames is not None and hasattr(self.frames, "close"):
+            self.frames.close()
+        self.frames, self.head = None, None
+

@@ -19,8 +19,6 @@ import functools
 
 import numpy as np
 
-from ..config import InputError
-
 RINGS_A = (0.0, 0.4, 0.8, 1.2, 1.6)
 """Ring edges, Å, around a column's centre: a disk and three rings (chosen on our own ``tune``
 and ``tune2`` movies; nearest Ce neighbours in [110] lie ≥ 1.9 Å away)."""
@@ -94,39 +92,3 @@ def _ring_table(pixel_size_A: float, rings_A: tuple) -> tuple:
     table = np.minimum(np.searchsorted(edges, d, side="right") - 1, k)
     table[d >= edges[-1]] = k
     return oy, ox, table.astype(np.int32)
-
-
-def series_counts(item: dict):
-    """The frames of the series ``item['path']`` (a plan entry with ``pixel_size_A``) as
-    ``(index, image)``, ``image`` in the file's counts (None for a frame that cannot be read):
-    the ``frame_reader`` of :func:`ceriakeras.analysis.tracking.write_tracks`."""
-    from ..io.series import open_series
-
-    with open_series(item["path"], item["pixel_size_A"]) as series:
-        for frame in series.frames(checked=False):  # checked in the frames' pass
-            yield frame.index, frame.image
-
-
-class FrameCursor:
-    """A series' frames taken in increasing order (``frames``: an iterator of ``(index,
-    image)`` or None): :meth:`get` skips to a frame, None where there is none; a source that
-    cannot be read ends the frames, ``error`` says why."""
-
-    def __init__(self, frames):
-        self.frames, self.head, self.error = frames, None, None
-
-    def get(self, index: int):
-        while self.frames is not None and (self.head is None or self.head[0] < index):
-            try:
-                self.head = next(self.frames, None)
-            except (InputError, OSError) as err:  # moved or damaged since the frames' pass
-                self.head, self.error = None, str(err)
-            if self.head is None:
-                self.frames = None
-        return self.head[1] if self.head is not None and self.head[0] == index else None
-
-    def close(self):
-        if self.frames is not None and hasattr(self.frames, "close"):
-            self.frames.close()
-        self.frames, self.head = None, None
-

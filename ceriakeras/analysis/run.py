@@ -51,8 +51,7 @@ from ..noise import estimate_dose
 from .pictures import frame_caption, render_frame, write_movie, write_png, write_xyz
 from . import tracking
 from .plan import plan_inputs
-from .reading import Batch, read_batches
-from .rings import series_counts
+from .reading import Batch, read_batches, series_counts
 from .stacking import StackSettings, model_reader
 from .resume import (PROGRESS_VERSION, ProgressJson, earlier_frames, prepare_out_dir,
                      previous_optics)

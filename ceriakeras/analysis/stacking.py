@@ -21,6 +21,7 @@ height veto a change lost a third of the true changes on our own movies at 200 e
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -184,15 +185,13 @@ def model_reader(model, settings, timings: dict | None = None):
     """
     from ..inference.predict import predict_columns
     from ..inference.resample import resample_factor
-    from ..io.series import open_series
+    from .reading import series_counts
 
     def read(item, spans, drift_A):
         t0 = time.perf_counter()
         px = item["pixel_size_A"]
         factor = item.get("factor") or resample_factor(px, settings.model_pixel_A)
-        with open_series(item["path"], px) as series:  # the pixel size the frames were read at
-            frames = ((frame.index, frame.image)  # checked in the frames' pass
-                      for frame in series.frames(checked=False))
+        with contextlib.closing(series_counts(item)) as frames:  # as the file holds them
             found = stack_readings(
                 frames, spans, drift_A, px,
                 lambda image: predict_columns(model, image, factor, settings,

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..config import InputError
 from ..io.files import atomic_path, write_bytes_atomic
-from .rings import FrameCursor
+from .reading import FrameCursor
 from .stacking import StackSettings, epochs, restack
 from .tracks import Tracker, TrackSettings
 
@@ -161,7 +161,7 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
         (:func:`.stacking.model_reader`); None: heights from the frames' readings alone.
     frame_reader : callable, optional
         ``frame_reader(item)`` → ``(index, image)`` of the series' frames, counts per pixel
-        (:func:`.rings.series_counts`; ``item['counts_per_electron']`` converts): the electrons
+        (:func:`.reading.series_counts`; ``item['counts_per_electron']`` converts): the electrons
         around each column join the change statistic. None: the model's readings alone.
 
     Returns

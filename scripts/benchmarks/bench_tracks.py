@@ -36,7 +36,7 @@ import scipy.spatial  # noqa: F401 -- analyze has it by then (column finding), a
 
 from ceriakeras.analysis import tracking
 from ceriakeras.analysis.offline import untracked_copy
-from ceriakeras.analysis.rings import series_counts
+from ceriakeras.analysis.reading import series_counts
 
 OUTPUTS = ("columns.csv", "events.csv", "frames.csv", "tracking/drift.csv",
            "tracking/probabilities.bin")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ceriakeras.analysis.rings import series_counts
+from ceriakeras.analysis.reading import series_counts
 from ceriakeras.analysis.offline import untracked_copy
 from ceriakeras.analysis.tracking import write_tracks
 from ceriakeras.analysis.tracks import EVIDENCE, TrackSettings
