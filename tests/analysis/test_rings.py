@@ -11,15 +11,9 @@ import pytest
 from ceriakeras.analysis.changepoints import change_statistic, ring_dispersion, ring_gain
 from ceriakeras.analysis.rings import RINGS_A, ring_counts
 from ceriakeras.analysis.tracks import Tracker, TrackSettings
+from test_tracks import events, lattice, probs, read_csv, write_run
 
 PX = 0.1  # Å per pixel
-K = 16
-
-
-def lattice3() -> np.ndarray:
-    """9 column positions, Å, 3.9 Å apart."""
-    g = np.arange(3) * 3.9 + 10.0
-    return np.array([(x, y) for y in g for x in g], np.float64)
 
 
 def image(xy_A, amplitude, rng, background=2.0, sigma_A=0.4, side=300) -> np.ndarray:
@@ -32,17 +26,11 @@ def image(xy_A, amplitude, rng, background=2.0, sigma_A=0.4, side=300) -> np.nda
     return rng.poisson(background * mean).astype(np.uint16)
 
 
-def probs(centre, rng, noise=0.3, width=0.6) -> np.ndarray:
-    c = np.asarray(centre, np.float64) + rng.normal(0, noise, len(centre))
-    p = np.exp(-((np.arange(1, K + 1)[None, :] - c[:, None]) ** 2) / (2 * width**2)) + 1e-4
-    return p / p.sum(axis=1, keepdims=True)
-
-
 def movie(seed=0, n=40, change_at=20, changed=4, gain=1):
     """Frames of 9 columns whose model readings barely move (+0.2 atoms on column ``changed``
     from ``change_at``) while its image changes clearly (bump 0.5 → 0.9)."""
     rng = np.random.default_rng(seed)
-    xy = lattice3()
+    xy = lattice(3)
     out = []
     for f in range(n):
         after = (np.arange(9) == changed) & (f >= change_at)
@@ -59,10 +47,6 @@ def run(frames, settings=None, with_images=True, gain=1.0):
         ids.append(i)
     tracker.finish()
     return ids, tracker.pop_stretches()
-
-
-def events(stretches):
-    return sorted((s["track"], s["first"]) for s in stretches if s["change_probability"] is not None)
 
 
 def brute_force(img, x, y, edges=RINGS_A):
@@ -103,7 +87,7 @@ def test_ring_statistic_is_the_poisson_likelihood_ratio_of_two_stretches():
                                                              for s in both)
     assert ring_gain(a, 10) + ring_gain(b, 10) - ring_gain(both, 20) == pytest.approx(want)
     assert want > 9  # 200 more electrons in ring 0 over 10 frames: ≈ 4.3 sd
-    unit = {"sum": np.zeros(K), "s1": 30.0, "s2": 90.0, "n": 10}
+    unit = {"sum": np.zeros(16), "s1": 30.0, "s2": 90.0, "n": 10}
     stat = change_statistic("mean_shift", {**unit, "rings": a, "ni": 10},
                             {**unit, "rings": b, "ni": 10}, temper=0.3, variance=0.1,
                             ring_weight=0.5)
@@ -184,7 +168,6 @@ def test_resume_with_ring_counts_gives_the_same_stretches():
 
 def test_write_tracks_reads_the_frames_for_the_rings(tmp_path):
     from ceriakeras.analysis.tracking import write_tracks
-    from test_tracks import read_csv, write_run
 
     frames = movie(8)
     plan = write_run(tmp_path / "out", {"movie.tif": [(xy, p) for xy, p, _ in frames]})
@@ -207,7 +190,7 @@ def test_a_bright_series_whose_drift_wanders_reports_no_event():
     thousandths of an Å moves them by more than their shot noise; the floor for errors that do
     not average out (``ring_systematic``) keeps that from reading as changes."""
     rng = np.random.default_rng(9)
-    xy = lattice3()
+    xy = lattice(3)
     wander = np.cumsum(rng.normal(0, 0.004, (60, 2)), axis=0)
     frames = []
     for f in range(60):
@@ -235,7 +218,6 @@ def test_a_series_that_cannot_be_read_again_keeps_the_models_readings(tmp_path):
     from ceriakeras.analysis.tables import format_summary
     from ceriakeras.analysis.tracking import write_tracks
     from ceriakeras.config import InputError
-    from test_tracks import read_csv, write_run
 
     frames = movie(10)
     plan = write_run(tmp_path / "out", {"movie.tif": [(xy, p) for xy, p, _ in frames]})
@@ -263,7 +245,6 @@ def test_a_series_that_cannot_be_read_again_keeps_the_models_readings(tmp_path):
 def test_an_unreadable_series_is_named_and_the_next_one_still_read(tmp_path):
     from ceriakeras.analysis.tracking import write_tracks
     from ceriakeras.config import InputError
-    from test_tracks import write_run
 
     frames = movie(11)
     tables = [(xy, p) for xy, p, _ in frames]
