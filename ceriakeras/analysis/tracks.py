@@ -14,7 +14,7 @@ handed out (:meth:`Tracker.pop_stretches`). The whole state is plain JSON
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 
@@ -32,111 +32,10 @@ from .changepoints import (
 )
 from .linking import link_with_drift
 from .rings import RINGS_A, ring_counts
+from .track_settings import EVIDENCE, TrackSettings
 
 RINGS = len(RINGS_A) - 1
 """Rings counted around each column (:mod:`ceriakeras.analysis.rings`)."""
-
-
-@dataclass
-class TrackSettings:
-    """How columns are linked and tracks split (frames, Å, nats).
-
-    ``method``, ``penalty``, ``confidence_temper`` and ``confidence_frames`` were chosen on our
-    own simulated movies (``scripts/tools/make_movies.py --seed 100``, 4 particles × 50 and 200
-    e⁻/Å² per frame, model version 6; ``scripts/studies/track_study.py``), never on the
-    cross-check movies.
-    """
-
-    max_distance_A: float = 1.0
-    """Largest distance, Å, between a track's predicted position and its column."""
-    search_A: float = 1.5
-    """Largest link, Å, while a frame's drift is estimated (drift per frame + noise)."""
-    max_gap: int = 10
-    """Frames a track may miss before it is closed."""
-    min_stretch: int = 5
-    """Fewest frames in a stretch of constant height (chosen with ``ring_penalty``)."""
-    method: str = "bayes"
-    """Change statistic (:mod:`ceriakeras.analysis.changepoints`): ``"bayes"`` (mean shift of
-    the expected height, each stretch's mean integrated out), ``"mean_shift"`` (the same,
-    maximum likelihood) or ``"classes"`` (tempered class log-likelihood)."""
-    temper: float = 0.3
-    """Weight τ of one frame's class log-probabilities (heights; the ``"classes"`` statistic)."""
-    penalty: float = 6.0
-    """Cost of one change, nats (``"bayes"``: the log prior odds against a change), when the
-    model's readings alone split a track (no frames given to the tracker)."""
-    confidence_temper: float = 0.2
-    """Weight of one frame's log-probabilities in a stretch's height posterior."""
-    confidence_slope: float = 1.0
-    """Platt map of a stretch's posterior: ``σ(slope · logit(posterior) + intercept)``."""
-    confidence_intercept: float = 0.0
-    """See ``confidence_slope`` (both fitted on our own movies, scripts/studies/track_study.py)."""
-    confidence_frames: int = 16
-    """A stretch's frames beyond this many add no confidence (the model's misreading of a
-    column repeats in every frame of a state): its summed log-probabilities are scaled to
-    this many frames."""
-    confidence_weights: tuple = (0.7509, 0.0, 0.0, 0.0, 0.2726, 0.0, 0.0, -0.5589)
-    """Logistic map of a stretch's evidence (:func:`stretch_evidence`, ``EVIDENCE``) to its
-    confidence, ``σ(w · evidence + b)`` as ``(*w, b)``, for a height read from the frames alone;
-    empty: the Platt map above. Fitted on our own ``tune`` and ``tune2`` movies (8 particles;
-    posterior logit and frame scatter: the lowest ECE with one particle left out;
-    docs/tracks.md)."""
-    stacked_confidence_weights: tuple = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.8739, 0.2763)
-    """The same for a height read from summed frames (:mod:`ceriakeras.analysis.stacking`);
-    fitted on the same movies so read (the stacked posterior alone: the lowest ECE with one
-    particle left out and the lowest log loss; ``scripts/studies/track_calibration.py``)."""
-    event_scale: float = 0.0808
-    """Slope of the logistic that maps a change's statistic to its probability (fitted with
-    ``event_offset`` on the events found in our own ``tune`` and ``tune2`` movies)."""
-    event_offset: float = 1.7766
-    """Offset of that logistic: ``p = σ(event_scale · (statistic − penalty) + event_offset)``."""
-    window: int = 128
-    """Units a track keeps; older frames of its current stretch are folded into one."""
-    position_memory: float = 0.7
-    """Weight of a track's old position against a new sighting (drift removed)."""
-    ring_weight: float = 1.0
-    """Weight of the ring counts' Poisson log-likelihood in the change statistic (0: none;
-    :mod:`.rings`), divided by each track's :func:`.changepoints.ring_dispersion`."""
-    ring_penalty: float = 12.0
-    """Cost of one change, nats, when the ring counts join the statistic (frames given to the
-    tracker; chosen on our own ``tune`` and ``tune2`` movies, docs/tracks.md)."""
-    ring_event_map: tuple = (0.858, 2.1887)
-    """``(event_scale, event_offset)`` with the ring counts (fitted on the events found in
-    ``tune`` and ``tune2`` so; ``scripts/studies/track_calibration.py``)."""
-    ring_systematic: float = 0.01
-    """Relative error of a ring's count that more frames do not average out (drift wander, ring
-    edges crossing pixels; :func:`.changepoints.ring_dispersion`): tempers bright series."""
-    ring_after: int = 3
-    """Sightings of a track before its rings are counted: its centre settles first (the
-    first sightings move it most)."""
-    ring_memory: float = 0.95
-    """Weight of a track's old ring centre against a new sighting (drift removed): a running
-    mean of its first sightings, then this slow average."""
-
-    def validate(self) -> None:
-        from ..config import ConfigError
-
-        if self.min_stretch < 1 or self.max_gap < 0 or self.window < 4 * self.min_stretch:
-            raise ConfigError(f"min_stretch={self.min_stretch} must be ≥ 1 frame, max_gap ≥ 0 "
-                              f"and window ≥ 4 × min_stretch: choose a smaller --min-stretch")
-        if not (0 < self.temper <= 1 and 0 < self.confidence_temper <= 1):
-            raise ConfigError("temper and confidence_temper must be in (0, 1]")
-        if self.method not in ("mean_shift", "bayes", "classes"):
-            raise ConfigError(f"method={self.method!r}: use 'mean_shift', 'bayes' or 'classes'")
-        if (self.ring_weight < 0 or self.ring_systematic < 0 or self.ring_after < 0
-                or not 0 <= self.ring_memory < 1):
-            raise ConfigError("ring_weight, ring_systematic and ring_after must be ≥ 0 and "
-                              "ring_memory in [0, 1)")
-        if not 0 < self.max_distance_A <= self.search_A:
-            raise ConfigError("max_distance_A must be positive and ≤ search_A (Å)")
-        for weights in (self.confidence_weights, self.stacked_confidence_weights):
-            if len(weights) not in (0, len(EVIDENCE) + 1):
-                raise ConfigError(f"confidence weights need {len(EVIDENCE) + 1} numbers "
-                                  f"({', '.join(EVIDENCE)}, intercept) or none")
-
-
-EVIDENCE = ("posterior_logit", "mean_log_probability", "coverage", "log_frames",
-            "frame_scatter_atoms", "frame_confidence_logit", "stacked_posterior_logit")
-"""What :func:`stretch_evidence` returns, in order."""
 
 
 def stretch_evidence(unit: dict, index: int, variance: float, settings: TrackSettings
