@@ -265,12 +265,17 @@ def change_statistic(kind: str, before: dict, after: dict, *, temper: float, var
     """Log-likelihood ratio, nats, of two stretches against one (``before``/``after``: ``sum``
     (K,), ``s1``, ``s2``, ``n`` and, optionally, ``rings``, ``ni``, as :func:`segment`'s units
     summed), the ring counts' share weighted by ``ring_weight``."""
-    llr = 0.0
-    if ring_weight > 0 and "rings" in before and "rings" in after:
-        a, b = np.asarray(before["rings"], np.float64), np.asarray(after["rings"], np.float64)
-        na, nb = float(before["ni"]), float(after["ni"])
-        llr = ring_weight * float(ring_gain(a, na) + ring_gain(b, nb) - ring_gain(a + b, na + nb))
-    return llr + _model_statistic(kind, before, after, temper=temper, variance=variance)
+    return (ring_statistic(before, after, ring_weight)
+            + _model_statistic(kind, before, after, temper=temper, variance=variance))
+
+
+def ring_statistic(before: dict, after: dict, ring_weight: float) -> float:
+    """:func:`change_statistic`'s share from the ring counts (nats, weighted; 0 without)."""
+    if ring_weight <= 0 or "rings" not in before or "rings" not in after:
+        return 0.0
+    a, b = np.asarray(before["rings"], np.float64), np.asarray(after["rings"], np.float64)
+    na, nb = float(before["ni"]), float(after["ni"])
+    return ring_weight * float(ring_gain(a, na) + ring_gain(b, nb) - ring_gain(a + b, na + nb))
 
 
 def _model_statistic(kind: str, before: dict, after: dict, *, temper: float, variance: float

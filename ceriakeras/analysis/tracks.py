@@ -28,6 +28,7 @@ from .changepoints import (
     log_probabilities,
     platt,
     posterior_at,
+    ring_statistic,
     segment_tracks,
 )
 from .linking import link_with_drift
@@ -297,8 +298,9 @@ class Tracker:
         height_index`` (height − 1), ``confidence, change_probability`` (None for a track's
         first stretch), ``x_px, y_px, x_A, y_A`` (where the column was in the stretch's first
         frame), ``sum`` (its frames' summed class log-probabilities) and ``mean`` (their mean
-        expected height, Ce atoms). A track's stretches are read together when it closes (its heights depend on
-        each other, :func:`ceriakeras.analysis.changepoints.assign_heights`)."""
+        expected height, Ce atoms). A track's stretches are read together when it closes (their
+        heights depend on each other, :func:`ceriakeras.analysis.changepoints.assign_heights`),
+        after merging each change its ring counts do not confirm (``ring_confirm``)."""
         out, self.out = self.out, []
         return out
 
@@ -355,7 +357,8 @@ class Tracker:
     def _hand_out(self, track: dict) -> None:
         """Heights, confidences and change probabilities of a closed track's stretches."""
         s = self.settings
-        done, variance = track["done"], track.get("variance", 1.0)
+        variance, weight = track.get("variance", 1.0), s.ring_weight / track.get("dispersion", 1.0)
+        done = _confirmed(track["done"], weight, s.ring_confirm if self.counted else 0.0)
         means = np.array([u["s1"] / u["n"] for u in done])
         heights = assign_heights(np.array([u["sum"] for u in done]) * s.temper,
                                  np.sign(np.diff(means)).astype(np.int64))
@@ -363,8 +366,7 @@ class Tracker:
             p = None
             if k:
                 stat = change_statistic(s.method, done[k - 1], u, temper=s.temper,
-                                        variance=variance,
-                                        ring_weight=s.ring_weight / track.get("dispersion", 1.0))
+                                        variance=variance, ring_weight=weight)
                 p = (change_probability(stat, s.ring_penalty, *s.ring_event_map) if self.counted
                      else change_probability(stat, s.penalty, s.event_scale, s.event_offset))
             evidence = stretch_evidence(u, int(heights[k]), variance, s)
@@ -376,6 +378,18 @@ class Tracker:
                 "x_A": u["pos"][2], "y_A": u["pos"][3], "sum": list(u["sum"]),
                 "mean": float(means[k])})
         track["done"] = []
+
+
+def _confirmed(done: list, ring_weight: float, least: float) -> list:
+    """A track's stretches with each change whose ring counts give less than ``least`` nats
+    (:func:`.changepoints.ring_statistic`) merged into the stretch before it."""
+    out = list(done[:1])
+    for u in done[1:]:
+        if least > 0 and ring_statistic(out[-1], u, ring_weight) < least:
+            out[-1] = _merge([out[-1], u], np.array([out[-1]["sum"], u["sum"]], np.float64))
+        else:
+            out.append(u)
+    return out
 
 
 def _centre(track: dict) -> list:

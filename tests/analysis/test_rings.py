@@ -120,6 +120,28 @@ def test_a_change_the_model_barely_sees_is_found_in_the_rings():
     assert events(without) == []  # the model's readings alone: too weak
 
 
+def test_a_change_of_the_model_readings_alone_is_not_kept():
+    """The model reads column 4 one atom higher from frame 20 (as a neighbour's change can make
+    it), but its pixels do not change: ``ring_confirm`` merges the change away; where the pixels
+    change too, it stays."""
+    rng = np.random.default_rng(5)
+    xy = lattice(3)
+    frames = []
+    for f in range(40):
+        after = (np.arange(9) == 4) & (f >= 20)
+        frames.append((xy, probs(3.0 + after, rng), image(xy, np.full(9, 0.5), rng)))
+    ids, stretches = run(frames, TrackSettings(ring_confirm=0.0))
+    assert events(stretches) == [(int(ids[0][4]), 20)]  # the model's shift alone splits it
+    ids, stretches = run(frames)
+    assert events(stretches) == []
+    mine = [s for s in stretches if s["track"] == int(ids[0][4])]
+    assert [(s["first"], s["last"]) for s in mine] == [(0, 39)]
+    real = [(xy, p, image(xy, np.where((np.arange(9) == 4) & (f >= 20), 0.9, 0.5), rng))
+            for f, (xy, p, _) in enumerate(frames)]
+    ids, stretches = run(real)
+    assert events(stretches) == [(int(ids[0][4]), 20)]
+
+
 def test_a_static_series_with_images_reports_no_event():
     for seed in (3, 4):
         _, stretches = run(movie(seed, change_at=10**6))
@@ -204,7 +226,8 @@ def test_a_bright_series_whose_drift_wanders_reports_no_event():
 
 
 @pytest.mark.parametrize("bad", [{"ring_weight": -1.0}, {"ring_systematic": -0.1},
-                                 {"ring_after": -1}, {"ring_memory": 1.0}])
+                                 {"ring_after": -1}, {"ring_memory": 1.0},
+                                 {"ring_confirm": -1.0}])
 def test_ring_settings_are_checked(bad):
     from ceriakeras.config import ConfigError
 
