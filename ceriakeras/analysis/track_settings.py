@@ -4,11 +4,19 @@ One settings object for the tracks stage (:mod:`ceriakeras.analysis.tracks`,
 :mod:`ceriakeras.analysis.tracking`); ``analyze`` fills it from its
 :class:`ceriakeras.config.AnalyzeConfig`. Every number was chosen on our own simulated movies
 (``scripts/tools/make_movies.py``), never on the cross-check movies (docs/tracks.md).
+
+``TUNING_SETS``: the movie sets the maps and ``ring_confirm`` were chosen on (seed, pixel size
+Å; 4 particles each at 50 and 200 e⁻/Å² per frame, 48 frames). Held out from every choice:
+seeds 200 (0.1 Å), 500 (0.08 Å), 600 (0.125 Å), 700 (0.1 Å), 2000 (0.1 Å), 2100 (0.08 Å) and
+2200 (0.125 Å).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+TUNING_SETS = ((100, 0.1), (400, 0.1), (800, 0.1), (900, 0.08), (1000, 0.125), (1100, 0.1),
+               (1200, 0.08), (1300, 0.125), (1400, 0.1), (1500, 0.08), (1600, 0.125))
 
 
 @dataclass
@@ -48,16 +56,16 @@ class TrackSettings:
     """A stretch's frames beyond this many add no confidence (the model's misreading of a
     column repeats in every frame of a state): its summed log-probabilities are scaled to
     this many frames."""
-    confidence_weights: tuple = (0.7509, 0.0, 0.0, 0.0, 0.2726, 0.0, 0.0, -0.5589)
+    confidence_weights: tuple = (0.7255, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -0.23)
     """Logistic map of a stretch's evidence (:func:`.tracks.stretch_evidence`, ``EVIDENCE``) to
-    its confidence, ``σ(w · evidence + b)`` as ``(*w, b)``, for a height read from the frames alone;
-    empty: the Platt map above. Fitted on our own ``tune`` and ``tune2`` movies (8 particles;
-    posterior logit and frame scatter: the lowest ECE with one particle left out;
-    docs/tracks.md)."""
-    stacked_confidence_weights: tuple = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.8739, 0.2763)
+    its confidence, ``σ(w · evidence + b)`` as ``(*w, b)``, for a height read from the frames
+    alone; empty: the Platt map above. Fitted on our own tuning movies (``TUNING_SETS``, 44
+    particles; the posterior logit alone: the lowest ECE with one particle left out;
+    ``scripts/studies/track_calibration.py``, docs/tracks.md)."""
+    stacked_confidence_weights: tuple = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.6476, 0.4908)
     """The same for a height read from summed frames (:mod:`ceriakeras.analysis.stacking`);
     fitted on the same movies so read (the stacked posterior alone: the lowest ECE with one
-    particle left out and the lowest log loss; ``scripts/studies/track_calibration.py``)."""
+    particle left out)."""
     event_scale: float = 0.0808
     """Slope of the logistic that maps a change's statistic to its probability (fitted with
     ``event_offset`` on the events found in our own ``tune`` and ``tune2`` movies)."""
@@ -73,9 +81,9 @@ class TrackSettings:
     ring_penalty: float = 12.0
     """Cost of one change, nats, when the ring counts join the statistic (frames given to the
     tracker; chosen on our own ``tune`` and ``tune2`` movies, docs/tracks.md)."""
-    ring_event_map: tuple = (0.858, 2.1887)
-    """``(event_scale, event_offset)`` with the ring counts (fitted on the events found in
-    ``tune`` and ``tune2`` so; ``scripts/studies/track_calibration.py``)."""
+    ring_event_map: tuple = (0.2213, 0.1997)
+    """``(event_scale, event_offset)`` with the ring counts (fitted on the 377 events found so in
+    the tuning movies, 18 of them false; ``scripts/studies/track_calibration.py``)."""
     ring_systematic: float = 0.01
     """Relative error of a ring's count that more frames do not average out (drift wander, ring
     edges crossing pixels; :func:`.changepoints.ring_dispersion`): tempers bright series."""
