@@ -309,14 +309,11 @@ class Tracker:
         """Split each track's units (all tracks in one :func:`segment_tracks`); keep the settled
         stretches in ``track['done']``. Unless ``final``, the last stretch stays open, its frames
         older than half the window folded into one unit; with ``final`` the tracks' stretches
-        are read and handed out, in order."""
+        are read and handed out, in order. The ring counts of the frames after a column was last
+        found stay with its last stretch: a column the model stops finding may have changed."""
         s = self.settings
         if not tracks:
             return
-        if final:  # ring counts after the column was last found tell nothing about it
-            for track in tracks:
-                while len(track["units"]) > 1 and track["units"][-1]["n"] == 0:
-                    track["units"].pop()
         flat = [u for track in tracks for u in track["units"]]  # all tracks' units at once
         columns = {k: np.array([u[k] for u in flat], np.float64) for k in ("sum", "s1", "s2", "n")}
         columns["rings"] = np.array([u.get("rings", [0.0] * RINGS) for u in flat], np.float64)

@@ -142,6 +142,28 @@ def test_a_change_of_the_model_readings_alone_is_not_kept():
     assert events(stretches) == [(int(ids[0][4]), 20)]
 
 
+def test_the_rings_after_a_column_is_lost_count_for_its_last_stretch():
+    """Column 4's image changes at frame 30 (bump 0.5 → 0.8; the model's reading +0.2 atoms)
+    and the model finds it in 6 frames more only: the 9 frames after those, until its track
+    closes, carry most of the evidence (8 seeds; the same without their images)."""
+    found, without = 0, 0
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        xy, frames = lattice(3), []
+        for f in range(45):
+            after = (np.arange(9) == 4) & (f >= 30)
+            p, img = probs(3.0 + 0.2 * after, rng), image(xy, np.where(after, 0.8, 0.5), rng)
+            lost = f >= 36  # the model no longer finds column 4
+            frames.append((np.delete(xy, 4, 0), np.delete(p, 4, 0), img) if lost else (xy, p, img))
+        ids, stretches = run(frames)
+        assert [s["last"] for s in stretches if s["track"] == int(ids[0][4])][-1] == 44
+        found += events(stretches) == [(int(ids[0][4]), 30)]
+        blind = [(x, p, None if f >= 36 else img) for f, (x, p, img) in enumerate(frames)]
+        _, stretches = run(blind)
+        without += len(events(stretches)) > 0
+    assert found >= 7 and without <= 4
+
+
 def test_a_static_series_with_images_reports_no_event():
     for seed in (3, 4):
         _, stretches = run(movie(seed, change_at=10**6))
