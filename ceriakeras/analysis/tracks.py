@@ -334,8 +334,7 @@ class Tracker:
                                    penalty=s.ring_penalty if self.counted else s.penalty,
                                    min_stretch=s.min_stretch,
                                    variances=[t.get("variance", 1.0) for t in tracks],
-                                   ring_weight=[s.ring_weight / t.get("dispersion", 1.0)
-                                                for t in tracks])
+                                   ring_weight=[_ring_weight(t, s) for t in tracks])
         for track, parts, unit_arrays in zip(tracks, all_parts, arrays):
             units, sums = track["units"], unit_arrays["sum"]
             for a, b in parts if final else parts[:-1]:
@@ -354,7 +353,7 @@ class Tracker:
     def _hand_out(self, track: dict) -> None:
         """Heights, confidences and change probabilities of a closed track's stretches."""
         s = self.settings
-        variance, weight = track.get("variance", 1.0), s.ring_weight / track.get("dispersion", 1.0)
+        variance, weight = track.get("variance", 1.0), _ring_weight(track, s)
         done = _confirmed(track["done"], weight, s.ring_confirm if self.counted else 0.0)
         means = np.array([u["s1"] / u["n"] for u in done])
         heights = assign_heights(np.array([u["sum"] for u in done]) * s.temper,
@@ -375,6 +374,12 @@ class Tracker:
                 "x_A": u["pos"][2], "y_A": u["pos"][3], "sum": list(u["sum"]),
                 "mean": float(means[k])})
         track["done"] = []
+
+
+def _ring_weight(track: dict, settings: TrackSettings) -> float:
+    """The weight of a track's ring counts in its change statistic: ``ring_weight`` over its
+    :func:`.changepoints.ring_dispersion` (1 until it has one)."""
+    return settings.ring_weight / track.get("dispersion", 1.0)
 
 
 def _confirmed(done: list, ring_weight: float, least: float) -> list:
