@@ -178,29 +178,41 @@ def model_reader(model, settings, timings: dict | None = None):
     Returns
     -------
     callable
-        ``read(item, spans, drift_A)``: the series ``item['path']`` (``item`` a plan entry with
+        ``read(item, spans, drift_A, on_frame=None)``: the series ``item['path']`` (``item`` a plan entry with
         ``pixel_size_A``, ``counts_per_electron`` and, optionally, ``factor``) read again, each
         epoch's drift-free sum read once by :func:`ceriakeras.inference.predict.predict_columns`;
-        see :func:`stack_readings`.
+        see :func:`stack_readings`; ``on_frame(index, image)`` sees every frame read (the
+        sites' ring counts, :mod:`ceriakeras.analysis.sites`).
     """
     from ..inference.predict import predict_columns
     from ..inference.resample import resample_factor
     from .reading import series_counts
 
-    def read(item, spans, drift_A):
+    def read(item, spans, drift_A, on_frame=None):
         t0 = time.perf_counter()
         px = item["pixel_size_A"]
         factor = item.get("factor") or resample_factor(px, settings.model_pixel_A)
         with contextlib.closing(series_counts(item)) as frames:  # as the file holds them
+            frames = frames if on_frame is None else _tapped(frames, on_frame)
             found = stack_readings(
                 frames, spans, drift_A, px,
                 lambda image: predict_columns(model, image, factor, settings,
                                               counts_per_electron=item["counts_per_electron"])[0])
+            if on_frame is not None:  # the frames after the last epoch too
+                for _ in frames:
+                    pass
         if timings is not None:
             timings["stacks"] = timings.get("stacks", 0.0) + time.perf_counter() - t0
         return found
 
     return read
+
+
+def _tapped(frames: Iterator, on_frame) -> Iterator:
+    """``frames``, each shown to ``on_frame(index, image)`` as it passes."""
+    for index, image in frames:
+        on_frame(index, image)
+        yield index, image
 
 
 def restack(by_track: dict, spans: list[tuple[int, int]], readings: list, drift_A: dict,

@@ -99,6 +99,17 @@ class TrackSettings:
     """Weight of a track's old ring centre against a new sighting (drift removed): a running
     mean of its first sightings, then this slow average."""
 
+    site_penalty: float = 12.0
+    """Cost of one change, nats, at a site's ring counts alone (:mod:`.sites`: every frame
+    counted, the column found or not; 0: no changes read at sites). Chosen on the tuning movies
+    (docs/tracks.md)."""
+    site_sightings: int = 4
+    """Fewest sightings of a track that makes or joins a site."""
+    site_merge_A: float = 0.6
+    """Tracks closer than this, Å (drift removed), share a site."""
+    site_same_frames: int = 3
+    """A site's change within this many frames and ``search_A`` of a reported one is that one."""
+
     def validate(self) -> None:
         from ..config import ConfigError
 
@@ -113,6 +124,10 @@ class TrackSettings:
                 or not 0 <= self.ring_memory < 1):
             raise ConfigError("ring_weight, ring_systematic, ring_after and ring_confirm must be "
                               "≥ 0 and ring_memory in [0, 1)")
+        if self.site_penalty < 0 or self.site_sightings < 1 or self.site_merge_A <= 0 or (
+                self.site_same_frames < 0):
+            raise ConfigError("site_penalty and site_same_frames must be ≥ 0, site_sightings ≥ 1 "
+                              "and site_merge_A > 0 Å")
         if not 0 < self.max_distance_A <= self.search_A:
             raise ConfigError("max_distance_A must be positive and ≤ search_A (Å)")
         for weights in (self.confidence_weights, self.stacked_confidence_weights):

@@ -2,7 +2,7 @@
 
 While frames are analysed, each column's class probabilities (the model's mass over its label
 disk per height, :func:`ceriakeras.inference.columns.find_columns`' ``class_probabilities``) are
-appended to ``OUT/tracking/probabilities.bin`` (:class:`ProbabilityLog`, cut back on resume like ``columns.csv``). When
+appended to ``OUT/tracking/probabilities.bin`` (:class:`.problog.ProbabilityLog`, cut back on resume like ``columns.csv``). When
 every frame is done, :func:`write_tracks` reads ``columns.csv`` and that log once per series
 through a :class:`ceriakeras.analysis.tracks.Tracker`, then writes
 
@@ -26,14 +26,15 @@ import gc
 import io as _stdio
 import itertools
 import operator
-import struct
 from pathlib import Path
 
 import numpy as np
 
 from ..config import InputError
 from ..io.files import atomic_path, write_bytes_atomic
+from .problog import LOG_NAME, ProbabilityLog, read_probability_log  # noqa: F401 (re-exported)
 from .reading import FrameCursor
+from .sites import Sightings, new_changes, site_changes
 from .stacking import StackSettings, epochs, restack
 from .tracks import Tracker, TrackSettings
 
@@ -44,70 +45,6 @@ EVENT_COLUMNS = ("source", "track", "frame", "x_px", "y_px", "x_A", "y_A", "heig
 """Columns of ``events.csv``."""
 DRIFT_COLUMNS = ("drift_x_A", "drift_y_A")
 """Appended to ``frames.csv`` by :func:`add_drift_columns`."""
-LOG_NAME = "tracking/probabilities.bin"
-_HEAD = struct.Struct("<qii")  # global frame, columns, classes
-
-
-class ProbabilityLog:
-    """``OUT/tracking/probabilities.bin``: per analysed frame, its columns' class probabilities
-    (in ``columns.csv``'s row order), appended as frames are written.
-
-    Opening it for a run that starts at global frame ``start`` drops the frames from ``start``
-    on (a resumed run writes them again); ``start`` 0 empties it and removes ``events.csv``.
-    """
-
-    def __init__(self, out_dir, start: int):
-        self.path = Path(out_dir) / LOG_NAME
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if start == 0:
-            (Path(out_dir) / "events.csv").unlink(missing_ok=True)
-            self.path.write_bytes(b"")
-        elif self.path.exists():
-            keep = 0
-            for g, _, _, end in _blocks(self.path):
-                if g >= start:
-                    break
-                keep = end
-            with open(self.path, "r+b") as fh:
-                fh.truncate(keep)
-        self.file = open(self.path, "ab")  # noqa: SIM115 -- open for the whole run, closed by close()
-
-    def add(self, global_frame: int, probabilities: np.ndarray) -> None:
-        """Append one frame's (N, K) class probabilities."""
-        p = np.ascontiguousarray(probabilities, np.float32)
-        p = p.reshape(len(p), -1) if p.ndim != 2 else p
-        self.file.write(_HEAD.pack(int(global_frame), p.shape[0], p.shape[1]) + p.tobytes())
-
-    def flush(self) -> None:
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def _blocks(path: Path):
-    """``(global frame, n, k, end offset)`` of each whole block of a probability log."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        pos = 0
-        while pos + _HEAD.size <= size:
-            fh.seek(pos)
-            g, n, k = _HEAD.unpack(fh.read(_HEAD.size))
-            end = pos + _HEAD.size + 4 * n * k
-            if end > size:
-                return
-            yield g, n, k, end
-            pos = end
-
-
-def read_probability_log(path: Path):
-    """Iterate ``(global frame, (n, k) float32)`` over a probability log (empty if absent)."""
-    if not path.exists():
-        return
-    with open(path, "rb") as fh:
-        for g, n, k, end in _blocks(path):
-            fh.seek(end - 4 * n * k)
-            yield g, np.frombuffer(fh.read(4 * n * k), np.float32).reshape(n, k)
 
 
 def _fallback_probabilities(height: np.ndarray, confidence: np.ndarray, k: int) -> np.ndarray:
@@ -211,19 +148,20 @@ def _write_tracks(out_dir: Path, plan: list, settings: TrackSettings, before_rep
     ids_path = out_dir / "tracking" / "track_ids.bin"  # each row's track, in row order
     ids_path.parent.mkdir(parents=True, exist_ok=True)
     unread: dict = {}  # source: why it could not be read again (model's readings alone)
+    sightings: dict = {}  # source: each track's positions (sites)
     with open(ids_path, "wb") as ids_file:
         stretches, drift_rows, layout = _track_pass(
             csv_path, offsets, n_frames, settings, read_probability_log(out_dir / LOG_NAME),
-            ids_file, {item["source"]: item for item in plan}, frame_reader, unread)
+            ids_file, {item["source"]: item for item in plan}, frame_reader, unread, sightings)
     for by_track in stretches.values():
         for runs in by_track.values():
             runs.sort(key=lambda s: s["first"])
-    stacked = 0 if stack_reader is None else _restack_all(stretches, drift_rows, plan,
-                                                          stack_reader, stack, settings, unread)
+    stacked, found = _reread_all(stretches, drift_rows, plan, stack_reader, frame_reader, stack,
+                                 settings, unread, sightings)
     if on_stretches is not None:
         on_stretches(stretches)
     _write_csv(out_dir / "tracking" / "drift.csv", drift_rows)
-    events = _events(stretches, plan)
+    events = _events(stretches, plan, found, settings)
     _write_csv(out_dir / "events.csv", [EVENT_COLUMNS] + events)
     _rewrite_columns(csv_path, header, layout, ids_path, stretches, before_replace)
     ids_path.unlink()
@@ -232,37 +170,49 @@ def _write_tracks(out_dir: Path, plan: list, settings: TrackSettings, before_rep
             "stacked": stacked}
 
 
-def _restack_all(stretches: dict, drift_rows: list, plan: list, reader, stack: StackSettings,
-                 settings: TrackSettings, unread: dict) -> int:
-    """Every series' stretches read again from its epochs' summed frames
-    (:func:`ceriakeras.analysis.stacking.restack`); the number of stretches so read."""
+def _reread_all(stretches: dict, drift_rows: list, plan: list, reader, frame_reader,
+                stack: StackSettings, settings: TrackSettings, unread: dict, sightings: dict
+                ) -> tuple[int, dict]:
+    """Every series read once more: its stretches' heights from its epochs' summed frames
+    (:func:`ceriakeras.analysis.stacking.restack`, with ``reader``) and, in the same read, the
+    changes at its sites (:mod:`ceriakeras.analysis.sites`, when ``frame_reader`` is given).
+    Returns the number of stretches so read and each series' site changes."""
     drift: dict = {}
     for source, frame, dx, dy in drift_rows[1:]:
         drift.setdefault(source, {})[frame] = (float(dx), float(dy))
-    read = 0
+    read, found = 0, {}
     for item in plan:
         by_track = stretches.get(item["source"])
         if not by_track or item["n_frames"] < 2:
             continue
-        cuts = {run["first"] for runs in by_track.values() for run in runs[1:]}
-        spans = epochs(item["n_frames"], cuts, stack)
-        if not spans:
-            continue
         drift_A = drift.get(item["source"], {})
+        spans = [] if reader is None else epochs(item["n_frames"], {
+            run["first"] for runs in by_track.values() for run in runs[1:]}, stack)
+        sites, members = (None, None) if frame_reader is None or item["source"] in unread else (
+            site_changes(sightings.get(item["source"]), item, drift_A, settings))
         try:
-            readings = reader(item, spans, drift_A)
+            if spans:
+                readings = reader(item, spans, drift_A, **(
+                    {"on_frame": sites.add} if sites is not None else {}))
+                read += restack(by_track, spans, readings, drift_A, stack, settings)
+            elif sites is not None:
+                with contextlib.closing(frame_reader(item)) as frames:
+                    for index, image in frames:
+                        sites.add(index, image)
         except (InputError, OSError) as err:  # moved or damaged since: frames' heights stay
             unread.setdefault(item["source"], unread_warning(str(err)))
             continue
-        read += restack(by_track, spans, readings, drift_A, stack, settings)
-    return read
+        if sites is not None:
+            found[item["source"]] = sites.events(members, by_track, item["source"])
+    return read, found
 
 
 def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSettings, log,
-                ids_file, items: dict, frame_reader, unread: dict) -> tuple[dict, list, list]:
+                ids_file, items: dict, frame_reader, unread: dict, sightings: dict
+                ) -> tuple[dict, list, list]:
     """Stream ``columns.csv`` and the probability log ``log`` once through a tracker per
     series (with each series' frames from ``frame_reader``, if given); write each row's track
-    to ``ids_file``; return the stretches (``{source: {track: [stretch, …]}}``), the rows of
+    to ``ids_file`` and its sightings to ``sightings[source]`` (:class:`.sites.Sightings`); return the stretches (``{source: {track: [stretch, …]}}``), the rows of
     ``tracking/drift.csv`` and the table's layout (``(source, frame, rows)`` per frame)."""
     stretches: dict = {}
     layout = []
@@ -300,6 +250,7 @@ def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSe
                                        table[:, 5], images.get(frame), item.get("pixel_size_A"),
                                        item.get("counts_per_electron") or 1.0)
         ids_file.write(np.asarray(ids, np.int64).tobytes())
+        sightings.setdefault(source, Sightings()).add(ids, table[:, 2:4], drift)
         drift_rows.append((source, frame, f"{drift[0]:.4f}", f"{drift[1]:.4f}"))
         collect(source, tracker)
     if tracker is not None:
@@ -322,8 +273,9 @@ def unread_warning(reason: str) -> str:
             "--overwrite for the full tracks")
 
 
-def _events(stretches: dict, plan: list) -> list:
-    """Rows of ``events.csv``: the first stretch of each change of height, in input order."""
+def _events(stretches: dict, plan: list, found: dict, settings: TrackSettings) -> list:
+    """Rows of ``events.csv``, in input order: the first stretch of each change of height, and
+    the changes ``found`` at the sites that no such change already reports."""
     order = {item["source"]: k for k, item in enumerate(plan)}
     rows = []
     for source, by_track in stretches.items():
@@ -336,7 +288,11 @@ def _events(stretches: dict, plan: list) -> list:
                     source, track, after["first"], f"{after['x_px']:.3f}", f"{after['y_px']:.3f}",
                     f"{after['x_A']:.4f}", f"{after['y_A']:.4f}", before["height_index"] + 1,
                     after["height_index"] + 1, f"{after['change_probability']:.4f}")))
-    return [row for *_, row in sorted(rows)]
+    for source, changes in found.items():
+        known = [row for k, _, _, row in rows if k == order[source]]
+        rows += [(order[source], frame, track, row) for frame, track, row
+                 in new_changes(changes, known, settings)]
+    return [row for *_, row in sorted(rows, key=lambda r: r[:3])]
 
 
 def _rewrite_columns(csv_path: Path, header: list, layout: list, ids_path: Path,

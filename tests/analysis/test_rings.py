@@ -223,7 +223,7 @@ def test_write_tracks_reads_the_frames_for_the_rings(tmp_path):
         return ((f, 2 * img) for f, (_, _, img) in enumerate(frames))
 
     assert write_tracks(tmp_path / "out", plan, frame_reader=frame_reader)["events"] == 1
-    assert read == ["movie.tif"]
+    assert read == ["movie.tif"] * 2  # the tracks' rings, then the sites' (no stacks to share)
     event = read_csv(tmp_path / "out" / "events.csv")[0]
     assert (event["frame"], event["height_before"], event["height_after"]) == ("20", "3", "4")
     assert write_tracks(tmp_path / "out", plan)["events"] == 0  # without the frames
