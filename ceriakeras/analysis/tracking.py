@@ -196,9 +196,12 @@ def _reread_all(stretches: dict, drift_rows: list, plan: list, reader, frame_rea
                     {"on_frame": sites.add} if sites is not None else {}))
                 read += restack(by_track, spans, readings, drift_A, stack, settings)
             elif sites is not None:
-                with contextlib.closing(frame_reader(item)) as frames:
+                frames = frame_reader(item)
+                try:
                     for index, image in frames:
                         sites.add(index, image)
+                finally:
+                    getattr(frames, "close", lambda: None)()
         except (InputError, OSError) as err:  # moved or damaged since: frames' heights stay
             unread.setdefault(item["source"], unread_warning(str(err)))
             continue

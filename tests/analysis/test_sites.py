@@ -1,0 +1,121 @@
+"""Changes read at sites (analysis/sites.py): where a series' columns stand, the electrons around
+each counted in every frame, found by the model or not (synthetic frames, fast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ceriakeras.analysis.sites import SiteChanges, Sightings, new_changes, sites_of
+from ceriakeras.analysis.tracks import TrackSettings
+from test_rings import PX, image
+from test_tracks import lattice, probs, read_csv, write_run
+
+HEIGHTS = np.array([1, 2, 3, 4, 1, 2, 3, 4, 3])
+"""Column heights, Ce atoms, of a 3 × 3 lattice; column 4 is the one that changes."""
+
+
+def grows(seed=0, n=40, change_at=20, drift_A=0.03, grown=True):
+    """Frames of the 3 × 3 lattice drifting by ``drift_A`` per frame; each column's bump grows
+    with its height. Column 4 holds one atom, which the model never finds, until
+    ``change_at``, when it grows to two (``grown``) and the model finds it from then on."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for f in range(n):
+        h = HEIGHTS.copy()
+        if grown and f >= change_at:
+            h[4] = 2
+        xy = lattice(3) + [drift_A * f, 0.5 * drift_A * f]
+        keep = np.arange(9) != 4 if h[4] == 1 else np.ones(9, bool)
+        out.append((xy[keep], probs(h[keep], rng), image(xy, 0.4 * h, rng)))
+    return out
+
+
+def analyse(tmp_path, frames, settings=None):
+    from ceriakeras.analysis.tracking import write_tracks
+
+    plan = write_run(tmp_path / "out", {"movie.tif": [(xy, p) for xy, p, _ in frames]})
+    plan = [{**item, "pixel_size_A": PX, "counts_per_electron": 1.0} for item in plan]
+    done = write_tracks(tmp_path / "out", plan, settings,
+                        frame_reader=lambda item: enumerate(img for *_, img in frames))
+    return done, read_csv(tmp_path / "out" / "events.csv")
+
+
+def test_sightings_are_mean_positions_without_drift():
+    seen = Sightings()
+    seen.add(np.array([0, 5]), np.array([[1.0, 2.0], [7.0, 7.0]]), np.zeros(2))
+    seen.add(np.array([5, 0]), np.array([[8.0, 8.5], [2.0, 3.0]]), np.array([1.0, 1.0]))
+    seen.add(np.array([5]), np.array([[9.0, 9.0]]), np.array([2.0, 2.0]))
+    ids, xy, n = seen.centres(1)
+    assert ids.tolist() == [0, 5] and n.tolist() == [2, 3]
+    assert np.allclose(xy, [[1.0, 2.0], [7.0, 7.1666667]])
+    assert seen.centres(3)[0].tolist() == [5]
+
+
+def test_sites_merge_tracks_that_stand_at_one_place():
+    centres = np.array([[10.0, 10.0], [10.3, 10.0], [12.0, 10.0], [10.0, 10.7]])
+    xy, site = sites_of(centres, np.array([30.0, 10.0, 5.0, 1.0]), 0.6)
+    assert site.tolist() == [0, 0, 1, 2]  # the best seen takes its neighbours within 0.6 Å
+    assert np.allclose(xy[0], [10.075, 10.0]) and np.allclose(xy[1:], centres[2:])
+    assert sites_of(np.zeros((0, 2)), np.zeros(0), 0.6)[0].shape == (0, 2)
+
+
+def test_a_column_found_only_after_it_grew_is_a_change(tmp_path):
+    done, rows = analyse(tmp_path, grows())
+    assert done["events"] == len(rows) == 1
+    event = rows[0]
+    assert abs(int(event["frame"]) - 20) <= 2
+    assert (event["height_before"], event["height_after"]) == ("1", "2")  # the way it grew
+    x, y = lattice(3)[4] + np.array([0.03, 0.015]) * int(event["frame"])
+    assert np.hypot(float(event["x_A"]) - x, float(event["y_A"]) - y) < 0.3  # where it is then
+    assert 0.5 < float(event["probability"]) <= 1.0
+    # the tracks alone cannot see it: the column's track starts at the change
+    (tmp_path / "off").mkdir()
+    _, alone = analyse(tmp_path / "off", grows(), TrackSettings(site_penalty=0))
+    assert alone == []
+
+
+def test_a_column_that_never_changes_gives_no_site_change(tmp_path):
+    for seed in range(3):
+        (tmp_path / str(seed)).mkdir()
+        done, rows = analyse(tmp_path / str(seed), grows(seed, grown=False))
+        assert rows == [] and done["events"] == 0
+
+
+def test_a_long_series_gives_the_change_through_a_short_window():
+    frames = grows(1, n=90, change_at=57)
+    sites = lattice(3)
+    drift = {f: np.array([0.03, 0.015]) * f for f in range(90)}
+    found = []
+    for window in (24, 128):
+        changes = SiteChanges(sites, drift, PX, 1.0, TrackSettings(window=window, min_stretch=4))
+        for f, (*_, img) in enumerate(frames):
+            changes.add(f, img)
+        if window == 24:  # folded as it went: each site keeps a bounded window of frames
+            assert max(len(u) for u in changes.units) <= 24
+        changes._settle(final=True)
+        found.append([[d["first"] for d in done] for done in changes.done])
+    for firsts in found:
+        assert [k for k, f in enumerate(firsts) if len(f) > 1] == [4]  # only the one that grew
+        assert len(firsts[4]) == 2 and abs(firsts[4][1] - 57) <= 2
+
+
+def test_a_site_change_that_a_track_reported_is_not_reported_again():
+    settings = TrackSettings()
+    known = [("m.tif", 3, 20, "100.0", "100.0", "10.0000", "10.0000", 3, 4, "0.99")]
+
+    def change(frame, x, stat):
+        return (frame, 7, stat, ("m.tif", 7, frame, "0", "0", f"{x:.4f}", "10.0000", 1, 2, "0.9"))
+
+    new = new_changes([change(22, 10.5, 30.0), change(30, 10.0, 20.0), change(31, 11.0, 25.0),
+                       change(20, 13.0, 15.0)], known, settings)
+    assert [(f, row[5]) for f, _, row in new] == [(31, "11.0000"), (20, "13.0000")]
+
+
+def test_site_settings_are_checked():
+    from ceriakeras.config import ConfigError
+
+    for bad in ({"site_penalty": -1}, {"site_sightings": 0}, {"site_merge_A": 0.0},
+                {"site_same_frames": -1}):
+        with pytest.raises(ConfigError, match="site_"):
+            TrackSettings(**bad).validate()
