@@ -104,11 +104,16 @@ class SiteChanges:
     pixel_size_A, counts_per_electron : float
         The input's pixel size (Å) and counts per electron.
     settings : TrackSettings
+    watch : (S,) bool, optional
+        The sites whose changes are read (default all); the others are counted only in the
+        first ``confidence_frames`` frames, for :func:`contrast_map`.
     """
 
     def __init__(self, sites_A: np.ndarray, drift_A: dict, pixel_size_A: float,
-                 counts_per_electron: float, settings: TrackSettings):
+                 counts_per_electron: float, settings: TrackSettings, watch=None):
         self.sites, self.drift, self.settings = sites_A, drift_A, settings
+        self.watch = np.ones(len(sites_A), bool) if watch is None else np.asarray(watch, bool)
+        self.counted = 0
         self.px, self.cpe = pixel_size_A, counts_per_electron
         s, r = len(sites_A), len(RINGS_A) - 1
         self.units: list[list[dict]] = [[] for _ in range(s)]
@@ -118,20 +123,25 @@ class SiteChanges:
         self.total, self.frames = np.zeros((s, r)), np.zeros(s)
 
     def add(self, frame: int, image) -> None:
-        """Count one frame (``image`` counts per pixel, None: unread) at the sites, drifted."""
+        """Count one frame (``image`` counts per pixel, None: unread) at the sites, drifted:
+        the watched ones, and all in the first ``confidence_frames`` (the contrast map)."""
         drift_A = self.drift.get(frame)
         if image is None or drift_A is None or not len(self.sites):
             return
-        counts = ring_counts(np.asarray(image), (self.sites + drift_A) / self.px, self.px,
-                             self.cpe)
+        look = np.flatnonzero(self.watch if self.counted >= self.settings.confidence_frames
+                              else np.ones(len(self.sites), bool))
+        self.counted += 1
+        counts = np.full(self.last.shape, np.nan)
+        counts[look] = ring_counts(np.asarray(image), (self.sites[look] + drift_A) / self.px,
+                                   self.px, self.cpe)
         ok = np.isfinite(counts).all(axis=1)
         step = ok & np.isfinite(self.last).all(axis=1)
         self.diff2[step] += (counts[step] - self.last[step]) ** 2
         self.ndiff += step
         self.total[ok] += counts[ok]
         self.frames += ok
-        self.last = np.where(ok[:, None], counts, np.nan)
-        for k in np.flatnonzero(ok).tolist():
+        self.last = counts
+        for k in np.flatnonzero(ok & self.watch).tolist():
             self.units[k].append({"first": frame, "last": frame, "n": 1, "rings": counts[k]})
         if max(map(len, self.units)) > self.settings.window:
             self._settle(final=False)
@@ -178,8 +188,7 @@ class SiteChanges:
         stretches (``first``, ``last``, ``height_index``)."""
         self._settle(final=True)
         weights = self.weights()
-        profiles = np.array([np.sum([u["rings"] for u in d], axis=0) / max(1, sum(
-            u["n"] for u in d)) if d else np.zeros(len(RINGS_A) - 1) for d in self.done])
+        profiles = self.total / np.maximum(self.frames, 1)[:, None]
         level = [_height(members[k], by_track, 0, 1 << 62) for k in range(len(self.done))]
         known = np.array([h is not None for h in level], bool) & (self.frames >= 3)
         heights = np.array([h or 0 for h in level], np.float64)
@@ -228,8 +237,9 @@ def site_changes(sightings: Sightings | None, item: dict, drift_A: dict,
     members = [[] for _ in range(len(xy))]
     for track, k in zip(ids.tolist(), site.tolist()):
         members[k].append(track)
+    covered = np.bincount(site, seen, len(xy)) / max(item.get("n_frames") or 1, 1)
     return SiteChanges(xy, drift_A, item["pixel_size_A"], item.get("counts_per_electron") or 1.0,
-                       settings), members
+                       settings, watch=covered < settings.site_coverage), members
 
 
 def new_changes(changes: list, known: list, settings: TrackSettings) -> list:

@@ -103,6 +103,9 @@ class TrackSettings:
     """Cost of one change, nats, at a site's ring counts alone (:mod:`.sites`: every frame
     counted, the column found or not; 0: no changes read at sites). Chosen on the tuning movies
     (docs/tracks.md)."""
+    site_coverage: float = 0.9
+    """Sites whose tracks were seen in at least this share of a series' frames are left to the
+    tracks' own changes (the cost of counting every site in every frame; see docs/tracks.md)."""
     site_sightings: int = 4
     """Fewest sightings of a track that makes or joins a site."""
     site_merge_A: float = 0.6
@@ -125,9 +128,9 @@ class TrackSettings:
             raise ConfigError("ring_weight, ring_systematic, ring_after and ring_confirm must be "
                               "≥ 0 and ring_memory in [0, 1)")
         if self.site_penalty < 0 or self.site_sightings < 1 or self.site_merge_A <= 0 or (
-                self.site_same_frames < 0):
-            raise ConfigError("site_penalty and site_same_frames must be ≥ 0, site_sightings ≥ 1 "
-                              "and site_merge_A > 0 Å")
+                self.site_same_frames < 0 or self.site_coverage <= 0):
+            raise ConfigError("site_penalty and site_same_frames must be ≥ 0, site_sightings ≥ 1, "
+                              "site_merge_A > 0 Å and site_coverage > 0")
         if not 0 < self.max_distance_A <= self.search_A:
             raise ConfigError("max_distance_A must be positive and ≤ search_A (Å)")
         for weights in (self.confidence_weights, self.stacked_confidence_weights):

@@ -116,6 +116,6 @@ def test_site_settings_are_checked():
     from ceriakeras.config import ConfigError
 
     for bad in ({"site_penalty": -1}, {"site_sightings": 0}, {"site_merge_A": 0.0},
-                {"site_same_frames": -1}):
+                {"site_same_frames": -1}, {"site_coverage": 0.0}):
         with pytest.raises(ConfigError, match="site_"):
             TrackSettings(**bad).validate()
