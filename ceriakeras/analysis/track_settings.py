@@ -6,8 +6,7 @@ One settings object for the tracks stage (:mod:`ceriakeras.analysis.tracks`,
 (``scripts/tools/make_movies.py``), never on the cross-check movies (docs/tracks.md).
 
 ``TUNING_SETS``: the movie sets the maps, ``ring_confirm`` and the ``site_*`` settings were
-chosen on (seed, pixel size
-Å; 4 particles each at 50 and 200 e⁻/Å² per frame, 48 frames). Held out from every choice:
+chosen on (seed, pixel size Å; 4 particles each at 50 and 200 e⁻/Å² per frame, 48 frames). Held out from every choice:
 seeds 200 (0.1 Å), 500 (0.08 Å), 600 (0.125 Å), 700 (0.1 Å), 2000 (0.1 Å), 2100 (0.08 Å) and
 2200 (0.125 Å).
 """
