@@ -13,12 +13,14 @@ electrons around the column's place are there in every frame. So, after the trac
    of frames per site as the tracker keeps).
 3. Each site's counts alone are split into stretches by the optimal partitioning of
    :mod:`ceriakeras.analysis.changepoints` (penalty ``site_penalty``); each split is a change
-   (:meth:`SiteChanges.events`) unless a track's change already reported it. Which way it went
+   (:meth:`SiteChanges.events`) unless a track's change already reported it. Sites whose tracks
+   were seen in ``site_coverage`` of the frames are left to the tracks. Which way it went
    is the model's call where the tracks at the site read different heights on its two sides,
    else the series' own relation of ring contrast to height (:func:`contrast_map`).
 
-Measured on our own tuning movies (44 particles): event recall 0.47 → 0.59 at 50 e⁻/Å² and
-0.89 → 0.93 at 200, precision 0.90 → 0.86 and 0.98 → 0.98 (docs/tracks.md).
+Measured on our own tuning movies (44 particles): event recall 0.47 → 0.60 at 50 e⁻/Å² and
+0.89 → 0.93 at 200, precision 0.90 → 0.89 and 0.98 → 0.98; held out 0.26 → 0.34 and 0.71 → 0.79,
+precision 0.98 → 0.86 and 0.93 → 0.94; on the cross-check movies no gain (docs/tracks.md).
 """
 
 from __future__ import annotations
@@ -183,8 +185,9 @@ class SiteChanges:
             self.units[k] = ([_fold(rest[:cut])] + rest[cut:]) if cut >= 2 else rest
 
     def events(self, members: list, by_track: dict, source: str) -> list:
-        """The changes at the sites: ``(frame, track, row, statistic)`` with ``row`` as
-        ``events.csv`` holds it. ``members``: each site's tracks; ``by_track``: the tracks'
+        """The changes at the sites: ``(frame, track, statistic, row)``, ``statistic`` the
+        split's ring log-likelihood ratio (nats, weighted) and ``row`` as ``events.csv`` holds
+        it. ``members``: each site's tracks; ``by_track``: the tracks'
         stretches (``first``, ``last``, ``height_index``)."""
         self._settle(final=True)
         weights = self.weights()
