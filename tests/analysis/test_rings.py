@@ -304,3 +304,20 @@ def test_an_unreadable_series_is_named_and_the_next_one_still_read(tmp_path):
     done = write_tracks(tmp_path / "out", plan, frame_reader=frame_reader)
     assert list(done["unread"]) == ["gone.tif"]
     assert done["events"] == 1  # here.tif's change, found in its rings
+
+
+def test_ring_counts_at_coarse_pixels_leave_an_empty_ring_empty():
+    """At 1 Å per pixel the 0.4 Å disk holds a pixel or none, as the centre falls: a ring
+    without pixels counts 0 electrons (not its neighbour's)."""
+    rng = np.random.default_rng(2)
+    img = rng.poisson(50.0, (40, 40)).astype(np.uint16)
+    xy = np.array([[20.0, 20.0], [20.5, 20.5], [19.6, 20.3], [21.25, 18.75]])
+    got = ring_counts(img, xy, 1.0)
+    yy, xx = np.mgrid[:40, :40]
+    for (x, y), row in zip(xy, got):
+        # where the table puts the centre (to 1/8 pixel), as brute force counts it
+        cx, cy = (np.rint(v) + np.rint((v - np.rint(v)) * 8) / 8 for v in (x, y))
+        d = np.hypot(xx - cx, yy - cy) * 1.0
+        want = [img[(d >= a) & (d < b)].sum() for a, b in zip(RINGS_A[:-1], RINGS_A[1:])]
+        assert np.array_equal(row, want)
+    assert (got[:, 0] == 0).any() and (got[:, 0] > 0).any()  # empty disks and full ones
