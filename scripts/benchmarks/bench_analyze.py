@@ -156,6 +156,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="folder for the series and results")
     ap.add_argument("--no-tracks", action="store_true",
                     help="no tracks (issue 22): compare the columns stage with and without")
+    ap.add_argument("--no-sites", action="store_true",
+                    help="tracks without the changes read at sites (analysis/sites.py): their cost")
     args = ap.parse_args(argv)
 
     if args.stand_in:
@@ -168,6 +170,10 @@ def main(argv=None) -> int:
         share_cores(args.model_workers)  # before TensorFlow starts, as analyze does
         model, ident = load_model(args.model)
         print(f"model: {ident.get('path')}")
+    if args.no_sites:  # no settings object reaches the sites from the command line: patch it
+        from ceriakeras.analysis import tracking
+
+        tracking.site_changes = lambda *a, **k: (None, None)
     config = AnalyzeConfig(batch_size=args.batch_size, model_workers=args.model_workers,
                            overlay_every=args.overlay_every,
                            overlay_samples=0 if args.no_pictures else AnalyzeConfig.overlay_samples,
