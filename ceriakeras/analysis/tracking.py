@@ -10,7 +10,9 @@ through a :class:`ceriakeras.analysis.tracks.Tracker`, then writes
   from all the frames of the column's stretch of constant height) and ``track_confidence`` (the
   probability that ``track_height`` is right);
 - ``events.csv``: ``source, track, frame, x_px, y_px, x_A, y_A, height_before, height_after,
-  probability`` (``frame`` the first frame at the new height, x, y where the column is then);
+  probability`` (``frame`` the first frame at the new height, x, y where the column is then):
+  the tracks' changes, and those read at the columns' places in every frame
+  (:mod:`ceriakeras.analysis.sites`) that no track's change reports;
 - ``tracking/drift.csv``, read by :func:`add_drift_columns` into ``frames.csv``'s
   ``drift_x_A, drift_y_A`` (Å, relative to the first frame).
 
@@ -94,12 +96,15 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
         ``on_stretches(stretches)`` gets every series' stretches (``{source: {track: [stretch,
         …]}}``, each with its ``evidence``) before the tables are written (calibration studies).
     stack_reader, stack : callable, StackSettings, optional
-        ``stack_reader(item, spans, drift_A)``: the epochs' summed frames read by the model
-        (:func:`.stacking.model_reader`); None: heights from the frames' readings alone.
+        ``stack_reader(item, spans, drift_A, on_frame=None)``: the epochs' summed frames read by
+        the model (:func:`.stacking.model_reader`), each frame read shown to ``on_frame(index,
+        image)``; None: heights from the frames' readings alone.
     frame_reader : callable, optional
         ``frame_reader(item)`` → ``(index, image)`` of the series' frames, counts per pixel
         (:func:`.reading.series_counts`; ``item['counts_per_electron']`` converts): the electrons
-        around each column join the change statistic. None: the model's readings alone.
+        around each column join the change statistic, and the changes at the sites are read
+        (:mod:`.sites`; in the stacks' read, or in one more without it). None: the model's
+        readings alone.
 
     Returns
     -------
