@@ -119,3 +119,34 @@ def test_site_settings_are_checked():
                 {"site_same_frames": -1}, {"site_coverage": 0.0}):
         with pytest.raises(ConfigError, match="site_"):
             TrackSettings(**bad).validate()
+
+
+def test_the_sites_count_the_frames_the_stacks_read(tmp_path):
+    """With summed frames, the sites count the frames of that read (no read of their own)."""
+    from ceriakeras.analysis.stacking import StackSettings, stack_readings
+    from ceriakeras.analysis.tracking import write_tracks
+
+    frames = grows(2)
+    plan = write_run(tmp_path / "out", {"movie.tif": [(xy, p) for xy, p, _ in frames]})
+    plan = [{**item, "pixel_size_A": PX, "counts_per_electron": 1.0} for item in plan]
+    reads = []
+
+    def frame_reader(item):
+        reads.append("frames")
+        return enumerate(img for *_, img in frames)
+
+    def stack_reader(item, spans, drift_A, on_frame=None):
+        reads.append("stacks")
+
+        def shown():
+            for f, (*_, img) in enumerate(frames):
+                on_frame(f, img)
+                yield f, img
+        return stack_readings(shown(), spans, drift_A, PX, lambda image: {
+            "x_px": np.zeros(0), "y_px": np.zeros(0), "class_probabilities": np.zeros((0, 16))})
+
+    done = write_tracks(tmp_path / "out", plan, frame_reader=frame_reader,
+                        stack_reader=stack_reader, stack=StackSettings(max_frames=16))
+    assert reads == ["frames", "stacks"] and done["events"] == 1
+    event, = read_csv(tmp_path / "out" / "events.csv")
+    assert abs(int(event["frame"]) - 20) <= 2 and event["height_after"] == "2"
