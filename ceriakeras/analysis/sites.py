@@ -9,8 +9,8 @@ electrons around the column's place are there in every frame. So, after the trac
    removed (:class:`Sightings`); tracks within ``site_merge_A`` of a better-seen one join its
    *site* (:func:`sites_of`).
 2. The electrons in rings around each site (:mod:`ceriakeras.analysis.rings`) are counted in
-   every frame, the series read once more (:class:`SiteChanges`, in one pass, a bounded window
-   of frames per site as the tracker keeps).
+   every frame, in the read the summed frames make (or one more without them;
+   :class:`SiteChanges`, one pass, a bounded window of frames per site as the tracker keeps).
 3. Each site's counts alone are split into stretches by the optimal partitioning of
    :mod:`ceriakeras.analysis.changepoints` (penalty ``site_penalty``); each split is a change
    (:meth:`SiteChanges.events`) unless a track's change already reported it. Sites whose tracks
@@ -208,9 +208,9 @@ class SiteChanges:
                 ha = _height(members[k], by_track, after["first"], after["last"])
                 shift = w @ (contrast(after["rings"] / after["n"])
                              - contrast(before["rings"] / before["n"]))
-                sign = int(np.sign(ha - hb)) if None not in (ha, hb) and ha != hb else (
-                    1 if shift > 0 else -1)
-                if ha is None and hb is None:
+                sign = int(np.sign(ha - hb)) if None not in (ha, hb) and ha != hb else int(
+                    np.sign(shift))
+                if sign == 0 or (ha is None and hb is None):  # nothing says which way
                     continue
                 ha = max(0, hb + sign) if ha is None else ha
                 hb = hb if hb is not None and np.sign(ha - hb) == sign else max(0, ha - sign)

@@ -150,3 +150,20 @@ def test_the_sites_count_the_frames_the_stacks_read(tmp_path):
     assert reads == ["frames", "stacks"] and done["events"] == 1
     event, = read_csv(tmp_path / "out" / "events.csv")
     assert abs(int(event["frame"]) - 20) <= 2 and event["height_after"] == "2"
+
+
+def test_a_site_change_whose_direction_nothing_tells_is_not_reported():
+    """Two sites, one of which grows: without the tracks' heights around the change and too
+    few sites for the contrast map, no event; with them, the tracks' direction."""
+    frames = grows(0)
+    drift = {f: np.array([0.03, 0.015]) * f for f in range(len(frames))}
+    found = []
+    for by_track in ({}, {7: [{"first": 0, "last": 19, "height_index": 0},
+                              {"first": 20, "last": 39, "height_index": 1}]}):
+        changes = SiteChanges(lattice(3)[[4, 0]], drift, PX, 1.0, TrackSettings())
+        for f, (*_, img) in enumerate(frames):
+            changes.add(f, img)
+        found.append(changes.events([[7], [8]], by_track, "movie.tif"))
+    assert found[0] == []
+    (frame, track, stat, row), = found[1]
+    assert track == 7 and abs(frame - 20) <= 2 and row[7:9] == (1, 2) and stat > 12
