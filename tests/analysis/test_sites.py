@@ -153,12 +153,13 @@ def test_the_sites_count_the_frames_the_stacks_read(tmp_path):
 
 
 def test_a_site_change_whose_direction_nothing_tells_is_not_reported():
-    """Two sites, one of which grows: without the tracks' heights around the change and too
-    few sites for the contrast map, no event; with them, the tracks' direction."""
+    """Two sites, one of which grows: where its track reads one height on both sides and too
+    few sites make a contrast map, no event; where the track reads two, its direction."""
     frames = grows(0)
     drift = {f: np.array([0.03, 0.015]) * f for f in range(len(frames))}
     found = []
-    for by_track in ({}, {7: [{"first": 0, "last": 19, "height_index": 0},
+    for by_track in ({7: [{"first": 0, "last": 39, "height_index": 0}]},
+                     {7: [{"first": 0, "last": 19, "height_index": 0},
                               {"first": 20, "last": 39, "height_index": 1}]}):
         changes = SiteChanges(lattice(3)[[4, 0]], drift, PX, 1.0, TrackSettings())
         for f, (*_, img) in enumerate(frames):
