@@ -96,13 +96,19 @@ def ring_dispersion(counts: np.ndarray, systematic: float = 0.0, frames: int = 1
     c = np.asarray(counts, np.float64)
     if len(c) < 3:
         return 1.0
-    mean = c.mean(axis=0)
-    keep = mean > 0
-    if not keep.any():
-        return 1.0
-    ratio = np.mean(np.diff(c[:, keep], axis=0) ** 2, axis=0) / 2 / mean[keep]
-    floor = 1.0 + systematic**2 * mean[keep] * frames
-    return max(float(np.mean(np.maximum(ratio, floor))), 1.0)
+    return float(dispersion_of(np.mean(np.diff(c, axis=0) ** 2, axis=0), c.mean(axis=0),
+                               systematic, frames))
+
+
+def dispersion_of(step_square, mean, systematic: float, frames: int) -> np.ndarray:
+    """:func:`ring_dispersion` from its sums: ``step_square`` (…, R) the mean squared
+    difference of successive frames' counts, ``mean`` (…, R) the mean count; (…), at least 1
+    (rings without counts left out)."""
+    lit = mean > 0
+    ratio = step_square / 2 / np.where(lit, mean, 1.0)
+    floor = 1.0 + systematic**2 * mean * frames
+    part = np.where(lit, np.maximum(ratio, floor), 0.0)
+    return np.maximum(part.sum(axis=-1) / np.maximum(lit.sum(axis=-1), 1), 1.0)
 
 
 def stretch_gains(kind: str, n, s1, s2, sums, *, temper: float, variance, rings=None,

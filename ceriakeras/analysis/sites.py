@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .changepoints import change_probability, ring_gain, segment_tracks
+from .changepoints import change_probability, dispersion_of, ring_statistic, segment_tracks
 from .rings import RINGS_A, ring_counts
 from .track_settings import TrackSettings
 
@@ -144,7 +144,7 @@ class SiteChanges:
         self.frames += ok
         self.last = counts
         for k in np.flatnonzero(ok & self.watch).tolist():
-            self.units[k].append({"first": frame, "last": frame, "n": 1, "rings": counts[k]})
+            self.units[k].append({"first": frame, "last": frame, "ni": 1, "rings": counts[k]})
         if max(map(len, self.units)) > self.settings.window:
             self._settle(final=False)
 
@@ -152,14 +152,10 @@ class SiteChanges:
         """Each site's ring weight: ``ring_weight`` over its dispersion (quasi-Poisson, as
         :func:`ceriakeras.analysis.changepoints.ring_dispersion` over all its frames)."""
         s = self.settings
-        mean = self.total / np.maximum(self.frames, 1)[:, None]
-        ratio = self.diff2 / np.maximum(self.ndiff, 1)[:, None] / 2 / np.where(mean > 0, mean, 1)
-        floor = 1.0 + s.ring_systematic**2 * mean * s.confidence_frames
-        lit = mean > 0
-        disp = np.where(lit, np.maximum(ratio, floor), 0.0).sum(axis=1) / np.maximum(
-            lit.sum(axis=1), 1)
-        disp = np.where((self.frames >= 3) & lit.any(axis=1), disp, 1.0)
-        return s.ring_weight / np.maximum(disp, 1.0)
+        disp = dispersion_of(self.diff2 / np.maximum(self.ndiff, 1)[:, None],
+                             self.total / np.maximum(self.frames, 1)[:, None],
+                             s.ring_systematic, s.confidence_frames)
+        return s.ring_weight / np.where(self.frames >= 3, disp, 1.0)
 
     def _settle(self, final: bool) -> None:
         """Split every site's units; keep settled stretches in ``done`` (all with ``final``;
@@ -168,7 +164,7 @@ class SiteChanges:
         arrays = []
         for units in self.units:
             m = len(units)
-            n = np.array([u["n"] for u in units], np.float64)
+            n = np.array([u["ni"] for u in units], np.float64)
             arrays.append({"sum": np.zeros((m, 1)), "s1": np.zeros(m), "s2": np.zeros(m), "n": n,
                            "rings": np.array([u["rings"] for u in units]).reshape(m, r),
                            "ni": n})
@@ -200,14 +196,11 @@ class SiteChanges:
         out = []
         for k, stretches in enumerate(self.done):
             for before, after in zip(stretches[:-1], stretches[1:]):
-                stat = weights[k] * float(ring_gain(before["rings"], before["n"])
-                                          + ring_gain(after["rings"], after["n"])
-                                          - ring_gain(before["rings"] + after["rings"],
-                                                      before["n"] + after["n"]))
+                stat = ring_statistic(before, after, weights[k])
                 hb = _height(members[k], by_track, before["first"], after["first"] - 1)
                 ha = _height(members[k], by_track, after["first"], after["last"])
-                shift = w @ (contrast(after["rings"] / after["n"])
-                             - contrast(before["rings"] / before["n"]))
+                shift = w @ (contrast(after["rings"] / after["ni"])
+                             - contrast(before["rings"] / before["ni"]))
                 sign = int(np.sign(ha - hb)) if None not in (ha, hb) and ha != hb else int(
                     np.sign(shift))
                 if sign == 0 or (ha is None and hb is None):  # nothing says which way
@@ -264,7 +257,7 @@ def new_changes(changes: list, known: list, settings: TrackSettings) -> list:
 def _fold(units: list) -> dict:
     """Units of one stretch as one."""
     return {"first": units[0]["first"], "last": units[-1]["last"],
-            "n": int(sum(u["n"] for u in units)),
+            "ni": int(sum(u["ni"] for u in units)),
             "rings": np.sum([u["rings"] for u in units], axis=0)}
 
 

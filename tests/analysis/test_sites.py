@@ -31,13 +31,20 @@ def grows(seed=0, n=40, change_at=20, drift_A=0.03, grown=True):
     return out
 
 
-def analyse(tmp_path, frames, settings=None):
+def analyse(tmp_path, frames, settings=None, reads=None, **more):
+    """``write_tracks`` on ``frames`` (``more``: its other arguments); each read of the frames
+    for the tracks is noted in ``reads``."""
     from ceriakeras.analysis.tracking import write_tracks
 
     plan = write_run(tmp_path / "out", {"movie.tif": [(xy, p) for xy, p, _ in frames]})
     plan = [{**item, "pixel_size_A": PX, "counts_per_electron": 1.0} for item in plan]
-    done = write_tracks(tmp_path / "out", plan, settings,
-                        frame_reader=lambda item: enumerate(img for *_, img in frames))
+
+    def frame_reader(item):
+        if reads is not None:
+            reads.append("frames")
+        return enumerate(img for *_, img in frames)
+
+    done = write_tracks(tmp_path / "out", plan, settings, frame_reader=frame_reader, **more)
     return done, read_csv(tmp_path / "out" / "events.csv")
 
 
@@ -124,16 +131,9 @@ def test_site_settings_are_checked():
 def test_the_sites_count_the_frames_the_stacks_read(tmp_path):
     """With summed frames, the sites count the frames of that read (no read of their own)."""
     from ceriakeras.analysis.stacking import StackSettings, stack_readings
-    from ceriakeras.analysis.tracking import write_tracks
 
     frames = grows(2)
-    plan = write_run(tmp_path / "out", {"movie.tif": [(xy, p) for xy, p, _ in frames]})
-    plan = [{**item, "pixel_size_A": PX, "counts_per_electron": 1.0} for item in plan]
     reads = []
-
-    def frame_reader(item):
-        reads.append("frames")
-        return enumerate(img for *_, img in frames)
 
     def stack_reader(item, spans, drift_A, on_frame=None):
         reads.append("stacks")
@@ -145,10 +145,10 @@ def test_the_sites_count_the_frames_the_stacks_read(tmp_path):
         return stack_readings(shown(), spans, drift_A, PX, lambda image: {
             "x_px": np.zeros(0), "y_px": np.zeros(0), "class_probabilities": np.zeros((0, 16))})
 
-    done = write_tracks(tmp_path / "out", plan, frame_reader=frame_reader,
-                        stack_reader=stack_reader, stack=StackSettings(max_frames=16))
+    done, rows = analyse(tmp_path, frames, reads=reads, stack_reader=stack_reader,
+                         stack=StackSettings(max_frames=16))
     assert reads == ["frames", "stacks"] and done["events"] == 1
-    event, = read_csv(tmp_path / "out" / "events.csv")
+    event, = rows
     assert abs(int(event["frame"]) - 20) <= 2 and event["height_after"] == "2"
 
 
