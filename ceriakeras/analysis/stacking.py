@@ -42,7 +42,7 @@ class StackSettings:
     may lie; 0 turns stacked readings off.
     """
 
-    max_frames: int = 32
+    max_frames: int = 64
     """Longest epoch, frames (0: no stacked readings)."""
     min_frames: int = 3
     """Shortest epoch that is read, frames."""

@@ -50,7 +50,7 @@ from .startup import escaped, locked, one_line, one_line_errors, verbose_option
               help="Fewest frames in a stretch of constant height (default 5).")
 @click.option("--stack-frames", type=click.IntRange(min=0), default=None, metavar="FRAMES",
               help="Read the tracks' heights from sums of up to this many frames, drift "
-                   "removed (one more model call per sum; default 32; 0: from single frames).")
+                   "removed (one more model call per sum; default 64; 0: from single frames).")
 @click.option("--server", default=None, metavar="URL",
               help="Run the network on a TF Serving server: http://HOST:8501 (REST) or "
                    "grpc://HOST:8500; --model is then its local copy (assets and version).")

@@ -48,7 +48,7 @@ class AnalyzeConfig:
     min_stretch: int = 5
     """Fewest frames in a stretch of constant height (tracks; 5: chosen with the change
     statistic on our own movies, docs/tracks.md)."""
-    stack_frames: int = 32
+    stack_frames: int = 64
     """Longest run of frames added up (drift removed) and read once more by the model, to read
     the tracks' heights (:mod:`ceriakeras.analysis.stacking`; one model call per run, at most
     ``1 / stack_frames`` of the per-frame model time); 0: heights from the frames alone."""
