@@ -205,6 +205,11 @@ class SiteChanges:
                     np.sign(shift))
                 if sign == 0 or (ha is None and hb is None):  # nothing says which way
                     continue
+                if ha is not None and ha == hb:  # one reading of both: the side it covers more
+                    longer = (_covered(members[k], by_track, before["first"], after["first"] - 1)
+                              >= _covered(members[k], by_track, after["first"], after["last"]))
+                    ha, hb = (ha + sign, hb) if (longer and hb + sign >= 1) or ha - sign < 1 else (
+                        ha, hb - sign)
                 ha = max(0, hb + sign) if ha is None else ha
                 hb = hb if hb is not None and np.sign(ha - hb) == sign else max(0, ha - sign)
                 if ha == hb:
@@ -254,6 +259,49 @@ def new_changes(changes: list, known: list, settings: TrackSettings) -> list:
     return out
 
 
+def split_stretches(by_track: dict, changes: list) -> list:
+    """Split the stretch of each change's track that spans it (``changes``: ``(frame, track,
+    row)`` of :func:`new_changes`), so the track's height changes where ``events.csv`` says;
+    return the changes that split none (before or after the track's stretches, one whose
+    height is neither side's, or one that would turn a neighbouring stretch's change).
+
+    The side at the height the stretch read keeps its confidence; the other side's is that
+    times the change's probability (it is right only if the change is real). Its frames are
+    shared in proportion to the frames each side spans.
+    """
+    rest = []
+    for frame, track, row in changes:
+        runs = by_track.get(track, [])
+        k = next((i for i, run in enumerate(runs) if run["first"] < frame <= run["last"]), None)
+        before_h, after_h, p = int(row[7]), int(row[8]), float(row[9])
+        if k is None or runs[k]["height_index"] + 1 not in (before_h, after_h) or not (
+                _keeps(runs, k, k - 1, before_h) and _keeps(runs, k, k + 1, after_h)):
+            rest.append((frame, track, row))
+            continue
+        run = runs[k]
+        before, after = dict(run), dict(run)
+        share = (frame - run["first"]) / (run["last"] - run["first"] + 1)
+        before.update(last=frame - 1, height_index=before_h - 1,
+                      frames=int(round(run.get("frames", 0) * share)))
+        after.update(first=frame, height_index=after_h - 1, change_probability=p,
+                     frames=run.get("frames", 0) - before["frames"], x_px=float(row[3]),
+                     y_px=float(row[4]), x_A=float(row[5]), y_A=float(row[6]))
+        for part in (before, after):
+            if part["height_index"] != run["height_index"]:
+                part["confidence"] = run["confidence"] * p
+        runs[k:k + 1] = [before, after]
+    return rest
+
+
+def _keeps(runs: list, k: int, j: int, height: int) -> bool:
+    """Whether stretch ``k`` at ``height`` (Ce atoms) keeps the way its neighbour ``j`` changes
+    from or to it (no neighbour: yes)."""
+    if not 0 <= j < len(runs):
+        return True
+    h, other = runs[k]["height_index"] + 1, runs[j]["height_index"] + 1
+    return np.sign(other - height) == np.sign(other - h)
+
+
 def _fold(units: list) -> dict:
     """Units of one stretch as one."""
     return {"first": units[0]["first"], "last": units[-1]["last"],
@@ -265,12 +313,23 @@ def _height(tracks, by_track: dict, first: int, last: int):
     """The height, Ce atoms, that ``tracks``' stretches read over frames ``first … last``
     (weighted by their overlap, rounded); None where none covers them."""
     total = weight = 0.0
+    for overlap, run in _overlaps(tracks, by_track, first, last):
+        total, weight = total + overlap * (run["height_index"] + 1), weight + overlap
+    return int(round(total / weight)) if weight else None
+
+
+def _covered(tracks, by_track: dict, first: int, last: int) -> int:
+    """Frames of ``first … last`` that ``tracks``' stretches cover (summed over tracks)."""
+    return sum(overlap for overlap, _ in _overlaps(tracks, by_track, first, last))
+
+
+def _overlaps(tracks, by_track: dict, first: int, last: int):
+    """``(frames in common, stretch)`` of ``tracks``' stretches that overlap ``first … last``."""
     for t in tracks:
         for run in by_track.get(t, ()):
             overlap = min(last, run["last"]) - max(first, run["first"]) + 1
             if overlap > 0:
-                total, weight = total + overlap * (run["height_index"] + 1), weight + overlap
-    return int(round(total / weight)) if weight else None
+                yield overlap, run
 
 
 def _track_at(tracks, by_track: dict, frame: int) -> int:

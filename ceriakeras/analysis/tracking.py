@@ -36,7 +36,7 @@ from ..config import InputError
 from ..io.files import atomic_path, write_bytes_atomic
 from .problog import LOG_NAME, ProbabilityLog, read_probability_log  # noqa: F401 (re-exported)
 from .reading import FrameCursor
-from .sites import Sightings, new_changes, site_changes
+from .sites import Sightings, new_changes, site_changes, split_stretches
 from .stacking import StackSettings, epochs, restack
 from .tracks import Tracker, TrackSettings
 
@@ -163,10 +163,10 @@ def _write_tracks(out_dir: Path, plan: list, settings: TrackSettings, before_rep
             runs.sort(key=lambda s: s["first"])
     stacked, found = _reread_all(stretches, drift_rows, plan, stack_reader, frame_reader, stack,
                                  settings, unread, sightings)
+    events = _events(stretches, plan, found, settings)  # splits stretches at site changes
     if on_stretches is not None:
         on_stretches(stretches)
     _write_csv(out_dir / "tracking" / "drift.csv", drift_rows)
-    events = _events(stretches, plan, found, settings)
     _write_csv(out_dir / "events.csv", [EVENT_COLUMNS] + events)
     _rewrite_columns(csv_path, header, layout, ids_path, stretches, before_replace)
     ids_path.unlink()
@@ -283,8 +283,23 @@ def unread_warning(reason: str) -> str:
 
 def _events(stretches: dict, plan: list, found: dict, settings: TrackSettings) -> list:
     """Rows of ``events.csv``, in input order: the first stretch of each change of height, and
-    the changes ``found`` at the sites that no such change already reports."""
+    the changes ``found`` at the sites that no such change already reports. A site's change
+    inside a stretch of its track splits that stretch there (:func:`.sites.split_stretches`),
+    so ``track_height`` changes where the event says."""
     order = {item["source"]: k for k, item in enumerate(plan)}
+    known = _track_events(stretches, order)
+    rest = []
+    for source, changes in found.items():
+        new = new_changes(changes, [row for k, _, _, row in known if k == order[source]],
+                          settings)
+        rest += [(order[source], frame, track, row) for frame, track, row
+                 in split_stretches(stretches.get(source, {}), new)]
+    rows = _track_events(stretches, order) + rest
+    return [row for *_, row in sorted(rows, key=lambda r: r[:3])]
+
+
+def _track_events(stretches: dict, order: dict) -> list:
+    """``(series order, frame, track, row)`` of each change between two stretches of a track."""
     rows = []
     for source, by_track in stretches.items():
         for track, runs in by_track.items():
@@ -296,11 +311,7 @@ def _events(stretches: dict, plan: list, found: dict, settings: TrackSettings) -
                     source, track, after["first"], f"{after['x_px']:.3f}", f"{after['y_px']:.3f}",
                     f"{after['x_A']:.4f}", f"{after['y_A']:.4f}", before["height_index"] + 1,
                     after["height_index"] + 1, f"{after['change_probability']:.4f}")))
-    for source, changes in found.items():
-        known = [row for k, _, _, row in rows if k == order[source]]
-        rows += [(order[source], frame, track, row) for frame, track, row
-                 in new_changes(changes, known, settings)]
-    return [row for *_, row in sorted(rows, key=lambda r: r[:3])]
+    return rows
 
 
 def _rewrite_columns(csv_path: Path, header: list, layout: list, ids_path: Path,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ceriakeras.analysis.sites import SiteChanges, Sightings, new_changes, sites_of
+from ceriakeras.analysis.sites import (SiteChanges, Sightings, new_changes, sites_of,
+                                      split_stretches)
 from ceriakeras.analysis.tracks import TrackSettings
 from test_rings import PX, image
 from test_tracks import lattice, probs, read_csv, write_run
@@ -168,3 +169,57 @@ def test_a_site_change_whose_direction_nothing_tells_is_not_reported():
     assert found[0] == []
     (frame, track, stat, row), = found[1]
     assert track == 7 and abs(frame - 20) <= 2 and row[7:9] == (1, 2) and stat > 12
+
+
+def _run(first, last, h, confidence=0.8, p=None):
+    return {"track": 7, "first": first, "last": last, "frames": last - first + 1,
+            "height_index": h - 1, "confidence": confidence, "change_probability": p,
+            "x_px": 1.0, "y_px": 1.0, "x_A": 0.1, "y_A": 0.1}
+
+
+def _site_row(frame, before, after, p="0.7000"):
+    return (frame, 7, ("m.tif", 7, frame, "50.000", "60.000", "5.0000", "6.0000", before, after, p))
+
+
+def test_a_site_change_splits_the_stretch_of_its_track():
+    by_track = {7: [_run(0, 29, 3), _run(30, 47, 4, p=0.9)]}
+    rest = split_stretches(by_track, [_site_row(10, 2, 3), _site_row(40, 4, 5),
+                                      _site_row(60, 4, 3)])
+    assert [c[0] for c in rest] == [60]  # after the track's last stretch: left as it is
+    runs = by_track[7]
+    assert [(r["first"], r["last"], r["height_index"] + 1) for r in runs] == [
+        (0, 9, 2), (10, 29, 3), (30, 39, 4), (40, 47, 5)]
+    assert runs[0]["confidence"] == pytest.approx(0.8 * 0.7)  # right only if the change is real
+    assert runs[1]["confidence"] == 0.8 and runs[1]["change_probability"] == 0.7
+    assert runs[2]["change_probability"] == 0.9  # the track's own change stays
+    assert (runs[3]["x_px"], runs[3]["y_A"]) == (50.0, 6.0)  # where the column is then
+    assert sum(r["frames"] for r in runs) == 48
+
+
+def test_a_site_change_that_would_turn_its_neighbours_is_not_split():
+    for change in (_site_row(10, 3, 4), _site_row(10, 1, 2)):  # 4 → 4, or a 2 → 4 jump after
+        by_track = {7: [_run(0, 29, 3), _run(30, 47, 4, p=0.9)]}
+        assert len(split_stretches(by_track, [(20, *change[1:])])) == 1
+        assert len(by_track[7]) == 2
+
+
+def test_track_height_changes_where_a_site_change_is(tmp_path):
+    """The model reads column 4 at one height throughout while its pixels grow at frame 20: the
+    change comes from the site, and the track's height changes with it in columns.csv."""
+    rng = np.random.default_rng(3)
+    frames = []
+    for f in range(40):
+        h = HEIGHTS.copy()
+        h[4] = 2 if f >= 20 else 1
+        xy = lattice(3) + [0.03 * f, 0.015 * f]
+        frames.append((xy, probs(HEIGHTS, rng), image(xy, 0.4 * h, rng)))
+    settings = TrackSettings(ring_confirm=1e3, site_coverage=2.0)  # no change of the tracks
+    done, rows = analyse(tmp_path, frames, settings)
+    event, = rows
+    frame = int(event["frame"])
+    assert abs(frame - 20) <= 2 and int(event["height_after"]) > int(event["height_before"]) >= 1
+    columns = [r for r in read_csv(tmp_path / "out" / "columns.csv") if r["track"] == event["track"]]
+    by_frame = {int(r["frame"]): r["track_height"] for r in columns}
+    assert {by_frame[f] for f in by_frame if f < frame} == {event["height_before"]}
+    assert {by_frame[f] for f in by_frame if f >= frame} == {event["height_after"]}
+    assert len(columns) == 40
