@@ -29,7 +29,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from .changepoints import change_probability, dispersion_of, ring_statistic, segment_tracks
-from .rings import RINGS_A, ring_counts
+from .rings import RINGS_A, DoseLevel, ring_counts
 from .track_settings import TrackSettings
 
 AREAS = np.diff(np.square(RINGS_A))
@@ -116,7 +116,7 @@ class SiteChanges:
         self.sites, self.drift, self.settings = sites_A, drift_A, settings
         self.watch = np.ones(len(sites_A), bool) if watch is None else np.asarray(watch, bool)
         self.counted = 0
-        self.px, self.cpe = pixel_size_A, counts_per_electron
+        self.px, self.cpe, self.dose = pixel_size_A, counts_per_electron, DoseLevel()
         s, r = len(sites_A), len(RINGS_A) - 1
         self.units: list[list[dict]] = [[] for _ in range(s)]
         self.done: list[list[dict]] = [[] for _ in range(s)]
@@ -134,8 +134,9 @@ class SiteChanges:
                               else np.ones(len(self.sites), bool))
         self.counted += 1
         counts = np.full(self.last.shape, np.nan)
-        counts[look] = ring_counts(np.asarray(image), (self.sites[look] + drift_A) / self.px,
-                                   self.px, self.cpe)
+        image = np.asarray(image)
+        counts[look] = ring_counts(image, (self.sites[look] + drift_A) / self.px, self.px,
+                                   self.cpe * self.dose(image))
         ok = np.isfinite(counts).all(axis=1)
         step = ok & np.isfinite(self.last).all(axis=1)
         self.diff2[step] += (counts[step] - self.last[step]) ** 2

@@ -32,7 +32,7 @@ from .changepoints import (
     segment_tracks,
 )
 from .linking import link_with_drift
-from .rings import RINGS_A, ring_counts
+from .rings import RINGS_A, DoseLevel, ring_counts
 from .track_settings import EVIDENCE, TrackSettings
 
 RINGS = len(RINGS_A) - 1
@@ -155,6 +155,7 @@ class Tracker:
         self.drift = np.zeros(2)          # Å, of the last frame relative to the first
         self.out: list[dict] = []         # finished stretches, not yet popped
         self.counted = False              # frames given: ring counts in the statistic
+        self.dose = DoseLevel()           # each frame's dose against the first's (ring counts)
 
     # --- state --------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -162,7 +163,7 @@ class Tracker:
         return {"settings": asdict(self.settings),
                 "tracks": [_plain_track(t) for t in self.tracks],
                 "next_id": self.next_id, "drift": self.drift.tolist(), "out": self.out,
-                "counted": self.counted}
+                "counted": self.counted, "dose_first": self.dose.first}
 
     @classmethod
     def from_state(cls, state: dict) -> Tracker:
@@ -171,6 +172,7 @@ class Tracker:
         tracker.tracks, tracker.next_id = state["tracks"], int(state["next_id"])
         tracker.drift, tracker.out = np.asarray(state["drift"], np.float64), state["out"]
         tracker.counted = bool(state.get("counted", False))
+        tracker.dose = DoseLevel(state.get("dose_first"))
         return tracker
 
     # --- frames -------------------------------------------------------------------------------
@@ -262,7 +264,7 @@ class Tracker:
             where = np.array([_centre(t) for t, ok in zip(self.tracks, settled) if ok],
                              np.float64) + self.drift
             out[settled] = ring_counts(image, where / pixel_size_A, pixel_size_A,
-                                       counts_per_electron)
+                                       counts_per_electron * self.dose(image))
         return out
 
     def _add_missed(self, frame: int, found: set, counted: np.ndarray, pixel_size_A) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ceriakeras.analysis.changepoints import change_statistic, ring_dispersion, ring_gain
-from ceriakeras.analysis.rings import RINGS_A, ring_counts
+from ceriakeras.analysis.rings import RINGS_A, DoseLevel, ring_counts
 from ceriakeras.analysis.tracks import Tracker, TrackSettings
 from test_tracks import events, lattice, probs, read_csv, write_run
 
@@ -321,3 +321,38 @@ def test_ring_counts_at_coarse_pixels_leave_an_empty_ring_empty():
         want = [img[(d >= a) & (d < b)].sum() for a, b in zip(RINGS_A[:-1], RINGS_A[1:])]
         assert np.array_equal(row, want)
     assert (got[:, 0] == 0).any() and (got[:, 0] > 0).any()  # empty disks and full ones
+
+
+def flickering(seed, n=40, fall=0.10, flicker=0.03):
+    """A static lattice whose beam current falls by ``fall`` over the series and flickers by
+    ``flicker`` from frame to frame (relative)."""
+    rng = np.random.default_rng(seed)
+    xy = lattice(3)
+    level = (1 - fall * np.arange(n) / (n - 1)) * (1 + flicker * rng.standard_normal(n))
+    return [(xy, probs(np.full(9, 3.0), rng),
+             image(xy, np.full(9, 0.5), rng, background=2.0 * level[f])) for f in range(n)]
+
+
+def test_dose_level_is_each_frames_dose_against_the_first():
+    dose = DoseLevel()
+    assert dose(np.full((8, 8), 4.0)) == 1.0 and dose(np.full((8, 8), 3.0)) == 0.75
+    assert dose(np.zeros((8, 8))) == 1.0  # a frame without counts is left as it is
+    assert DoseLevel(2.0)(np.full((8, 8), 3.0)) == 1.5  # resumed with the first frame's level
+    assert DoseLevel()(np.zeros((8, 8))) == 1.0 and DoseLevel().first is None
+
+
+def test_a_beam_that_fades_and_flickers_reports_no_event(monkeypatch):
+    """The ring counts are taken against each frame's dose: a beam whose current falls by 10 %
+    and flickers by 3 % moves every column's electrons at once, which is not a change."""
+    import ceriakeras.analysis.tracks as tracks_module
+
+    for seed in (1, 2):
+        _, stretches = run(flickering(seed))
+        assert events(stretches) == []
+
+    class Fixed(DoseLevel):  # the counts taken as they come
+        def __call__(self, image):
+            return 1.0
+
+    monkeypatch.setattr(tracks_module, "DoseLevel", Fixed)
+    assert len(events(run(flickering(1))[1])) > 0

@@ -223,3 +223,26 @@ def test_track_height_changes_where_a_site_change_is(tmp_path):
     assert {by_frame[f] for f in by_frame if f < frame} == {event["height_before"]}
     assert {by_frame[f] for f in by_frame if f >= frame} == {event["height_after"]}
     assert len(columns) == 40
+
+
+def test_a_beam_that_fades_and_flickers_splits_no_site(monkeypatch):
+    """At the sites too, the electrons are taken against each frame's dose."""
+    import ceriakeras.analysis.sites as sites_module
+    from test_rings import flickering
+
+    def splits():
+        changes = SiteChanges(lattice(3), {f: (0.0, 0.0) for f in range(40)}, PX, 1.0,
+                              TrackSettings())
+        for f, (*_, img) in enumerate(flickering(1)):
+            changes.add(f, img)
+        changes._settle(final=True)
+        return sum(len(done) - 1 for done in changes.done)
+
+    assert splits() == 0
+
+    class Fixed(sites_module.DoseLevel):
+        def __call__(self, image):
+            return 1.0
+
+    monkeypatch.setattr(sites_module, "DoseLevel", Fixed)
+    assert splits() > 0
