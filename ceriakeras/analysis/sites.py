@@ -37,13 +37,23 @@ AREAS = np.diff(np.square(RINGS_A))
 
 
 class Sightings:
-    """Each track's summed positions (Å, drift removed) and sightings, over one series."""
+    """What the tracks leave for the sites, over one series: each track's summed positions (Å,
+    drift removed) and sightings, and each frame's ring level (:class:`.rings.RingLevel`)."""
 
     def __init__(self):
         self.sums = np.zeros((0, 3))
+        self.levels = np.ones((0, len(RINGS_A) - 1))
 
-    def add(self, ids: np.ndarray, xy_A: np.ndarray, drift_A: np.ndarray) -> None:
-        """One frame's columns: their tracks ``ids``, positions ``xy_A`` (N, 2) and the drift."""
+    def add(self, ids: np.ndarray, xy_A: np.ndarray, drift_A: np.ndarray, frame: int = 0,
+            level=None) -> None:
+        """One frame's columns: their tracks ``ids``, positions ``xy_A`` (N, 2) and the drift;
+        and the frame's ring level (None: 1)."""
+        if level is not None:
+            if frame >= len(self.levels):
+                grown = np.ones((max(2 * len(self.levels), frame + 1), self.levels.shape[1]))
+                grown[:len(self.levels)] = self.levels
+                self.levels = grown
+            self.levels[frame] = level
         ids = np.asarray(ids, np.int64)
         if not len(ids):
             return
@@ -53,6 +63,10 @@ class Sightings:
             self.sums = grown
         rows = np.column_stack([np.asarray(xy_A, np.float64) - drift_A, np.ones(len(ids))])
         np.add.at(self.sums, ids, rows)
+
+    def level(self, frame: int) -> np.ndarray:
+        """Frame ``frame``'s ring level (R,)."""
+        return self.levels[frame] if frame < len(self.levels) else np.ones(self.levels.shape[1])
 
     def centres(self, least: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The tracks seen at least ``least`` times: ids, mean positions (Å), sightings."""
@@ -109,11 +123,16 @@ class SiteChanges:
     watch : (S,) bool, optional
         The sites whose changes are read (default all); the others are counted only in the
         first ``confidence_frames`` frames, for :func:`contrast_map`.
+    level : callable, optional
+        ``level(frame)``: the ring level (R,) the tracks found in that frame
+        (:meth:`Sightings.level`); each site's counts are divided by it.
     """
 
     def __init__(self, sites_A: np.ndarray, drift_A: dict, pixel_size_A: float,
-                 counts_per_electron: float, settings: TrackSettings, watch=None):
+                 counts_per_electron: float, settings: TrackSettings, watch=None,
+                 level=None):
         self.sites, self.drift, self.settings = sites_A, drift_A, settings
+        self.level = level  # frame → the tracks' ring level (R,), or None
         self.watch = np.ones(len(sites_A), bool) if watch is None else np.asarray(watch, bool)
         self.counted = 0
         self.px, self.cpe, self.dose = pixel_size_A, counts_per_electron, DoseLevel()
@@ -137,6 +156,8 @@ class SiteChanges:
         image = np.asarray(image)
         counts[look] = ring_counts(image, (self.sites[look] + drift_A) / self.px, self.px,
                                    self.cpe * self.dose(image))
+        if self.level is not None:
+            counts[look] /= self.level(frame)
         ok = np.isfinite(counts).all(axis=1)
         step = ok & np.isfinite(self.last).all(axis=1)
         self.diff2[step] += (counts[step] - self.last[step]) ** 2
@@ -241,7 +262,8 @@ def site_changes(sightings: Sightings | None, item: dict, drift_A: dict,
         members[k].append(track)
     covered = np.bincount(site, seen, len(xy)) / max(item.get("n_frames") or 1, 1)
     return SiteChanges(xy, drift_A, item["pixel_size_A"], item.get("counts_per_electron") or 1.0,
-                       settings, watch=covered < settings.site_coverage), members
+                       settings, watch=covered < settings.site_coverage,
+                       level=sightings.level), members
 
 
 def new_changes(changes: list, known: list, settings: TrackSettings) -> list:

@@ -32,7 +32,7 @@ from .changepoints import (
     segment_tracks,
 )
 from .linking import link_with_drift
-from .rings import RINGS_A, DoseLevel, ring_counts
+from .rings import RINGS_A, DoseLevel, RingLevel, ring_counts
 from .track_settings import EVIDENCE, TrackSettings
 
 RINGS = len(RINGS_A) - 1
@@ -156,6 +156,9 @@ class Tracker:
         self.out: list[dict] = []         # finished stretches, not yet popped
         self.counted = False              # frames given: ring counts in the statistic
         self.dose = DoseLevel()           # each frame's dose against the first's (ring counts)
+        self.ring_level = RingLevel(self.settings.ring_level_columns,  # the rings' part all
+                                    memory=self.settings.ring_level_memory)  # columns share
+        self.level = np.ones(RINGS)       # ... in the last frame
 
     # --- state --------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -163,7 +166,8 @@ class Tracker:
         return {"settings": asdict(self.settings),
                 "tracks": [_plain_track(t) for t in self.tracks],
                 "next_id": self.next_id, "drift": self.drift.tolist(), "out": self.out,
-                "counted": self.counted, "dose_first": self.dose.first}
+                "counted": self.counted, "dose_first": self.dose.first,
+                "ring_level": self.ring_level.state()}
 
     @classmethod
     def from_state(cls, state: dict) -> Tracker:
@@ -173,6 +177,7 @@ class Tracker:
         tracker.drift, tracker.out = np.asarray(state["drift"], np.float64), state["out"]
         tracker.counted = bool(state.get("counted", False))
         tracker.dose = DoseLevel(state.get("dose_first"))
+        tracker.ring_level.restore(state.get("ring_level"))
         return tracker
 
     # --- frames -------------------------------------------------------------------------------
@@ -249,6 +254,7 @@ class Tracker:
         self._settle([t for t in extended if len(t["units"]) > s.window], final=False)
         self._settle([t for t in self.tracks if frame - t["last"] > s.max_gap and t["units"]],
                      final=True)
+        self.ring_level.forget([t["id"] for t in self.tracks if frame - t["last"] > s.max_gap])
         self.tracks = [t for t in self.tracks if frame - t["last"] <= s.max_gap]
         return ids, self.drift.copy()
 
@@ -256,6 +262,7 @@ class Tracker:
         """The electrons in rings (:mod:`.rings`) around each open track's centre (before this
         frame, drift added): (tracks, RINGS), NaN without ``image`` or ``ring_after`` sightings."""
         out = np.full((len(self.tracks), RINGS), np.nan)
+        self.level = np.ones(RINGS)
         if image is None or not pixel_size_A or self.settings.ring_weight <= 0:
             return out
         self.counted = True
@@ -263,8 +270,10 @@ class Tracker:
         if settled.any():
             where = np.array([_centre(t) for t, ok in zip(self.tracks, settled) if ok],
                              np.float64) + self.drift
-            out[settled] = ring_counts(image, where / pixel_size_A, pixel_size_A,
-                                       counts_per_electron * self.dose(image))
+            counts = ring_counts(image, where / pixel_size_A, pixel_size_A,
+                                 counts_per_electron * self.dose(image))
+            out[settled], self.level = self.ring_level(
+                [t["id"] for t, ok in zip(self.tracks, settled) if ok], counts)
         return out
 
     def _add_missed(self, frame: int, found: set, counted: np.ndarray, pixel_size_A) -> None:
@@ -293,6 +302,7 @@ class Tracker:
     def finish(self) -> None:
         """Close every open track (the series ended)."""
         self._settle([t for t in self.tracks if t["units"]], final=True)
+        self.ring_level.forget([t["id"] for t in self.tracks])
         self.tracks = []
 
     def pop_stretches(self) -> list[dict]:

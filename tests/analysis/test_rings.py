@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ceriakeras.analysis.changepoints import change_statistic, ring_dispersion, ring_gain
-from ceriakeras.analysis.rings import RINGS_A, DoseLevel, ring_counts
+from ceriakeras.analysis.rings import RINGS_A, DoseLevel, RingLevel, ring_counts
 from ceriakeras.analysis.tracks import Tracker, TrackSettings
 from test_tracks import events, lattice, probs, read_csv, write_run
 
@@ -356,3 +356,45 @@ def test_a_beam_that_fades_and_flickers_reports_no_event(monkeypatch):
 
     monkeypatch.setattr(tracks_module, "DoseLevel", Fixed)
     assert len(events(run(flickering(1))[1])) > 0
+
+
+def focus_drift(seed, n=40, change_at=None):
+    """16 columns whose bumps widen together (0.3 → 0.6 Å, as a drifting focus moves electrons
+    between the rings of every column); column 5's bump grows from ``change_at``."""
+    rng = np.random.default_rng(seed)
+    xy = lattice(4)
+    out = []
+    for f in range(n):
+        amp = np.full(16, 0.5)
+        if change_at is not None and f >= change_at:
+            amp[5] = 0.9
+        out.append((xy, probs(np.full(16, 3.0), rng),
+                    image(xy, amp, rng, background=8.0, sigma_A=0.3 + 0.3 * f / (n - 1))))
+    return out
+
+
+def test_ring_level_takes_out_what_all_columns_share():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(50, 200, (20, 4))
+    level = RingLevel(min_columns=12, settle=4, memory=0.0)
+    for t in range(30):
+        common = np.array([1 + 0.01 * t, 1 - 0.01 * t, 1.0, 1 + 0.005 * t])
+        counts = base * common
+        counts[3] *= 1.1 if t >= 15 else 1.0  # one column changes
+        out, shared = level(np.arange(20), counts)
+        if t >= 4:
+            assert np.allclose(shared, common / [1.015, 0.985, 1.0, 1.0075], rtol=0.01)
+    assert abs(out[3] / out[4] / (base[3] / base[4]) - 1.1).max() < 0.01  # its change stays
+    assert np.allclose(out[4], base[4] * [1.015, 0.985, 1.0, 1.0075], rtol=0.01)
+    level.forget([3])
+    assert 3 not in level.sums and RingLevel().restore(level.state()).frames == level.frames
+    few = RingLevel(min_columns=12)
+    assert np.array_equal(few(np.arange(5), base[:5])[1], np.ones(4))  # too few columns
+
+
+def test_a_focus_that_drifts_reports_no_event_and_a_change_still_one():
+    for seed in (1, 2):
+        assert events(run(focus_drift(seed))[1]) == []
+    assert len(events(run(focus_drift(1), TrackSettings(ring_level_columns=0))[1])) > 0
+    found = events(run(focus_drift(3, change_at=20))[1])
+    assert len(found) == 1 and abs(found[0][1] - 20) <= 2

@@ -246,3 +246,15 @@ def test_a_beam_that_fades_and_flickers_splits_no_site(monkeypatch):
 
     monkeypatch.setattr(sites_module, "DoseLevel", Fixed)
     assert splits() > 0
+
+
+def test_a_focus_that_drifts_splits_no_site(tmp_path):
+    """The sites take the tracks' ring level out too (every site watched here)."""
+    from test_rings import focus_drift
+
+    for name, columns, none in (("level", 12, True), ("bare", 0, False)):
+        (tmp_path / name).mkdir()
+        settings = TrackSettings(site_coverage=2.0, ring_level_columns=columns,
+                                 ring_confirm=1e3)  # the tracks' own changes left out
+        done, rows = analyse(tmp_path / name, focus_drift(1), settings)
+        assert (rows == []) is none
