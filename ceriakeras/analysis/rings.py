@@ -118,22 +118,22 @@ class RingLevel:
     def __init__(self, min_columns: int = 12, settle: int = 4, memory: float = 0.75):
         self.min_columns, self.settle, self.memory = min_columns, settle, memory
         self.last = None
-        self.sums: dict = {}  # column id: its leveled counts summed over its frames (R,)
-        self.frames: dict = {}  # column id: those frames
+        self.sums = np.zeros((0, len(RINGS_A) - 1))  # by column id: its leveled counts summed
+        self.frames = np.zeros(0, np.int64)  # by column id: the frames they were counted in
 
     def __call__(self, ids, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``counts`` (N, R) of the columns ``ids`` (N,) in one frame, divided by the frame's
-        level; and that level (R,)."""
+        """``counts`` (N, R) of the columns ``ids`` (N, distinct integers ≥ 0) in one frame,
+        divided by the frame's level; and that level (R,)."""
         counts = np.asarray(counts, np.float64)
-        ids = [int(i) for i in ids]
-        ok = np.isfinite(counts).all(axis=1)
-        known = [k for k in np.flatnonzero(ok).tolist()
-                 if self.frames.get(ids[k], 0) >= self.settle]
         level = np.ones(counts.shape[1])
-        if not self.min_columns:
+        if not self.min_columns or not len(counts):
             return counts, level
-        if len(known) >= self.min_columns:
-            base = np.array([self.sums[ids[k]] / self.frames[ids[k]] for k in known])
+        ids = np.asarray(ids, np.int64)
+        self._grow(int(ids.max()) + 1)
+        ok = np.isfinite(counts).all(axis=1)
+        known = ok & (self.frames[ids] >= self.settle)
+        if known.sum() >= self.min_columns:
+            base = self.sums[ids[known]] / self.frames[ids[known], None]
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(base > 0, counts[known] / base, np.nan)
             median = np.nanmedian(ratio, axis=0) if np.isfinite(ratio).any() else level
@@ -142,27 +142,37 @@ class RingLevel:
                 level = self.memory * self.last + (1 - self.memory) * level
             self.last = level
         out = counts / level
-        for k in np.flatnonzero(ok).tolist():
-            self.sums[ids[k]] = self.sums.get(ids[k], 0.0) + out[k]
-            self.frames[ids[k]] = self.frames.get(ids[k], 0) + 1
+        self.sums[ids[ok]] += out[ok]
+        self.frames[ids[ok]] += 1
         return out, level
+
+    def _grow(self, size: int) -> None:
+        if size > len(self.frames):
+            size = max(size, 2 * len(self.frames))
+            self.sums = np.concatenate([self.sums, np.zeros((size - len(self.sums),
+                                                             self.sums.shape[1]))])
+            self.frames = np.concatenate([self.frames, np.zeros(size - len(self.frames),
+                                                                np.int64)])
 
     def forget(self, ids) -> None:
         """Drop the bases of columns that will not be counted again."""
-        for i in ids:
-            self.sums.pop(int(i), None)
-            self.frames.pop(int(i), None)
+        ids = np.asarray(ids, np.int64)
+        ids = ids[ids < len(self.frames)]
+        self.sums[ids], self.frames[ids] = 0.0, 0
 
     def state(self) -> dict:
         """The bases and the last level as JSON-able data."""
-        return {"bases": {str(i): [self.sums[i].tolist(), self.frames[i]] for i in self.sums},
+        held = np.flatnonzero(self.frames)
+        return {"bases": {str(i): [self.sums[i].tolist(), int(self.frames[i])]
+                          for i in held.tolist()},
                 "last": None if self.last is None else self.last.tolist()}
 
     def restore(self, state: dict | None) -> RingLevel:
         """This :class:`RingLevel` as :meth:`state` described it (None: as it is)."""
         state = state or {}
         for i, (sums, frames) in state.get("bases", {}).items():
-            self.sums[int(i)], self.frames[int(i)] = np.asarray(sums, np.float64), int(frames)
+            self._grow(int(i) + 1)
+            self.sums[int(i)], self.frames[int(i)] = sums, frames
         last = state.get("last")
         self.last = None if last is None else np.asarray(last, np.float64)
         return self
