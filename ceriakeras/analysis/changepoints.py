@@ -266,6 +266,19 @@ def _segment_batch(tracks: list[dict], sizes: list[int], variance: np.ndarray, *
     return out
 
 
+def settle_parts(units: list, parts: list, final: bool, window: int, fold) -> tuple[list, list]:
+    """One track's (or site's) ``units`` split into ``parts`` (:func:`segment_tracks`): the
+    settled stretches, each ``fold(a, b)`` of its units ``a … b − 1`` (all of them with
+    ``final``, else all but the last), and the units left open (none with ``final``; else the
+    last stretch's, those older than ``window // 2`` folded into one)."""
+    done = [fold(a, b) for a, b in (parts if final else parts[:-1])]
+    if final:
+        return done, []
+    a, b = parts[-1]
+    cut = max(0, b - a - window // 2)
+    return done, ([fold(a, a + cut)] + units[a + cut:b]) if cut >= 2 else units[a:b]
+
+
 def change_statistic(kind: str, before: dict, after: dict, *, temper: float, variance: float,
                      ring_weight: float = 0.0) -> float:
     """Log-likelihood ratio, nats, of two stretches against one (``before``/``after``: ``sum``

@@ -30,7 +30,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .changepoints import change_probability, dispersion_of, ring_statistic, segment_tracks
+from .changepoints import (change_probability, dispersion_of, ring_statistic, segment_tracks,
+                           settle_parts)
 from .rings import RINGS_A, DoseLevel, ring_counts
 from .track_settings import TrackSettings
 
@@ -197,12 +198,9 @@ class SiteChanges:
         for k, (units, parts) in enumerate(zip(self.units, parts_all)):
             if not units:
                 continue
-            for a, b in parts if final else parts[:-1]:
-                self.done[k].append(_fold(units[a:b]))
-            a, b = parts[-1]
-            rest = [] if final else units[a:b]
-            cut = max(0, len(rest) - s.window // 2)
-            self.units[k] = ([_fold(rest[:cut])] + rest[cut:]) if cut >= 2 else rest
+            done, self.units[k] = settle_parts(units, parts, final, s.window,
+                                               lambda a, b, units=units: _fold(units[a:b]))
+            self.done[k] += done
 
     def events(self, members: list, by_track: dict, source: str) -> list:
         """The changes at the sites: ``(frame, track, statistic, row)``, ``statistic`` the

@@ -30,6 +30,7 @@ from .changepoints import (
     posterior_at,
     ring_statistic,
     segment_tracks,
+    settle_parts,
 )
 from .linking import link_with_drift
 from .rings import RINGS_A, DoseLevel, RingLevel, ring_counts
@@ -349,18 +350,12 @@ class Tracker:
                                    ring_weight=[_ring_weight(t, s) for t in tracks])
         for track, parts, unit_arrays in zip(tracks, all_parts, arrays):
             units, sums = track["units"], unit_arrays["sum"]
-            for a, b in parts if final else parts[:-1]:
-                track["done"].append(_merge(units[a:b], sums[a:b]))
+            done, track["units"] = settle_parts(
+                units, parts, final, s.window,
+                lambda a, b, units=units, sums=sums: _merge(units[a:b], sums[a:b]))
+            track["done"] += done
             if final:
-                track["units"] = []
                 self._hand_out(track)
-                continue
-            a, b = parts[-1]
-            rest = units[a:b]
-            cut = max(0, len(rest) - s.window // 2)
-            if cut >= 2:
-                rest = [_merge(rest[:cut], sums[a:a + cut])] + rest[cut:]
-            track["units"] = rest
 
     def _hand_out(self, track: dict) -> None:
         """Heights, confidences and change probabilities of a closed track's stretches."""

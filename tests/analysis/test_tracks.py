@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from ceriakeras.analysis.changepoints import segment
+from ceriakeras.analysis.changepoints import segment, settle_parts
 from ceriakeras.analysis.linking import link_with_drift
 from ceriakeras.analysis.stacking import (StackSettings, aligned_sums, epochs, restack,
                                           shift_back, stack_readings)
@@ -595,3 +595,17 @@ def test_write_tracks_with_a_stack_reader_reads_the_misread_column_right(tmp_pat
     assert all(r["track_height"] == str(heights[i % 25]) for i, r in enumerate(rows))
     frames_say = [r["height"] for i, r in enumerate(rows) if i % 25 == 4]
     assert max(set(frames_say), key=frames_say.count) == str(seen[4])  # the frames: one low
+
+
+def test_settle_parts_keeps_the_last_stretch_open_and_folds_its_old_frames():
+    units = list(range(30))
+
+    def fold(a, b):
+        return ("folded", a, b)
+
+    done, rest = settle_parts(units, [(0, 5), (5, 30)], False, 16, fold)
+    assert done == [("folded", 0, 5)]
+    assert rest == [("folded", 5, 22)] + list(range(22, 30))  # the last 8 (window // 2) stay
+    assert settle_parts(units, [(0, 5), (5, 12)], False, 16, fold)[1] == list(range(5, 12))
+    assert settle_parts(units, [(0, 5), (5, 30)], True, 16, fold) == (
+        [("folded", 0, 5), ("folded", 5, 30)], [])
