@@ -11,6 +11,8 @@ fresh Poisson noise at the movie's dose. The truth is the layout of ``../shared/
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from ase import Atoms
 
@@ -125,9 +127,54 @@ def fourier_shift(image: np.ndarray, shift_px: tuple[float, float]) -> np.ndarra
     return np.fft.ifft2(spectrum).real.astype(np.float32)
 
 
+@dataclass
+class MovieFaults:
+    """What a microscope adds to a movie that our default movies lack (all off by default): for
+    robustness studies (docs/tracks.md). Drawn from a random stream of their own, so that a
+    movie with faults has the particle, states, drift, optics and shot noise of the same seed's
+    movie without."""
+
+    dose_fall: float = 0.0
+    """Relative fall of the dose from the first frame to the last (a cold FEG's decay)."""
+    dose_flicker: float = 0.0
+    """Relative standard deviation of each frame's dose (the beam current's flicker)."""
+    state_scale: float = 0.0
+    """Relative standard deviation of each state's image scale (images normalised each on its
+    own, or a beam that jumps when the particle changes)."""
+    focus_drift_nm: float = 0.0
+    """Change of defocus, nm, from the first frame to the last (linear, centred on the drawn
+    defocus)."""
+    drift_jump_A: float = 0.0
+    """A sudden step of the drift, Å (at 45° to the axes), on top of its smooth path."""
+    drift_jump_frame: int = 0
+    """The first frame after the step (0: the middle of the movie)."""
+    psf_px: float = 0.0
+    """Detector: the standard deviation, pixels, of a Gaussian spread of each electron."""
+    gain: float = 1.0
+    """Detector: counts per electron."""
+    read_noise: float = 0.0
+    """Detector: Gaussian read noise, counts."""
+
+    def dose_factors(self, rng: np.random.Generator, n_frames: int) -> np.ndarray:
+        """(n_frames,) each frame's dose relative to the movie's nominal one."""
+        t = np.arange(n_frames) / max(n_frames - 1, 1)
+        return (1 - self.dose_fall * t) * (1 + self.dose_flicker * rng.standard_normal(n_frames))
+
+    def detect(self, electrons: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Counts a detector records of a frame's ``electrons`` per pixel (uint16)."""
+        out = np.asarray(electrons, np.float64)
+        if self.psf_px > 0:
+            from scipy.ndimage import gaussian_filter
+
+            out = gaussian_filter(out, self.psf_px, mode="wrap")
+        if self.gain != 1.0 or self.read_noise > 0:
+            out = out * self.gain + rng.normal(0.0, self.read_noise, out.shape)
+        return np.clip(np.rint(out), 0, 65535)
+
+
 def simulate_movie(seed: int, config: SimulationConfig, *, doses: tuple[float, ...],
                    n_frames: int, change_frames: tuple[int, ...], changes_per_step: int,
-                   max_drift_A: float) -> dict:
+                   max_drift_A: float, faults: MovieFaults | None = None) -> dict:
     """Simulate one particle's movie at each dose in ``doses`` (same states, drift, optics).
 
     Parameters
@@ -146,6 +193,8 @@ def simulate_movie(seed: int, config: SimulationConfig, *, doses: tuple[float, .
         Columns that change by one Ce atom at each change frame.
     max_drift_A : float
         Largest drift from frame 0, Å.
+    faults : MovieFaults, optional
+        What a microscope adds (none by default).
 
     Returns
     -------
@@ -165,11 +214,16 @@ def simulate_movie(seed: int, config: SimulationConfig, *, doses: tuple[float, .
     p = config.pixel_size_A
     grid = image_sampling_A(p, config.sampling_A, config.optics.energy_keV,
                             config.optics.max_aperture_mrad)
-    images = [image_from_exit_wave(particle_exit_wave(s, config, grid)[0], optics, p)
-              for s in states]
+    faults = faults or MovieFaults()
+    fault_rng = np.random.default_rng([seed, 7])
+    waves = [particle_exit_wave(s, config, grid)[0] for s in states]
+    images = [image_from_exit_wave(w, optics, p) for w in waves]
+    scales = 1 + faults.state_scale * fault_rng.standard_normal(len(states))
     base = column_table(states[0])
     tables = [column_table(s) for s in states]
     drift = drift_path(rng, n_frames, max_drift_A)
+    if faults.drift_jump_A:
+        drift[faults.drift_jump_frame or n_frames // 2:] += faults.drift_jump_A / np.sqrt(2)
     state_of = np.searchsorted(np.asarray(change_frames), np.arange(n_frames), side="right")
     truth, events = [], []
     for f in range(n_frames):
@@ -186,13 +240,23 @@ def simulate_movie(seed: int, config: SimulationConfig, *, doses: tuple[float, .
             ha = int(after[np.hypot(*(after[:, :2] - base[j, :2]).T).argmin(), 2])
             events.append((j, f, base[j, 0] / p - 0.5 + drift[f, 0] / p,
                            base[j, 1] / p - 0.5 + drift[f, 1] / p, hb, ha))
+    level = faults.dose_factors(fault_rng, n_frames)
+
+    def clean(f: int) -> np.ndarray:  # frame f's noise-free image, before its drift
+        image = images[state_of[f]]
+        if faults.focus_drift_nm:
+            image = image_from_exit_wave(waves[state_of[f]], {**optics, "defocus_nm": optics[
+                "defocus_nm"] + faults.focus_drift_nm * (f / max(n_frames - 1, 1) - 0.5)}, p)
+        return image if scales[state_of[f]] == 1 else image * scales[state_of[f]]
+
     movies = {}
     for dose in doses:
         frames = np.empty((n_frames, *images[0].shape), np.uint16)
         for f in range(n_frames):
-            clean = fourier_shift(images[state_of[f]], tuple(drift[f] / p))
-            lam = np.clip(clean, 0, None) * dose * p * p
-            frames[f] = np.clip(rng.poisson(lam), 0, 65535)
+            lam = np.clip(fourier_shift(clean(f), tuple(drift[f] / p)), 0, None) * dose * p * p
+            if level[f] != 1:
+                lam = lam * level[f]
+            frames[f] = faults.detect(rng.poisson(lam), fault_rng)
         movies[float(dose)] = frames
     return {"movies": movies, "truth": truth, "events": events, "optics": optics,
             "drift_A": drift, "diameter_A": float(particle.info.get("diameter_A", np.nan))}

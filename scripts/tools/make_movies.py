@@ -4,22 +4,25 @@ usage: python scripts/tools/make_movies.py --out /work/scratch/h2/tune --particl
 
 Each particle gives one movie per dose (same states, drift and optics): ``pPP_dDOSE.tif``
 (multi-page uint16 counts; give ``--pixel-size`` to analyze), ``movies.csv``, ``truth.csv`` and
-``events.csv`` (:mod:`ceriakeras.physics.movie`). Score an analysis of it with
-``python ../shared/crossmovie/score.py OUT RESULTS``.
+``events.csv`` (:mod:`ceriakeras.physics.movie`), and ``faults.json`` when any of what a
+microscope adds is asked for (``--dose-fall``, ``--focus-drift-nm``, …: the same seed's movies
+otherwise). Score an analysis of it with ``python ../shared/crossmovie/score.py OUT RESULTS``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from ceriakeras.config import SimulationConfig, StructureConfig
-from ceriakeras.physics.movie import simulate_movie
+from ceriakeras.physics.movie import MovieFaults, simulate_movie
 
 
 def movie_config(pixel_size_A: float, cell_A: float, diameter_A: tuple[float, float]
@@ -45,11 +48,34 @@ def main(argv=None) -> int:
     ap.add_argument("--pixel-size-A", type=float, default=0.1, help="Å")
     ap.add_argument("--cell-A", type=float, default=56.0, help="field of view, Å")
     ap.add_argument("--diameter-A", type=float, nargs=2, default=[20.0, 34.0], help="Å")
+    faults = ap.add_argument_group("what a microscope adds (robustness studies; all off by "
+                                   "default, the same seed's movie otherwise)")
+    faults.add_argument("--dose-fall", type=float, default=0.0,
+                        help="relative fall of the dose over the movie (0.1: −10 %%)")
+    faults.add_argument("--dose-flicker", type=float, default=0.0,
+                        help="relative standard deviation of each frame's dose")
+    faults.add_argument("--state-scale", type=float, default=0.0,
+                        help="relative standard deviation of each state's image scale")
+    faults.add_argument("--focus-drift-nm", type=float, default=0.0,
+                        help="change of defocus over the movie, nm")
+    faults.add_argument("--drift-jump-A", type=float, default=0.0,
+                        help="a step of the drift in the middle of the movie, Å (at 45°)")
+    faults.add_argument("--psf-px", type=float, default=0.0,
+                        help="detector point spread (Gaussian standard deviation), pixels")
+    faults.add_argument("--gain", type=float, default=1.0, help="detector counts per electron")
+    faults.add_argument("--read-noise", type=float, default=0.0,
+                        help="detector Gaussian read noise, counts")
     a = ap.parse_args(argv)
     import tifffile
 
     a.out.mkdir(parents=True, exist_ok=True)
     config = movie_config(a.pixel_size_A, a.cell_A, tuple(a.diameter_A))
+    faults = MovieFaults(dose_fall=a.dose_fall, dose_flicker=a.dose_flicker,
+                         state_scale=a.state_scale, focus_drift_nm=a.focus_drift_nm,
+                         drift_jump_A=a.drift_jump_A, psf_px=a.psf_px, gain=a.gain,
+                         read_noise=a.read_noise)
+    if faults != MovieFaults():
+        (a.out / "faults.json").write_text(json.dumps(asdict(faults), indent=1) + "\n")
     rng = np.random.default_rng(a.seed)
     movies, truth, events = [], [], []
     for k in range(a.particles):
@@ -57,7 +83,7 @@ def main(argv=None) -> int:
         drift = float(rng.uniform(0.3, 1.0) * a.max_drift_A)
         m = simulate_movie(a.seed * 1000 + k, config, doses=tuple(a.doses), n_frames=a.frames,
                            change_frames=tuple(a.change_frames), changes_per_step=a.changes,
-                           max_drift_A=drift)
+                           max_drift_A=drift, faults=faults)
         o = m["optics"]
         for dose, frames in m["movies"].items():
             name = f"p{k:02d}_d{dose:g}.tif"

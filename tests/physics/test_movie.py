@@ -7,6 +7,7 @@ import numpy as np
 from ceriakeras.config import StructureConfig
 from ceriakeras.physics.movie import (
     Z_MARGIN_A,
+    MovieFaults,
     change_column,
     drift_path,
     fourier_shift,
@@ -63,3 +64,24 @@ def test_plan_states_changes_distinct_surface_columns():
     assert len(set(columns)) == 4
     totals = [column_table(s)[:, 2].sum() for s in states]
     assert totals[1] - totals[0] == sum(sign for _, sign in steps[0])
+
+
+def test_movie_faults_are_off_by_default():
+    faults = MovieFaults()
+    rng = np.random.default_rng(0)
+    assert np.array_equal(faults.dose_factors(rng, 48), np.ones(48))
+    electrons = rng.poisson(3.0, (32, 32))
+    assert np.array_equal(faults.detect(electrons, rng), electrons)  # counts as they came
+
+
+def test_movie_faults_fade_flicker_and_detect():
+    rng = np.random.default_rng(1)
+    level = MovieFaults(dose_fall=0.1).dose_factors(rng, 11)
+    assert level[0] == 1.0 and abs(level[-1] - 0.9) < 1e-12 and np.all(np.diff(level) < 0)
+    flicker = MovieFaults(dose_flicker=0.03).dose_factors(rng, 4000)
+    assert abs(flicker.std() - 0.03) < 0.003 and abs(flicker.mean() - 1) < 0.003
+    electrons = rng.poisson(50.0, (64, 64)).astype(np.float64)
+    counts = MovieFaults(psf_px=0.6, gain=2.0, read_noise=2.0).detect(electrons, rng)
+    assert abs(counts.mean() / electrons.mean() - 2.0) < 0.01  # gain, nothing lost
+    assert counts.var() < 4 * electrons.var()  # the spread takes noise out
+    assert counts.dtype == np.float64 and counts.min() >= 0 and counts.max() <= 65535
