@@ -1,7 +1,7 @@
 """Score tracks on a set of movies (the layout of ``../shared/crossmovie``), tracking settings swept.
 
 usage:
-  python scripts/studies/track_study.py MOVIES RESULTS [RESULTS ...] [--set temper=0.3 penalty=4]
+  python scripts/studies/track_study.py MOVIES RESULTS [RESULTS ...]
       [--grid temper=0.2,0.3 penalty=3,4,6] [--out study.json]
 
 ``RESULTS`` are ``ceriakeras analyze`` folders of the movies (with ``tracking/probabilities.bin``).
