@@ -103,7 +103,7 @@ class RingLevel:
     is the frame's *level* of that ring, smoothed over frames (a focus drifts slowly; a beam's
     flicker is :class:`DoseLevel`'s), and every column's counts are divided by it. One column's
     change moves the median of many hardly at all; with fewer than ``min_columns`` columns
-    settled the level is 1.
+    settled the level stays what it was last (1 before the first).
 
     Parameters
     ----------
@@ -125,9 +125,9 @@ class RingLevel:
         """``counts`` (N, R) of the columns ``ids`` (N, distinct integers ≥ 0) in one frame,
         divided by the frame's level; and that level (R,)."""
         counts = np.asarray(counts, np.float64)
-        level = np.ones(counts.shape[1])
+        level = np.ones(counts.shape[1]) if self.last is None else self.last
         if not self.min_columns or not len(counts):
-            return counts, level
+            return counts, np.ones(counts.shape[1])
         ids = np.asarray(ids, np.int64)
         self._grow(int(ids.max()) + 1)
         ok = np.isfinite(counts).all(axis=1)

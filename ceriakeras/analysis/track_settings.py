@@ -101,7 +101,7 @@ class TrackSettings:
     ring_level_columns: int = 12
     """Fewest tracks whose rings' shared part (:class:`.rings.RingLevel`: a focus that drifts)
     is taken out of every track's and site's counts (0: none). A focus drifting 2 nm over 48
-    frames gave 156 events at 200 e⁻/Å² on our seed-3100 movies (19 at a steady focus), 36 with
+    frames gave 156 events at 200 e⁻/Å² on our seed-3100 movies (19 at a steady focus), 35 with
     it (docs/tracks.md)."""
     ring_level_memory: float = 0.75
     """Weight of the last frame's ring level against the frame's own (chosen on the tuning

@@ -393,6 +393,8 @@ def test_ring_level_takes_out_what_all_columns_share():
     assert np.allclose(again.sums[:20], level.sums[:20]) and np.array_equal(again.last, level.last)
     few = RingLevel(min_columns=12)
     assert np.array_equal(few(np.arange(5), base[:5])[1], np.ones(4))  # too few columns
+    kept = level(np.arange(20, 25), base[:5] * 2)[1]  # too few now: the last level stays
+    assert np.array_equal(kept, level.last) and not np.allclose(kept, 1.0)
 
 
 def test_a_focus_that_drifts_reports_no_event_and_a_change_still_one():
