@@ -172,6 +172,32 @@ class MovieFaults:
         return np.clip(np.rint(out), 0, 65535)
 
 
+def _truth(states: list, steps: list, change_frames, state_of: np.ndarray, drift: np.ndarray,
+           p: float) -> tuple[list, list]:
+    """Every Ce column of every frame (``frame, column, x_px, y_px, height``; a column's id is
+    its nearest column of the first state) and every change (``column, frame, x_px, y_px,
+    height_before, height_after``), in the drifted frames' pixels (pixel i's centre at i;
+    ``drift`` Å, ``p`` the pixel size, Å)."""
+    base = column_table(states[0])
+    tables = [column_table(s) for s in states]
+    truth, events = [], []
+    for f in range(len(state_of)):
+        table = tables[state_of[f]]
+        ids = np.hypot(table[:, None, 0] - base[None, :, 0],
+                       table[:, None, 1] - base[None, :, 1]).argmin(axis=1)
+        for (x, y, h), c in zip(table, ids):
+            truth.append((f, int(c), x / p - 0.5 + drift[f, 0] / p, y / p - 0.5 + drift[f, 1] / p,
+                          int(h)))
+    for step, f in zip(steps, change_frames):
+        before, after = tables[state_of[f - 1]], tables[state_of[f]]
+        for j, _ in step:
+            hb = int(before[np.hypot(*(before[:, :2] - base[j, :2]).T).argmin(), 2])
+            ha = int(after[np.hypot(*(after[:, :2] - base[j, :2]).T).argmin(), 2])
+            events.append((j, f, base[j, 0] / p - 0.5 + drift[f, 0] / p,
+                           base[j, 1] / p - 0.5 + drift[f, 1] / p, hb, ha))
+    return truth, events
+
+
 def simulate_movie(seed: int, config: SimulationConfig, *, doses: tuple[float, ...],
                    n_frames: int, change_frames: tuple[int, ...], changes_per_step: int,
                    max_drift_A: float, faults: MovieFaults | None = None) -> dict:
@@ -219,27 +245,11 @@ def simulate_movie(seed: int, config: SimulationConfig, *, doses: tuple[float, .
     waves = [particle_exit_wave(s, config, grid)[0] for s in states]
     images = [image_from_exit_wave(w, optics, p) for w in waves]
     scales = 1 + faults.state_scale * fault_rng.standard_normal(len(states))
-    base = column_table(states[0])
-    tables = [column_table(s) for s in states]
     drift = drift_path(rng, n_frames, max_drift_A)
     if faults.drift_jump_A:
         drift[faults.drift_jump_frame or n_frames // 2:] += faults.drift_jump_A / np.sqrt(2)
     state_of = np.searchsorted(np.asarray(change_frames), np.arange(n_frames), side="right")
-    truth, events = [], []
-    for f in range(n_frames):
-        table = tables[state_of[f]]
-        ids = np.hypot(table[:, None, 0] - base[None, :, 0],
-                       table[:, None, 1] - base[None, :, 1]).argmin(axis=1)
-        for (x, y, h), c in zip(table, ids):
-            truth.append((f, int(c), x / p - 0.5 + drift[f, 0] / p, y / p - 0.5 + drift[f, 1] / p,
-                          int(h)))
-    for step, f in zip(steps, change_frames):
-        before, after = tables[state_of[f - 1]], tables[state_of[f]]
-        for j, _ in step:
-            hb = int(before[np.hypot(*(before[:, :2] - base[j, :2]).T).argmin(), 2])
-            ha = int(after[np.hypot(*(after[:, :2] - base[j, :2]).T).argmin(), 2])
-            events.append((j, f, base[j, 0] / p - 0.5 + drift[f, 0] / p,
-                           base[j, 1] / p - 0.5 + drift[f, 1] / p, hb, ha))
+    truth, events = _truth(states, steps, change_frames, state_of, drift, p)
     level = faults.dose_factors(fault_rng, n_frames)
 
     def clean(f: int) -> np.ndarray:  # frame f's noise-free image, before its drift
