@@ -253,9 +253,9 @@ class Tracker:
             track["units"].append(units[b])
         self._add_missed(frame, set(i.tolist()), counted, pixel_size_A)
         self._settle([t for t in extended if len(t["units"]) > s.window], final=False)
-        self._settle([t for t in self.tracks if frame - t["last"] > s.max_gap and t["units"]],
-                     final=True)
-        self.ring_level.forget([t["id"] for t in self.tracks if frame - t["last"] > s.max_gap])
+        closed = [t for t in self.tracks if frame - t["last"] > s.max_gap]
+        self._settle([t for t in closed if t["units"]], final=True)
+        self.ring_level.forget([t["id"] for t in closed])
         self.tracks = [t for t in self.tracks if frame - t["last"] <= s.max_gap]
         return ids, self.drift.copy()
 
