@@ -41,22 +41,27 @@ AREAS = np.diff(np.square(RINGS_A))
 
 class Sightings:
     """What the tracks leave for the sites, over one series: each track's summed positions (Å,
-    drift removed) and sightings, and each frame's ring level (:class:`.rings.RingLevel`)."""
+    drift removed) and sightings, and each frame's dose against the first frame's and ring level
+    (the tracker's :class:`.rings.DoseLevel` and :class:`.rings.RingLevel`), so that the sites
+    take their counts against the same reference as the tracks."""
 
     def __init__(self):
         self.sums = np.zeros((0, 3))
         self.levels = np.ones((0, len(RINGS_A) - 1))
+        self.doses = np.ones(0)
 
     def add(self, ids: np.ndarray, xy_A: np.ndarray, drift_A: np.ndarray, frame: int = 0,
-            level=None) -> None:
+            level=None, dose: float | None = None) -> None:
         """One frame's columns: their tracks ``ids``, positions ``xy_A`` (N, 2) and the drift;
-        and the frame's ring level (None: 1)."""
-        if level is not None:
-            if frame >= len(self.levels):
-                grown = np.ones((max(2 * len(self.levels), frame + 1), self.levels.shape[1]))
-                grown[:len(self.levels)] = self.levels
-                self.levels = grown
-            self.levels[frame] = level
+        and the frame's ring level (None: 1) and dose against the first frame's (None: 1)."""
+        if level is not None or dose is not None:
+            if frame >= len(self.doses):
+                size = max(2 * len(self.doses), frame + 1)
+                self.levels = np.concatenate([self.levels, np.ones((size - len(self.levels),
+                                                                    self.levels.shape[1]))])
+                self.doses = np.concatenate([self.doses, np.ones(size - len(self.doses))])
+            self.levels[frame] = 1.0 if level is None else level
+            self.doses[frame] = 1.0 if dose is None else dose
         ids = np.asarray(ids, np.int64)
         if not len(ids):
             return
@@ -70,6 +75,10 @@ class Sightings:
     def level(self, frame: int) -> np.ndarray:
         """Frame ``frame``'s ring level (R,)."""
         return self.levels[frame] if frame < len(self.levels) else np.ones(self.levels.shape[1])
+
+    def dose(self, frame: int) -> float:
+        """Frame ``frame``'s dose against the series' first frame (1 where none was given)."""
+        return float(self.doses[frame]) if frame < len(self.doses) else 1.0
 
     def centres(self, least: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The tracks seen at least ``least`` times: ids, mean positions (Å), sightings."""
@@ -129,16 +138,21 @@ class SiteChanges:
     level : callable, optional
         ``level(frame)``: the ring level (R,) the tracks found in that frame
         (:meth:`Sightings.level`); each site's counts are divided by it.
+    dose : callable, optional
+        ``dose(frame)``: the frame's dose against the series' first, as the tracks took it
+        (:meth:`Sightings.dose`); default: measured here (:class:`.rings.DoseLevel`).
     """
 
     def __init__(self, sites_A: np.ndarray, drift_A: dict, pixel_size_A: float,
                  counts_per_electron: float, settings: TrackSettings, watch=None,
-                 level=None):
+                 level=None, dose=None):
         self.sites, self.drift, self.settings = sites_A, drift_A, settings
         self.level = level  # frame → the tracks' ring level (R,), or None
         self.watch = np.ones(len(sites_A), bool) if watch is None else np.asarray(watch, bool)
         self.counted = 0
-        self.px, self.cpe, self.dose = pixel_size_A, counts_per_electron, DoseLevel()
+        self.px, self.cpe = pixel_size_A, counts_per_electron
+        own = DoseLevel()  # (frame, image) → the frame's dose against the first's
+        self.dose = (lambda f, image: own(image)) if dose is None else (lambda f, image: dose(f))
         s, r = len(sites_A), len(RINGS_A) - 1
         self.units: list[list[dict]] = [[] for _ in range(s)]
         self.done: list[list[dict]] = [[] for _ in range(s)]
@@ -158,7 +172,7 @@ class SiteChanges:
         counts = np.full(self.last.shape, np.nan)
         image = np.asarray(image)
         counts[look] = ring_counts(image, (self.sites[look] + drift_A) / self.px, self.px,
-                                   self.cpe * self.dose(image))
+                                   self.cpe * self.dose(frame, image))
         if self.level is not None:
             counts[look] /= self.level(frame)
         ok = np.isfinite(counts).all(axis=1)
@@ -263,7 +277,7 @@ def site_changes(sightings: Sightings | None, item: dict, drift_A: dict,
     covered = np.bincount(site, seen, len(xy)) / max(item.get("n_frames") or 1, 1)
     return SiteChanges(xy, drift_A, item["pixel_size_A"], item.get("counts_per_electron") or 1.0,
                        settings, watch=covered < settings.site_coverage,
-                       level=sightings.level), members
+                       level=sightings.level, dose=sightings.dose), members
 
 
 def new_changes(changes: list, known: list, settings: TrackSettings) -> list:

@@ -259,7 +259,7 @@ def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSe
                                        item.get("counts_per_electron") or 1.0)
         ids_file.write(np.asarray(ids, np.int64).tobytes())
         sightings.setdefault(source, Sightings()).add(ids, table[:, 2:4], drift, frame,
-                                                      tracker.level)
+                                                      tracker.level, tracker.frame_dose)
         drift_rows.append((source, frame, f"{drift[0]:.4f}", f"{drift[1]:.4f}"))
         collect(source, tracker)
     if tracker is not None:

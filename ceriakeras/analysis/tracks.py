@@ -160,6 +160,7 @@ class Tracker:
         self.ring_level = RingLevel(self.settings.ring_level_columns,  # the rings' part all
                                     memory=self.settings.ring_level_memory)  # columns share
         self.level = np.ones(RINGS)       # ... in the last frame
+        self.frame_dose = 1.0             # the last frame's dose against the first's
 
     # --- state --------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -261,18 +262,21 @@ class Tracker:
 
     def _count_rings(self, image, pixel_size_A, counts_per_electron: float) -> np.ndarray:
         """The electrons in rings (:mod:`.rings`) around each open track's centre (before this
-        frame, drift added): (tracks, RINGS), NaN without ``image`` or ``ring_after`` sightings."""
+        frame, drift added): (tracks, RINGS), NaN without ``image`` or ``ring_after`` sightings.
+        Sets the frame's dose against the first frame's (``frame_dose``; 1 without ``image``)
+        and its ring level (``level``)."""
         out = np.full((len(self.tracks), RINGS), np.nan)
-        self.level = np.ones(RINGS)
+        self.level, self.frame_dose = np.ones(RINGS), 1.0
         if image is None or not pixel_size_A or self.settings.ring_weight <= 0:
             return out
         self.counted = True
+        self.frame_dose = self.dose(image)
         settled = np.array([t.get("sightings", 0) >= self.settings.ring_after for t in self.tracks])
         if settled.any():
             where = np.array([_centre(t) for t, ok in zip(self.tracks, settled) if ok],
                              np.float64) + self.drift
             counts = ring_counts(image, where / pixel_size_A, pixel_size_A,
-                                 counts_per_electron * self.dose(image))
+                                 counts_per_electron * self.frame_dose)
             out[settled], self.level = self.ring_level(
                 [t["id"] for t, ok in zip(self.tracks, settled) if ok], counts)
         return out

@@ -358,6 +358,23 @@ def test_a_beam_that_fades_and_flickers_reports_no_event(monkeypatch):
     assert len(events(run(flickering(1))[1])) > 0
 
 
+def test_the_tracker_takes_every_frames_dose_against_its_first_frame():
+    """The dose is measured in every frame with an image, from the first on (the reference the
+    sites take too, through :class:`.sites.Sightings`), before any track has settled."""
+    rng = np.random.default_rng(0)
+    xy = lattice(3)
+    tracker = Tracker(TrackSettings())
+    seen = []
+    for f, scale in enumerate((1.0, 0.5, 2.0)):
+        img = image(xy, np.full(9, 0.5), rng, background=200.0 * scale)
+        tracker.add_frame(f, xy, probs(np.full(9, 3.0), rng), xy / PX, None, img, PX, 1.0)
+        seen.append(tracker.frame_dose)
+    assert seen[0] == 1.0 and seen[1] == pytest.approx(0.5, rel=0.02)
+    assert seen[2] == pytest.approx(2.0, rel=0.02)
+    tracker.add_frame(3, xy, probs(np.full(9, 3.0), rng), xy / PX, None, None, PX, 1.0)
+    assert tracker.frame_dose == 1.0  # no image: no measurement
+
+
 def focus_drift(seed, n=40, change_at=None):
     """16 columns whose bumps widen together (0.3 → 0.6 Å, as a drifting focus moves electrons
     between the rings of every column); column 5's bump grows from ``change_at``."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ceriakeras.analysis.rings import DoseLevel
 from ceriakeras.analysis.sites import (SiteChanges, Sightings, new_changes, sites_of,
                                       split_stretches)
 from ceriakeras.analysis.tracks import TrackSettings
@@ -226,19 +227,26 @@ def test_track_height_changes_where_a_site_change_is(tmp_path):
 
 
 def test_a_beam_that_fades_and_flickers_splits_no_site(monkeypatch):
-    """At the sites too, the electrons are taken against each frame's dose."""
+    """At the sites too, the electrons are taken against each frame's dose: measured there
+    when the site stands alone, the tracks' own where they give it (one reference frame)."""
     import ceriakeras.analysis.sites as sites_module
     from test_rings import flickering
 
-    def splits():
+    frames = flickering(1)
+    tracked = DoseLevel()
+    doses = [tracked(img) for *_, img in frames]
+
+    def splits(**dose):
         changes = SiteChanges(lattice(3), {f: (0.0, 0.0) for f in range(40)}, PX, 1.0,
-                              TrackSettings())
-        for f, (*_, img) in enumerate(flickering(1)):
+                              TrackSettings(), **dose)
+        for f, (*_, img) in enumerate(frames):
             changes.add(f, img)
         changes._settle(final=True)
         return sum(len(done) - 1 for done in changes.done)
 
     assert splits() == 0
+    assert splits(dose=lambda f: doses[f]) == 0
+    assert splits(dose=lambda f: 1.0) > 0  # counts as they come
 
     class Fixed(sites_module.DoseLevel):
         def __call__(self, image):
@@ -246,6 +254,16 @@ def test_a_beam_that_fades_and_flickers_splits_no_site(monkeypatch):
 
     monkeypatch.setattr(sites_module, "DoseLevel", Fixed)
     assert splits() > 0
+    assert splits(dose=lambda f: doses[f]) == 0  # the given dose, not a measurement here
+
+
+def test_sightings_keep_each_frames_dose_and_level():
+    seen = Sightings()
+    seen.add(np.array([0]), np.array([[1.0, 2.0]]), np.zeros(2), 0, np.full(4, 0.9), 1.0)
+    seen.add(np.array([0]), np.array([[1.0, 2.0]]), np.zeros(2), 5, np.full(4, 1.1), 0.8)
+    assert seen.dose(5) == 0.8 and seen.dose(0) == 1.0
+    assert seen.dose(3) == 1.0 and seen.dose(99) == 1.0  # frames not given: 1
+    assert np.allclose(seen.level(5), 1.1) and np.allclose(seen.level(99), 1.0)
 
 
 def test_a_focus_that_drifts_splits_no_site(tmp_path):
