@@ -10,11 +10,12 @@ usage:
 stretches on both sides (at most ``--window`` frames a side), and the largest ring likelihood
 ratio over every split of that window is taken (nats, over the column's quasi-Poisson dispersion,
 as the tracks and sites weigh it; a frame's counts taken as electrons, against the first frame's
-dose): what a detector that knows where the column is, but not when
-it changed, could see. The same scan over the same windows of columns that do not change there
+dose). That is what the package's test of the rings could see if it knew where the column is,
+but not when it changed. The same scan over the same windows of columns that do not change there
 gives the statistic's spread without a change; its ``1 − false_rate`` quantile is the threshold.
-Changes above it are ones the pixels show (``shown``); those below no statistic of these ring
-counts can find without also finding a ``false_rate`` share of unchanged windows.
+Changes above it are ones the pixels show to this test (``shown``); those below it cannot find
+without also finding a ``false_rate`` share of unchanged windows (a test that knows how the
+change looks, a template, can do somewhat better: docs/tracks.md).
 
 With ``RESULTS`` (the ``ceriakeras analyze`` folders of the movies), each change is also marked
 found or not, as ``score.py`` counts it (a reported event within 1.5 Å and ±3 frames, same sign).
