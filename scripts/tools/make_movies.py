@@ -34,6 +34,19 @@ def movie_config(pixel_size_A: float, cell_A: float, diameter_A: tuple[float, fl
                             optics_per_exit_wave=1)
 
 
+FAULT_OPTIONS = {
+    "dose_fall": "relative fall of the dose over the movie (0.1: −10 %%)",
+    "dose_flicker": "relative standard deviation of each frame's dose",
+    "state_scale": "relative standard deviation of each state's image scale",
+    "focus_drift_nm": "change of defocus over the movie, nm",
+    "drift_jump_A": "a step of the drift in the middle of the movie, Å (at 45°)",
+    "psf_px": "detector point spread (Gaussian standard deviation), pixels",
+    "gain": "detector counts per electron",
+    "read_noise": "detector Gaussian read noise, counts",
+}
+"""The :class:`MovieFaults` fields given as options (``--dose-fall`` …), and their help."""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -48,32 +61,17 @@ def main(argv=None) -> int:
     ap.add_argument("--pixel-size-A", type=float, default=0.1, help="Å")
     ap.add_argument("--cell-A", type=float, default=56.0, help="field of view, Å")
     ap.add_argument("--diameter-A", type=float, nargs=2, default=[20.0, 34.0], help="Å")
-    faults = ap.add_argument_group("what a microscope adds (robustness studies; all off by "
-                                   "default, the same seed's movie otherwise)")
-    faults.add_argument("--dose-fall", type=float, default=0.0,
-                        help="relative fall of the dose over the movie (0.1: −10 %%)")
-    faults.add_argument("--dose-flicker", type=float, default=0.0,
-                        help="relative standard deviation of each frame's dose")
-    faults.add_argument("--state-scale", type=float, default=0.0,
-                        help="relative standard deviation of each state's image scale")
-    faults.add_argument("--focus-drift-nm", type=float, default=0.0,
-                        help="change of defocus over the movie, nm")
-    faults.add_argument("--drift-jump-A", type=float, default=0.0,
-                        help="a step of the drift in the middle of the movie, Å (at 45°)")
-    faults.add_argument("--psf-px", type=float, default=0.0,
-                        help="detector point spread (Gaussian standard deviation), pixels")
-    faults.add_argument("--gain", type=float, default=1.0, help="detector counts per electron")
-    faults.add_argument("--read-noise", type=float, default=0.0,
-                        help="detector Gaussian read noise, counts")
+    group = ap.add_argument_group("what a microscope adds (robustness studies; all off by "
+                                  "default, the same seed's movie otherwise)")
+    for name, text in FAULT_OPTIONS.items():
+        group.add_argument("--" + name.replace("_", "-"), type=float,
+                           default=getattr(MovieFaults(), name), help=text)
     a = ap.parse_args(argv)
     import tifffile
 
     a.out.mkdir(parents=True, exist_ok=True)
     config = movie_config(a.pixel_size_A, a.cell_A, tuple(a.diameter_A))
-    faults = MovieFaults(dose_fall=a.dose_fall, dose_flicker=a.dose_flicker,
-                         state_scale=a.state_scale, focus_drift_nm=a.focus_drift_nm,
-                         drift_jump_A=a.drift_jump_A, psf_px=a.psf_px, gain=a.gain,
-                         read_noise=a.read_noise)
+    faults = MovieFaults(**{name: getattr(a, name) for name in FAULT_OPTIONS})
     if faults != MovieFaults():
         (a.out / "faults.json").write_text(json.dumps(asdict(faults), indent=1) + "\n")
     rng = np.random.default_rng(a.seed)
