@@ -288,14 +288,14 @@ def _events(stretches: dict, plan: list, found: dict, settings: TrackSettings) -
     inside a stretch of its track splits that stretch there (:func:`.sites.split_stretches`),
     so ``track_height`` changes where the event says."""
     order = {item["source"]: k for k, item in enumerate(plan)}
-    known = _track_events(stretches, order)
+    known = _track_events(stretches, order)  # before the splits: what the sites must not repeat
     rest = []
     for source, changes in found.items():
         new = new_changes(changes, [row for k, _, _, row in known if k == order[source]],
                           settings)
         rest += [(order[source], frame, track, row) for frame, track, row
                  in split_stretches(stretches.get(source, {}), new)]
-    rows = _track_events(stretches, order) + rest
+    rows = _track_events(stretches, order) + rest  # again: the splits are changes of tracks now
     return [row for *_, row in sorted(rows, key=lambda r: r[:3])]
 
 
