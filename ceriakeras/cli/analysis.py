@@ -20,7 +20,9 @@ from .startup import escaped, locked, one_line, one_line_errors, verbose_option
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str),
               help="Output folder for columns.csv, overlays and plots.")
 @click.option("--overwrite", is_flag=True, help="Replace earlier results in --out.")
-@click.option("--xyz", is_flag=True, help="Also write a 3D model (extxyz) per frame.")
+@click.option("--xyz", is_flag=True,
+              help="Also write 3D models (extxyz, Å): one per image, or for a tracked series "
+                   "one per stretch between events, named by the frames it covers.")
 @click.option("--overlay-every", type=int, default=None, metavar="K",
               help="Overlay PNG for every K-th frame (frames; default: 10 evenly spaced frames "
                    "of a series, the first and last included).")
