@@ -154,15 +154,17 @@ def _write_tracks(out_dir: Path, plan: list, settings: TrackSettings, before_rep
     ids_path.parent.mkdir(parents=True, exist_ok=True)
     unread: dict = {}  # source: why it could not be read again (model's readings alone)
     sightings: dict = {}  # source: each track's positions (sites)
+    own = {source: settings.at_dose(dose)  # the penalties at each series' dose
+           for source, dose in series_doses(out_dir / "frames.csv").items()}
     with open(ids_path, "wb") as ids_file:
         stretches, drift_rows, layout = _track_pass(
-            csv_path, offsets, n_frames, settings, read_probability_log(out_dir / LOG_NAME),
+            csv_path, offsets, n_frames, own, settings, read_probability_log(out_dir / LOG_NAME),
             ids_file, {item["source"]: item for item in plan}, frame_reader, unread, sightings)
     for by_track in stretches.values():
         for runs in by_track.values():
             runs.sort(key=lambda s: s["first"])
     stacked, found = _reread_all(stretches, drift_rows, plan, stack_reader, frame_reader, stack,
-                                 settings, unread, sightings)
+                                 own, settings, unread, sightings)
     events = _events(stretches, plan, found, settings)  # splits stretches at site changes
     if on_stretches is not None:
         on_stretches(stretches)
@@ -176,11 +178,12 @@ def _write_tracks(out_dir: Path, plan: list, settings: TrackSettings, before_rep
 
 
 def _reread_all(stretches: dict, drift_rows: list, plan: list, reader, frame_reader,
-                stack: StackSettings, settings: TrackSettings, unread: dict, sightings: dict
-                ) -> tuple[int, dict]:
+                stack: StackSettings, own: dict, settings: TrackSettings, unread: dict,
+                sightings: dict) -> tuple[int, dict]:
     """Every series read once more: its stretches' heights from its epochs' summed frames
     (:func:`ceriakeras.analysis.stacking.restack`, with ``reader``) and, in the same read, the
-    changes at its sites (:mod:`ceriakeras.analysis.sites`, when ``frame_reader`` is given).
+    changes at its sites (:mod:`ceriakeras.analysis.sites`, when ``frame_reader`` is given),
+    with the series' ``own`` settings where it has them (:meth:`TrackSettings.at_dose`).
     Returns the number of stretches so read and each series' site changes."""
     drift: dict = {}
     for source, frame, dx, dy in drift_rows[1:]:
@@ -194,7 +197,8 @@ def _reread_all(stretches: dict, drift_rows: list, plan: list, reader, frame_rea
         spans = [] if reader is None else epochs(item["n_frames"], {
             run["first"] for runs in by_track.values() for run in runs[1:]}, stack)
         sites, members = (None, None) if frame_reader is None or item["source"] in unread else (
-            site_changes(sightings.get(item["source"]), item, drift_A, settings))
+            site_changes(sightings.get(item["source"]), item, drift_A,
+                         own.get(item["source"], settings)))
         try:
             if spans:
                 readings = reader(item, spans, drift_A, **(
@@ -215,11 +219,12 @@ def _reread_all(stretches: dict, drift_rows: list, plan: list, reader, frame_rea
     return read, found
 
 
-def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSettings, log,
-                ids_file, items: dict, frame_reader, unread: dict, sightings: dict
-                ) -> tuple[dict, list, list]:
+def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, own: dict,
+                settings: TrackSettings, log, ids_file, items: dict, frame_reader, unread: dict,
+                sightings: dict) -> tuple[dict, list, list]:
     """Stream ``columns.csv`` and the probability log ``log`` once through a tracker per
-    series (with each series' frames from ``frame_reader``, if given); write each row's track
+    series (its ``own`` settings, else ``settings``; with each series' frames from
+    ``frame_reader``, if given); write each row's track
     to ``ids_file`` and its sightings to ``sightings[source]`` (:class:`.sites.Sightings`); return the stretches (``{source: {track: [stretch, …]}}``), the rows of
     ``tracking/drift.csv`` and the table's layout (``(source, frame, rows)`` per frame)."""
     stretches: dict = {}
@@ -245,7 +250,8 @@ def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, settings: TrackSe
             if tracker is not None:
                 collect(current, tracker, finish=True)
             _close(images, current, unread)  # the series just ended
-            tracker, current, item = Tracker(settings), source, items.get(source, {})
+            tracker = Tracker(own.get(source, settings))
+            current, item = source, items.get(source, {})
             images = FrameCursor(frame_reader(item) if frame_reader is not None and item
                                  else None)
         table = _numbers(rows)
@@ -280,6 +286,23 @@ def unread_warning(reason: str) -> str:
     return (f"could not be read again for the tracks ({reason}): its changes and heights come "
             "from the model's per-frame readings alone; put the file back and run again with "
             "--overwrite for the full tracks")
+
+
+def series_doses(frames_path: Path) -> dict:
+    """``{source: median dose}`` (e⁻/Å² per frame) of the series in ``frames.csv`` (none where
+    the file or its doses are missing)."""
+    doses: dict = {}
+    if not frames_path.is_file():
+        return doses
+    with open(frames_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        for row in csv.DictReader(fh):
+            try:
+                value = float(row.get("dose_e_per_A2") or "nan")
+            except ValueError:
+                continue
+            if np.isfinite(value):
+                doses.setdefault(row["source"], []).append(value)
+    return {source: float(np.median(values)) for source, values in doses.items()}
 
 
 def _events(stretches: dict, plan: list, found: dict, settings: TrackSettings) -> list:

@@ -276,3 +276,59 @@ def test_a_focus_that_drifts_splits_no_site(tmp_path):
                                  ring_confirm=1e3)  # the tracks' own changes left out
         done, rows = analyse(tmp_path / name, focus_drift(1), settings)
         assert (rows == []) is none
+
+
+def test_the_penalties_follow_the_series_dose():
+    from ceriakeras.config import ConfigError
+
+    s = TrackSettings(ring_penalty=12.0, site_penalty=10.0,
+                      penalty_dose_scale=((50.0, 1.0), (200.0, 0.8)))
+    for dose, scale in ((None, 1.0), (0.0, 1.0), (20.0, 1.0), (50.0, 1.0), (100.0, 0.9),
+                        (200.0, 0.8), (5000.0, 0.8)):  # log-linear between, the ends beyond
+        at = s.at_dose(dose)
+        assert (at.ring_penalty, at.site_penalty) == pytest.approx((12 * scale, 10 * scale))
+        assert at.penalty == s.penalty and at.min_stretch == s.min_stretch
+    once = s.at_dose(200.0)
+    assert once.penalty_dose_scale == () and once.at_dose(200.0) == once  # applied once
+    assert TrackSettings(penalty_dose_scale=()).at_dose(200.0) == TrackSettings(
+        penalty_dose_scale=())
+    TrackSettings().validate()
+    for bad in (((200.0, 1.0), (50.0, 0.9)), ((50.0, 0.0),), ((50.0, 1.0, 2.0),),
+                (("fifty", 1.0),), ((50.0, 1.0), (100.0,))):
+        with pytest.raises(ConfigError, match="penalty_dose_scale"):
+            TrackSettings(penalty_dose_scale=bad).validate()
+
+
+def test_each_series_is_split_at_the_penalty_of_its_own_dose(tmp_path, monkeypatch):
+    """The tracker and the sites of a series take their penalties at the series' median dose
+    in ``frames.csv``; a series without a dose there keeps the settings' own."""
+    from ceriakeras.analysis import tracking
+
+    seen = {}
+
+    class Spy(tracking.Tracker):
+        def __init__(self, settings=None):
+            seen.setdefault("tracker", []).append(settings.ring_penalty)
+            super().__init__(settings)
+
+    def sites(sightings, item, drift_A, settings):
+        seen.setdefault("sites", []).append((item["source"], settings.site_penalty))
+        return real(sightings, item, drift_A, settings)
+
+    real = tracking.site_changes
+    monkeypatch.setattr(tracking, "Tracker", Spy)
+    monkeypatch.setattr(tracking, "site_changes", sites)
+    frames = grows()
+    movies = {"high.tif": [(xy, p) for xy, p, _ in frames],
+              "none.tif": [(xy, p) for xy, p, _ in frames]}
+    plan = write_run(tmp_path / "out", movies)
+    plan = [{**item, "pixel_size_A": PX, "counts_per_electron": 1.0} for item in plan]
+    (tmp_path / "out" / "frames.csv").write_text("source,frame,dose_e_per_A2\n" + "".join(
+        f"high.tif,{f},{dose}\n" for f, dose in enumerate([210.0, 190.0, 200.0] * 4)))
+    settings = TrackSettings(penalty_dose_scale=((50.0, 1.0), (200.0, 0.5)))
+    done = tracking.write_tracks(tmp_path / "out", plan, settings,
+                                 frame_reader=lambda item: enumerate(f[2] for f in frames))
+    assert done["tracks"] > 0
+    assert seen["tracker"] == [6.0, 12.0]  # the median dose 200 e⁻/Å²; no dose: as set
+    assert seen["sites"] == [("high.tif", 6.0), ("none.tif", 12.0)]
+    assert tracking.series_doses(tmp_path / "missing.csv") == {}
