@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
+import statistics
 from pathlib import Path
 
 from .tracking import DRIFT_COLUMNS, LOG_NAME, TRACK_COLUMNS
@@ -29,7 +31,9 @@ def untracked_copy(result, work) -> list:
     list of dict
         The run's plan, from ``summary.json``: ``source``, ``n_frames``, ``path`` (the source
         as given), ``pixel_size_A`` and ``counts_per_electron`` of each input (what
-        :func:`ceriakeras.analysis.stacking.model_reader` needs).
+        :func:`ceriakeras.analysis.stacking.model_reader` needs), and from ``frames.csv`` its
+        median ``dose_e_per_A2`` (e⁻/Å² per frame; None where it has none), as ``analyze``
+        gives the tracks stage.
     """
     result, work = Path(result), Path(work)
     if work.resolve() == result.resolve() or result.resolve() in work.resolve().parents:
@@ -41,10 +45,27 @@ def untracked_copy(result, work) -> list:
     _strip_csv(result / "columns.csv", work / "columns.csv", TRACK_COLUMNS, blank=True)
     _strip_csv(result / "frames.csv", work / "frames.csv", DRIFT_COLUMNS)
     summary = json.loads((result / "summary.json").read_text())
+    doses = median_doses(work / "frames.csv")
     return [{"source": i["source"], "n_frames": i["frames"], "path": i["source"],
              "pixel_size_A": i.get("pixel_size_A"),
-             "counts_per_electron": i.get("counts_per_electron", 1.0)}
+             "counts_per_electron": i.get("counts_per_electron", 1.0),
+             "dose_e_per_A2": doses.get(i["source"])}
             for i in summary["inputs"]]
+
+
+def median_doses(frames_path: Path) -> dict:
+    """``{source: median dose}`` (e⁻/Å² per frame) of the series in a ``frames.csv`` (frames
+    without a dose left out)."""
+    doses: dict = {}
+    with open(frames_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        for row in csv.DictReader(fh):
+            try:
+                value = float(row.get("dose_e_per_A2") or "nan")
+            except ValueError:
+                continue
+            if math.isfinite(value):
+                doses.setdefault(row["source"], []).append(value)
+    return {source: statistics.median(values) for source, values in doses.items()}
 
 
 def _strip_csv(src: Path, dst: Path, drop: tuple, blank: bool = False) -> None:

@@ -56,7 +56,8 @@ from .stacking import StackSettings, model_reader
 from .resume import (PROGRESS_VERSION, ProgressJson, earlier_frames, prepare_out_dir,
                      previous_optics)
 from .tables import (CSV_HEADER, OPTICS_COLUMNS, column_rows, columns_header,  # noqa: F401
-                     format_summary, frame_table_and_series_plots, reason_counts)
+                     format_summary, frame_table_and_series_plots, reason_counts,
+                     series_doses)
 from .threads import Worker, in_thread, share_cores
 from .track_pictures import write_stretch_models, write_track_series_plots
 
@@ -420,7 +421,8 @@ def _write_tracks(run: _Run) -> None:
         write_text_atomic(run.progress_path, run.progress_json.dumps(run.state))
 
     run.timings["stacks"] = 0.0
-    plan = [{**item, **item["gain"]} for item in run.plan]  # counts_per_electron at the top
+    doses = series_doses(run.plan, run.state["frames"])  # counts_per_electron at the top
+    plan = [{**item, **item["gain"], "dose_e_per_A2": d} for item, d in zip(run.plan, doses)]
     done = tracking.write_tracks(
         run.out_dir, plan, tracking.TrackSettings(min_stretch=run.config.min_stretch),
         before_replace=commit_size, stack=StackSettings(max_frames=run.config.stack_frames),

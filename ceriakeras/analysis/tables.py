@@ -206,6 +206,18 @@ def _optional_frame_columns(rows: list, progress: dict, offsets: dict) -> tuple[
     return header, rows
 
 
+def series_doses(plan: list, frames: dict) -> list:
+    """Each series' median dose, e⁻/Å² per frame (None where no frame has one), from a run's
+    per-frame state ``frames`` (``{str(global frame): {"dose_e_per_A2": …}}``)."""
+    out, offset = [], 0
+    for item in plan:
+        doses = [d for k in range(offset, offset + item["n_frames"])
+                 if (d := frames.get(str(k), {}).get("dose_e_per_A2")) is not None]
+        out.append(float(np.median(doses)) if doses else None)
+        offset += item["n_frames"]
+    return out
+
+
 def reason_counts(frames: dict) -> dict:
     """How many frames were not recognised, by the kind of reason."""
     out: dict[str, int] = {}

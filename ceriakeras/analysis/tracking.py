@@ -86,7 +86,9 @@ def write_tracks(out_dir, plan: list, settings: TrackSettings | None = None,
     out_dir : path
         The run's folder (``columns.csv``, ``tracking/probabilities.bin``).
     plan : list of dict
-        The run's inputs in order (``source``, ``n_frames``).
+        The run's inputs in order (``source``, ``n_frames``; ``dose_e_per_A2``, the series'
+        median dose per frame, e⁻/Å², where known: its penalties are taken at that dose,
+        :meth:`TrackSettings.at_dose`).
     settings : TrackSettings, optional
     before_replace : callable, optional
         ``before_replace(size)`` is called with the new ``columns.csv``'s size, bytes, before it
@@ -154,8 +156,8 @@ def _write_tracks(out_dir: Path, plan: list, settings: TrackSettings, before_rep
     ids_path.parent.mkdir(parents=True, exist_ok=True)
     unread: dict = {}  # source: why it could not be read again (model's readings alone)
     sightings: dict = {}  # source: each track's positions (sites)
-    own = {source: settings.at_dose(dose)  # the penalties at each series' dose
-           for source, dose in series_doses(out_dir / "frames.csv").items()}
+    own = {item["source"]: settings.at_dose(item.get("dose_e_per_A2"))  # penalties at its dose
+           for item in plan}
     with open(ids_path, "wb") as ids_file:
         stretches, drift_rows, layout = _track_pass(
             csv_path, offsets, n_frames, own, settings, read_probability_log(out_dir / LOG_NAME),
@@ -286,23 +288,6 @@ def unread_warning(reason: str) -> str:
     return (f"could not be read again for the tracks ({reason}): its changes and heights come "
             "from the model's per-frame readings alone; put the file back and run again with "
             "--overwrite for the full tracks")
-
-
-def series_doses(frames_path: Path) -> dict:
-    """``{source: median dose}`` (e⁻/Å² per frame) of the series in ``frames.csv`` (none where
-    the file or its doses are missing)."""
-    doses: dict = {}
-    if not frames_path.is_file():
-        return doses
-    with open(frames_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        for row in csv.DictReader(fh):
-            try:
-                value = float(row.get("dose_e_per_A2") or "nan")
-            except ValueError:
-                continue
-            if np.isfinite(value):
-                doses.setdefault(row["source"], []).append(value)
-    return {source: float(np.median(values)) for source, values in doses.items()}
 
 
 def _events(stretches: dict, plan: list, found: dict, settings: TrackSettings) -> list:

@@ -621,6 +621,29 @@ def test_a_series_gets_tracks_events_and_drift_unless_turned_off(tmp_path):
     assert "track" not in header and not (tmp_path / "off" / "events.csv").exists()
 
 
+def test_the_tracks_stage_gets_each_series_median_dose(tmp_path, monkeypatch):
+    """The tracks' penalties follow a series' dose (TrackSettings.at_dose): analyze hands the
+    tracks stage each series' median of the doses frames.csv reports."""
+    from ceriakeras.analysis import run as run_module
+
+    truth = random_columns(1)
+    write_series(tmp_path / "still.tif", [synthetic_frame(truth, 0.1)] * 5, 0.1)
+    seen = []
+    real = run_module.tracking.write_tracks
+
+    def spy(out_dir, plan, *args, **kwargs):
+        seen.extend((item["source"], item["dose_e_per_A2"]) for item in plan)
+        return real(out_dir, plan, *args, **kwargs)
+
+    monkeypatch.setattr(run_module.tracking, "write_tracks", spy)
+    analyze([tmp_path / "still.tif"], tmp_path / "out", model=StandInModel(),
+            config=AnalyzeConfig(batch_size=4, movie=False), progress=False)
+    header, frames = read_rows(tmp_path / "out" / "frames.csv")
+    doses = [float(f[header.index("dose_e_per_A2")]) for f in frames]
+    assert len(seen) == 1 and seen[0][0] == frames[0][0]
+    assert seen[0][1] == pytest.approx(float(np.median(doses)), rel=1e-3) and seen[0][1] > 0
+
+
 def test_progress_json_is_json_dumps_text_with_each_frame_serialized_once():
     """progress.json's text, written after every batch, is json.dumps(state, indent=1)'s own,
     frame entries and optics added, replaced, and odd names (quotes, non-ASCII, newlines) too."""

@@ -300,8 +300,9 @@ def test_the_penalties_follow_the_series_dose():
 
 
 def test_each_series_is_split_at_the_penalty_of_its_own_dose(tmp_path, monkeypatch):
-    """The tracker and the sites of a series take their penalties at the series' median dose
-    in ``frames.csv``; a series without a dose there keeps the settings' own."""
+    """The tracker and the sites of a series take their penalties at the series' dose (its
+    plan entry's ``dose_e_per_A2``, as ``analyze`` gives it); a series without keeps the
+    settings' own."""
     from ceriakeras.analysis import tracking
 
     seen = {}
@@ -322,13 +323,37 @@ def test_each_series_is_split_at_the_penalty_of_its_own_dose(tmp_path, monkeypat
     movies = {"high.tif": [(xy, p) for xy, p, _ in frames],
               "none.tif": [(xy, p) for xy, p, _ in frames]}
     plan = write_run(tmp_path / "out", movies)
-    plan = [{**item, "pixel_size_A": PX, "counts_per_electron": 1.0} for item in plan]
-    (tmp_path / "out" / "frames.csv").write_text("source,frame,dose_e_per_A2\n" + "".join(
-        f"high.tif,{f},{dose}\n" for f, dose in enumerate([210.0, 190.0, 200.0] * 4)))
+    plan = [{**item, "pixel_size_A": PX, "counts_per_electron": 1.0,
+             "dose_e_per_A2": 200.0 if item["source"] == "high.tif" else None} for item in plan]
     settings = TrackSettings(penalty_dose_scale=((50.0, 1.0), (200.0, 0.5)))
     done = tracking.write_tracks(tmp_path / "out", plan, settings,
                                  frame_reader=lambda item: enumerate(f[2] for f in frames))
     assert done["tracks"] > 0
-    assert seen["tracker"] == [6.0, 12.0]  # the median dose 200 e⁻/Å²; no dose: as set
+    assert seen["tracker"] == [6.0, 12.0]
     assert seen["sites"] == [("high.tif", 6.0), ("none.tif", 12.0)]
-    assert tracking.series_doses(tmp_path / "missing.csv") == {}
+
+
+def test_a_series_dose_is_the_median_of_its_frames(tmp_path):
+    """What ``analyze`` (its per-frame state) and the offline copies (``frames.csv``) give the
+    tracks stage as each series' dose."""
+    import json
+
+    from ceriakeras.analysis.offline import untracked_copy
+    from ceriakeras.analysis.tables import series_doses
+
+    plan = [{"source": "a.tif", "n_frames": 3}, {"source": "b.tif", "n_frames": 2},
+            {"source": "c.tif", "n_frames": 1}]
+    frames = {"0": {"dose_e_per_A2": 210.0}, "1": {"dose_e_per_A2": 190.0},
+              "2": {"dose_e_per_A2": 205.0}, "3": {"dose_e_per_A2": 49.0}, "4": {}}
+    assert series_doses(plan, frames) == [205.0, 49.0, None]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tracking").mkdir()
+    (run / "tracking" / "probabilities.bin").write_bytes(b"")
+    (run / "columns.csv").write_text("source,frame,x_px\n")
+    (run / "frames.csv").write_text("source,frame,dose_e_per_A2,drift_x_A\na.tif,0,210,0\n"
+                                    "a.tif,1,190,0\na.tif,2,205,0\nb.tif,0,49,0\nb.tif,1,,0\n")
+    (run / "summary.json").write_text(json.dumps({"inputs": [
+        {"source": s, "frames": n} for s, n in (("a.tif", 3), ("b.tif", 2), ("c.tif", 1))]}))
+    copy = untracked_copy(run, tmp_path / "work")
+    assert [item["dose_e_per_A2"] for item in copy] == [205.0, 49.0, None]

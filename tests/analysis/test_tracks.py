@@ -488,7 +488,7 @@ def test_untracked_copy_leaves_what_the_tracks_stage_finds(tmp_path):
     (tmp_path / "w" / "stale.csv").write_text("old\n")
     assert untracked_copy(tmp_path / "out", tmp_path / "w") == [
         {"source": "movie.tif", "n_frames": 6, "path": "movie.tif", "pixel_size_A": 0.1,
-         "counts_per_electron": 2.0}]
+         "counts_per_electron": 2.0, "dose_e_per_A2": None}]  # frames.csv without doses
     assert not (tmp_path / "w" / "stale.csv").exists()
     with pytest.raises(ValueError, match="another folder"):
         untracked_copy(tmp_path / "out", tmp_path / "out" / "copy")
