@@ -437,7 +437,7 @@ def write_movie(path: Path, item: dict, pixel_size_A, positions: dict, max_heigh
 
 
 def write_series_plot(path: Path, frames: np.ndarray, heights: np.ndarray, total_ce: np.ndarray,
-                      max_height: int, title: str = "") -> None:
+                      max_height: int, title: str = ""):
     """Column heights over time (tracked columns × frames) and the total Ce count per frame.
 
     Parameters
@@ -445,6 +445,11 @@ def write_series_plot(path: Path, frames: np.ndarray, heights: np.ndarray, total
     frames : (T,) int
     heights : (T, M) float, NaN where a tracked column was not found
     total_ce : (T,) int, Ce atoms in all columns of each frame
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure written (:func:`series_axes`' panels).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import ListedColormap
@@ -452,13 +457,15 @@ def write_series_plot(path: Path, frames: np.ndarray, heights: np.ndarray, total
 
     fig = Figure(figsize=(8, 6), dpi=100)
     FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    ax1, ax2, cax = series_axes(fig)
     if heights.size:
         extent = (frames[0] - 0.5, frames[-1] + 0.5, heights.shape[1] - 0.5, -0.5)
         cmap = ListedColormap(height_colors(max_height)[1:] / 255.0)  # the overlays' colours
         im = ax1.imshow(np.ma.masked_invalid(heights.T), aspect="auto", interpolation="nearest",
                         cmap=cmap, vmin=0.5, vmax=max_height + 0.5, extent=extent)
-        fig.colorbar(im, ax=[ax1], label="height (Ce atoms)")
+        fig.colorbar(im, cax=cax, label="height (Ce atoms)")
+    else:
+        cax.set_axis_off()
     ax1.set_ylabel("column (tracked from first frame)")
     ax1.set_title(title, fontsize=8)
     ax2.plot(frames, total_ce, "-", lw=1)
@@ -466,6 +473,19 @@ def write_series_plot(path: Path, frames: np.ndarray, heights: np.ndarray, total
     ax2.set_ylabel("total Ce atoms")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
+    return fig
+
+
+def series_axes(fig):
+    """A series plot's panels: heights over time (above) and a number per frame (below) on one
+    frame axis, and the colour bar's axes beside the upper one. Both panels keep one width, so
+    a frame stands at the same place in both (a colour bar taken from the upper panel alone
+    would narrow it, and its frames would no longer sit above the same frames below)."""
+    grid = fig.add_gridspec(2, 2, height_ratios=[2, 1], width_ratios=[1, 0.025], wspace=0.04)
+    ax1 = fig.add_subplot(grid[0, 0])
+    ax2 = fig.add_subplot(grid[1, 0], sharex=ax1)
+    ax1.tick_params(labelbottom=False)
+    return ax1, ax2, fig.add_subplot(grid[0, 1])
 
 
 def write_xyz(path: Path, atoms) -> None:

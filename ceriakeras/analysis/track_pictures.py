@@ -17,7 +17,7 @@ import numpy as np
 
 from ..io.files import atomic_path
 from ..io.inputpaths import shown
-from .pictures import height_colors
+from .pictures import height_colors, series_axes
 
 MIN_TRACK_FRAMES = 3
 """Tracks seen in fewer frames are left out of the plot (a false detection's short track)."""
@@ -103,8 +103,10 @@ def track_grid(track: np.ndarray, frame: np.ndarray, height: np.ndarray,
         Each track's height per frame, Ce atoms; 0 where it was not seen (2 bytes a cell: a
         long series of many columns, 450 × 10 000, is 9 MB).
     total_ce : (n_frames,) float64
-        The sum of every tracked row's height per frame (short tracks too), Ce atoms; NaN for a
-        frame without tracked rows.
+        Ce atoms per frame: the sum of every tracked row's height (short tracks too), and of
+        each track of ``grid`` at its last height in the frames it was missed between two
+        sightings (the model loses a column in some frames; its atoms stay); NaN for a frame
+        with neither.
     """
     track, frame, height = (np.asarray(a, np.int64).ravel() for a in (track, frame, height))
     ids, first_row, inverse = np.unique(track, return_index=True, return_inverse=True)
@@ -122,17 +124,31 @@ def track_grid(track: np.ndarray, frame: np.ndarray, height: np.ndarray,
     grid[row[inverse[kept]], frame[kept]] = np.clip(height[kept], 1, np.iinfo(np.uint16).max)
     present = np.bincount(frame, minlength=n_frames)[:n_frames] > 0
     total = np.bincount(frame, weights=height, minlength=n_frames)[:n_frames]
-    return ids[order], grid, np.where(present, total, np.nan)
+    missed, carried = _carried(grid)
+    return ids[order], grid, np.where(present | missed, total + carried, np.nan)
+
+
+def _carried(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame: whether some track of ``grid`` was missed there between two of its sightings,
+    and the sum of those tracks' last heights (Ce atoms)."""
+    seen = grid > 0
+    last = np.where(seen, np.arange(grid.shape[1], dtype=np.int32), -1)
+    np.maximum.accumulate(last, axis=1, out=last)  # each cell's last sighting so far
+    later = np.flip(np.logical_or.accumulate(np.flip(seen, axis=1), axis=1), axis=1)
+    gap = ~seen & (last >= 0) & later
+    height = np.take_along_axis(grid, np.maximum(last, 0), axis=1)
+    return gap.any(axis=0), np.where(gap, height, 0).sum(axis=0, dtype=np.float64)
 
 
 def draw(path: Path, grid: np.ndarray, total_ce: np.ndarray, events: list, max_height: int,
-         title: str = "") -> None:
+         title: str = ""):
     """Tracks × frames coloured by track height (Ce atoms), events as black triangles, and the
     total Ce of the tracked heights per frame below.
 
     ``grid`` is :func:`track_grid`'s (heights, 0 where a track was not seen). It is coloured
     here, 4 bytes a cell, and given to matplotlib as RGBA: colour-mapped by matplotlib, its
-    float64 copies took ≈ 300 MB for 450 tracks × 10 000 frames (the same picture).
+    float64 copies took ≈ 300 MB for 450 tracks × 10 000 frames (the same picture). Returns the
+    figure written (:func:`.pictures.series_axes`' panels).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
@@ -141,7 +157,7 @@ def draw(path: Path, grid: np.ndarray, total_ce: np.ndarray, events: list, max_h
 
     fig = Figure(figsize=(8, 6), dpi=100)
     FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    ax1, ax2, cax = series_axes(fig)
     n = grid.shape[1]
     if grid.size:
         cmap = ListedColormap(height_colors(max_height)[1:] / 255.0)  # the overlays' colours
@@ -149,8 +165,10 @@ def draw(path: Path, grid: np.ndarray, total_ce: np.ndarray, events: list, max_h
         table = np.vstack([np.zeros((1, 4), np.uint8), cmap(np.arange(max_height), bytes=True)])
         ax1.imshow(table[np.minimum(grid, max_height)], aspect="auto", interpolation="nearest",
                    extent=(-0.5, n - 0.5, grid.shape[0] - 0.5, -0.5))
-        fig.colorbar(ScalarMappable(Normalize(0.5, max_height + 0.5), cmap), ax=[ax1],
+        fig.colorbar(ScalarMappable(Normalize(0.5, max_height + 0.5), cmap), cax=cax,
                      label="track height (Ce atoms)")
+    else:
+        cax.set_axis_off()
     if events:
         f, r = np.array(events).T
         ax1.plot(f - 0.5, r, "k>", ms=5, label="change (first frame at the new height)")
@@ -159,9 +177,10 @@ def draw(path: Path, grid: np.ndarray, total_ce: np.ndarray, events: list, max_h
     ax1.set_title(title, fontsize=8)
     ax2.plot(np.arange(n), total_ce, "-", lw=1)
     ax2.set_xlabel("frame")
-    ax2.set_ylabel("total Ce atoms (track heights)")
+    ax2.set_ylabel("total Ce atoms (tracks)")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
+    return fig
 
 
 def write_stretch_models(out_dir, plan: list, labels: list[str], max_height: int) -> int:
