@@ -78,3 +78,22 @@ def test_movie_streams_frames_and_decodes(tmp_path):
     with MovieWriter(tmp_path / "none.mp4"):
         pass
     assert not (tmp_path / "none.mp4").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_both_series_plots_keep_their_panels_on_one_frame_axis(tmp_path):
+    """The heights above and the totals below have one width, the colour bar beside the upper
+    panel only: a frame (an event's triangle) stands at the same x in both."""
+    from ceriakeras.analysis.pictures import write_series_plot
+    from ceriakeras.analysis.track_pictures import draw
+
+    grid = np.array([[2, 2, 0, 3, 3], [1, 1, 1, 1, 1]], np.uint16)
+    drawn = [draw(tmp_path / "tracks.png", grid, np.array([3.0, 3, 1, 4, 4]), [(3, 0)], 8),
+             write_series_plot(tmp_path / "first.png", np.arange(5), grid.T.astype(float),
+                               np.array([3, 3, 1, 4, 4]), 8)]
+    for fig in drawn:
+        above, below, bar = fig.axes[:3]
+        a, b = above.get_position(), below.get_position()
+        assert (a.x0, a.x1) == pytest.approx((b.x0, b.x1))
+        assert bar.get_position().x0 > a.x1 and bar.get_position().y0 >= b.y1
+        assert above.get_xlim() == below.get_xlim()
+    assert (tmp_path / "tracks.png").stat().st_size > 5000
