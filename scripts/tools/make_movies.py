@@ -49,18 +49,21 @@ FAULT_OPTIONS = {
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--particles", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True,
+                    help="folder for the movies (TIFF), movies.csv, truth.csv and events.csv")
+    ap.add_argument("--particles", type=int, default=3, help="particles, one movie each per dose")
+    ap.add_argument("--seed", type=int, default=0, help="random seed of the whole set")
     ap.add_argument("--doses", type=float, nargs="+", default=[50.0, 200.0],
                     help="e⁻/Å² per frame")
-    ap.add_argument("--frames", type=int, default=48)
-    ap.add_argument("--change-frames", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--frames", type=int, default=48, help="frames per movie")
+    ap.add_argument("--change-frames", type=int, nargs="+", default=[16, 32],
+                    help="frames (from 0) that are the first at a new state")
     ap.add_argument("--changes", type=int, default=3, help="columns changing at each change frame")
-    ap.add_argument("--max-drift-A", type=float, default=3.0, help="largest drift, Å")
-    ap.add_argument("--pixel-size-A", type=float, default=0.1, help="Å")
+    ap.add_argument("--max-drift-A", type=float, default=3.0, help="largest drift over the movie, Å")
+    ap.add_argument("--pixel-size-A", type=float, default=0.1, help="pixel size, Å")
     ap.add_argument("--cell-A", type=float, default=56.0, help="field of view, Å")
-    ap.add_argument("--diameter-A", type=float, nargs=2, default=[20.0, 34.0], help="Å")
+    ap.add_argument("--diameter-A", type=float, nargs=2, default=[20.0, 34.0],
+                    help="smallest and largest particle diameter, Å")
     group = ap.add_argument_group("what a microscope adds (robustness studies; all off by "
                                   "default, the same seed's movie otherwise)")
     for name, text in FAULT_OPTIONS.items():
