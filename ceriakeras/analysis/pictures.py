@@ -1,16 +1,15 @@
-"""Pictures of analysed frames: overlays cropped to the particle, an annotated movie and a plot per series, 3D models.
+"""Pictures of analysed frames: overlays cropped to the particle, a plot per series, 3D models.
 
 Everything is drawn with NumPy and Pillow (no matplotlib figure per frame), so a picture costs a
 few milliseconds: :func:`render_frame` crops a frame to the particle (:func:`particle_box`),
 smooths it lightly for display, marks each Ce column with a ring coloured by its height, and adds
-a colour legend (Ce atoms), a scale bar and a caption (source, frame, dose). :func:`write_png`
-saves one picture; :class:`MovieWriter` streams pictures into an H.264 MP4 through PyAV (FFmpeg's
-libraries inside the wheel; no ``ffmpeg`` program is needed), one frame in memory at a time.
+a colour legend (Ce atoms), a scale bar and a caption (source, frame, dose); changes of height
+can be marked too. :func:`write_png` saves one picture; :mod:`.movies` streams them into a
+series' movie.
 
 Which frames get an overlay is :func:`overlay_frames`: by default an evenly spaced sample of a
-series (the first and last included), or every K-th frame. :func:`write_movie` draws a series'
-movie from its file, :func:`write_series_plot` its tracked column heights, :func:`write_xyz` a
-frame's 3D model (ASE extxyz).
+series (the first and last included), or every K-th frame. :func:`write_series_plot` draws a
+series' column heights over time, :func:`write_xyz` a frame's 3D model (ASE extxyz).
 
 Coordinates are those of :mod:`ceriakeras.inference.columns` and ``columns.csv``: ``x_px`` is the column
 index, ``y_px`` the row index, pixel centres at integers, in the input image's grid.
@@ -24,11 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import CEO2_LATTICE_A, ConfigError
+from ..config import CEO2_LATTICE_A
 from ..io.files import atomic_path
 from ..io.inputpaths import shown
-from ..io.series import open_series
-from ..noise import estimate_dose
 
 PROJECTED_COLUMN_SPACING_A = CEO2_LATTICE_A * math.sqrt(3.0 / 8.0)
 """Nearest Ce–Ce column distance in the [110] projection, Å (≈ 3.31 Å)."""
@@ -42,8 +39,6 @@ DISPLAY_SIZE_PX = 560
 """Longer side of the image part of a picture, display pixels."""
 OVERLAY_SAMPLES = 10
 """Default number of overlays per series (evenly spaced, first and last included)."""
-MOVIE_FPS = 10
-"""Frames per second of the movie."""
 HEIGHT_COLORMAP = "turbo"
 """Matplotlib colormap of the column heights (its ends cut off: rings stay visible on grey)."""
 
@@ -185,7 +180,7 @@ def _gray(image: np.ndarray, box, pixel_size_A: float, scale: float) -> np.ndarr
 
 def render_frame(image: np.ndarray, x_px, y_px, height, *, pixel_size_A: float, max_height: int,
                  box: tuple[int, int, int, int] | None = None, caption: str = "",
-                 size_px: int = DISPLAY_SIZE_PX) -> np.ndarray:
+                 size_px: int = DISPLAY_SIZE_PX, marks=()) -> np.ndarray:
     """A picture of one frame: the particle, its columns as rings coloured by height, a legend.
 
     Parameters
@@ -206,6 +201,9 @@ def render_frame(image: np.ndarray, x_px, y_px, height, *, pixel_size_A: float, 
         Text above the image (source, frame, dose).
     size_px : int
         Longer side of the image part, display pixels.
+    marks : sequence of (x_px, y_px, text)
+        Places to point out (input pixels) with a label: changes of height, a white square
+        around the column with ``text`` ("3→4") beside it.
 
     Returns
     -------
@@ -242,6 +240,15 @@ def render_frame(image: np.ndarray, x_px, y_px, height, *, pixel_size_A: float, 
         draw.ellipse((px - r, py - r, px + r, py + r), outline=tuple(int(c) for c in colors[h]),
                      width=width)
 
+    for mx, my, text in marks:  # a white square with a dark edge, its label beside it
+        px, py = (mx - x0 + 0.5) * sx - 0.5, (my - y0 + 0.5) * sy - 0.5 + _CAPTION_H
+        side = 1.45 * r
+        draw.rectangle((px - side, py - side, px + side, py + side), outline=(0, 0, 0),
+                       width=width + 2)
+        draw.rectangle((px - side + 1, py - side + 1, px + side - 1, py + side - 1),
+                       outline=(255, 255, 255), width=width)
+        draw.text((px + side + 3, py - side), text, fill=(255, 255, 255), font=_font(13),
+                  stroke_width=2, stroke_fill=(0, 0, 0))
     _scale_bar(draw, gw, gh, sx / pixel_size_A)
     canvas.paste(Image.fromarray(_legend(gh, max_height)), (gw, 0))
     if caption:
@@ -298,142 +305,13 @@ def write_png(path, picture: np.ndarray) -> None:
         Image.fromarray(picture).save(tmp, format="PNG", compress_level=1)
 
 
-def check_movie_writer() -> None:
-    """Raise ``ConfigError`` (what to do) if PyAV, which writes the movies, is not installed."""
-    import importlib.util
-
-    if importlib.util.find_spec("av") is None:
-        raise ConfigError("the movie of a series needs PyAV: `pip install av` (a dependency of "
-                          "ceriakeras; reinstall it), or pass --no-movie")
-
-
-class MovieWriter:
-    """Stream pictures into an H.264 MP4 (PyAV), written under a temporary name and renamed.
-
-    All pictures must have the size of the first. Use as a context manager::
-
-        with MovieWriter("OUT/series_movie.mp4") as movie:
-            for picture in pictures:
-                movie.add(picture)
-
-    Parameters
-    ----------
-    path : path
-        The MP4 file.
-    fps : float
-        Movie frames per second.
-    crf : int
-        x264 quality (lower = better and larger; 18–23 looks clean on noisy frames). The
-        "superfast" preset: 10 ms per 600² frame on one core, about 60 kB per frame.
-    """
-
-    def __init__(self, path, fps: float = MOVIE_FPS, crf: int = 22):
-        self.path, self.fps, self.crf = Path(path), fps, crf
-        self._container = self._stream = self._ctx = self._tmp = None
-        self.frames = 0
-
-    def __enter__(self) -> MovieWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._ctx = atomic_path(self.path)
-        self._tmp = self._ctx.__enter__()
-        return self
-
-    def add(self, picture: np.ndarray) -> None:
-        """Append one (h, w, 3) uint8 picture (h, w even)."""
-        import av
-
-        if self._container is None:
-            h, w = picture.shape[:2]
-            self._container = av.open(str(self._tmp), mode="w", format="mp4")
-            stream = self._container.add_stream("libx264", rate=int(round(self.fps)))
-            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            stream.options = {"crf": str(self.crf), "preset": "superfast"}
-            self._stream = stream
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")
-        for packet in self._stream.encode(frame):
-            self._container.mux(packet)
-        self.frames += 1
-
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            if self._container is not None:
-                if exc_type is None:
-                    for packet in self._stream.encode():
-                        self._container.mux(packet)
-                self._container.close()
-        except BaseException as err:
-            self._ctx.__exit__(type(err), err, err.__traceback__)  # removes the temporary file
-            raise
-        if exc_type is None and self.frames == 0:  # nothing to show: no file
-            self._ctx.__exit__(ValueError, ValueError("no frames"), None)
-            return False
-        return self._ctx.__exit__(exc_type, exc, tb)
-
-
-# --- captions, movies, series plots, 3D models -------------------------------------------------
+# --- captions, series plots, 3D models -------------------------------------------------
 def frame_caption(item: dict, index: int, dose_e_per_A2: float, n_columns: int,
              recognised: bool | None = None) -> str:
     """The text above a picture: source, frame, dose, columns, and a frame not recognised."""
     where = f"frame {index}/{item['n_frames'] - 1}" if item["n_frames"] > 1 else "image"
     return (f"{shown(Path(item['source']).name)}   {where}   {dose_e_per_A2:.0f} e⁻/Å²   "
             f"{n_columns} columns" + ("   NOT RECOGNISED" if recognised is False else ""))
-
-
-def write_movie(path: Path, item: dict, pixel_size_A, positions: dict, max_height: int,
-                dose_of=None, recognised_of=None, note_of=None) -> int:
-    """The annotated movie of one series: every analysed frame, read again from its file.
-
-    Each frame is cropped to the same box (the union of the frames' particle boxes), its columns
-    drawn as rings coloured by height, captioned with the frame number, the dose and the number
-    of columns (:func:`ceriakeras.analysis.pictures.render_frame`), and streamed into an MP4.
-
-    Parameters
-    ----------
-    path : Path
-        The ``.mp4`` file.
-    item : dict
-        The input (``path``, ``source``, ``n_frames``, ``shape``, ``pixel_size_A``).
-    pixel_size_A : float or None
-        The ``--pixel-size`` override, as the run was given it.
-    positions : dict
-        ``{frame: (x_px (N,), y_px (N,), height (N,))}`` of the analysed frames that have
-        columns (frames.csv's frames without columns are drawn without rings).
-    max_height : int
-        The model's largest height, Ce atoms (the legend).
-    dose_of : callable, optional
-        ``dose_of(frame_index, image (H, W) counts) -> e⁻/Å²``, the dose in the caption;
-        default :func:`ceriakeras.noise.estimate_dose` of the image at the input's pixel size.
-    recognised_of : callable, optional
-        ``recognised_of(frame_index) -> bool or None``; False adds "NOT RECOGNISED" to the
-        caption (:func:`ceriakeras.inference.recognise.recognise_frame`).
-    note_of : callable, optional
-        ``note_of(frame_index) -> str or None``, added to the caption (tracks: the changes of
-        height happening then, :func:`ceriakeras.analysis.tracking.event_notes`).
-
-    Returns
-    -------
-    int
-        Frames in the movie.
-    """
-    px = item["pixel_size_A"]
-    if dose_of is None:
-        def dose_of(index, image):
-            return estimate_dose(image, px)
-    shape = tuple(item["shape"])
-    box = union_box(particle_box(x, y, shape, px) for x, y, _ in positions.values())
-    empty = (np.zeros(0), np.zeros(0), np.zeros(0, np.int32))
-    with MovieWriter(path) as movie, open_series(item["path"], pixel_size_A) as series:
-        for frame in series.frames():
-            if frame.image is None:
-                continue
-            x, y, h = positions.get(frame.index, empty)
-            text = frame_caption(item, frame.index, dose_of(frame.index, frame.image), len(x),
-                                 recognised_of(frame.index) if recognised_of else None)
-            if note_of is not None and note_of(frame.index):
-                text += "   " + note_of(frame.index)
-            movie.add(render_frame(frame.image, x, y, h, pixel_size_A=px, max_height=max_height,
-                                   box=box or (0, shape[0], 0, shape[1]), caption=text))
-    return movie.frames
 
 
 def write_series_plot(path: Path, frames: np.ndarray, heights: np.ndarray, total_ce: np.ndarray,

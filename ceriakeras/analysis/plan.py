@@ -17,7 +17,8 @@ from ..io.files import check_out_dir
 from ..io.series import expand_inputs, open_series
 from ..modelcheck import check_model_files
 from .outguard import check_no_earlier_results
-from .pictures import check_movie_writer, overlay_frames
+from .movies import check_movie_writer
+from .pictures import overlay_frames
 from .resume import unfinished_progress
 
 

@@ -48,7 +48,8 @@ from ..inference.served import DihedralAveraged, load_model, model_settings, wit
 from ..io.files import write_text_atomic
 from ..io.series import expand_inputs
 from ..noise import estimate_dose
-from .pictures import frame_caption, render_frame, write_movie, write_png, write_xyz
+from .movies import write_movie
+from .pictures import frame_caption, render_frame, write_png, write_xyz
 from . import tracking
 from .plan import plan_inputs
 from .reading import Batch, read_batches, series_counts
@@ -56,8 +57,7 @@ from .stacking import StackSettings, model_reader
 from .resume import (PROGRESS_VERSION, ProgressJson, earlier_frames, prepare_out_dir,
                      previous_optics)
 from .tables import (CSV_HEADER, OPTICS_COLUMNS, column_rows, columns_header,  # noqa: F401
-                     format_summary, frame_table_and_series_plots, reason_counts,
-                     series_doses)
+                     format_summary, frame_table_and_series_plots, reason_counts, series_doses)
 from .threads import Worker, in_thread, share_cores
 from .track_pictures import write_stretch_models, write_track_series_plots
 
@@ -450,7 +450,7 @@ def _write_movies(run: _Run, positions: dict) -> None:
             write_movie(run.out_dir / f"{item['label']}_movie.mp4", item, run.pixel_size_A,
                         positions.get(item["source"], {}), run.max_height,
                         dose_of=dose_of, recognised_of=recognised_of,
-                        note_of=tracking.event_notes(run.out_dir, item["source"]).get
+                        marks_of=tracking.event_marks(run.out_dir, item["source"]).get
                         if run.config.tracks else None)
         offset += item["n_frames"]
 

@@ -445,20 +445,22 @@ def movie_track_heights(out_dir, positions: dict) -> dict:
 
 
 EVENT_NOTE_FRAMES = 5
-"""Frames of the movie whose caption names a change, from its first frame at the new height."""
+"""Frames of the movie that point out a change, from its first frame at the new height."""
 
 
-def event_notes(out_dir, source: str) -> dict[int, str]:
-    """``{frame: "change 3→4, 2→1"}`` (Ce atoms) from ``events.csv`` for one source: the movie's
-    caption names each change for :data:`EVENT_NOTE_FRAMES` frames from when it happens."""
+def event_marks(out_dir, source: str) -> dict[int, list]:
+    """``{frame: [(x_px, y_px, "3→4"), …]}`` from ``events.csv`` for one source: where each
+    change of height happens (input pixels) and how (Ce atoms), for :data:`EVENT_NOTE_FRAMES`
+    frames from when it happens (the movie marks and names it)."""
     path = Path(out_dir) / "events.csv"
-    notes: dict[int, list] = {}
+    marks: dict[int, list] = {}
     if path.exists():
         with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
             for r in csv.DictReader(fh):
                 if r["source"] != source:
                     continue
-                text = f"{r['height_before']}→{r['height_after']}"
+                mark = (float(r["x_px"]), float(r["y_px"]),
+                        f"{r['height_before']}→{r['height_after']}")
                 for f in range(int(r["frame"]), int(r["frame"]) + EVENT_NOTE_FRAMES):
-                    notes.setdefault(f, []).append(text)
-    return {f: "change " + ", ".join(t) + " Ce" for f, t in notes.items()}
+                    marks.setdefault(f, []).append(mark)
+    return marks

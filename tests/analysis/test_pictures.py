@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from ceriakeras.analysis.pictures import (MARKER_RADIUS_A, MovieWriter, height_colors, display_scale,
+from ceriakeras.analysis.movies import MovieWriter
+from ceriakeras.analysis.pictures import (MARKER_RADIUS_A, height_colors, display_scale,
                                  overlay_frames, particle_box, render_frame, union_box)
 
 PX_A = 0.1
@@ -97,3 +98,24 @@ def test_both_series_plots_keep_their_panels_on_one_frame_axis(tmp_path):
         assert bar.get_position().x0 > a.x1 and bar.get_position().y0 >= b.y1
         assert above.get_xlim() == below.get_xlim()
     assert (tmp_path / "tracks.png").stat().st_size > 5000
+
+
+def test_a_change_is_marked_by_a_white_square_around_its_column():
+    x, y = lattice(3)
+    heights = np.full(9, 4)
+    image = np.random.default_rng(3).poisson(50.0, (700, 700)).astype(np.float32)
+    box = particle_box(x, y, image.shape, PX_A)
+    plain = render_frame(image, x, y, heights, pixel_size_A=PX_A, max_height=16, box=box)
+    marked = render_frame(image, x, y, heights, pixel_size_A=PX_A, max_height=16, box=box,
+                          marks=[(x[4], y[4], "4→5")])
+    s = display_scale(box)
+    top = plain.shape[0] - int(round((box[1] - box[0]) * s)) // 2 * 2
+    cx = (x[4] - box[2] + 0.5) * s - 0.5
+    cy = (y[4] - box[0] + 0.5) * s - 0.5 + top
+    side = 1.45 * MARKER_RADIUS_A / PX_A * s
+    edge = marked[int(round(cy)), int(round(cx - side + 2))]  # the square's left side
+    assert edge.min() >= 250 and not np.array_equal(edge, plain[int(round(cy)),
+                                                                int(round(cx - side + 2))])
+    differs = np.argwhere((marked != plain).any(axis=2))
+    assert differs[:, 1].min() >= cx - side - 3 and differs[:, 0].min() >= cy - side - 3
+    assert differs[:, 1].max() > cx + side + 10  # the label beside it

@@ -396,12 +396,8 @@ def test_cli_options_for_tracks():
     assert bad.exit_code == 2 and "--stack-frames" in bad.output
 
 
-def test_the_movie_caption_names_each_change_when_it_happens(tmp_path):
-    from ceriakeras.analysis.tracking import (
-        EVENT_NOTE_FRAMES,
-        event_notes,
-        write_tracks,
-    )
+def test_the_movie_points_out_each_change_where_and_when_it_happens(tmp_path):
+    from ceriakeras.analysis.tracking import EVENT_NOTE_FRAMES, event_marks, write_tracks
 
     rng = np.random.default_rng(12)
     xy, heights = lattice(3), rng.integers(2, 8, 9)
@@ -409,9 +405,12 @@ def test_the_movie_caption_names_each_change_when_it_happens(tmp_path):
              for f in range(16)]
     plan = write_run(tmp_path / "out", {"movie.tif": movie})
     write_tracks(tmp_path / "out", plan)
-    notes = event_notes(tmp_path / "out", "movie.tif")
-    assert sorted(notes) == list(range(8, 8 + EVENT_NOTE_FRAMES))
-    assert notes[8] == f"change {heights[4]}→{heights[4] + 1} Ce"
+    marks = event_marks(tmp_path / "out", "movie.tif")
+    assert sorted(marks) == list(range(8, 8 + EVENT_NOTE_FRAMES))
+    (x, y, text), = marks[8]
+    assert text == f"{heights[4]}→{heights[4] + 1}"
+    assert np.hypot(x - xy[4, 0] * 10, y - xy[4, 1] * 10) < 1.0  # input pixels (0.1 Å)
+    assert event_marks(tmp_path / "out", "other.tif") == {}
 
 
 def test_bench_tracks_redoes_the_stage_offline_and_finds_the_same_bytes(tmp_path, capsys):
