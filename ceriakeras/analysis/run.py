@@ -447,11 +447,11 @@ def _write_movies(run: _Run, positions: dict) -> None:
             def recognised_of(index, offset=offset):
                 return frames.get(str(offset + index), {}).get("recognised")
 
+            marks = tracking.event_marks(run.out_dir, item["source"], item["pixel_size_A"]) if (
+                run.config.tracks) else {}
             write_movie(run.out_dir / f"{item['label']}_movie.mp4", item, run.pixel_size_A,
                         positions.get(item["source"], {}), run.max_height,
-                        dose_of=dose_of, recognised_of=recognised_of,
-                        marks_of=tracking.event_marks(run.out_dir, item["source"]).get
-                        if run.config.tracks else None)
+                        dose_of=dose_of, recognised_of=recognised_of, marks_of=marks.get)
         offset += item["n_frames"]
 
 

@@ -448,19 +448,30 @@ EVENT_NOTE_FRAMES = 5
 """Frames of the movie that point out a change, from its first frame at the new height."""
 
 
-def event_marks(out_dir, source: str) -> dict[int, list]:
+def event_marks(out_dir, source: str, pixel_size_A: float | None = None) -> dict[int, list]:
     """``{frame: [(x_px, y_px, "3→4"), …]}`` from ``events.csv`` for one source: where each
     change of height happens (input pixels) and how (Ce atoms), for :data:`EVENT_NOTE_FRAMES`
-    frames from when it happens (the movie marks and names it)."""
-    path = Path(out_dir) / "events.csv"
+    frames from when it happens (the movie marks and names it). With the input's
+    ``pixel_size_A`` (Å), each mark follows the drift (``tracking/drift.csv``) over those frames."""
+    out_dir = Path(out_dir)
+    drift: dict[int, tuple] = {}
+    if pixel_size_A and (out_dir / "tracking" / "drift.csv").exists():
+        with open(out_dir / "tracking" / "drift.csv", newline="", encoding="utf-8",
+                  errors="surrogateescape") as fh:
+            drift = {int(r["frame"]): (float(r[DRIFT_COLUMNS[0]]) / pixel_size_A,
+                                       float(r[DRIFT_COLUMNS[1]]) / pixel_size_A)
+                     for r in csv.DictReader(fh) if r["source"] == source}
     marks: dict[int, list] = {}
-    if path.exists():
-        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+    if (out_dir / "events.csv").exists():
+        with open(out_dir / "events.csv", newline="", encoding="utf-8",
+                  errors="surrogateescape") as fh:
             for r in csv.DictReader(fh):
                 if r["source"] != source:
                     continue
-                mark = (float(r["x_px"]), float(r["y_px"]),
-                        f"{r['height_before']}→{r['height_after']}")
-                for f in range(int(r["frame"]), int(r["frame"]) + EVENT_NOTE_FRAMES):
-                    marks.setdefault(f, []).append(mark)
+                first, text = int(r["frame"]), f"{r['height_before']}→{r['height_after']}"
+                x0, y0 = drift.get(first, (0.0, 0.0))
+                for f in range(first, first + EVENT_NOTE_FRAMES):
+                    dx, dy = drift.get(f, (x0, y0))
+                    marks.setdefault(f, []).append(
+                        (float(r["x_px"]) + dx - x0, float(r["y_px"]) + dy - y0, text))
     return marks

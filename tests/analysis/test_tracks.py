@@ -411,6 +411,15 @@ def test_the_movie_points_out_each_change_where_and_when_it_happens(tmp_path):
     assert text == f"{heights[4]}→{heights[4] + 1}"
     assert np.hypot(x - xy[4, 0] * 10, y - xy[4, 1] * 10) < 1.0  # input pixels (0.1 Å)
     assert event_marks(tmp_path / "out", "other.tif") == {}
+    # with the pixel size, a mark follows the drift from the change's frame on
+    rows = [["source", "frame", "drift_x_A", "drift_y_A"]] + [
+        ["movie.tif", f, 0.25 * f, -0.1 * f] for f in range(16)]
+    (tmp_path / "out" / "tracking" / "drift.csv").write_text(
+        "".join(",".join(map(str, r)) + "\n" for r in rows))
+    moving = event_marks(tmp_path / "out", "movie.tif", 0.1)
+    for f in range(8, 8 + EVENT_NOTE_FRAMES):
+        (mx, my, _), = moving[f]
+        assert (mx - x, my - y) == pytest.approx((2.5 * (f - 8), -1.0 * (f - 8)))
 
 
 def test_bench_tracks_redoes_the_stage_offline_and_finds_the_same_bytes(tmp_path, capsys):
