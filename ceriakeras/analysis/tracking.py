@@ -160,13 +160,13 @@ def _write_tracks(out_dir: Path, plan: list, settings: TrackSettings, before_rep
            for item in plan}
     with open(ids_path, "wb") as ids_file:
         stretches, drift_rows, layout = _track_pass(
-            csv_path, offsets, n_frames, own, settings, read_probability_log(out_dir / LOG_NAME),
-            ids_file, {item["source"]: item for item in plan}, frame_reader, unread, sightings)
+            csv_path, offsets, n_frames, own, read_probability_log(out_dir / LOG_NAME), ids_file,
+            {item["source"]: item for item in plan}, frame_reader, unread, sightings)
     for by_track in stretches.values():
         for runs in by_track.values():
             runs.sort(key=lambda s: s["first"])
     stacked, found = _reread_all(stretches, drift_rows, plan, stack_reader, frame_reader, stack,
-                                 own, settings, unread, sightings)
+                                 own, unread, sightings)
     events = _events(stretches, plan, found, settings)  # splits stretches at site changes
     if on_stretches is not None:
         on_stretches(stretches)
@@ -180,12 +180,12 @@ def _write_tracks(out_dir: Path, plan: list, settings: TrackSettings, before_rep
 
 
 def _reread_all(stretches: dict, drift_rows: list, plan: list, reader, frame_reader,
-                stack: StackSettings, own: dict, settings: TrackSettings, unread: dict,
-                sightings: dict) -> tuple[int, dict]:
+                stack: StackSettings, own: dict, unread: dict, sightings: dict
+                ) -> tuple[int, dict]:
     """Every series read once more: its stretches' heights from its epochs' summed frames
     (:func:`ceriakeras.analysis.stacking.restack`, with ``reader``) and, in the same read, the
     changes at its sites (:mod:`ceriakeras.analysis.sites`, when ``frame_reader`` is given),
-    with the series' ``own`` settings where it has them (:meth:`TrackSettings.at_dose`).
+    with each series' ``own`` settings (``{source: TrackSettings}``, :meth:`TrackSettings.at_dose`).
     Returns the number of stretches so read and each series' site changes."""
     drift: dict = {}
     for source, frame, dx, dy in drift_rows[1:]:
@@ -195,12 +195,11 @@ def _reread_all(stretches: dict, drift_rows: list, plan: list, reader, frame_rea
         by_track = stretches.get(item["source"])
         if not by_track or item["n_frames"] < 2:
             continue
-        drift_A = drift.get(item["source"], {})
+        drift_A, settings = drift.get(item["source"], {}), own[item["source"]]
         spans = [] if reader is None else epochs(item["n_frames"], {
             run["first"] for runs in by_track.values() for run in runs[1:]}, stack)
         sites, members = (None, None) if frame_reader is None or item["source"] in unread else (
-            site_changes(sightings.get(item["source"]), item, drift_A,
-                         own.get(item["source"], settings)))
+            site_changes(sightings.get(item["source"]), item, drift_A, settings))
         try:
             if spans:
                 readings = reader(item, spans, drift_A, **(
@@ -221,11 +220,11 @@ def _reread_all(stretches: dict, drift_rows: list, plan: list, reader, frame_rea
     return read, found
 
 
-def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, own: dict,
-                settings: TrackSettings, log, ids_file, items: dict, frame_reader, unread: dict,
-                sightings: dict) -> tuple[dict, list, list]:
+def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, own: dict, log, ids_file,
+                items: dict, frame_reader, unread: dict, sightings: dict
+                ) -> tuple[dict, list, list]:
     """Stream ``columns.csv`` and the probability log ``log`` once through a tracker per
-    series (its ``own`` settings, else ``settings``; with each series' frames from
+    series (its ``own`` settings, ``{source: TrackSettings}``; with each series' frames from
     ``frame_reader``, if given); write each row's track
     to ``ids_file`` and its sightings to ``sightings[source]`` (:class:`.sites.Sightings`); return the stretches (``{source: {track: [stretch, …]}}``), the rows of
     ``tracking/drift.csv`` and the table's layout (``(source, frame, rows)`` per frame)."""
@@ -252,7 +251,7 @@ def _track_pass(csv_path: Path, offsets: dict, n_frames: dict, own: dict,
             if tracker is not None:
                 collect(current, tracker, finish=True)
             _close(images, current, unread)  # the series just ended
-            tracker = Tracker(own.get(source, settings))
+            tracker = Tracker(own[source])
             current, item = source, items.get(source, {})
             images = FrameCursor(frame_reader(item) if frame_reader is not None and item
                                  else None)
@@ -452,7 +451,8 @@ def event_marks(out_dir, source: str, pixel_size_A: float | None = None) -> dict
     """``{frame: [(x_px, y_px, "3→4"), …]}`` from ``events.csv`` for one source: where each
     change of height happens (input pixels) and how (Ce atoms), for :data:`EVENT_NOTE_FRAMES`
     frames from when it happens (the movie marks and names it). With the input's
-    ``pixel_size_A`` (Å), each mark follows the drift (``tracking/drift.csv``) over those frames."""
+    ``pixel_size_A`` (Å), each mark follows the drift (``tracking/drift.csv``) over those
+    frames."""
     out_dir = Path(out_dir)
     drift: dict[int, tuple] = {}
     if pixel_size_A and (out_dir / "tracking" / "drift.csv").exists():
